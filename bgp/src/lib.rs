@@ -1,0 +1,1 @@
+//! Sepal BGP speaker.
