@@ -1,1 +1,42 @@
-//! Test harness.
+//! Shared harness for Sepal's integration tests, end-to-end tests and benchmarks: network
+//! namespaces with cleanup guards, and paths of the workspace's own binaries.
+
+pub mod bench;
+pub mod netns;
+
+use std::path::PathBuf;
+
+/// Path of a binary built from this workspace (`cargo build --workspace --bins`), looked up next
+/// to the running test or bench executable so that debug and release runs each use their own.
+pub fn bin_path(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("current_exe");
+    // Test binaries live in target/<profile>/deps, sepal-bench in target/<profile>.
+    for dir in exe.ancestors().skip(1).take(2) {
+        let candidate = dir.join(name);
+        if candidate.is_file() {
+            return candidate;
+        }
+    }
+    panic!(
+        "binary {name} not found next to {}: run `cargo build --workspace --bins` first (scripts/test does)",
+        exe.display()
+    );
+}
+
+/// The kernel-touching tests need root (CAP_NET_ADMIN); say so plainly instead of failing oddly.
+pub fn require_root() {
+    if !nix_is_root() {
+        panic!("this test needs root: it creates network namespaces, veths and routes");
+    }
+}
+
+fn nix_is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("Uid:"))
+                .and_then(|l| l.split_whitespace().nth(2).map(|euid| euid == "0"))
+        })
+        .unwrap_or(false)
+}
