@@ -3,6 +3,7 @@
 
 pub mod bench;
 pub mod netns;
+pub mod node;
 
 use std::path::PathBuf;
 

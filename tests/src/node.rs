@@ -1,0 +1,230 @@
+//! A Sepal node for tests and benchmarks: a namespace running the real `sepal node` agent with a
+//! dir datastore, and the real `sepal-cni` plugin called in it exactly as a container runtime does.
+
+use crate::netns::Netns;
+use std::fs;
+use std::io::Write;
+use std::os::fd::AsRawFd;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+/// One node: its namespace, its agent process and the directories the agent uses.
+pub struct Node {
+    pub name: String,
+    pub netns: Netns,
+    pub datastore: PathBuf,
+    pub state_dir: PathBuf,
+    pub socket: PathBuf,
+    agent: Option<Child>,
+    _dir: tempfile::TempDir,
+}
+
+impl Node {
+    /// Creates the node namespace and writes a Node object with `spec.podCIDRs` into a fresh dir
+    /// datastore. The agent is not started yet (see [`Node::start_agent`]).
+    pub fn new(name: &str, pod_cidrs: &[&str]) -> Node {
+        let netns = Netns::new(name);
+        let dir = tempfile::Builder::new()
+            .prefix("sepal-test-")
+            .tempdir()
+            .expect("tempdir");
+        let datastore = dir.path().join("datastore");
+        let state_dir = dir.path().join("state");
+        fs::create_dir_all(&datastore).expect("mkdir datastore");
+        let cidrs: Vec<String> = pod_cidrs.iter().map(|c| format!("\"{c}\"")).collect();
+        fs::write(
+            datastore.join(format!("node-{name}.yaml")),
+            format!(
+                "apiVersion: v1\nkind: Node\nmetadata:\n  name: {name}\nspec:\n  podCIDR: {first}\n  podCIDRs: [{all}]\n",
+                first = cidrs[0],
+                all = cidrs.join(", ")
+            ),
+        )
+        .expect("write node");
+        let socket = dir.path().join("sepal.sock");
+        Node {
+            name: name.to_string(),
+            netns,
+            datastore,
+            state_dir,
+            socket,
+            agent: None,
+            _dir: dir,
+        }
+    }
+
+    /// Starts `sepal node` in the namespace and waits until it answers STATUS through the plugin.
+    pub fn start_agent(&mut self) {
+        assert!(self.agent.is_none(), "agent already running");
+        let log = fs::File::create(self.state_dir.with_extension("log")).expect("agent log");
+        let child = self
+            .netns
+            .command(&[
+                crate::bin_path("sepal").to_str().expect("utf-8 path"),
+                "node",
+                "--node-name",
+                &self.name,
+                "--datastore",
+                &format!("dir:{}", self.datastore.display()),
+                "--state-dir",
+                self.state_dir.to_str().expect("utf-8 path"),
+                "--socket",
+                self.socket.to_str().expect("utf-8 path"),
+            ])
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("dup log"))
+            .stderr(log)
+            .spawn()
+            .expect("start sepal node");
+        self.agent = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if self.cni("STATUS", &CniCall::status()).status.success() {
+                return;
+            }
+            if let Some(status) = self
+                .agent
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
+                panic!(
+                    "sepal node exited with {status}; log:\n{}",
+                    self.agent_log()
+                );
+            }
+            assert!(
+                Instant::now() < deadline,
+                "agent not ready in 20 s; log:\n{}",
+                self.agent_log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Kills the agent with SIGKILL (no cleanup on its side), as a crash would.
+    pub fn kill_agent(&mut self) {
+        if let Some(mut child) = self.agent.take() {
+            crate::netns::kill(&mut child);
+        }
+    }
+
+    /// Stops the agent with SIGTERM and waits for it.
+    pub fn stop_agent(&mut self) -> std::process::ExitStatus {
+        let mut child = self.agent.take().expect("agent running");
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        child.wait().expect("wait agent")
+    }
+
+    pub fn agent_log(&self) -> String {
+        fs::read_to_string(self.state_dir.with_extension("log")).unwrap_or_default()
+    }
+
+    /// The network config the runtime would pass for Sepal.
+    pub fn cni_config(&self, cni_version: &str) -> String {
+        format!(
+            r#"{{"cniVersion":"{cni_version}","name":"sepal","type":"sepal-cni","socket":"{}"}}"#,
+            self.socket.display()
+        )
+    }
+
+    /// Calls `sepal-cni` inside the node namespace with the given command and config.
+    pub fn cni(&self, command: &str, call: &CniCall) -> Output {
+        let mut cmd = Command::new(crate::bin_path("sepal-cni"));
+        call.apply(&mut cmd, command);
+        run_in_netns(
+            cmd,
+            &self.netns,
+            call.stdin.as_deref().unwrap_or(&self.cni_config("1.1.0")),
+        )
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        self.kill_agent();
+    }
+}
+
+/// The CNI_* environment of one plugin call.
+#[derive(Debug, Clone, Default)]
+pub struct CniCall {
+    pub container_id: String,
+    pub netns: String,
+    pub ifname: String,
+    pub args: String,
+    /// Config on stdin; the node's default config when `None`.
+    pub stdin: Option<String>,
+}
+
+impl CniCall {
+    /// A call for pod `namespace/name` in the sandbox `netns`, interface eth0.
+    pub fn pod(container_id: &str, netns: &Path, namespace: &str, name: &str) -> CniCall {
+        CniCall {
+            container_id: container_id.to_string(),
+            netns: netns.display().to_string(),
+            ifname: "eth0".to_string(),
+            args: format!("IgnoreUnknown=1;K8S_POD_NAMESPACE={namespace};K8S_POD_NAME={name}"),
+            stdin: None,
+        }
+    }
+
+    pub fn status() -> CniCall {
+        CniCall::default()
+    }
+
+    pub fn with_config(mut self, config: String) -> CniCall {
+        self.stdin = Some(config);
+        self
+    }
+
+    /// Sets the CNI_* environment (and nothing else but PATH) on `cmd` for `command`.
+    pub fn apply(&self, cmd: &mut Command, command: &str) {
+        cmd.env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .env("CNI_COMMAND", command)
+            .env("CNI_PATH", "/usr/lib/cni");
+        for (key, value) in [
+            ("CNI_CONTAINERID", &self.container_id),
+            ("CNI_NETNS", &self.netns),
+            ("CNI_IFNAME", &self.ifname),
+            ("CNI_ARGS", &self.args),
+        ] {
+            if !value.is_empty() {
+                cmd.env(key, value);
+            }
+        }
+    }
+}
+
+/// Runs `cmd` with `stdin` as input inside `netns`, entering it between fork and exec so the call
+/// costs what it costs a runtime already in that namespace (no `ip netns exec` in the way).
+pub fn run_in_netns(mut cmd: Command, netns: &Netns, stdin: &str) -> Output {
+    let ns_file = fs::File::open(netns.path()).expect("open netns");
+    let fd = ns_file.as_raw_fd();
+    // SAFETY: setns is async-signal-safe; the fd stays open in the parent until the child execs.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::setns(fd, libc::CLONE_NEWNET) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut child = cmd
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn plugin");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(stdin.as_bytes())
+        .expect("write stdin");
+    let out = child.wait_with_output().expect("wait plugin");
+    drop(ns_file);
+    out
+}
