@@ -30,8 +30,7 @@ impl Node {
         // (169.254.1.1) only answers when the node has a route to it out another interface.
         netns.run(
             "ip link add eth0 type veth peer name uplink0 && ip link set uplink0 up && ip link set eth0 up \
-             && ip addr add 10.255.255.2/24 dev eth0 && ip addr add 10.255.255.1/24 dev uplink0 \
-             && ip route add default via 10.255.255.1 dev eth0",
+             && ip addr add 10.255.255.2/24 dev eth0 && ip route add default dev eth0",
         );
         let dir = tempfile::Builder::new()
             .prefix("sepal-test-")
