@@ -1,0 +1,435 @@
+//! `sepal lab`: a whole cluster on one Linux box — node namespaces running the real agent, pods
+//! attached by the real CNI plugin, a real BGP router — plus the commands to inspect and change it.
+
+mod net;
+mod objects;
+mod ping;
+mod router;
+mod state;
+pub mod topology;
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Subcommand};
+use serde_json::{json, Value};
+use state::{lab_dir, LabState, NodeState, RouterState};
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+use topology::{check_lab_name, RouterKind, Topology, DEFAULT_LAB};
+
+#[derive(Debug, Args)]
+pub struct LabArgs {
+    #[command(subcommand)]
+    pub command: LabCommand,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum LabCommand {
+    /// Build the lab from a topology file (the built-in 3-node lab without one).
+    Up {
+        topology: Option<PathBuf>,
+        #[arg(long)]
+        name: Option<String>,
+    },
+    /// Remove everything the lab created: its processes, namespaces and files. Idempotent.
+    Down {
+        #[arg(long, default_value = DEFAULT_LAB)]
+        name: String,
+    },
+    /// Nodes, routers and pods with their namespaces and addresses.
+    Status {
+        #[arg(long, default_value = DEFAULT_LAB)]
+        name: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Create or update objects (Pods go through CNI ADD), like `kubectl apply -f`.
+    Apply {
+        #[arg(short = 'f', long = "filename")]
+        file: PathBuf,
+        #[arg(long, default_value = DEFAULT_LAB)]
+        name: String,
+    },
+    /// Delete objects (Pods go through CNI DEL), like `kubectl delete -f`.
+    Delete {
+        #[arg(short = 'f', long = "filename")]
+        file: PathBuf,
+        #[arg(long, default_value = DEFAULT_LAB)]
+        name: String,
+    },
+    /// Run a command in a node, a router, or a pod given as NAMESPACE/POD.
+    Exec {
+        target: String,
+        #[arg(long, default_value = DEFAULT_LAB)]
+        name: String,
+        #[arg(last = true, required = true)]
+        command: Vec<String>,
+    },
+    /// The pod-to-pod connectivity matrix (one ping each way).
+    Ping {
+        #[arg(long, default_value = DEFAULT_LAB)]
+        name: String,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+pub fn run(args: LabArgs) -> Result<()> {
+    if !nix::unistd::geteuid().is_root() {
+        bail!("sepal lab needs root: it creates network namespaces and veths");
+    }
+    match args.command {
+        LabCommand::Up { topology, name } => up(topology, name),
+        LabCommand::Down { name } => down(&name),
+        LabCommand::Status { name, json } => status(&LabState::load(&name)?, json),
+        LabCommand::Apply { file, name } => apply(&mut LabState::load(&name)?, &file, false),
+        LabCommand::Delete { file, name } => apply(&mut LabState::load(&name)?, &file, true),
+        LabCommand::Exec { target, name, command } => exec(&LabState::load(&name)?, &target, &command),
+        LabCommand::Ping { name, json } => ping::matrix(&LabState::load(&name)?, json),
+    }
+}
+
+fn up(topology: Option<PathBuf>, name: Option<String>) -> Result<()> {
+    let topo = match &topology {
+        Some(path) => Topology::parse(&std::fs::read_to_string(path).with_context(|| format!("read {}", path.display()))?)
+            .with_context(|| format!("topology {}", path.display()))?,
+        None => Topology::default_lab(),
+    };
+    let name = name.or_else(|| topo.name.clone()).unwrap_or_else(|| DEFAULT_LAB.to_string());
+    check_lab_name(&name)?;
+    if lab_dir(&name).join("lab.json").exists() {
+        bail!("lab {name:?} is already up; `sepal lab down --name {name}` first");
+    }
+    for r in &topo.routers {
+        router::check_installed(r.kind)?;
+    }
+    objects::sibling_binary("sepal-cni")?;
+    let lab = plan(&name, topo)?;
+    std::fs::create_dir_all(lab.datastore())?;
+    lab.save()?;
+    let started = Instant::now();
+    match build(lab) {
+        Ok(lab) => {
+            eprintln!("lab {name} up in {:.1} s", started.elapsed().as_secs_f64());
+            status(&lab, false)
+        }
+        Err(e) => {
+            eprintln!("lab {name}: up failed, removing what was built");
+            let _ = down(&name);
+            Err(e)
+        }
+    }
+}
+
+/// Derives every name and address from the topology before anything is created, so `down`
+/// can remove a half-built lab.
+fn plan(name: &str, topo: Topology) -> Result<LabState> {
+    let mut nodes = Vec::new();
+    for (i, spec) in topo.nodes.iter().enumerate() {
+        nodes.push(NodeState {
+            name: spec.name.clone(),
+            netns: format!("{name}-{}", spec.name),
+            as_number: spec.as_number.unwrap_or(64512 + 1 + i as u32),
+            uplinks: (0..topo.routers.len().max(1)).map(|r| router::node_addr(r, i)).collect(),
+            pod_cidrs: topo.node_blocks(i)?.iter().map(|b| b.to_string()).collect(),
+            pid: None,
+        });
+    }
+    let routers = topo
+        .routers
+        .iter()
+        .map(|r| RouterState {
+            name: r.name.clone(),
+            kind: r.kind,
+            netns: format!("{name}-{}", r.name),
+            as_number: r.as_number,
+            pids: Vec::new(),
+        })
+        .collect();
+    Ok(LabState { name: name.to_string(), topology: topo, nodes, routers, pods: Vec::new() })
+}
+
+fn build(mut lab: LabState) -> Result<LabState> {
+    // Namespaces and the underlay: every node has one link to every router.
+    for r in &lab.routers {
+        net::add_netns(&r.netns, true)?;
+    }
+    for (n, node) in lab.nodes.iter().enumerate() {
+        net::add_netns(&node.netns, true)?;
+        for (r, router) in lab.routers.iter().enumerate() {
+            let node_if = format!("eth{r}");
+            let router_if = format!("n{}", n + 1);
+            net::veth(&node.netns, &node_if, &router.netns, &router_if)?;
+            net::sh(&node.netns, &format!("ip addr add {}/24 dev {node_if}", router::node_addr(r, n)))?;
+            net::sh(&router.netns, &format!("ip addr add {}/24 dev {router_if}", router::router_addr(r, n)))?;
+        }
+        let gateways: Vec<String> =
+            (0..lab.routers.len()).map(|r| format!("nexthop via {}", router::router_addr(r, n))).collect();
+        if !gateways.is_empty() {
+            net::sh(&node.netns, &format!("ip route add default {}", gateways.join(" ")))?;
+        }
+    }
+
+    // The control plane's objects, then the agents that read them.
+    for ns in &lab.topology.namespaces {
+        objects::write_object(&lab, &objects::namespace_object(&ns.name, &ns.labels))?;
+    }
+    objects::write_object(&lab, &objects::namespace_object("default", &Default::default()))?;
+    for node in &lab.nodes {
+        objects::write_object(&lab, &node_object(node))?;
+    }
+    for obj in lab.topology.manifests.clone() {
+        objects::write_object(&lab, &obj)?;
+    }
+    let sepal = std::env::current_exe()?;
+    for i in 0..lab.nodes.len() {
+        let node = &lab.nodes[i];
+        let dir = lab.node_dir(&node.name);
+        std::fs::create_dir_all(&dir)?;
+        let (state_dir, socket) = (dir.join("state"), lab.socket(&node.name));
+        let args = [
+            sepal.to_str().context("sepal path")?,
+            "node",
+            "--node-name",
+            &node.name,
+            "--datastore",
+            &format!("dir:{}", lab.datastore().display()),
+            "--state-dir",
+            state_dir.to_str().context("state path")?,
+            "--socket",
+            socket.to_str().context("socket path")?,
+        ];
+        let pid = net::spawn_daemon(&node.netns, &args, &dir.join("agent.log"))?;
+        lab.nodes[i].pid = Some(pid);
+        lab.save()?;
+    }
+    for i in 0..lab.routers.len() {
+        let pids = router::start(&lab, i)?;
+        lab.routers[i].pids = pids;
+        lab.save()?;
+    }
+    for node in &lab.nodes {
+        wait_agent_ready(&lab, node)?;
+    }
+
+    // Pods, through CNI, as kubelet would create them.
+    for spec in lab.topology.pods.clone() {
+        let ports: Vec<Value> = spec
+            .container_ports
+            .iter()
+            .map(|p| json!({"name": p.name, "containerPort": p.container_port, "protocol": p.protocol}))
+            .collect();
+        let object = json!({
+            "metadata": {"name": spec.name, "namespace": spec.namespace, "labels": spec.labels},
+            "spec": {"nodeName": spec.node, "containers": [{"name": "main", "image": "lab", "ports": ports}]},
+        });
+        let req = objects::PodRequest::from_object(&object)?;
+        let pod = objects::create_pod(&lab, req)?;
+        lab.pods.push(pod);
+        lab.save()?;
+    }
+    Ok(lab)
+}
+
+fn node_object(node: &NodeState) -> Value {
+    let addresses: Vec<Value> = node.uplinks.iter().map(|a| json!({"type": "InternalIP", "address": a})).collect();
+    json!({
+        "apiVersion": "v1", "kind": "Node",
+        "metadata": {
+            "name": node.name,
+            "labels": {"kubernetes.io/hostname": node.name},
+            "annotations": {"sepal.dev/as-number": node.as_number.to_string()},
+        },
+        "spec": {"podCIDR": node.pod_cidrs.first(), "podCIDRs": node.pod_cidrs},
+        "status": {"addresses": addresses},
+    })
+}
+
+/// Waits until the node's agent answers STATUS through the plugin, as kubelet's readiness would.
+fn wait_agent_ready(lab: &LabState, node: &NodeState) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let plugin = objects::sibling_binary("sepal-cni")?;
+    let config = json!({"cniVersion": "1.1.0", "name": "sepal", "type": "sepal-cni", "socket": lab.socket(&node.name)});
+    loop {
+        let mut cmd = net::command_in(&node.netns, &[plugin.to_str().context("plugin path")?]);
+        cmd.env("CNI_COMMAND", "STATUS").stdin(std::process::Stdio::piped()).stdout(std::process::Stdio::null());
+        let mut child = cmd.spawn()?;
+        if let Some(mut stdin) = child.stdin.take() {
+            use std::io::Write;
+            let _ = stdin.write_all(config.to_string().as_bytes());
+        }
+        if child.wait()?.success() {
+            return Ok(());
+        }
+        if node.pid.is_some_and(|pid| !net::alive(pid)) || Instant::now() > deadline {
+            let log = std::fs::read_to_string(lab.node_dir(&node.name).join("agent.log")).unwrap_or_default();
+            bail!("agent on {} is not ready; its log:\n{log}", node.name);
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn down(name: &str) -> Result<()> {
+    check_lab_name(name)?;
+    let Ok(lab) = LabState::load(name) else {
+        eprintln!("lab {name} is not up");
+        return Ok(());
+    };
+    for pid in lab.nodes.iter().filter_map(|n| n.pid).chain(lab.routers.iter().flat_map(|r| r.pids.clone())) {
+        net::stop(pid);
+    }
+    // Pods first (their veth peers live in the nodes), then nodes and routers.
+    let mut all = lab.all_netns();
+    all.reverse();
+    all.extend(lab.topology.pods.iter().map(|p| lab.pod_netns(&p.namespace, &p.name)));
+    for ns in all {
+        net::del_netns(&ns);
+    }
+    std::fs::remove_dir_all(lab.dir()).with_context(|| format!("remove {}", lab.dir().display()))?;
+    eprintln!("lab {name} down");
+    Ok(())
+}
+
+/// The stable JSON form of `status --json` (see the lab issue): names, namespaces, addresses.
+fn status_json(lab: &LabState) -> Value {
+    let nodes: Vec<Value> = lab
+        .nodes
+        .iter()
+        .map(|n| {
+            json!({"name": n.name, "netns": n.netns,
+                   "addresses": net::addresses(&n.netns, |dev| dev.starts_with("eth")),
+                   "podCIDRs": n.pod_cidrs})
+        })
+        .collect();
+    let routers: Vec<Value> = lab
+        .routers
+        .iter()
+        .map(|r| {
+            json!({"name": r.name, "kind": r.kind, "netns": r.netns,
+                   "addresses": net::addresses(&r.netns, |dev| dev != "lo")})
+        })
+        .collect();
+    let pods: Vec<Value> = lab
+        .pods
+        .iter()
+        .map(|p| {
+            json!({"namespace": p.namespace, "name": p.name, "node": p.node, "netns": p.netns,
+                   "ips": p.ips, "labels": p.labels})
+        })
+        .collect();
+    json!({"name": lab.name, "datastore": lab.datastore(), "nodes": nodes, "routers": routers, "pods": pods})
+}
+
+fn status(lab: &LabState, as_json: bool) -> Result<()> {
+    let s = status_json(lab);
+    if as_json {
+        println!("{}", serde_json::to_string_pretty(&s)?);
+        return Ok(());
+    }
+    println!("lab {}   datastore {}", lab.name, lab.datastore().display());
+    println!("\n{:<12} {:<22} {:<28} POD CIDRS", "NODE", "NETNS", "ADDRESSES");
+    for n in s["nodes"].as_array().into_iter().flatten() {
+        println!("{:<12} {:<22} {:<28} {}", n["name"].as_str().unwrap_or(""), n["netns"].as_str().unwrap_or(""),
+            join(&n["addresses"]), join(&n["podCIDRs"]));
+    }
+    if !lab.routers.is_empty() {
+        println!("\n{:<12} {:<22} {:<8} ADDRESSES", "ROUTER", "NETNS", "KIND");
+        for r in &lab.routers {
+            let kind = match r.kind {
+                RouterKind::Bird => "bird",
+                RouterKind::Frr => "frr",
+                RouterKind::Gobgp => "gobgp",
+                RouterKind::None => "static",
+            };
+            println!("{:<12} {:<22} {:<8} {}", r.name, r.netns, kind,
+                net::addresses(&r.netns, |dev| dev != "lo").join(", "));
+        }
+    }
+    println!("\n{:<24} {:<8} {:<16} {:<34} LABELS", "POD", "NODE", "IPS", "NETNS");
+    for p in &lab.pods {
+        let labels: Vec<String> = p.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        println!("{:<24} {:<8} {:<16} {:<34} {}", format!("{}/{}", p.namespace, p.name), p.node,
+            p.ips.join(","), p.netns, labels.join(","));
+    }
+    Ok(())
+}
+
+fn join(v: &Value) -> String {
+    v.as_array().into_iter().flatten().filter_map(|x| x.as_str()).collect::<Vec<_>>().join(", ")
+}
+
+fn apply(lab: &mut LabState, file: &PathBuf, delete: bool) -> Result<()> {
+    let text = std::fs::read_to_string(file).with_context(|| format!("read {}", file.display()))?;
+    let mut docs = Vec::new();
+    for doc in serde_norway::Deserializer::from_str(&text) {
+        let value = <Value as serde::Deserialize>::deserialize(doc).with_context(|| format!("parse {}", file.display()))?;
+        match value {
+            Value::Null => {}
+            Value::Object(_) if value["kind"] == "List" => docs.extend(value["items"].as_array().cloned().unwrap_or_default()),
+            other => docs.push(other),
+        }
+    }
+    for obj in docs {
+        let kind = obj["kind"].as_str().context("object without kind")?.to_string();
+        let id = format!("{}/{}", kind.to_ascii_lowercase(), obj["metadata"]["name"].as_str().unwrap_or("?"));
+        match (kind.as_str(), delete) {
+            ("Pod", false) => {
+                let req = objects::PodRequest::from_object(&obj)?;
+                let existing = lab.pods.iter().position(|p| p.namespace == req.namespace && p.name == req.name);
+                if let Some(i) = existing {
+                    lab.pods[i].labels = req.labels.clone();
+                    objects::write_pod(lab, &lab.pods[i], req.object)?;
+                    println!("{id} configured");
+                } else {
+                    let pod = objects::create_pod(lab, req)?;
+                    lab.pods.push(pod);
+                    println!("{id} created");
+                }
+            }
+            ("Pod", true) => {
+                let req = objects::PodRequest::from_object(&obj).ok();
+                let ns = obj["metadata"]["namespace"].as_str().unwrap_or("default");
+                let name = obj["metadata"]["name"].as_str().unwrap_or_default();
+                let _ = req;
+                if let Some(i) = lab.pods.iter().position(|p| p.namespace == ns && p.name == name) {
+                    let pod = lab.pods.remove(i);
+                    objects::delete_pod(lab, &pod)?;
+                    println!("{id} deleted");
+                } else {
+                    println!("{id} not found");
+                }
+            }
+            ("Namespace", false) => {
+                let name = obj["metadata"]["name"].as_str().context("Namespace without name")?;
+                let labels = serde_json::from_value(obj["metadata"]["labels"].clone()).unwrap_or_default();
+                objects::write_object(lab, &objects::namespace_object(name, &labels))?;
+                println!("{id} configured");
+            }
+            (_, false) => {
+                objects::write_object(lab, &obj)?;
+                println!("{id} configured");
+            }
+            (_, true) => {
+                objects::remove_object(lab, &obj)?;
+                println!("{id} deleted");
+            }
+        }
+        lab.save()?;
+    }
+    Ok(())
+}
+
+fn exec(lab: &LabState, target: &str, command: &[String]) -> Result<()> {
+    use std::os::unix::process::CommandExt;
+    let netns = if let Some((ns, pod)) = target.split_once('/') {
+        lab.pod(ns, pod).with_context(|| format!("no pod {target} in lab {}", lab.name))?.netns.clone()
+    } else if let Some(node) = lab.node(target) {
+        node.netns.clone()
+    } else if let Some(router) = lab.routers.iter().find(|r| r.name == target) {
+        router.netns.clone()
+    } else {
+        bail!("no node, router or pod {target:?} in lab {}", lab.name);
+    };
+    let args: Vec<&str> = command.iter().map(String::as_str).collect();
+    let err = net::command_in(&netns, &args).exec();
+    Err(err).with_context(|| format!("exec in {netns}"))
+}

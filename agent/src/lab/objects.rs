@@ -1,0 +1,190 @@
+//! The lab as control plane and kubelet: Kubernetes objects written into the shared dir
+//! datastore, and pods created and removed through the real `sepal-cni`, as a runtime does.
+
+use super::net;
+use super::state::{LabState, PodState};
+use anyhow::{bail, Context, Result};
+use serde_json::{json, Value};
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::Stdio;
+
+/// File in the datastore holding one object: `<kind>.<namespace>.<name>.json`.
+fn object_path(lab: &LabState, obj: &Value) -> Result<PathBuf> {
+    let kind = obj["kind"].as_str().context("object without kind")?.to_ascii_lowercase();
+    let name = obj["metadata"]["name"].as_str().context("object without metadata.name")?;
+    let namespace = obj["metadata"]["namespace"].as_str().unwrap_or("_");
+    for part in [kind.as_str(), namespace, name] {
+        if part.contains('/') || part.starts_with('.') {
+            bail!("invalid object name part {part:?}");
+        }
+    }
+    Ok(lab.datastore().join(format!("{kind}.{namespace}.{name}.json")))
+}
+
+/// Writes (or replaces) an object atomically, so the agents' watchers never read half a file.
+pub fn write_object(lab: &LabState, obj: &Value) -> Result<()> {
+    let path = object_path(lab, obj)?;
+    let tmp = path.with_extension("json.tmp");
+    let mut file = std::fs::File::create(&tmp)?;
+    file.write_all(&serde_json::to_vec_pretty(obj)?)?;
+    file.sync_all()?;
+    std::fs::rename(&tmp, &path).with_context(|| format!("write {}", path.display()))
+}
+
+pub fn remove_object(lab: &LabState, obj: &Value) -> Result<()> {
+    let path = object_path(lab, obj)?;
+    match std::fs::remove_file(&path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e.into()),
+        _ => Ok(()),
+    }
+}
+
+pub fn namespace_object(name: &str, labels: &BTreeMap<String, String>) -> Value {
+    let mut labels = labels.clone();
+    // Kubernetes labels every namespace with its own name; policies rely on it.
+    labels.insert("kubernetes.io/metadata.name".into(), name.into());
+    json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name, "labels": labels}})
+}
+
+/// Pod spec fields the lab understands from an applied Pod object.
+pub struct PodRequest {
+    pub namespace: String,
+    pub name: String,
+    pub node: String,
+    pub labels: BTreeMap<String, String>,
+    /// The Pod object as applied (containers, ports), written back with status filled in.
+    pub object: Value,
+}
+
+impl PodRequest {
+    pub fn from_object(obj: &Value) -> Result<PodRequest> {
+        let name = obj["metadata"]["name"].as_str().context("Pod without metadata.name")?.to_string();
+        let namespace = obj["metadata"]["namespace"].as_str().unwrap_or("default").to_string();
+        let node = obj["spec"]["nodeName"]
+            .as_str()
+            .with_context(|| format!("Pod {namespace}/{name} needs spec.nodeName (the lab has no scheduler)"))?
+            .to_string();
+        let labels = serde_json::from_value(obj["metadata"]["labels"].clone()).unwrap_or_default();
+        let mut object = obj.clone();
+        object["metadata"]["namespace"] = json!(namespace);
+        Ok(PodRequest { namespace, name, node, labels, object })
+    }
+}
+
+/// Creates the pod: its namespace, CNI ADD on its node, and the Pod object with `status.podIPs`.
+pub fn create_pod(lab: &LabState, req: PodRequest) -> Result<PodState> {
+    let node = lab.node(&req.node).with_context(|| format!("unknown node {:?}", req.node))?;
+    let netns = lab.pod_netns(&req.namespace, &req.name);
+    let container_id = format!("{}-{}-{}", lab.name, req.namespace, req.name);
+    net::add_netns(&netns, false)?;
+    let result = cni(lab, &node.netns, &node.name, "ADD", &container_id, &netns, &req.namespace, &req.name);
+    let result = match result {
+        Ok(r) => r,
+        Err(e) => {
+            net::del_netns(&netns);
+            return Err(e.context(format!("CNI ADD for pod {}/{}", req.namespace, req.name)));
+        }
+    };
+    let ips: Vec<String> = result["ips"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|ip| ip["address"].as_str())
+        .map(|a| a.split('/').next().unwrap_or(a).to_string())
+        .collect();
+    let pod = PodState {
+        namespace: req.namespace,
+        name: req.name,
+        node: req.node,
+        netns,
+        container_id,
+        ips,
+        labels: req.labels,
+    };
+    write_pod(lab, &pod, req.object)?;
+    Ok(pod)
+}
+
+/// Writes the Pod object as kubelet would have it: labels, node, phase Running, pod IPs.
+pub fn write_pod(lab: &LabState, pod: &PodState, mut object: Value) -> Result<()> {
+    object["apiVersion"] = json!("v1");
+    object["kind"] = json!("Pod");
+    object["metadata"]["name"] = json!(pod.name);
+    object["metadata"]["namespace"] = json!(pod.namespace);
+    object["metadata"]["labels"] = json!(pod.labels);
+    object["spec"]["nodeName"] = json!(pod.node);
+    if object["spec"]["containers"].is_null() {
+        object["spec"]["containers"] = json!([{"name": "main", "image": "lab"}]);
+    }
+    let pod_ips: Vec<Value> = pod.ips.iter().map(|ip| json!({"ip": ip})).collect();
+    object["status"] = json!({
+        "phase": "Running",
+        "podIP": pod.ips.first(),
+        "podIPs": pod_ips,
+        "conditions": [{"type": "Ready", "status": "True"}],
+    });
+    write_object(lab, &object)
+}
+
+/// CNI DEL on the pod's node, then its namespace and object go.
+pub fn delete_pod(lab: &LabState, pod: &PodState) -> Result<()> {
+    if let Some(node) = lab.node(&pod.node) {
+        cni(lab, &node.netns, &node.name, "DEL", &pod.container_id, &pod.netns, &pod.namespace, &pod.name)
+            .with_context(|| format!("CNI DEL for pod {}/{}", pod.namespace, pod.name))?;
+    }
+    net::del_netns(&pod.netns);
+    let obj = json!({"kind": "Pod", "metadata": {"name": pod.name, "namespace": pod.namespace}});
+    remove_object(lab, &obj)
+}
+
+/// Calls `sepal-cni` inside the node's namespace with the runtime's environment and config.
+#[allow(clippy::too_many_arguments)]
+fn cni(
+    lab: &LabState,
+    node_netns: &str,
+    node: &str,
+    command: &str,
+    container_id: &str,
+    pod_netns: &str,
+    namespace: &str,
+    name: &str,
+) -> Result<Value> {
+    let plugin = sibling_binary("sepal-cni")?;
+    let config = json!({
+        "cniVersion": "1.1.0", "name": "sepal", "type": "sepal-cni",
+        "socket": lab.socket(node),
+    });
+    let mut cmd = net::command_in(node_netns, &[plugin.to_str().context("plugin path")?]);
+    cmd.env("CNI_COMMAND", command)
+        .env("CNI_CONTAINERID", container_id)
+        .env("CNI_NETNS", format!("/run/netns/{pod_netns}"))
+        .env("CNI_IFNAME", "eth0")
+        .env("CNI_ARGS", format!("IgnoreUnknown=1;K8S_POD_NAMESPACE={namespace};K8S_POD_NAME={name}"))
+        .env("CNI_PATH", plugin.parent().unwrap_or(std::path::Path::new("/")))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = cmd.spawn().context("start sepal-cni")?;
+    child.stdin.take().context("stdin")?.write_all(config.to_string().as_bytes())?;
+    let out = child.wait_with_output()?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    if !out.status.success() {
+        bail!("sepal-cni {command}: {} {}", stdout.trim(), String::from_utf8_lossy(&out.stderr).trim());
+    }
+    if stdout.trim().is_empty() {
+        return Ok(Value::Null);
+    }
+    serde_json::from_str(&stdout).with_context(|| format!("sepal-cni {command} printed {stdout:?}"))
+}
+
+/// A binary installed next to the running `sepal` (both come from the same build or package).
+pub fn sibling_binary(name: &str) -> Result<PathBuf> {
+    let exe = std::env::current_exe()?;
+    let path = exe.with_file_name(name);
+    if !path.is_file() {
+        bail!("{name} not found next to {} (build the whole workspace)", exe.display());
+    }
+    Ok(path)
+}

@@ -1,0 +1,115 @@
+//! What a running lab is made of, saved beside its datastore so every `sepal lab` command (and
+//! `down` after a half-finished `up`) knows exactly which namespaces and processes are its own.
+
+use super::topology::{RouterKind, Topology};
+use anyhow::{Context, Result};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+/// Where labs keep their state: one directory per lab name.
+pub const LABS_DIR: &str = "/run/sepal-lab";
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct LabState {
+    pub name: String,
+    pub topology: Topology,
+    pub nodes: Vec<NodeState>,
+    pub routers: Vec<RouterState>,
+    pub pods: Vec<PodState>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct NodeState {
+    pub name: String,
+    pub netns: String,
+    pub as_number: u32,
+    /// Underlay address on the link to each router, in router order.
+    pub uplinks: Vec<String>,
+    #[serde(rename = "podCIDRs")]
+    pub pod_cidrs: Vec<String>,
+    pub pid: Option<u32>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RouterState {
+    pub name: String,
+    pub kind: RouterKind,
+    pub netns: String,
+    pub as_number: u32,
+    pub pids: Vec<u32>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PodState {
+    pub namespace: String,
+    pub name: String,
+    pub node: String,
+    pub netns: String,
+    pub container_id: String,
+    pub ips: Vec<String>,
+    pub labels: BTreeMap<String, String>,
+}
+
+/// The directory of lab `name`.
+pub fn lab_dir(name: &str) -> PathBuf {
+    Path::new(LABS_DIR).join(name)
+}
+
+impl LabState {
+    pub fn dir(&self) -> PathBuf {
+        lab_dir(&self.name)
+    }
+
+    pub fn datastore(&self) -> PathBuf {
+        self.dir().join("datastore")
+    }
+
+    pub fn node_dir(&self, node: &str) -> PathBuf {
+        self.dir().join("nodes").join(node)
+    }
+
+    pub fn router_dir(&self, router: &str) -> PathBuf {
+        self.dir().join("routers").join(router)
+    }
+
+    pub fn socket(&self, node: &str) -> PathBuf {
+        self.node_dir(node).join("sepal.sock")
+    }
+
+    pub fn node(&self, name: &str) -> Option<&NodeState> {
+        self.nodes.iter().find(|n| n.name == name)
+    }
+
+    pub fn pod(&self, namespace: &str, name: &str) -> Option<&PodState> {
+        self.pods.iter().find(|p| p.namespace == namespace && p.name == name)
+    }
+
+    /// Namespace name of a pod of this lab.
+    pub fn pod_netns(&self, namespace: &str, name: &str) -> String {
+        format!("{}-pod-{namespace}-{name}", self.name)
+    }
+
+    pub fn load(name: &str) -> Result<LabState> {
+        let path = lab_dir(name).join("lab.json");
+        let text = std::fs::read_to_string(&path)
+            .with_context(|| format!("lab {name:?} is not up (no {})", path.display()))?;
+        serde_json::from_str(&text).with_context(|| format!("corrupt lab state {}", path.display()))
+    }
+
+    /// Saves atomically (temp file + rename), so a crash never leaves a half-written state.
+    pub fn save(&self) -> Result<()> {
+        let path = self.dir().join("lab.json");
+        let tmp = path.with_extension("json.tmp");
+        std::fs::write(&tmp, serde_json::to_vec_pretty(self)?)?;
+        std::fs::rename(&tmp, &path).with_context(|| format!("save {}", path.display()))
+    }
+
+    /// Every namespace this lab owns, pods last.
+    pub fn all_netns(&self) -> Vec<String> {
+        let mut all: Vec<String> = self.routers.iter().map(|r| r.netns.clone()).collect();
+        all.extend(self.nodes.iter().map(|n| n.netns.clone()));
+        all.extend(self.pods.iter().map(|p| p.netns.clone()));
+        all
+    }
+}

@@ -1,0 +1,255 @@
+//! The lab's topology file: nodes, routers, namespaces and pods, and the built-in default.
+//! Parsed once, validated, then addresses are derived from positions so `up` is deterministic.
+
+use anyhow::{bail, Context, Result};
+use ipnetwork::{IpNetwork, Ipv4Network};
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::Ipv4Addr;
+
+/// Name of the lab when neither the topology nor `--name` gives one.
+pub const DEFAULT_LAB: &str = "sepal";
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Topology {
+    #[serde(default)]
+    pub name: Option<String>,
+    /// Cluster pod CIDR(s); per-node blocks are carved from the first IPv4 one unless given.
+    #[serde(default = "default_pod_cidr", rename = "podCIDR")]
+    pub pod_cidr: Vec<IpNetwork>,
+    /// Prefix length of the per-node blocks carved from `podCIDR`.
+    #[serde(default = "default_block_size")]
+    pub block_size: u8,
+    pub nodes: Vec<NodeSpec>,
+    #[serde(default)]
+    pub routers: Vec<RouterSpec>,
+    #[serde(default)]
+    pub namespaces: Vec<NamespaceSpec>,
+    #[serde(default)]
+    pub pods: Vec<PodSpec>,
+    /// Kubernetes objects (policies, BGP resources, …) written into the datastore at `up`.
+    #[serde(default)]
+    pub manifests: Vec<serde_json::Value>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct NodeSpec {
+    pub name: String,
+    #[serde(default)]
+    pub as_number: Option<u32>,
+    #[serde(default)]
+    pub rack: Option<String>,
+    /// Explicit blocks; carved from the cluster pod CIDR when empty.
+    #[serde(default, rename = "podCIDRs")]
+    pub pod_cidrs: Vec<IpNetwork>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RouterKind {
+    Bird,
+    Frr,
+    Gobgp,
+    /// A plain L3 switch with static routes to each node's blocks.
+    None,
+}
+
+impl RouterKind {
+    /// Debian package that provides the daemon, for the error when it is missing.
+    pub fn package(self) -> Option<(&'static str, &'static str)> {
+        match self {
+            RouterKind::Bird => Some(("bird", "bird2")),
+            RouterKind::Frr => Some(("/usr/lib/frr/bgpd", "frr")),
+            RouterKind::Gobgp => Some(("gobgpd", "gobgpd")),
+            RouterKind::None => None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RouterSpec {
+    pub name: String,
+    pub kind: RouterKind,
+    #[serde(default = "default_router_as")]
+    pub as_number: u32,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct NamespaceSpec {
+    pub name: String,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct PodSpec {
+    pub namespace: String,
+    pub name: String,
+    pub node: String,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    #[serde(default)]
+    pub container_ports: Vec<ContainerPort>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ContainerPort {
+    #[serde(default)]
+    pub name: Option<String>,
+    pub container_port: u16,
+    #[serde(default = "default_protocol")]
+    pub protocol: String,
+}
+
+fn default_pod_cidr() -> Vec<IpNetwork> {
+    vec!["10.244.0.0/16".parse().expect("literal")]
+}
+fn default_block_size() -> u8 {
+    24
+}
+fn default_router_as() -> u32 {
+    65000
+}
+fn default_protocol() -> String {
+    "TCP".into()
+}
+
+/// The built-in lab: 3 nodes under one BIRD ToR, 2 labelled namespaces, 2 pods per node.
+pub const DEFAULT_TOPOLOGY: &str = r#"
+name: sepal
+podCIDR: [10.244.0.0/16]
+nodes:
+  - {name: node1, rack: r1}
+  - {name: node2, rack: r1}
+  - {name: node3, rack: r1}
+routers:
+  - {name: tor, kind: bird, asNumber: 65000}
+namespaces:
+  - {name: frontend, labels: {team: web}}
+  - {name: backend, labels: {team: api}}
+pods:
+  - {namespace: frontend, name: web-1, node: node1, labels: {app: web}, containerPorts: [{name: http, containerPort: 80}]}
+  - {namespace: backend, name: api-1, node: node1, labels: {app: api}, containerPorts: [{name: http, containerPort: 8080}]}
+  - {namespace: frontend, name: web-2, node: node2, labels: {app: web}, containerPorts: [{name: http, containerPort: 80}]}
+  - {namespace: backend, name: api-2, node: node2, labels: {app: api}, containerPorts: [{name: http, containerPort: 8080}]}
+  - {namespace: frontend, name: web-3, node: node3, labels: {app: web}, containerPorts: [{name: http, containerPort: 80}]}
+  - {namespace: backend, name: db-1, node: node3, labels: {app: db}, containerPorts: [{name: sql, containerPort: 5432}]}
+"#;
+
+impl Topology {
+    pub fn parse(text: &str) -> Result<Topology> {
+        let topo: Topology = serde_norway::from_str(text).context("topology YAML")?;
+        topo.validate()?;
+        Ok(topo)
+    }
+
+    pub fn default_lab() -> Topology {
+        Topology::parse(DEFAULT_TOPOLOGY).expect("built-in topology is valid")
+    }
+
+    fn validate(&self) -> Result<()> {
+        if self.nodes.is_empty() {
+            bail!("a topology needs at least one node");
+        }
+        let mut names = BTreeSet::new();
+        for name in self.nodes.iter().map(|n| &n.name).chain(self.routers.iter().map(|r| &r.name)) {
+            check_name(name)?;
+            if !names.insert(name.as_str()) {
+                bail!("node/router name {name:?} is used twice");
+            }
+        }
+        if self.routers.len() > 1 && self.routers.iter().any(|r| r.kind == RouterKind::None) {
+            bail!("a static router (kind none) must be the only router");
+        }
+        let namespaces: BTreeSet<&str> = self.namespaces.iter().map(|n| n.name.as_str()).collect();
+        let mut pods = BTreeSet::new();
+        for pod in &self.pods {
+            if !self.nodes.iter().any(|n| n.name == pod.node) {
+                bail!("pod {}/{} is on unknown node {:?}", pod.namespace, pod.name, pod.node);
+            }
+            if !namespaces.contains(pod.namespace.as_str()) && pod.namespace != "default" {
+                bail!("pod {}/{} is in undeclared namespace {:?}", pod.namespace, pod.name, pod.namespace);
+            }
+            if !pods.insert((&pod.namespace, &pod.name)) {
+                bail!("pod {}/{} is declared twice", pod.namespace, pod.name);
+            }
+        }
+        for (i, _) in self.nodes.iter().enumerate() {
+            self.node_blocks(i)?;
+        }
+        Ok(())
+    }
+
+    /// The pod blocks of node `index`: explicit ones, or the (index+1)-th block of the cluster CIDR.
+    pub fn node_blocks(&self, index: usize) -> Result<Vec<IpNetwork>> {
+        let node = &self.nodes[index];
+        if !node.pod_cidrs.is_empty() {
+            return Ok(node.pod_cidrs.clone());
+        }
+        let Some(IpNetwork::V4(cluster)) = self.pod_cidr.iter().find(|c| c.is_ipv4()) else {
+            bail!("node {} has no podCIDRs and the cluster has no IPv4 podCIDR to carve from", node.name);
+        };
+        if self.block_size < cluster.prefix() || self.block_size > 30 {
+            bail!("blockSize /{} does not fit in {cluster}", self.block_size);
+        }
+        let size = 1u64 << (32 - self.block_size);
+        let offset = size * (index as u64 + 1);
+        if offset + size > 1u64 << (32 - cluster.prefix()) {
+            bail!("{cluster} has no room for a /{} block for node {}", self.block_size, node.name);
+        }
+        let base = u32::from(cluster.network()) as u64 + offset;
+        let net = Ipv4Network::new(Ipv4Addr::from(base as u32), self.block_size)?;
+        Ok(vec![IpNetwork::V4(net)])
+    }
+}
+
+/// Names end up in namespace and file names: keep them DNS-label-like.
+fn check_name(name: &str) -> Result<()> {
+    let ok = !name.is_empty()
+        && name.len() <= 20
+        && name.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+        && !name.starts_with('-');
+    if !ok {
+        bail!("name {name:?} must be 1-20 characters of a-z, 0-9 and '-'");
+    }
+    Ok(())
+}
+
+/// Lab names prefix every namespace and file the lab creates.
+pub fn check_lab_name(name: &str) -> Result<()> {
+    check_name(name).with_context(|| format!("lab name {name:?}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_topology_has_three_nodes_and_six_pods() {
+        let topo = Topology::default_lab();
+        assert_eq!(topo.nodes.len(), 3);
+        assert_eq!(topo.pods.len(), 6);
+        assert_eq!(topo.node_blocks(0).unwrap(), vec!["10.244.1.0/24".parse::<IpNetwork>().unwrap()]);
+        assert_eq!(topo.node_blocks(2).unwrap(), vec!["10.244.3.0/24".parse::<IpNetwork>().unwrap()]);
+    }
+
+    #[test]
+    fn rejects_pods_on_unknown_nodes_and_bad_names() {
+        let bad = "nodes: [{name: n1}]\npods: [{namespace: default, name: p, node: n2}]\n";
+        assert!(Topology::parse(bad).unwrap_err().to_string().contains("unknown node"));
+        assert!(Topology::parse("nodes: [{name: N1}]").is_err());
+        assert!(Topology::parse("nodes: [{name: n1, color: red}]").is_err());
+    }
+
+    #[test]
+    fn explicit_blocks_win() {
+        let topo = Topology::parse("nodes: [{name: n1, podCIDRs: [10.9.0.0/26, 'fd00::/120']}]").unwrap();
+        assert_eq!(topo.node_blocks(0).unwrap().len(), 2);
+    }
+}
