@@ -1,6 +1,8 @@
 //! The protocol between `sepal-cni` and the `sepal node` agent over its Unix socket.
 //!
 //! One JSON request per connection, one JSON response back, then the connection closes.
+//! Framing: the plugin writes the request as one line of JSON ending in `\n` and then shuts
+//! down its write half; the agent answers with one line of JSON (ending in `\n`) and closes.
 //! The plugin does the namespace plumbing (veth pair, pod-side addresses and routes); the agent
 //! owns IPAM and everything on the host side that outlives one CNI call (host routes, policy).
 
@@ -57,6 +59,8 @@ pub struct AddRequest {
     pub key: AttachmentKey,
     /// Path of the pod's network namespace, as given in CNI_NETNS.
     pub netns: String,
+    /// From CNI_ARGS K8S_POD_NAMESPACE/K8S_POD_NAME. A runtime that passes no pod identity
+    /// gets an empty namespace and the container ID as name (the veth is named from these).
     pub pod_namespace: String,
     pub pod_name: String,
     pub host_veth: String,
@@ -89,7 +93,9 @@ pub enum Response {
     Added(AddReply),
     Ok,
     /// GC outcome: how many attachments were released.
-    Collected { released: usize },
+    Collected {
+        released: usize,
+    },
     Error(ErrorReply),
 }
 
@@ -156,7 +162,10 @@ mod tests {
     #[test]
     fn requests_round_trip_as_json() {
         let req = Request::Gc(GcRequest {
-            valid: vec![AttachmentKey { container_id: "c1".into(), ifname: "eth0".into() }],
+            valid: vec![AttachmentKey {
+                container_id: "c1".into(),
+                ifname: "eth0".into(),
+            }],
         });
         let text = serde_json::to_string(&req).unwrap();
         assert!(text.contains("\"op\":\"gc\""));

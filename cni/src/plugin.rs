@@ -1,0 +1,557 @@
+//! The plugin's commands (ADD, DEL, CHECK, VERSION, STATUS, GC): environment + config in, result
+//! or error object out. Plumbing lives in `plumbing`, IPAM and host routes in the agent.
+
+use crate::api::{self, codes, AddRequest, CheckRequest, DelRequest, GcRequest, Request, Response};
+use crate::client::{self, CallError};
+use crate::config::{peek_version, NetConf};
+use crate::env::{CniEnv, Command};
+use crate::error::CniError;
+use crate::netlink::Netlink;
+use crate::plumbing::{self, HostNetns, POD_GATEWAY_V6};
+use crate::result::{CniResult, Interface, IpConfig, IpPrefix, Route};
+use crate::version::{version_answer, CniVersion};
+use serde_json::Value;
+use std::fs::File;
+use std::io;
+use std::net::IpAddr;
+
+/// What the process prints and how it exits.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Outcome {
+    pub stdout: Option<String>,
+    pub exit_code: i32,
+}
+
+/// Runs one plugin invocation. `get_env` reads the CNI_* variables, `stdin` is the config.
+pub fn execute(get_env: impl Fn(&str) -> Option<String>, stdin: &[u8]) -> Outcome {
+    match dispatch(get_env, stdin) {
+        Ok(out) => Outcome {
+            stdout: out.map(|v| v.to_string()),
+            exit_code: 0,
+        },
+        Err(err) => {
+            // Errors speak the version the runtime asked for, when we speak it.
+            let version = peek_version(stdin)
+                .and_then(|v| CniVersion::parse(&v).ok())
+                .unwrap_or(CniVersion::LATEST);
+            Outcome {
+                stdout: Some(err.to_json(version.as_str()).to_string()),
+                exit_code: 1,
+            }
+        }
+    }
+}
+
+fn dispatch(
+    get_env: impl Fn(&str) -> Option<String>,
+    stdin: &[u8],
+) -> Result<Option<Value>, CniError> {
+    let env = CniEnv::parse(get_env)?;
+    if env.command == Command::Version {
+        return Ok(Some(version_answer(peek_version(stdin).as_deref())));
+    }
+    let conf = NetConf::parse(stdin)?;
+    let version = conf.cni_version;
+    let needs = |ok: bool, what: &str| {
+        if ok {
+            Ok(())
+        } else {
+            Err(CniError::new(
+                codes::INCOMPATIBLE_VERSION,
+                format!(
+                    "config version {version} does not allow {}",
+                    env.command.as_str()
+                ),
+            )
+            .details(format!(
+                "{} needs cniVersion {what} or later",
+                env.command.as_str()
+            )))
+        }
+    };
+    match env.command {
+        Command::Add => add(&env, &conf).map(Some),
+        Command::Del => del(&env, &conf).map(|()| None),
+        Command::Check => {
+            needs(version.has_check(), "0.4.0")?;
+            check(&env, &conf).map(|()| None)
+        }
+        Command::Status => {
+            needs(version.has_status_and_gc(), "1.1.0")?;
+            status(&conf).map(|()| None)
+        }
+        Command::Gc => {
+            needs(version.has_status_and_gc(), "1.1.0")?;
+            gc(&conf).map(|()| None)
+        }
+        Command::Version => unreachable_version(),
+    }
+}
+
+fn unreachable_version() -> Result<Option<Value>, CniError> {
+    Err(CniError::new(codes::IO_FAILURE, "VERSION handled earlier"))
+}
+
+/// The agent call as the CNI sees it: unreachable is "try again later" (11).
+fn agent(conf: &NetConf, request: &Request) -> Result<Response, CniError> {
+    client::call(&conf.socket, request).map_err(|e| match e {
+        CallError::Unreachable { .. } => {
+            CniError::new(codes::TRY_AGAIN_LATER, "sepal agent unreachable").details(e.to_string())
+        }
+        CallError::BadResponse(_) => {
+            CniError::new(codes::IO_FAILURE, "sepal agent sent an invalid response")
+                .details(e.to_string())
+        }
+    })
+}
+
+fn unexpected(response: Response) -> CniError {
+    CniError::new(codes::IO_FAILURE, "sepal agent sent an unexpected response")
+        .details(format!("{response:?}"))
+}
+
+fn netlink_err(what: &str) -> impl FnOnce(io::Error) -> CniError + '_ {
+    move |e| CniError::io(what, e)
+}
+
+/// Opens the sandbox's netns file; a missing one is "container unknown" (3).
+fn open_netns(path: &str) -> Result<File, CniError> {
+    File::open(path).map_err(|e| {
+        if e.kind() == io::ErrorKind::NotFound {
+            CniError::new(
+                codes::CONTAINER_UNKNOWN,
+                format!("network namespace {path} does not exist"),
+            )
+        } else {
+            CniError::io(format!("cannot open network namespace {path}"), e)
+        }
+    })
+}
+
+fn add(env: &CniEnv, conf: &NetConf) -> Result<Value, CniError> {
+    let netns_path = env
+        .netns
+        .as_deref()
+        .ok_or_else(|| CniError::env("CNI_NETNS is not set"))?;
+    let pod_ns = open_netns(netns_path)?;
+    let host_ns = HostNetns::current().map_err(netlink_err("cannot open the node's netns"))?;
+    let mut nl = Netlink::open().map_err(netlink_err("cannot open netlink"))?;
+    let host_veth = env.host_veth();
+
+    // A veth of this name is either this attachment again (ADD is idempotent: rebuild it, the
+    // agent hands back the same addresses) or a dead sandbox of the same pod: replace it.
+    let mut created = plumbing::create_veth(&mut nl, &host_veth, &env.ifname, &pod_ns, conf.mtu);
+    if matches!(&created, Err(e) if e.raw_os_error() == Some(nix::libc::EEXIST)) {
+        let removed = plumbing::delete_link(&mut nl, &host_veth)
+            .map_err(netlink_err("cannot remove the old host veth"))?;
+        created = plumbing::create_veth(&mut nl, &host_veth, &env.ifname, &pod_ns, conf.mtu);
+        if !removed && matches!(&created, Err(e) if e.raw_os_error() == Some(nix::libc::EEXIST)) {
+            return Err(CniError::io(
+                format!("interface {} already exists in {netns_path}", env.ifname),
+                "EEXIST",
+            ));
+        }
+    }
+    created
+        .map_err(|e| CniError::io(format!("cannot create veth {host_veth}/{}", env.ifname), e))?;
+
+    let mut agent_reached = false;
+    let result = add_after_veth(
+        env,
+        conf,
+        &mut nl,
+        &host_ns,
+        &pod_ns,
+        &host_veth,
+        &mut agent_reached,
+    );
+    if result.is_err() {
+        // A failed ADD leaves nothing behind: no allocation, no veth (its peer goes with it).
+        if agent_reached {
+            let _ = agent(conf, &Request::Del(del_request(env)));
+        }
+        let _ = plumbing::delete_link(&mut nl, &host_veth);
+    }
+    result
+}
+
+fn add_after_veth(
+    env: &CniEnv,
+    conf: &NetConf,
+    nl: &mut Netlink,
+    host_ns: &HostNetns,
+    pod_ns: &File,
+    host_veth: &str,
+    agent_reached: &mut bool,
+) -> Result<Value, CniError> {
+    plumbing::set_host_sysctls(host_veth).map_err(netlink_err("cannot set host veth sysctls"))?;
+    let (pod_namespace, pod_name) = env.pod();
+    let response = agent(
+        conf,
+        &Request::Add(AddRequest {
+            key: env.key(),
+            netns: env.netns.clone().unwrap_or_default(),
+            pod_namespace,
+            pod_name,
+            host_veth: host_veth.to_string(),
+        }),
+    );
+    *agent_reached = !matches!(&response, Err(e) if e.code == codes::TRY_AGAIN_LATER);
+    let reply = match response? {
+        Response::Added(reply) => reply,
+        Response::Error(e) => return Err(e.into()),
+        other => return Err(unexpected(other)),
+    };
+    let ips = validate_ips(&reply.ips)?;
+    // Configured MTU wins; else the agent's (the node's uplink MTU); 0 means "leave the default".
+    let mtu = conf.mtu.or((reply.mtu > 0).then_some(reply.mtu));
+    if conf.mtu.is_none() {
+        if let Some(mtu) = mtu {
+            plumbing::set_mtu(nl, host_veth, mtu)
+                .map_err(netlink_err("cannot set the host veth MTU"))?;
+        }
+    }
+    let mut pod_nl = host_ns
+        .netlink_in(pod_ns)
+        .map_err(netlink_err("cannot open netlink in the pod's netns"))?;
+    let pod = plumbing::configure_pod(&mut pod_nl, &env.ifname, &ips, mtu)
+        .map_err(netlink_err("cannot configure the pod interface"))?;
+
+    let ours = add_result(env, host_veth, &pod.mac, mtu, &ips, conf);
+    let result = match conf.prev_result.clone() {
+        Some(mut prev) => {
+            prev.append(ours);
+            prev
+        }
+        None => ours,
+    };
+    Ok(result.to_json(conf.cni_version))
+}
+
+/// The agent must hand out at most one address per family.
+fn validate_ips(ips: &[IpAddr]) -> Result<Vec<IpAddr>, CniError> {
+    let v4 = ips.iter().filter(|ip| ip.is_ipv4()).count();
+    let v6 = ips.len() - v4;
+    if ips.is_empty() || v4 > 1 || v6 > 1 {
+        return Err(CniError::new(
+            codes::IO_FAILURE,
+            "sepal agent returned an unusable address set",
+        )
+        .details(format!("{ips:?}: want one address per family")));
+    }
+    Ok(ips.to_vec())
+}
+
+fn add_result(
+    env: &CniEnv,
+    host_veth: &str,
+    pod_mac: &str,
+    mtu: Option<u32>,
+    ips: &[IpAddr],
+    conf: &NetConf,
+) -> CniResult {
+    let interfaces = vec![
+        Interface {
+            name: host_veth.to_string(),
+            mac: Some(plumbing::format_mac(&api::HOST_VETH_MAC)),
+            mtu,
+            ..Default::default()
+        },
+        Interface {
+            name: env.ifname.clone(),
+            mac: Some(pod_mac.to_string()),
+            mtu,
+            sandbox: env.netns.clone(),
+            ..Default::default()
+        },
+    ];
+    let gateway = |ip: &IpAddr| -> IpAddr {
+        if ip.is_ipv4() {
+            IpAddr::V4(api::POD_GATEWAY_V4)
+        } else {
+            IpAddr::V6(POD_GATEWAY_V6)
+        }
+    };
+    let ip_configs = ips
+        .iter()
+        .map(|ip| IpConfig {
+            address: IpPrefix::host(*ip),
+            gateway: Some(gateway(ip)),
+            interface: Some(1),
+        })
+        .collect();
+    let routes = ips
+        .iter()
+        .map(|ip| Route {
+            dst: IpPrefix {
+                addr: if ip.is_ipv4() {
+                    IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED)
+                } else {
+                    IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED)
+                },
+                prefix: 0,
+            },
+            gw: Some(gateway(ip)),
+            extra: Default::default(),
+        })
+        .collect();
+    CniResult {
+        interfaces,
+        ips: ip_configs,
+        routes,
+        dns: conf.dns.clone(),
+    }
+}
+
+fn del_request(env: &CniEnv) -> DelRequest {
+    DelRequest {
+        key: env.key(),
+        pod_namespace: env.args.pod_namespace.clone(),
+        pod_name: env.args.pod_name.clone(),
+    }
+}
+
+/// DEL: release in the agent, then remove the veth. Succeeds when everything is already gone;
+/// an unreachable agent still gets the veth removed but answers 11, since the allocation
+/// could not be released and the runtime must retry.
+fn del(env: &CniEnv, conf: &NetConf) -> Result<(), CniError> {
+    let released = match agent(conf, &Request::Del(del_request(env))) {
+        Ok(Response::Ok) | Ok(Response::Collected { .. }) => Ok(()),
+        Ok(Response::Error(e)) => Err(CniError::from(e)),
+        Ok(other) => Err(unexpected(other)),
+        Err(e) => Err(e),
+    };
+    let mut nl = Netlink::open().map_err(netlink_err("cannot open netlink"))?;
+    let removed = plumbing::delete_link(&mut nl, &env.host_veth())
+        .map_err(netlink_err("cannot remove the host veth"))?;
+    if !removed {
+        // The runtime may not pass the pod's identity on DEL; the pod side names the pair too.
+        if let Some(path) = env.netns.as_deref() {
+            if let Ok(pod_ns) = File::open(path) {
+                let host_ns =
+                    HostNetns::current().map_err(netlink_err("cannot open the node's netns"))?;
+                let mut pod_nl = host_ns
+                    .netlink_in(&pod_ns)
+                    .map_err(netlink_err("cannot open netlink in the pod's netns"))?;
+                let _ = plumbing::delete_link(&mut pod_nl, &env.ifname);
+            }
+        }
+    }
+    released
+}
+
+fn check(env: &CniEnv, conf: &NetConf) -> Result<(), CniError> {
+    let prev = conf.prev_result.as_ref().ok_or_else(|| {
+        CniError::config("CHECK needs prevResult (the result of the ADD being checked)")
+    })?;
+    let failed = |msg: String| CniError::new(codes::CHECK_FAILED, msg);
+    let index = prev
+        .interfaces
+        .iter()
+        .position(|i| i.name == env.ifname && i.sandbox.is_some())
+        .ok_or_else(|| {
+            failed(format!(
+                "prevResult has no sandbox interface {}",
+                env.ifname
+            ))
+        })?;
+    let ips: Vec<IpAddr> = prev
+        .ips
+        .iter()
+        .filter(|ip| ip.interface == Some(index))
+        .map(|ip| ip.address.addr)
+        .collect();
+    if ips.is_empty() {
+        return Err(failed(format!(
+            "prevResult has no address on {}",
+            env.ifname
+        )));
+    }
+    let netns_path = env
+        .netns
+        .as_deref()
+        .ok_or_else(|| CniError::env("CNI_NETNS is not set"))?;
+    let pod_ns = open_netns(netns_path)?;
+    let host_ns = HostNetns::current().map_err(netlink_err("cannot open the node's netns"))?;
+    let mut pod_nl = host_ns
+        .netlink_in(&pod_ns)
+        .map_err(netlink_err("cannot open netlink in the pod's netns"))?;
+    plumbing::check_pod(
+        &mut pod_nl,
+        &env.ifname,
+        &ips,
+        prev.interfaces[index].mac.as_deref(),
+    )
+    .map_err(failed)?;
+    let host_veth = env.host_veth();
+    let mut nl = Netlink::open().map_err(netlink_err("cannot open netlink"))?;
+    plumbing::check_host(&mut nl, &host_veth).map_err(failed)?;
+    match agent(
+        conf,
+        &Request::Check(CheckRequest {
+            key: env.key(),
+            host_veth,
+            ips,
+        }),
+    )? {
+        Response::Ok => Ok(()),
+        Response::Error(e) => Err(e.into()),
+        other => Err(unexpected(other)),
+    }
+}
+
+/// STATUS: ready when the agent says so. Any failure is "plugin not available" (50) unless the
+/// agent itself reports 51 (not available, existing containers limited).
+fn status(conf: &NetConf) -> Result<(), CniError> {
+    let unavailable = |msg: String, details: String| {
+        CniError::new(codes::PLUGIN_NOT_AVAILABLE, msg).details(details)
+    };
+    match client::call(&conf.socket, &Request::Status) {
+        Ok(Response::Ok) => Ok(()),
+        Ok(Response::Error(e)) if e.code == 51 => Err(e.into()),
+        Ok(Response::Error(e)) => Err(unavailable(
+            e.msg,
+            format!(
+                "agent code {}{}{}",
+                e.code,
+                if e.details.is_empty() { "" } else { ": " },
+                e.details
+            ),
+        )),
+        Ok(other) => Err(unavailable(
+            "sepal agent sent an unexpected response".into(),
+            format!("{other:?}"),
+        )),
+        Err(e) => Err(unavailable("sepal agent unreachable".into(), e.to_string())),
+    }
+}
+
+fn gc(conf: &NetConf) -> Result<(), CniError> {
+    match agent(
+        conf,
+        &Request::Gc(GcRequest {
+            valid: conf.valid_attachments.clone(),
+        }),
+    )? {
+        Response::Ok | Response::Collected { .. } => Ok(()),
+        Response::Error(e) => Err(e.into()),
+        other => Err(unexpected(other)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    fn run(vars: &[(&str, &str)], stdin: &str) -> Outcome {
+        let map: HashMap<String, String> = vars
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        execute(|k| map.get(k).cloned(), stdin.as_bytes())
+    }
+
+    fn error_code(out: &Outcome) -> u64 {
+        assert_eq!(out.exit_code, 1);
+        let v: Value = serde_json::from_str(out.stdout.as_deref().unwrap()).unwrap();
+        v["code"].as_u64().unwrap()
+    }
+
+    #[test]
+    fn version_needs_no_config() {
+        let out = run(&[("CNI_COMMAND", "VERSION")], "");
+        assert_eq!(out.exit_code, 0);
+        let v: Value = serde_json::from_str(out.stdout.as_deref().unwrap()).unwrap();
+        assert_eq!(v["cniVersion"], "1.1.0");
+        assert_eq!(v["supportedVersions"].as_array().unwrap().len(), 5);
+        let out = run(&[("CNI_COMMAND", "VERSION")], r#"{"cniVersion":"0.3.1"}"#);
+        assert!(out.stdout.unwrap().contains(r#""cniVersion":"0.3.1""#));
+    }
+
+    #[test]
+    fn errors_render_in_the_asked_version() {
+        let out = run(&[], r#"{"cniVersion":"0.4.0","name":"n"}"#);
+        assert_eq!(error_code(&out), 4);
+        assert!(out.stdout.unwrap().contains(r#""cniVersion":"0.4.0""#));
+        let out = run(
+            &[("CNI_COMMAND", "STATUS")],
+            r#"{"cniVersion":"0.2.0","name":"n"}"#,
+        );
+        assert_eq!(error_code(&out), 1);
+        assert!(out.stdout.unwrap().contains(r#""cniVersion":"1.1.0""#));
+    }
+
+    #[test]
+    fn commands_are_gated_by_config_version() {
+        let sock = r#""socket":"/nonexistent/sepal.sock""#;
+        let out = run(
+            &[("CNI_COMMAND", "STATUS")],
+            &format!(r#"{{"cniVersion":"1.0.0","name":"n",{sock}}}"#),
+        );
+        assert_eq!(error_code(&out), 1);
+        let out = run(
+            &[("CNI_COMMAND", "GC")],
+            &format!(r#"{{"cniVersion":"0.4.0","name":"n",{sock}}}"#),
+        );
+        assert_eq!(error_code(&out), 1);
+        let check = [
+            ("CNI_COMMAND", "CHECK"),
+            ("CNI_CONTAINERID", "c1"),
+            ("CNI_NETNS", "/nonexistent"),
+            ("CNI_IFNAME", "eth0"),
+        ];
+        let out = run(
+            &check,
+            &format!(r#"{{"cniVersion":"0.3.1","name":"n",{sock}}}"#),
+        );
+        assert_eq!(error_code(&out), 1);
+        // From 0.4.0 on CHECK runs, and without prevResult the config is invalid.
+        let out = run(
+            &check,
+            &format!(r#"{{"cniVersion":"0.4.0","name":"n",{sock}}}"#),
+        );
+        assert_eq!(error_code(&out), 7);
+    }
+
+    #[test]
+    fn status_and_gc_without_agent() {
+        let sock = r#""socket":"/nonexistent/sepal.sock""#;
+        let out = run(
+            &[("CNI_COMMAND", "STATUS")],
+            &format!(r#"{{"cniVersion":"1.1.0","name":"n",{sock}}}"#),
+        );
+        assert_eq!(error_code(&out), 50);
+        let out = run(
+            &[("CNI_COMMAND", "GC")],
+            &format!(r#"{{"cniVersion":"1.1.0","name":"n",{sock}}}"#),
+        );
+        assert_eq!(error_code(&out), 11);
+    }
+
+    #[test]
+    fn add_of_a_missing_netns_is_container_unknown() {
+        let vars = [
+            ("CNI_COMMAND", "ADD"),
+            ("CNI_CONTAINERID", "c1"),
+            ("CNI_NETNS", "/nonexistent/netns"),
+            ("CNI_IFNAME", "eth0"),
+        ];
+        let out = run(
+            &vars,
+            r#"{"cniVersion":"1.0.0","name":"n","socket":"/nonexistent/s"}"#,
+        );
+        assert_eq!(error_code(&out), 3);
+    }
+
+    #[test]
+    fn agent_address_sets_are_validated() {
+        let v4: IpAddr = "10.0.0.1".parse().unwrap();
+        let v4b: IpAddr = "10.0.0.2".parse().unwrap();
+        let v6: IpAddr = "fd00::1".parse().unwrap();
+        assert!(validate_ips(&[v4, v6]).is_ok());
+        assert!(validate_ips(&[v6]).is_ok());
+        assert!(validate_ips(&[]).is_err());
+        assert!(validate_ips(&[v4, v4b]).is_err());
+    }
+}

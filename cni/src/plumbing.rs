@@ -1,0 +1,479 @@
+//! Namespace plumbing of one attachment over rtnetlink: the veth pair, host-side sysctls, the pod
+//! side's addresses and routes, removal, and the CHECK of all of it. No subprocesses.
+
+use crate::api::{HOST_VETH_MAC, POD_GATEWAY_V4};
+use crate::netlink::Netlink;
+use netlink_packet_core::{NLM_F_CREATE, NLM_F_EXCL, NLM_F_REPLACE};
+use netlink_packet_route::address::{
+    AddressAttribute, AddressFlags, AddressHeaderFlags, AddressMessage, AddressScope,
+};
+use netlink_packet_route::link::{
+    InfoData, InfoKind, InfoVeth, LinkAttribute, LinkFlags, LinkInfo, LinkMessage,
+};
+use netlink_packet_route::route::{
+    RouteAddress, RouteAttribute, RouteHeader, RouteMessage, RouteProtocol, RouteScope, RouteType,
+};
+use netlink_packet_route::{AddressFamily, RouteNetlinkMessage};
+use nix::sched::{setns, CloneFlags};
+use std::fs::File;
+use std::io;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::os::fd::AsRawFd;
+
+/// The pod's IPv6 gateway: the host veth's EUI-64 link-local address (from its fixed MAC).
+pub const POD_GATEWAY_V6: Ipv6Addr = link_local_from_mac(HOST_VETH_MAC);
+
+/// EUI-64 link-local address for `mac`, as the kernel derives it with `addr_gen_mode` eui64.
+pub const fn link_local_from_mac(mac: [u8; 6]) -> Ipv6Addr {
+    Ipv6Addr::new(
+        0xfe80,
+        0,
+        0,
+        0,
+        (((mac[0] ^ 0x02) as u16) << 8) | mac[1] as u16,
+        ((mac[2] as u16) << 8) | 0xff,
+        0xfe00 | mac[3] as u16,
+        ((mac[4] as u16) << 8) | mac[5] as u16,
+    )
+}
+
+pub fn format_mac(mac: &[u8]) -> String {
+    mac.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
+}
+
+/// The plugin's own network namespace (the node's), to come back to after opening a socket in
+/// a pod's namespace.
+pub struct HostNetns {
+    file: File,
+}
+
+impl HostNetns {
+    pub fn current() -> io::Result<HostNetns> {
+        Ok(HostNetns {
+            file: File::open("/proc/thread-self/ns/net")?,
+        })
+    }
+
+    /// Opens a netlink socket inside `target`. The thread enters `target` only for the socket()
+    /// call (a netlink socket stays bound to the namespace it was created in) and comes straight
+    /// back; if it cannot come back, the error says so and nothing else may run.
+    pub fn netlink_in(&self, target: &File) -> io::Result<Netlink> {
+        setns(target, CloneFlags::CLONE_NEWNET).map_err(io::Error::from)?;
+        let nl = Netlink::open();
+        setns(&self.file, CloneFlags::CLONE_NEWNET).map_err(|e| {
+            io::Error::other(format!(
+                "cannot return to the node's network namespace: {e}"
+            ))
+        })?;
+        nl
+    }
+}
+
+fn link_by_name(name: &str) -> LinkMessage {
+    let mut msg = LinkMessage::default();
+    msg.attributes.push(LinkAttribute::IfName(name.to_string()));
+    msg
+}
+
+/// Creates the pair in one request: `host` here (MAC ee:ee:ee:ee:ee:ee, up) and its peer
+/// `ifname` directly inside `pod_ns`, so the pod side never exists in the node's namespace.
+pub fn create_veth(
+    nl: &mut Netlink,
+    host: &str,
+    ifname: &str,
+    pod_ns: &File,
+    mtu: Option<u32>,
+) -> io::Result<()> {
+    let mut peer = LinkMessage::default();
+    peer.attributes
+        .push(LinkAttribute::IfName(ifname.to_string()));
+    peer.attributes
+        .push(LinkAttribute::NetNsFd(pod_ns.as_raw_fd()));
+    let mut msg = link_by_name(host);
+    msg.header.flags = LinkFlags::Up;
+    msg.header.change_mask = LinkFlags::Up;
+    msg.attributes
+        .push(LinkAttribute::Address(HOST_VETH_MAC.to_vec()));
+    if let Some(mtu) = mtu {
+        msg.attributes.push(LinkAttribute::Mtu(mtu));
+        peer.attributes.push(LinkAttribute::Mtu(mtu));
+    }
+    msg.attributes.push(LinkAttribute::LinkInfo(vec![
+        LinkInfo::Kind(InfoKind::Veth),
+        LinkInfo::Data(InfoData::Veth(InfoVeth::Peer(peer))),
+    ]));
+    nl.request(RouteNetlinkMessage::NewLink(msg), NLM_F_CREATE | NLM_F_EXCL)
+}
+
+/// Deletes a link by name (a veth takes its peer with it). `Ok(false)` when there was none.
+pub fn delete_link(nl: &mut Netlink, name: &str) -> io::Result<bool> {
+    match nl.request(RouteNetlinkMessage::DelLink(link_by_name(name)), 0) {
+        Ok(()) => Ok(true),
+        Err(e) if e.raw_os_error() == Some(nix::libc::ENODEV) => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
+pub fn set_mtu(nl: &mut Netlink, name: &str, mtu: u32) -> io::Result<()> {
+    let mut msg = link_by_name(name);
+    msg.attributes.push(LinkAttribute::Mtu(mtu));
+    nl.request(RouteNetlinkMessage::SetLink(msg), 0)
+}
+
+/// Host-side sysctls of the veth: proxy ARP answers for the pod's gateway 169.254.1.1 without
+/// delay, both families forward, and the IPv6 link-local (the pod's v6 gateway) skips DAD so it
+/// answers as soon as the pod side comes up. /proc/sys shows the writer's namespace: the node's.
+pub fn set_host_sysctls(host: &str) -> io::Result<()> {
+    let write = |path: String, value: &str| {
+        std::fs::write(&path, value).map_err(|e| io::Error::new(e.kind(), format!("{path}: {e}")))
+    };
+    write(format!("/proc/sys/net/ipv4/conf/{host}/proxy_arp"), "1")?;
+    write(format!("/proc/sys/net/ipv4/neigh/{host}/proxy_delay"), "0")?;
+    write(format!("/proc/sys/net/ipv4/conf/{host}/forwarding"), "1")?;
+    for (key, value) in [("accept_dad", "0"), ("forwarding", "1")] {
+        match write(format!("/proc/sys/net/ipv6/conf/{host}/{key}"), value) {
+            // A node without IPv6 has no such directory.
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            other => other?,
+        }
+    }
+    Ok(())
+}
+
+/// What the pod side looks like once configured.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PodLink {
+    pub index: u32,
+    pub mac: String,
+}
+
+/// Looks a link up by name: index, MAC, flags, MTU.
+pub fn get_link(nl: &mut Netlink, name: &str) -> io::Result<LinkMessage> {
+    match nl.get(RouteNetlinkMessage::GetLink(link_by_name(name)))? {
+        RouteNetlinkMessage::NewLink(link) => Ok(link),
+        other => Err(io::Error::other(format!(
+            "unexpected reply to GETLINK: {other:?}"
+        ))),
+    }
+}
+
+fn link_mac(link: &LinkMessage) -> String {
+    link.attributes
+        .iter()
+        .find_map(|a| match a {
+            LinkAttribute::Address(mac) => Some(format_mac(mac)),
+            _ => None,
+        })
+        .unwrap_or_default()
+}
+
+fn address(index: u32, ip: IpAddr) -> AddressMessage {
+    let mut msg = AddressMessage::default();
+    msg.header.family = family(ip);
+    msg.header.prefix_len = if ip.is_ipv4() { 32 } else { 128 };
+    msg.header.scope = AddressScope::Universe;
+    msg.header.index = index;
+    msg.attributes.push(AddressAttribute::Local(ip));
+    msg.attributes.push(AddressAttribute::Address(ip));
+    if ip.is_ipv6() {
+        // The /128 is unique by allocation; DAD would only delay it by a second.
+        msg.header.flags = AddressHeaderFlags::Nodad;
+        msg.attributes
+            .push(AddressAttribute::Flags(AddressFlags::Nodad));
+    }
+    msg
+}
+
+fn family(ip: IpAddr) -> AddressFamily {
+    if ip.is_ipv4() {
+        AddressFamily::Inet
+    } else {
+        AddressFamily::Inet6
+    }
+}
+
+fn route(index: u32, dst: IpAddr, prefix: u8, gateway: Option<IpAddr>) -> RouteMessage {
+    let mut msg = RouteMessage::default();
+    msg.header.address_family = family(dst);
+    msg.header.destination_prefix_length = prefix;
+    msg.header.table = RouteHeader::RT_TABLE_MAIN;
+    msg.header.protocol = RouteProtocol::Boot;
+    msg.header.kind = RouteType::Unicast;
+    msg.header.scope = if gateway.is_none() && dst.is_ipv4() {
+        RouteScope::Link
+    } else {
+        RouteScope::Universe
+    };
+    if prefix > 0 {
+        msg.attributes
+            .push(RouteAttribute::Destination(RouteAddress::from(dst)));
+    }
+    if let Some(gw) = gateway {
+        msg.attributes
+            .push(RouteAttribute::Gateway(RouteAddress::from(gw)));
+    }
+    msg.attributes.push(RouteAttribute::Oif(index));
+    msg
+}
+
+/// Configures the pod side over a socket opened in the pod's namespace, in one batch: MTU and
+/// up, the /32 and /128, a scope-link route to 169.254.1.1 and the default routes.
+pub fn configure_pod(
+    nl: &mut Netlink,
+    ifname: &str,
+    ips: &[IpAddr],
+    mtu: Option<u32>,
+) -> io::Result<PodLink> {
+    let link = get_link(nl, ifname)?;
+    let index = link.header.index;
+    let mut up = LinkMessage::default();
+    up.header.index = index;
+    up.header.flags = LinkFlags::Up;
+    up.header.change_mask = LinkFlags::Up;
+    if let Some(mtu) = mtu {
+        up.attributes.push(LinkAttribute::Mtu(mtu));
+    }
+    let upsert = NLM_F_CREATE | NLM_F_REPLACE;
+    let mut batch = vec![(RouteNetlinkMessage::SetLink(up), 0)];
+    for ip in ips {
+        batch.push((RouteNetlinkMessage::NewAddress(address(index, *ip)), upsert));
+    }
+    if ips.iter().any(IpAddr::is_ipv4) {
+        let gw = IpAddr::V4(POD_GATEWAY_V4);
+        batch.push((
+            RouteNetlinkMessage::NewRoute(route(index, gw, 32, None)),
+            upsert,
+        ));
+        let any = IpAddr::V4(Ipv4Addr::UNSPECIFIED);
+        batch.push((
+            RouteNetlinkMessage::NewRoute(route(index, any, 0, Some(gw))),
+            upsert,
+        ));
+    }
+    if ips.iter().any(IpAddr::is_ipv6) {
+        let any = IpAddr::V6(Ipv6Addr::UNSPECIFIED);
+        let gw = IpAddr::V6(POD_GATEWAY_V6);
+        batch.push((
+            RouteNetlinkMessage::NewRoute(route(index, any, 0, Some(gw))),
+            upsert,
+        ));
+    }
+    const WHAT: [&str; 2] = ["set link up", "add address or route"];
+    for (i, result) in nl.batch(batch)?.into_iter().enumerate() {
+        result.map_err(|e| {
+            io::Error::new(
+                e.kind(),
+                format!("{} on {ifname}: {e}", WHAT[usize::from(i > 0)]),
+            )
+        })?;
+    }
+    Ok(PodLink {
+        index,
+        mac: link_mac(&link),
+    })
+}
+
+/// CHECK of the pod side: `ifname` is up, holds every address in `ips` (and `mac` when given),
+/// and has the gateway routes ADD installs. Returns what differs.
+pub fn check_pod(
+    nl: &mut Netlink,
+    ifname: &str,
+    ips: &[IpAddr],
+    mac: Option<&str>,
+) -> Result<(), String> {
+    let link = get_link(nl, ifname).map_err(|e| format!("pod interface {ifname}: {e}"))?;
+    let index = link.header.index;
+    if !link.header.flags.contains(LinkFlags::Up) {
+        return Err(format!("pod interface {ifname} is down"));
+    }
+    if let Some(want) = mac {
+        let have = link_mac(&link);
+        if !have.eq_ignore_ascii_case(want) {
+            return Err(format!(
+                "pod interface {ifname} has MAC {have}, prevResult says {want}"
+            ));
+        }
+    }
+    let addrs = nl
+        .dump(RouteNetlinkMessage::GetAddress(AddressMessage::default()))
+        .map_err(|e| format!("list addresses: {e}"))?;
+    let have: Vec<IpAddr> = addrs
+        .iter()
+        .filter_map(|m| match m {
+            RouteNetlinkMessage::NewAddress(a) if a.header.index == index => a
+                .attributes
+                .iter()
+                .find_map(|attr| match attr {
+                    AddressAttribute::Local(ip) => Some(*ip),
+                    _ => None,
+                })
+                .or_else(|| {
+                    a.attributes.iter().find_map(|attr| match attr {
+                        AddressAttribute::Address(ip) => Some(*ip),
+                        _ => None,
+                    })
+                }),
+            _ => None,
+        })
+        .collect();
+    for ip in ips {
+        if !have.contains(ip) {
+            return Err(format!("pod interface {ifname} lacks address {ip}"));
+        }
+    }
+    let mut want_routes: Vec<(IpAddr, u8, Option<IpAddr>)> = Vec::new();
+    if ips.iter().any(IpAddr::is_ipv4) {
+        let gw = IpAddr::V4(POD_GATEWAY_V4);
+        want_routes.push((gw, 32, None));
+        want_routes.push((IpAddr::V4(Ipv4Addr::UNSPECIFIED), 0, Some(gw)));
+    }
+    if ips.iter().any(IpAddr::is_ipv6) {
+        want_routes.push((
+            IpAddr::V6(Ipv6Addr::UNSPECIFIED),
+            0,
+            Some(IpAddr::V6(POD_GATEWAY_V6)),
+        ));
+    }
+    for fam in [AddressFamily::Inet, AddressFamily::Inet6] {
+        let wanted: Vec<_> = want_routes
+            .iter()
+            .filter(|(dst, _, _)| family(*dst) == fam)
+            .collect();
+        if wanted.is_empty() {
+            continue;
+        }
+        let mut query = RouteMessage::default();
+        query.header.address_family = fam;
+        let routes = nl
+            .dump(RouteNetlinkMessage::GetRoute(query))
+            .map_err(|e| format!("list routes: {e}"))?;
+        for (dst, prefix, gw) in wanted {
+            let found = routes.iter().any(|m| match m {
+                RouteNetlinkMessage::NewRoute(r) => route_matches(r, index, *dst, *prefix, *gw),
+                _ => false,
+            });
+            if !found {
+                let via = gw.map(|g| format!(" via {g}")).unwrap_or_default();
+                return Err(format!("pod lacks route {dst}/{prefix}{via} dev {ifname}"));
+            }
+        }
+    }
+    Ok(())
+}
+
+fn route_matches(
+    r: &RouteMessage,
+    index: u32,
+    dst: IpAddr,
+    prefix: u8,
+    gw: Option<IpAddr>,
+) -> bool {
+    let table = r
+        .attributes
+        .iter()
+        .find_map(|a| match a {
+            RouteAttribute::Table(t) => Some(*t),
+            _ => None,
+        })
+        .unwrap_or(u32::from(r.header.table));
+    let oif = r.attributes.iter().find_map(|a| match a {
+        RouteAttribute::Oif(i) => Some(*i),
+        _ => None,
+    });
+    let rdst = r.attributes.iter().find_map(|a| match a {
+        RouteAttribute::Destination(d) => Some(d.clone()),
+        _ => None,
+    });
+    let rgw = r.attributes.iter().find_map(|a| match a {
+        RouteAttribute::Gateway(g) => Some(g.clone()),
+        _ => None,
+    });
+    let dst_ok = if prefix == 0 {
+        rdst.is_none()
+    } else {
+        rdst == Some(RouteAddress::from(dst))
+    };
+    table == u32::from(RouteHeader::RT_TABLE_MAIN)
+        && oif == Some(index)
+        && r.header.destination_prefix_length == prefix
+        && dst_ok
+        && rgw == gw.map(RouteAddress::from)
+}
+
+/// CHECK of the host side: the veth exists, is up, has Sepal's MAC and proxy ARP on.
+pub fn check_host(nl: &mut Netlink, host: &str) -> Result<(), String> {
+    let link = get_link(nl, host).map_err(|e| format!("host veth {host}: {e}"))?;
+    if !link.header.flags.contains(LinkFlags::Up) {
+        return Err(format!("host veth {host} is down"));
+    }
+    let mac = link_mac(&link);
+    if mac != format_mac(&HOST_VETH_MAC) {
+        return Err(format!(
+            "host veth {host} has MAC {mac}, not {}",
+            format_mac(&HOST_VETH_MAC)
+        ));
+    }
+    let proxy_arp = std::fs::read_to_string(format!("/proc/sys/net/ipv4/conf/{host}/proxy_arp"))
+        .map_err(|e| format!("host veth {host}: proxy_arp: {e}"))?;
+    if proxy_arp.trim() != "1" {
+        return Err(format!(
+            "host veth {host} has proxy_arp {}",
+            proxy_arp.trim()
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn v6_gateway_is_the_eui64_link_local_of_the_host_mac() {
+        assert_eq!(
+            POD_GATEWAY_V6,
+            "fe80::ecee:eeff:feee:eeee".parse::<Ipv6Addr>().unwrap()
+        );
+        assert_eq!(
+            link_local_from_mac([0x02, 0x42, 0xac, 0x11, 0x00, 0x02]),
+            "fe80::42:acff:fe11:2".parse::<Ipv6Addr>().unwrap()
+        );
+    }
+
+    #[test]
+    fn macs_format_like_iproute2() {
+        assert_eq!(format_mac(&HOST_VETH_MAC), "ee:ee:ee:ee:ee:ee");
+        assert_eq!(format_mac(&[0, 1, 0xab, 2, 3, 4]), "00:01:ab:02:03:04");
+    }
+
+    #[test]
+    fn gateway_routes_are_shaped_like_ip_route() {
+        let r = route(7, IpAddr::V4(POD_GATEWAY_V4), 32, None);
+        assert_eq!(r.header.scope, RouteScope::Link);
+        assert!(route_matches(&r, 7, IpAddr::V4(POD_GATEWAY_V4), 32, None));
+        let d = route(
+            7,
+            IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+            0,
+            Some(IpAddr::V4(POD_GATEWAY_V4)),
+        );
+        assert_eq!(d.header.scope, RouteScope::Universe);
+        assert!(route_matches(
+            &d,
+            7,
+            IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+            0,
+            Some(IpAddr::V4(POD_GATEWAY_V4))
+        ));
+        assert!(!route_matches(
+            &d,
+            8,
+            IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+            0,
+            Some(IpAddr::V4(POD_GATEWAY_V4))
+        ));
+    }
+}
