@@ -140,11 +140,15 @@ fn add(env: &CniEnv, conf: &NetConf) -> Result<Value, CniError> {
 
     // A veth of this name is either this attachment again (ADD is idempotent: rebuild it, the
     // agent hands back the same addresses) or a dead sandbox of the same pod: replace it.
-    let mut created = plumbing::create_veth(&mut nl, &host_veth, &env.ifname, &pod_ns, conf.mtu);
+    let mac = plumbing::pod_mac(&env.container_id, &env.ifname);
+    let create = |nl: &mut Netlink| {
+        plumbing::create_veth(nl, &host_veth, &env.ifname, mac, &pod_ns, conf.mtu)
+    };
+    let mut created = create(&mut nl);
     if matches!(&created, Err(e) if e.raw_os_error() == Some(nix::libc::EEXIST)) {
         let removed = plumbing::delete_link(&mut nl, &host_veth)
             .map_err(netlink_err("cannot remove the old host veth"))?;
-        created = plumbing::create_veth(&mut nl, &host_veth, &env.ifname, &pod_ns, conf.mtu);
+        created = create(&mut nl);
         if !removed && matches!(&created, Err(e) if e.raw_os_error() == Some(nix::libc::EEXIST)) {
             return Err(CniError::io(
                 format!("interface {} already exists in {netns_path}", env.ifname),

@@ -78,18 +78,33 @@ fn link_by_name(name: &str) -> LinkMessage {
     msg
 }
 
+/// The pod side's MAC: derived from the attachment, so a repeated ADD reports the same result.
+/// Locally administered unicast; it only has to be unique on its own point-to-point link.
+pub fn pod_mac(container_id: &str, ifname: &str) -> [u8; 6] {
+    use sha2::{Digest, Sha256};
+    let digest = Sha256::digest(format!("{container_id}/{ifname}").as_bytes());
+    let mut mac = [0u8; 6];
+    mac.copy_from_slice(&digest[..6]);
+    mac[0] = (mac[0] & 0xfc) | 0x02;
+    mac
+}
+
 /// Creates the pair in one request: `host` here (MAC ee:ee:ee:ee:ee:ee, up) and its peer
-/// `ifname` directly inside `pod_ns`, so the pod side never exists in the node's namespace.
+/// `ifname` (MAC `pod_mac`) directly inside `pod_ns`, so the pod side never exists in the node's
+/// namespace.
 pub fn create_veth(
     nl: &mut Netlink,
     host: &str,
     ifname: &str,
+    pod_mac: [u8; 6],
     pod_ns: &File,
     mtu: Option<u32>,
 ) -> io::Result<()> {
     let mut peer = LinkMessage::default();
     peer.attributes
         .push(LinkAttribute::IfName(ifname.to_string()));
+    peer.attributes
+        .push(LinkAttribute::Address(pod_mac.to_vec()));
     peer.attributes
         .push(LinkAttribute::NetNsFd(pod_ns.as_raw_fd()));
     let mut msg = link_by_name(host);
@@ -441,6 +456,14 @@ mod tests {
             link_local_from_mac([0x02, 0x42, 0xac, 0x11, 0x00, 0x02]),
             "fe80::42:acff:fe11:2".parse::<Ipv6Addr>().unwrap()
         );
+    }
+
+    #[test]
+    fn pod_macs_are_stable_local_unicast() {
+        let a = pod_mac("c1", "eth0");
+        assert_eq!(a, pod_mac("c1", "eth0"));
+        assert_ne!(a, pod_mac("c2", "eth0"));
+        assert_eq!(a[0] & 0x03, 0x02);
     }
 
     #[test]
