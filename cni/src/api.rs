@@ -31,6 +31,26 @@ pub fn host_veth_name(pod_namespace: &str, pod_name: &str) -> String {
     name
 }
 
+/// Prefix of a retired host veth. `sep` + 11 hex chars never starts with `sepx`, so a tombstone
+/// cannot collide with a live veth.
+pub const TOMBSTONE_PREFIX: &str = "sepx";
+
+/// The name DEL gives a pod's host veth when it takes it out of service: `sepx` + the same 11 hex
+/// chars (15 chars). Unregistering a device blocks its caller for tens of milliseconds of RCU
+/// waits, so DEL does not delete the pair: it sets the host side down (the pod loses carrier at
+/// once) and renames it to this name. The pair dies with the pod's network namespace, which the
+/// runtime removes right after DEL; the agent deletes tombstones in the background (links named
+/// `TOMBSTONE_PREFIX*`, e.g. after answering a Del and at start) for runtimes that keep the netns.
+pub fn tombstone_name(host_veth: &str) -> String {
+    let suffix = host_veth
+        .strip_prefix(HOST_VETH_PREFIX)
+        .unwrap_or(host_veth);
+    let mut name = String::from(TOMBSTONE_PREFIX);
+    name.push_str(suffix);
+    name.truncate(15);
+    name
+}
+
 /// Identity of one attachment: the CNI spec keys everything by container ID + interface name.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct AttachmentKey {
@@ -44,7 +64,8 @@ pub enum Request {
     /// Allocate (or return the existing) addresses for an attachment and program the host side
     /// for the already-created host veth. Idempotent per `key`.
     Add(AddRequest),
-    /// Release the attachment's addresses and host state. Succeeds if nothing is known.
+    /// Release the attachment's addresses and host state. Succeeds if nothing is known. The
+    /// plugin has already retired the host veth (see `tombstone_name`), so its routes may be gone.
     Del(DelRequest),
     /// Verify the agent's record and host state for an attachment.
     Check(CheckRequest),
@@ -157,6 +178,11 @@ mod tests {
         assert_ne!(a, host_veth_name("default", "web-1"));
         assert_eq!(a.len(), 14);
         assert!(a.starts_with("sep"));
+        let t = tombstone_name(&a);
+        assert_eq!(t.len(), 15);
+        assert!(t.starts_with(TOMBSTONE_PREFIX));
+        assert_eq!(&t[4..], &a[3..]);
+        assert!(!a.starts_with(TOMBSTONE_PREFIX));
     }
 
     #[test]

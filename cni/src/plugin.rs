@@ -146,8 +146,12 @@ fn add(env: &CniEnv, conf: &NetConf) -> Result<Value, CniError> {
     };
     let mut created = create(&mut nl);
     if matches!(&created, Err(e) if e.raw_os_error() == Some(nix::libc::EEXIST)) {
-        let removed = plumbing::delete_link(&mut nl, &host_veth)
-            .map_err(netlink_err("cannot remove the old host veth"))?;
+        // Also clear a retired pair of this pod: its peer may still hold `ifname` in the netns.
+        let mut removed = false;
+        for name in [host_veth.clone(), api::tombstone_name(&host_veth)] {
+            removed |= plumbing::delete_link(&mut nl, &name)
+                .map_err(netlink_err("cannot remove the old host veth"))?;
+        }
         created = create(&mut nl);
         if !removed && matches!(&created, Err(e) if e.raw_os_error() == Some(nix::libc::EEXIST)) {
             return Err(CniError::io(
@@ -315,21 +319,21 @@ fn del_request(env: &CniEnv) -> DelRequest {
     }
 }
 
-/// DEL: release in the agent, then remove the veth. Succeeds when everything is already gone;
-/// an unreachable agent still gets the veth removed but answers 11, since the allocation
-/// could not be released and the runtime must retry.
+/// DEL: retire the host veth (down + renamed, see `api::tombstone_name`: deleting a device
+/// costs tens of milliseconds of kernel RCU waits), then release in the agent. Succeeds when
+/// everything is already gone; an unreachable agent answers 11 (the allocation could not be
+/// released, the runtime must retry) after the veth has been taken out of service anyway.
 fn del(env: &CniEnv, conf: &NetConf) -> Result<(), CniError> {
-    let released = match agent(conf, &Request::Del(del_request(env))) {
-        Ok(Response::Ok) | Ok(Response::Collected { .. }) => Ok(()),
-        Ok(Response::Error(e)) => Err(CniError::from(e)),
-        Ok(other) => Err(unexpected(other)),
-        Err(e) => Err(e),
-    };
     let mut nl = Netlink::open().map_err(netlink_err("cannot open netlink"))?;
-    let removed = plumbing::delete_link(&mut nl, &env.host_veth())
-        .map_err(netlink_err("cannot remove the host veth"))?;
-    if !removed {
-        // The runtime may not pass the pod's identity on DEL; the pod side names the pair too.
+    let host_veth = env.host_veth();
+    let retired = plumbing::retire_veth(&mut nl, &host_veth)
+        .map_err(netlink_err("cannot retire the host veth"))?;
+    if !retired
+        && !plumbing::link_exists(&mut nl, &api::tombstone_name(&host_veth))
+            .map_err(netlink_err("cannot look up links"))?
+    {
+        // No veth under the expected name (the runtime may not pass the pod's identity on DEL):
+        // the pod side names the pair too. Rare, so the plain (slow) delete is fine here.
         if let Some(path) = env.netns.as_deref() {
             if let Ok(pod_ns) = File::open(path) {
                 let host_ns =
@@ -337,11 +341,16 @@ fn del(env: &CniEnv, conf: &NetConf) -> Result<(), CniError> {
                 let mut pod_nl = host_ns
                     .netlink_in(&pod_ns)
                     .map_err(netlink_err("cannot open netlink in the pod's netns"))?;
-                let _ = plumbing::delete_link(&mut pod_nl, &env.ifname);
+                plumbing::delete_link(&mut pod_nl, &env.ifname)
+                    .map_err(netlink_err("cannot remove the pod interface"))?;
             }
         }
     }
-    released
+    match agent(conf, &Request::Del(del_request(env)))? {
+        Response::Ok | Response::Collected { .. } => Ok(()),
+        Response::Error(e) => Err(CniError::from(e)),
+        other => Err(unexpected(other)),
+    }
 }
 
 fn check(env: &CniEnv, conf: &NetConf) -> Result<(), CniError> {

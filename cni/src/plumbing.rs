@@ -132,6 +132,47 @@ pub fn delete_link(nl: &mut Netlink, name: &str) -> io::Result<bool> {
     }
 }
 
+/// Takes a host veth out of service without paying for unregistering it (see
+/// `api::tombstone_name`): down, then renamed to its tombstone, in one batch. `Ok(false)` when
+/// there is no such link. If a tombstone of that name still exists, falls back to deleting.
+pub fn retire_veth(nl: &mut Netlink, host: &str) -> io::Result<bool> {
+    let index = match get_link(nl, host) {
+        Ok(link) => link.header.index,
+        Err(e) if e.raw_os_error() == Some(nix::libc::ENODEV) => return Ok(false),
+        Err(e) => return Err(e),
+    };
+    let mut down = LinkMessage::default();
+    down.header.index = index;
+    down.header.change_mask = LinkFlags::Up;
+    // A device must be down to be renamed: two messages, in this order, one round trip.
+    let mut rename = LinkMessage::default();
+    rename.header.index = index;
+    rename
+        .attributes
+        .push(LinkAttribute::IfName(crate::api::tombstone_name(host)));
+    let mut results = nl.batch(vec![
+        (RouteNetlinkMessage::SetLink(down), 0),
+        (RouteNetlinkMessage::SetLink(rename), 0),
+    ])?;
+    let renamed = results
+        .pop()
+        .unwrap_or_else(|| Err(io::Error::other("no ack")));
+    match renamed {
+        Ok(()) => Ok(true),
+        Err(e) if e.raw_os_error() == Some(nix::libc::EEXIST) => delete_link(nl, host),
+        Err(e) => Err(e),
+    }
+}
+
+/// Whether a link of this name exists.
+pub fn link_exists(nl: &mut Netlink, name: &str) -> io::Result<bool> {
+    match get_link(nl, name) {
+        Ok(_) => Ok(true),
+        Err(e) if e.raw_os_error() == Some(nix::libc::ENODEV) => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
 pub fn set_mtu(nl: &mut Netlink, name: &str, mtu: u32) -> io::Result<()> {
     let mut msg = link_by_name(name);
     msg.attributes.push(LinkAttribute::Mtu(mtu));

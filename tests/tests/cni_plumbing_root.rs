@@ -2,7 +2,7 @@
 //! runtime calls it, inside a node namespace, against a stub agent speaking `sepal_cni::api`.
 
 use sepal_cni::api::{
-    codes, host_veth_name, AddReply, AttachmentKey, ErrorReply, Request, Response,
+    codes, host_veth_name, tombstone_name, AddReply, AttachmentKey, ErrorReply, Request, Response,
 };
 use sepal_tests::netns::Netns;
 use sepal_tests::node::{run_in_netns, CniCall};
@@ -292,21 +292,49 @@ fn add_plumbs_both_sides_and_del_removes_them() {
         "proxy ARP answered for the gateway: {neigh}"
     );
 
-    // DEL removes everything and is idempotent.
+    // DEL takes the veth out of service at once (down, renamed to its tombstone: the pod loses
+    // carrier) and releases the allocation; it is idempotent.
     ok_empty(&cni(&node, "DEL", &call, &agent.config("1.1.0")));
-    assert!(!links(&node).contains(&veth), "{}", links(&node));
-    assert!(!links(&pod).contains("eth0"), "{}", links(&pod));
+    assert!(
+        !links(&node).contains(&format!("{veth} ")),
+        "{}",
+        links(&node)
+    );
+    assert!(node.try_run(&format!("ip link show {veth}")).is_err());
+    let tomb = tombstone_name(&veth);
+    let tomb_link = node.run(&format!("ip link show {tomb}"));
+    assert!(tomb_link.contains("state DOWN"), "{tomb_link}");
+    let pod_link = pod.run("ip link show eth0");
+    assert!(pod_link.contains("NO-CARRIER"), "{pod_link}");
+    assert!(
+        !node.run("ip route").contains("10.77.0.1"),
+        "host route left behind"
+    );
     assert_eq!(agent.allocations(), 0);
     ok_empty(&cni(&node, "DEL", &call, &agent.config("1.1.0")));
-    // ... also once the sandbox is gone.
+    // A new ADD on the same sandbox replaces the retired pair.
+    ok_json(&cni(&node, "ADD", &call, &agent.config("1.1.0")));
+    assert!(node.try_run(&format!("ip link show {tomb}")).is_err());
+    assert!(pod.run("ip link show eth0").contains("LOWER_UP"));
+    ok_empty(&cni(&node, "DEL", &call, &agent.config("1.1.0")));
+    // The pair dies with the sandbox; DEL still succeeds afterwards.
     drop(pod);
+    let mut gone = false;
+    for _ in 0..100 {
+        if !links(&node).contains(&tomb) {
+            gone = true;
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    assert!(gone, "tombstone outlived the sandbox: {}", links(&node));
     ok_empty(&cni(&node, "DEL", &call, &agent.config("1.1.0")));
     let dels = agent
         .requests()
         .iter()
         .filter(|r| matches!(r, Request::Del(_)))
         .count();
-    assert_eq!(dels, 3);
+    assert_eq!(dels, 4);
 }
 
 #[test]
@@ -424,7 +452,9 @@ fn agent_unreachable_is_try_again_later() {
     ok_json(&cni(&node, "ADD", &call, &agent.config("1.1.0")));
     let (code, _) = error(&cni(&node, "DEL", &call, missing));
     assert_eq!(code, u64::from(codes::TRY_AGAIN_LATER));
-    assert!(!links(&node).contains("sep"), "{}", links(&node));
+    let veth = host_veth_name("default", "unr-0");
+    assert!(node.try_run(&format!("ip link show {veth}")).is_err());
+    assert!(pod.run("ip link show eth0").contains("NO-CARRIER"));
     ok_empty(&cni(&node, "DEL", &call, &agent.config("1.1.0")));
 
     let (code, _) = error(&cni(&node, "STATUS", &CniCall::status(), missing));
