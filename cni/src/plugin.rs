@@ -135,6 +135,15 @@ fn add(env: &CniEnv, conf: &NetConf) -> Result<Value, CniError> {
         .ok_or_else(|| CniError::env("CNI_NETNS is not set"))?;
     let pod_ns = open_netns(netns_path)?;
     let host_ns = HostNetns::current().map_err(netlink_err("cannot open the node's netns"))?;
+    // Plumbing the node's own namespace as a pod would replace the node's default route.
+    if host_ns
+        .is_same(&pod_ns)
+        .map_err(netlink_err("cannot inspect CNI_NETNS"))?
+    {
+        return Err(CniError::env(format!(
+            "CNI_NETNS {netns_path} is the node's own network namespace"
+        )));
+    }
     let mut nl = Netlink::open().map_err(netlink_err("cannot open netlink"))?;
     let host_veth = env.host_veth();
 
@@ -439,17 +448,31 @@ fn status(conf: &NetConf) -> Result<(), CniError> {
     }
 }
 
+/// GC: the agent releases every allocation (and host route) whose attachment is not listed;
+/// then the plugin deletes retired veths (tombstones) still around, e.g. of sandboxes the
+/// runtime kept. GC is not latency-critical, so paying for the unregistering is fine here.
 fn gc(conf: &NetConf) -> Result<(), CniError> {
-    match agent(
+    let released = match agent(
         conf,
         &Request::Gc(GcRequest {
             valid: conf.valid_attachments.clone(),
         }),
-    )? {
-        Response::Ok | Response::Collected { .. } => Ok(()),
-        Response::Error(e) => Err(e.into()),
-        other => Err(unexpected(other)),
+    ) {
+        Ok(Response::Ok | Response::Collected { .. }) => Ok(()),
+        Ok(Response::Error(e)) => Err(CniError::from(e)),
+        Ok(other) => Err(unexpected(other)),
+        Err(e) => Err(e),
+    };
+    let mut nl = Netlink::open().map_err(netlink_err("cannot open netlink"))?;
+    let tombstones = plumbing::link_names(&mut nl)
+        .map_err(netlink_err("cannot list links"))?
+        .into_iter()
+        .filter(|name| name.starts_with(api::TOMBSTONE_PREFIX));
+    for name in tombstones {
+        plumbing::delete_link(&mut nl, &name)
+            .map_err(|e| CniError::io(format!("cannot delete retired veth {name}"), e))?;
     }
+    released
 }
 
 #[cfg(test)]

@@ -57,6 +57,13 @@ impl HostNetns {
         })
     }
 
+    /// Whether `other` is this same namespace (same nsfs inode).
+    pub fn is_same(&self, other: &File) -> io::Result<bool> {
+        use std::os::unix::fs::MetadataExt;
+        let (a, b) = (self.file.metadata()?, other.metadata()?);
+        Ok(a.dev() == b.dev() && a.ino() == b.ino())
+    }
+
     /// Opens a netlink socket inside `target`. The thread enters `target` only for the socket()
     /// call (a netlink socket stays bound to the namespace it was created in) and comes straight
     /// back; if it cannot come back, the error says so and nothing else may run.
@@ -162,6 +169,23 @@ pub fn retire_veth(nl: &mut Netlink, host: &str) -> io::Result<bool> {
         Err(e) if e.raw_os_error() == Some(nix::libc::EEXIST) => delete_link(nl, host),
         Err(e) => Err(e),
     }
+}
+
+/// Names of every link in the socket's namespace.
+pub fn link_names(nl: &mut Netlink) -> io::Result<Vec<String>> {
+    Ok(nl
+        .dump(RouteNetlinkMessage::GetLink(LinkMessage::default()))?
+        .into_iter()
+        .filter_map(|m| match m {
+            RouteNetlinkMessage::NewLink(link) => {
+                link.attributes.into_iter().find_map(|a| match a {
+                    LinkAttribute::IfName(name) => Some(name),
+                    _ => None,
+                })
+            }
+            _ => None,
+        })
+        .collect())
 }
 
 /// Whether a link of this name exists.

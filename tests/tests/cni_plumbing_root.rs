@@ -570,6 +570,13 @@ fn version_status_and_gc() {
             &agent.config("1.1.0"),
         ));
     }
+    // A third pod was deleted but its sandbox kept: GC also removes its retired veth.
+    let kept = Netns::new("cp");
+    let kept_call = pod_call("c-gc-kept", &kept, "gc-kept");
+    ok_json(&cni(&node, "ADD", &kept_call, &agent.config("1.1.0")));
+    ok_empty(&cni(&node, "DEL", &kept_call, &agent.config("1.1.0")));
+    let tomb = tombstone_name(&host_veth_name("default", "gc-kept"));
+    assert!(links(&node).contains(&tomb));
     let mut gc: Value = serde_json::from_str(&agent.config("1.1.0")).unwrap();
     gc["cni.dev/valid-attachments"] =
         serde_json::json!([{"containerID": "c-gc0", "ifname": "eth0"}]);
@@ -586,6 +593,8 @@ fn version_status_and_gc() {
         other => panic!("expected GC, got {other:?}"),
     }
     assert_eq!(agent.allocations(), 1);
+    assert!(!links(&node).contains(&tomb), "{}", links(&node));
+    assert!(!links(&kept).contains("eth0"), "{}", links(&kept));
 }
 
 #[test]
@@ -606,6 +615,11 @@ fn runtime_errors_use_the_spec_codes() {
     let (code, _) = error(&cni(&node, "ADD", &bad_args, &config));
     assert_eq!(code, u64::from(codes::INVALID_ENV));
     let (code, _) = error(&cni(&node, "FROB", &call, &config));
+    assert_eq!(code, u64::from(codes::INVALID_ENV));
+    // ... or names the node's own namespace.
+    let mut own = call.clone();
+    own.netns = node.path().display().to_string();
+    let (code, _) = error(&cni(&node, "ADD", &own, &config));
     assert_eq!(code, u64::from(codes::INVALID_ENV));
     // 3: the sandbox does not exist.
     let mut gone = call.clone();
