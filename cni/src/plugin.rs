@@ -145,29 +145,18 @@ fn add(env: &CniEnv, conf: &NetConf) -> Result<Value, CniError> {
         )));
     }
     let mut nl = Netlink::open().map_err(netlink_err("cannot open netlink"))?;
+    let mut pod_nl = host_ns
+        .netlink_in(&pod_ns)
+        .map_err(netlink_err("cannot open netlink in the pod's netns"))?;
     let host_veth = env.host_veth();
 
-    // A veth of this name is either this attachment again (ADD is idempotent: rebuild it, the
-    // agent hands back the same addresses) or a dead sandbox of the same pod: replace it.
     let mac = plumbing::pod_mac(&env.container_id, &env.ifname);
     let create = |nl: &mut Netlink| {
         plumbing::create_veth(nl, &host_veth, &env.ifname, mac, &pod_ns, conf.mtu)
     };
     let mut created = create(&mut nl);
     if matches!(&created, Err(e) if e.raw_os_error() == Some(nix::libc::EEXIST)) {
-        // Also clear a retired pair of this pod: its peer may still hold `ifname` in the netns.
-        let mut removed = false;
-        for name in [host_veth.clone(), api::tombstone_name(&host_veth)] {
-            removed |= plumbing::delete_link(&mut nl, &name)
-                .map_err(netlink_err("cannot remove the old host veth"))?;
-        }
-        created = create(&mut nl);
-        if !removed && matches!(&created, Err(e) if e.raw_os_error() == Some(nix::libc::EEXIST)) {
-            return Err(CniError::io(
-                format!("interface {} already exists in {netns_path}", env.ifname),
-                "EEXIST",
-            ));
-        }
+        created = replace_existing(env, &mut nl, &mut pod_nl, &host_veth, netns_path, create);
     }
     created
         .map_err(|e| CniError::io(format!("cannot create veth {host_veth}/{}", env.ifname), e))?;
@@ -177,8 +166,7 @@ fn add(env: &CniEnv, conf: &NetConf) -> Result<Value, CniError> {
         env,
         conf,
         &mut nl,
-        &host_ns,
-        &pod_ns,
+        &mut pod_nl,
         &host_veth,
         &mut agent_reached,
     );
@@ -192,12 +180,40 @@ fn add(env: &CniEnv, conf: &NetConf) -> Result<Value, CniError> {
     result
 }
 
+/// The veth could not be created because a name is taken. If it is this attachment's own pair
+/// (ADD again for the same attachment), keep it: ADD is idempotent and the pod keeps its
+/// connectivity. Otherwise it is a dead sandbox of the same pod, or a retired pair whose peer
+/// still holds `ifname` in the netns: remove those and create afresh.
+fn replace_existing(
+    env: &CniEnv,
+    nl: &mut Netlink,
+    pod_nl: &mut Netlink,
+    host_veth: &str,
+    netns_path: &str,
+    create: impl Fn(&mut Netlink) -> io::Result<()>,
+) -> io::Result<()> {
+    if plumbing::is_pair(nl, host_veth, pod_nl, &env.ifname)? {
+        return plumbing::set_up(nl, host_veth);
+    }
+    let mut removed = false;
+    for name in [host_veth.to_string(), api::tombstone_name(host_veth)] {
+        removed |= plumbing::delete_link(nl, &name)?;
+    }
+    let created = create(nl);
+    if !removed && matches!(&created, Err(e) if e.raw_os_error() == Some(nix::libc::EEXIST)) {
+        return Err(io::Error::new(
+            io::ErrorKind::AlreadyExists,
+            format!("interface {} already exists in {netns_path}", env.ifname),
+        ));
+    }
+    created
+}
+
 fn add_after_veth(
     env: &CniEnv,
     conf: &NetConf,
     nl: &mut Netlink,
-    host_ns: &HostNetns,
-    pod_ns: &File,
+    pod_nl: &mut Netlink,
     host_veth: &str,
     agent_reached: &mut bool,
 ) -> Result<Value, CniError> {
@@ -228,10 +244,7 @@ fn add_after_veth(
                 .map_err(netlink_err("cannot set the host veth MTU"))?;
         }
     }
-    let mut pod_nl = host_ns
-        .netlink_in(pod_ns)
-        .map_err(netlink_err("cannot open netlink in the pod's netns"))?;
-    let pod = plumbing::configure_pod(&mut pod_nl, &env.ifname, &ips, mtu)
+    let pod = plumbing::configure_pod(pod_nl, &env.ifname, &ips, mtu)
         .map_err(netlink_err("cannot configure the pod interface"))?;
 
     let ours = add_result(env, host_veth, &pod.mac, mtu, &ips, conf);

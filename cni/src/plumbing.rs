@@ -188,6 +188,39 @@ pub fn link_names(nl: &mut Netlink) -> io::Result<Vec<String>> {
         .collect())
 }
 
+/// Whether `host` (in `nl`'s namespace) and `ifname` (in `pod_nl`'s) are the two ends of one
+/// veth pair: each one's IFLA_LINK is the other's index.
+pub fn is_pair(
+    nl: &mut Netlink,
+    host: &str,
+    pod_nl: &mut Netlink,
+    ifname: &str,
+) -> io::Result<bool> {
+    let peer_of = |link: &LinkMessage| {
+        link.attributes.iter().find_map(|a| match a {
+            LinkAttribute::Link(index) => Some(*index),
+            _ => None,
+        })
+    };
+    let lookup = |nl: &mut Netlink, name: &str| match get_link(nl, name) {
+        Ok(link) => Ok(Some(link)),
+        Err(e) if e.raw_os_error() == Some(nix::libc::ENODEV) => Ok(None),
+        Err(e) => Err(e),
+    };
+    let (Some(host_link), Some(pod_link)) = (lookup(nl, host)?, lookup(pod_nl, ifname)?) else {
+        return Ok(false);
+    };
+    Ok(peer_of(&host_link) == Some(pod_link.header.index)
+        && peer_of(&pod_link) == Some(host_link.header.index))
+}
+
+pub fn set_up(nl: &mut Netlink, name: &str) -> io::Result<()> {
+    let mut msg = link_by_name(name);
+    msg.header.flags = LinkFlags::Up;
+    msg.header.change_mask = LinkFlags::Up;
+    nl.request(RouteNetlinkMessage::SetLink(msg), 0)
+}
+
 /// Whether a link of this name exists.
 pub fn link_exists(nl: &mut Netlink, name: &str) -> io::Result<bool> {
     match get_link(nl, name) {

@@ -392,8 +392,17 @@ fn add_is_idempotent_and_old_versions_render_ip_version() {
     let call = pod_call("c-idem", &pod, "idem-0");
     for version in ["0.3.0", "0.3.1", "0.4.0"] {
         let first = ok_json(&cni(&node, "ADD", &call, &agent.config(version)));
+        let veth = host_veth_name("default", "idem-0");
+        let link_before = node.run(&format!("ip -o link show {veth}"));
         let again = ok_json(&cni(&node, "ADD", &call, &agent.config(version)));
         assert_eq!(first, again, "a repeated ADD returns the same result");
+        // ... on the same pair: the pod keeps its link (same ifindex).
+        let link_after = node.run(&format!("ip -o link show {veth}"));
+        assert_eq!(
+            link_before.split(':').next(),
+            link_after.split(':').next(),
+            "{link_before} / {link_after}"
+        );
         assert_eq!(first["cniVersion"], version);
         assert_eq!(first["ips"][0]["version"], "4");
         assert_eq!(first["ips"][0]["interface"], 1);
@@ -404,6 +413,13 @@ fn add_is_idempotent_and_old_versions_render_ip_version() {
             .count();
         assert_eq!(count, 1);
     }
+    // A new sandbox of the same pod (new container ID) replaces the dead one's pair.
+    let pod2 = Netns::new("cp");
+    let call2 = pod_call("c-idem2", &pod2, "idem-0");
+    ok_json(&cni(&node, "ADD", &call2, &agent.config("1.1.0")));
+    assert!(!links(&pod).contains("eth0"), "{}", links(&pod));
+    assert!(links(&pod2).contains("eth0"), "{}", links(&pod2));
+    ok_empty(&cni(&node, "DEL", &call2, &agent.config("1.1.0")));
     ok_empty(&cni(&node, "DEL", &call, &agent.config("0.4.0")));
 }
 
