@@ -84,12 +84,9 @@ fn dispatch(
             needs(version.has_status_and_gc(), "1.1.0")?;
             gc(&conf).map(|()| None)
         }
-        Command::Version => unreachable_version(),
+        // Answered above, before the config is parsed (VERSION needs none).
+        Command::Version => Ok(Some(version_answer(Some(version.as_str())))),
     }
-}
-
-fn unreachable_version() -> Result<Option<Value>, CniError> {
-    Err(CniError::new(codes::IO_FAILURE, "VERSION handled earlier"))
 }
 
 /// The agent call as the CNI sees it: unreachable is "try again later" (11).
@@ -182,8 +179,9 @@ fn add(env: &CniEnv, conf: &NetConf) -> Result<Value, CniError> {
 
 /// The veth could not be created because a name is taken. If it is this attachment's own pair
 /// (ADD again for the same attachment), keep it: ADD is idempotent and the pod keeps its
-/// connectivity. Otherwise it is a dead sandbox of the same pod, or a retired pair whose peer
-/// still holds `ifname` in the netns: remove those and create afresh.
+/// connectivity. If its peer is another interface of this sandbox, refuse. Otherwise it is a
+/// dead sandbox of the same pod, or a retired pair whose peer still holds `ifname` in the
+/// netns: remove those and create afresh.
 fn replace_existing(
     env: &CniEnv,
     nl: &mut Netlink,
@@ -192,8 +190,17 @@ fn replace_existing(
     netns_path: &str,
     create: impl Fn(&mut Netlink) -> io::Result<()>,
 ) -> io::Result<()> {
-    if plumbing::is_pair(nl, host_veth, pod_nl, &env.ifname)? {
-        return plumbing::set_up(nl, host_veth);
+    match plumbing::peer_in(nl, host_veth, pod_nl)? {
+        Some(name) if name == env.ifname => return plumbing::set_up(nl, host_veth),
+        // The veth is named after the pod: one Sepal attachment per sandbox. Never break the
+        // existing one for a second interface.
+        Some(name) => {
+            return Err(io::Error::new(
+                io::ErrorKind::AlreadyExists,
+                format!("the sandbox is already attached to Sepal as {name}"),
+            ))
+        }
+        None => {}
     }
     let mut removed = false;
     for name in [host_veth.to_string(), api::tombstone_name(host_veth)] {

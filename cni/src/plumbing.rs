@@ -188,30 +188,38 @@ pub fn link_names(nl: &mut Netlink) -> io::Result<Vec<String>> {
         .collect())
 }
 
-/// Whether `host` (in `nl`'s namespace) and `ifname` (in `pod_nl`'s) are the two ends of one
-/// veth pair: each one's IFLA_LINK is the other's index.
-pub fn is_pair(
-    nl: &mut Netlink,
-    host: &str,
-    pod_nl: &mut Netlink,
-    ifname: &str,
-) -> io::Result<bool> {
+/// If `host`'s veth peer lives in `pod_nl`'s namespace, its name there: each end's IFLA_LINK
+/// is the other's index.
+pub fn peer_in(nl: &mut Netlink, host: &str, pod_nl: &mut Netlink) -> io::Result<Option<String>> {
     let peer_of = |link: &LinkMessage| {
         link.attributes.iter().find_map(|a| match a {
             LinkAttribute::Link(index) => Some(*index),
             _ => None,
         })
     };
-    let lookup = |nl: &mut Netlink, name: &str| match get_link(nl, name) {
-        Ok(link) => Ok(Some(link)),
-        Err(e) if e.raw_os_error() == Some(nix::libc::ENODEV) => Ok(None),
-        Err(e) => Err(e),
+    let host_link = match get_link(nl, host) {
+        Ok(link) => link,
+        Err(e) if e.raw_os_error() == Some(nix::libc::ENODEV) => return Ok(None),
+        Err(e) => return Err(e),
     };
-    let (Some(host_link), Some(pod_link)) = (lookup(nl, host)?, lookup(pod_nl, ifname)?) else {
-        return Ok(false);
+    let Some(peer_index) = peer_of(&host_link) else {
+        return Ok(None);
     };
-    Ok(peer_of(&host_link) == Some(pod_link.header.index)
-        && peer_of(&pod_link) == Some(host_link.header.index))
+    let mut query = LinkMessage::default();
+    query.header.index = peer_index;
+    let peer = match pod_nl.get(RouteNetlinkMessage::GetLink(query)) {
+        Ok(RouteNetlinkMessage::NewLink(link)) => link,
+        Ok(_) => return Ok(None),
+        Err(e) if e.raw_os_error() == Some(nix::libc::ENODEV) => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    if peer_of(&peer) != Some(host_link.header.index) {
+        return Ok(None);
+    }
+    Ok(peer.attributes.into_iter().find_map(|a| match a {
+        LinkAttribute::IfName(name) => Some(name),
+        _ => None,
+    }))
 }
 
 pub fn set_up(nl: &mut Netlink, name: &str) -> io::Result<()> {

@@ -413,6 +413,12 @@ fn add_is_idempotent_and_old_versions_render_ip_version() {
             .count();
         assert_eq!(count, 1);
     }
+    // A second Sepal interface in the same sandbox is refused and leaves the first one alone.
+    let mut net1 = call.clone();
+    net1.ifname = "net1".into();
+    let (code, err) = error(&cni(&node, "ADD", &net1, &agent.config("1.1.0")));
+    assert_eq!(code, u64::from(codes::IO_FAILURE), "{err}");
+    assert!(pod.run("ip link show eth0").contains("LOWER_UP"));
     // A new sandbox of the same pod (new container ID) replaces the dead one's pair.
     let pod2 = Netns::new("cp");
     let call2 = pod_call("c-idem2", &pod2, "idem-0");
