@@ -98,21 +98,22 @@ impl NetConf {
             .ok_or_else(|| CniError::config("network configuration has no name"))?;
         validate_network_name(&name)?;
 
-        if raw.ipam.is_some() {
+        // Spec: the message of error 2 names the unsupported key and its value.
+        if let Some(ipam) = &raw.ipam {
             return Err(CniError::new(
                 codes::UNSUPPORTED_FIELD,
-                "sepal-cni does not take an ipam section",
+                format!("unsupported field \"ipam\": {ipam}"),
             )
             .details("the sepal node agent allocates pod addresses from the node's pod CIDRs"));
         }
-        match raw.ip_masq {
+        match &raw.ip_masq {
             None | Some(Value::Bool(false)) => {}
-            Some(_) => {
+            Some(value) => {
                 return Err(CniError::new(
                     codes::UNSUPPORTED_FIELD,
-                    "sepal-cni does not masquerade (ipMasq)",
+                    format!("unsupported field \"ipMasq\": {value}"),
                 )
-                .details("pod addresses are routable; leave ipMasq out or false"))
+                .details("pod addresses are routable; sepal-cni does not masquerade"))
             }
         }
         if let Some(rc) = &raw.runtime_config {
@@ -296,6 +297,10 @@ mod tests {
                 codes::UNSUPPORTED_FIELD,
             ),
             (
+                r#"{"cniVersion":"1.1.0","name":"n","ipMasq":"yes"}"#,
+                codes::UNSUPPORTED_FIELD,
+            ),
+            (
                 r#"{"cniVersion":"1.1.0","name":"n","prevResult":{"ips":[{"address":"x"}]}}"#,
                 codes::DECODE_FAILURE,
             ),
@@ -304,6 +309,19 @@ mod tests {
             assert_eq!(parse(text).unwrap_err().code, code, "{text}");
         }
         parse(r#"{"cniVersion":"1.1.0","name":"n","ipMasq":false,"mtu":null}"#).unwrap();
+    }
+
+    #[test]
+    fn unsupported_field_errors_name_key_and_value() {
+        let err =
+            parse(r#"{"cniVersion":"1.1.0","name":"n","ipam":{"type":"host-local"}}"#).unwrap_err();
+        assert!(err.msg.contains("ipam"), "{err}");
+        assert!(err.msg.contains("host-local"), "{err}");
+        let err = parse(r#"{"cniVersion":"1.1.0","name":"n","ipMasq":true}"#).unwrap_err();
+        assert!(
+            err.msg.contains("ipMasq") && err.msg.contains("true"),
+            "{err}"
+        );
     }
 
     #[test]

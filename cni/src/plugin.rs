@@ -483,16 +483,27 @@ fn gc(conf: &NetConf) -> Result<(), CniError> {
         Ok(other) => Err(unexpected(other)),
         Err(e) => Err(e),
     };
-    let mut nl = Netlink::open().map_err(netlink_err("cannot open netlink"))?;
-    let tombstones = plumbing::link_names(&mut nl)
-        .map_err(netlink_err("cannot list links"))?
-        .into_iter()
-        .filter(|name| name.starts_with(api::TOMBSTONE_PREFIX));
-    for name in tombstones {
-        plumbing::delete_link(&mut nl, &name)
-            .map_err(|e| CniError::io(format!("cannot delete retired veth {name}"), e))?;
-    }
-    released
+    // Spec: keep going after an error, remove what can be removed, then report.
+    let reaped = (|| {
+        let mut nl = Netlink::open().map_err(netlink_err("cannot open netlink"))?;
+        let names = plumbing::link_names(&mut nl).map_err(netlink_err("cannot list links"))?;
+        let mut first_error = Ok(());
+        for name in names
+            .iter()
+            .filter(|n| n.starts_with(api::TOMBSTONE_PREFIX))
+        {
+            if let Err(e) = plumbing::delete_link(&mut nl, name) {
+                if first_error.is_ok() {
+                    first_error = Err(CniError::io(
+                        format!("cannot delete retired veth {name}"),
+                        e,
+                    ));
+                }
+            }
+        }
+        first_error
+    })();
+    released.and(reaped)
 }
 
 #[cfg(test)]

@@ -79,6 +79,15 @@ impl fmt::Display for CniVersion {
     }
 }
 
+/// `MAJOR.MINOR.PATCH` with decimal parts.
+fn looks_like_version(text: &str) -> bool {
+    let parts: Vec<&str> = text.split('.').collect();
+    parts.len() == 3
+        && parts
+            .iter()
+            .all(|p| !p.is_empty() && p.len() <= 5 && p.bytes().all(|b| b.is_ascii_digit()))
+}
+
 fn supported_list() -> String {
     SUPPORTED
         .iter()
@@ -87,13 +96,14 @@ fn supported_list() -> String {
         .join(", ")
 }
 
-/// The VERSION answer: `cniVersion` echoes the version asked (ours when none or unknown).
+/// The VERSION answer. Spec: `cniVersion` is the value given on input (any version string,
+/// even one we do not speak: `supportedVersions` tells); ours when none or not a version.
 pub fn version_answer(asked: Option<&str>) -> serde_json::Value {
     let version = asked
-        .and_then(|v| CniVersion::parse(v).ok())
-        .unwrap_or(CniVersion::LATEST);
+        .filter(|v| looks_like_version(v))
+        .unwrap_or(CniVersion::LATEST.as_str());
     serde_json::json!({
-        "cniVersion": version.as_str(),
+        "cniVersion": version,
         "supportedVersions": SUPPORTED.iter().map(|v| v.as_str()).collect::<Vec<_>>(),
     })
 }
@@ -137,6 +147,8 @@ mod tests {
             serde_json::json!(["0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0"])
         );
         assert_eq!(version_answer(None)["cniVersion"], "1.1.0");
-        assert_eq!(version_answer(Some("9.9.9"))["cniVersion"], "1.1.0");
+        assert_eq!(version_answer(Some("0.2.0"))["cniVersion"], "0.2.0");
+        assert_eq!(version_answer(Some("garbage"))["cniVersion"], "1.1.0");
+        assert_eq!(version_answer(Some("1.1"))["cniVersion"], "1.1.0");
     }
 }
