@@ -224,7 +224,6 @@ fn add_after_veth(
     host_veth: &str,
     agent_reached: &mut bool,
 ) -> Result<Value, CniError> {
-    plumbing::set_host_sysctls(host_veth).map_err(netlink_err("cannot set host veth sysctls"))?;
     let (pod_namespace, pod_name) = env.pod();
     let response = agent(
         conf,
@@ -243,6 +242,8 @@ fn add_after_veth(
         other => return Err(unexpected(other)),
     };
     let ips = validate_ips(&reply.ips)?;
+    plumbing::set_host_sysctls(host_veth, ips.iter().any(IpAddr::is_ipv6))
+        .map_err(netlink_err("cannot set host veth sysctls"))?;
     // Configured MTU wins; else the agent's (the node's uplink MTU); 0 means "leave the default".
     let mtu = conf.mtu.or((reply.mtu > 0).then_some(reply.mtu));
     if conf.mtu.is_none() {

@@ -245,19 +245,30 @@ pub fn set_mtu(nl: &mut Netlink, name: &str, mtu: u32) -> io::Result<()> {
 }
 
 /// Host-side sysctls of the veth: proxy ARP answers for the pod's gateway 169.254.1.1 without
-/// delay, both families forward, and the IPv6 link-local (the pod's v6 gateway) skips DAD so it
-/// answers as soon as the pod side comes up. /proc/sys shows the writer's namespace: the node's.
-pub fn set_host_sysctls(host: &str) -> io::Result<()> {
+/// delay and both families forward. With an IPv6 pod, the host side must have its EUI-64
+/// link-local (the pod's v6 gateway): IPv6 on, `addr_gen_mode` eui64 (0) whatever the node's
+/// default, and no DAD so it answers as soon as the pod side comes up. Written before the pod
+/// side is up (the link-local appears with carrier). /proc/sys shows the writer's namespace.
+pub fn set_host_sysctls(host: &str, ipv6: bool) -> io::Result<()> {
     let write = |path: String, value: &str| {
         std::fs::write(&path, value).map_err(|e| io::Error::new(e.kind(), format!("{path}: {e}")))
     };
     write(format!("/proc/sys/net/ipv4/conf/{host}/proxy_arp"), "1")?;
     write(format!("/proc/sys/net/ipv4/neigh/{host}/proxy_delay"), "0")?;
     write(format!("/proc/sys/net/ipv4/conf/{host}/forwarding"), "1")?;
-    for (key, value) in [("accept_dad", "0"), ("forwarding", "1")] {
+    let mut v6: Vec<(&str, &str)> = vec![("forwarding", "1")];
+    if ipv6 {
+        v6 = vec![
+            ("disable_ipv6", "0"),
+            ("addr_gen_mode", "0"),
+            ("accept_dad", "0"),
+            ("forwarding", "1"),
+        ];
+    }
+    for (key, value) in v6 {
         match write(format!("/proc/sys/net/ipv6/conf/{host}/{key}"), value) {
-            // A node without IPv6 has no such directory.
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            // A node without IPv6 has no such directory; only an IPv6 pod needs it.
+            Err(e) if e.kind() == io::ErrorKind::NotFound && !ipv6 => {}
             other => other?,
         }
     }

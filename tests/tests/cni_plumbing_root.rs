@@ -344,6 +344,11 @@ fn dual_stack_pod_gets_a_128_and_a_v6_default_via_the_host_link_local() {
     let pod = Netns::new("cp");
     let call = pod_call("c-dual", &pod, "dual-0");
     let veth = host_veth_name("default", "dual-0");
+    // Node defaults that would cost the host veth its EUI-64 link-local: the plugin overrides.
+    node.run(
+        "echo 1 > /proc/sys/net/ipv6/conf/default/addr_gen_mode; \
+         echo 1 > /proc/sys/net/ipv6/conf/default/disable_ipv6",
+    );
     let result = ok_json(&cni(&node, "ADD", &call, &agent.config("1.0.0")));
     assert_eq!(result["cniVersion"], "1.0.0");
     assert_eq!(
