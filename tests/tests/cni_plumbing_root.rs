@@ -685,38 +685,75 @@ fn runtime_errors_use_the_spec_codes() {
 }
 
 /// Not a timing assertion: prints the plugin's own latency (process start included) against the
-/// stub agent, for the report. Run with `--ignored --nocapture` on a release build.
+/// stub agent, next to Debian's ptp + host-local in the same run, for the report. Run with
+/// `--ignored --nocapture` on a release build.
 #[test]
 #[ignore]
 fn latency_report() {
     let agent = StubAgent::start(false);
-    let node = node();
     let n = 100;
-    let pods: Vec<Netns> = (0..n).map(|_| Netns::new("lp")).collect();
-    let config = agent.config("1.1.0");
-    let mut adds = Vec::new();
-    let mut dels = Vec::new();
-    for (i, pod) in pods.iter().enumerate() {
-        let call = pod_call(&format!("lat{i}"), pod, &format!("lat-{i}"));
-        let t = std::time::Instant::now();
-        ok_json(&cni(&node, "ADD", &call, &config));
-        adds.push(t.elapsed().as_secs_f64() * 1000.0);
-    }
-    for (i, pod) in pods.iter().enumerate() {
-        let call = pod_call(&format!("lat{i}"), pod, &format!("lat-{i}"));
-        let t = std::time::Instant::now();
-        ok_empty(&cni(&node, "DEL", &call, &config));
-        dels.push(t.elapsed().as_secs_f64() * 1000.0);
-    }
+    let sepal_config = agent.config("1.1.0");
+    let ipam_dir = tempfile::tempdir().expect("tempdir");
+    let ptp_config = format!(
+        r#"{{"cniVersion":"1.0.0","name":"bench","type":"ptp","ipMasq":false,"mtu":1500,
+            "ipam":{{"type":"host-local","ranges":[[{{"subnet":"10.78.0.0/20"}}]],
+                    "routes":[{{"dst":"0.0.0.0/0"}}],"dataDir":"{}"}}}}"#,
+        ipam_dir.path().display()
+    );
     let q = |xs: &mut Vec<f64>, p: f64| {
         xs.sort_by(|a, b| a.total_cmp(b));
         xs[((xs.len() - 1) as f64 * p).round() as usize]
     };
+    let mut p50 = Vec::new();
+    for (label, plugin, config) in [
+        (
+            "sepal-cni + stub agent",
+            sepal_tests::bin_path("sepal-cni"),
+            &sepal_config,
+        ),
+        (
+            "ptp + host-local",
+            PathBuf::from("/usr/lib/cni/ptp"),
+            &ptp_config,
+        ),
+    ] {
+        let node = node();
+        let pods: Vec<Netns> = (0..n).map(|_| Netns::new("lp")).collect();
+        let run = |command: &str, i: usize, pod: &Netns| {
+            let call = pod_call(&format!("lat{i}"), pod, &format!("lat-{i}"));
+            let mut cmd = Command::new(&plugin);
+            call.apply(&mut cmd, command);
+            let t = std::time::Instant::now();
+            let out = run_in_netns(cmd, &node, config);
+            let ms = t.elapsed().as_secs_f64() * 1000.0;
+            assert!(
+                out.status.success(),
+                "{label} {command}: {}",
+                String::from_utf8_lossy(&out.stdout)
+            );
+            ms
+        };
+        let mut adds: Vec<f64> = pods
+            .iter()
+            .enumerate()
+            .map(|(i, p)| run("ADD", i, p))
+            .collect();
+        let mut dels: Vec<f64> = pods
+            .iter()
+            .enumerate()
+            .map(|(i, p)| run("DEL", i, p))
+            .collect();
+        let (a50, d50) = (q(&mut adds, 0.5), q(&mut dels, 0.5));
+        println!(
+            "{label:<24} {n} pods: ADD p50 {a50:.2} ms p95 {:.2} ms; DEL p50 {d50:.2} ms p95 {:.2} ms",
+            q(&mut adds, 0.95),
+            q(&mut dels, 0.95)
+        );
+        p50.push((a50, d50));
+    }
     println!(
-        "sepal-cni vs stub agent, {n} pods: ADD p50 {:.2} ms p95 {:.2} ms; DEL p50 {:.2} ms p95 {:.2} ms",
-        q(&mut adds, 0.5),
-        q(&mut adds, 0.95),
-        q(&mut dels, 0.5),
-        q(&mut dels, 0.95)
+        "ratios sepal/ptp: ADD {:.3}, DEL {:.3}",
+        p50[0].0 / p50[1].0,
+        p50[0].1 / p50[1].1
     );
 }
