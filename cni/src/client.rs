@@ -15,10 +15,12 @@ const CALL_TIMEOUT: Duration = Duration::from_secs(30);
 #[derive(Debug, thiserror::Error)]
 pub enum CallError {
     /// Nobody answered: no socket, refused, or the connection broke before a response.
+    /// `sent` tells whether the request may have reached the agent (it was connected).
     #[error("sepal agent unreachable at {socket}: {source}")]
     Unreachable {
         socket: String,
         source: std::io::Error,
+        sent: bool,
     },
     /// The agent answered something that is not a `Response`.
     #[error("sepal agent sent an invalid response: {0}")]
@@ -27,11 +29,15 @@ pub enum CallError {
 
 /// Sends `request` to the agent listening on `socket` and returns its response.
 pub fn call(socket: &Path, request: &Request) -> Result<Response, CallError> {
-    let unreachable = |source| CallError::Unreachable {
-        socket: socket.display().to_string(),
-        source,
+    let failed = |sent: bool| {
+        move |source| CallError::Unreachable {
+            socket: socket.display().to_string(),
+            source,
+            sent,
+        }
     };
-    let mut stream = UnixStream::connect(socket).map_err(unreachable)?;
+    let mut stream = UnixStream::connect(socket).map_err(failed(false))?;
+    let unreachable = failed(true);
     stream
         .set_read_timeout(Some(CALL_TIMEOUT))
         .map_err(unreachable)?;
@@ -118,10 +124,16 @@ mod tests {
     fn missing_socket_and_silent_close_are_unreachable() {
         let dir = tempfile::tempdir().unwrap();
         let err = call(&dir.path().join("none.sock"), &Request::Status).unwrap_err();
-        assert!(matches!(err, CallError::Unreachable { .. }), "{err}");
+        assert!(
+            matches!(err, CallError::Unreachable { sent: false, .. }),
+            "{err}"
+        );
         let (_dir, path, _h) = serve_once("");
         let err = call(&path, &Request::Status).unwrap_err();
-        assert!(matches!(err, CallError::Unreachable { .. }), "{err}");
+        assert!(
+            matches!(err, CallError::Unreachable { sent: true, .. }),
+            "{err}"
+        );
     }
 
     #[test]

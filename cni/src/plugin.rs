@@ -91,14 +91,21 @@ fn dispatch(
 
 /// The agent call as the CNI sees it: unreachable is "try again later" (11).
 fn agent(conf: &NetConf, request: &Request) -> Result<Response, CniError> {
+    agent_call(conf, request).map_err(|(e, _)| e)
+}
+
+/// Like `agent`, also telling whether the request may have reached the agent.
+fn agent_call(conf: &NetConf, request: &Request) -> Result<Response, (CniError, bool)> {
     client::call(&conf.socket, request).map_err(|e| match e {
-        CallError::Unreachable { .. } => {
-            CniError::new(codes::TRY_AGAIN_LATER, "sepal agent unreachable").details(e.to_string())
-        }
-        CallError::BadResponse(_) => {
+        CallError::Unreachable { sent, .. } => (
+            CniError::new(codes::TRY_AGAIN_LATER, "sepal agent unreachable").details(e.to_string()),
+            sent,
+        ),
+        CallError::BadResponse(_) => (
             CniError::new(codes::IO_FAILURE, "sepal agent sent an invalid response")
-                .details(e.to_string())
-        }
+                .details(e.to_string()),
+            true,
+        ),
     })
 }
 
@@ -225,7 +232,7 @@ fn add_after_veth(
     agent_reached: &mut bool,
 ) -> Result<Value, CniError> {
     let (pod_namespace, pod_name) = env.pod();
-    let response = agent(
+    let response = agent_call(
         conf,
         &Request::Add(AddRequest {
             key: env.key(),
@@ -235,8 +242,9 @@ fn add_after_veth(
             host_veth: host_veth.to_string(),
         }),
     );
-    *agent_reached = !matches!(&response, Err(e) if e.code == codes::TRY_AGAIN_LATER);
-    let reply = match response? {
+    // Only a request that never left (no connection) certainly allocated nothing.
+    *agent_reached = !matches!(&response, Err((_, false)));
+    let reply = match response.map_err(|(e, _)| e)? {
         Response::Added(reply) => reply,
         Response::Error(e) => return Err(e.into()),
         other => return Err(unexpected(other)),
