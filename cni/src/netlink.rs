@@ -2,8 +2,8 @@
 //! batched requests (one datagram out, all acks back) and dumps. The plugin's only kernel interface.
 
 use netlink_packet_core::{
-    NetlinkBuffer, NetlinkHeader, NetlinkMessage, NetlinkPayload, NLM_F_ACK, NLM_F_DUMP,
-    NLM_F_REQUEST,
+    NetlinkBuffer, NetlinkHeader, NetlinkMessage, NetlinkPayload, NLM_F_ACK, NLM_F_ACK_TLVS,
+    NLM_F_CAPPED, NLM_F_DUMP, NLM_F_REQUEST,
 };
 use netlink_packet_route::RouteNetlinkMessage;
 use netlink_sys::{protocols::NETLINK_ROUTE, Socket, SocketAddr};
@@ -11,11 +11,23 @@ use std::io;
 
 /// Receive buffer: a netlink dump datagram is at most 32 KiB on current kernels.
 const RECV_BUF: usize = 64 * 1024;
+const HEADER_LEN: usize = 16;
+/// `NLMSGERR_ATTR_MSG`: the extended ack's human-readable error string.
+const NLMSGERR_ATTR_MSG: u16 = 1;
 
 pub struct Netlink {
     socket: Socket,
     seq: u32,
     buf: Vec<u8>,
+}
+
+/// One message from the kernel, reduced to what the plugin acts on.
+enum Reply {
+    Ack,
+    Error(io::Error),
+    Message(RouteNetlinkMessage),
+    Done(io::Result<()>),
+    Other,
 }
 
 impl Netlink {
@@ -25,8 +37,10 @@ impl Netlink {
         let mut socket = Socket::new(NETLINK_ROUTE)?;
         socket.bind_auto()?;
         socket.connect(&SocketAddr::new(0, 0))?;
-        // Errors then carry only the header of the failed request, not a copy of it.
+        // Errors carry only the header of the failed request, plus the kernel's own explanation
+        // ("Nexthop device is not up", …) for the error object's details.
         let _ = socket.set_cap_ack(true);
+        let _ = socket.set_ext_ack(true);
         Ok(Netlink {
             socket,
             seq: 0,
@@ -62,20 +76,19 @@ impl Netlink {
         let mut results: Vec<Option<io::Result<()>>> = seqs.iter().map(|_| None).collect();
         let mut pending = seqs.len();
         while pending > 0 {
-            self.recv(|seq, payload| {
+            self.recv(|seq, reply| {
                 let Some(i) = seqs.iter().position(|s| *s == seq) else {
-                    return Ok(());
+                    return;
                 };
-                if let NetlinkPayload::Error(err) = payload {
-                    if results[i].is_none() {
-                        pending -= 1;
-                    }
-                    results[i] = Some(match err.code {
-                        None => Ok(()),
-                        Some(_) => Err(err.to_io()),
-                    });
+                let result = match reply {
+                    Reply::Ack => Ok(()),
+                    Reply::Error(e) => Err(e),
+                    _ => return,
+                };
+                if results[i].is_none() {
+                    pending -= 1;
                 }
-                Ok(())
+                results[i] = Some(result);
             })?;
         }
         Ok(results
@@ -96,21 +109,20 @@ impl Netlink {
         let mut out = Vec::with_capacity(128);
         let seq = self.encode(&mut out, msg, NLM_F_REQUEST);
         self.socket.send(&out, 0)?;
-        let mut reply: Option<io::Result<RouteNetlinkMessage>> = None;
-        while reply.is_none() {
-            self.recv(|s, payload| {
+        let mut answer: Option<io::Result<RouteNetlinkMessage>> = None;
+        while answer.is_none() {
+            self.recv(|s, reply| {
                 if s != seq {
-                    return Ok(());
+                    return;
                 }
-                match payload {
-                    NetlinkPayload::InnerMessage(m) => reply = Some(Ok(m)),
-                    NetlinkPayload::Error(e) if e.code.is_some() => reply = Some(Err(e.to_io())),
+                match reply {
+                    Reply::Message(m) => answer = Some(Ok(m)),
+                    Reply::Error(e) => answer = Some(Err(e)),
                     _ => {}
                 }
-                Ok(())
             })?;
         }
-        reply.unwrap_or_else(|| Err(io::Error::other("no netlink reply")))
+        answer.unwrap_or_else(|| Err(io::Error::other("no netlink reply")))
     }
 
     /// A dump request: every message up to NLMSG_DONE.
@@ -121,20 +133,16 @@ impl Netlink {
         let mut items = Vec::new();
         let mut done: Option<io::Result<()>> = None;
         while done.is_none() {
-            self.recv(|s, payload| {
+            self.recv(|s, reply| {
                 if s != seq {
-                    return Ok(());
+                    return;
                 }
-                match payload {
-                    NetlinkPayload::InnerMessage(m) => items.push(m),
-                    NetlinkPayload::Done(d) if d.code != 0 => {
-                        done = Some(Err(io::Error::from_raw_os_error(d.code.abs())))
-                    }
-                    NetlinkPayload::Done(_) => done = Some(Ok(())),
-                    NetlinkPayload::Error(e) if e.code.is_some() => done = Some(Err(e.to_io())),
-                    _ => {}
+                match reply {
+                    Reply::Message(m) => items.push(m),
+                    Reply::Done(result) => done = Some(result),
+                    Reply::Error(e) => done = Some(Err(e)),
+                    Reply::Ack | Reply::Other => {}
                 }
-                Ok(())
             })?;
         }
         done.unwrap_or(Ok(()))?;
@@ -142,12 +150,9 @@ impl Netlink {
     }
 
     /// Reads one datagram and hands each message in it to `each` with its sequence number.
-    fn recv(
-        &mut self,
-        mut each: impl FnMut(u32, NetlinkPayload<RouteNetlinkMessage>) -> io::Result<()>,
-    ) -> io::Result<()> {
+    fn recv(&mut self, mut each: impl FnMut(u32, Reply)) -> io::Result<()> {
         self.buf.clear();
-        // MSG_TRUNC makes recv report the full size, so an oversized datagram is an error, not silent loss.
+        // MSG_TRUNC makes recv report the full size: an oversized datagram is an error, not loss.
         let n = self.socket.recv(&mut self.buf, nix::libc::MSG_TRUNC)?;
         if n > self.buf.len() {
             return Err(io::Error::other(
@@ -155,19 +160,108 @@ impl Netlink {
             ));
         }
         let mut offset = 0;
-        while offset + 16 <= self.buf.len() {
+        while offset + HEADER_LEN <= self.buf.len() {
             let bytes = &self.buf[offset..];
             let len = NetlinkBuffer::new_checked(bytes)
                 .map_err(|e| io::Error::other(format!("bad netlink message: {e}")))?
                 .length() as usize;
-            if len < 16 || len > bytes.len() {
+            if len < HEADER_LEN || len > bytes.len() {
                 return Err(io::Error::other("truncated netlink message"));
             }
             let msg = NetlinkMessage::<RouteNetlinkMessage>::deserialize(&bytes[..len])
                 .map_err(|e| io::Error::other(format!("cannot decode netlink message: {e}")))?;
-            each(msg.header.sequence_number, msg.payload)?;
+            let flags = msg.header.flags;
+            let reply = match msg.payload {
+                NetlinkPayload::Error(e) if e.code.is_none() => Reply::Ack,
+                NetlinkPayload::Error(e) => {
+                    let os = e.to_io();
+                    match ext_ack_message(flags, &e.header) {
+                        Some(text) => {
+                            Reply::Error(io::Error::new(os.kind(), format!("{os}: {text}")))
+                        }
+                        None => Reply::Error(os),
+                    }
+                }
+                NetlinkPayload::InnerMessage(m) => Reply::Message(m),
+                NetlinkPayload::Done(d) if d.code != 0 => {
+                    Reply::Done(Err(io::Error::from_raw_os_error(d.code.abs())))
+                }
+                NetlinkPayload::Done(_) => Reply::Done(Ok(())),
+                _ => Reply::Other,
+            };
+            each(msg.header.sequence_number, reply);
             offset += (len + 3) & !3;
         }
         Ok(())
+    }
+}
+
+/// The kernel's error string from an extended ack. `rest` is what follows the error code: the
+/// failed request (only its header when NLM_F_CAPPED), then TLVs when NLM_F_ACK_TLVS.
+fn ext_ack_message(flags: u16, rest: &[u8]) -> Option<String> {
+    if flags & NLM_F_ACK_TLVS == 0 || rest.len() < HEADER_LEN {
+        return None;
+    }
+    let request_len = if flags & NLM_F_CAPPED != 0 {
+        HEADER_LEN
+    } else {
+        u32::from_ne_bytes(rest[..4].try_into().ok()?) as usize
+    };
+    let mut tlvs = rest.get((request_len + 3) & !3..)?;
+    while tlvs.len() >= 4 {
+        let len = u16::from_ne_bytes([tlvs[0], tlvs[1]]) as usize;
+        let kind = u16::from_ne_bytes([tlvs[2], tlvs[3]]) & 0x3fff;
+        if len < 4 || len > tlvs.len() {
+            return None;
+        }
+        if kind == NLMSGERR_ATTR_MSG {
+            let text = &tlvs[4..len];
+            let text = text.split(|b| *b == 0).next().unwrap_or(text);
+            return Some(String::from_utf8_lossy(text).into_owned());
+        }
+        tlvs = tlvs.get((len + 3) & !3..).unwrap_or(&[]);
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tlv(kind: u16, value: &[u8]) -> Vec<u8> {
+        let mut out = ((4 + value.len()) as u16).to_ne_bytes().to_vec();
+        out.extend(kind.to_ne_bytes());
+        out.extend(value);
+        while out.len() % 4 != 0 {
+            out.push(0);
+        }
+        out
+    }
+
+    #[test]
+    fn extended_ack_message_is_found_after_the_capped_header() {
+        let mut rest = vec![0u8; HEADER_LEN];
+        rest[..4].copy_from_slice(&136u32.to_ne_bytes());
+        rest.extend(tlv(3, &8u32.to_ne_bytes()));
+        rest.extend(tlv(NLMSGERR_ATTR_MSG, b"Nexthop device is not up\0"));
+        assert_eq!(
+            ext_ack_message(NLM_F_CAPPED | NLM_F_ACK_TLVS, &rest).as_deref(),
+            Some("Nexthop device is not up")
+        );
+        assert_eq!(ext_ack_message(NLM_F_CAPPED, &rest), None);
+    }
+
+    #[test]
+    fn extended_ack_after_an_uncapped_request() {
+        let mut rest = vec![0u8; 20];
+        rest[..4].copy_from_slice(&20u32.to_ne_bytes());
+        rest.extend(tlv(NLMSGERR_ATTR_MSG, b"bad\0"));
+        assert_eq!(
+            ext_ack_message(NLM_F_ACK_TLVS, &rest).as_deref(),
+            Some("bad")
+        );
+        // Garbage never panics.
+        assert_eq!(ext_ack_message(NLM_F_ACK_TLVS, &[1, 2, 3]), None);
+        assert_eq!(ext_ack_message(NLM_F_ACK_TLVS, &[0xff; 40]), None);
     }
 }

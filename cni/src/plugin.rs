@@ -250,10 +250,16 @@ fn add_after_veth(
         other => return Err(unexpected(other)),
     };
     let ips = validate_ips(&reply.ips)?;
-    plumbing::set_host_sysctls(host_veth, ips.iter().any(IpAddr::is_ipv6))
-        .map_err(netlink_err("cannot set host veth sysctls"))?;
     // Configured MTU wins; else the agent's (the node's uplink MTU); 0 means "leave the default".
     let mtu = conf.mtu.or((reply.mtu > 0).then_some(reply.mtu));
+    if let Some(small) = mtu.filter(|m| *m < 1280 && ips.iter().any(IpAddr::is_ipv6)) {
+        // The kernel turns IPv6 off on links below its minimum MTU.
+        return Err(CniError::config(format!(
+            "mtu {small} is below IPv6's minimum of 1280, and the pod gets an IPv6 address"
+        )));
+    }
+    plumbing::set_host_sysctls(host_veth, ips.iter().any(IpAddr::is_ipv6))
+        .map_err(netlink_err("cannot set host veth sysctls"))?;
     if conf.mtu.is_none() {
         if let Some(mtu) = mtu {
             plumbing::set_mtu(nl, host_veth, mtu)

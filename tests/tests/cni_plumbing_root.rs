@@ -757,3 +757,32 @@ fn latency_report() {
         p50[0].1 / p50[1].1
     );
 }
+
+#[test]
+fn kernel_errors_reach_the_error_object_with_the_kernels_explanation() {
+    // A sandbox with IPv6 turned off cannot take the /128: the kernel says why (extended ack),
+    // the error object carries it, and the ADD rolls back.
+    let agent = StubAgent::start(true);
+    let node = node();
+    let pod = Netns::new("cp");
+    pod.run("echo 1 > /proc/sys/net/ipv6/conf/default/disable_ipv6");
+    let call = pod_call("c-kerr", &pod, "kerr-0");
+    let (code, err) = error(&cni(&node, "ADD", &call, &agent.config("1.1.0")));
+    assert_eq!(code, u64::from(codes::IO_FAILURE), "{err}");
+    let details = err["details"].as_str().unwrap_or_default();
+    assert!(
+        details.contains("IPv6 is disabled"),
+        "no kernel explanation in {err}"
+    );
+    assert!(!links(&node).contains("sep"), "{}", links(&node));
+    assert!(!links(&pod).contains("eth0"), "{}", links(&pod));
+
+    // An MTU below IPv6's minimum for a dual-stack pod is a configuration error.
+    let pod2 = Netns::new("cp");
+    let mut config: Value = serde_json::from_str(&agent.config("1.1.0")).unwrap();
+    config["mtu"] = Value::from(1000);
+    let call2 = pod_call("c-kerr2", &pod2, "kerr-2");
+    let (code, err) = error(&cni(&node, "ADD", &call2, &config.to_string()));
+    assert_eq!(code, u64::from(codes::INVALID_CONFIG), "{err}");
+    assert!(!links(&node).contains("sep"), "{}", links(&node));
+}
