@@ -1,1 +1,463 @@
-//! (to be written)
+//! The nftables dataplane for compiled policy: table `inet sepal`, and nothing else, programmed
+//! through `nft -f -` (one transaction per apply); kube-proxy's and others' tables stay untouched.
+//!
+//! Why the `nft` text syntax on stdin rather than JSON through a crate: the text form is nft's
+//! primary, stable interface, one `nft -f` is one kernel transaction either way, and JSON input
+//! has ordering traps (a map element's `jump` must come after its chain) that the flat command
+//! list below avoids by construction (sets, then chains, then rules, then maps, then the hook).
+//!
+//! Layout: base chain `forward` (hook forward) accepts established/related, drops invalid state
+//! on pod interfaces, then dispatches with verdict maps on `iifname` (the source pod's egress
+//! chain, which `return`s when allowed) and `oifname` (the destination pod's ingress chain).
+//! Traffic between a pod and its own node never passes the forward hook, so it is always allowed.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::io::Write as _;
+use std::process::{Command, Stdio};
+
+use serde_json::Value;
+
+use crate::policy::{Action, Chain, Family, Match, NftRule, Ruleset, SetKind};
+
+/// The only table Sepal touches.
+pub const TABLE: &str = "sepal";
+const FAMILY_TABLE: &str = "inet sepal";
+const MAP_INGRESS: &str = "dispatch-in";
+const MAP_EGRESS: &str = "dispatch-eg";
+const SET_ENDPOINTS: &str = "endpoints";
+const BASE_CHAIN: &str = "forward";
+
+/// Rendering options.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Options {
+    /// Also log default-deny drops to this nflog group (with the endpoint in the prefix).
+    pub nflog_group: Option<u16>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum NftError {
+    #[error("cannot run {0}: {1}")]
+    Spawn(String, std::io::Error),
+    #[error("nft failed: {stderr}")]
+    Failed { stderr: String },
+    #[error("cannot parse nft JSON output: {0}")]
+    Json(String),
+}
+
+/// What an apply did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Applied {
+    Unchanged,
+    /// Only the changed sets, elements, chains and map entries, in one transaction.
+    Incremental {
+        commands: usize,
+    },
+    /// The whole table replaced atomically.
+    Full,
+}
+
+/// Per-rule packet and byte counts, summed per (chain, comment).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RuleCounter {
+    pub packets: u64,
+    pub bytes: u64,
+}
+
+fn set_type(kind: SetKind) -> &'static str {
+    match kind {
+        SetKind::Addr(Family::V4) => "type ipv4_addr; flags interval;",
+        SetKind::Addr(Family::V6) => "type ipv6_addr; flags interval;",
+        SetKind::ProtoPort => "type inet_proto . inet_service; flags interval;",
+        SetKind::AddrProtoPort(Family::V4) => "type ipv4_addr . inet_proto . inet_service;",
+        SetKind::AddrProtoPort(Family::V6) => "type ipv6_addr . inet_proto . inet_service;",
+    }
+}
+
+fn ip(f: Family) -> &'static str {
+    match f {
+        Family::V4 => "ip",
+        Family::V6 => "ip6",
+    }
+}
+
+fn quote(s: &str) -> String {
+    // Kubernetes names never contain quotes; strip them anyway so a comment cannot break syntax.
+    format!("\"{}\"", s.replace(['"', '\\', '\n'], ""))
+}
+
+/// One rule in `add rule` syntax (without the `add rule inet sepal CHAIN` prefix).
+pub fn render_rule(chain: &str, rule: &NftRule, opts: &Options) -> String {
+    let mut s = String::new();
+    for m in &rule.matches {
+        match m {
+            Match::SrcAddr(f, set) => write!(s, "{} saddr @{set} ", ip(*f)),
+            Match::DstAddr(f, set) => write!(s, "{} daddr @{set} ", ip(*f)),
+            Match::ProtoPort(set) => write!(s, "meta l4proto . th dport @{set} "),
+            Match::DstAddrProtoPort(f, set) => {
+                write!(s, "{} daddr . meta l4proto . th dport @{set} ", ip(*f))
+            }
+        }
+        .ok();
+    }
+    s.push_str("counter ");
+    match rule.action {
+        Action::Accept => s.push_str("accept"),
+        Action::Return => s.push_str("return"),
+        Action::Drop => {
+            if let Some(group) = opts.nflog_group {
+                write!(
+                    s,
+                    "log prefix {} group {group} ",
+                    quote(&format!("sepal drop {chain}: "))
+                )
+                .ok();
+            }
+            s.push_str("drop")
+        }
+    }
+    write!(s, " comment {}", quote(&rule.comment)).ok();
+    s
+}
+
+fn add_elements<'a>(out: &mut String, name: &str, elements: impl IntoIterator<Item = &'a String>) {
+    add_or_delete_elements(out, "add", name, elements)
+}
+
+fn add_or_delete_elements<'a>(
+    out: &mut String,
+    verb: &str,
+    name: &str,
+    elements: impl IntoIterator<Item = &'a String>,
+) {
+    let list: Vec<&String> = elements.into_iter().collect();
+    // Chunks keep single lines (and nft's parser buffers) reasonable for huge sets.
+    for chunk in list.chunks(4096) {
+        let joined = chunk
+            .iter()
+            .map(|e| e.as_str())
+            .collect::<Vec<_>>()
+            .join(", ");
+        writeln!(out, "{verb} element {FAMILY_TABLE} {name} {{ {joined} }}").ok();
+    }
+}
+
+fn map_element(iface: &str, chain: &str) -> String {
+    format!("{} : jump {chain}", quote(iface))
+}
+
+fn add_chain_rules(out: &mut String, name: &str, chain: &Chain, opts: &Options) {
+    for rule in &chain.rules {
+        writeln!(
+            out,
+            "add rule {FAMILY_TABLE} {name} {}",
+            render_rule(name, rule, opts)
+        )
+        .ok();
+    }
+}
+
+/// The whole table, replacing any existing one in the same transaction (atomic: packets see the
+/// old table or the new one, never none).
+pub fn render_full(rs: &Ruleset, opts: &Options) -> String {
+    let mut out = String::new();
+    // `nft 1.0` has no `destroy`: create-if-missing, then delete, then build, all in one batch.
+    writeln!(out, "table {FAMILY_TABLE} {{}}").ok();
+    writeln!(out, "delete table {FAMILY_TABLE}").ok();
+    writeln!(out, "add table {FAMILY_TABLE}").ok();
+    for (name, set) in &rs.sets {
+        writeln!(
+            out,
+            "add set {FAMILY_TABLE} {name} {{ {} }}",
+            set_type(set.kind)
+        )
+        .ok();
+        add_elements(&mut out, name, &set.elements);
+    }
+    writeln!(
+        out,
+        "add set {FAMILY_TABLE} {SET_ENDPOINTS} {{ type ifname; }}"
+    )
+    .ok();
+    add_elements(
+        &mut out,
+        SET_ENDPOINTS,
+        &rs.endpoints.iter().map(|e| quote(e)).collect::<Vec<_>>(),
+    );
+    for (name, chain) in &rs.chains {
+        writeln!(out, "add chain {FAMILY_TABLE} {name}").ok();
+        add_chain_rules(&mut out, name, chain, opts);
+    }
+    for (map, entries) in [
+        (MAP_INGRESS, &rs.ingress_dispatch),
+        (MAP_EGRESS, &rs.egress_dispatch),
+    ] {
+        writeln!(
+            out,
+            "add map {FAMILY_TABLE} {map} {{ type ifname : verdict; }}"
+        )
+        .ok();
+        let elems: Vec<String> = entries.iter().map(|(i, c)| map_element(i, c)).collect();
+        add_elements(&mut out, map, &elems);
+    }
+    writeln!(
+        out,
+        "add chain {FAMILY_TABLE} {BASE_CHAIN} {{ type filter hook forward priority filter; policy accept; }}"
+    )
+    .ok();
+    for rule in [
+        "ct state established,related accept".to_string(),
+        format!("iifname @{SET_ENDPOINTS} ct state invalid counter drop"),
+        format!("oifname @{SET_ENDPOINTS} ct state invalid counter drop"),
+        format!("iifname vmap @{MAP_EGRESS}"),
+        format!("oifname vmap @{MAP_INGRESS}"),
+    ] {
+        writeln!(out, "add rule {FAMILY_TABLE} {BASE_CHAIN} {rule}").ok();
+    }
+    out
+}
+
+/// Only what changed from `old` to `new`, as one batch; empty when nothing changed. Order: new
+/// sets, element changes, new and changed chains, map entries, then removals (nothing is deleted
+/// while still referenced).
+pub fn render_diff(old: &Ruleset, new: &Ruleset, opts: &Options) -> String {
+    let mut out = String::new();
+    for (name, set) in &new.sets {
+        match old.sets.get(name) {
+            None => {
+                writeln!(
+                    out,
+                    "add set {FAMILY_TABLE} {name} {{ {} }}",
+                    set_type(set.kind)
+                )
+                .ok();
+                add_elements(&mut out, name, &set.elements);
+            }
+            Some(o) if o.kind != set.kind => {
+                // Cannot happen with identity-derived names; replace to stay correct anyway.
+                writeln!(out, "delete set {FAMILY_TABLE} {name}").ok();
+                writeln!(
+                    out,
+                    "add set {FAMILY_TABLE} {name} {{ {} }}",
+                    set_type(set.kind)
+                )
+                .ok();
+                add_elements(&mut out, name, &set.elements);
+            }
+            Some(o) if o.elements != set.elements => {
+                add_or_delete_elements(
+                    &mut out,
+                    "delete",
+                    name,
+                    o.elements.difference(&set.elements),
+                );
+                add_elements(&mut out, name, set.elements.difference(&o.elements));
+            }
+            Some(_) => {}
+        }
+    }
+    let old_eps: Vec<String> = old
+        .endpoints
+        .difference(&new.endpoints)
+        .map(|e| quote(e))
+        .collect();
+    let new_eps: Vec<String> = new
+        .endpoints
+        .difference(&old.endpoints)
+        .map(|e| quote(e))
+        .collect();
+    add_or_delete_elements(&mut out, "delete", SET_ENDPOINTS, &old_eps);
+    add_elements(&mut out, SET_ENDPOINTS, &new_eps);
+    for (name, chain) in &new.chains {
+        match old.chains.get(name) {
+            None => {
+                writeln!(out, "add chain {FAMILY_TABLE} {name}").ok();
+                add_chain_rules(&mut out, name, chain, opts);
+            }
+            Some(o) if o != chain => {
+                writeln!(out, "flush chain {FAMILY_TABLE} {name}").ok();
+                add_chain_rules(&mut out, name, chain, opts);
+            }
+            Some(_) => {}
+        }
+    }
+    for (map, o, n) in [
+        (MAP_INGRESS, &old.ingress_dispatch, &new.ingress_dispatch),
+        (MAP_EGRESS, &old.egress_dispatch, &new.egress_dispatch),
+    ] {
+        let gone: Vec<String> = o
+            .iter()
+            .filter(|(i, c)| n.get(*i) != Some(c))
+            .map(|(i, c)| map_element(i, c))
+            .collect();
+        let added: Vec<String> = n
+            .iter()
+            .filter(|(i, c)| o.get(*i) != Some(c))
+            .map(|(i, c)| map_element(i, c))
+            .collect();
+        // Deleting a verdict-map element names the key only.
+        let gone_keys: Vec<String> = gone
+            .iter()
+            .map(|e| e.split(" : ").next().unwrap_or(e).to_string())
+            .collect();
+        add_or_delete_elements(&mut out, "delete", map, &gone_keys);
+        add_elements(&mut out, map, &added);
+    }
+    for name in old.chains.keys().filter(|n| !new.chains.contains_key(*n)) {
+        writeln!(out, "flush chain {FAMILY_TABLE} {name}").ok();
+        writeln!(out, "delete chain {FAMILY_TABLE} {name}").ok();
+    }
+    for name in old.sets.keys().filter(|n| !new.sets.contains_key(*n)) {
+        writeln!(out, "delete set {FAMILY_TABLE} {name}").ok();
+    }
+    out
+}
+
+/// Programs table `inet sepal` and remembers what it programmed, so the next apply only sends
+/// the difference. On agent start it adopts the table left by the previous run: nothing is
+/// flushed, the old rules keep enforcing until the first apply replaces them atomically.
+#[derive(Debug)]
+pub struct Dataplane {
+    command: Vec<String>,
+    opts: Options,
+    last: Option<Ruleset>,
+}
+
+impl Dataplane {
+    /// `nft` in the current network namespace.
+    pub fn new(opts: Options) -> Dataplane {
+        Dataplane::with_command(vec!["nft".into()], opts)
+    }
+
+    /// A custom command line running nft (e.g. `ip netns exec NS nft` in tests and benchmarks).
+    pub fn with_command(command: Vec<String>, opts: Options) -> Dataplane {
+        Dataplane {
+            command,
+            opts,
+            last: None,
+        }
+    }
+
+    /// Applies `rs`: the difference to the last applied ruleset, or the whole table atomically
+    /// when nothing was applied yet by this process (adoption) or the difference failed.
+    pub fn apply(&mut self, rs: &Ruleset) -> Result<Applied, NftError> {
+        if let Some(last) = &self.last {
+            let diff = render_diff(last, rs, &self.opts);
+            if diff.is_empty() {
+                return Ok(Applied::Unchanged);
+            }
+            match self.run(&["-f", "-"], Some(&diff)) {
+                Ok(_) => {
+                    self.last = Some(rs.clone());
+                    return Ok(Applied::Incremental {
+                        commands: diff.lines().count(),
+                    });
+                }
+                Err(err) => {
+                    // Someone changed the table behind our back, or the diff hit a kernel
+                    // limit: the atomic full replace below restores the desired state.
+                    tracing::warn!(error = %err, "incremental nftables update failed, replacing the table");
+                }
+            }
+        }
+        self.resync(rs)
+    }
+
+    /// Replaces the whole table atomically.
+    pub fn resync(&mut self, rs: &Ruleset) -> Result<Applied, NftError> {
+        self.last = None;
+        self.run(&["-f", "-"], Some(&render_full(rs, &self.opts)))?;
+        self.last = Some(rs.clone());
+        Ok(Applied::Full)
+    }
+
+    /// Removes the table (the node stops enforcing policy).
+    pub fn delete(&mut self) -> Result<(), NftError> {
+        self.last = None;
+        let batch = format!("table {FAMILY_TABLE} {{}}\ndelete table {FAMILY_TABLE}\n");
+        self.run(&["-f", "-"], Some(&batch)).map(|_| ())
+    }
+
+    /// Is there a table `inet sepal` (e.g. left by the previous agent run)?
+    pub fn table_exists(&self) -> Result<bool, NftError> {
+        let out = self.run(&["list", "tables", "inet"], None)?;
+        Ok(out
+            .lines()
+            .any(|l| l.trim() == format!("table {FAMILY_TABLE}")))
+    }
+
+    /// Counters of every rule in the endpoint chains, summed per (chain, comment).
+    pub fn counters(&self) -> Result<BTreeMap<(String, String), RuleCounter>, NftError> {
+        let out = self.run(&["-j", "list", "table", "inet", TABLE], None)?;
+        parse_counters(&out)
+    }
+
+    fn run(&self, args: &[&str], stdin: Option<&str>) -> Result<String, NftError> {
+        let (prog, pre) = self
+            .command
+            .split_first()
+            .ok_or_else(|| NftError::Spawn("nft".into(), std::io::Error::other("empty command")))?;
+        let mut cmd = Command::new(prog);
+        cmd.args(pre)
+            .args(args)
+            .stdin(if stdin.is_some() {
+                Stdio::piped()
+            } else {
+                Stdio::null()
+            })
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = cmd
+            .spawn()
+            .map_err(|e| NftError::Spawn(self.command.join(" "), e))?;
+        if let (Some(input), Some(mut pipe)) = (stdin, child.stdin.take()) {
+            pipe.write_all(input.as_bytes())
+                .map_err(|e| NftError::Spawn(self.command.join(" "), e))?;
+        }
+        let out = child
+            .wait_with_output()
+            .map_err(|e| NftError::Spawn(self.command.join(" "), e))?;
+        if !out.status.success() {
+            return Err(NftError::Failed {
+                stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+            });
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+}
+
+/// Sums `nft -j` rule counters per (chain, comment).
+pub fn parse_counters(json: &str) -> Result<BTreeMap<(String, String), RuleCounter>, NftError> {
+    let v: Value = serde_json::from_str(json).map_err(|e| NftError::Json(e.to_string()))?;
+    let items = v
+        .get("nftables")
+        .and_then(Value::as_array)
+        .ok_or_else(|| NftError::Json("no `nftables` array".into()))?;
+    let mut out: BTreeMap<(String, String), RuleCounter> = BTreeMap::new();
+    for item in items {
+        let Some(rule) = item.get("rule") else {
+            continue;
+        };
+        let (Some(chain), Some(comment)) = (
+            rule.get("chain").and_then(Value::as_str),
+            rule.get("comment").and_then(Value::as_str),
+        ) else {
+            continue;
+        };
+        for expr in rule
+            .get("expr")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+        {
+            if let Some(c) = expr.get("counter") {
+                let e = out
+                    .entry((chain.to_string(), comment.to_string()))
+                    .or_default();
+                e.packets += c.get("packets").and_then(Value::as_u64).unwrap_or(0);
+                e.bytes += c.get("bytes").and_then(Value::as_u64).unwrap_or(0);
+            }
+        }
+    }
+    Ok(out)
+}

@@ -1,0 +1,257 @@
+//! `explain`: the verdict NetworkPolicy gives one packet (from, to, protocol, port) and the policy
+//! rule that decided it, evaluated on the same validated model the compiler turns into nftables.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::IpAddr;
+
+use super::compile::{peer_matches_pod, rule_comment, selects, validated};
+use super::validate::{Direction, PeerSpec, Policy, PortSpec};
+use super::{Cluster, Family, Pod, Protocol};
+
+/// One end of the packet: a pod by name, or an address (which may belong to a pod).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Peer {
+    Pod { namespace: String, name: String },
+    Ip(IpAddr),
+}
+
+impl fmt::Display for Peer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Peer::Pod { namespace, name } => write!(f, "{namespace}/{name}"),
+            Peer::Ip(ip) => write!(f, "{ip}"),
+        }
+    }
+}
+
+/// The outcome for one direction (egress of the source, ingress of the destination).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DirectionVerdict {
+    /// The end is not a pod (an outside address): NetworkPolicy does not apply to it.
+    NotAPod,
+    /// No policy selects the pod for this direction: everything is allowed.
+    NotIsolated,
+    /// Allowed by this policy rule (`comment` is the nftables rule comment, for the counters).
+    Allowed {
+        policy: String,
+        rule: usize,
+        comment: String,
+    },
+    /// Isolated by these policies and none of their rules allows the packet.
+    Denied { isolated_by: Vec<String> },
+}
+
+impl DirectionVerdict {
+    pub fn allows(&self) -> bool {
+        !matches!(self, DirectionVerdict::Denied { .. })
+    }
+}
+
+/// Verdict for a packet plus what decided each direction.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Explanation {
+    pub allowed: bool,
+    /// Loopback: a pod talking to itself never leaves its network namespace.
+    pub loopback: bool,
+    pub egress: DirectionVerdict,
+    pub ingress: DirectionVerdict,
+}
+
+impl fmt::Display for Explanation {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(
+            f,
+            "verdict: {}",
+            if self.allowed { "ALLOW" } else { "DENY" }
+        )?;
+        if self.loopback {
+            return writeln!(
+                f,
+                "reason: a pod's traffic to itself never reaches the node"
+            );
+        }
+        for (what, v) in [("egress", &self.egress), ("ingress", &self.ingress)] {
+            match v {
+                DirectionVerdict::NotAPod => writeln!(f, "{what}: not a pod, no policy applies")?,
+                DirectionVerdict::NotIsolated => {
+                    writeln!(f, "{what}: no policy selects the pod, allowed")?
+                }
+                DirectionVerdict::Allowed { comment, .. } => {
+                    writeln!(f, "{what}: allowed by {comment}")?
+                }
+                DirectionVerdict::Denied { isolated_by } => writeln!(
+                    f,
+                    "{what}: denied: isolated by {} and no rule matches",
+                    isolated_by.join(", ")
+                )?,
+            }
+        }
+        Ok(())
+    }
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ExplainError {
+    #[error("pod {0} is not known")]
+    UnknownPod(String),
+    #[error("pod {0} has no IP address yet")]
+    NoAddress(String),
+    #[error("{0} and {1} have no address of the same family")]
+    FamilyMismatch(String, String),
+}
+
+struct End<'a> {
+    pod: Option<&'a Pod>,
+    ip: IpAddr,
+}
+
+fn resolve<'a>(
+    cluster: &'a Cluster,
+    peer: &Peer,
+    family: Option<Family>,
+) -> Result<End<'a>, ExplainError> {
+    match peer {
+        Peer::Ip(ip) => Ok(End {
+            pod: cluster.pods.iter().find(|p| p.ips.contains(ip)),
+            ip: *ip,
+        }),
+        Peer::Pod { namespace, name } => {
+            let pod = cluster
+                .pod(namespace, name)
+                .ok_or_else(|| ExplainError::UnknownPod(peer.to_string()))?;
+            let ip = pod
+                .ips
+                .iter()
+                .find(|ip| family.is_none_or(|f| Family::of(ip) == f))
+                .ok_or_else(|| match family {
+                    None => ExplainError::NoAddress(peer.to_string()),
+                    Some(_) => ExplainError::FamilyMismatch(peer.to_string(), String::new()),
+                })?;
+            Ok(End {
+                pod: Some(pod),
+                ip: *ip,
+            })
+        }
+    }
+}
+
+/// Explains the verdict for a new connection from `from` to `to` on `port`/`protocol`.
+pub fn explain(
+    cluster: &Cluster,
+    from: &Peer,
+    to: &Peer,
+    protocol: Protocol,
+    port: u16,
+) -> Result<Explanation, ExplainError> {
+    let (policies, _) = validated(cluster);
+    // Pick addresses of one family: the destination's family decides when it is an IP.
+    let (src, dst) = match (from, to) {
+        (_, Peer::Ip(ip)) => {
+            let dst = resolve(cluster, to, None)?;
+            let src = resolve(cluster, from, Some(Family::of(ip))).map_err(|e| match e {
+                ExplainError::FamilyMismatch(a, _) => {
+                    ExplainError::FamilyMismatch(a, to.to_string())
+                }
+                e => e,
+            })?;
+            (src, dst)
+        }
+        _ => {
+            let src = resolve(cluster, from, None)?;
+            let dst = resolve(cluster, to, Some(Family::of(&src.ip))).map_err(|e| match e {
+                ExplainError::FamilyMismatch(a, _) => {
+                    ExplainError::FamilyMismatch(from.to_string(), a)
+                }
+                e => e,
+            })?;
+            (src, dst)
+        }
+    };
+    if let (Some(a), Some(b)) = (src.pod, dst.pod) {
+        if std::ptr::eq(a, b) {
+            return Ok(Explanation {
+                allowed: true,
+                loopback: true,
+                egress: DirectionVerdict::NotIsolated,
+                ingress: DirectionVerdict::NotIsolated,
+            });
+        }
+    }
+    let mut ns_labels = BTreeMap::new();
+    let mut check = |direction: Direction, subject: &End, other: &End| -> DirectionVerdict {
+        let Some(pod) = subject.pod else {
+            return DirectionVerdict::NotAPod;
+        };
+        let mut isolated_by = Vec::new();
+        for policy in policies.iter().filter(|p| selects(p, pod)) {
+            let Some(rules) = policy.rules(direction) else {
+                continue;
+            };
+            isolated_by.push(policy.id());
+            for rule in rules {
+                let peer_ok = match &rule.peers {
+                    None => true,
+                    Some(peers) => peers
+                        .iter()
+                        .any(|peer| peer_allows(cluster, &mut ns_labels, policy, peer, other)),
+                };
+                // Named ports resolve on the destination pod in both directions.
+                let port_ok = match &rule.ports {
+                    None => true,
+                    Some(ports) => ports
+                        .iter()
+                        .any(|p| port_allows(p, protocol, port, dst.pod)),
+                };
+                if peer_ok && port_ok {
+                    return DirectionVerdict::Allowed {
+                        policy: policy.id(),
+                        rule: rule.index,
+                        comment: rule_comment(policy, direction, rule.index),
+                    };
+                }
+            }
+        }
+        if isolated_by.is_empty() {
+            DirectionVerdict::NotIsolated
+        } else {
+            DirectionVerdict::Denied { isolated_by }
+        }
+    };
+    let egress = check(Direction::Egress, &src, &dst);
+    let ingress = check(Direction::Ingress, &dst, &src);
+    Ok(Explanation {
+        allowed: egress.allows() && ingress.allows(),
+        loopback: false,
+        egress,
+        ingress,
+    })
+}
+
+fn peer_allows(
+    cluster: &Cluster,
+    ns_labels: &mut BTreeMap<String, BTreeMap<String, String>>,
+    policy: &Policy,
+    peer: &PeerSpec,
+    other: &End,
+) -> bool {
+    match peer {
+        PeerSpec::IpBlock { ranges } => ranges.contains(other.ip),
+        PeerSpec::Pods { .. } => other
+            .pod
+            .is_some_and(|pod| peer_matches_pod(cluster, ns_labels, policy, peer, pod)),
+    }
+}
+
+fn port_allows(spec: &PortSpec, protocol: Protocol, port: u16, dst: Option<&Pod>) -> bool {
+    match spec {
+        PortSpec::Range {
+            protocol: p,
+            first,
+            last,
+        } => *p == protocol && (*first..=*last).contains(&port),
+        PortSpec::Named { protocol: p, name } => {
+            *p == protocol && dst.and_then(|pod| pod.named_port(name, protocol)) == Some(port)
+        }
+    }
+}

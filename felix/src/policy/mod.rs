@@ -1,0 +1,147 @@
+//! NetworkPolicy compiler: felix's own small cluster model and networking.k8s.io/v1 policies in,
+//! a deterministic desired nftables ruleset (sets, per-endpoint chains, dispatch maps) out. Pure code.
+//!
+//! Semantics follow the Kubernetes NetworkPolicy API exactly: a pod is isolated for a direction
+//! only when some policy selects it for that direction; the allowed traffic of all policies
+//! selecting it is the union of their rules; replies of allowed flows are always allowed (conntrack).
+//! Policies are validated as the API server would; a rule it would have rejected is ignored and
+//! reported, the rest of the policy still applies (a rejected rule never widens what is allowed).
+
+mod addr;
+mod compile;
+mod explain;
+mod validate;
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::IpAddr;
+
+pub use addr::{AddrRanges, Family};
+pub use compile::{compile, Action, Chain, Match, NftRule, Ruleset, Set, SetKind};
+pub use explain::{explain, DirectionVerdict, ExplainError, Explanation, Peer as ExplainPeer};
+pub use k8s_openapi::api::networking::v1::NetworkPolicy;
+pub use validate::{
+    validate, Direction, PeerSpec, Policy, PolicyRule, PortSpec, Problem, ProblemScope, Selector,
+};
+
+/// The label the API server puts on every namespace, holding the namespace's name.
+pub const NAMESPACE_NAME_LABEL: &str = "kubernetes.io/metadata.name";
+
+/// Everything the compiler looks at: namespaces, pods (local ones have a host veth) and policies.
+#[derive(Debug, Clone, Default)]
+pub struct Cluster {
+    pub namespaces: BTreeMap<String, Namespace>,
+    pub pods: Vec<Pod>,
+    pub policies: Vec<NetworkPolicy>,
+}
+
+/// A namespace and its labels.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Namespace {
+    pub name: String,
+    pub labels: BTreeMap<String, String>,
+}
+
+/// A pod as policy sees it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Pod {
+    pub namespace: String,
+    pub name: String,
+    pub labels: BTreeMap<String, String>,
+    /// The pod's IPs (Pod status `podIPs`); a pod without IPs yet is in no address set.
+    pub ips: Vec<IpAddr>,
+    /// Host-side veth of a pod on this node; `None` for pods on other nodes.
+    pub host_iface: Option<String>,
+    /// Named container ports (`containers[].ports[]` with a `name`).
+    pub ports: Vec<NamedPort>,
+}
+
+/// A named container port.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct NamedPort {
+    pub name: String,
+    pub protocol: Protocol,
+    pub port: u16,
+}
+
+/// The transport protocols NetworkPolicy knows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Protocol {
+    Tcp,
+    Udp,
+    Sctp,
+}
+
+impl Protocol {
+    /// Parses the API spelling (`TCP`, `UDP`, `SCTP`; case-sensitive like the API server).
+    pub fn from_api(s: &str) -> Option<Protocol> {
+        match s {
+            "TCP" => Some(Protocol::Tcp),
+            "UDP" => Some(Protocol::Udp),
+            "SCTP" => Some(Protocol::Sctp),
+            _ => None,
+        }
+    }
+
+    /// The nftables keyword (also the IANA protocol name).
+    pub fn nft(self) -> &'static str {
+        match self {
+            Protocol::Tcp => "tcp",
+            Protocol::Udp => "udp",
+            Protocol::Sctp => "sctp",
+        }
+    }
+
+    /// IP protocol number.
+    pub fn number(self) -> u8 {
+        match self {
+            Protocol::Tcp => 6,
+            Protocol::Udp => 17,
+            Protocol::Sctp => 132,
+        }
+    }
+}
+
+impl fmt::Display for Protocol {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Protocol::Tcp => "TCP",
+            Protocol::Udp => "UDP",
+            Protocol::Sctp => "SCTP",
+        })
+    }
+}
+
+impl Cluster {
+    /// Labels of a namespace, always including `kubernetes.io/metadata.name` (the API server
+    /// sets it on every namespace; a namespace not yet seen still has its name label).
+    pub fn namespace_labels(&self, name: &str) -> BTreeMap<String, String> {
+        let mut labels = self
+            .namespaces
+            .get(name)
+            .map(|ns| ns.labels.clone())
+            .unwrap_or_default();
+        labels.insert(NAMESPACE_NAME_LABEL.to_string(), name.to_string());
+        labels
+    }
+
+    /// The pod `namespace/name`, if known.
+    pub fn pod(&self, namespace: &str, name: &str) -> Option<&Pod> {
+        self.pods
+            .iter()
+            .find(|p| p.namespace == namespace && p.name == name)
+    }
+}
+
+impl Pod {
+    /// The pod's port of that name and protocol, as a named NetworkPolicy port resolves.
+    pub fn named_port(&self, name: &str, protocol: Protocol) -> Option<u16> {
+        self.ports
+            .iter()
+            .find(|p| p.name == name && p.protocol == protocol)
+            .map(|p| p.port)
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests;

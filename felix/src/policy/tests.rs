@@ -1,0 +1,200 @@
+//! Compiler and explain tests on a small x/y/z × a/b/c cluster, like the upstream e2e model.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+
+use super::*;
+use crate::nft;
+
+pub(crate) fn cluster(policies: &[&str]) -> Cluster {
+    let mut c = Cluster::default();
+    for (ni, ns) in ["x", "y", "z"].iter().enumerate() {
+        c.namespaces.insert(
+            ns.to_string(),
+            Namespace {
+                name: ns.to_string(),
+                labels: BTreeMap::from([("ns".to_string(), ns.to_string())]),
+            },
+        );
+        for (pi, pod) in ["a", "b", "c"].iter().enumerate() {
+            let mut ports = Vec::new();
+            for port in [80u16, 81] {
+                for proto in [Protocol::Tcp, Protocol::Udp, Protocol::Sctp] {
+                    ports.push(NamedPort {
+                        name: format!("serve-{port}-{}", proto.nft()),
+                        protocol: proto,
+                        port,
+                    });
+                }
+            }
+            c.pods.push(Pod {
+                namespace: ns.to_string(),
+                name: pod.to_string(),
+                labels: BTreeMap::from([("pod".to_string(), pod.to_string())]),
+                ips: vec![format!("10.244.0.{}", 10 + ni * 3 + pi).parse().unwrap()],
+                host_iface: Some(format!("sep{ns}{pod}")),
+                ports,
+            });
+        }
+    }
+    for p in policies {
+        c.policies.push(serde_norway::from_str(p).unwrap());
+    }
+    c
+}
+
+fn pod(s: &str) -> ExplainPeer {
+    let (namespace, name) = s.split_once('/').unwrap();
+    ExplainPeer::Pod {
+        namespace: namespace.into(),
+        name: name.into(),
+    }
+}
+
+fn allowed(c: &Cluster, from: &str, to: &str, proto: Protocol, port: u16) -> bool {
+    explain(c, &pod(from), &pod(to), proto, port)
+        .unwrap()
+        .allowed
+}
+
+const DENY_X: &str = "metadata: {name: deny, namespace: x}\nspec: {podSelector: {}}\n";
+const ALLOW_B_TO_A: &str = r#"
+metadata: {name: allow-b, namespace: x}
+spec:
+  podSelector: {matchLabels: {pod: a}}
+  ingress:
+  - from: [{podSelector: {matchLabels: {pod: b}}}]
+    ports: [{port: serve-81-tcp}, {port: 1000, endPort: 2000, protocol: UDP}]
+"#;
+
+#[test]
+fn compile_is_deterministic_and_isolates_only_selected_pods() {
+    let c = cluster(&[DENY_X, ALLOW_B_TO_A]);
+    let a = compile(&c);
+    let mut c2 = c.clone();
+    c2.pods.reverse();
+    c2.policies.reverse();
+    assert_eq!(a, compile(&c2));
+    assert_eq!(
+        a.ingress_dispatch.keys().collect::<Vec<_>>(),
+        vec!["sepxa", "sepxb", "sepxc"]
+    );
+    assert!(a.egress_dispatch.is_empty());
+    assert_eq!(a.endpoints.len(), 9);
+    let chain = &a.chains["in-sepxa"];
+    assert_eq!(chain.rules.last().unwrap().action, Action::Drop);
+    // named port resolved on x/a itself; UDP range in the proto-port set
+    let named: Vec<&Set> = a
+        .sets
+        .iter()
+        .filter(|(n, _)| n.ends_with("-named4"))
+        .map(|(_, s)| s)
+        .collect();
+    assert_eq!(
+        named[0].elements.iter().collect::<Vec<_>>(),
+        vec!["10.244.0.10 . tcp . 81"]
+    );
+    let ports: Vec<&Set> = a
+        .sets
+        .iter()
+        .filter(|(n, _)| n.ends_with("-ports"))
+        .map(|(_, s)| s)
+        .collect();
+    assert_eq!(
+        ports[0].elements.iter().collect::<Vec<_>>(),
+        vec!["udp . 1000-2000"]
+    );
+    let full = nft::render_full(&a, &nft::Options::default());
+    assert!(full.starts_with("table inet sepal {}\ndelete table inet sepal\n"));
+}
+
+#[test]
+fn explain_names_the_deciding_rule() {
+    let c = cluster(&[DENY_X, ALLOW_B_TO_A]);
+    assert!(allowed(&c, "x/b", "x/a", Protocol::Tcp, 81));
+    assert!(!allowed(&c, "x/b", "x/a", Protocol::Tcp, 80));
+    assert!(!allowed(&c, "x/c", "x/a", Protocol::Tcp, 81));
+    assert!(allowed(&c, "x/b", "x/a", Protocol::Udp, 1500));
+    assert!(allowed(&c, "x/a", "y/a", Protocol::Tcp, 80));
+    assert!(allowed(&c, "x/a", "x/a", Protocol::Tcp, 80));
+    let e = explain(&c, &pod("x/b"), &pod("x/a"), Protocol::Tcp, 81).unwrap();
+    assert_eq!(
+        e.ingress,
+        DirectionVerdict::Allowed {
+            policy: "x/allow-b".into(),
+            rule: 0,
+            comment: "x/allow-b ingress[0]".into()
+        }
+    );
+    let e = explain(&c, &pod("y/a"), &pod("x/b"), Protocol::Tcp, 80).unwrap();
+    assert_eq!(
+        e.ingress,
+        DirectionVerdict::Denied {
+            isolated_by: vec!["x/deny".into()]
+        }
+    );
+    let outside: IpAddr = "192.0.2.1".parse().unwrap();
+    let e = explain(
+        &c,
+        &ExplainPeer::Ip(outside),
+        &pod("y/a"),
+        Protocol::Tcp,
+        80,
+    )
+    .unwrap();
+    assert!(e.allowed);
+    assert_eq!(e.egress, DirectionVerdict::NotAPod);
+    assert!(matches!(
+        explain(&c, &pod("q/a"), &pod("y/a"), Protocol::Tcp, 80),
+        Err(ExplainError::UnknownPod(_))
+    ));
+}
+
+#[test]
+fn egress_named_port_resolves_on_the_peer_and_diff_is_small() {
+    let egress = r#"
+metadata: {name: eg, namespace: x}
+spec:
+  podSelector: {matchLabels: {pod: a}}
+  egress:
+  - to: [{namespaceSelector: {matchExpressions: [{key: ns, operator: NotIn, values: [x]}]}}]
+    ports: [{port: serve-80-udp, protocol: UDP}]
+"#;
+    let c = cluster(&[egress]);
+    assert!(allowed(&c, "x/a", "y/b", Protocol::Udp, 80));
+    assert!(!allowed(&c, "x/a", "x/b", Protocol::Udp, 80));
+    assert!(!allowed(&c, "x/a", "y/b", Protocol::Udp, 81));
+    let a = compile(&c);
+    let named = a
+        .sets
+        .iter()
+        .find(|(n, _)| n.ends_with("-named4"))
+        .map(|(_, s)| s)
+        .unwrap();
+    assert_eq!(named.elements.len(), 6);
+    // A new pod in y only adds one element.
+    let mut c2 = c.clone();
+    let mut newpod = c.pods[4].clone();
+    newpod.name = "d".into();
+    newpod.ips = vec!["10.244.0.99".parse().unwrap()];
+    newpod.host_iface = None;
+    c2.pods.push(newpod);
+    let diff = nft::render_diff(&a, &compile(&c2), &nft::Options::default());
+    assert_eq!(diff.lines().count(), 1, "{diff}");
+    assert!(diff.contains("10.244.0.99 . udp . 80"));
+}
+
+#[test]
+fn dump_for_manual_check() {
+    if let Ok(path) = std::env::var("SEPAL_DUMP_NFT") {
+        let egress = "metadata: {name: eg, namespace: x}\nspec:\n  podSelector: {matchLabels: {pod: a}}\n  egress:\n  - to: [{ipBlock: {cidr: 10.0.0.0/8, except: [10.244.0.11/32]}}, {podSelector: {}}]\n    ports: [{port: serve-80-udp, protocol: UDP}, {port: 80}]\n";
+        let a = compile(&cluster(&[DENY_X, ALLOW_B_TO_A, egress]));
+        let b = compile(&cluster(&[ALLOW_B_TO_A]));
+        let o = nft::Options {
+            nflog_group: Some(5),
+        };
+        std::fs::write(format!("{path}.full"), nft::render_full(&a, &o)).unwrap();
+        std::fs::write(format!("{path}.diff"), nft::render_diff(&a, &b, &o)).unwrap();
+        std::fs::write(format!("{path}.diff2"), nft::render_diff(&b, &a, &o)).unwrap();
+    }
+}
