@@ -164,16 +164,16 @@ pub fn compile(cluster: &Cluster) -> Ruleset {
 
     // Rules per (policy index, direction), shared by every local endpoint the policy selects.
     let mut compiled: BTreeMap<(usize, Direction), Vec<NftRule>> = BTreeMap::new();
-    let mut selected_local: Vec<Vec<&Pod>> = Vec::with_capacity(policies.len());
+    // For each pod (by index), the policies selecting it, in policy order.
+    let mut policies_of_pod: Vec<Vec<usize>> = vec![Vec::new(); cluster.pods.len()];
     for (pi, policy) in policies.iter().enumerate() {
-        let selected: Vec<&Pod> = cluster.pods.iter().filter(|p| selects(policy, p)).collect();
-        selected_local.push(
-            selected
-                .iter()
-                .copied()
-                .filter(|p| p.host_iface.is_some())
-                .collect(),
-        );
+        let mut selected: Vec<&Pod> = Vec::new();
+        for (idx, pod) in cluster.pods.iter().enumerate() {
+            if selects(policy, pod) {
+                selected.push(pod);
+                policies_of_pod[idx].push(pi);
+            }
+        }
         for direction in [Direction::Ingress, Direction::Egress] {
             let Some(rules) = policy.rules(direction) else {
                 continue;
@@ -196,13 +196,14 @@ pub fn compile(cluster: &Cluster) -> Ruleset {
     }
 
     // Per-endpoint chains: only for directions in which some policy isolates the pod.
-    let mut local: Vec<&Pod> = cluster
+    let mut local: Vec<(usize, &Pod)> = cluster
         .pods
         .iter()
-        .filter(|p| p.host_iface.is_some())
+        .enumerate()
+        .filter(|(_, p)| p.host_iface.is_some())
         .collect();
-    local.sort_by(|a, b| a.host_iface.cmp(&b.host_iface));
-    for pod in local {
+    local.sort_by(|a, b| a.1.host_iface.cmp(&b.1.host_iface));
+    for (idx, pod) in local {
         let Some(iface) = pod.host_iface.as_deref() else {
             continue;
         };
@@ -210,13 +211,10 @@ pub fn compile(cluster: &Cluster) -> Ruleset {
         for direction in [Direction::Ingress, Direction::Egress] {
             let mut chain = Chain::default();
             let mut isolated = false;
-            for (pi, _) in policies.iter().enumerate() {
+            for &pi in &policies_of_pod[idx] {
                 let Some(rules) = compiled.get(&(pi, direction)) else {
                     continue;
                 };
-                if !selected_local[pi].iter().any(|p| std::ptr::eq(*p, pod)) {
-                    continue;
-                }
                 isolated = true;
                 chain.rules.extend(rules.iter().cloned());
             }
