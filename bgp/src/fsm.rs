@@ -177,7 +177,7 @@ impl Session {
     }
 
     /// Goes to Idle; a started session restarts by itself after a backoff that doubles per failure.
-    fn to_idle(&mut self, now: Instant, out: &mut Vec<Action>, reason: DownReason) {
+    fn enter_idle(&mut self, now: Instant, out: &mut Vec<Action>, reason: DownReason) {
         let was_up = self.state != State::Idle;
         self.clear_timers();
         self.state = State::Idle;
@@ -199,7 +199,7 @@ impl Session {
 
     fn fail(&mut self, now: Instant, n: Notification, out: &mut Vec<Action>) {
         out.push(Action::SendNotification(n.clone()));
-        self.to_idle(now, out, DownReason::Sent(n));
+        self.enter_idle(now, out, DownReason::Sent(n));
     }
 
     fn leave_idle(&mut self, now: Instant, out: &mut Vec<Action>) {
@@ -277,7 +277,7 @@ impl Session {
                 ) {
                     out.push(Action::SendNotification(n));
                 }
-                self.to_idle(now, &mut out, DownReason::Stopped);
+                self.enter_idle(now, &mut out, DownReason::Stopped);
                 self.failures = 0;
             }
             (State::Idle, Event::Start) => {
@@ -309,11 +309,11 @@ impl Session {
                 self.start_connect_retry(now);
                 out.push(Action::Disconnect);
             }
-            (_, Event::TcpFailed) => self.to_idle(now, &mut out, DownReason::ConnectionLost),
+            (_, Event::TcpFailed) => self.enter_idle(now, &mut out, DownReason::ConnectionLost),
             (_, Event::DecodeError(n)) => self.fail(now, n, &mut out),
             (_, Event::Message(Message::Notification(n))) => {
                 // RFC 4271 §6.2: a version error NOTIFICATION in OpenSent is not counted as a failure.
-                self.to_idle(now, &mut out, DownReason::Received(n));
+                self.enter_idle(now, &mut out, DownReason::Received(n));
             }
             (State::OpenSent, Event::Message(Message::Open(o))) => match self.check_open(&o) {
                 Ok(neg) => {
