@@ -6,9 +6,10 @@
 //! has ordering traps (a map element's `jump` must come after its chain) that the flat command
 //! list below avoids by construction (sets, then chains, then rules, then maps, then the hook).
 //!
-//! Layout: base chain `forward` (hook forward) accepts established/related, drops invalid state
-//! on pod interfaces, then dispatches with verdict maps on `iifname` (the source pod's egress
-//! chain, which `return`s when allowed) and `oifname` (the destination pod's ingress chain).
+//! Layout: two base chains on the forward hook, `pod-egress` (priority filter - 1) and
+//! `pod-ingress` (filter). Each accepts established/related, drops invalid state on pod
+//! interfaces and dispatches with a verdict map on `iifname` (the source pod's egress chain) or
+//! `oifname` (the destination pod's ingress chain). Endpoint chains jump to one chain per policy.
 //! Traffic between a pod and its own node never passes the forward hook, so it is always allowed.
 
 use std::collections::BTreeMap;
@@ -26,7 +27,8 @@ const FAMILY_TABLE: &str = "inet sepal";
 const MAP_INGRESS: &str = "dispatch-in";
 const MAP_EGRESS: &str = "dispatch-eg";
 const SET_ENDPOINTS: &str = "endpoints";
-const BASE_CHAIN: &str = "forward";
+const BASE_EGRESS: &str = "pod-egress";
+const BASE_INGRESS: &str = "pod-ingress";
 
 /// Rendering options.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -66,8 +68,10 @@ pub struct RuleCounter {
 
 fn set_type(kind: SetKind) -> &'static str {
     match kind {
-        SetKind::Addr(Family::V4) => "type ipv4_addr; flags interval;",
-        SetKind::Addr(Family::V6) => "type ipv6_addr; flags interval;",
+        SetKind::Addr(Family::V4) => "type ipv4_addr;",
+        SetKind::Addr(Family::V6) => "type ipv6_addr;",
+        SetKind::AddrInterval(Family::V4) => "type ipv4_addr; flags interval;",
+        SetKind::AddrInterval(Family::V6) => "type ipv6_addr; flags interval;",
         SetKind::ProtoPort => "type inet_proto . inet_service; flags interval;",
         SetKind::AddrProtoPort(Family::V4) => "type ipv4_addr . inet_proto . inet_service;",
         SetKind::AddrProtoPort(Family::V6) => "type ipv6_addr . inet_proto . inet_service;",
@@ -101,9 +105,9 @@ pub fn render_rule(chain: &str, rule: &NftRule, opts: &Options) -> String {
         .ok();
     }
     s.push_str("counter ");
-    match rule.action {
+    match &rule.action {
         Action::Accept => s.push_str("accept"),
-        Action::Return => s.push_str("return"),
+        Action::Jump(target) => write!(s, "jump {target}").unwrap_or(()),
         Action::Drop => {
             if let Some(group) = opts.nflog_group {
                 write!(
@@ -184,8 +188,11 @@ pub fn render_full(rs: &Ruleset, opts: &Options) -> String {
         SET_ENDPOINTS,
         &rs.endpoints.iter().map(|e| quote(e)).collect::<Vec<_>>(),
     );
-    for (name, chain) in &rs.chains {
+    // All chains first: endpoint chains jump to policy chains.
+    for name in rs.chains.keys() {
         writeln!(out, "add chain {FAMILY_TABLE} {name}").ok();
+    }
+    for (name, chain) in &rs.chains {
         add_chain_rules(&mut out, name, chain, opts);
     }
     for (map, entries) in [
@@ -200,19 +207,24 @@ pub fn render_full(rs: &Ruleset, opts: &Options) -> String {
         let elems: Vec<String> = entries.iter().map(|(i, c)| map_element(i, c)).collect();
         add_elements(&mut out, map, &elems);
     }
-    writeln!(
-        out,
-        "add chain {FAMILY_TABLE} {BASE_CHAIN} {{ type filter hook forward priority filter; policy accept; }}"
-    )
-    .ok();
-    for rule in [
-        "ct state established,related accept".to_string(),
-        format!("iifname @{SET_ENDPOINTS} ct state invalid counter drop"),
-        format!("oifname @{SET_ENDPOINTS} ct state invalid counter drop"),
-        format!("iifname vmap @{MAP_EGRESS}"),
-        format!("oifname vmap @{MAP_INGRESS}"),
+    // Egress and ingress are two base chains on the forward hook: an egress `accept` ends only
+    // the first, the destination's ingress chain still runs; a drop in either is final.
+    for (chain, priority, dir, map) in [
+        (BASE_EGRESS, "filter - 1", "iifname", MAP_EGRESS),
+        (BASE_INGRESS, "filter", "oifname", MAP_INGRESS),
     ] {
-        writeln!(out, "add rule {FAMILY_TABLE} {BASE_CHAIN} {rule}").ok();
+        writeln!(
+            out,
+            "add chain {FAMILY_TABLE} {chain} {{ type filter hook forward priority {priority}; policy accept; }}"
+        )
+        .ok();
+        for rule in [
+            "ct state established,related accept".to_string(),
+            format!("{dir} @{SET_ENDPOINTS} ct state invalid counter drop"),
+            format!("{dir} vmap @{map}"),
+        ] {
+            writeln!(out, "add rule {FAMILY_TABLE} {chain} {rule}").ok();
+        }
     }
     out
 }
@@ -268,12 +280,12 @@ pub fn render_diff(old: &Ruleset, new: &Ruleset, opts: &Options) -> String {
         .collect();
     add_or_delete_elements(&mut out, "delete", SET_ENDPOINTS, &old_eps);
     add_elements(&mut out, SET_ENDPOINTS, &new_eps);
+    for name in new.chains.keys().filter(|n| !old.chains.contains_key(*n)) {
+        writeln!(out, "add chain {FAMILY_TABLE} {name}").ok();
+    }
     for (name, chain) in &new.chains {
         match old.chains.get(name) {
-            None => {
-                writeln!(out, "add chain {FAMILY_TABLE} {name}").ok();
-                add_chain_rules(&mut out, name, chain, opts);
-            }
+            None => add_chain_rules(&mut out, name, chain, opts),
             Some(o) if o != chain => {
                 writeln!(out, "flush chain {FAMILY_TABLE} {name}").ok();
                 add_chain_rules(&mut out, name, chain, opts);
@@ -303,8 +315,16 @@ pub fn render_diff(old: &Ruleset, new: &Ruleset, opts: &Options) -> String {
         add_or_delete_elements(&mut out, "delete", map, &gone_keys);
         add_elements(&mut out, map, &added);
     }
-    for name in old.chains.keys().filter(|n| !new.chains.contains_key(*n)) {
+    // Flush every removed chain before deleting any: one may still jump to another.
+    let removed: Vec<&String> = old
+        .chains
+        .keys()
+        .filter(|n| !new.chains.contains_key(*n))
+        .collect();
+    for name in &removed {
         writeln!(out, "flush chain {FAMILY_TABLE} {name}").ok();
+    }
+    for name in &removed {
         writeln!(out, "delete chain {FAMILY_TABLE} {name}").ok();
     }
     for name in old.sets.keys().filter(|n| !new.sets.contains_key(*n)) {

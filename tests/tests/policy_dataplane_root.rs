@@ -195,7 +195,7 @@ fn incremental_updates_equal_a_full_replace_root() {
     // replaces the table in one transaction.
     let before = normalized(&inc);
     assert!(
-        before.contains("set endpoints") && before.contains("chain forward"),
+        before.contains("set endpoints") && before.contains("chain pod-ingress"),
         "{before}"
     );
     let mut restarted = nft(&inc);

@@ -84,9 +84,28 @@ impl AddrRanges {
         self.add_range(family, start, end);
     }
 
+    /// Adds many addresses with one normalization (adding one by one re-sorts every time).
+    pub fn extend_ips(&mut self, ips: impl IntoIterator<Item = IpAddr>) {
+        for ip in ips {
+            let v = to_u128(ip);
+            self.ranges[Family::of(&ip).idx()].push((v, v));
+        }
+        self.normalize();
+    }
+
+    fn normalize(&mut self) {
+        for list in &mut self.ranges {
+            Self::merge(list);
+        }
+    }
+
     fn add_range(&mut self, family: Family, start: u128, end: u128) {
         let list = &mut self.ranges[family.idx()];
         list.push((start, end));
+        Self::merge(list);
+    }
+
+    fn merge(list: &mut Vec<(u128, u128)>) {
         list.sort_unstable();
         let mut merged: Vec<(u128, u128)> = Vec::with_capacity(list.len());
         for &(s, e) in list.iter() {
@@ -121,10 +140,9 @@ impl AddrRanges {
     /// Adds every range of `other`.
     pub fn union(&mut self, other: &AddrRanges) {
         for family in Family::ALL {
-            for &(s, e) in &other.ranges[family.idx()] {
-                self.add_range(family, s, e);
-            }
+            self.ranges[family.idx()].extend_from_slice(&other.ranges[family.idx()]);
         }
+        self.normalize();
     }
 
     pub fn contains(&self, ip: IpAddr) -> bool {

@@ -13,8 +13,10 @@ use super::{AddrRanges, Cluster, Family, Pod, Protocol};
 /// Type of a named set.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum SetKind {
-    /// Interval set of addresses of one family.
+    /// Set of single addresses of one family (pod peers).
     Addr(Family),
+    /// Interval set of addresses of one family (peers with ipBlocks).
+    AddrInterval(Family),
     /// Interval set of `inet_proto . inet_service`.
     ProtoPort,
     /// Set of `addr . inet_proto . inet_service` (named ports resolved per pod).
@@ -42,13 +44,14 @@ pub enum Match {
 }
 
 /// What a matching rule does.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Action {
-    /// Allowed for good (ingress: the last check on the path).
+    /// Allowed in this direction (egress and ingress are separate base chains, so an egress
+    /// accept still leaves the destination's ingress check).
     Accept,
-    /// Allowed by egress; back to the base chain, which still checks the destination's ingress.
-    Return,
     Drop,
+    /// Evaluate a policy's chain (it accepts or returns).
+    Jump(String),
 }
 
 /// A rule with its counter; `comment` names the policy rule it came from (for counters and explain).
@@ -86,21 +89,6 @@ fn short_hash(s: &str) -> String {
     hex::encode(&digest[..5])
 }
 
-/// Rule comment naming the policy rule, e.g. `x/allow-a ingress[0]`; nftables keeps at most 128
-/// bytes, so long names are cut and made unique with a hash.
-pub(crate) fn rule_comment(policy: &Policy, direction: Direction, index: usize) -> String {
-    let full = format!("{} {direction}[{index}]", policy.id());
-    if full.len() <= 120 {
-        return full;
-    }
-    let id = policy.id();
-    let mut cut = 90;
-    while !id.is_char_boundary(cut) {
-        cut -= 1;
-    }
-    format!("{}~{} {direction}[{index}]", &id[..cut], short_hash(&id))
-}
-
 /// Chain name of an endpoint and direction.
 pub(crate) fn endpoint_chain(iface: &str, direction: Direction) -> String {
     match direction {
@@ -128,10 +116,26 @@ pub(crate) fn selects(policy: &Policy, pod: &Pod) -> bool {
     pod.namespace == policy.namespace && policy.pod_selector.matches(&pod.labels)
 }
 
+/// Labels of every namespace that has pods or a Namespace object, computed once per compile.
+pub(crate) type NsLabels = BTreeMap<String, BTreeMap<String, String>>;
+
+pub(crate) fn ns_labels(cluster: &Cluster) -> NsLabels {
+    let mut out = NsLabels::new();
+    for name in cluster
+        .namespaces
+        .keys()
+        .chain(cluster.pods.iter().map(|p| &p.namespace))
+    {
+        if !out.contains_key(name) {
+            out.insert(name.clone(), cluster.namespace_labels(name));
+        }
+    }
+    out
+}
+
 /// Is `pod` one of the pods a selector peer of `policy` names?
 pub(crate) fn peer_matches_pod(
-    cluster: &Cluster,
-    ns_labels: &mut BTreeMap<String, BTreeMap<String, String>>,
+    ns_labels: &NsLabels,
     policy: &Policy,
     peer: &PeerSpec,
     pod: &Pod,
@@ -140,12 +144,9 @@ pub(crate) fn peer_matches_pod(
         PeerSpec::Pods { namespaces, pods } => {
             let ns_ok = match namespaces {
                 None => pod.namespace == policy.namespace,
-                Some(sel) => {
-                    let labels = ns_labels
-                        .entry(pod.namespace.clone())
-                        .or_insert_with(|| cluster.namespace_labels(&pod.namespace));
-                    sel.matches(labels)
-                }
+                Some(sel) => ns_labels
+                    .get(pod.namespace.as_str())
+                    .is_some_and(|labels| sel.matches(labels)),
             };
             ns_ok && pods.matches(&pod.labels)
         }
@@ -153,45 +154,110 @@ pub(crate) fn peer_matches_pod(
     }
 }
 
+/// Rules of one policy direction that have identical `ports`: they compile into one nftables
+/// rule over the union of their peers (same meaning, one set lookup instead of many).
+pub(crate) struct RuleGroup<'a> {
+    pub indices: Vec<usize>,
+    pub rules: Vec<&'a PolicyRule>,
+}
+
+pub(crate) fn rule_groups(rules: &[PolicyRule]) -> Vec<RuleGroup<'_>> {
+    let mut groups: Vec<RuleGroup> = Vec::new();
+    for rule in rules {
+        match groups.iter_mut().find(|g| g.rules[0].ports == rule.ports) {
+            Some(g) => {
+                g.indices.push(rule.index);
+                g.rules.push(rule);
+            }
+            None => groups.push(RuleGroup {
+                indices: vec![rule.index],
+                rules: vec![rule],
+            }),
+        }
+    }
+    groups
+}
+
+/// Comment of a rule group: `x/allow ingress[0]`, `x/allow ingress[0,2]`, or for long lists
+/// `x/allow ingress[0,1,…+198]`.
+pub(crate) fn group_comment(policy: &Policy, direction: Direction, indices: &[usize]) -> String {
+    let list: Vec<String> = indices.iter().map(|i| i.to_string()).collect();
+    let mut joined = list.join(",");
+    if joined.len() > 24 {
+        joined = format!("{},{},…+{}", list[0], list[1], list.len() - 2);
+    }
+    let full = format!("{} {direction}[{joined}]", policy.id());
+    if full.len() <= 120 {
+        return full;
+    }
+    let id = policy.id();
+    let mut cut = 70;
+    while !id.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    format!("{}~{} {direction}[{joined}]", &id[..cut], short_hash(&id))
+}
+
+/// Name of the chain holding a policy's rules for one direction.
+pub(crate) fn policy_chain(policy: &Policy, direction: Direction) -> String {
+    let d = match direction {
+        Direction::Ingress => "pi",
+        Direction::Egress => "pe",
+    };
+    format!("{d}-{}", short_hash(&policy.id()))
+}
+
 /// Builds the desired ruleset for the node whose pods have `host_iface` set.
+///
+/// Layout: one chain per (policy, direction) with its rules, shared by every local pod it
+/// selects; one chain per isolated (endpoint, direction) that jumps to the chains of the
+/// policies selecting it and drops what none accepted.
 pub fn compile(cluster: &Cluster) -> Ruleset {
     let (policies, problems) = validated(cluster);
     let mut rs = Ruleset {
         problems,
         ..Ruleset::default()
     };
-    let mut ns_labels = BTreeMap::new();
+    let ns_labels = ns_labels(cluster);
+    let families = families_in_use(cluster, &policies);
 
-    // Rules per (policy index, direction), shared by every local endpoint the policy selects.
-    let mut compiled: BTreeMap<(usize, Direction), Vec<NftRule>> = BTreeMap::new();
     // For each pod (by index), the policies selecting it, in policy order.
     let mut policies_of_pod: Vec<Vec<usize>> = vec![Vec::new(); cluster.pods.len()];
     for (pi, policy) in policies.iter().enumerate() {
         let mut selected: Vec<&Pod> = Vec::new();
+        let mut any_local = false;
         for (idx, pod) in cluster.pods.iter().enumerate() {
             if selects(policy, pod) {
                 selected.push(pod);
                 policies_of_pod[idx].push(pi);
+                any_local |= pod.host_iface.is_some();
             }
+        }
+        // A policy selecting no pod of this node needs nothing here.
+        if !any_local {
+            continue;
         }
         for direction in [Direction::Ingress, Direction::Egress] {
             let Some(rules) = policy.rules(direction) else {
                 continue;
             };
-            let mut out = Vec::new();
-            for rule in rules {
-                compile_rule(
-                    cluster,
-                    &mut ns_labels,
+            let mut chain = Chain::default();
+            for group in rule_groups(rules) {
+                compile_group(
+                    &mut Ctx {
+                        cluster,
+                        ns_labels: &ns_labels,
+                        families: &families,
+                        sets: &mut rs.sets,
+                    },
                     policy,
                     direction,
-                    rule,
+                    &group,
                     &selected,
-                    &mut rs.sets,
-                    &mut out,
+                    &mut chain.rules,
                 );
             }
-            compiled.insert((pi, direction), out);
+            rs.chains.insert(policy_chain(policy, direction), chain);
         }
     }
 
@@ -209,17 +275,37 @@ pub fn compile(cluster: &Cluster) -> Ruleset {
         };
         rs.endpoints.insert(iface.to_string());
         for direction in [Direction::Ingress, Direction::Egress] {
-            let mut chain = Chain::default();
-            let mut isolated = false;
-            for &pi in &policies_of_pod[idx] {
-                let Some(rules) = compiled.get(&(pi, direction)) else {
-                    continue;
-                };
-                isolated = true;
-                chain.rules.extend(rules.iter().cloned());
-            }
-            if !isolated {
+            let jumps: Vec<NftRule> = policies_of_pod[idx]
+                .iter()
+                .map(|&pi| &policies[pi])
+                .filter(|policy| policy.rules(direction).is_some())
+                .map(|policy| NftRule {
+                    matches: vec![],
+                    action: Action::Jump(policy_chain(policy, direction)),
+                    comment: format!("{} {direction}", policy.id()),
+                })
+                .collect();
+            if jumps.is_empty() {
                 continue;
+            }
+            // Pods selected by the same policies share one chain of jumps; the endpoint's own
+            // chain keeps only that jump and its drop counter.
+            let mut chain = Chain::default();
+            if jumps.len() == 1 {
+                chain.rules = jumps;
+            } else {
+                let key: Vec<&str> = jumps.iter().map(|r| r.comment.as_str()).collect();
+                let shared = format!(
+                    "ps{}-{}",
+                    &endpoint_chain("", direction)[..2],
+                    short_hash(&key.join("\n"))
+                );
+                chain.rules.push(NftRule {
+                    matches: vec![],
+                    action: Action::Jump(shared.clone()),
+                    comment: format!("{} policies", jumps.len()),
+                });
+                rs.chains.insert(shared, Chain { rules: jumps });
             }
             chain.rules.push(NftRule {
                 matches: vec![],
@@ -237,89 +323,151 @@ pub fn compile(cluster: &Cluster) -> Ruleset {
     rs
 }
 
-#[allow(clippy::too_many_arguments)]
-fn compile_rule(
-    cluster: &Cluster,
-    ns_labels: &mut BTreeMap<String, BTreeMap<String, String>>,
+/// Address families anything in the cluster uses; rules for an unused family would only ever
+/// look up empty sets.
+fn families_in_use(cluster: &Cluster, policies: &[Policy]) -> Vec<Family> {
+    Family::ALL
+        .into_iter()
+        .filter(|&f| {
+            cluster
+                .pods
+                .iter()
+                .any(|p| p.ips.iter().any(|ip| Family::of(ip) == f))
+                || policies.iter().any(|p| {
+                    [&p.ingress, &p.egress]
+                        .into_iter()
+                        .flatten()
+                        .flatten()
+                        .flat_map(|r| r.peers.iter().flatten())
+                        .any(|peer| {
+                            matches!(peer, PeerSpec::IpBlock { ranges } if !ranges.is_empty(f))
+                        })
+                })
+        })
+        .collect()
+}
+
+struct Ctx<'a, 'b> {
+    cluster: &'a Cluster,
+    ns_labels: &'b NsLabels,
+    families: &'b [Family],
+    sets: &'b mut BTreeMap<String, Set>,
+}
+
+fn compile_group(
+    ctx: &mut Ctx,
     policy: &Policy,
     direction: Direction,
-    rule: &PolicyRule,
+    group: &RuleGroup,
     selected: &[&Pod],
-    sets: &mut BTreeMap<String, Set>,
     out: &mut Vec<NftRule>,
 ) {
+    let cluster = ctx.cluster;
     let d = match direction {
         Direction::Ingress => 'i',
         Direction::Egress => 'e',
     };
-    let base = format!("{d}{}-{}", short_hash(&policy.id()), rule.index);
-    let comment = rule_comment(policy, direction, rule.index);
-    let action = match direction {
-        Direction::Ingress => Action::Accept,
-        Direction::Egress => Action::Return,
+    let base = format!("{d}{}-{}", short_hash(&policy.id()), group.indices[0]);
+    let comment = group_comment(policy, direction, &group.indices);
+    let action = Action::Accept;
+    let ports = &group.rules[0].ports;
+    // Any rule of the group without peers allows every peer.
+    let peers: Option<Vec<&PeerSpec>> = if group.rules.iter().any(|r| r.peers.is_none()) {
+        None
+    } else {
+        Some(
+            group
+                .rules
+                .iter()
+                .flat_map(|r| r.peers.iter().flatten())
+                .collect(),
+        )
     };
 
-    // Peer pods (for egress named ports) and the peer address set.
-    let peer_pods: Vec<&Pod> = match &rule.peers {
-        None => cluster.pods.iter().collect(),
-        Some(peers) => cluster
+    // Egress rules with only named ports match on the named-port set alone.
+    let needs_peer_set = direction == Direction::Ingress
+        || ports
+            .as_ref()
+            .is_none_or(|ports| ports.iter().any(|p| matches!(p, PortSpec::Range { .. })));
+    let named_only_egress = !needs_peer_set;
+    let peer_pods: Vec<&Pod> = match (&peers, named_only_egress) {
+        (_, false) => Vec::new(),
+        (None, true) => cluster.pods.iter().collect(),
+        (Some(peers), true) => cluster
             .pods
             .iter()
             .filter(|pod| {
                 peers
                     .iter()
-                    .any(|peer| peer_matches_pod(cluster, ns_labels, policy, peer, pod))
+                    .any(|peer| peer_matches_pod(ctx.ns_labels, policy, peer, pod))
             })
             .collect(),
     };
-    // Egress rules with only named ports match on the named-port set alone.
-    let needs_peer_set = direction == Direction::Ingress
-        || rule
-            .ports
-            .as_ref()
-            .is_none_or(|ports| ports.iter().any(|p| matches!(p, PortSpec::Range { .. })));
-    let peer_sets: Option<[String; 2]> =
-        rule.peers.as_ref().filter(|_| needs_peer_set).map(|peers| {
+    let peer_sets: Option<BTreeMap<Family, String>> =
+        peers.as_ref().filter(|_| needs_peer_set).map(|peers| {
+            // Pod peers only: a plain hash set of addresses (cheap to load and update);
+            // with ipBlocks: an interval set of the union.
+            let mut ips: BTreeSet<IpAddr> = BTreeSet::new();
             let mut ranges = AddrRanges::new();
+            let mut has_blocks = false;
             for peer in peers {
                 match peer {
-                    PeerSpec::IpBlock { ranges: r } => ranges.union(r),
-                    PeerSpec::Pods { .. } => {
-                        for pod in cluster
+                    PeerSpec::IpBlock { ranges: r } => {
+                        has_blocks = true;
+                        ranges.union(r)
+                    }
+                    PeerSpec::Pods { .. } => ips.extend(
+                        cluster
                             .pods
                             .iter()
-                            .filter(|pod| peer_matches_pod(cluster, ns_labels, policy, peer, pod))
-                        {
-                            for ip in &pod.ips {
-                                ranges.add_ip(*ip);
-                            }
-                        }
-                    }
+                            .filter(|pod| peer_matches_pod(ctx.ns_labels, policy, peer, pod))
+                            .flat_map(|pod| pod.ips.iter().copied()),
+                    ),
                 }
             }
-            Family::ALL.map(|family| {
-                let name = format!("{base}-peer{}", fam(family));
-                sets.insert(
-                    name.clone(),
-                    Set {
-                        kind: SetKind::Addr(family),
-                        elements: ranges.elements(family).into_iter().collect(),
-                    },
-                );
-                name
-            })
+            if has_blocks {
+                ranges.extend_ips(ips.iter().copied());
+            }
+            ctx.families
+                .iter()
+                .map(|&family| {
+                    let name = format!("{base}-peer{}", fam(family));
+                    let set = if has_blocks {
+                        Set {
+                            kind: SetKind::AddrInterval(family),
+                            elements: ranges.elements(family).into_iter().collect(),
+                        }
+                    } else {
+                        Set {
+                            kind: SetKind::Addr(family),
+                            elements: ips
+                                .iter()
+                                .filter(|ip| Family::of(ip) == family)
+                                .map(ip_elem)
+                                .collect(),
+                        }
+                    };
+                    // The kind is part of the name: a set never changes type in place.
+                    let name = match set.kind {
+                        SetKind::AddrInterval(_) => format!("{name}r"),
+                        _ => name,
+                    };
+                    ctx.sets.insert(name.clone(), set);
+                    (family, name)
+                })
+                .collect()
         });
     let peer_match = |family: Family| -> Option<Match> {
-        peer_sets.as_ref().map(|names| {
-            let name = names[family as usize].clone();
-            match direction {
+        peer_sets.as_ref().and_then(|names| {
+            let name = names.get(&family)?.clone();
+            Some(match direction {
                 Direction::Ingress => Match::SrcAddr(family, name),
                 Direction::Egress => Match::DstAddr(family, name),
-            }
+            })
         })
     };
 
-    let Some(ports) = &rule.ports else {
+    let Some(ports) = ports else {
         // Every port and protocol.
         match &peer_sets {
             None => out.push(NftRule {
@@ -328,10 +476,10 @@ fn compile_rule(
                 comment,
             }),
             Some(_) => {
-                for family in Family::ALL {
+                for &family in ctx.families {
                     out.push(NftRule {
                         matches: peer_match(family).into_iter().collect(),
-                        action,
+                        action: action.clone(),
                         comment: comment.clone(),
                     });
                 }
@@ -372,7 +520,7 @@ fn compile_rule(
                 });
             }
         }
-        sets.insert(
+        ctx.sets.insert(
             name.clone(),
             Set {
                 kind: SetKind::ProtoPort,
@@ -382,17 +530,17 @@ fn compile_rule(
         match &peer_sets {
             None => out.push(NftRule {
                 matches: vec![Match::ProtoPort(name)],
-                action,
+                action: action.clone(),
                 comment: comment.clone(),
             }),
             Some(_) => {
-                for family in Family::ALL {
+                for &family in ctx.families {
                     out.push(NftRule {
                         matches: peer_match(family)
                             .into_iter()
                             .chain([Match::ProtoPort(name.clone())])
                             .collect(),
-                        action,
+                        action: action.clone(),
                         comment: comment.clone(),
                     });
                 }
@@ -405,7 +553,7 @@ fn compile_rule(
             Direction::Ingress => selected,
             Direction::Egress => &peer_pods,
         };
-        for family in Family::ALL {
+        for &family in ctx.families {
             let mut elements = BTreeSet::new();
             for pod in owners {
                 for &(proto, pname) in &named {
@@ -418,7 +566,7 @@ fn compile_rule(
                 }
             }
             let name = format!("{base}-named{}", fam(family));
-            sets.insert(
+            ctx.sets.insert(
                 name.clone(),
                 Set {
                     kind: SetKind::AddrProtoPort(family),
@@ -433,7 +581,7 @@ fn compile_rule(
             matches.push(Match::DstAddrProtoPort(family, name));
             out.push(NftRule {
                 matches,
-                action,
+                action: action.clone(),
                 comment: comment.clone(),
             });
         }

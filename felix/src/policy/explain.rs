@@ -1,11 +1,12 @@
 //! `explain`: the verdict NetworkPolicy gives one packet (from, to, protocol, port) and the policy
 //! rule that decided it, evaluated on the same validated model the compiler turns into nftables.
 
-use std::collections::BTreeMap;
 use std::fmt;
 use std::net::IpAddr;
 
-use super::compile::{peer_matches_pod, rule_comment, selects, validated};
+use super::compile::{
+    group_comment, ns_labels, peer_matches_pod, rule_groups, selects, validated, NsLabels,
+};
 use super::validate::{Direction, PeerSpec, Policy, PortSpec};
 use super::{Cluster, Family, Pod, Protocol};
 
@@ -178,8 +179,8 @@ pub fn explain(
             });
         }
     }
-    let mut ns_labels = BTreeMap::new();
-    let mut check = |direction: Direction, subject: &End, other: &End| -> DirectionVerdict {
+    let ns_labels = ns_labels(cluster);
+    let check = |direction: Direction, subject: &End, other: &End| -> DirectionVerdict {
         let Some(pod) = subject.pod else {
             return DirectionVerdict::NotAPod;
         };
@@ -194,7 +195,7 @@ pub fn explain(
                     None => true,
                     Some(peers) => peers
                         .iter()
-                        .any(|peer| peer_allows(cluster, &mut ns_labels, policy, peer, other)),
+                        .any(|peer| peer_allows(&ns_labels, policy, peer, other)),
                 };
                 // Named ports resolve on the destination pod in both directions.
                 let port_ok = match &rule.ports {
@@ -207,7 +208,11 @@ pub fn explain(
                     return DirectionVerdict::Allowed {
                         policy: policy.id(),
                         rule: rule.index,
-                        comment: rule_comment(policy, direction, rule.index),
+                        comment: rule_groups(rules)
+                            .iter()
+                            .find(|g| g.indices.contains(&rule.index))
+                            .map(|g| group_comment(policy, direction, &g.indices))
+                            .unwrap_or_default(),
                     };
                 }
             }
@@ -228,18 +233,12 @@ pub fn explain(
     })
 }
 
-fn peer_allows(
-    cluster: &Cluster,
-    ns_labels: &mut BTreeMap<String, BTreeMap<String, String>>,
-    policy: &Policy,
-    peer: &PeerSpec,
-    other: &End,
-) -> bool {
+fn peer_allows(ns_labels: &NsLabels, policy: &Policy, peer: &PeerSpec, other: &End) -> bool {
     match peer {
         PeerSpec::IpBlock { ranges } => ranges.contains(other.ip),
         PeerSpec::Pods { .. } => other
             .pod
-            .is_some_and(|pod| peer_matches_pod(cluster, ns_labels, policy, peer, pod)),
+            .is_some_and(|pod| peer_matches_pod(ns_labels, policy, peer, pod)),
     }
 }
 

@@ -1,0 +1,597 @@
+//! `sepal-bench policy`: (1) compile + apply time of a 1000-pod / 500-policy cluster, full and
+//! after one change; (2) datapath cost between two pods behind 10,000 peers' worth of selectors
+//! and ipBlocks: throughput vs no policy, new-connection rate vs a linear iptables ruleset.
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::io::Write as _;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::os::fd::AsRawFd;
+use std::process::Stdio;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use sepal_felix::nft::{Dataplane, Options};
+use sepal_felix::policy::{compile, Cluster, NamedPort, Namespace, NetworkPolicy, Pod, Protocol};
+
+use crate::netns::{veth, Netns};
+
+struct Args {
+    pods: usize,
+    policies: usize,
+    peers: usize,
+    seconds: u64,
+    runs: usize,
+}
+
+fn parse(args: &[String]) -> Result<Args> {
+    let mut a = Args {
+        pods: 1000,
+        policies: 500,
+        peers: 10_000,
+        seconds: 3,
+        runs: 3,
+    };
+    let mut it = args.iter();
+    while let Some(flag) = it.next() {
+        let value = it
+            .next()
+            .with_context(|| format!("{flag} needs a value"))?
+            .parse::<usize>()
+            .with_context(|| format!("{flag} needs a number"))?;
+        match flag.as_str() {
+            "--pods" => a.pods = value,
+            "--policies" => a.policies = value,
+            "--peers" => a.peers = value,
+            "--seconds" => a.seconds = value as u64,
+            "--runs" => a.runs = value.max(1),
+            other => {
+                bail!("unknown option {other}; options: --pods --policies --peers --seconds --runs")
+            }
+        }
+    }
+    Ok(a)
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+fn named_ports() -> Vec<NamedPort> {
+    vec![
+        NamedPort {
+            name: "http".into(),
+            protocol: Protocol::Tcp,
+            port: 8080,
+        },
+        NamedPort {
+            name: "metrics".into(),
+            protocol: Protocol::Tcp,
+            port: 9090,
+        },
+    ]
+}
+
+fn pod(ns: &str, name: String, labels: &[(&str, String)], ip: Ipv4Addr, local: bool) -> Pod {
+    Pod {
+        namespace: ns.into(),
+        host_iface: local.then(|| format!("sep{}", &name[..name.len().min(12)])),
+        name,
+        labels: labels
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.clone()))
+            .collect(),
+        ips: vec![IpAddr::V4(ip)],
+        ports: named_ports(),
+    }
+}
+
+fn policy(yaml: &str) -> Result<NetworkPolicy> {
+    serde_norway::from_str(yaml).context("bench policy")
+}
+
+/// 10 namespaces × pods/10 pods (all on this node), `policies` policies of mixed shapes.
+fn big_cluster(pods: usize, policies: usize) -> Result<Cluster> {
+    let mut c = Cluster::default();
+    for n in 0..10 {
+        let name = format!("ns{n}");
+        c.namespaces.insert(
+            name.clone(),
+            Namespace {
+                name,
+                labels: BTreeMap::from([("tier".into(), format!("t{}", n % 3))]),
+            },
+        );
+    }
+    for i in 0..pods {
+        c.pods.push(pod(
+            &format!("ns{}", i % 10),
+            format!("p{i}"),
+            &[
+                ("app", format!("app{}", i % 50)),
+                ("role", format!("r{}", i % 4)),
+            ],
+            Ipv4Addr::new(10, 244, (i / 250) as u8, (i % 250) as u8 + 1),
+            true,
+        ));
+    }
+    for k in 0..policies {
+        c.policies.push(policy(&big_policy(k))?);
+    }
+    Ok(c)
+}
+
+fn big_policy(k: usize) -> String {
+    let ns = k % 10;
+    let app = k % 50;
+    match k % 5 {
+        0 => format!(
+            "metadata: {{name: pol{k}, namespace: ns{ns}}}\nspec:\n  podSelector: {{matchLabels: {{app: app{app}}}}}\n  ingress:\n  - from: [{{podSelector: {{matchLabels: {{app: app{}}}}}}}]\n    ports: [{{port: 8080}}, {{port: 9000, endPort: 9100}}]\n",
+            (app + 1) % 50
+        ),
+        1 => format!(
+            "metadata: {{name: pol{k}, namespace: ns{ns}}}\nspec:\n  podSelector: {{matchLabels: {{role: r{}}}}}\n  ingress:\n  - from: [{{namespaceSelector: {{matchLabels: {{tier: t{}}}}}}}]\n    ports: [{{port: http}}]\n",
+            k % 4,
+            k % 3
+        ),
+        2 => format!(
+            "metadata: {{name: pol{k}, namespace: ns{ns}}}\nspec:\n  podSelector: {{matchLabels: {{app: app{app}}}}}\n  ingress:\n  - from: [{{ipBlock: {{cidr: 10.{}.0.0/16, except: [10.{}.1.0/24]}}}}]\n",
+            k % 200,
+            k % 200
+        ),
+        3 => format!(
+            "metadata: {{name: pol{k}, namespace: ns{ns}}}\nspec:\n  podSelector: {{matchExpressions: [{{key: app, operator: In, values: [app{app}, app{}]}}]}}\n  policyTypes: [Egress]\n  egress:\n  - to: [{{namespaceSelector: {{}}, podSelector: {{matchLabels: {{role: r{}}}}}}}]\n    ports: [{{port: metrics}}, {{port: 53, protocol: UDP}}]\n",
+            (app + 7) % 50,
+            k % 4
+        ),
+        _ => format!(
+            "metadata: {{name: pol{k}, namespace: ns{ns}}}\nspec:\n  podSelector: {{matchLabels: {{app: app{app}}}}}\n  ingress:\n  - from: [{{namespaceSelector: {{matchExpressions: [{{key: tier, operator: NotIn, values: [t0]}}]}}, podSelector: {{matchLabels: {{role: r{}}}}}}}]\n",
+            k % 4
+        ),
+    }
+}
+
+fn nft_in(ns: &Netns) -> Dataplane {
+    Dataplane::with_command(
+        vec![
+            "ip".into(),
+            "netns".into(),
+            "exec".into(),
+            ns.name().into(),
+            "nft".into(),
+        ],
+        Options::default(),
+    )
+}
+
+fn control_plane(a: &Args) -> Result<(f64, f64, f64)> {
+    let ns = Netns::new("bpol");
+    let mut cluster = big_cluster(a.pods, a.policies)?;
+    let mut dp = nft_in(&ns);
+    let mut fulls = Vec::new();
+    for _ in 0..a.runs {
+        dp.delete().ok();
+        let t = Instant::now();
+        let rs = compile(&cluster);
+        dp.resync(&rs)?;
+        fulls.push(t.elapsed().as_secs_f64() * 1000.0);
+    }
+    let t = Instant::now();
+    let rs = compile(&cluster);
+    let compile_ms = t.elapsed().as_secs_f64() * 1000.0;
+    if let Ok(path) = std::env::var("SEPAL_BENCH_DUMP") {
+        std::fs::write(
+            path,
+            sepal_felix::nft::render_full(&rs, &Options::default()),
+        )?;
+    }
+    println!(
+        "control plane (compile alone {compile_ms:.1} ms): {} pods (all local), {} policies -> {} sets, {} chains, {} rules",
+        a.pods,
+        a.policies,
+        rs.sets.len(),
+        rs.chains.len(),
+        rs.chains.values().map(|c| c.rules.len()).sum::<usize>()
+    );
+    // One policy change, then one new pod, each from model change to kernel ack.
+    let (mut pol_ms, mut pod_ms) = (Vec::new(), Vec::new());
+    for i in 0..10 {
+        let yaml = format!(
+            "metadata: {{name: pol7, namespace: ns7}}\nspec:\n  podSelector: {{matchLabels: {{app: app7}}}}\n  ingress:\n  - from: [{{podSelector: {{matchLabels: {{app: app{}}}}}}}]\n    ports: [{{port: {}}}]\n",
+            i % 50,
+            8000 + i
+        );
+        let idx = cluster
+            .policies
+            .iter()
+            .position(|p| p.metadata.name.as_deref() == Some("pol7"))
+            .context("pol7")?;
+        cluster.policies[idx] = policy(&yaml)?;
+        let t = Instant::now();
+        dp.apply(&compile(&cluster))?;
+        pol_ms.push(t.elapsed().as_secs_f64() * 1000.0);
+
+        cluster.pods.push(pod(
+            "ns3",
+            format!("new{i}"),
+            &[("app", format!("app{}", i % 50)), ("role", "r1".into())],
+            Ipv4Addr::new(10, 245, 0, i as u8 + 1),
+            true,
+        ));
+        let t = Instant::now();
+        dp.apply(&compile(&cluster))?;
+        pod_ms.push(t.elapsed().as_secs_f64() * 1000.0);
+    }
+    let full = median(fulls);
+    let (pol, newpod) = (median(pol_ms), median(pod_ms));
+    println!(
+        "full compile + apply (atomic replace): {full:.1} ms (median of {})",
+        a.runs
+    );
+    println!("one policy changed -> in the kernel: {pol:.1} ms; one new pod: {newpod:.1} ms (medians of 10)");
+    Ok((full, pol, newpod))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Datapath
+
+const SRV_IP: Ipv4Addr = Ipv4Addr::new(10, 244, 0, 20);
+const CLI_IP: Ipv4Addr = Ipv4Addr::new(10, 244, 0, 10);
+const PORT: u16 = 8080;
+
+struct Lab {
+    node: Netns,
+    cli: Netns,
+    srv: Netns,
+    _up: Netns,
+}
+
+fn lab() -> Lab {
+    let node = Netns::new("bnode");
+    let up = Netns::new("bup");
+    veth(&node, "eth0", &up, "eth0");
+    node.run("ip addr add 10.255.255.2/24 dev eth0 && ip route add default dev eth0 && sysctl -qw net.ipv4.ip_forward=1");
+    let mut pods = Vec::new();
+    for (tag, host, ip) in [("bcli", "sepcli", CLI_IP), ("bsrv", "sepsrv", SRV_IP)] {
+        let p = Netns::new(tag);
+        veth(&node, host, &p, "eth0");
+        node.run(&format!(
+            "ip link set {host} address ee:ee:ee:ee:ee:ee && sysctl -qw net.ipv4.conf.{host}.proxy_arp=1 net.ipv4.neigh.{host}.proxy_delay=0 && ip route add {ip}/32 dev {host} scope link"
+        ));
+        p.run(&format!("ip addr add {ip}/32 dev eth0 && ip route add 169.254.1.1 dev eth0 scope link && ip route add default via 169.254.1.1 dev eth0"));
+        pods.push(p);
+    }
+    let srv = pods.pop().expect("srv");
+    let cli = pods.pop().expect("cli");
+    Lab {
+        node,
+        cli,
+        srv,
+        _up: up,
+    }
+}
+
+/// The server pod isolated by one policy whose rules name `peers` sources: half pods picked by
+/// label selectors (on other nodes), half ipBlocks; the client is matched by the last rule.
+fn datapath_cluster(peers: usize) -> Result<(Cluster, Vec<Ipv4Addr>)> {
+    let mut c = Cluster::default();
+    let mut sources = Vec::new();
+    let half = peers / 2;
+    for i in 0..half {
+        // Every other address, so no two peers merge into one range.
+        let ip = Ipv4Addr::new(10, 250, (i / 125) as u8, (i % 125) as u8 * 2 + 1);
+        sources.push(ip);
+        c.pods.push(pod(
+            "remote",
+            format!("r{i}"),
+            &[("app", format!("peer{}", i % 100))],
+            ip,
+            false,
+        ));
+    }
+    let mut rules = String::new();
+    for r in 0..100 {
+        rules.push_str(&format!(
+            "  - from: [{{namespaceSelector: {{matchLabels: {{kubernetes.io/metadata.name: remote}}}}, podSelector: {{matchLabels: {{app: peer{r}}}}}}}]\n    ports: [{{port: {PORT}}}, {{port: 5201}}]\n"
+        ));
+    }
+    let blocks: Vec<Ipv4Addr> = (0..peers - half)
+        .map(|i| Ipv4Addr::new(10, 251, (i / 125) as u8, (i % 125) as u8 * 2 + 1))
+        .collect();
+    for chunk in blocks.chunks(50) {
+        let list: Vec<String> = chunk
+            .iter()
+            .map(|ip| format!("{{ipBlock: {{cidr: {ip}/32}}}}"))
+            .collect();
+        rules.push_str(&format!(
+            "  - from: [{}]\n    ports: [{{port: {PORT}}}, {{port: 5201}}]\n",
+            list.join(", ")
+        ));
+    }
+    sources.extend(&blocks);
+    rules.push_str(&format!(
+        "  - from: [{{namespaceSelector: {{}}, podSelector: {{matchLabels: {{app: client}}}}}}]\n    ports: [{{port: {PORT}}}, {{port: 5201}}]\n"
+    ));
+    c.policies.push(policy(&format!(
+        "metadata: {{name: server, namespace: bench}}\nspec:\n  podSelector: {{matchLabels: {{app: server}}}}\n  ingress:\n{rules}"
+    ))?);
+    c.pods.push(Pod {
+        host_iface: Some("sepcli".into()),
+        ..pod(
+            "bench",
+            "client".into(),
+            &[("app", "client".into())],
+            CLI_IP,
+            false,
+        )
+    });
+    c.pods.push(Pod {
+        host_iface: Some("sepsrv".into()),
+        ..pod(
+            "bench",
+            "server".into(),
+            &[("app", "server".into())],
+            SRV_IP,
+            false,
+        )
+    });
+    Ok((c, sources))
+}
+
+/// The same allow list as linear iptables rules, one per peer, client last (Calico/kube-router
+/// style: conntrack first, then one rule per allowed source, then drop).
+fn iptables_rules(sources: &[Ipv4Addr]) -> String {
+    let mut s = String::from("*filter\n:SEPAL-BENCH - [0:0]\n");
+    s.push_str("-A FORWARD -o sepsrv -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT\n");
+    s.push_str("-A FORWARD -o sepsrv -j SEPAL-BENCH\n");
+    for ip in sources.iter().chain([&CLI_IP]) {
+        s.push_str(&format!(
+            "-A SEPAL-BENCH -s {ip}/32 -p tcp -m multiport --dports {PORT},5201 -j ACCEPT\n"
+        ));
+    }
+    s.push_str("-A SEPAL-BENCH -j DROP\nCOMMIT\n");
+    s
+}
+
+/// New TCP connections per second: connect, then close with RST (SO_LINGER 0) so no TIME_WAIT
+/// piles up, from one thread in the client pod.
+fn conn_rate(lab: &Lab, seconds: u64) -> Result<f64> {
+    let cli = lab.cli.path();
+    let name = lab.cli.name().to_string();
+    std::thread::scope(|s| {
+        s.spawn(move || -> Result<f64> {
+            let f = File::open(&cli)?;
+            // SAFETY: setns on a valid namespace fd only changes this thread's namespace.
+            if unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+                bail!("setns {name}");
+            }
+            let addr = SocketAddr::new(IpAddr::V4(SRV_IP), PORT);
+            let deadline = Instant::now() + Duration::from_secs(seconds);
+            let start = Instant::now();
+            let mut n = 0u64;
+            while Instant::now() < deadline {
+                let c = TcpStream::connect_timeout(&addr, Duration::from_secs(1))
+                    .context("benchmark connection refused or dropped")?;
+                let linger = libc::linger {
+                    l_onoff: 1,
+                    l_linger: 0,
+                };
+                // SAFETY: valid fd and a correctly sized linger struct.
+                unsafe {
+                    libc::setsockopt(
+                        c.as_raw_fd(),
+                        libc::SOL_SOCKET,
+                        libc::SO_LINGER,
+                        (&linger as *const libc::linger).cast(),
+                        std::mem::size_of::<libc::linger>() as libc::socklen_t,
+                    );
+                }
+                drop(c);
+                n += 1;
+            }
+            Ok(n as f64 / start.elapsed().as_secs_f64())
+        })
+        .join()
+        .map_err(|_| anyhow::anyhow!("connect loop panicked"))?
+    })
+}
+
+fn iperf(lab: &Lab, seconds: u64) -> Result<f64> {
+    let out = lab
+        .cli
+        .command(&[
+            "iperf3",
+            "-c",
+            &SRV_IP.to_string(),
+            "-t",
+            &seconds.to_string(),
+            "-J",
+        ])
+        .output()
+        .context("run iperf3 (Debian package iperf3)")?;
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).context("iperf3 JSON")?;
+    v["end"]["sum_received"]["bits_per_second"]
+        .as_f64()
+        .context("iperf3: no end.sum_received.bits_per_second")
+}
+
+fn iptables_load(lab: &Lab, tool: &str, rules: &str) -> Result<()> {
+    let mut child = lab
+        .node
+        .command(&[tool])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("run {tool}"))?;
+    child
+        .stdin
+        .take()
+        .context("stdin")?
+        .write_all(rules.as_bytes())?;
+    let out = child.wait_with_output()?;
+    if !out.status.success() {
+        bail!("{tool}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    // Make sure the linear chain really is in place, or the comparison means nothing.
+    let save = tool.replace("-restore", "-save");
+    let listed = lab.node.run(&save);
+    let want = rules
+        .lines()
+        .filter(|l| l.starts_with("-A SEPAL-BENCH"))
+        .count();
+    let have = listed
+        .lines()
+        .filter(|l| l.starts_with("-A SEPAL-BENCH"))
+        .count();
+    if have != want {
+        bail!("{tool}: {have} of {want} rules loaded");
+    }
+    Ok(())
+}
+
+fn iptables_flush(lab: &Lab, tool: &str) {
+    let base = tool.trim_end_matches("-restore");
+    let _ = lab.node.try_run(&format!(
+        "{base} -F FORWARD; {base} -F SEPAL-BENCH; {base} -X SEPAL-BENCH"
+    ));
+}
+
+struct DatapathFigures {
+    tput_none: f64,
+    tput_sepal: f64,
+    rate_sepal: f64,
+    rate_ipt_nft: f64,
+    rate_ipt_legacy: f64,
+}
+
+fn datapath(a: &Args) -> Result<DatapathFigures> {
+    let lab = lab();
+    // Accept loop in the server pod.
+    let stop = Arc::new(AtomicBool::new(false));
+    let (tx, rx) = std::sync::mpsc::channel::<Result<()>>();
+    let srv = lab.srv.path();
+    let stop2 = stop.clone();
+    let server = std::thread::spawn(move || {
+        let listener = (|| -> Result<TcpListener> {
+            let f = File::open(&srv)?;
+            // SAFETY: setns on a valid namespace fd only changes this thread's namespace.
+            if unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+                bail!("setns server");
+            }
+            let l = TcpListener::bind(("0.0.0.0", PORT))?;
+            l.set_nonblocking(true)?;
+            Ok(l)
+        })();
+        let listener = match listener {
+            Ok(l) => {
+                let _ = tx.send(Ok(()));
+                l
+            }
+            Err(e) => {
+                let _ = tx.send(Err(e));
+                return;
+            }
+        };
+        while !stop2.load(Ordering::Relaxed) {
+            match listener.accept() {
+                Ok((s, _)) => drop(s),
+                Err(_) => std::thread::sleep(Duration::from_micros(50)),
+            }
+        }
+    });
+    rx.recv().context("server thread")??;
+    let mut iperf_srv = lab
+        .srv
+        .command(&["iperf3", "-s", "-p", "5201"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .spawn()
+        .context("run iperf3 (Debian package iperf3)")?;
+    std::thread::sleep(Duration::from_millis(300));
+
+    let (cluster, sources) = datapath_cluster(a.peers)?;
+    let rs = compile(&cluster);
+    let elements: usize = rs.sets.values().map(|s| s.elements.len()).sum();
+    println!(
+        "datapath: server isolated by {} peers' worth of selectors and ipBlocks -> {} set elements, {} rules in its chain; linear iptables: {} rules",
+        a.peers,
+        elements,
+        rs.chains.get("in-sepsrv").map(|c| c.rules.len()).unwrap_or(0),
+        sources.len() + 1
+    );
+    let mut dp = nft_in(&lab.node);
+    let ipt = iptables_rules(&sources);
+
+    let (mut t_none, mut t_sepal) = (Vec::new(), Vec::new());
+    let (mut r_sepal, mut r_nft, mut r_legacy) = (Vec::new(), Vec::new(), Vec::new());
+    for run in 0..a.runs {
+        // Interleaved so drift in the machine's speed hits every variant alike.
+        dp.delete().ok();
+        t_none.push(iperf(&lab, a.seconds)?);
+        dp.resync(&rs)?;
+        t_sepal.push(iperf(&lab, a.seconds)?);
+        r_sepal.push(conn_rate(&lab, a.seconds)?);
+        dp.delete()?;
+        iptables_load(&lab, "iptables-restore", &ipt)?;
+        r_nft.push(conn_rate(&lab, a.seconds)?);
+        iptables_flush(&lab, "iptables-restore");
+        lab.node.try_run("nft delete table ip filter").ok();
+        iptables_load(&lab, "iptables-legacy-restore", &ipt)?;
+        r_legacy.push(conn_rate(&lab, a.seconds)?);
+        iptables_flush(&lab, "iptables-legacy-restore");
+        println!(
+            "run {}: throughput none {:.2} / sepal {:.2} Gbit/s; conn/s sepal {:.0}, iptables-nft linear {:.0}, iptables-legacy linear {:.0}",
+            run + 1,
+            t_none[run] / 1e9,
+            t_sepal[run] / 1e9,
+            r_sepal[run],
+            r_nft[run],
+            r_legacy[run]
+        );
+    }
+    stop.store(true, Ordering::Relaxed);
+    let _ = server.join();
+    crate::netns::kill(&mut iperf_srv);
+    Ok(DatapathFigures {
+        tput_none: median(t_none),
+        tput_sepal: median(t_sepal),
+        rate_sepal: median(r_sepal),
+        rate_ipt_nft: median(r_nft),
+        rate_ipt_legacy: median(r_legacy),
+    })
+}
+
+pub fn run(args: &[String]) -> Result<()> {
+    let a = parse(args)?;
+    crate::require_root();
+    let (full, pol, newpod) = control_plane(&a)?;
+    let d = datapath(&a)?;
+    let tput_ratio = d.tput_sepal / d.tput_none;
+    let rate_ratio = d.rate_sepal / d.rate_ipt_nft;
+    let legacy_ratio = d.rate_sepal / d.rate_ipt_legacy;
+    println!(
+        "medians: throughput none {:.2} Gbit/s, sepal {:.2} Gbit/s (ratio {tput_ratio:.3}); new connections/s sepal {:.0}, linear iptables (nf_tables backend, Debian default) {:.0} (ratio {rate_ratio:.2}), linear iptables-legacy {:.0} (ratio {legacy_ratio:.2})",
+        d.tput_none / 1e9,
+        d.tput_sepal / 1e9,
+        d.rate_sepal,
+        d.rate_ipt_nft,
+        d.rate_ipt_legacy
+    );
+    println!(
+        "{}",
+        serde_json::json!({
+            "full_apply_ms": (full * 10.0).round() / 10.0,
+            "incremental_ms": (pol.max(newpod) * 10.0).round() / 10.0,
+            "incremental_policy_ms": (pol * 10.0).round() / 10.0,
+            "incremental_pod_ms": (newpod * 10.0).round() / 10.0,
+            "throughput_ratio_vs_none": (tput_ratio * 1000.0).round() / 1000.0,
+            "conn_rate_ratio_vs_linear_iptables": (rate_ratio * 100.0).round() / 100.0,
+            "conn_rate_ratio_vs_linear_iptables_legacy": (legacy_ratio * 100.0).round() / 100.0,
+        })
+    );
+    Ok(())
+}
