@@ -2,4 +2,5 @@
 //! with the §9.1 decision process, and a tokio edge (sockets, TCP MD5, GTSM, timers).
 
 pub mod fsm;
+pub mod rib;
 pub mod wire;

@@ -1,0 +1,602 @@
+// The RIB: Adj-RIB-In per peer (post-import), Loc-RIB with the RFC 4271 §9.1 decision process and ECMP,
+// and the export rules (split horizon, route reflection per RFC 4456, next-hop-self to eBGP, loop checks).
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::{IpAddr, Ipv4Addr};
+use std::sync::Arc;
+
+use ipnet::IpNet;
+
+use crate::wire::{Attrs, OriginKind, Segment};
+
+/// Who a path came from; `Local` are the speaker's own announcements.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
+pub enum Source {
+    Local,
+    Peer(IpAddr),
+}
+
+/// Facts about the peer a path was learned from, used by the decision process and export rules.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerFacts {
+    pub addr: IpAddr,
+    pub asn: u32,
+    pub router_id: Ipv4Addr,
+    pub ibgp: bool,
+    pub rr_client: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Path {
+    pub source: Source,
+    pub next_hop: IpAddr,
+    pub attrs: Arc<Attrs>,
+    /// Set for learned paths.
+    pub peer: Option<Arc<PeerFacts>>,
+    /// RFC 4724: retained from a restarting peer until its End-of-RIB.
+    pub stale: bool,
+}
+
+impl Path {
+    fn local_pref(&self) -> u32 {
+        self.attrs.local_pref.unwrap_or(100)
+    }
+    fn ebgp(&self) -> bool {
+        self.peer.as_ref().is_some_and(|p| !p.ibgp)
+    }
+    /// RFC 4456 §9: the ORIGINATOR_ID stands in for the router ID.
+    fn router_id(&self) -> u32 {
+        match (&self.attrs.originator_id, &self.peer) {
+            (Some(o), _) => u32::from(*o),
+            (None, Some(p)) => u32::from(p.router_id),
+            (None, None) => 0,
+        }
+    }
+}
+
+/// Outcome of comparing two paths: how far down the §9.1.2.2 list they tie.
+/// `Ecmp` paths are equal up to (not including) the router-ID tie-breaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Cmp {
+    Better,
+    Worse,
+    Ecmp(std::cmp::Ordering),
+}
+
+/// RFC 4271 §9.1.2: is `a` preferred over `b`?
+fn compare(a: &Path, b: &Path) -> Cmp {
+    use std::cmp::Ordering::*;
+    let pick = |o: std::cmp::Ordering| match o {
+        Greater => Some(Cmp::Better),
+        Less => Some(Cmp::Worse),
+        Equal => None,
+    };
+    // Local routes first (they have no AS path of ours and represent the node itself).
+    let la = matches!(a.source, Source::Local);
+    let lb = matches!(b.source, Source::Local);
+    if let Some(c) = pick(la.cmp(&lb)) {
+        return c;
+    }
+    if let Some(c) = pick(a.local_pref().cmp(&b.local_pref())) {
+        return c;
+    }
+    if let Some(c) = pick(b.attrs.as_path_len().cmp(&a.attrs.as_path_len())) {
+        return c;
+    }
+    let origin = |o: OriginKind| o as u8;
+    if let Some(c) = pick(origin(b.attrs.origin).cmp(&origin(a.attrs.origin))) {
+        return c;
+    }
+    // MED only between routes from the same neighbouring AS; missing MED is 0 (lowest).
+    if a.attrs.neighbor_as() == b.attrs.neighbor_as() {
+        if let Some(c) = pick(b.attrs.med.unwrap_or(0).cmp(&a.attrs.med.unwrap_or(0))) {
+            return c;
+        }
+    }
+    if let Some(c) = pick(a.ebgp().cmp(&b.ebgp())) {
+        return c;
+    }
+    // (IGP cost to the next hop is not known to the library: all equal.)
+    let tie = b
+        .router_id()
+        .cmp(&a.router_id())
+        .then(b.attrs.cluster_list.len().cmp(&a.attrs.cluster_list.len()))
+        .then_with(|| {
+            let addr = |p: &Path| p.peer.as_ref().map(|p| p.addr);
+            addr(b).cmp(&addr(a))
+        });
+    Cmp::Ecmp(tie)
+}
+
+/// A best-route change for the FIB: the new set of next hops, or `None` when the prefix is gone.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct RouteChange {
+    pub prefix: IpNet,
+    pub best: Option<BestRoute>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct BestRoute {
+    /// All ECMP next hops, best first.
+    pub next_hops: Vec<IpAddr>,
+    pub source: Source,
+    pub attrs: Attrs,
+}
+
+#[derive(Debug, Default)]
+struct Entry {
+    paths: Vec<Path>,
+    /// Indexes into `paths`: best first, then ECMP siblings.
+    best: Vec<usize>,
+    /// What was last reported, to emit only real changes (indexes move on removal).
+    reported: Option<(Vec<IpAddr>, Source, Arc<Attrs>)>,
+}
+
+/// The table. Keyed with a BTreeMap so dumps and tests are ordered.
+#[derive(Debug)]
+pub struct Rib {
+    pub ecmp: usize,
+    entries: BTreeMap<IpNet, Entry>,
+    /// Accepted prefixes per peer (Adj-RIB-In size after import).
+    counts: HashMap<IpAddr, usize>,
+}
+
+impl Rib {
+    pub fn new(ecmp: usize) -> Rib {
+        Rib {
+            ecmp: ecmp.max(1),
+            entries: BTreeMap::new(),
+            counts: HashMap::new(),
+        }
+    }
+
+    pub fn count(&self, peer: IpAddr) -> usize {
+        self.counts.get(&peer).copied().unwrap_or(0)
+    }
+
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// Adds or replaces the path from `path.source` for `prefix`.
+    pub fn insert(&mut self, prefix: IpNet, path: Path) -> Option<RouteChange> {
+        let e = self.entries.entry(prefix).or_default();
+        match e.paths.iter_mut().find(|p| p.source == path.source) {
+            Some(p) => *p = path,
+            None => {
+                if let Source::Peer(a) = path.source {
+                    *self.counts.entry(a).or_default() += 1;
+                }
+                e.paths.push(path);
+            }
+        }
+        self.reselect(prefix)
+    }
+
+    pub fn remove(&mut self, prefix: IpNet, source: Source) -> Option<RouteChange> {
+        let e = self.entries.get_mut(&prefix)?;
+        let i = e.paths.iter().position(|p| p.source == source)?;
+        e.paths.swap_remove(i);
+        if let Source::Peer(a) = source {
+            if let Some(c) = self.counts.get_mut(&a) {
+                *c = c.saturating_sub(1);
+            }
+        }
+        self.reselect(prefix)
+    }
+
+    /// Prefixes a source has paths for.
+    pub fn prefixes_of(&self, source: Source) -> Vec<IpNet> {
+        self.entries
+            .iter()
+            .filter(|(_, e)| e.paths.iter().any(|p| p.source == source))
+            .map(|(k, _)| *k)
+            .collect()
+    }
+
+    /// Removes everything from a peer (session down without graceful restart).
+    pub fn remove_source(&mut self, source: Source) -> Vec<RouteChange> {
+        self.prefixes_of(source)
+            .into_iter()
+            .filter_map(|p| self.remove(p, source))
+            .collect()
+    }
+
+    /// RFC 4724 receiving speaker: keep the peer's paths but mark them stale.
+    pub fn mark_stale(&mut self, source: Source, family: Option<crate::wire::Family>) {
+        for (k, e) in self.entries.iter_mut() {
+            if family.is_some_and(|f| crate::wire::Family::of(k) != f) {
+                continue;
+            }
+            for p in e.paths.iter_mut().filter(|p| p.source == source) {
+                p.stale = true;
+            }
+        }
+    }
+
+    /// Drops the peer's still-stale paths (after its End-of-RIB or the restart timer).
+    pub fn sweep_stale(
+        &mut self,
+        source: Source,
+        family: Option<crate::wire::Family>,
+    ) -> Vec<RouteChange> {
+        let stale: Vec<IpNet> = self
+            .entries
+            .iter()
+            .filter(|(k, _)| family.is_none_or(|f| crate::wire::Family::of(k) == f))
+            .filter(|(_, e)| e.paths.iter().any(|p| p.source == source && p.stale))
+            .map(|(k, _)| *k)
+            .collect();
+        stale
+            .into_iter()
+            .filter_map(|p| self.remove(p, source))
+            .collect()
+    }
+
+    /// The selected paths (best first) of a prefix.
+    pub fn best(&self, prefix: &IpNet) -> Vec<&Path> {
+        self.entries
+            .get(prefix)
+            .map(|e| e.best.iter().map(|i| &e.paths[*i]).collect())
+            .unwrap_or_default()
+    }
+
+    /// Every prefix with its best paths.
+    pub fn iter_best(&self) -> impl Iterator<Item = (&IpNet, Vec<&Path>)> {
+        self.entries
+            .iter()
+            .map(|(k, e)| (k, e.best.iter().map(|i| &e.paths[*i]).collect()))
+    }
+
+    fn reselect(&mut self, prefix: IpNet) -> Option<RouteChange> {
+        let e = self.entries.get_mut(&prefix)?;
+        let had = e.reported.is_some();
+        let mut order: Vec<usize> = (0..e.paths.len()).collect();
+        order.sort_by(|a, b| match compare(&e.paths[*a], &e.paths[*b]) {
+            Cmp::Better => std::cmp::Ordering::Less,
+            Cmp::Worse => std::cmp::Ordering::Greater,
+            Cmp::Ecmp(o) => o.reverse(),
+        });
+        let mut best = Vec::new();
+        if let Some(first) = order.first() {
+            best.push(*first);
+            for i in order.iter().skip(1) {
+                if best.len() >= self.ecmp {
+                    break;
+                }
+                if matches!(compare(&e.paths[*first], &e.paths[*i]), Cmp::Ecmp(_))
+                    && !best
+                        .iter()
+                        .any(|b| e.paths[*b].next_hop == e.paths[*i].next_hop)
+                {
+                    best.push(*i);
+                }
+            }
+        }
+        e.best = best;
+        if e.best.is_empty() {
+            self.entries.remove(&prefix);
+            return had.then_some(RouteChange { prefix, best: None });
+        }
+        let new: Vec<IpAddr> = e.best.iter().map(|i| e.paths[*i].next_hop).collect();
+        let first = &e.paths[e.best[0]];
+        let now = (new, first.source, first.attrs.clone());
+        if e.reported.as_ref() == Some(&now) {
+            return None;
+        }
+        let change = RouteChange {
+            prefix,
+            best: Some(BestRoute {
+                next_hops: now.0.clone(),
+                source: now.1,
+                attrs: (*now.2).clone(),
+            }),
+        };
+        e.reported = Some(now);
+        Some(change)
+    }
+}
+
+/// What we know about the peer we export to.
+#[derive(Debug, Clone)]
+pub struct ExportTarget {
+    pub addr: IpAddr,
+    pub asn: u32,
+    pub ibgp: bool,
+    pub rr_client: bool,
+    /// The peer's BGP identifier from its OPEN.
+    pub router_id: Ipv4Addr,
+    /// Our address on this session (next-hop-self).
+    pub local_addr: IpAddr,
+    /// Our IPv6 address on this session for IPv6 routes over an IPv4 session, if any.
+    pub local_addr_v6: Option<IpAddr>,
+    pub local_addr_v4: Option<IpAddr>,
+}
+
+/// Speaker-wide facts used by the export rules.
+#[derive(Debug, Clone)]
+pub struct ExportCtx {
+    pub local_as: u32,
+    pub router_id: Ipv4Addr,
+    /// RFC 4456 cluster ID when acting as a reflector (default: router ID).
+    pub cluster_id: Ipv4Addr,
+}
+
+/// The Adj-RIB-Out decision for one best path towards one peer: attributes and next hop, or `None`.
+pub fn export(
+    ctx: &ExportCtx,
+    to: &ExportTarget,
+    prefix: &IpNet,
+    best: &Path,
+) -> Option<(Attrs, IpAddr)> {
+    let mut a = (*best.attrs).clone();
+    if let Some(from) = &best.peer {
+        if from.addr == to.addr {
+            return None;
+        }
+        if to.ibgp && from.ibgp {
+            // RFC 4456 §6: from a client to everyone; from a non-client only to clients.
+            if !(from.rr_client || to.rr_client) {
+                return None;
+            }
+            if a.originator_id.is_none() {
+                a.originator_id = Some(from.router_id);
+            }
+            // RFC 4456 §10: never reflect back to the originator.
+            if a.originator_id == Some(to.router_id) {
+                return None;
+            }
+            a.cluster_list.insert(0, ctx.cluster_id);
+        }
+    }
+    let own_v6 = matches!(prefix, IpNet::V6(_));
+    let session_nh = |v6: bool| -> IpAddr {
+        match (v6, to.local_addr) {
+            (true, IpAddr::V6(_)) | (false, IpAddr::V4(_)) => to.local_addr,
+            (true, IpAddr::V4(_)) => to.local_addr_v6.unwrap_or(to.local_addr),
+            (false, IpAddr::V6(_)) => to.local_addr_v4.unwrap_or(to.local_addr),
+        }
+    };
+    let nh;
+    if to.ibgp {
+        a.local_pref.get_or_insert(100);
+        nh = match best.source {
+            // Our own routes: the given next hop, or ourselves when it is unspecified.
+            Source::Local if !best.next_hop.is_unspecified() => best.next_hop,
+            Source::Local => session_nh(own_v6),
+            Source::Peer(_) => best.next_hop,
+        };
+    } else {
+        // eBGP: our AS first, our address as next hop, no iBGP-only attributes.
+        if a.contains_as(to.asn) {
+            // The peer would drop it anyway (its own AS in the path): don't send.
+            return None;
+        }
+        a.prepend(ctx.local_as);
+        a.local_pref = None;
+        a.originator_id = None;
+        a.cluster_list.clear();
+        if best.peer.is_some() {
+            a.med = None;
+        }
+        nh = session_nh(own_v6);
+    }
+    Some((a, nh))
+}
+
+/// Inbound loop checks (RFC 4271 §9.1.2 AS loop, RFC 4456 §8 ORIGINATOR_ID / CLUSTER_LIST).
+pub fn looped(ctx: &ExportCtx, attrs: &Attrs) -> bool {
+    attrs.as_path.iter().any(|s| match s {
+        Segment::Sequence(v) | Segment::Set(v) => v.contains(&ctx.local_as),
+    }) || attrs.originator_id == Some(ctx.router_id)
+        || attrs.cluster_list.contains(&ctx.cluster_id)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::wire::net4;
+
+    fn peer(addr: [u8; 4], asn: u32, ibgp: bool) -> Arc<PeerFacts> {
+        Arc::new(PeerFacts {
+            addr: IpAddr::from(addr),
+            asn,
+            router_id: Ipv4Addr::from(addr),
+            ibgp,
+            rr_client: false,
+        })
+    }
+
+    fn path(p: &Arc<PeerFacts>, f: impl FnOnce(&mut Attrs)) -> Path {
+        let mut a = Attrs {
+            as_path: vec![Segment::Sequence(vec![p.asn])],
+            ..Default::default()
+        };
+        if p.ibgp {
+            a.as_path.clear();
+        }
+        f(&mut a);
+        Path {
+            source: Source::Peer(p.addr),
+            next_hop: p.addr,
+            attrs: Arc::new(a),
+            peer: Some(p.clone()),
+            stale: false,
+        }
+    }
+
+    #[test]
+    fn decision_process_order() {
+        let n = net4([10, 1, 0, 0], 24);
+        let (a, b) = (
+            peer([10, 0, 0, 1], 65001, false),
+            peer([10, 0, 0, 2], 65002, false),
+        );
+        let mut rib = Rib::new(1);
+        let c = rib.insert(n, path(&a, |_| {})).unwrap();
+        assert_eq!(c.best.unwrap().next_hops, vec![IpAddr::from([10, 0, 0, 1])]);
+        // Higher local-pref wins.
+        let c = rib
+            .insert(n, path(&b, |x| x.local_pref = Some(200)))
+            .unwrap();
+        assert_eq!(c.best.unwrap().next_hops, vec![IpAddr::from([10, 0, 0, 2])]);
+        // Shorter AS path wins when local-pref ties.
+        rib.insert(
+            n,
+            path(&b, |x| {
+                x.as_path = vec![Segment::Sequence(vec![65002, 65009])]
+            }),
+        );
+        assert_eq!(rib.best(&n)[0].next_hop, IpAddr::from([10, 0, 0, 1]));
+        // Origin IGP beats INCOMPLETE.
+        rib.insert(n, path(&a, |x| x.origin = OriginKind::Incomplete));
+        rib.insert(n, path(&b, |_| {}));
+        assert_eq!(rib.best(&n)[0].next_hop, IpAddr::from([10, 0, 0, 2]));
+        // Withdraw leaves the other.
+        let c = rib
+            .remove(n, Source::Peer(IpAddr::from([10, 0, 0, 2])))
+            .unwrap();
+        assert_eq!(c.best.unwrap().next_hops, vec![IpAddr::from([10, 0, 0, 1])]);
+        let c = rib
+            .remove(n, Source::Peer(IpAddr::from([10, 0, 0, 1])))
+            .unwrap();
+        assert_eq!(c.best, None);
+        assert!(rib.is_empty());
+    }
+
+    #[test]
+    fn med_only_within_same_as_and_ebgp_over_ibgp() {
+        let n = net4([10, 1, 0, 0], 24);
+        let (a, b) = (
+            peer([10, 0, 0, 1], 65001, false),
+            peer([10, 0, 0, 2], 65001, false),
+        );
+        let mut rib = Rib::new(1);
+        rib.insert(n, path(&a, |x| x.med = Some(50)));
+        rib.insert(n, path(&b, |x| x.med = Some(10)));
+        assert_eq!(rib.best(&n)[0].next_hop, IpAddr::from([10, 0, 0, 2]));
+        let i = peer([10, 0, 0, 3], 65000, true);
+        let mut rib = Rib::new(1);
+        rib.insert(
+            n,
+            path(&i, |x| x.as_path = vec![Segment::Sequence(vec![65001])]),
+        );
+        rib.insert(n, path(&a, |_| {}));
+        assert_eq!(rib.best(&n)[0].next_hop, IpAddr::from([10, 0, 0, 1]));
+    }
+
+    #[test]
+    fn ecmp_collects_equal_paths_and_router_id_breaks_ties() {
+        let n = net4([10, 1, 0, 0], 24);
+        let (a, b, c) = (
+            peer([10, 0, 0, 3], 65001, false),
+            peer([10, 0, 0, 2], 65002, false),
+            peer([10, 0, 0, 1], 65003, false),
+        );
+        let mut rib = Rib::new(4);
+        rib.insert(n, path(&a, |_| {}));
+        rib.insert(n, path(&b, |_| {}));
+        let ch = rib.insert(n, path(&c, |_| {})).unwrap();
+        let hops = ch.best.unwrap().next_hops;
+        assert_eq!(
+            hops,
+            vec![
+                IpAddr::from([10, 0, 0, 1]),
+                IpAddr::from([10, 0, 0, 2]),
+                IpAddr::from([10, 0, 0, 3])
+            ]
+        );
+        let mut rib = Rib::new(1);
+        rib.insert(n, path(&a, |_| {}));
+        rib.insert(n, path(&b, |_| {}));
+        assert_eq!(rib.best(&n)[0].next_hop, IpAddr::from([10, 0, 0, 2]));
+    }
+
+    #[test]
+    fn graceful_restart_stale_sweep() {
+        let (n1, n2) = (net4([10, 1, 0, 0], 24), net4([10, 2, 0, 0], 24));
+        let a = peer([10, 0, 0, 1], 65001, false);
+        let mut rib = Rib::new(1);
+        rib.insert(n1, path(&a, |_| {}));
+        rib.insert(n2, path(&a, |_| {}));
+        rib.mark_stale(Source::Peer(a.addr), None);
+        assert_eq!(rib.len(), 2);
+        // Re-sync refreshes n2 only; End-of-RIB sweeps n1.
+        assert!(rib.insert(n2, path(&a, |_| {})).is_none());
+        let gone = rib.sweep_stale(Source::Peer(a.addr), None);
+        assert_eq!(
+            gone,
+            vec![RouteChange {
+                prefix: n1,
+                best: None
+            }]
+        );
+        assert_eq!(rib.count(a.addr), 1);
+    }
+
+    fn ctx() -> ExportCtx {
+        ExportCtx {
+            local_as: 65000,
+            router_id: Ipv4Addr::new(10, 0, 0, 9),
+            cluster_id: Ipv4Addr::new(10, 0, 0, 9),
+        }
+    }
+
+    fn target(addr: [u8; 4], asn: u32, ibgp: bool, rr_client: bool) -> ExportTarget {
+        ExportTarget {
+            addr: IpAddr::from(addr),
+            asn,
+            ibgp,
+            rr_client,
+            router_id: Ipv4Addr::from(addr),
+            local_addr: IpAddr::from([10, 0, 0, 9]),
+            local_addr_v6: None,
+            local_addr_v4: None,
+        }
+    }
+
+    #[test]
+    fn export_rules() {
+        let n = net4([10, 1, 0, 0], 24);
+        let ib = peer([10, 0, 0, 1], 65000, true);
+        let p = path(&ib, |x| x.local_pref = Some(100));
+        // iBGP split horizon: not to another non-client iBGP peer, and never back to the sender.
+        assert!(export(&ctx(), &target([10, 0, 0, 2], 65000, true, false), &n, &p).is_none());
+        assert!(export(&ctx(), &target([10, 0, 0, 1], 65000, true, true), &n, &p).is_none());
+        // Reflected to a client with ORIGINATOR_ID and CLUSTER_LIST.
+        let (a, nh) = export(&ctx(), &target([10, 0, 0, 2], 65000, true, true), &n, &p).unwrap();
+        assert_eq!(a.originator_id, Some(Ipv4Addr::new(10, 0, 0, 1)));
+        assert_eq!(a.cluster_list, vec![Ipv4Addr::new(10, 0, 0, 9)]);
+        assert_eq!(nh, IpAddr::from([10, 0, 0, 1]));
+        // To eBGP: prepend, next-hop-self, no LOCAL_PREF.
+        let (a, nh) = export(&ctx(), &target([10, 0, 1, 1], 65100, false, false), &n, &p).unwrap();
+        assert_eq!(a.as_path, vec![Segment::Sequence(vec![65000])]);
+        assert_eq!(a.local_pref, None);
+        assert_eq!(nh, IpAddr::from([10, 0, 0, 9]));
+        // Not to an eBGP peer whose AS is already in the path.
+        let e = peer([10, 0, 2, 1], 65100, false);
+        assert!(export(
+            &ctx(),
+            &target([10, 0, 1, 1], 65100, false, false),
+            &n,
+            &path(&e, |_| {})
+        )
+        .is_none());
+    }
+
+    #[test]
+    fn loops_detected() {
+        let mut a = Attrs {
+            as_path: vec![Segment::Sequence(vec![65100, 65000])],
+            ..Default::default()
+        };
+        assert!(looped(&ctx(), &a));
+        a.as_path.clear();
+        assert!(!looped(&ctx(), &a));
+        a.cluster_list = vec![Ipv4Addr::new(10, 0, 0, 9)];
+        assert!(looped(&ctx(), &a));
+    }
+}
