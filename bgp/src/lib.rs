@@ -3,4 +3,13 @@
 
 pub mod fsm;
 pub mod rib;
+pub mod socket;
+pub mod speaker;
 pub mod wire;
+
+pub use rib::{BestRoute, RouteChange, Source};
+pub use speaker::{
+    Error, GracefulRestartConfig, LocalRoute, MaxPrefix, PeerConfig, PeerStatus, Policy, Speaker,
+    SpeakerConfig,
+};
+pub use wire::{Attrs, Family, Notification};
