@@ -1,6 +1,6 @@
 //! The compiler proper: validated policies and the cluster model in, the desired ruleset out.
-//! Names of sets and chains derive from stable identities (policy, rule, interface), never from
-//! content, so a pod or label change only changes set elements and the dataplane diff stays small.
+//! Set names derive from stable identities (policy, rule), never from their content, so a pod or
+//! label change only changes set elements and the dataplane diff stays small.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
@@ -133,6 +133,70 @@ pub(crate) fn ns_labels(cluster: &Cluster) -> NsLabels {
     out
 }
 
+/// Pods by namespace (with their index in `cluster.pods`): a policy selects only pods of its
+/// own namespace and most peers name few namespaces, so nothing scans every pod per policy.
+pub(crate) struct PodIndex<'a> {
+    by_ns: BTreeMap<&'a str, Vec<(usize, &'a Pod)>>,
+    all: Vec<(usize, &'a Pod)>,
+}
+
+impl<'a> PodIndex<'a> {
+    pub(crate) fn new(cluster: &'a Cluster) -> PodIndex<'a> {
+        let mut by_ns: BTreeMap<&str, Vec<(usize, &Pod)>> = BTreeMap::new();
+        for (i, pod) in cluster.pods.iter().enumerate() {
+            by_ns
+                .entry(pod.namespace.as_str())
+                .or_default()
+                .push((i, pod));
+        }
+        PodIndex {
+            by_ns,
+            all: cluster.pods.iter().enumerate().collect(),
+        }
+    }
+
+    pub(crate) fn in_namespace(&self, ns: &str) -> &[(usize, &'a Pod)] {
+        self.by_ns.get(ns).map(Vec::as_slice).unwrap_or(&[])
+    }
+
+    /// The pods a peer names (for an ipBlock: the pods whose address is in it).
+    pub(crate) fn peer_pods(
+        &self,
+        ns_labels: &NsLabels,
+        policy: &Policy,
+        peer: &PeerSpec,
+    ) -> Vec<(usize, &'a Pod)> {
+        match peer {
+            PeerSpec::Pods {
+                namespaces: None,
+                pods,
+            } => self
+                .in_namespace(&policy.namespace)
+                .iter()
+                .filter(|(_, p)| pods.matches(&p.labels))
+                .copied()
+                .collect(),
+            PeerSpec::Pods {
+                namespaces: Some(sel),
+                pods,
+            } => self
+                .by_ns
+                .iter()
+                .filter(|(ns, _)| ns_labels.get(**ns).is_some_and(|l| sel.matches(l)))
+                .flat_map(|(_, list)| list.iter())
+                .filter(|(_, p)| pods.matches(&p.labels))
+                .copied()
+                .collect(),
+            PeerSpec::IpBlock { ranges } => self
+                .all
+                .iter()
+                .filter(|(_, p)| p.ips.iter().any(|ip| ranges.contains(*ip)))
+                .copied()
+                .collect(),
+        }
+    }
+}
+
 /// Is `pod` one of the pods a selector peer of `policy` names?
 pub(crate) fn peer_matches_pod(
     ns_labels: &NsLabels,
@@ -220,13 +284,14 @@ pub fn compile(cluster: &Cluster) -> Ruleset {
     };
     let ns_labels = ns_labels(cluster);
     let families = families_in_use(cluster, &policies);
+    let index = PodIndex::new(cluster);
 
     // For each pod (by index), the policies selecting it, in policy order.
     let mut policies_of_pod: Vec<Vec<usize>> = vec![Vec::new(); cluster.pods.len()];
     for (pi, policy) in policies.iter().enumerate() {
         let mut selected: Vec<&Pod> = Vec::new();
         let mut any_local = false;
-        for (idx, pod) in cluster.pods.iter().enumerate() {
+        for &(idx, pod) in index.in_namespace(&policy.namespace) {
             if selects(policy, pod) {
                 selected.push(pod);
                 policies_of_pod[idx].push(pi);
@@ -246,6 +311,7 @@ pub fn compile(cluster: &Cluster) -> Ruleset {
                 compile_group(
                     &mut Ctx {
                         cluster,
+                        index: &index,
                         ns_labels: &ns_labels,
                         families: &families,
                         sets: &mut rs.sets,
@@ -349,6 +415,7 @@ fn families_in_use(cluster: &Cluster, policies: &[Policy]) -> Vec<Family> {
 
 struct Ctx<'a, 'b> {
     cluster: &'a Cluster,
+    index: &'b PodIndex<'a>,
     ns_labels: &'b NsLabels,
     families: &'b [Family],
     sets: &'b mut BTreeMap<String, Set>,
@@ -393,15 +460,13 @@ fn compile_group(
     let peer_pods: Vec<&Pod> = match (&peers, named_only_egress) {
         (_, false) => Vec::new(),
         (None, true) => cluster.pods.iter().collect(),
-        (Some(peers), true) => cluster
-            .pods
-            .iter()
-            .filter(|pod| {
-                peers
-                    .iter()
-                    .any(|peer| peer_matches_pod(ctx.ns_labels, policy, peer, pod))
-            })
-            .collect(),
+        (Some(peers), true) => {
+            let mut found: BTreeMap<usize, &Pod> = BTreeMap::new();
+            for peer in peers {
+                found.extend(ctx.index.peer_pods(ctx.ns_labels, policy, peer));
+            }
+            found.into_values().collect()
+        }
     };
     let peer_sets: Option<BTreeMap<Family, String>> =
         peers.as_ref().filter(|_| needs_peer_set).map(|peers| {
@@ -417,11 +482,10 @@ fn compile_group(
                         ranges.union(r)
                     }
                     PeerSpec::Pods { .. } => ips.extend(
-                        cluster
-                            .pods
-                            .iter()
-                            .filter(|pod| peer_matches_pod(ctx.ns_labels, policy, peer, pod))
-                            .flat_map(|pod| pod.ips.iter().copied()),
+                        ctx.index
+                            .peer_pods(ctx.ns_labels, policy, peer)
+                            .into_iter()
+                            .flat_map(|(_, pod)| pod.ips.iter().copied()),
                     ),
                 }
             }

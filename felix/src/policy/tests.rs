@@ -198,3 +198,42 @@ fn dump_for_manual_check() {
         std::fs::write(format!("{path}.diff2"), nft::render_diff(&b, &a, &o)).unwrap();
     }
 }
+
+#[test]
+fn rules_with_equal_ports_share_one_nft_rule_and_explain_names_the_group() {
+    let p = r#"
+metadata: {name: many, namespace: x}
+spec:
+  podSelector: {matchLabels: {pod: a}}
+  ingress:
+  - from: [{podSelector: {matchLabels: {pod: b}}}]
+    ports: [{port: 80}]
+  - from: [{namespaceSelector: {matchLabels: {ns: y}}}]
+    ports: [{port: 80}]
+  - from: [{namespaceSelector: {matchLabels: {ns: z}}}]
+    ports: [{port: 81}]
+"#;
+    let c = cluster(&[p]);
+    let rs = compile(&c);
+    let chain = rs
+        .chains
+        .iter()
+        .find(|(n, _)| n.starts_with("pi-"))
+        .map(|(_, c)| c)
+        .unwrap();
+    let comments: Vec<&str> = chain.rules.iter().map(|r| r.comment.as_str()).collect();
+    assert_eq!(comments, vec!["x/many ingress[0,1]", "x/many ingress[2]"]);
+    let e = explain(&c, &pod("y/c"), &pod("x/a"), Protocol::Tcp, 80).unwrap();
+    assert_eq!(
+        e.ingress,
+        DirectionVerdict::Allowed {
+            policy: "x/many".into(),
+            rule: 1,
+            comment: "x/many ingress[0,1]".into()
+        }
+    );
+    assert!(!allowed(&c, "y/c", "x/a", Protocol::Tcp, 81));
+    assert!(allowed(&c, "z/c", "x/a", Protocol::Tcp, 81));
+    // Only IPv4 is in use: no IPv6 sets or rules.
+    assert!(rs.sets.keys().all(|n| !n.ends_with('6')));
+}

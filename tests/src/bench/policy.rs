@@ -359,6 +359,9 @@ fn iptables_rules(sources: &[Ipv4Addr]) -> String {
 /// New TCP connections per second: connect, then close with RST (SO_LINGER 0) so no TIME_WAIT
 /// piles up, from one thread in the client pod.
 fn conn_rate(lab: &Lab, seconds: u64) -> Result<f64> {
+    // Every variant starts with an empty conntrack table: the previous loop's closed entries
+    // would otherwise pile up (and a full table drops new connections).
+    let _ = lab.node.try_run("conntrack -F 2>/dev/null");
     let cli = lab.cli.path();
     let name = lab.cli.name().to_string();
     std::thread::scope(|s| {
@@ -372,9 +375,23 @@ fn conn_rate(lab: &Lab, seconds: u64) -> Result<f64> {
             let deadline = Instant::now() + Duration::from_secs(seconds);
             let start = Instant::now();
             let mut n = 0u64;
-            while Instant::now() < deadline {
-                let c = TcpStream::connect_timeout(&addr, Duration::from_secs(1))
-                    .context("benchmark connection refused or dropped")?;
+            let mut failures = 0u32;
+            let mut first = true;
+            // At least one connection, even with no time left (that wakes the accept loop).
+            while first || Instant::now() < deadline {
+                first = false;
+                // A SYN lost to a full accept queue is retransmitted after 1 s: wait for it,
+                // and give up only on a persistent failure.
+                let c = match TcpStream::connect_timeout(&addr, Duration::from_secs(3)) {
+                    Ok(c) => c,
+                    Err(e) => {
+                        failures += 1;
+                        if failures > 10 {
+                            bail!("connections keep failing: {e}");
+                        }
+                        continue;
+                    }
+                };
                 let linger = libc::linger {
                     l_onoff: 1,
                     l_linger: 0,
@@ -463,6 +480,7 @@ fn iptables_flush(lab: &Lab, tool: &str) {
 struct DatapathFigures {
     tput_none: f64,
     tput_sepal: f64,
+    rate_none: f64,
     rate_sepal: f64,
     rate_ipt_nft: f64,
     rate_ipt_legacy: f64,
@@ -483,7 +501,6 @@ fn datapath(a: &Args) -> Result<DatapathFigures> {
                 bail!("setns server");
             }
             let l = TcpListener::bind(("0.0.0.0", PORT))?;
-            l.set_nonblocking(true)?;
             Ok(l)
         })();
         let listener = match listener {
@@ -496,10 +513,10 @@ fn datapath(a: &Args) -> Result<DatapathFigures> {
                 return;
             }
         };
+        // Blocking accept; the connection made after `stop` is set wakes it for the last time.
         while !stop2.load(Ordering::Relaxed) {
-            match listener.accept() {
-                Ok((s, _)) => drop(s),
-                Err(_) => std::thread::sleep(Duration::from_micros(50)),
+            if let Ok((s, _)) = listener.accept() {
+                drop(s);
             }
         }
     });
@@ -527,11 +544,13 @@ fn datapath(a: &Args) -> Result<DatapathFigures> {
     let ipt = iptables_rules(&sources);
 
     let (mut t_none, mut t_sepal) = (Vec::new(), Vec::new());
-    let (mut r_sepal, mut r_nft, mut r_legacy) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut r_none, mut r_sepal, mut r_nft, mut r_legacy) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for run in 0..a.runs {
         // Interleaved so drift in the machine's speed hits every variant alike.
         dp.delete().ok();
         t_none.push(iperf(&lab, a.seconds)?);
+        r_none.push(conn_rate(&lab, a.seconds)?);
         dp.resync(&rs)?;
         t_sepal.push(iperf(&lab, a.seconds)?);
         r_sepal.push(conn_rate(&lab, a.seconds)?);
@@ -544,21 +563,24 @@ fn datapath(a: &Args) -> Result<DatapathFigures> {
         r_legacy.push(conn_rate(&lab, a.seconds)?);
         iptables_flush(&lab, "iptables-legacy-restore");
         println!(
-            "run {}: throughput none {:.2} / sepal {:.2} Gbit/s; conn/s sepal {:.0}, iptables-nft linear {:.0}, iptables-legacy linear {:.0}",
+            "run {}: throughput none {:.2} / sepal {:.2} Gbit/s; conn/s none {:.0}, sepal {:.0}, iptables-nft linear {:.0}, iptables-legacy linear {:.0}",
             run + 1,
             t_none[run] / 1e9,
             t_sepal[run] / 1e9,
+            r_none[run],
             r_sepal[run],
             r_nft[run],
             r_legacy[run]
         );
     }
     stop.store(true, Ordering::Relaxed);
+    let _ = conn_rate(&lab, 0);
     let _ = server.join();
     crate::netns::kill(&mut iperf_srv);
     Ok(DatapathFigures {
         tput_none: median(t_none),
         tput_sepal: median(t_sepal),
+        rate_none: median(r_none),
         rate_sepal: median(r_sepal),
         rate_ipt_nft: median(r_nft),
         rate_ipt_legacy: median(r_legacy),
@@ -574,9 +596,10 @@ pub fn run(args: &[String]) -> Result<()> {
     let rate_ratio = d.rate_sepal / d.rate_ipt_nft;
     let legacy_ratio = d.rate_sepal / d.rate_ipt_legacy;
     println!(
-        "medians: throughput none {:.2} Gbit/s, sepal {:.2} Gbit/s (ratio {tput_ratio:.3}); new connections/s sepal {:.0}, linear iptables (nf_tables backend, Debian default) {:.0} (ratio {rate_ratio:.2}), linear iptables-legacy {:.0} (ratio {legacy_ratio:.2})",
+        "medians: throughput none {:.2} Gbit/s, sepal {:.2} Gbit/s (ratio {tput_ratio:.3}); new connections/s none {:.0}, sepal {:.0}, linear iptables (nf_tables backend, Debian default) {:.0} (ratio {rate_ratio:.2}), linear iptables-legacy {:.0} (ratio {legacy_ratio:.2})",
         d.tput_none / 1e9,
         d.tput_sepal / 1e9,
+        d.rate_none,
         d.rate_sepal,
         d.rate_ipt_nft,
         d.rate_ipt_legacy
@@ -591,6 +614,7 @@ pub fn run(args: &[String]) -> Result<()> {
             "throughput_ratio_vs_none": (tput_ratio * 1000.0).round() / 1000.0,
             "conn_rate_ratio_vs_linear_iptables": (rate_ratio * 100.0).round() / 100.0,
             "conn_rate_ratio_vs_linear_iptables_legacy": (legacy_ratio * 100.0).round() / 100.0,
+            "conn_rate_ratio_vs_none": (d.rate_sepal / d.rate_none * 100.0).round() / 100.0,
         })
     );
     Ok(())
