@@ -446,6 +446,16 @@ impl Dataplane {
     }
 }
 
+/// Packets counted by every rule carrying `comment`, in any chain: for an `Explanation`'s
+/// `Allowed { comment, .. }` (the deciding rule) or `default_deny_comment` (a pod's drops).
+pub fn packets_for(counters: &BTreeMap<(String, String), RuleCounter>, comment: &str) -> u64 {
+    counters
+        .iter()
+        .filter(|((_, c), _)| c == comment)
+        .map(|(_, v)| v.packets)
+        .sum()
+}
+
 /// Sums `nft -j` rule counters per (chain, comment).
 pub fn parse_counters(json: &str) -> Result<BTreeMap<(String, String), RuleCounter>, NftError> {
     let v: Value = serde_json::from_str(json).map_err(|e| NftError::Json(e.to_string()))?;
@@ -480,4 +490,31 @@ pub fn parse_counters(json: &str) -> Result<BTreeMap<(String, String), RuleCount
         }
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counters_sum_per_chain_and_comment() {
+        let json = r#"{"nftables": [{"metainfo": {"version": "1.0.6"}},
+          {"table": {"family": "inet", "name": "sepal", "handle": 1}},
+          {"rule": {"family": "inet", "table": "sepal", "chain": "pi-1", "handle": 4,
+            "comment": "x/p ingress[0]", "expr": [{"counter": {"packets": 2, "bytes": 120}}, {"accept": null}]}},
+          {"rule": {"family": "inet", "table": "sepal", "chain": "pi-1", "handle": 5,
+            "comment": "x/p ingress[0]", "expr": [{"counter": {"packets": 1, "bytes": 60}}, {"accept": null}]}},
+          {"rule": {"family": "inet", "table": "sepal", "chain": "in-sepa", "handle": 6,
+            "comment": "x/a ingress default deny", "expr": [{"counter": {"packets": 7, "bytes": 420}}, {"drop": null}]}}]}"#;
+        let c = parse_counters(json).unwrap();
+        assert_eq!(
+            c[&("pi-1".to_string(), "x/p ingress[0]".to_string())],
+            RuleCounter {
+                packets: 3,
+                bytes: 180
+            }
+        );
+        assert_eq!(packets_for(&c, "x/a ingress default deny"), 7);
+        assert!(parse_counters("not json").is_err());
+    }
 }

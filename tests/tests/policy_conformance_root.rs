@@ -635,11 +635,7 @@ fn run_cases(file: &str) {
             if !step.counted.is_empty() {
                 let counters = dp.counters().expect("counters");
                 for comment in &step.counted {
-                    let packets: u64 = counters
-                        .iter()
-                        .filter(|((_, c), _)| c == comment)
-                        .map(|(_, v)| v.packets)
-                        .sum();
+                    let packets = sepal_felix::nft::packets_for(&counters, comment);
                     if packets == 0 {
                         failures.push(format!("{at}: no packets counted for rule {comment:?}"));
                     }

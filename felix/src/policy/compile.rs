@@ -89,6 +89,11 @@ fn short_hash(s: &str) -> String {
     hex::encode(&digest[..5])
 }
 
+/// Comment of an isolated pod's final drop rule: its counter is the pod's dropped packets.
+pub fn default_deny_comment(namespace: &str, name: &str, direction: Direction) -> String {
+    format!("{namespace}/{name} {direction} default deny")
+}
+
 /// Chain name of an endpoint and direction.
 pub(crate) fn endpoint_chain(iface: &str, direction: Direction) -> String {
     match direction {
@@ -376,7 +381,7 @@ pub fn compile(cluster: &Cluster) -> Ruleset {
             chain.rules.push(NftRule {
                 matches: vec![],
                 action: Action::Drop,
-                comment: format!("{}/{} {direction} default deny", pod.namespace, pod.name),
+                comment: default_deny_comment(&pod.namespace, &pod.name, direction),
             });
             let name = endpoint_chain(iface, direction);
             match direction {

@@ -17,7 +17,9 @@ use std::fmt;
 use std::net::IpAddr;
 
 pub use addr::{AddrRanges, Family};
-pub use compile::{compile, Action, Chain, Match, NftRule, Ruleset, Set, SetKind};
+pub use compile::{
+    compile, default_deny_comment, Action, Chain, Match, NftRule, Ruleset, Set, SetKind,
+};
 pub use explain::{explain, DirectionVerdict, ExplainError, Explanation, Peer as ExplainPeer};
 pub use k8s_openapi::api::networking::v1::NetworkPolicy;
 pub use validate::{
