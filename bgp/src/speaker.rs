@@ -177,6 +177,7 @@ enum Cmd {
     Withdraw(IpNet),
     Peers(oneshot::Sender<Vec<PeerStatus>>),
     Routes(oneshot::Sender<Vec<(IpNet, rib::BestRoute)>>),
+    Count(oneshot::Sender<usize>),
     Shutdown(oneshot::Sender<()>),
 }
 
@@ -300,6 +301,12 @@ impl Speaker {
     pub async fn routes(&self) -> Result<Vec<(IpNet, rib::BestRoute)>, Error> {
         let (tx, rx) = oneshot::channel();
         self.send(Cmd::Routes(tx))?;
+        rx.await.map_err(|_| Error::Stopped)
+    }
+    /// Number of prefixes in the Loc-RIB.
+    pub async fn route_count(&self) -> Result<usize, Error> {
+        let (tx, rx) = oneshot::channel();
+        self.send(Cmd::Count(tx))?;
         rx.await.map_err(|_| Error::Stopped)
     }
     /// Sends Cease/Administrative Shutdown to every peer and stops.
@@ -584,6 +591,9 @@ impl Core {
                     })
                     .collect();
                 let _ = tx.send(v);
+            }
+            Cmd::Count(tx) => {
+                let _ = tx.send(self.rib.len());
             }
             Cmd::Shutdown(_) => {}
         }

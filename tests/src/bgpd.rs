@@ -1,0 +1,445 @@
+//! BGP daemons for tests, each inside a test's network namespace: BIRD 2, FRR bgpd, GoBGP and
+//! Sepal's own `sepal-bgpd`. Start with a config, query routes and session state; stopped by PID on drop.
+
+use std::io::{BufRead, BufReader, Write};
+use std::path::Path;
+use std::process::{Child, ChildStdin, ChildStdout, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+use crate::netns::Netns;
+
+/// Polls `f` every 100 ms until it returns Some or `timeout` passes; panics with `what` then.
+pub fn wait_for<T>(timeout: Duration, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    let end = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        if Instant::now() > end {
+            panic!("timed out after {timeout:?} waiting for {what}");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// A private directory for a daemon's config, sockets and logs (removed on drop).
+fn workdir(tag: &str) -> tempfile::TempDir {
+    let d = tempfile::Builder::new()
+        .prefix(&format!("sepal-{tag}-"))
+        .tempdir()
+        .expect("tempdir");
+    // FRR drops to user frr and must traverse and write the directory.
+    let _ = std::fs::set_permissions(
+        d.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o777),
+    );
+    d
+}
+
+fn kill_pid(pid: i32) {
+    if pid > 0 {
+        // SAFETY: plain kill(2) on a PID this helper started.
+        unsafe { libc::kill(pid, libc::SIGKILL) };
+    }
+}
+
+fn read_pid(path: &Path) -> Option<i32> {
+    std::fs::read_to_string(path).ok()?.trim().parse().ok()
+}
+
+/// BIRD 2 with its own control socket.
+pub struct Bird {
+    ns: String,
+    dir: tempfile::TempDir,
+    child: Child,
+}
+
+impl Bird {
+    /// Starts `bird -f` in `ns` with `config` (a full bird.conf).
+    pub fn start(ns: &Netns, config: &str) -> Bird {
+        let dir = workdir("bird");
+        std::fs::write(dir.path().join("bird.conf"), config).expect("write bird.conf");
+        let conf = dir.path().join("bird.conf");
+        let ctl = dir.path().join("bird.ctl");
+        let log = std::fs::File::create(dir.path().join("bird.log")).expect("log");
+        let child = ns
+            .command(&["bird", "-f", "-c", &s(&conf), "-s", &s(&ctl)])
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log)
+            .spawn()
+            .expect("spawn bird");
+        let b = Bird {
+            ns: ns.name().to_string(),
+            dir,
+            child,
+        };
+        wait_for(Duration::from_secs(10), "bird control socket", || {
+            ctl.exists().then_some(())
+        });
+        b
+    }
+
+    /// Runs a `birdc` command and returns its output.
+    pub fn birdc(&self, cmd: &str) -> String {
+        let ctl = self.dir.path().join("bird.ctl");
+        let out = std::process::Command::new("ip")
+            .args(["netns", "exec", &self.ns, "birdc", "-s", &s(&ctl)])
+            .args(cmd.split_whitespace())
+            .output()
+            .expect("birdc");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// Whether protocol `name` is Established.
+    pub fn established(&self, name: &str) -> bool {
+        self.birdc(&format!("show protocols {name}"))
+            .contains("Established")
+    }
+
+    /// `show route all` for one prefix (empty when absent).
+    pub fn route(&self, prefix: &str) -> String {
+        let out = self.birdc(&format!("show route for {prefix} all"));
+        if out.contains("Network not found") {
+            String::new()
+        } else {
+            out
+        }
+    }
+
+    /// Number of routes in the master tables.
+    pub fn route_count(&self, table: &str) -> usize {
+        let out = self.birdc(&format!("show route count table {table}"));
+        out.lines()
+            .find_map(|l| {
+                let l = l.trim();
+                l.split_whitespace()
+                    .next()
+                    .and_then(|n| n.parse().ok())
+                    .filter(|_| l.contains("of"))
+            })
+            .unwrap_or(0)
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("bird.log")).unwrap_or_default()
+    }
+
+    /// Kills with SIGKILL (a crash) and reaps.
+    pub fn kill9(&mut self) {
+        crate::netns::kill(&mut self.child);
+    }
+}
+
+impl Drop for Bird {
+    fn drop(&mut self) {
+        crate::netns::kill(&mut self.child);
+    }
+}
+
+/// FRR bgpd without zebra (`-Z`): enough for a peer or reflector; routes stay in bgpd's RIB.
+pub struct Frr {
+    dir: tempfile::TempDir,
+    ns: String,
+}
+
+impl Frr {
+    /// Starts bgpd in `ns` listening on `listen` with `config` (bgpd.conf; include
+    /// `no bgp ebgp-requires-policy` and `no bgp network import-check`).
+    pub fn start(ns: &Netns, listen: &str, config: &str) -> Frr {
+        let dir = workdir("frr");
+        let conf = dir.path().join("bgpd.conf");
+        std::fs::write(&conf, config).expect("write bgpd.conf");
+        let d = dir.path();
+        let chown = std::process::Command::new("chown")
+            .args(["-R", "frr:frr", &s(d)])
+            .status();
+        assert!(chown.is_ok_and(|s| s.success()), "chown frr dir");
+        let out = ns.output(&[
+            "/usr/lib/frr/bgpd",
+            "-d",
+            "-Z",
+            "-S",
+            "-P",
+            "0",
+            "-l",
+            listen,
+            "-f",
+            &s(&conf),
+            "-i",
+            &s(&d.join("bgpd.pid")),
+            "-z",
+            &s(&d.join("zserv.api")),
+            "--vty_socket",
+            &s(d),
+            "--log",
+            &format!("file:{}", s(&d.join("bgpd.log"))),
+        ]);
+        assert!(
+            out.status.success(),
+            "bgpd: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let f = Frr {
+            dir,
+            ns: ns.name().to_string(),
+        };
+        wait_for(Duration::from_secs(10), "bgpd vty socket", || {
+            f.dir.path().join("bgpd.vty").exists().then_some(())
+        });
+        f
+    }
+
+    pub fn vtysh(&self, cmd: &str) -> String {
+        let out = std::process::Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &self.ns,
+                "vtysh",
+                "--vty_socket",
+                &s(self.dir.path()),
+                "-d",
+                "bgpd",
+                "-c",
+                cmd,
+            ])
+            .output()
+            .expect("vtysh");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// `show bgp <afi> unicast json` routes object.
+    pub fn routes(&self, afi: &str) -> Value {
+        let v: Value = serde_json::from_str(&self.vtysh(&format!("show bgp {afi} unicast json")))
+            .unwrap_or(Value::Null);
+        v.get("routes").cloned().unwrap_or(Value::Null)
+    }
+
+    /// BGP state of neighbor `addr` (e.g. "Established").
+    pub fn neighbor_state(&self, addr: &str) -> String {
+        let v: Value =
+            serde_json::from_str(&self.vtysh(&format!("show bgp neighbors {addr} json")))
+                .unwrap_or(Value::Null);
+        v.get(addr)
+            .and_then(|n| n.get("bgpState"))
+            .and_then(|s| s.as_str())
+            .unwrap_or("")
+            .to_string()
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("bgpd.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for Frr {
+    fn drop(&mut self) {
+        if let Some(pid) = read_pid(&self.dir.path().join("bgpd.pid")) {
+            kill_pid(pid);
+        }
+    }
+}
+
+/// GoBGP; its gRPC API listens on the namespace's own 127.0.0.1:50051.
+pub struct Gobgp {
+    ns: String,
+    child: Child,
+    _dir: tempfile::TempDir,
+}
+
+impl Gobgp {
+    pub fn start(ns: &Netns, toml: &str) -> Gobgp {
+        let dir = workdir("gobgp");
+        let conf = dir.path().join("gobgpd.toml");
+        std::fs::write(&conf, toml).expect("write gobgpd.toml");
+        let log = std::fs::File::create(dir.path().join("gobgpd.log")).expect("log");
+        let child = ns
+            .command(&[
+                "gobgpd",
+                "-f",
+                &s(&conf),
+                "--pprof-disable",
+                "-p",
+                "--api-hosts",
+                "127.0.0.1:50051",
+            ])
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log)
+            .spawn()
+            .expect("spawn gobgpd");
+        let g = Gobgp {
+            ns: ns.name().to_string(),
+            child,
+            _dir: dir,
+        };
+        wait_for(Duration::from_secs(10), "gobgpd API", || {
+            g.try_cli(&["global"]).ok()
+        });
+        g
+    }
+
+    fn try_cli(&self, args: &[&str]) -> Result<String, String> {
+        let out = std::process::Command::new("ip")
+            .args(["netns", "exec", &self.ns, "gobgp"])
+            .args(args)
+            .output()
+            .map_err(|e| e.to_string())?;
+        if out.status.success() {
+            Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+        } else {
+            Err(String::from_utf8_lossy(&out.stderr).into_owned())
+        }
+    }
+
+    /// Runs the `gobgp` CLI; panics on failure.
+    pub fn cli(&self, args: &[&str]) -> String {
+        self.try_cli(args)
+            .unwrap_or_else(|e| panic!("gobgp {args:?}: {e}"))
+    }
+
+    /// `gobgp -j global rib -a <family>` as JSON (object keyed by prefix).
+    pub fn rib(&self, family: &str) -> Value {
+        serde_json::from_str(&self.cli(&["-j", "global", "rib", "-a", family]))
+            .unwrap_or(Value::Null)
+    }
+
+    /// Session state of a neighbor ("established", "active", ...).
+    pub fn neighbor_state(&self, addr: &str) -> String {
+        let v: Value =
+            serde_json::from_str(&self.try_cli(&["-j", "neighbor", addr]).unwrap_or_default())
+                .unwrap_or(Value::Null);
+        let st = &v["state"]["session_state"];
+        match st.as_u64() {
+            Some(6) => "established".into(),
+            Some(n) => format!("state{n}"),
+            None => st.as_str().unwrap_or("").to_string(),
+        }
+    }
+}
+
+impl Drop for Gobgp {
+    fn drop(&mut self) {
+        crate::netns::kill(&mut self.child);
+    }
+}
+
+/// Sepal's speaker (`sepal-bgpd`) driven over stdin/stdout JSON lines.
+pub struct SepalBgpd {
+    child: Child,
+    stdin: ChildStdin,
+    stdout: BufReader<ChildStdout>,
+}
+
+impl SepalBgpd {
+    /// Starts the process in `ns` and sends `start` (fields of the `start` command).
+    pub fn start(ns: &Netns, start: Value) -> SepalBgpd {
+        let bin = crate::bin_path("sepal-bgpd");
+        let mut child = ns
+            .command(&[&s(&bin)])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("spawn sepal-bgpd");
+        let stdin = child.stdin.take().expect("stdin");
+        let stdout = BufReader::new(child.stdout.take().expect("stdout"));
+        let mut d = SepalBgpd {
+            child,
+            stdin,
+            stdout,
+        };
+        let mut cmd = start;
+        cmd["cmd"] = "start".into();
+        d.cmd(cmd);
+        d
+    }
+
+    /// Sends one command object and returns the reply; panics on an error reply.
+    pub fn cmd(&mut self, cmd: Value) -> Value {
+        writeln!(self.stdin, "{cmd}").expect("write to sepal-bgpd");
+        self.stdin.flush().expect("flush");
+        let mut line = String::new();
+        self.stdout
+            .read_line(&mut line)
+            .expect("read from sepal-bgpd");
+        let v: Value = serde_json::from_str(&line)
+            .unwrap_or_else(|e| panic!("sepal-bgpd reply {line:?}: {e}"));
+        if let Some(e) = v.get("error") {
+            panic!("sepal-bgpd: {cmd}: {e}");
+        }
+        v
+    }
+
+    pub fn peer(&mut self, mut p: Value) {
+        p["cmd"] = "peer".into();
+        self.cmd(p);
+    }
+
+    pub fn announce(&mut self, prefix: &str) {
+        self.cmd(serde_json::json!({"cmd": "announce", "prefix": prefix}));
+    }
+
+    pub fn withdraw(&mut self, prefix: &str) {
+        self.cmd(serde_json::json!({"cmd": "withdraw", "prefix": prefix}));
+    }
+
+    /// Loc-RIB: list of {prefix, next_hops, source, attrs}.
+    pub fn routes(&mut self) -> Vec<Value> {
+        self.cmd(serde_json::json!({"cmd": "routes"}))["routes"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
+    }
+
+    pub fn route(&mut self, prefix: &str) -> Option<Value> {
+        self.routes().into_iter().find(|r| r["prefix"] == prefix)
+    }
+
+    pub fn count(&mut self) -> usize {
+        self.cmd(serde_json::json!({"cmd": "count"}))["count"]
+            .as_u64()
+            .unwrap_or(0) as usize
+    }
+
+    /// Per-peer status objects (state, counters, last NOTIFICATION...).
+    pub fn peers(&mut self) -> Vec<Value> {
+        self.cmd(serde_json::json!({"cmd": "peers"}))["peers"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
+    }
+
+    pub fn peer_state(&mut self, addr: &str) -> String {
+        self.peers()
+            .into_iter()
+            .find(|p| p["address"] == addr)
+            .and_then(|p| p["state"].as_str().map(str::to_string))
+            .unwrap_or_default()
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// SIGKILL, as a crash (graceful restart tests).
+    pub fn kill9(&mut self) {
+        crate::netns::kill(&mut self.child);
+    }
+}
+
+impl Drop for SepalBgpd {
+    fn drop(&mut self) {
+        crate::netns::kill(&mut self.child);
+    }
+}
+
+fn s(p: &Path) -> String {
+    p.to_string_lossy().into_owned()
+}
