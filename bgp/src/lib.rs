@@ -13,3 +13,5 @@ pub use speaker::{
     SpeakerConfig,
 };
 pub use wire::{Attrs, Family, Notification};
+#[doc(hidden)]
+pub mod testing;
