@@ -339,6 +339,8 @@ pub fn render_diff(old: &Ruleset, new: &Ruleset, opts: &Options) -> String {
 #[derive(Debug)]
 pub struct Dataplane {
     command: Vec<String>,
+    /// Network namespace (a /run/netns path) nft runs in; `None`: the caller's.
+    netns: Option<std::path::PathBuf>,
     opts: Options,
     last: Option<Ruleset>,
 }
@@ -353,8 +355,18 @@ impl Dataplane {
     pub fn with_command(command: Vec<String>, opts: Options) -> Dataplane {
         Dataplane {
             command,
+            netns: None,
             opts,
             last: None,
+        }
+    }
+
+    /// `nft` run inside the network namespace at `path` (entered between fork and exec, which
+    /// is much cheaper than `ip netns exec`).
+    pub fn in_netns(path: impl Into<std::path::PathBuf>, opts: Options) -> Dataplane {
+        Dataplane {
+            netns: Some(path.into()),
+            ..Dataplane::new(opts)
         }
     }
 
@@ -418,6 +430,35 @@ impl Dataplane {
             .split_first()
             .ok_or_else(|| NftError::Spawn("nft".into(), std::io::Error::other("empty command")))?;
         let mut cmd = Command::new(prog);
+        if let Some(path) = &self.netns {
+            use std::os::fd::AsRawFd;
+            use std::os::unix::process::CommandExt;
+            let ns = std::fs::File::open(path)
+                .map_err(|e| NftError::Spawn(format!("netns {}", path.display()), e))?;
+            let fd = ns.as_raw_fd();
+            // SAFETY: only async-signal-safe setns(2) runs between fork and exec; `ns` outlives
+            // the spawn below, so the fd is valid in the child.
+            unsafe {
+                cmd.pre_exec(move || {
+                    if libc::setns(fd, libc::CLONE_NEWNET) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+            return self.finish(cmd, pre, args, stdin, Some(ns));
+        }
+        self.finish(cmd, pre, args, stdin, None)
+    }
+
+    fn finish(
+        &self,
+        mut cmd: Command,
+        pre: &[String],
+        args: &[&str],
+        stdin: Option<&str>,
+        _netns: Option<std::fs::File>,
+    ) -> Result<String, NftError> {
         cmd.args(pre)
             .args(args)
             .stdin(if stdin.is_some() {

@@ -183,16 +183,7 @@ impl Lab {
     }
 
     fn dataplane(&self) -> Dataplane {
-        Dataplane::with_command(
-            vec![
-                "ip".into(),
-                "netns".into(),
-                "exec".into(),
-                self.node.name().into(),
-                "nft".into(),
-            ],
-            Options::default(),
-        )
+        Dataplane::in_netns(self.node.path(), Options::default())
     }
 }
 

@@ -10,14 +10,8 @@ use sepal_felix::policy::{compile, Cluster, NamedPort, Namespace, NetworkPolicy,
 use sepal_tests::netns::Netns;
 
 fn nft(ns: &Netns) -> Dataplane {
-    Dataplane::with_command(
-        vec![
-            "ip".into(),
-            "netns".into(),
-            "exec".into(),
-            ns.name().into(),
-            "nft".into(),
-        ],
+    Dataplane::in_netns(
+        ns.path(),
         Options {
             nflog_group: Some(7),
         },

@@ -155,16 +155,7 @@ fn big_policy(k: usize) -> String {
 }
 
 fn nft_in(ns: &Netns) -> Dataplane {
-    Dataplane::with_command(
-        vec![
-            "ip".into(),
-            "netns".into(),
-            "exec".into(),
-            ns.name().into(),
-            "nft".into(),
-        ],
-        Options::default(),
-    )
+    Dataplane::in_netns(ns.path(), Options::default())
 }
 
 fn control_plane(a: &Args) -> Result<(f64, f64, f64)> {
