@@ -1,0 +1,407 @@
+// The agent's BGP control: plans peers, announcements and filters from the cluster (plan), drives
+// the speaker to that plan, and turns learned best routes into protocol-83 kernel routes (fib).
+#![allow(dead_code)] // the agent's main loop starts it; until then only tests use every part
+
+pub mod fib;
+pub mod inputs;
+pub mod plan;
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use futures::TryStreamExt;
+use ipnetwork::IpNetwork;
+use k8s_openapi::api::core::v1::Node;
+use rtnetlink::packet_route::address::AddressAttribute;
+use sepal_bgp::{
+    Family, GracefulRestartConfig, LocalRoute, MaxPrefix, PeerConfig, PeerStatus, RouteChange,
+    Speaker, SpeakerConfig,
+};
+use sepal_felix::routes::{Desired, RouteReconciler};
+use tokio::sync::{mpsc, watch};
+
+pub use fib::Fib;
+pub use plan::{diff, plan, Inputs, Plan};
+
+/// Maximum next hops per prefix installed as one multipath route.
+pub const ECMP: usize = 8;
+/// How long every session must have been up, with no route change for `QUIET`, before the stale
+/// routes of a restart are swept (the speaker does not report End-of-RIB; its initial table
+/// arrives right after the session comes up).
+const SETTLE: Duration = Duration::from_secs(3);
+const QUIET: Duration = Duration::from_secs(1);
+const TICK: Duration = Duration::from_millis(500);
+
+/// The pod blocks of a node: `spec.podCIDRs`, else the older single `spec.podCIDR`.
+pub fn pod_cidrs(node: &Node) -> Result<Vec<IpNetwork>, String> {
+    let spec = node.spec.as_ref();
+    let list: Vec<String> = match spec.and_then(|s| s.pod_cidrs.clone()) {
+        Some(l) if !l.is_empty() => l,
+        _ => spec.and_then(|s| s.pod_cidr.clone()).into_iter().collect(),
+    };
+    list.iter()
+        .map(|c| {
+            let n: IpNetwork = c
+                .parse()
+                .map_err(|e| format!("spec.podCIDRs entry {c:?}: {e}"))?;
+            if n.network() != n.ip() {
+                return Err(format!("spec.podCIDRs entry {c:?} has host bits set"));
+            }
+            Ok(n)
+        })
+        .collect()
+}
+
+/// The speaker's peer settings for one planned peer.
+pub fn peer_config(p: &plan::PeerPlan) -> PeerConfig {
+    let mut c = PeerConfig::new(p.address, p.remote_as);
+    c.port = p.port;
+    c.passive = p.passive;
+    c.connect_retry = p.connect_retry;
+    c.hold_time = p.hold_time;
+    c.keepalive = p.keepalive;
+    c.password = p.password.clone();
+    c.ttl_security = p.ttl_security;
+    c.rr_client = p.rr_client;
+    c.max_prefixes = p.max_prefixes.map(|limit| MaxPrefix {
+        limit: limit as usize,
+        restart_after: Some(Duration::from_secs(60)),
+    });
+    // One session carries both families (MP-BGP), whichever family its addresses are.
+    c.families = vec![Family::Ipv4, Family::Ipv6];
+    c.source = p.source;
+    let import = p.clone();
+    c.import = Some(Arc::new(move |prefix, _| import.imports(prefix)));
+    let export = p.export.clone();
+    c.export = Some(Arc::new(move |prefix, _| export.allows(prefix)));
+    c
+}
+
+/// Handle to the running routing task.
+pub struct Routing {
+    inputs: watch::Sender<Option<Inputs>>,
+    routes: watch::Receiver<Desired>,
+    speaker: Arc<Mutex<Option<Speaker>>>,
+    warnings: watch::Receiver<Vec<String>>,
+}
+
+impl Routing {
+    /// Starts routing in the current network namespace. Gateway routes of protocol 83 already in
+    /// the kernel (a previous agent's) are kept as stale and the speaker announces a graceful
+    /// restart, so peers keep our routes and we keep theirs until the tables are relearned.
+    pub async fn start(handle: rtnetlink::Handle) -> Result<Routing> {
+        let kernel = RouteReconciler::new(handle.clone())
+            .kernel_routes()
+            .await
+            .context("reading Sepal's kernel routes")?;
+        let mut fib = Fib::new(connected(&handle).await.unwrap_or_default());
+        let restarting = fib.adopt_stale(&kernel) > 0;
+        if restarting {
+            tracing::info!(
+                stale = fib.stale_count(),
+                "keeping the previous agent's BGP routes until graceful restart completes"
+            );
+        }
+        let (inputs_tx, inputs_rx) = watch::channel(None);
+        let (routes_tx, routes_rx) = watch::channel(fib.desired());
+        let (warn_tx, warn_rx) = watch::channel(Vec::new());
+        let speaker = Arc::new(Mutex::new(None));
+        let task = Task {
+            handle,
+            fib,
+            restarting,
+            started: Instant::now(),
+            running: None,
+            speaker: None,
+            shared: speaker.clone(),
+            route_rx: None,
+            routes_tx,
+            warn_tx,
+            last_change: Instant::now(),
+            sweep_deadline: None,
+        };
+        tokio::spawn(task.run(inputs_rx));
+        Ok(Routing {
+            inputs: inputs_tx,
+            routes: routes_rx,
+            speaker,
+            warnings: warn_rx,
+        })
+    }
+
+    /// New facts from the model; routing replans and applies only the difference.
+    pub fn update(&self, inputs: Inputs) {
+        self.inputs.send_replace(Some(inputs));
+    }
+
+    /// The BGP routes the kernel should have (gateway routes of protocol 83). The agent's route
+    /// reconciler merges them with the pod routes, or `install_routes` applies them alone.
+    pub fn routes(&self) -> watch::Receiver<Desired> {
+        self.routes.clone()
+    }
+
+    /// Inputs the last plan left out, with the reason.
+    pub fn warnings(&self) -> Vec<String> {
+        self.warnings.borrow().clone()
+    }
+
+    /// Session state of every peer.
+    pub async fn peers(&self) -> Vec<PeerStatus> {
+        let speaker = self.speaker.lock().ok().and_then(|s| s.clone());
+        match speaker {
+            Some(s) => s.peers().await.unwrap_or_default(),
+            None => Vec::new(),
+        }
+    }
+}
+
+/// Keeps the kernel's BGP routes equal to `routes` with a reconciler of its own. It only ever
+/// touches the destinations it is given or installed, so pod routes of protocol 83 stay.
+pub async fn install_routes(handle: rtnetlink::Handle, mut routes: watch::Receiver<Desired>) {
+    let mut rec = RouteReconciler::new(handle);
+    loop {
+        let want = routes.borrow_and_update().clone();
+        match rec.update(&want).await {
+            Ok(r) if !r.errors.is_empty() => tracing::warn!(errors = ?r.errors, "BGP routes"),
+            Ok(_) => {}
+            Err(e) => tracing::warn!("installing BGP routes: {e}"),
+        }
+        if routes.changed().await.is_err() {
+            break;
+        }
+    }
+}
+
+/// Every address of every interface in the namespace, with its interface name.
+async fn connected(handle: &rtnetlink::Handle) -> Result<Vec<(String, IpNetwork)>> {
+    let names: BTreeMap<u32, String> = sepal_felix::links::all_links(handle)
+        .await?
+        .into_iter()
+        .map(|l| (l.index, l.name))
+        .collect();
+    let msgs: Vec<_> = handle.address().get().execute().try_collect().await?;
+    let mut out = Vec::new();
+    for m in msgs {
+        let Some(name) = names.get(&m.header.index) else {
+            continue;
+        };
+        let addr = m.attributes.iter().find_map(|a| match a {
+            AddressAttribute::Address(ip) => Some(*ip),
+            _ => None,
+        });
+        if let Some(ip) = addr {
+            if let Ok(net) = IpNetwork::new(ip, m.header.prefix_len) {
+                out.push((name.clone(), net));
+            }
+        }
+    }
+    Ok(out)
+}
+
+struct Task {
+    handle: rtnetlink::Handle,
+    fib: Fib,
+    restarting: bool,
+    started: Instant,
+    running: Option<Plan>,
+    speaker: Option<Speaker>,
+    shared: Arc<Mutex<Option<Speaker>>>,
+    route_rx: Option<mpsc::UnboundedReceiver<RouteChange>>,
+    routes_tx: watch::Sender<Desired>,
+    warn_tx: watch::Sender<Vec<String>>,
+    last_change: Instant,
+    sweep_deadline: Option<Instant>,
+}
+
+async fn next_change(rx: &mut Option<mpsc::UnboundedReceiver<RouteChange>>) -> Option<RouteChange> {
+    match rx {
+        Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+impl Task {
+    async fn run(mut self, mut inputs: watch::Receiver<Option<Inputs>>) {
+        let mut tick = tokio::time::interval(TICK);
+        let mut current: Option<Inputs> = None;
+        loop {
+            tokio::select! {
+                r = inputs.changed() => {
+                    if r.is_err() {
+                        break;
+                    }
+                    current = inputs.borrow_and_update().clone();
+                    if let Some(i) = &current {
+                        self.reconfigure(i).await;
+                    }
+                }
+                change = next_change(&mut self.route_rx) => match change {
+                    Some(c) => {
+                        self.last_change = Instant::now();
+                        if self.fib.apply(&c) {
+                            self.publish();
+                        }
+                    }
+                    None => {
+                        // The speaker stopped: start over on the next tick.
+                        tracing::warn!("BGP speaker stopped; restarting it");
+                        self.route_rx = None;
+                        self.running = None;
+                    }
+                },
+                _ = tick.tick() => {
+                    if self.running.is_none() {
+                        if let Some(i) = &current {
+                            self.reconfigure(i).await;
+                        }
+                    }
+                    if let Ok(c) = connected(&self.handle).await {
+                        if self.fib.set_connected(c) {
+                            self.publish();
+                        }
+                    }
+                    self.maybe_sweep().await;
+                }
+            }
+        }
+        if let Some(s) = self.speaker.take() {
+            let _ = s.shutdown().await;
+        }
+    }
+
+    fn publish(&self) {
+        self.routes_tx.send_replace(self.fib.desired());
+    }
+
+    /// Sweeps stale routes once every session has been up a while and the tables are quiet, or
+    /// when the graceful-restart time is over.
+    async fn maybe_sweep(&mut self) {
+        if self.fib.stale_count() == 0 {
+            return;
+        }
+        let Some(deadline) = self.sweep_deadline else {
+            return;
+        };
+        let now = Instant::now();
+        let mut done = now >= deadline;
+        if !done {
+            if let Some(s) = &self.speaker {
+                if let Ok(peers) = s.peers().await {
+                    done = peers.iter().all(|p| {
+                        p.state == sepal_bgp::fsm::State::Established
+                            && p.uptime.is_some_and(|u| u >= SETTLE)
+                    }) && now.duration_since(self.last_change) >= QUIET
+                        && now.duration_since(self.started) >= SETTLE;
+                }
+            }
+        }
+        if done {
+            let gone = self.fib.sweep();
+            tracing::info!(
+                removed = gone.len(),
+                "graceful restart over: stale BGP routes swept"
+            );
+            self.publish();
+        }
+    }
+
+    async fn reconfigure(&mut self, inputs: &Inputs) {
+        let desired = match plan(inputs) {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::warn!("BGP plan: {e}");
+                return;
+            }
+        };
+        for w in &desired.warnings {
+            if self
+                .running
+                .as_ref()
+                .is_none_or(|r| !r.warnings.contains(w))
+            {
+                tracing::warn!("BGP: {w}");
+            }
+        }
+        self.warn_tx.send_replace(desired.warnings.clone());
+        let d = diff(self.running.as_ref(), &desired);
+        if d.is_empty() {
+            self.running = Some(desired);
+            return;
+        }
+        if d.restart_speaker {
+            if let Err(e) = self.start_speaker(&desired).await {
+                tracing::warn!("starting the BGP speaker: {e:#}");
+                self.running = None;
+                return;
+            }
+        }
+        let Some(s) = self.speaker.clone() else {
+            return;
+        };
+        let mut ok = true;
+        for a in &d.remove {
+            ok &= s.remove_peer(*a).is_ok();
+        }
+        for (list, add) in [(&d.add, true), (&d.update, false)] {
+            for a in list {
+                let cfg = peer_config(&desired.peers[a]);
+                let r = if add {
+                    s.add_peer(cfg)
+                } else {
+                    s.update_peer(cfg)
+                };
+                if let Err(e) = r {
+                    tracing::warn!("BGP peer {a}: {e}");
+                    ok &= !matches!(e, sepal_bgp::Error::Stopped);
+                }
+            }
+        }
+        for p in &d.withdraw {
+            ok &= s.withdraw(*p).is_ok();
+        }
+        for p in &d.announce {
+            let a = &desired.announcements[p];
+            let route = LocalRoute {
+                communities: a.communities.clone(),
+                ..LocalRoute::default()
+            };
+            ok &= s.announce(*p, route).is_ok();
+        }
+        self.running = ok.then_some(desired);
+    }
+
+    async fn start_speaker(&mut self, p: &Plan) -> Result<()> {
+        if let Some(old) = self.speaker.take() {
+            let _ = old.shutdown().await;
+            // Routes of the old speaker stay until the new one has relearned them.
+            self.fib.age();
+            self.sweep_deadline = None;
+        }
+        let gr_secs = p.speaker.graceful_restart_time.as_secs().min(4095) as u16;
+        let cfg = SpeakerConfig {
+            local_as: p.speaker.local_as,
+            router_id: p.speaker.router_id,
+            listen: p.speaker.listen.clone(),
+            ecmp: ECMP,
+            cluster_id: p.speaker.cluster_id,
+            graceful_restart: Some(GracefulRestartConfig {
+                restart_time: gr_secs,
+                restarting: self.restarting,
+            }),
+        };
+        let (speaker, rx) = Speaker::start(cfg).await?;
+        self.restarting = false;
+        self.speaker = Some(speaker.clone());
+        if let Ok(mut s) = self.shared.lock() {
+            *s = Some(speaker);
+        }
+        self.route_rx = Some(rx);
+        if self.sweep_deadline.is_none() {
+            self.sweep_deadline = Some(Instant::now() + p.speaker.graceful_restart_time);
+        }
+        self.started = Instant::now();
+        Ok(())
+    }
+}
