@@ -142,6 +142,23 @@ impl Routing {
         self.routes.clone()
     }
 
+    /// Replans from the agent's model (objects that do not parse are logged and left out).
+    pub fn update_from_model(&self, model: &crate::model::Model, node: &str) {
+        let (inputs, errors) = inputs::from_model(model, node);
+        for e in errors {
+            tracing::warn!("BGP input left out: {e}");
+        }
+        self.update(inputs);
+    }
+
+    /// Adds the BGP routes to the agent's desired protocol-83 table; the agent's own routes (pod
+    /// routes, block blackholes) win on the same destination.
+    pub fn merge_into(&self, desired: &mut Desired) {
+        for (dst, target) in self.routes.borrow().iter() {
+            desired.entry(*dst).or_insert_with(|| target.clone());
+        }
+    }
+
     /// Inputs the last plan left out, with the reason.
     pub fn warnings(&self) -> Vec<String> {
         self.warnings.borrow().clone()
