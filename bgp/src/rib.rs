@@ -332,16 +332,19 @@ pub fn export(
     prefix: &IpNet,
     best: &Path,
 ) -> Option<(Attrs, IpAddr)> {
-    let mut a = (*best.attrs).clone();
+    // Cheap refusals first: this runs for every changed prefix towards every peer.
     if let Some(from) = &best.peer {
-        if from.addr == to.addr {
+        if from.addr == to.addr || (to.ibgp && from.ibgp && !(from.rr_client || to.rr_client)) {
             return None;
         }
+    }
+    if !to.ibgp && best.attrs.contains_as(to.asn) {
+        return None;
+    }
+    let mut a = (*best.attrs).clone();
+    if let Some(from) = &best.peer {
         if to.ibgp && from.ibgp {
             // RFC 4456 §6: from a client to everyone; from a non-client only to clients.
-            if !(from.rr_client || to.rr_client) {
-                return None;
-            }
             if a.originator_id.is_none() {
                 a.originator_id = Some(from.router_id);
             }
