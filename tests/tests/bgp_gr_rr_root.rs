@@ -183,3 +183,62 @@ protocol bgp refl {{
     assert_eq!(got["next_hops"], json!(["10.213.2.1"]));
     assert!(d.route("10.244.1.0/24").is_some());
 }
+
+/// Sepal as route-reflector client: two Sepal speakers behind an FRR reflector see each other's routes.
+#[test]
+fn bgp_sepal_clients_of_frr_reflector() {
+    sepal_tests::require_root();
+    let r = Netns::new("frr");
+    let s1 = Netns::new("fc1");
+    let s2 = Netns::new("fc2");
+    veth(&s1, "s0", &r, "p1");
+    veth(&s2, "s0", &r, "p2");
+    r.run("ip addr add 10.213.1.1/24 dev p1; ip addr add 10.213.2.1/24 dev p2");
+    s1.run("ip addr add 10.213.1.2/24 dev s0");
+    s2.run("ip addr add 10.213.2.2/24 dev s0");
+    let frr = sepal_tests::bgpd::Frr::start(
+        &r,
+        "0.0.0.0",
+        "router bgp 65000\n bgp router-id 10.213.0.1\n no bgp ebgp-requires-policy\n no bgp network import-check\n \
+         neighbor 10.213.1.2 remote-as 65000\n neighbor 10.213.1.2 timers connect 1\n \
+         neighbor 10.213.2.2 remote-as 65000\n neighbor 10.213.2.2 timers connect 1\n \
+         address-family ipv4 unicast\n  network 10.244.1.0/24\n  neighbor 10.213.1.2 route-reflector-client\n  \
+         neighbor 10.213.2.2 route-reflector-client\n exit-address-family\n",
+    );
+    let mut clients: Vec<SepalBgpd> = [(&s1, 1), (&s2, 2)]
+        .into_iter()
+        .map(|(ns, i)| {
+            let mut d = SepalBgpd::start(
+                ns,
+                json!({"local_as": 65000, "router_id": format!("10.213.{i}.2"), "listen": ["0.0.0.0:179"]}),
+            );
+            d.peer(json!({"address": format!("10.213.{i}.1"), "remote_as": 65000, "connect_retry_ms": 1000,
+                          "hold_time": 9, "families": ["ipv4"]}));
+            d.announce(&format!("10.244.1{i}.0/24"));
+            d
+        })
+        .collect();
+    let got = wait_for(T, "client 1's route at client 2 via FRR", || {
+        clients[1].route("10.244.11.0/24")
+    });
+    assert_eq!(got["next_hops"], json!(["10.213.1.2"]));
+    assert_eq!(got["attrs"]["originator_id"], json!("10.213.1.2"));
+    assert_eq!(got["attrs"]["cluster_list"], json!(["10.213.0.1"]));
+    assert_eq!(got["attrs"]["local_pref"], json!(100));
+    wait_for(T, "client 2's route at client 1", || {
+        clients[0].route("10.244.12.0/24")
+    });
+    wait_for(T, "FRR's own route at client 1", || {
+        clients[0].route("10.244.1.0/24")
+    });
+    let routes = frr.routes("ipv4");
+    assert!(
+        routes.get("10.244.11.0/24").is_some() && routes.get("10.244.12.0/24").is_some(),
+        "{routes}"
+    );
+    // Our own routes reflected back to us are dropped (ORIGINATOR_ID is our router ID).
+    assert_eq!(
+        clients[0].route("10.244.11.0/24").expect("own")["source"],
+        json!("Local")
+    );
+}
