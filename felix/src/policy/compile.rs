@@ -476,16 +476,39 @@ fn compile_group(
     let peer_sets: Option<BTreeMap<Family, String>> =
         peers.as_ref().filter(|_| needs_peer_set).map(|peers| {
             // Pod peers only: a plain hash set of addresses (cheap to load and update);
-            // with ipBlocks: an interval set of the union.
+            // with ipBlocks: an interval set of the union. Named after what the peers are
+            // (selectors, blocks, and the policy's namespace when a peer means "this
+            // namespace"), so every policy naming the same peers shares one set.
+            let has_blocks = peers.iter().any(|p| matches!(p, PeerSpec::IpBlock { .. }));
+            let mut key = format!("{peers:?}");
+            if peers.iter().any(|p| {
+                matches!(
+                    p,
+                    PeerSpec::Pods {
+                        namespaces: None,
+                        ..
+                    }
+                )
+            }) {
+                key.push_str(&policy.namespace);
+            }
+            let key = format!("a{}", short_hash(&key));
+            let names: BTreeMap<Family, String> = ctx
+                .families
+                .iter()
+                .map(|&f| {
+                    let r = if has_blocks { "r" } else { "" };
+                    (f, format!("{key}-peer{}{r}", fam(f)))
+                })
+                .collect();
+            if names.values().all(|n| ctx.sets.contains_key(n)) {
+                return names;
+            }
             let mut ips: BTreeSet<IpAddr> = BTreeSet::new();
             let mut ranges = AddrRanges::new();
-            let mut has_blocks = false;
             for peer in peers {
                 match peer {
-                    PeerSpec::IpBlock { ranges: r } => {
-                        has_blocks = true;
-                        ranges.union(r)
-                    }
+                    PeerSpec::IpBlock { ranges: r } => ranges.union(r),
                     PeerSpec::Pods { .. } => ips.extend(
                         ctx.index
                             .peer_pods(ctx.ns_labels, policy, peer)
@@ -497,34 +520,25 @@ fn compile_group(
             if has_blocks {
                 ranges.extend_ips(ips.iter().copied());
             }
-            ctx.families
-                .iter()
-                .map(|&family| {
-                    let name = format!("{base}-peer{}", fam(family));
-                    let set = if has_blocks {
-                        Set {
-                            kind: SetKind::AddrInterval(family),
-                            elements: ranges.elements(family).into_iter().collect(),
-                        }
-                    } else {
-                        Set {
-                            kind: SetKind::Addr(family),
-                            elements: ips
-                                .iter()
-                                .filter(|ip| Family::of(ip) == family)
-                                .map(ip_elem)
-                                .collect(),
-                        }
-                    };
-                    // The kind is part of the name: a set never changes type in place.
-                    let name = match set.kind {
-                        SetKind::AddrInterval(_) => format!("{name}r"),
-                        _ => name,
-                    };
-                    ctx.sets.insert(name.clone(), set);
-                    (family, name)
-                })
-                .collect()
+            for (&family, name) in &names {
+                let set = if has_blocks {
+                    Set {
+                        kind: SetKind::AddrInterval(family),
+                        elements: ranges.elements(family).into_iter().collect(),
+                    }
+                } else {
+                    Set {
+                        kind: SetKind::Addr(family),
+                        elements: ips
+                            .iter()
+                            .filter(|ip| Family::of(ip) == family)
+                            .map(ip_elem)
+                            .collect(),
+                    }
+                };
+                ctx.sets.insert(name.clone(), set);
+            }
+            names
         });
     let peer_match = |family: Family| -> Option<Match> {
         peer_sets.as_ref().and_then(|names| {
@@ -570,7 +584,8 @@ fn compile_group(
         }
     }
     if !numeric.is_empty() {
-        let name = format!("{base}-ports");
+        // Port lists are static policy content: sets are named after it and shared.
+        let name = format!("p{}-ports", short_hash(&format!("{numeric:?}")));
         let mut elements = BTreeSet::new();
         for (proto, mut ranges) in numeric {
             ranges.sort_unstable();
