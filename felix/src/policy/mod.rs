@@ -6,6 +6,18 @@
 //! selecting it is the union of their rules; replies of allowed flows are always allowed (conntrack).
 //! Policies are validated as the API server would; a rule it would have rejected is ignored and
 //! reported, the rest of the policy still applies (a rejected rule never widens what is allowed).
+//!
+//! Use from the agent:
+//! 1. Keep a `Cluster`: namespaces and their labels, every pod with its `podIPs` (pods of this
+//!    node with `host_iface` set to their host veth, e.g. as soon as CNI ADD picked the IP and
+//!    the veth name), named container ports, and all NetworkPolicies.
+//! 2. `let rs = compile(&cluster)`; log `rs.problems` (and surface them as policy status).
+//! 3. `dataplane.apply(&rs)` with a `nft::Dataplane` created once at start: the first
+//!    apply replaces (adopts) the previous run's table atomically, later ones send only the
+//!    difference. CNI ADD should return after the apply that includes the new pod.
+//! 4. `sepal policy explain`: `explain` on the same cluster; the deciding rule's `comment` and
+//!    `default_deny_comment` look up packets with `nft::packets_for` on
+//!    `nft::Dataplane::counters`.
 
 mod addr;
 mod compile;
