@@ -1,7 +1,8 @@
 // The RIB: Adj-RIB-In per peer (post-import), Loc-RIB with the RFC 4271 §9.1 decision process and ECMP,
 // and the export rules (split horizon, route reflection per RFC 4456, next-hop-self to eBGP, loop checks).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
+use std::hash::BuildHasherDefault;
 use std::net::{IpAddr, Ipv4Addr};
 use std::sync::Arc;
 
@@ -108,6 +109,30 @@ fn compare(a: &Path, b: &Path) -> Cmp {
     Cmp::Ecmp(tie)
 }
 
+/// FNV-1a: a cheap hash for prefixes, which are a few bytes each.
+#[derive(Default, Clone, Copy)]
+pub struct Fnv(u64);
+
+impl std::hash::Hasher for Fnv {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        let mut h = if self.0 == 0 {
+            0xcbf29ce484222325
+        } else {
+            self.0
+        };
+        for b in bytes {
+            h ^= *b as u64;
+            h = h.wrapping_mul(0x100000001b3);
+        }
+        self.0 = h;
+    }
+}
+
+pub type PrefixHash = BuildHasherDefault<Fnv>;
+
 /// A best-route change for the FIB: the new set of next hops, or `None` when the prefix is gone.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct RouteChange {
@@ -120,7 +145,12 @@ pub struct BestRoute {
     /// All ECMP next hops, best first.
     pub next_hops: Vec<IpAddr>,
     pub source: Source,
-    pub attrs: Attrs,
+    #[serde(serialize_with = "ser_attrs")]
+    pub attrs: Arc<Attrs>,
+}
+
+fn ser_attrs<S: serde::Serializer>(a: &Arc<Attrs>, s: S) -> Result<S::Ok, S::Error> {
+    serde::Serialize::serialize(&**a, s)
 }
 
 #[derive(Debug, Default)]
@@ -132,11 +162,12 @@ struct Entry {
     reported: Option<(Vec<IpAddr>, Source, Arc<Attrs>)>,
 }
 
-/// The table. Keyed with a BTreeMap so dumps and tests are ordered.
+/// The table, hashed by prefix with a fast non-keyed hasher (prefixes are not attacker-chosen keys
+/// in a way that matters here: max-prefix bounds the table per peer).
 #[derive(Debug)]
 pub struct Rib {
     pub ecmp: usize,
-    entries: BTreeMap<IpNet, Entry>,
+    entries: HashMap<IpNet, Entry, PrefixHash>,
     /// Accepted prefixes per peer (Adj-RIB-In size after import).
     counts: HashMap<IpAddr, usize>,
 }
@@ -145,7 +176,7 @@ impl Rib {
     pub fn new(ecmp: usize) -> Rib {
         Rib {
             ecmp: ecmp.max(1),
-            entries: BTreeMap::new(),
+            entries: HashMap::default(),
             counts: HashMap::new(),
         }
     }
@@ -237,6 +268,12 @@ impl Rib {
     }
 
     /// The selected paths (best first) of a prefix.
+    /// The best path of a prefix.
+    pub fn best_path(&self, prefix: &IpNet) -> Option<&Path> {
+        let e = self.entries.get(prefix)?;
+        e.best.first().map(|i| &e.paths[*i])
+    }
+
     pub fn best(&self, prefix: &IpNet) -> Vec<&Path> {
         self.entries
             .get(prefix)
@@ -292,7 +329,7 @@ impl Rib {
             best: Some(BestRoute {
                 next_hops: now.0.clone(),
                 source: now.1,
-                attrs: (*now.2).clone(),
+                attrs: now.2.clone(),
             }),
         };
         e.reported = Some(now);

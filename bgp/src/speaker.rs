@@ -263,7 +263,7 @@ impl Speaker {
             io_tx,
             route_tx,
             listeners,
-            dirty: HashSet::new(),
+            dirty: HashSet::default(),
             tasks,
         };
         tokio::spawn(core.run(cmd_rx, io_rx));
@@ -375,7 +375,7 @@ struct Peer {
     neg: Option<Negotiated>,
     facts: Option<Arc<PeerFacts>>,
     target: Option<ExportTarget>,
-    adj_out: HashMap<IpNet, (Arc<Attrs>, IpAddr)>,
+    adj_out: HashMap<IpNet, (Arc<Attrs>, IpAddr), rib::PrefixHash>,
     stats: Stats,
     /// Helper side of graceful restart: stale routes kept until this deadline.
     gr_until: Option<Instant>,
@@ -394,7 +394,7 @@ struct Core {
     io_tx: mpsc::UnboundedSender<Io>,
     route_tx: mpsc::UnboundedSender<RouteChange>,
     listeners: Vec<(std::os::fd::RawFd, bool)>,
-    dirty: HashSet<IpNet>,
+    dirty: HashSet<IpNet, rib::PrefixHash>,
     tasks: Vec<JoinHandle<()>>,
 }
 
@@ -585,7 +585,7 @@ impl Core {
                             rib::BestRoute {
                                 next_hops: b.iter().map(|p| p.next_hop).collect(),
                                 source: first.source,
-                                attrs: (*first.attrs).clone(),
+                                attrs: first.attrs.clone(),
                             },
                         ))
                     })
@@ -619,7 +619,7 @@ impl Core {
                 neg: None,
                 facts: None,
                 target: None,
-                adj_out: HashMap::new(),
+                adj_out: HashMap::default(),
                 stats: Stats::default(),
                 gr_until: None,
                 gr_families: Vec::new(),
@@ -1268,7 +1268,7 @@ impl Core {
             if !neg.families.contains(&Family::of(prefix)) {
                 continue;
             }
-            let want = self.rib.best(prefix).first().and_then(|best| {
+            let want = self.rib.best_path(prefix).and_then(|best| {
                 let (attrs, nh) = rib::export(&self.ectx, &target, prefix, best)?;
                 // IPv4 routes need an IPv4 next hop unless RFC 8950 was negotiated.
                 if prefix.addr().is_ipv4() && nh.is_ipv6() && !neg.extended_next_hop_v4 {

@@ -93,9 +93,19 @@ async fn two_speakers_exchange_routes() {
         vec![sepal_bgp::wire::Segment::Sequence(vec![4200000001])]
     );
     assert_eq!(best.attrs.communities, vec![65000 << 16 | 7]);
-    let c6 = wait_for(&mut brx, |c| c.prefix == n6).await;
+    // The IPv6 change may have passed while waiting for the IPv4 one: read the Loc-RIB.
+    let c6 = tokio::time::timeout(Duration::from_secs(20), async {
+        loop {
+            if let Some((_, r)) = b.routes().await.unwrap().into_iter().find(|(p, _)| *p == n6) {
+                return r;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .unwrap();
     // eBGP: next-hop-self; over an IPv4 session the IPv6 route carries our IPv4-mapped address.
-    assert_eq!(c6.best.unwrap().next_hops, vec![a_addr]);
+    assert_eq!(c6.next_hops, vec![a_addr]);
 
     let peers = b.peers().await.unwrap();
     assert_eq!(peers[0].state, sepal_bgp::fsm::State::Established);

@@ -226,7 +226,7 @@ async fn handle(speaker: &mut Option<Speaker>, cmd: Cmd) -> Result<Value, String
             let v: Vec<Value> = routes
                 .into_iter()
                 .map(|(p, b)| {
-                    json!({ "prefix": p.to_string(), "next_hops": b.next_hops, "source": b.source, "attrs": b.attrs })
+                    json!({ "prefix": p.to_string(), "next_hops": b.next_hops, "source": b.source, "attrs": *b.attrs })
                 })
                 .collect();
             json!({ "routes": v })
