@@ -155,7 +155,7 @@ impl Fib {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use sepal_bgp::{Attrs, BestRoute};
+    use sepal_bgp::BestRoute;
 
     fn change(prefix: &str, hops: &[&str], source: Source) -> RouteChange {
         RouteChange {
@@ -163,7 +163,7 @@ mod tests {
             best: Some(BestRoute {
                 next_hops: hops.iter().map(|h| h.parse().unwrap()).collect(),
                 source,
-                attrs: Attrs::default(),
+                attrs: Default::default(),
             }),
         }
     }

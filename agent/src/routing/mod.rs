@@ -164,6 +164,15 @@ impl Routing {
         self.warnings.borrow().clone()
     }
 
+    /// Stops the speaker with Cease/Administrative Shutdown to every peer: a deliberate stop, so
+    /// peers drop our routes now instead of keeping them for a restart.
+    pub async fn shutdown(self) {
+        let speaker = self.speaker.lock().ok().and_then(|mut s| s.take());
+        if let Some(s) = speaker {
+            let _ = s.shutdown().await;
+        }
+    }
+
     /// Session state of every peer.
     pub async fn peers(&self) -> Vec<PeerStatus> {
         let speaker = self.speaker.lock().ok().and_then(|s| s.clone());
