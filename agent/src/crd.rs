@@ -24,7 +24,9 @@ pub const DEFAULT_CONFIG_NAME: &str = "default";
 pub enum CrdError {
     #[error("object has apiVersion {found:?}, expected {API_VERSION:?}")]
     ApiVersion { found: String },
-    #[error("object has kind {found:?}, expected one of BGPConfiguration, BGPPeer, SepalNodeStatus")]
+    #[error(
+        "object has kind {found:?}, expected one of BGPConfiguration, BGPPeer, SepalNodeStatus"
+    )]
     Kind { found: String },
     #[error("{kind} {name:?}: {source}")]
     Decode {
@@ -104,10 +106,18 @@ pub struct BGPConfigurationSpec {
     #[schemars(regex(pattern = r"^([0-9]+(\.[0-9]+)?(ms|s|m|h))+$"))]
     pub graceful_restart_time: String,
     /// Service ClusterIP ranges advertised from every node.
-    #[serde(default, rename = "serviceClusterIPs", skip_serializing_if = "Vec::is_empty")]
+    #[serde(
+        default,
+        rename = "serviceClusterIPs",
+        skip_serializing_if = "Vec::is_empty"
+    )]
     pub service_cluster_ips: Vec<CidrEntry>,
     /// Service ExternalIP ranges advertised (per externalTrafficPolicy).
-    #[serde(default, rename = "serviceExternalIPs", skip_serializing_if = "Vec::is_empty")]
+    #[serde(
+        default,
+        rename = "serviceExternalIPs",
+        skip_serializing_if = "Vec::is_empty"
+    )]
     pub service_external_ips: Vec<CidrEntry>,
     /// LoadBalancer ingress IP ranges advertised (per externalTrafficPolicy).
     #[serde(
@@ -251,7 +261,9 @@ pub struct PeerPassword {
 }
 
 /// A key of a v1 Secret; the namespace defaults to Sepal's own (`sepal-system`).
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, JsonSchema)]
+#[derive(
+    Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, JsonSchema,
+)]
 pub struct SecretKeyRef {
     pub name: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -264,7 +276,9 @@ pub const DEFAULT_SECRET_NAMESPACE: &str = "sepal-system";
 
 impl SecretKeyRef {
     pub fn namespace(&self) -> &str {
-        self.namespace.as_deref().unwrap_or(DEFAULT_SECRET_NAMESPACE)
+        self.namespace
+            .as_deref()
+            .unwrap_or(DEFAULT_SECRET_NAMESPACE)
     }
 }
 
@@ -301,7 +315,9 @@ pub enum ImportAction {
     doc = "BGP sessions and dataplane state of one node, written by its agent"
 )]
 #[kube(printcolumn = r#"{"name":"Routes","type":"boolean","jsonPath":".status.routesProgrammed"}"#)]
-#[kube(printcolumn = r#"{"name":"Established","type":"integer","jsonPath":".status.establishedSessions"}"#)]
+#[kube(
+    printcolumn = r#"{"name":"Established","type":"integer","jsonPath":".status.establishedSessions"}"#
+)]
 #[kube(printcolumn = r#"{"name":"Sessions","type":"integer","jsonPath":".status.totalSessions"}"#)]
 #[kube(printcolumn = r#"{"name":"Updated","type":"date","jsonPath":".status.lastUpdated"}"#)]
 #[serde(rename_all = "camelCase")]
@@ -479,7 +495,11 @@ fn cidr_list(field: &str, v: &[CidrEntry]) -> Result<Vec<IpNetwork>, CrdError> {
 impl BGPConfigurationSpec {
     pub fn validate(&self) -> Result<BgpConfig, CrdError> {
         if self.as_number == 0 {
-            return Err(field_err("spec.asNumber", "0", "an AS number (1..4294967295)"));
+            return Err(field_err(
+                "spec.asNumber",
+                "0",
+                "an AS number (1..4294967295)",
+            ));
         }
         if self.listen_port == 0 {
             return Err(field_err("spec.listenPort", "0", "a TCP port"));
@@ -580,7 +600,11 @@ fn ip(field: &str, s: &str) -> Result<IpAddr, CrdError> {
 impl BGPPeerSpec {
     pub fn validate(&self, name: &str) -> Result<BgpPeer, CrdError> {
         if self.as_number == 0 {
-            return Err(field_err("spec.asNumber", "0", "an AS number (1..4294967295)"));
+            return Err(field_err(
+                "spec.asNumber",
+                "0",
+                "an AS number (1..4294967295)",
+            ));
         }
         if self.node.is_some() && self.node_selector.is_some() {
             return Err(field_err(
@@ -642,8 +666,7 @@ pub enum SepalObject {
 
 /// Whether `(apiVersion, kind)` names one of Sepal's kinds.
 pub fn is_sepal_kind(api_version: &str, kind: &str) -> bool {
-    api_version == API_VERSION
-        && matches!(kind, "BGPConfiguration" | "BGPPeer" | "SepalNodeStatus")
+    api_version == API_VERSION && matches!(kind, "BGPConfiguration" | "BGPPeer" | "SepalNodeStatus")
 }
 
 fn decode<K: serde::de::DeserializeOwned>(
@@ -674,7 +697,11 @@ impl SepalObject {
                 found: api_version.to_string(),
             });
         }
-        match value.get("kind").and_then(|v| v.as_str()).unwrap_or_default() {
+        match value
+            .get("kind")
+            .and_then(|v| v.as_str())
+            .unwrap_or_default()
+        {
             "BGPConfiguration" => Ok(SepalObject::BgpConfiguration(decode(
                 "BGPConfiguration",
                 value,
@@ -726,11 +753,7 @@ pub fn write_crds(dir: &std::path::Path) -> std::io::Result<Vec<std::path::PathB
 
 /// The kinds' names as the API server serves them, for RBAC and the stand-in server.
 pub fn plurals() -> [&'static str; 3] {
-    [
-        "bgpconfigurations",
-        "bgppeers",
-        "sepalnodestatuses",
-    ]
+    ["bgpconfigurations", "bgppeers", "sepalnodestatuses"]
 }
 
 /// `apiVersion` of a Sepal resource type (kept next to the derive so they cannot drift).
@@ -823,7 +846,10 @@ mod tests {
         assert_eq!(v.service_cluster_ips.len(), 2);
         assert_eq!(
             v.communities[0].1,
-            vec![Community::Standard(65010, 100), Community::Large(65010, 1, 2)]
+            vec![
+                Community::Standard(65010, 100),
+                Community::Large(65010, 1, 2)
+            ]
         );
     }
 
@@ -841,9 +867,10 @@ mod tests {
         }];
         let err = spec.validate().unwrap_err().to_string();
         assert!(err.contains("serviceClusterIPs[0]"), "{err}");
-        let err = SepalObject::from_json(&json!({"apiVersion": "sepal.dev/v1alpha1", "kind": "IPPool"}))
-            .unwrap_err()
-            .to_string();
+        let err =
+            SepalObject::from_json(&json!({"apiVersion": "sepal.dev/v1alpha1", "kind": "IPPool"}))
+                .unwrap_err()
+                .to_string();
         assert!(err.contains("IPPool"), "{err}");
         let err = SepalObject::from_json(&json!({
             "apiVersion": "sepal.dev/v1alpha1", "kind": "BGPPeer", "metadata": {"name": "tor"},
@@ -870,7 +897,10 @@ mod tests {
         };
         let peer = p.spec.validate("tor-a").expect("valid");
         assert_eq!(peer.peer_ip, "10.0.1.1".parse::<IpAddr>().unwrap());
-        assert_eq!(peer.password.as_ref().map(|r| r.namespace()), Some("sepal-system"));
+        assert_eq!(
+            peer.password.as_ref().map(|r| r.namespace()),
+            Some("sepal-system")
+        );
         assert_eq!(
             peer.import_policy,
             ImportPolicy::Allow(vec!["0.0.0.0/0".parse().unwrap()])
@@ -886,7 +916,11 @@ mod tests {
 
         let mut bad = p.spec.clone();
         bad.peer_ip = "10.0.1".into();
-        assert!(bad.validate("x").unwrap_err().to_string().contains("spec.peerIP"));
+        assert!(bad
+            .validate("x")
+            .unwrap_err()
+            .to_string()
+            .contains("spec.peerIP"));
         let mut both = p.spec.clone();
         both.node = Some("n1".into());
         assert!(both.validate("x").is_err());

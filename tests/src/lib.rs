@@ -2,6 +2,7 @@
 //! namespaces with cleanup guards, and paths of the workspace's own binaries.
 
 pub mod bench;
+pub mod fakeapi;
 pub mod bgpd;
 pub mod netns;
 pub mod node;

@@ -1,0 +1,695 @@
+// The Kubernetes datastore: kube-rs watchers on the API server turned into the same model events as
+// the dir datastore, objects stripped to what routing and policy use; plus the agent's status writes.
+
+use crate::crd::{BGPConfiguration, BGPPeer, SepalNodeStatus, DEFAULT_SECRET_NAMESPACE};
+use crate::model::{Event, Object, ObjectKey};
+use anyhow::{Context, Result};
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::{
+    Container, Namespace, Node, NodeStatus, Pod, PodSpec, PodStatus, Secret, Service,
+};
+use k8s_openapi::api::networking::v1::NetworkPolicy;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use kube::api::{DynamicObject, Patch, PatchParams};
+use kube::config::{KubeConfigOptions, Kubeconfig};
+use kube::core::ApiResource;
+use kube::runtime::{watcher, WatchStreamExt};
+use kube::{Api, Client, Config, Resource};
+use serde_json::Value;
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use tokio::sync::mpsc;
+
+/// Annotation kubectl keeps a full copy of the object in; never needed, often large.
+const LAST_APPLIED: &str = "kubectl.kubernetes.io/last-applied-configuration";
+
+/// A client for the API server: the kubeconfig given, else `KUBECONFIG`/~/.kube/config, else the
+/// in-cluster ServiceAccount.
+pub async fn client(kubeconfig: Option<&Path>) -> Result<Client> {
+    let config = match kubeconfig {
+        Some(path) => {
+            let kc = Kubeconfig::read_from(path)
+                .with_context(|| format!("reading kubeconfig {}", path.display()))?;
+            Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default())
+                .await
+                .with_context(|| format!("kubeconfig {}", path.display()))?
+        }
+        None => Config::infer()
+            .await
+            .context("no Kubernetes config: not in a cluster and no kubeconfig found")?,
+    };
+    Client::try_from(config).context("building the Kubernetes client")
+}
+
+// ---------------------------------------------------------------------------------------------
+// Stripping: only what routing and policy read is kept, so memory stays bounded with many pods and
+// status-only churn (conditions, container states) becomes no model change at all.
+
+/// Metadata reduced to identity, labels and annotations (without kubectl's copy of the object).
+pub fn strip_meta(m: ObjectMeta) -> ObjectMeta {
+    let mut annotations = m.annotations;
+    if let Some(a) = annotations.as_mut() {
+        a.remove(LAST_APPLIED);
+    }
+    ObjectMeta {
+        name: m.name,
+        namespace: m.namespace,
+        labels: m.labels.filter(|l| !l.is_empty()),
+        annotations: annotations.filter(|a| !a.is_empty()),
+        ..Default::default()
+    }
+}
+
+fn strip_meta_value(v: &mut Value) {
+    let Some(meta) = v.get_mut("metadata").and_then(Value::as_object_mut) else {
+        return;
+    };
+    meta.retain(|k, _| matches!(k.as_str(), "name" | "namespace" | "labels" | "annotations"));
+    if let Some(a) = meta.get_mut("annotations").and_then(Value::as_object_mut) {
+        a.remove(LAST_APPLIED);
+    }
+    for k in ["labels", "annotations"] {
+        if meta
+            .get(k)
+            .is_some_and(|v| v.as_object().is_some_and(|o| o.is_empty()) || v.is_null())
+        {
+            meta.remove(k);
+        }
+    }
+}
+
+/// A pod as policy and routing see it: labels, node, host networking, named ports, IPs, phase.
+pub fn strip_pod(p: Pod) -> Pod {
+    Pod {
+        metadata: strip_meta(p.metadata),
+        spec: p.spec.map(|s| PodSpec {
+            node_name: s.node_name,
+            host_network: s.host_network,
+            containers: s
+                .containers
+                .into_iter()
+                .map(|c| Container {
+                    name: c.name,
+                    ports: c.ports,
+                    ..Default::default()
+                })
+                .collect(),
+            ..Default::default()
+        }),
+        status: p.status.map(|s| PodStatus {
+            phase: s.phase,
+            pod_ip: s.pod_ip,
+            pod_ips: s.pod_ips,
+            ..Default::default()
+        }),
+    }
+}
+
+/// A node: labels/annotations (Sepal's overrides), spec (pod CIDRs, taints), its addresses.
+pub fn strip_node(n: Node) -> Node {
+    Node {
+        metadata: strip_meta(n.metadata),
+        spec: n.spec,
+        status: n.status.and_then(|s| {
+            s.addresses.map(|a| NodeStatus {
+                addresses: Some(a),
+                ..Default::default()
+            })
+        }),
+    }
+}
+
+/// Any object brought to the shape the model keeps (both datastores can use this).
+pub fn strip(obj: Object) -> Object {
+    match obj {
+        Object::Pod(p) => Object::Pod(Box::new(strip_pod(*p))),
+        Object::Node(n) => Object::Node(Box::new(strip_node(*n))),
+        Object::Namespace(mut n) => {
+            n.metadata = strip_meta(n.metadata);
+            n.spec = None;
+            n.status = None;
+            Object::Namespace(n)
+        }
+        Object::Service(mut s) => {
+            s.metadata = strip_meta(s.metadata);
+            Object::Service(s)
+        }
+        Object::Secret(mut s) => {
+            s.metadata = strip_meta(s.metadata);
+            Object::Secret(s)
+        }
+        Object::NetworkPolicy(mut p) => {
+            p.metadata = strip_meta(p.metadata);
+            Object::NetworkPolicy(p)
+        }
+        Object::Other(key, mut v) => {
+            strip_meta_value(&mut v);
+            Object::Other(key, v)
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Watchers
+
+/// Counts resources still in their initial list; the last one to finish sends `Synced`.
+struct SyncGate {
+    pending: AtomicUsize,
+}
+
+impl SyncGate {
+    async fn done(&self, tx: &mpsc::Sender<Event>) -> bool {
+        if self.pending.fetch_sub(1, Ordering::AcqRel) == 1 {
+            return tx.send(Event::Synced).await.is_ok();
+        }
+        true
+    }
+}
+
+/// One watched resource: its API handle and how its objects become model objects.
+struct Watched<K> {
+    what: &'static str,
+    api: Api<K>,
+    convert: fn(K) -> Option<Object>,
+}
+
+fn dynamic_converter(ar: &ApiResource) -> impl Fn(DynamicObject) -> Option<Object> + Clone {
+    let (api_version, kind) = (ar.api_version.clone(), ar.kind.clone());
+    move |o: DynamicObject| {
+        let mut v = serde_json::to_value(&o).ok()?;
+        let map = v.as_object_mut()?;
+        map.insert("apiVersion".into(), Value::String(api_version.clone()));
+        map.insert("kind".into(), Value::String(kind.clone()));
+        strip_meta_value(&mut v);
+        let key = ObjectKey {
+            api_version: api_version.clone(),
+            kind: kind.clone(),
+            namespace: o.metadata.namespace.clone().unwrap_or_default(),
+            name: o.metadata.name.clone()?,
+        };
+        Some(Object::Other(key, v))
+    }
+}
+
+/// Runs one watcher until the model's receiver goes away. The kube watcher lists, then watches
+/// from the list's resourceVersion, resumes from the last one seen (bookmarks included) after a
+/// dropped connection, and relists after 410 Gone; errors are retried with backoff.
+async fn run_watcher<K, F>(
+    what: &'static str,
+    api: Api<K>,
+    convert: F,
+    tx: mpsc::Sender<Event>,
+    gate: Arc<SyncGate>,
+) where
+    K: Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug + Send + 'static,
+    F: Fn(K) -> Option<Object>,
+{
+    let cfg = watcher::Config::default();
+    let mut stream = watcher(api, cfg).default_backoff().boxed();
+    // Keys this resource has in the model, to delete what a relist no longer returns.
+    let mut known: BTreeSet<ObjectKey> = BTreeSet::new();
+    let mut relisted: BTreeSet<ObjectKey> = BTreeSet::new();
+    let mut synced = false;
+    let mut failures = 0u32;
+    while let Some(item) = stream.next().await {
+        let events: Vec<Event> = match item {
+            Err(err) => {
+                failures += 1;
+                // Every failure while unsynced, then every 10th, so a long outage is visible
+                // without flooding the log.
+                if !synced || failures % 10 == 1 {
+                    log_watch_error(what, &err);
+                }
+                continue;
+            }
+            Ok(ev) => {
+                failures = 0;
+                match ev {
+                    watcher::Event::Init => {
+                        relisted.clear();
+                        Vec::new()
+                    }
+                    watcher::Event::InitApply(o) => match convert(o) {
+                        Some(obj) => {
+                            relisted.insert(obj.key());
+                            vec![Event::Upsert(obj)]
+                        }
+                        None => Vec::new(),
+                    },
+                    watcher::Event::InitDone => {
+                        let gone: Vec<Event> = known
+                            .difference(&relisted)
+                            .cloned()
+                            .map(Event::Delete)
+                            .collect();
+                        known = std::mem::take(&mut relisted);
+                        if !synced {
+                            synced = true;
+                            tracing::info!(
+                                resource = what,
+                                objects = known.len(),
+                                "initial list done"
+                            );
+                            if !gate.done(&tx).await {
+                                return;
+                            }
+                        }
+                        gone
+                    }
+                    watcher::Event::Apply(o) => match convert(o) {
+                        Some(obj) => {
+                            known.insert(obj.key());
+                            vec![Event::Upsert(obj)]
+                        }
+                        None => Vec::new(),
+                    },
+                    watcher::Event::Delete(o) => match convert(o) {
+                        Some(obj) => {
+                            let key = obj.key();
+                            known.remove(&key);
+                            vec![Event::Delete(key)]
+                        }
+                        None => Vec::new(),
+                    },
+                }
+            }
+        };
+        for ev in events {
+            if tx.send(ev).await.is_err() {
+                return;
+            }
+        }
+    }
+}
+
+fn log_watch_error(what: &str, err: &watcher::Error) {
+    let text = err.to_string();
+    let forbidden = matches!(
+        err,
+        watcher::Error::InitialListFailed(kube::Error::Api(s))
+            | watcher::Error::WatchStartFailed(kube::Error::Api(s))
+            | watcher::Error::WatchFailed(kube::Error::Api(s))
+            if s.code == 403
+    );
+    if forbidden {
+        tracing::error!(
+            resource = what,
+            "forbidden: the agent's ServiceAccount may not list/watch {what} \
+             (see the ClusterRole in deploy/10-rbac.yaml); retrying: {text}"
+        );
+    } else {
+        tracing::warn!(
+            resource = what,
+            "watch failed, retrying with backoff: {text}"
+        );
+    }
+}
+
+fn spawn_typed<K>(w: Watched<K>, tx: &mpsc::Sender<Event>, gate: &Arc<SyncGate>)
+where
+    K: Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug + Send + Sync + 'static,
+{
+    tokio::spawn(run_watcher(
+        w.what,
+        w.api,
+        w.convert,
+        tx.clone(),
+        gate.clone(),
+    ));
+}
+
+fn spawn_dynamic(
+    what: &'static str,
+    client: &Client,
+    ar: ApiResource,
+    tx: &mpsc::Sender<Event>,
+    gate: &Arc<SyncGate>,
+) {
+    let api: Api<DynamicObject> = Api::all_with(client.clone(), &ar);
+    let convert = dynamic_converter(&ar);
+    tokio::spawn(run_watcher(what, api, convert, tx.clone(), gate.clone()));
+}
+
+/// Starts every watcher. Events go to `tx`: the initial state of all resources, then one
+/// `Synced`, then live changes.
+pub async fn run(client: Client, tx: mpsc::Sender<Event>) {
+    const RESOURCES: usize = 10;
+    let gate = Arc::new(SyncGate {
+        pending: AtomicUsize::new(RESOURCES),
+    });
+    let c = &client;
+    spawn_typed(
+        Watched {
+            what: "nodes",
+            api: Api::<Node>::all(c.clone()),
+            convert: |n| Some(Object::Node(Box::new(strip_node(n)))),
+        },
+        &tx,
+        &gate,
+    );
+    spawn_typed(
+        Watched {
+            what: "pods",
+            api: Api::<Pod>::all(c.clone()),
+            convert: |p| Some(Object::Pod(Box::new(strip_pod(p)))),
+        },
+        &tx,
+        &gate,
+    );
+    spawn_typed(
+        Watched {
+            what: "namespaces",
+            api: Api::<Namespace>::all(c.clone()),
+            convert: |n| Some(strip(Object::Namespace(Box::new(n)))),
+        },
+        &tx,
+        &gate,
+    );
+    spawn_typed(
+        Watched {
+            what: "services",
+            api: Api::<Service>::all(c.clone()),
+            convert: |s| Some(strip(Object::Service(Box::new(s)))),
+        },
+        &tx,
+        &gate,
+    );
+    spawn_typed(
+        Watched {
+            what: "networkpolicies",
+            api: Api::<NetworkPolicy>::all(c.clone()),
+            convert: |p| Some(strip(Object::NetworkPolicy(Box::new(p)))),
+        },
+        &tx,
+        &gate,
+    );
+    // BGPPeer passwords: only Sepal's namespace may hold them (the RBAC Role grants no more).
+    spawn_typed(
+        Watched {
+            what: "secrets",
+            api: Api::<Secret>::namespaced(c.clone(), DEFAULT_SECRET_NAMESPACE),
+            convert: |s| Some(strip(Object::Secret(Box::new(s)))),
+        },
+        &tx,
+        &gate,
+    );
+    spawn_dynamic(
+        "endpointslices",
+        c,
+        ApiResource::erase::<k8s_openapi::api::discovery::v1::EndpointSlice>(&()),
+        &tx,
+        &gate,
+    );
+    spawn_dynamic(
+        "bgpconfigurations",
+        c,
+        ApiResource::erase::<BGPConfiguration>(&()),
+        &tx,
+        &gate,
+    );
+    spawn_dynamic(
+        "bgppeers",
+        c,
+        ApiResource::erase::<BGPPeer>(&()),
+        &tx,
+        &gate,
+    );
+    spawn_dynamic(
+        "sepalnodestatuses",
+        c,
+        ApiResource::erase::<SepalNodeStatus>(&()),
+        &tx,
+        &gate,
+    );
+    tx.closed().await;
+}
+
+/// Starts the Kubernetes datastore on the current runtime (used by `datastore::start`): the client
+/// is built in the task, and a failure to build it is retried, not fatal, so a node agent started
+/// before its API server is reachable still comes up.
+pub fn spawn(kubeconfig: Option<PathBuf>, tx: mpsc::Sender<Event>) {
+    tokio::spawn(async move {
+        let mut delay = std::time::Duration::from_millis(500);
+        loop {
+            match client(kubeconfig.as_deref()).await {
+                Ok(c) => return run(c, tx).await,
+                Err(e) => {
+                    tracing::error!("kubernetes datastore: {e:#}; retrying in {delay:?}");
+                    tokio::select! {
+                        _ = tokio::time::sleep(delay) => {}
+                        _ = tx.closed() => return,
+                    }
+                    delay = (delay * 2).min(std::time::Duration::from_secs(30));
+                }
+            }
+        }
+    });
+}
+
+// ---------------------------------------------------------------------------------------------
+// Status back to the cluster
+
+/// Field manager name of every write the agent makes.
+#[allow(dead_code)] // the status writes are wired in by the routing work
+pub const FIELD_MANAGER: &str = "sepal-node";
+
+/// What a node's agent writes to the cluster: its SepalNodeStatus, the Node's NetworkUnavailable
+/// condition, and Events. Each call is one idempotent request (server-side apply / patch).
+#[allow(dead_code)] // called by the node agent once routes and sessions are up
+#[derive(Clone)]
+pub struct StatusWriter {
+    client: Client,
+    node: String,
+}
+
+#[allow(dead_code)]
+impl StatusWriter {
+    pub fn new(client: Client, node: impl Into<String>) -> StatusWriter {
+        StatusWriter {
+            client,
+            node: node.into(),
+        }
+    }
+
+    /// Creates or updates the node's SepalNodeStatus (object named after the node) and its status.
+    pub async fn report(&self, report: &crate::crd::NodeStatusReport) -> Result<()> {
+        let api: Api<SepalNodeStatus> = Api::all(self.client.clone());
+        let pp = PatchParams::apply(FIELD_MANAGER).force();
+        let obj = serde_json::json!({
+            "apiVersion": crate::crd::API_VERSION, "kind": "SepalNodeStatus",
+            "metadata": {"name": self.node},
+            "spec": {"node": self.node},
+        });
+        api.patch(&self.node, &pp, &Patch::Apply(&obj))
+            .await
+            .with_context(|| format!("applying SepalNodeStatus {}", self.node))?;
+        let status = serde_json::json!({
+            "apiVersion": crate::crd::API_VERSION, "kind": "SepalNodeStatus",
+            "metadata": {"name": self.node},
+            "status": report,
+        });
+        api.patch_status(&self.node, &pp, &Patch::Apply(&status))
+            .await
+            .with_context(|| format!("writing the status of SepalNodeStatus {}", self.node))?;
+        Ok(())
+    }
+
+    /// Sets the Node condition NetworkUnavailable=False (reason SepalIsUp): call once the node's
+    /// routes are programmed.
+    pub async fn network_available(&self, now_rfc3339: &str) -> Result<()> {
+        let api: Api<Node> = Api::all(self.client.clone());
+        let patch = serde_json::json!({"status": {"conditions": [{
+            "type": "NetworkUnavailable", "status": "False", "reason": "SepalIsUp",
+            "message": "Sepal's routes are programmed on this node",
+            "lastTransitionTime": now_rfc3339, "lastHeartbeatTime": now_rfc3339,
+        }]}});
+        // A strategic merge patch merges conditions by type, leaving kubelet's alone.
+        api.patch_status(
+            &self.node,
+            &PatchParams::default(),
+            &Patch::Strategic(&patch),
+        )
+        .await
+        .with_context(|| format!("setting NetworkUnavailable=False on node {}", self.node))?;
+        Ok(())
+    }
+
+    /// Records an events.k8s.io/v1 Event about an object (a rejected NetworkPolicy, a BGPPeer whose
+    /// session fails), `warning` for problems.
+    pub async fn event(
+        &self,
+        regarding: &ObjectKey,
+        warning: bool,
+        reason: &str,
+        note: &str,
+        now_rfc3339: &str,
+    ) -> Result<()> {
+        let ar = ApiResource::erase::<k8s_openapi::api::events::v1::Event>(&());
+        let ns = if regarding.namespace.is_empty() {
+            "default"
+        } else {
+            regarding.namespace.as_str()
+        };
+        let api: Api<DynamicObject> = Api::namespaced_with(self.client.clone(), ns, &ar);
+        let ev: DynamicObject = serde_json::from_value(serde_json::json!({
+            "apiVersion": "events.k8s.io/v1", "kind": "Event",
+            "metadata": {"generateName": format!("{}.", regarding.name), "namespace": ns},
+            "eventTime": now_rfc3339,
+            "reportingController": "sepal.dev/node",
+            "reportingInstance": format!("sepal-node-{}", self.node),
+            "action": reason, "reason": reason, "note": note,
+            "type": if warning { "Warning" } else { "Normal" },
+            "regarding": {"apiVersion": regarding.api_version, "kind": regarding.kind,
+                          "namespace": (!regarding.namespace.is_empty()).then_some(&regarding.namespace),
+                          "name": regarding.name},
+        }))?;
+        api.create(&Default::default(), &ev)
+            .await
+            .with_context(|| format!("recording event {reason} on {regarding}"))?;
+        Ok(())
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// `sepal datastore`: what the agent's model holds, from either datastore (tests, bench, debugging)
+
+/// Flags of `sepal datastore`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct InspectArgs {
+    /// Where the cluster's objects come from: `kubernetes` or `dir:PATH`.
+    #[arg(long)]
+    pub datastore: super::DatastoreSpec,
+    /// Kubeconfig for `--datastore kubernetes` (default: KUBECONFIG, ~/.kube/config, in-cluster).
+    #[arg(long)]
+    pub kubeconfig: Option<PathBuf>,
+    /// Keep running and print the model again after every change (a burst of changes prints once).
+    #[arg(long)]
+    pub watch: bool,
+    /// Print only counts, not the objects.
+    #[arg(long)]
+    pub summary: bool,
+}
+
+fn object_value(o: &Object) -> Value {
+    let v = match o {
+        Object::Node(x) => serde_json::to_value(x),
+        Object::Namespace(x) => serde_json::to_value(x),
+        Object::Pod(x) => serde_json::to_value(x),
+        Object::Service(x) => serde_json::to_value(x),
+        Object::Secret(x) => serde_json::to_value(x),
+        Object::NetworkPolicy(x) => serde_json::to_value(x),
+        Object::Other(_, v) => return v.clone(),
+    };
+    v.unwrap_or(Value::Null)
+}
+
+fn model_line(model: &crate::model::Model, started: std::time::Instant, summary: bool) -> String {
+    let mut line = serde_json::json!({
+        "synced": model.synced(),
+        "elapsed_ms": started.elapsed().as_millis() as u64,
+        "objects": model.len(),
+    });
+    if !summary {
+        line["items"] = Value::Array(model.objects().map(object_value).collect());
+    }
+    line.to_string()
+}
+
+/// Runs a datastore into a model and prints it as one JSON line once synced (and, with --watch,
+/// after every later change).
+pub fn run_inspect(args: InspectArgs) -> Result<()> {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async move {
+        let started = std::time::Instant::now();
+        let mut rx = match &args.datastore {
+            super::DatastoreSpec::Kubernetes => {
+                let (tx, rx) = mpsc::channel(1024);
+                spawn(args.kubeconfig.clone(), tx);
+                rx
+            }
+            other => super::start(other)?,
+        };
+        let mut model = crate::model::Model::default();
+        while let Some(ev) = rx.recv().await {
+            let mut changed = model.apply(ev);
+            // Drain what is already queued so a burst prints once.
+            while let Ok(ev) = rx.try_recv() {
+                changed |= model.apply(ev);
+            }
+            if model.synced() && changed {
+                println!("{}", model_line(&model, started, args.summary));
+                if !args.watch {
+                    return Ok(());
+                }
+            }
+        }
+        anyhow::bail!("the datastore stopped")
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn pods_keep_only_what_policy_and_routing_read() {
+        let pod: Pod = serde_json::from_value(json!({
+            "metadata": {"name": "p", "namespace": "ns", "uid": "u", "resourceVersion": "7",
+                         "labels": {"app": "web"},
+                         "annotations": {LAST_APPLIED: "{...}"},
+                         "managedFields": [{"manager": "kubectl"}]},
+            "spec": {"nodeName": "n1", "containers": [{"name": "c", "image": "nginx",
+                     "env": [{"name": "A", "value": "B"}],
+                     "ports": [{"name": "http", "containerPort": 80}]}],
+                     "volumes": [{"name": "v", "emptyDir": {}}]},
+            "status": {"phase": "Running", "podIP": "10.244.1.5", "podIPs": [{"ip": "10.244.1.5"}],
+                       "conditions": [{"type": "Ready", "status": "True"}]}
+        }))
+        .unwrap();
+        let s = serde_json::to_value(strip_pod(pod)).unwrap();
+        assert_eq!(
+            s,
+            json!({
+                "metadata": {"name": "p", "namespace": "ns", "labels": {"app": "web"}},
+                "spec": {"nodeName": "n1", "containers": [{"name": "c",
+                         "ports": [{"name": "http", "containerPort": 80}]}]},
+                "status": {"phase": "Running", "podIP": "10.244.1.5", "podIPs": [{"ip": "10.244.1.5"}]}
+            })
+        );
+    }
+
+    #[test]
+    fn raw_objects_lose_server_metadata() {
+        let ar = ApiResource::erase::<BGPPeer>(&());
+        let o: DynamicObject = serde_json::from_value(json!({
+            "metadata": {"name": "tor", "resourceVersion": "3", "uid": "x", "generation": 1,
+                         "creationTimestamp": "2026-01-01T00:00:00Z"},
+            "spec": {"peerIP": "10.0.0.1", "asNumber": 65000}
+        }))
+        .unwrap();
+        let Some(Object::Other(key, v)) = dynamic_converter(&ar)(o) else {
+            panic!("not converted")
+        };
+        assert_eq!(key.kind, "BGPPeer");
+        assert_eq!(
+            v,
+            json!({"apiVersion": "sepal.dev/v1alpha1", "kind": "BGPPeer",
+                   "metadata": {"name": "tor"}, "spec": {"peerIP": "10.0.0.1", "asNumber": 65000}})
+        );
+        assert!(matches!(
+            crate::crd::SepalObject::from_json(&v),
+            Ok(crate::crd::SepalObject::BgpPeer(_))
+        ));
+    }
+}
