@@ -361,8 +361,7 @@ impl Dataplane {
         }
     }
 
-    /// `nft` run inside the network namespace at `path` (entered between fork and exec, which
-    /// is much cheaper than `ip netns exec`).
+    /// `nft` run inside the network namespace at `path` (much cheaper than `ip netns exec`).
     pub fn in_netns(path: impl Into<std::path::PathBuf>, opts: Options) -> Dataplane {
         Dataplane {
             netns: Some(path.into()),
@@ -429,26 +428,37 @@ impl Dataplane {
             .command
             .split_first()
             .ok_or_else(|| NftError::Spawn("nft".into(), std::io::Error::other("empty command")))?;
-        let mut cmd = Command::new(prog);
-        if let Some(path) = &self.netns {
-            use std::os::fd::AsRawFd;
-            use std::os::unix::process::CommandExt;
-            let ns = std::fs::File::open(path)
-                .map_err(|e| NftError::Spawn(format!("netns {}", path.display()), e))?;
-            let fd = ns.as_raw_fd();
-            // SAFETY: only async-signal-safe setns(2) runs between fork and exec; `ns` outlives
-            // the spawn below, so the fd is valid in the child.
-            unsafe {
-                cmd.pre_exec(move || {
-                    if libc::setns(fd, libc::CLONE_NEWNET) != 0 {
-                        return Err(std::io::Error::last_os_error());
+        let cmd = Command::new(prog);
+        let Some(path) = &self.netns else {
+            return self.finish(cmd, pre, args, stdin);
+        };
+        // nft runs from a short-lived thread that entered the namespace: a child inherits its
+        // creating thread's namespaces, and without a pre-exec hook std can spawn the cheap way
+        // (no copy of a large agent's page tables).
+        let ns = std::fs::File::open(path)
+            .map_err(|e| NftError::Spawn(format!("netns {}", path.display()), e))?;
+        std::thread::scope(|scope| {
+            scope
+                .spawn(|| {
+                    use std::os::fd::AsRawFd;
+                    // SAFETY: setns on a valid namespace fd; it changes only this thread,
+                    // which ends right after the command.
+                    if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+                        return Err(NftError::Spawn(
+                            format!("netns {}", path.display()),
+                            std::io::Error::last_os_error(),
+                        ));
                     }
-                    Ok(())
-                });
-            }
-            return self.finish(cmd, pre, args, stdin, Some(ns));
-        }
-        self.finish(cmd, pre, args, stdin, None)
+                    self.finish(cmd, pre, args, stdin)
+                })
+                .join()
+                .unwrap_or_else(|_| {
+                    Err(NftError::Spawn(
+                        "nft".into(),
+                        std::io::Error::other("nft runner thread panicked"),
+                    ))
+                })
+        })
     }
 
     fn finish(
@@ -457,7 +467,6 @@ impl Dataplane {
         pre: &[String],
         args: &[&str],
         stdin: Option<&str>,
-        _netns: Option<std::fs::File>,
     ) -> Result<String, NftError> {
         cmd.args(pre)
             .args(args)
