@@ -292,12 +292,15 @@ impl Rib {
         let e = self.entries.get_mut(&prefix)?;
         let had = e.reported.is_some();
         let mut order: Vec<usize> = (0..e.paths.len()).collect();
-        order.sort_by(|a, b| match compare(&e.paths[*a], &e.paths[*b]) {
-            Cmp::Better => std::cmp::Ordering::Less,
-            Cmp::Worse => std::cmp::Ordering::Greater,
-            Cmp::Ecmp(o) => o.reverse(),
-        });
-        let mut best = Vec::new();
+        // One path (the common case when ingesting a table) needs no comparison.
+        if order.len() > 1 {
+            order.sort_by(|a, b| match compare(&e.paths[*a], &e.paths[*b]) {
+                Cmp::Better => std::cmp::Ordering::Less,
+                Cmp::Worse => std::cmp::Ordering::Greater,
+                Cmp::Ecmp(o) => o.reverse(),
+            });
+        }
+        let mut best = Vec::with_capacity(1);
         if let Some(first) = order.first() {
             best.push(*first);
             for i in order.iter().skip(1) {

@@ -933,7 +933,9 @@ impl Core {
                         }
                     }
                 }
-                // Bounded: one message is at most 64 KiB, and a full buffer always decodes or errors.
+                // Bounded: one message is at most 64 KiB, and a full message always decodes or errors.
+                // Keep room for big reads: BytesMut only grows by 64 bytes when it is full.
+                buf.reserve(65536);
                 match rd.read_buf(&mut buf).await {
                     Ok(0) | Err(_) => {
                         let _ = io.send(Io::Closed { conn: id });

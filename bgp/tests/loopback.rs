@@ -96,7 +96,13 @@ async fn two_speakers_exchange_routes() {
     // The IPv6 change may have passed while waiting for the IPv4 one: read the Loc-RIB.
     let c6 = tokio::time::timeout(Duration::from_secs(20), async {
         loop {
-            if let Some((_, r)) = b.routes().await.unwrap().into_iter().find(|(p, _)| *p == n6) {
+            if let Some((_, r)) = b
+                .routes()
+                .await
+                .unwrap()
+                .into_iter()
+                .find(|(p, _)| *p == n6)
+            {
                 return r;
             }
             tokio::time::sleep(Duration::from_millis(20)).await;

@@ -156,6 +156,18 @@ fn vm_hwm_kib(pid: u32) -> u64 {
         .unwrap_or(0)
 }
 
+/// User + system CPU time of a process in ms (clock ticks of 10 ms).
+fn cpu_ms(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name (which may contain spaces) start at ") ".
+    let rest = stat.rsplit_once(") ").map(|x| x.1).unwrap_or("");
+    let f: Vec<u64> = rest
+        .split_whitespace()
+        .map(|x| x.parse().unwrap_or(0))
+        .collect();
+    (f.get(11).copied().unwrap_or(0) + f.get(12).copied().unwrap_or(0)) * 10
+}
+
 fn pair(tag: &str) -> (Netns, Netns) {
     let snd = Netns::new(&format!("{tag}s"));
     let rcv = Netns::new(&format!("{tag}r"));
@@ -185,8 +197,9 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
     wait_count("sepal", n as usize, || sepal.count())?;
     let sepal_ms = t0.elapsed().as_secs_f64() * 1000.0;
     let rss_kib = vm_hwm_kib(sepal.pid());
+    let sepal_cpu = cpu_ms(sepal.pid());
     println!(
-        "sepal: {n} prefixes in Loc-RIB after {sepal_ms:.0} ms, peak RSS {:.1} MiB",
+        "sepal: {n} prefixes in Loc-RIB after {sepal_ms:.0} ms ({sepal_cpu} ms CPU), peak RSS {:.1} MiB",
         rss_kib as f64 / 1024.0
     );
 
@@ -201,7 +214,8 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
     let (t0, _s2) = blast(&snd2, &stream)?;
     wait_count("bird", n as usize, || bird.route_count("master4"))?;
     let bird_ms = t0.elapsed().as_secs_f64() * 1000.0;
-    println!("bird: {n} prefixes in its table after {bird_ms:.0} ms");
+    let bird_cpu = cpu_ms(bird.pid());
+    println!("bird: {n} prefixes in its table after {bird_ms:.0} ms ({bird_cpu} ms CPU)");
 
     let result = json!({
         "prefixes": n,
