@@ -265,3 +265,46 @@ fn bgp_gobgp_ebgp_and_max_prefix() {
     });
     assert!(g.rib("ipv4").get("10.244.2.0/24").is_none());
 }
+
+/// iBGP with GoBGP over an IPv6 session: IPv6 routes both ways (LOCAL_PREF, next hop unchanged)
+/// and a withdrawal from GoBGP propagating into Sepal's Loc-RIB.
+#[test]
+fn bgp_gobgp_ibgp_ipv6() {
+    let (s, p) = pair("gi");
+    let g = Gobgp::start(
+        &p,
+        r#"[global.config]
+  as = 65002
+  router-id = "10.213.0.1"
+  local-address-list = ["fd00:213::1"]
+[[neighbors]]
+  [neighbors.config]
+    neighbor-address = "fd00:213::2"
+    peer-as = 65002
+  [neighbors.timers.config]
+    connect-retry = 1
+    hold-time = 9
+    keepalive-interval = 3
+  [[neighbors.afi-safis]]
+    [neighbors.afi-safis.config]
+      afi-safi-name = "ipv6-unicast"
+"#,
+    );
+    let mut d = sepal(&s, 65002, &["[::]:179"], json!({}));
+    d.peer(json!({"address": "fd00:213::1", "remote_as": 65002, "connect_retry_ms": 1000, "hold_time": 9, "families": ["ipv6"]}));
+    d.announce("fd00:244:2::/64");
+    established(&mut d, "fd00:213::1");
+    g.cli(&["global", "rib", "add", "fd00:244:1::/64", "-a", "ipv6"]);
+    let r = wait_for(T, "GoBGP's route in Sepal", || d.route("fd00:244:1::/64"));
+    assert_eq!(r["next_hops"], json!(["fd00:213::1"]));
+    assert_eq!(r["attrs"]["local_pref"], json!(100));
+    assert_eq!(r["attrs"]["as_path"], json!([]));
+    let ours = wait_for(T, "our route in GoBGP", || {
+        g.rib("ipv6").get("fd00:244:2::/64").cloned()
+    });
+    assert!(ours.to_string().contains("fd00:213::2"), "{ours}");
+    g.cli(&["global", "rib", "del", "fd00:244:1::/64", "-a", "ipv6"]);
+    wait_for(T, "withdrawal in Sepal", || {
+        d.route("fd00:244:1::/64").is_none().then_some(())
+    });
+}
