@@ -96,6 +96,17 @@ pub fn default_deny_comment(namespace: &str, name: &str, direction: Direction) -
 
 /// Chain name of an endpoint and direction.
 pub(crate) fn endpoint_chain(iface: &str, direction: Direction) -> String {
+    // Interface names may hold characters nft identifiers cannot; those get a hashed name.
+    let plain = iface
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'));
+    let hashed;
+    let iface = if plain {
+        iface
+    } else {
+        hashed = format!("x{}", short_hash(iface));
+        &hashed
+    };
     match direction {
         Direction::Ingress => format!("in-{iface}"),
         Direction::Egress => format!("eg-{iface}"),
