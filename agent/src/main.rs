@@ -1,1 +1,82 @@
-fn main() {}
+//! The `sepal` binary: the node agent (`sepal node`), the lab (`sepal lab`), and later the
+//! operator commands, each a clap subcommand dispatched here.
+
+mod config;
+mod crd;
+mod datastore;
+mod ipam;
+mod lab;
+mod model;
+mod node;
+mod routing;
+mod server;
+
+use clap::{Parser, Subcommand};
+use config::{LogFormat, NodeArgs, NodeConfig};
+use std::process::ExitCode;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "sepal",
+    version,
+    about = "Sepal: a Layer 3 Kubernetes pod network"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the node agent: IPAM, the CNI plugin's socket, host routes.
+    Node(NodeArgs),
+    /// A whole cluster on one Linux box, in network namespaces.
+    Lab(lab::LabArgs),
+    /// Print the model a datastore yields (once synced; with --watch after every change).
+    Datastore(datastore::kube::InspectArgs),
+    /// Write Sepal's CRDs (generated from the Rust types) into a directory.
+    Crds {
+        #[arg(long, default_value = "deploy/crds")]
+        out: std::path::PathBuf,
+    },
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+fn run_node(args: NodeArgs) -> anyhow::Result<()> {
+    let cfg = NodeConfig::resolve(&args)?;
+    init_logging(cfg.log_format);
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(node::run(cfg))
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Node(args) => run_node(args),
+        Command::Lab(args) => lab::run(args),
+        Command::Datastore(args) => datastore::kube::run_inspect(args),
+        Command::Crds { out } => crd::write_crds(&out)
+            .map(|files| files.iter().for_each(|f| println!("{}", f.display())))
+            .map_err(Into::into),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("sepal: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -83,18 +83,26 @@ pub fn run(args: LabArgs) -> Result<()> {
         LabCommand::Status { name, json } => status(&LabState::load(&name)?, json),
         LabCommand::Apply { file, name } => apply(&mut LabState::load(&name)?, &file, false),
         LabCommand::Delete { file, name } => apply(&mut LabState::load(&name)?, &file, true),
-        LabCommand::Exec { target, name, command } => exec(&LabState::load(&name)?, &target, &command),
+        LabCommand::Exec {
+            target,
+            name,
+            command,
+        } => exec(&LabState::load(&name)?, &target, &command),
         LabCommand::Ping { name, json } => ping::matrix(&LabState::load(&name)?, json),
     }
 }
 
 fn up(topology: Option<PathBuf>, name: Option<String>) -> Result<()> {
     let topo = match &topology {
-        Some(path) => Topology::parse(&std::fs::read_to_string(path).with_context(|| format!("read {}", path.display()))?)
-            .with_context(|| format!("topology {}", path.display()))?,
+        Some(path) => Topology::parse(
+            &std::fs::read_to_string(path).with_context(|| format!("read {}", path.display()))?,
+        )
+        .with_context(|| format!("topology {}", path.display()))?,
         None => Topology::default_lab(),
     };
-    let name = name.or_else(|| topo.name.clone()).unwrap_or_else(|| DEFAULT_LAB.to_string());
+    let name = name
+        .or_else(|| topo.name.clone())
+        .unwrap_or_else(|| DEFAULT_LAB.to_string());
     check_lab_name(&name)?;
     if lab_dir(&name).join("lab.json").exists() {
         bail!("lab {name:?} is already up; `sepal lab down --name {name}` first");
@@ -129,7 +137,9 @@ fn plan(name: &str, topo: Topology) -> Result<LabState> {
             name: spec.name.clone(),
             netns: format!("{name}-{}", spec.name),
             as_number: spec.as_number.unwrap_or(64512 + 1 + i as u32),
-            uplinks: (0..topo.routers.len().max(1)).map(|r| router::node_addr(r, i)).collect(),
+            uplinks: (0..topo.routers.len().max(1))
+                .map(|r| router::node_addr(r, i))
+                .collect(),
             pod_cidrs: topo.node_blocks(i)?.iter().map(|b| b.to_string()).collect(),
             pid: None,
         });
@@ -145,7 +155,13 @@ fn plan(name: &str, topo: Topology) -> Result<LabState> {
             pids: Vec::new(),
         })
         .collect();
-    Ok(LabState { name: name.to_string(), topology: topo, nodes, routers, pods: Vec::new() })
+    Ok(LabState {
+        name: name.to_string(),
+        topology: topo,
+        nodes,
+        routers,
+        pods: Vec::new(),
+    })
 }
 
 fn build(mut lab: LabState) -> Result<LabState> {
@@ -159,13 +175,26 @@ fn build(mut lab: LabState) -> Result<LabState> {
             let node_if = format!("eth{r}");
             let router_if = format!("n{}", n + 1);
             net::veth(&node.netns, &node_if, &router.netns, &router_if)?;
-            net::sh(&node.netns, &format!("ip addr add {}/24 dev {node_if}", router::node_addr(r, n)))?;
-            net::sh(&router.netns, &format!("ip addr add {}/24 dev {router_if}", router::router_addr(r, n)))?;
+            net::sh(
+                &node.netns,
+                &format!("ip addr add {}/24 dev {node_if}", router::node_addr(r, n)),
+            )?;
+            net::sh(
+                &router.netns,
+                &format!(
+                    "ip addr add {}/24 dev {router_if}",
+                    router::router_addr(r, n)
+                ),
+            )?;
         }
-        let gateways: Vec<String> =
-            (0..lab.routers.len()).map(|r| format!("nexthop via {}", router::router_addr(r, n))).collect();
+        let gateways: Vec<String> = (0..lab.routers.len())
+            .map(|r| format!("nexthop via {}", router::router_addr(r, n)))
+            .collect();
         if !gateways.is_empty() {
-            net::sh(&node.netns, &format!("ip route add default {}", gateways.join(" ")))?;
+            net::sh(
+                &node.netns,
+                &format!("ip route add default {}", gateways.join(" ")),
+            )?;
         }
     }
 
@@ -173,7 +202,10 @@ fn build(mut lab: LabState) -> Result<LabState> {
     for ns in &lab.topology.namespaces {
         objects::write_object(&lab, &objects::namespace_object(&ns.name, &ns.labels))?;
     }
-    objects::write_object(&lab, &objects::namespace_object("default", &Default::default()))?;
+    objects::write_object(
+        &lab,
+        &objects::namespace_object("default", &Default::default()),
+    )?;
     for node in &lab.nodes {
         objects::write_object(&lab, &node_object(node))?;
     }
@@ -231,7 +263,11 @@ fn build(mut lab: LabState) -> Result<LabState> {
 }
 
 fn node_object(node: &NodeState) -> Value {
-    let addresses: Vec<Value> = node.uplinks.iter().map(|a| json!({"type": "InternalIP", "address": a})).collect();
+    let addresses: Vec<Value> = node
+        .uplinks
+        .iter()
+        .map(|a| json!({"type": "InternalIP", "address": a}))
+        .collect();
     json!({
         "apiVersion": "v1", "kind": "Node",
         "metadata": {
@@ -251,7 +287,9 @@ fn wait_agent_ready(lab: &LabState, node: &NodeState) -> Result<()> {
     let config = json!({"cniVersion": "1.1.0", "name": "sepal", "type": "sepal-cni", "socket": lab.socket(&node.name)});
     loop {
         let mut cmd = net::command_in(&node.netns, &[plugin.to_str().context("plugin path")?]);
-        cmd.env("CNI_COMMAND", "STATUS").stdin(std::process::Stdio::piped()).stdout(std::process::Stdio::null());
+        cmd.env("CNI_COMMAND", "STATUS")
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::null());
         let mut child = cmd.spawn()?;
         if let Some(mut stdin) = child.stdin.take() {
             use std::io::Write;
@@ -261,7 +299,8 @@ fn wait_agent_ready(lab: &LabState, node: &NodeState) -> Result<()> {
             return Ok(());
         }
         if node.pid.is_some_and(|pid| !net::alive(pid)) || Instant::now() > deadline {
-            let log = std::fs::read_to_string(lab.node_dir(&node.name).join("agent.log")).unwrap_or_default();
+            let log = std::fs::read_to_string(lab.node_dir(&node.name).join("agent.log"))
+                .unwrap_or_default();
             bail!("agent on {} is not ready; its log:\n{log}", node.name);
         }
         std::thread::sleep(Duration::from_millis(100));
@@ -274,17 +313,28 @@ fn down(name: &str) -> Result<()> {
         eprintln!("lab {name} is not up");
         return Ok(());
     };
-    for pid in lab.nodes.iter().filter_map(|n| n.pid).chain(lab.routers.iter().flat_map(|r| r.pids.clone())) {
+    for pid in lab
+        .nodes
+        .iter()
+        .filter_map(|n| n.pid)
+        .chain(lab.routers.iter().flat_map(|r| r.pids.clone()))
+    {
         net::stop(pid);
     }
     // Pods first (their veth peers live in the nodes), then nodes and routers.
     let mut all = lab.all_netns();
     all.reverse();
-    all.extend(lab.topology.pods.iter().map(|p| lab.pod_netns(&p.namespace, &p.name)));
+    all.extend(
+        lab.topology
+            .pods
+            .iter()
+            .map(|p| lab.pod_netns(&p.namespace, &p.name)),
+    );
     for ns in all {
         net::del_netns(&ns);
     }
-    std::fs::remove_dir_all(lab.dir()).with_context(|| format!("remove {}", lab.dir().display()))?;
+    std::fs::remove_dir_all(lab.dir())
+        .with_context(|| format!("remove {}", lab.dir().display()))?;
     eprintln!("lab {name} down");
     Ok(())
 }
@@ -326,10 +376,18 @@ fn status(lab: &LabState, as_json: bool) -> Result<()> {
         return Ok(());
     }
     println!("lab {}   datastore {}", lab.name, lab.datastore().display());
-    println!("\n{:<12} {:<22} {:<28} POD CIDRS", "NODE", "NETNS", "ADDRESSES");
+    println!(
+        "\n{:<12} {:<22} {:<28} POD CIDRS",
+        "NODE", "NETNS", "ADDRESSES"
+    );
     for n in s["nodes"].as_array().into_iter().flatten() {
-        println!("{:<12} {:<22} {:<28} {}", n["name"].as_str().unwrap_or(""), n["netns"].as_str().unwrap_or(""),
-            join(&n["addresses"]), join(&n["podCIDRs"]));
+        println!(
+            "{:<12} {:<22} {:<28} {}",
+            n["name"].as_str().unwrap_or(""),
+            n["netns"].as_str().unwrap_or(""),
+            join(&n["addresses"]),
+            join(&n["podCIDRs"])
+        );
     }
     if !lab.routers.is_empty() {
         println!("\n{:<12} {:<22} {:<8} ADDRESSES", "ROUTER", "NETNS", "KIND");
@@ -340,41 +398,73 @@ fn status(lab: &LabState, as_json: bool) -> Result<()> {
                 RouterKind::Gobgp => "gobgp",
                 RouterKind::None => "static",
             };
-            println!("{:<12} {:<22} {:<8} {}", r.name, r.netns, kind,
-                net::addresses(&r.netns, |dev| dev != "lo").join(", "));
+            println!(
+                "{:<12} {:<22} {:<8} {}",
+                r.name,
+                r.netns,
+                kind,
+                net::addresses(&r.netns, |dev| dev != "lo").join(", ")
+            );
         }
     }
-    println!("\n{:<24} {:<8} {:<16} {:<34} LABELS", "POD", "NODE", "IPS", "NETNS");
+    println!(
+        "\n{:<24} {:<8} {:<16} {:<34} LABELS",
+        "POD", "NODE", "IPS", "NETNS"
+    );
     for p in &lab.pods {
         let labels: Vec<String> = p.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
-        println!("{:<24} {:<8} {:<16} {:<34} {}", format!("{}/{}", p.namespace, p.name), p.node,
-            p.ips.join(","), p.netns, labels.join(","));
+        println!(
+            "{:<24} {:<8} {:<16} {:<34} {}",
+            format!("{}/{}", p.namespace, p.name),
+            p.node,
+            p.ips.join(","),
+            p.netns,
+            labels.join(",")
+        );
     }
     Ok(())
 }
 
 fn join(v: &Value) -> String {
-    v.as_array().into_iter().flatten().filter_map(|x| x.as_str()).collect::<Vec<_>>().join(", ")
+    v.as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|x| x.as_str())
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 fn apply(lab: &mut LabState, file: &PathBuf, delete: bool) -> Result<()> {
     let text = std::fs::read_to_string(file).with_context(|| format!("read {}", file.display()))?;
     let mut docs = Vec::new();
     for doc in serde_norway::Deserializer::from_str(&text) {
-        let value = <Value as serde::Deserialize>::deserialize(doc).with_context(|| format!("parse {}", file.display()))?;
+        let value = <Value as serde::Deserialize>::deserialize(doc)
+            .with_context(|| format!("parse {}", file.display()))?;
         match value {
             Value::Null => {}
-            Value::Object(_) if value["kind"] == "List" => docs.extend(value["items"].as_array().cloned().unwrap_or_default()),
+            Value::Object(_) if value["kind"] == "List" => {
+                docs.extend(value["items"].as_array().cloned().unwrap_or_default())
+            }
             other => docs.push(other),
         }
     }
     for obj in docs {
-        let kind = obj["kind"].as_str().context("object without kind")?.to_string();
-        let id = format!("{}/{}", kind.to_ascii_lowercase(), obj["metadata"]["name"].as_str().unwrap_or("?"));
+        let kind = obj["kind"]
+            .as_str()
+            .context("object without kind")?
+            .to_string();
+        let id = format!(
+            "{}/{}",
+            kind.to_ascii_lowercase(),
+            obj["metadata"]["name"].as_str().unwrap_or("?")
+        );
         match (kind.as_str(), delete) {
             ("Pod", false) => {
                 let req = objects::PodRequest::from_object(&obj)?;
-                let existing = lab.pods.iter().position(|p| p.namespace == req.namespace && p.name == req.name);
+                let existing = lab
+                    .pods
+                    .iter()
+                    .position(|p| p.namespace == req.namespace && p.name == req.name);
                 if let Some(i) = existing {
                     lab.pods[i].labels = req.labels.clone();
                     objects::write_pod(lab, &lab.pods[i], req.object)?;
@@ -390,7 +480,11 @@ fn apply(lab: &mut LabState, file: &PathBuf, delete: bool) -> Result<()> {
                 let ns = obj["metadata"]["namespace"].as_str().unwrap_or("default");
                 let name = obj["metadata"]["name"].as_str().unwrap_or_default();
                 let _ = req;
-                if let Some(i) = lab.pods.iter().position(|p| p.namespace == ns && p.name == name) {
+                if let Some(i) = lab
+                    .pods
+                    .iter()
+                    .position(|p| p.namespace == ns && p.name == name)
+                {
                     let pod = lab.pods.remove(i);
                     objects::delete_pod(lab, &pod)?;
                     println!("{id} deleted");
@@ -399,8 +493,11 @@ fn apply(lab: &mut LabState, file: &PathBuf, delete: bool) -> Result<()> {
                 }
             }
             ("Namespace", false) => {
-                let name = obj["metadata"]["name"].as_str().context("Namespace without name")?;
-                let labels = serde_json::from_value(obj["metadata"]["labels"].clone()).unwrap_or_default();
+                let name = obj["metadata"]["name"]
+                    .as_str()
+                    .context("Namespace without name")?;
+                let labels =
+                    serde_json::from_value(obj["metadata"]["labels"].clone()).unwrap_or_default();
                 objects::write_object(lab, &objects::namespace_object(name, &labels))?;
                 println!("{id} configured");
             }
@@ -421,7 +518,10 @@ fn apply(lab: &mut LabState, file: &PathBuf, delete: bool) -> Result<()> {
 fn exec(lab: &LabState, target: &str, command: &[String]) -> Result<()> {
     use std::os::unix::process::CommandExt;
     let netns = if let Some((ns, pod)) = target.split_once('/') {
-        lab.pod(ns, pod).with_context(|| format!("no pod {target} in lab {}", lab.name))?.netns.clone()
+        lab.pod(ns, pod)
+            .with_context(|| format!("no pod {target} in lab {}", lab.name))?
+            .netns
+            .clone()
     } else if let Some(node) = lab.node(target) {
         node.netns.clone()
     } else if let Some(router) = lab.routers.iter().find(|r| r.name == target) {

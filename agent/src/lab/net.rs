@@ -6,13 +6,18 @@ use std::process::{Command, Output, Stdio};
 
 /// Runs `ip ARGS…` in the host namespace.
 pub fn ip(args: &[&str]) -> Result<String> {
-    checked(Command::new("ip").args(args).output(), &format!("ip {}", args.join(" ")))
+    checked(
+        Command::new("ip").args(args).output(),
+        &format!("ip {}", args.join(" ")),
+    )
 }
 
 /// Runs `sh -c CMD` inside namespace `ns`.
 pub fn sh(ns: &str, cmd: &str) -> Result<String> {
     checked(
-        Command::new("ip").args(["netns", "exec", ns, "sh", "-c", cmd]).output(),
+        Command::new("ip")
+            .args(["netns", "exec", ns, "sh", "-c", cmd])
+            .output(),
         &format!("in {ns}: {cmd}"),
     )
 }
@@ -34,7 +39,10 @@ pub fn add_netns(ns: &str, forwarding: bool) -> Result<()> {
     ip(&["netns", "add", ns])?;
     sh(ns, "ip link set lo up")?;
     if forwarding {
-        sh(ns, "sysctl -qw net.ipv4.ip_forward=1 net.ipv6.conf.all.forwarding=1")?;
+        sh(
+            ns,
+            "sysctl -qw net.ipv4.ip_forward=1 net.ipv6.conf.all.forwarding=1",
+        )?;
     }
     Ok(())
 }
@@ -48,7 +56,9 @@ pub fn del_netns(ns: &str) {
 
 /// A veth pair between two namespaces, created directly in them (never in the host namespace).
 pub fn veth(a_ns: &str, a_if: &str, b_ns: &str, b_if: &str) -> Result<()> {
-    ip(&["link", "add", a_if, "netns", a_ns, "type", "veth", "peer", "name", b_if, "netns", b_ns])?;
+    ip(&[
+        "link", "add", a_if, "netns", a_ns, "type", "veth", "peer", "name", b_if, "netns", b_ns,
+    ])?;
     sh(a_ns, &format!("ip link set {a_if} up"))?;
     sh(b_ns, &format!("ip link set {b_if} up"))?;
     Ok(())
@@ -65,15 +75,24 @@ pub fn command_in(ns: &str, args: &[&str]) -> Command {
 pub fn spawn_daemon(ns: &str, args: &[&str], log: &std::path::Path) -> Result<u32> {
     let file = std::fs::File::create(log).with_context(|| format!("create {}", log.display()))?;
     let mut cmd = command_in(ns, &["setsid"]);
-    cmd.args(args).stdin(Stdio::null()).stdout(file.try_clone()?).stderr(file);
-    let child = cmd.spawn().with_context(|| format!("start {}", args.join(" ")))?;
+    cmd.args(args)
+        .stdin(Stdio::null())
+        .stdout(file.try_clone()?)
+        .stderr(file);
+    let child = cmd
+        .spawn()
+        .with_context(|| format!("start {}", args.join(" ")))?;
     Ok(child.id())
 }
 
 /// Global addresses (`addr/len`) on the namespace's interfaces matching `keep`.
 pub fn addresses(ns: &str, keep: impl Fn(&str) -> bool) -> Vec<String> {
-    let Ok(text) = sh(ns, "ip -j addr show") else { return Vec::new() };
-    let Ok(links) = serde_json::from_str::<Vec<serde_json::Value>>(&text) else { return Vec::new() };
+    let Ok(text) = sh(ns, "ip -j addr show") else {
+        return Vec::new();
+    };
+    let Ok(links) = serde_json::from_str::<Vec<serde_json::Value>>(&text) else {
+        return Vec::new();
+    };
     let mut out = Vec::new();
     for link in links {
         let name = link["ifname"].as_str().unwrap_or_default();
@@ -111,6 +130,10 @@ pub fn stop(pid: u32) {
 
 fn is_zombie(pid: u32) -> bool {
     std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .map(|s| s.rsplit(')').next().is_some_and(|rest| rest.trim_start().starts_with('Z')))
+        .map(|s| {
+            s.rsplit(')')
+                .next()
+                .is_some_and(|rest| rest.trim_start().starts_with('Z'))
+        })
         .unwrap_or(true)
 }

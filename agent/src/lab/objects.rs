@@ -12,15 +12,22 @@ use std::process::Stdio;
 
 /// File in the datastore holding one object: `<kind>.<namespace>.<name>.json`.
 fn object_path(lab: &LabState, obj: &Value) -> Result<PathBuf> {
-    let kind = obj["kind"].as_str().context("object without kind")?.to_ascii_lowercase();
-    let name = obj["metadata"]["name"].as_str().context("object without metadata.name")?;
+    let kind = obj["kind"]
+        .as_str()
+        .context("object without kind")?
+        .to_ascii_lowercase();
+    let name = obj["metadata"]["name"]
+        .as_str()
+        .context("object without metadata.name")?;
     let namespace = obj["metadata"]["namespace"].as_str().unwrap_or("_");
     for part in [kind.as_str(), namespace, name] {
         if part.contains('/') || part.starts_with('.') {
             bail!("invalid object name part {part:?}");
         }
     }
-    Ok(lab.datastore().join(format!("{kind}.{namespace}.{name}.json")))
+    Ok(lab
+        .datastore()
+        .join(format!("{kind}.{namespace}.{name}.json")))
 }
 
 /// Writes (or replaces) an object atomically, so the agents' watchers never read half a file.
@@ -60,26 +67,51 @@ pub struct PodRequest {
 
 impl PodRequest {
     pub fn from_object(obj: &Value) -> Result<PodRequest> {
-        let name = obj["metadata"]["name"].as_str().context("Pod without metadata.name")?.to_string();
-        let namespace = obj["metadata"]["namespace"].as_str().unwrap_or("default").to_string();
+        let name = obj["metadata"]["name"]
+            .as_str()
+            .context("Pod without metadata.name")?
+            .to_string();
+        let namespace = obj["metadata"]["namespace"]
+            .as_str()
+            .unwrap_or("default")
+            .to_string();
         let node = obj["spec"]["nodeName"]
             .as_str()
-            .with_context(|| format!("Pod {namespace}/{name} needs spec.nodeName (the lab has no scheduler)"))?
+            .with_context(|| {
+                format!("Pod {namespace}/{name} needs spec.nodeName (the lab has no scheduler)")
+            })?
             .to_string();
         let labels = serde_json::from_value(obj["metadata"]["labels"].clone()).unwrap_or_default();
         let mut object = obj.clone();
         object["metadata"]["namespace"] = json!(namespace);
-        Ok(PodRequest { namespace, name, node, labels, object })
+        Ok(PodRequest {
+            namespace,
+            name,
+            node,
+            labels,
+            object,
+        })
     }
 }
 
 /// Creates the pod: its namespace, CNI ADD on its node, and the Pod object with `status.podIPs`.
 pub fn create_pod(lab: &LabState, req: PodRequest) -> Result<PodState> {
-    let node = lab.node(&req.node).with_context(|| format!("unknown node {:?}", req.node))?;
+    let node = lab
+        .node(&req.node)
+        .with_context(|| format!("unknown node {:?}", req.node))?;
     let netns = lab.pod_netns(&req.namespace, &req.name);
     let container_id = format!("{}-{}-{}", lab.name, req.namespace, req.name);
     net::add_netns(&netns, false)?;
-    let result = cni(lab, &node.netns, &node.name, "ADD", &container_id, &netns, &req.namespace, &req.name);
+    let result = cni(
+        lab,
+        &node.netns,
+        &node.name,
+        "ADD",
+        &container_id,
+        &netns,
+        &req.namespace,
+        &req.name,
+    );
     let result = match result {
         Ok(r) => r,
         Err(e) => {
@@ -131,8 +163,17 @@ pub fn write_pod(lab: &LabState, pod: &PodState, mut object: Value) -> Result<()
 /// CNI DEL on the pod's node, then its namespace and object go.
 pub fn delete_pod(lab: &LabState, pod: &PodState) -> Result<()> {
     if let Some(node) = lab.node(&pod.node) {
-        cni(lab, &node.netns, &node.name, "DEL", &pod.container_id, &pod.netns, &pod.namespace, &pod.name)
-            .with_context(|| format!("CNI DEL for pod {}/{}", pod.namespace, pod.name))?;
+        cni(
+            lab,
+            &node.netns,
+            &node.name,
+            "DEL",
+            &pod.container_id,
+            &pod.netns,
+            &pod.namespace,
+            &pod.name,
+        )
+        .with_context(|| format!("CNI DEL for pod {}/{}", pod.namespace, pod.name))?;
     }
     net::del_netns(&pod.netns);
     let obj = json!({"kind": "Pod", "metadata": {"name": pod.name, "namespace": pod.namespace}});
@@ -161,17 +202,31 @@ fn cni(
         .env("CNI_CONTAINERID", container_id)
         .env("CNI_NETNS", format!("/run/netns/{pod_netns}"))
         .env("CNI_IFNAME", "eth0")
-        .env("CNI_ARGS", format!("IgnoreUnknown=1;K8S_POD_NAMESPACE={namespace};K8S_POD_NAME={name}"))
-        .env("CNI_PATH", plugin.parent().unwrap_or(std::path::Path::new("/")))
+        .env(
+            "CNI_ARGS",
+            format!("IgnoreUnknown=1;K8S_POD_NAMESPACE={namespace};K8S_POD_NAME={name}"),
+        )
+        .env(
+            "CNI_PATH",
+            plugin.parent().unwrap_or(std::path::Path::new("/")),
+        )
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
     let mut child = cmd.spawn().context("start sepal-cni")?;
-    child.stdin.take().context("stdin")?.write_all(config.to_string().as_bytes())?;
+    child
+        .stdin
+        .take()
+        .context("stdin")?
+        .write_all(config.to_string().as_bytes())?;
     let out = child.wait_with_output()?;
     let stdout = String::from_utf8_lossy(&out.stdout);
     if !out.status.success() {
-        bail!("sepal-cni {command}: {} {}", stdout.trim(), String::from_utf8_lossy(&out.stderr).trim());
+        bail!(
+            "sepal-cni {command}: {} {}",
+            stdout.trim(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
     }
     if stdout.trim().is_empty() {
         return Ok(Value::Null);
@@ -184,7 +239,10 @@ pub fn sibling_binary(name: &str) -> Result<PathBuf> {
     let exe = std::env::current_exe()?;
     let path = exe.with_file_name(name);
     if !path.is_file() {
-        bail!("{name} not found next to {} (build the whole workspace)", exe.display());
+        bail!(
+            "{name} not found next to {} (build the whole workspace)",
+            exe.display()
+        );
     }
     Ok(path)
 }

@@ -22,15 +22,28 @@ pub fn matrix(lab: &LabState, as_json: bool) -> Result<()> {
                             }
                             let ip = target?;
                             let cmd = if ip.contains(':') { "ping -6" } else { "ping" };
-                            Some(net::sh(&from.netns, &format!("{cmd} -c1 -W1 {ip} >/dev/null")).is_ok())
+                            Some(
+                                net::sh(&from.netns, &format!("{cmd} -c1 -W1 {ip} >/dev/null"))
+                                    .is_ok(),
+                            )
                         })
                     })
                     .collect()
             })
             .collect();
-        handles.into_iter().map(|row| row.into_iter().map(|h| h.join().unwrap_or(Some(false))).collect()).collect()
+        handles
+            .into_iter()
+            .map(|row| {
+                row.into_iter()
+                    .map(|h| h.join().unwrap_or(Some(false)))
+                    .collect()
+            })
+            .collect()
     });
-    let names: Vec<String> = pods.iter().map(|p| format!("{}/{}", p.namespace, p.name)).collect();
+    let names: Vec<String> = pods
+        .iter()
+        .map(|p| format!("{}/{}", p.namespace, p.name))
+        .collect();
     if as_json {
         let mut rows = Vec::new();
         for (i, row) in results.iter().enumerate() {
@@ -40,7 +53,10 @@ pub fn matrix(lab: &LabState, as_json: bool) -> Result<()> {
                 }
             }
         }
-        println!("{}", serde_json::to_string_pretty(&json!({"name": lab.name, "results": rows}))?);
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&json!({"name": lab.name, "results": rows}))?
+        );
         return Ok(());
     }
     let width = names.iter().map(String::len).max().unwrap_or(4).max(4);

@@ -10,7 +10,9 @@ use std::path::Path;
 
 /// Fails with the Debian package to install when a router's daemon is missing.
 pub fn check_installed(kind: RouterKind) -> Result<()> {
-    let Some((program, package)) = kind.package() else { return Ok(()) };
+    let Some((program, package)) = kind.package() else {
+        return Ok(());
+    };
     let found = if program.starts_with('/') {
         Path::new(program).exists()
     } else {
@@ -54,7 +56,10 @@ fn static_routes(router: &RouterState, index: usize, nodes: &[NodeState]) -> Res
     for (n, node) in nodes.iter().enumerate() {
         for block in &node.pod_cidrs {
             if !block.contains(':') {
-                net::sh(&router.netns, &format!("ip route replace {block} via {}", node_addr(index, n)))?;
+                net::sh(
+                    &router.netns,
+                    &format!("ip route replace {block} via {}", node_addr(index, n)),
+                )?;
             }
         }
     }
@@ -90,7 +95,12 @@ fn bird_name(node: &str) -> String {
     format!("n_{}", node.replace('-', "_"))
 }
 
-fn start_bird(router: &RouterState, index: usize, nodes: &[NodeState], dir: &Path) -> Result<Vec<u32>> {
+fn start_bird(
+    router: &RouterState,
+    index: usize,
+    nodes: &[NodeState],
+    dir: &Path,
+) -> Result<Vec<u32>> {
     let conf = dir.join("bird.conf");
     std::fs::write(&conf, bird_config(router, index, nodes))?;
     let (ctl, log) = (dir.join("bird.ctl"), dir.join("bird.log"));
@@ -123,12 +133,22 @@ pub fn frr_config(router: &RouterState, index: usize, nodes: &[NodeState]) -> St
     c
 }
 
-fn start_frr(router: &RouterState, index: usize, nodes: &[NodeState], dir: &Path) -> Result<Vec<u32>> {
+fn start_frr(
+    router: &RouterState,
+    index: usize,
+    nodes: &[NodeState],
+    dir: &Path,
+) -> Result<Vec<u32>> {
     let run = dir.join("frr");
     std::fs::create_dir_all(&run)?;
-    let chown = std::process::Command::new("chown").args(["-R", "frr:frr", path(dir)?]).status()?;
+    let chown = std::process::Command::new("chown")
+        .args(["-R", "frr:frr", path(dir)?])
+        .status()?;
     if !chown.success() {
-        bail!("chown frr:frr {} failed (is the frr package installed?)", dir.display());
+        bail!(
+            "chown frr:frr {} failed (is the frr package installed?)",
+            dir.display()
+        );
     }
     let (zebra_conf, bgpd_conf) = (dir.join("zebra.conf"), dir.join("bgpd.conf"));
     std::fs::write(&zebra_conf, "")?;
@@ -151,7 +171,11 @@ fn start_frr(router: &RouterState, index: usize, nodes: &[NodeState], dir: &Path
             "--vty_socket",
             path(&run)?,
         ];
-        pids.push(net::spawn_daemon(&router.netns, &args, &dir.join(format!("{daemon}.log")))?);
+        pids.push(net::spawn_daemon(
+            &router.netns,
+            &args,
+            &dir.join(format!("{daemon}.log")),
+        )?);
         if daemon == "zebra" {
             wait_for(&zserv)?;
         }
@@ -161,7 +185,12 @@ fn start_frr(router: &RouterState, index: usize, nodes: &[NodeState], dir: &Path
 
 /// GoBGP: gobgpd peering with every node; it installs nothing in the kernel by itself, so it
 /// feeds FRR's zebra (started alongside) over the zebra API, as GoBGP deployments do.
-pub fn gobgp_config(router: &RouterState, index: usize, nodes: &[NodeState], zserv: &Path) -> String {
+pub fn gobgp_config(
+    router: &RouterState,
+    index: usize,
+    nodes: &[NodeState],
+    zserv: &Path,
+) -> String {
     let mut c = format!(
         "[global.config]\n  as = {}\n  router-id = \"{}\"\n\n[zebra.config]\n  enabled = true\n  url = \"unix:{}\"\n  version = 6\n  software-name = \"frr8.4\"\n",
         router.as_number,
@@ -180,10 +209,17 @@ pub fn gobgp_config(router: &RouterState, index: usize, nodes: &[NodeState], zse
     c
 }
 
-fn start_gobgp(router: &RouterState, index: usize, nodes: &[NodeState], dir: &Path) -> Result<Vec<u32>> {
+fn start_gobgp(
+    router: &RouterState,
+    index: usize,
+    nodes: &[NodeState],
+    dir: &Path,
+) -> Result<Vec<u32>> {
     let run = dir.join("frr");
     std::fs::create_dir_all(&run)?;
-    let _ = std::process::Command::new("chown").args(["-R", "frr:frr", path(dir)?]).status();
+    let _ = std::process::Command::new("chown")
+        .args(["-R", "frr:frr", path(dir)?])
+        .status();
     let zebra_conf = dir.join("zebra.conf");
     std::fs::write(&zebra_conf, "")?;
     let zserv = run.join("zserv.api");
@@ -226,5 +262,6 @@ fn wait_for(socket: &Path) -> Result<()> {
 }
 
 fn path(p: &Path) -> Result<&str> {
-    p.to_str().with_context(|| format!("non-UTF-8 path {}", p.display()))
+    p.to_str()
+        .with_context(|| format!("non-UTF-8 path {}", p.display()))
 }

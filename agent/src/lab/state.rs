@@ -82,7 +82,9 @@ impl LabState {
     }
 
     pub fn pod(&self, namespace: &str, name: &str) -> Option<&PodState> {
-        self.pods.iter().find(|p| p.namespace == namespace && p.name == name)
+        self.pods
+            .iter()
+            .find(|p| p.namespace == namespace && p.name == name)
     }
 
     /// Namespace name of a pod of this lab.

@@ -158,7 +158,12 @@ impl Topology {
             bail!("a topology needs at least one node");
         }
         let mut names = BTreeSet::new();
-        for name in self.nodes.iter().map(|n| &n.name).chain(self.routers.iter().map(|r| &r.name)) {
+        for name in self
+            .nodes
+            .iter()
+            .map(|n| &n.name)
+            .chain(self.routers.iter().map(|r| &r.name))
+        {
             check_name(name)?;
             if !names.insert(name.as_str()) {
                 bail!("node/router name {name:?} is used twice");
@@ -171,10 +176,20 @@ impl Topology {
         let mut pods = BTreeSet::new();
         for pod in &self.pods {
             if !self.nodes.iter().any(|n| n.name == pod.node) {
-                bail!("pod {}/{} is on unknown node {:?}", pod.namespace, pod.name, pod.node);
+                bail!(
+                    "pod {}/{} is on unknown node {:?}",
+                    pod.namespace,
+                    pod.name,
+                    pod.node
+                );
             }
             if !namespaces.contains(pod.namespace.as_str()) && pod.namespace != "default" {
-                bail!("pod {}/{} is in undeclared namespace {:?}", pod.namespace, pod.name, pod.namespace);
+                bail!(
+                    "pod {}/{} is in undeclared namespace {:?}",
+                    pod.namespace,
+                    pod.name,
+                    pod.namespace
+                );
             }
             if !pods.insert((&pod.namespace, &pod.name)) {
                 bail!("pod {}/{} is declared twice", pod.namespace, pod.name);
@@ -193,7 +208,10 @@ impl Topology {
             return Ok(node.pod_cidrs.clone());
         }
         let Some(IpNetwork::V4(cluster)) = self.pod_cidr.iter().find(|c| c.is_ipv4()) else {
-            bail!("node {} has no podCIDRs and the cluster has no IPv4 podCIDR to carve from", node.name);
+            bail!(
+                "node {} has no podCIDRs and the cluster has no IPv4 podCIDR to carve from",
+                node.name
+            );
         };
         if self.block_size < cluster.prefix() || self.block_size > 30 {
             bail!("blockSize /{} does not fit in {cluster}", self.block_size);
@@ -201,7 +219,11 @@ impl Topology {
         let size = 1u64 << (32 - self.block_size);
         let offset = size * (index as u64 + 1);
         if offset + size > 1u64 << (32 - cluster.prefix()) {
-            bail!("{cluster} has no room for a /{} block for node {}", self.block_size, node.name);
+            bail!(
+                "{cluster} has no room for a /{} block for node {}",
+                self.block_size,
+                node.name
+            );
         }
         let base = u32::from(cluster.network()) as u64 + offset;
         let net = Ipv4Network::new(Ipv4Addr::from(base as u32), self.block_size)?;
@@ -213,7 +235,9 @@ impl Topology {
 fn check_name(name: &str) -> Result<()> {
     let ok = !name.is_empty()
         && name.len() <= 20
-        && name.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+        && name
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
         && !name.starts_with('-');
     if !ok {
         bail!("name {name:?} must be 1-20 characters of a-z, 0-9 and '-'");
@@ -235,21 +259,31 @@ mod tests {
         let topo = Topology::default_lab();
         assert_eq!(topo.nodes.len(), 3);
         assert_eq!(topo.pods.len(), 6);
-        assert_eq!(topo.node_blocks(0).unwrap(), vec!["10.244.1.0/24".parse::<IpNetwork>().unwrap()]);
-        assert_eq!(topo.node_blocks(2).unwrap(), vec!["10.244.3.0/24".parse::<IpNetwork>().unwrap()]);
+        assert_eq!(
+            topo.node_blocks(0).unwrap(),
+            vec!["10.244.1.0/24".parse::<IpNetwork>().unwrap()]
+        );
+        assert_eq!(
+            topo.node_blocks(2).unwrap(),
+            vec!["10.244.3.0/24".parse::<IpNetwork>().unwrap()]
+        );
     }
 
     #[test]
     fn rejects_pods_on_unknown_nodes_and_bad_names() {
         let bad = "nodes: [{name: n1}]\npods: [{namespace: default, name: p, node: n2}]\n";
-        assert!(Topology::parse(bad).unwrap_err().to_string().contains("unknown node"));
+        assert!(Topology::parse(bad)
+            .unwrap_err()
+            .to_string()
+            .contains("unknown node"));
         assert!(Topology::parse("nodes: [{name: N1}]").is_err());
         assert!(Topology::parse("nodes: [{name: n1, color: red}]").is_err());
     }
 
     #[test]
     fn explicit_blocks_win() {
-        let topo = Topology::parse("nodes: [{name: n1, podCIDRs: [10.9.0.0/26, 'fd00::/120']}]").unwrap();
+        let topo =
+            Topology::parse("nodes: [{name: n1, podCIDRs: [10.9.0.0/26, 'fd00::/120']}]").unwrap();
         assert_eq!(topo.node_blocks(0).unwrap().len(), 2);
     }
 }

@@ -1,0 +1,184 @@
+//! `sepal node` settings: command-line flags, an optional YAML file with the same keys, and the
+//! defaults, merged once at start (flags win over the file, the file over defaults).
+
+use crate::datastore::DatastoreSpec;
+use anyhow::{bail, Context, Result};
+use clap::{Args, ValueEnum};
+use serde::Deserialize;
+use std::path::{Path, PathBuf};
+
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/sepal";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+/// Flags of `sepal node`. Every one is optional here so that the config file can fill it in.
+#[derive(Debug, Clone, Default, Args)]
+pub struct NodeArgs {
+    /// This node's name: its Node object carries the pod blocks (default: the hostname).
+    #[arg(long)]
+    pub node_name: Option<String>,
+    /// Where the cluster's objects come from: `kubernetes` or `dir:PATH`.
+    #[arg(long)]
+    pub datastore: Option<DatastoreSpec>,
+    /// Directory for the agent's state (IPAM allocations) [default: /var/lib/sepal].
+    #[arg(long)]
+    pub state_dir: Option<PathBuf>,
+    /// Unix socket the CNI plugin talks to [default: /run/sepal/sepal.sock].
+    #[arg(long)]
+    pub socket: Option<PathBuf>,
+    /// YAML file with any of these settings under the flag names (e.g. `node-name: n1`).
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Log format on stderr [default: text].
+    #[arg(long, value_enum)]
+    pub log_format: Option<LogFormat>,
+    /// Pod MTU; by default the MTU of the node's IPv4 default-route interface.
+    #[arg(long, value_parser = clap::value_parser!(u32).range(576..=65535))]
+    pub mtu: Option<u32>,
+}
+
+/// The config file: the flags' names as keys (camelCase accepted too).
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+struct FileConfig {
+    #[serde(alias = "nodeName")]
+    node_name: Option<String>,
+    datastore: Option<String>,
+    #[serde(alias = "stateDir")]
+    state_dir: Option<PathBuf>,
+    socket: Option<PathBuf>,
+    #[serde(alias = "logFormat")]
+    log_format: Option<LogFormat>,
+    mtu: Option<u32>,
+}
+
+/// The settings the agent runs with.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeConfig {
+    pub node_name: String,
+    pub datastore: DatastoreSpec,
+    pub state_dir: PathBuf,
+    pub socket: PathBuf,
+    pub log_format: LogFormat,
+    pub mtu: Option<u32>,
+}
+
+fn read_file(path: &Path) -> Result<FileConfig> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("reading config file {}", path.display()))?;
+    if text.trim().is_empty() {
+        return Ok(FileConfig::default());
+    }
+    serde_norway::from_str(&text).map_err(|e| {
+        let line = e.location().map(|l| l.line()).unwrap_or(0);
+        anyhow::anyhow!("config file {}:{line}: {e}", path.display())
+    })
+}
+
+impl NodeConfig {
+    /// Merges flags, the config file they name (if any) and defaults.
+    pub fn resolve(args: &NodeArgs) -> Result<NodeConfig> {
+        let file = match &args.config {
+            Some(p) => read_file(p)?,
+            None => FileConfig::default(),
+        };
+        Self::merge(args, file)
+    }
+
+    fn merge(args: &NodeArgs, file: FileConfig) -> Result<NodeConfig> {
+        let datastore = match (&args.datastore, file.datastore) {
+            (Some(d), _) => d.clone(),
+            (None, Some(s)) => s
+                .parse()
+                .map_err(|e: String| anyhow::anyhow!("config file: {e}"))?,
+            (None, None) => bail!(
+                "no datastore: pass --datastore kubernetes|dir:PATH (or `datastore:` in --config)"
+            ),
+        };
+        let node_name = match args.node_name.clone().or(file.node_name) {
+            Some(n) => n,
+            None => std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .ok()
+                .map(|h| h.trim().to_string())
+                .filter(|h| !h.is_empty())
+                .context("no node name: pass --node-name (the hostname could not be read)")?,
+        };
+        if node_name.is_empty() {
+            bail!("the node name must not be empty");
+        }
+        let mtu = args.mtu.or(file.mtu);
+        if let Some(m) = mtu {
+            if !(576..=65535).contains(&m) {
+                bail!("mtu {m} out of range 576..=65535");
+            }
+        }
+        Ok(NodeConfig {
+            node_name,
+            datastore,
+            state_dir: args
+                .state_dir
+                .clone()
+                .or(file.state_dir)
+                .unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_DIR)),
+            socket: args
+                .socket
+                .clone()
+                .or(file.socket)
+                .unwrap_or_else(|| PathBuf::from(sepal_cni::api::DEFAULT_SOCKET)),
+            log_format: args.log_format.or(file.log_format).unwrap_or_default(),
+            mtu,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flags_win_over_file_over_defaults() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("sepal.yaml");
+        std::fs::write(
+            &path,
+            "node-name: from-file\ndatastore: dir:/srv/cluster\nmtu: 1400\nlogFormat: json\n",
+        )
+        .unwrap();
+        let args = NodeArgs {
+            node_name: Some("from-flag".into()),
+            config: Some(path.clone()),
+            ..Default::default()
+        };
+        let cfg = NodeConfig::resolve(&args).unwrap();
+        assert_eq!(cfg.node_name, "from-flag");
+        assert_eq!(cfg.datastore, DatastoreSpec::Dir("/srv/cluster".into()));
+        assert_eq!(cfg.mtu, Some(1400));
+        assert_eq!(cfg.log_format, LogFormat::Json);
+        assert_eq!(cfg.state_dir, PathBuf::from(DEFAULT_STATE_DIR));
+        assert_eq!(cfg.socket, PathBuf::from("/run/sepal/sepal.sock"));
+    }
+
+    #[test]
+    fn bad_config_files_are_clear_errors() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.yaml");
+        std::fs::write(&path, "datastore: dir:/x\nnode-nmae: typo\n").unwrap();
+        let args = NodeArgs {
+            config: Some(path),
+            ..Default::default()
+        };
+        let err = NodeConfig::resolve(&args).unwrap_err().to_string();
+        assert!(
+            err.contains("c.yaml:2") && err.contains("node-nmae"),
+            "{err}"
+        );
+        let none = NodeConfig::resolve(&NodeArgs::default()).unwrap_err();
+        assert!(none.to_string().contains("--datastore"));
+    }
+}

@@ -1,0 +1,535 @@
+//! `sepal node`: the node agent. It owns this node's IPAM, serves the CNI plugin's requests and
+//! keeps the host side of every endpoint (pod routes, node-block blackholes) in the kernel.
+//!
+//! Everything happens in the network namespace the process runs in. On start it adopts what a
+//! previous run left (allocations, veths, protocol-83 routes) and removes only what is stale.
+
+use crate::config::NodeConfig;
+use crate::datastore;
+use crate::ipam::store::{Ipam, StoreError};
+use crate::ipam::{Claim, IpamError};
+use crate::model::{pod_cidrs, Event, Model};
+use crate::server;
+use anyhow::{Context, Result};
+use ipnetwork::IpNetwork;
+use rtnetlink::Handle;
+use sepal_cni::api::{
+    codes, AddReply, AddRequest, AttachmentKey, CheckRequest, DelRequest, ErrorReply, GcRequest,
+    Request, Response, HOST_VETH_PREFIX, TOMBSTONE_PREFIX,
+};
+use sepal_felix::links;
+use sepal_felix::routes::{host_net, Desired, RouteReconciler, Target};
+use std::collections::{BTreeMap, HashSet};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::{mpsc, Mutex, Notify};
+
+/// Full route reconcile against the kernel this often, repairing anything changed behind our back.
+const RESYNC: Duration = Duration::from_secs(60);
+/// Tombstones (retired veths) are deleted this long after the last DEL: batches the deletions and
+/// keeps their RCU waits away from the CNI calls in flight.
+const REAP_DELAY: Duration = Duration::from_secs(1);
+/// How long start waits for the datastore's initial state before serving anyway.
+const SYNC_TIMEOUT: Duration = Duration::from_secs(30);
+const FALLBACK_MTU: u32 = 1500;
+
+/// The agent's mutable state; requests are handled one at a time under a lock.
+pub struct Agent {
+    node_name: String,
+    mtu_override: Option<u32>,
+    mtu: u32,
+    handle: Handle,
+    ipam: Ipam,
+    routes: RouteReconciler,
+    /// The node's blocks as the datastore says now; None until the Node with podCIDRs is known.
+    blocks: Option<Vec<IpNetwork>>,
+    /// Host routes of live endpoints (destination → host veth).
+    endpoints: BTreeMap<IpNetwork, Target>,
+    reap: Arc<Notify>,
+    /// BGP control; its learned routes are part of the protocol-83 table.
+    routing: Option<crate::routing::Routing>,
+}
+
+fn error(code: u32, msg: impl Into<String>) -> Response {
+    Response::Error(ErrorReply {
+        code,
+        msg: msg.into(),
+        details: String::new(),
+    })
+}
+
+fn store_error(e: StoreError) -> Response {
+    match e {
+        StoreError::Ipam(IpamError::Exhausted(b)) => error(
+            codes::IPAM_EXHAUSTED,
+            format!("pod block {b} has no free address"),
+        ),
+        StoreError::Ipam(IpamError::NoBlock) => error(
+            codes::NO_POD_BLOCK,
+            "this node has no pod block yet (its Node object has no spec.podCIDRs)",
+        ),
+        other => error(codes::IO_FAILURE, other.to_string()),
+    }
+}
+
+impl Agent {
+    fn blocks(&self) -> Vec<IpNetwork> {
+        self.blocks
+            .clone()
+            .unwrap_or_else(|| self.ipam.state().blocks.clone())
+    }
+
+    fn desired(&self) -> Desired {
+        let mut d: Desired = self
+            .blocks()
+            .into_iter()
+            .map(|b| (b, Target::Blackhole))
+            .collect();
+        d.extend(self.endpoints.iter().map(|(k, v)| (*k, v.clone())));
+        if let Some(r) = &self.routing {
+            r.merge_into(&mut d);
+        }
+        d
+    }
+
+    /// Endpoints from the allocations whose host veth exists (the others' pods are gone or
+    /// their ADD never finished: their routes would point nowhere).
+    async fn adopt_endpoints(&mut self) -> Result<()> {
+        let live: HashSet<String> = links::links_with_prefix(&self.handle, HOST_VETH_PREFIX)
+            .await
+            .context("listing host veths")?
+            .into_iter()
+            .map(|l| l.name)
+            .collect();
+        self.endpoints.clear();
+        for a in &self.ipam.state().allocations {
+            if live.contains(&a.host_veth) {
+                for ip in &a.ips {
+                    self.endpoints
+                        .insert(host_net(*ip), Target::Dev(a.host_veth.clone()));
+                }
+            } else {
+                tracing::info!(
+                    container = %a.key.container_id, veth = %a.host_veth,
+                    "allocation without its host veth: keeping the addresses until DEL/GC, no route"
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// Full reconcile: kernel routes of protocol 83 become exactly blocks + live endpoints.
+    async fn resync(&mut self) -> Result<()> {
+        self.adopt_endpoints().await?;
+        let desired = self.desired();
+        let report = self
+            .routes
+            .reconcile(&desired)
+            .await
+            .context("reconciling routes")?;
+        for e in &report.errors {
+            tracing::warn!("route not programmed: {e}");
+        }
+        tracing::info!(
+            adopted = report.adopted,
+            added = report.added,
+            replaced = report.replaced,
+            removed = report.removed,
+            "routes reconciled"
+        );
+        if self.mtu_override.is_none() {
+            self.mtu = links::default_route_mtu(&self.handle)
+                .await
+                .ok()
+                .flatten()
+                .unwrap_or(FALLBACK_MTU);
+        }
+        Ok(())
+    }
+
+    /// The Node object changed (or appeared/disappeared).
+    async fn set_node_blocks(&mut self, blocks: Option<Vec<IpNetwork>>) {
+        if blocks == self.blocks {
+            return;
+        }
+        tracing::info!(node = %self.node_name, ?blocks, "node pod blocks");
+        self.blocks = blocks.clone();
+        match self.ipam.set_blocks(blocks.unwrap_or_default()) {
+            Ok(outside) => {
+                for a in outside {
+                    tracing::warn!(
+                        container = %a.key.container_id, ips = ?a.ips,
+                        "allocation outside the node's blocks: kept until released"
+                    );
+                }
+            }
+            Err(e) => tracing::error!("saving the node's blocks: {e}"),
+        }
+        let desired = self.desired();
+        match self.routes.update(&desired).await {
+            Ok(r) => r
+                .errors
+                .iter()
+                .for_each(|e| tracing::warn!("route not programmed: {e}")),
+            Err(e) => tracing::error!("updating block routes: {e}"),
+        }
+    }
+
+    pub async fn handle(&mut self, req: Request) -> Response {
+        match req {
+            Request::Status => match &self.blocks {
+                Some(b) if !b.is_empty() => Response::Ok,
+                _ => error(
+                    codes::PLUGIN_NOT_AVAILABLE,
+                    format!(
+                        "node {} has no pod block yet (its Node object with spec.podCIDRs is not known)",
+                        self.node_name
+                    ),
+                ),
+            },
+            Request::Add(r) => self.add(r).await,
+            Request::Del(r) => self.del(r).await,
+            Request::Check(r) => self.check(r).await,
+            Request::Gc(r) => self.gc(r).await,
+        }
+    }
+
+    async fn add(&mut self, r: AddRequest) -> Response {
+        if self.blocks.as_ref().is_none_or(|b| b.is_empty()) {
+            return store_error(StoreError::Ipam(IpamError::NoBlock));
+        }
+        if !r.host_veth.starts_with(HOST_VETH_PREFIX) || r.host_veth.len() > 15 {
+            return error(
+                codes::INVALID_CONFIG,
+                format!("host veth name {:?} is not a Sepal veth", r.host_veth),
+            );
+        }
+        let known = self.ipam.state().get(&r.key).is_some();
+        let claim = Claim {
+            key: r.key.clone(),
+            pod_namespace: r.pod_namespace.clone(),
+            pod_name: r.pod_name.clone(),
+            host_veth: r.host_veth.clone(),
+        };
+        let alloc = match self.ipam.allocate(&claim) {
+            Ok(a) => a,
+            Err(e) => return store_error(e),
+        };
+        for ip in &alloc.ips {
+            let dst = host_net(*ip);
+            let target = Target::Dev(r.host_veth.clone());
+            if let Err(e) = self.routes.install(dst, target.clone()).await {
+                // Leave nothing behind: the routes written so far and a new allocation.
+                for ip in &alloc.ips {
+                    let _ = self.routes.withdraw(host_net(*ip)).await;
+                    self.endpoints.remove(&host_net(*ip));
+                }
+                if !known {
+                    if let Err(e) = self.ipam.release(&r.key) {
+                        tracing::error!("releasing after a failed ADD: {e}");
+                    }
+                }
+                return error(
+                    codes::DATAPLANE_FAILURE,
+                    format!(
+                        "programming the host route to {ip} via {}: {e}",
+                        r.host_veth
+                    ),
+                );
+            }
+            self.endpoints.insert(dst, target);
+        }
+        tracing::info!(
+            pod = %format!("{}/{}", r.pod_namespace, r.pod_name), container = %r.key.container_id,
+            ips = ?alloc.ips, veth = %r.host_veth, "endpoint added"
+        );
+        Response::Added(AddReply {
+            ips: alloc.ips,
+            mtu: self.mtu,
+        })
+    }
+
+    async fn release(&mut self, key: &AttachmentKey) -> Result<Option<String>, Response> {
+        let alloc = match self.ipam.release(key) {
+            Ok(Some(a)) => a,
+            Ok(None) => return Ok(None),
+            Err(e) => return Err(store_error(e)),
+        };
+        for ip in &alloc.ips {
+            let dst = host_net(*ip);
+            // Only our own route to the veth: another allocation may hold the address by now
+            // only if this one did not, so the destination is this endpoint's.
+            self.endpoints.remove(&dst);
+            if let Err(e) = self.routes.withdraw(dst).await {
+                tracing::warn!("removing the route to {ip}: {e}");
+            }
+        }
+        tracing::info!(container = %key.container_id, ips = ?alloc.ips, "endpoint released");
+        Ok(Some(alloc.host_veth))
+    }
+
+    async fn del(&mut self, r: DelRequest) -> Response {
+        let out = match self.release(&r.key).await {
+            Ok(_) => Response::Ok,
+            Err(resp) => resp,
+        };
+        self.reap.notify_one();
+        out
+    }
+
+    async fn check(&mut self, r: CheckRequest) -> Response {
+        let Some(alloc) = self.ipam.state().get(&r.key).cloned() else {
+            return error(
+                codes::CONTAINER_UNKNOWN,
+                format!(
+                    "no allocation for container {} interface {}",
+                    r.key.container_id, r.key.ifname
+                ),
+            );
+        };
+        let mut want: Vec<_> = alloc.ips.clone();
+        let mut have = r.ips.clone();
+        want.sort();
+        have.sort();
+        if want != have {
+            return error(
+                codes::CHECK_FAILED,
+                format!("addresses {have:?} differ from the allocation {want:?}"),
+            );
+        }
+        if alloc.host_veth != r.host_veth {
+            return error(
+                codes::CHECK_FAILED,
+                format!(
+                    "host veth {} differs from the recorded {}",
+                    r.host_veth, alloc.host_veth
+                ),
+            );
+        }
+        match links::link_by_name(&self.handle, &r.host_veth).await {
+            Ok(Some(_)) => {}
+            Ok(None) => {
+                return error(
+                    codes::CHECK_FAILED,
+                    format!("host veth {} is missing", r.host_veth),
+                )
+            }
+            Err(e) => return error(codes::IO_FAILURE, format!("looking up links: {e}")),
+        }
+        let kernel = match self.routes.kernel_routes().await {
+            Ok(k) => k,
+            Err(e) => return error(codes::IO_FAILURE, e.to_string()),
+        };
+        for ip in &alloc.ips {
+            let want = Target::Dev(r.host_veth.clone());
+            if !kernel
+                .iter()
+                .any(|k| k.dst == host_net(*ip) && k.target == want)
+            {
+                return error(
+                    codes::CHECK_FAILED,
+                    format!("host route to {ip} via {} is missing", r.host_veth),
+                );
+            }
+        }
+        Response::Ok
+    }
+
+    async fn gc(&mut self, r: GcRequest) -> Response {
+        let valid: HashSet<&AttachmentKey> = r.valid.iter().collect();
+        let stale: Vec<AttachmentKey> = self
+            .ipam
+            .state()
+            .allocations
+            .iter()
+            .filter(|a| !valid.contains(&a.key))
+            .map(|a| a.key.clone())
+            .collect();
+        let mut released = 0;
+        for key in &stale {
+            match self.release(key).await {
+                Ok(Some(_)) => released += 1,
+                Ok(None) => {}
+                Err(resp) => return resp,
+            }
+        }
+        // Host-side leftovers: every Sepal veth (and tombstone) no remaining allocation uses.
+        let keep: HashSet<String> = self
+            .ipam
+            .state()
+            .allocations
+            .iter()
+            .map(|a| a.host_veth.clone())
+            .collect();
+        match links::links_with_prefix(&self.handle, HOST_VETH_PREFIX).await {
+            Ok(found) => {
+                for l in found.into_iter().filter(|l| !keep.contains(&l.name)) {
+                    match links::delete_link(&self.handle, &l.name).await {
+                        Ok(_) => tracing::info!(veth = %l.name, "GC removed a host veth"),
+                        Err(e) => tracing::warn!(veth = %l.name, "GC could not remove: {e}"),
+                    }
+                }
+            }
+            Err(e) => return error(codes::IO_FAILURE, format!("listing links: {e}")),
+        }
+        Response::Collected { released }
+    }
+}
+
+/// Deletes retired veths (tombstones) a little after DELs, off the request path.
+async fn reaper(handle: Handle, reap: Arc<Notify>) {
+    loop {
+        reap.notified().await;
+        tokio::time::sleep(REAP_DELAY).await;
+        reap_tombstones(&handle).await;
+    }
+}
+
+async fn reap_tombstones(handle: &Handle) {
+    match links::links_with_prefix(handle, TOMBSTONE_PREFIX).await {
+        Ok(found) => {
+            for l in found {
+                if let Err(e) = links::delete_link(handle, &l.name).await {
+                    tracing::warn!(link = %l.name, "removing a retired veth: {e}");
+                }
+            }
+        }
+        Err(e) => tracing::warn!("listing retired veths: {e}"),
+    }
+}
+
+fn node_blocks(model: &Model, node_name: &str) -> Option<Vec<IpNetwork>> {
+    let node = model.node(node_name)?;
+    match pod_cidrs(node) {
+        Ok(b) if !b.is_empty() => Some(b),
+        Ok(_) => None,
+        Err(e) => {
+            tracing::error!(node = %node_name, "ignoring the node's pod blocks: {e}");
+            None
+        }
+    }
+}
+
+/// Applies datastore events to the model and hands node changes to the agent.
+async fn follow_datastore(
+    mut events: mpsc::Receiver<Event>,
+    mut model: Model,
+    agent: Arc<Mutex<Agent>>,
+    node_name: String,
+) {
+    while let Some(ev) = events.recv().await {
+        let mut changed = model.apply(ev);
+        // Take every event already queued before touching the agent: one update per burst.
+        while let Ok(ev) = events.try_recv() {
+            changed |= model.apply(ev);
+        }
+        if changed {
+            let blocks = node_blocks(&model, &node_name);
+            let mut a = agent.lock().await;
+            if let Some(r) = &a.routing {
+                r.update_from_model(&model, &node_name);
+            }
+            a.set_node_blocks(blocks).await;
+        }
+    }
+    tracing::warn!("the datastore stopped sending events");
+}
+
+/// Runs the agent until SIGTERM/SIGINT.
+pub async fn run(cfg: NodeConfig) -> Result<()> {
+    tracing::info!(node = %cfg.node_name, datastore = %cfg.datastore, state_dir = %cfg.state_dir.display(), socket = %cfg.socket.display(), "starting sepal node");
+    sepal_felix::sysctl::enable_node_forwarding().context("enabling forwarding")?;
+    let ipam = Ipam::load(&cfg.state_dir)?;
+    tracing::info!(
+        allocations = ipam.state().allocations.len(),
+        file = %ipam.path().display(),
+        "IPAM state loaded"
+    );
+    let handle = links::connect().context("opening rtnetlink")?;
+    let reap = Arc::new(Notify::new());
+
+    // The datastore's initial state first, so the first reconcile knows the node's blocks.
+    let mut events = datastore::start(&cfg.datastore)?;
+    let mut model = Model::default();
+    let deadline = tokio::time::Instant::now() + SYNC_TIMEOUT;
+    while !model.synced() {
+        match tokio::time::timeout_at(deadline, events.recv()).await {
+            Ok(Some(ev)) => {
+                model.apply(ev);
+            }
+            Ok(None) => anyhow::bail!("the datastore stopped before delivering its state"),
+            Err(_) => {
+                tracing::warn!("datastore not synced after {SYNC_TIMEOUT:?}; serving anyway");
+                break;
+            }
+        }
+    }
+    let blocks = node_blocks(&model, &cfg.node_name);
+    if blocks.is_none() {
+        tracing::warn!(node = %cfg.node_name, "no Node object with spec.podCIDRs for this node yet: STATUS reports not ready until it appears");
+    }
+    let mut agent = Agent {
+        node_name: cfg.node_name.clone(),
+        mtu_override: cfg.mtu,
+        mtu: cfg.mtu.unwrap_or(FALLBACK_MTU),
+        routes: RouteReconciler::new(handle.clone()),
+        handle: handle.clone(),
+        ipam,
+        blocks: None,
+        endpoints: BTreeMap::new(),
+        reap: reap.clone(),
+        routing: None,
+    };
+    if let Some(b) = &blocks {
+        agent.blocks = Some(b.clone());
+        agent.ipam.set_blocks(b.clone())?;
+    }
+    // Routing reads the kernel's BGP routes before the first reconcile, which then keeps them
+    // (graceful restart: stale until relearned or swept).
+    let routing = crate::routing::Routing::start(handle.clone()).await?;
+    routing.update_from_model(&model, &cfg.node_name);
+    let mut bgp_routes = routing.routes();
+    agent.routing = Some(routing);
+    agent.resync().await?;
+    let agent = Arc::new(Mutex::new(agent));
+    {
+        let agent = agent.clone();
+        tokio::spawn(async move {
+            while bgp_routes.changed().await.is_ok() {
+                let mut a = agent.lock().await;
+                let desired = a.desired();
+                if let Err(e) = a.routes.update(&desired).await {
+                    tracing::warn!("installing BGP routes: {e}");
+                }
+            }
+        });
+    }
+
+    tokio::spawn(follow_datastore(
+        events,
+        model,
+        agent.clone(),
+        cfg.node_name.clone(),
+    ));
+    reap_tombstones(&handle).await;
+    tokio::spawn(reaper(handle.clone(), reap));
+    {
+        let agent = agent.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(RESYNC);
+            tick.tick().await;
+            loop {
+                tick.tick().await;
+                if let Err(e) = agent.lock().await.resync().await {
+                    tracing::error!("periodic resync: {e:#}");
+                }
+            }
+        });
+    }
+    let result = server::serve(&cfg.socket, agent.clone()).await;
+    let routing = agent.lock().await.routing.take();
+    if let Some(r) = routing {
+        r.shutdown().await;
+    }
+    result
+}
