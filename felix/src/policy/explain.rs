@@ -26,6 +26,39 @@ impl fmt::Display for Peer {
     }
 }
 
+impl std::str::FromStr for Peer {
+    type Err = String;
+
+    /// `NS/POD` or an IP address, as `sepal policy explain --from/--to` take them.
+    fn from_str(s: &str) -> Result<Peer, String> {
+        if let Ok(ip) = s.parse::<IpAddr>() {
+            return Ok(Peer::Ip(ip));
+        }
+        match s.split_once('/') {
+            Some((ns, pod)) if !ns.is_empty() && !pod.is_empty() && !pod.contains('/') => {
+                Ok(Peer::Pod {
+                    namespace: ns.to_string(),
+                    name: pod.to_string(),
+                })
+            }
+            _ => Err(format!("{s:?}: expected NAMESPACE/POD or an IP address")),
+        }
+    }
+}
+
+/// Parses `80/TCP` (protocol optional, TCP by default; `tcp`, `udp`, `sctp` in any case).
+pub fn parse_port(s: &str) -> Result<(u16, Protocol), String> {
+    let (port, proto) = s.split_once('/').unwrap_or((s, "TCP"));
+    let port: u16 = port
+        .parse()
+        .ok()
+        .filter(|p| *p != 0)
+        .ok_or_else(|| format!("{s:?}: port must be 1-65535"))?;
+    let proto = Protocol::from_api(&proto.to_ascii_uppercase())
+        .ok_or_else(|| format!("{s:?}: protocol must be TCP, UDP or SCTP"))?;
+    Ok((port, proto))
+}
+
 /// The outcome for one direction (egress of the source, ingress of the destination).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum DirectionVerdict {

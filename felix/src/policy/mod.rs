@@ -32,7 +32,9 @@ pub use addr::{AddrRanges, Family};
 pub use compile::{
     compile, default_deny_comment, Action, Chain, Match, NftRule, Ruleset, Set, SetKind,
 };
-pub use explain::{explain, DirectionVerdict, ExplainError, Explanation, Peer as ExplainPeer};
+pub use explain::{
+    explain, parse_port, DirectionVerdict, ExplainError, Explanation, Peer as ExplainPeer,
+};
 pub use k8s_openapi::api::networking::v1::NetworkPolicy;
 pub use validate::{
     validate, Direction, PeerSpec, Policy, PolicyRule, PortSpec, Problem, ProblemScope, Selector,

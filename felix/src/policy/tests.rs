@@ -237,3 +237,19 @@ spec:
     // Only IPv4 is in use: no IPv6 sets or rules.
     assert!(rs.sets.keys().all(|n| !n.ends_with('6')));
 }
+
+#[test]
+fn explain_cli_arguments_parse() {
+    assert_eq!(parse_port("80/TCP"), Ok((80, Protocol::Tcp)));
+    assert_eq!(parse_port("53/udp"), Ok((53, Protocol::Udp)));
+    assert_eq!(parse_port("8080"), Ok((8080, Protocol::Tcp)));
+    assert!(parse_port("0/TCP").is_err());
+    assert!(parse_port("80/ICMP").is_err());
+    assert_eq!("x/a".parse::<ExplainPeer>(), Ok(pod("x/a")));
+    assert_eq!(
+        "10.0.0.1".parse::<ExplainPeer>(),
+        Ok(ExplainPeer::Ip("10.0.0.1".parse().unwrap()))
+    );
+    assert!("x".parse::<ExplainPeer>().is_err());
+    assert!("x/a/b".parse::<ExplainPeer>().is_err());
+}
