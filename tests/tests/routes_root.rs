@@ -1,0 +1,157 @@
+//! Root tests of felix's route reconciler in a test network namespace: it adopts correct
+//! protocol-83 routes, applies only the difference, and never touches another protocol's route.
+
+use ipnetwork::IpNetwork;
+use sepal_felix::routes::{Desired, NextHop, RouteReconciler, Target};
+use sepal_tests::netns::Netns;
+use std::os::fd::AsRawFd;
+
+/// Runs `f` on a thread that has entered the namespace, with its own current-thread runtime,
+/// so every netlink socket it opens lives in that namespace.
+fn in_netns<T: Send + 'static>(ns: &Netns, f: impl FnOnce() -> T + Send + 'static) -> T {
+    let path = ns.path();
+    std::thread::spawn(move || {
+        let file = std::fs::File::open(&path).expect("open netns");
+        let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
+        assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
+        f()
+    })
+    .join()
+    .expect("netns thread panicked")
+}
+
+fn net(s: &str) -> IpNetwork {
+    s.parse().expect("network")
+}
+
+fn hop(gw: &str, onlink: bool) -> NextHop {
+    NextHop {
+        gateway: gw.parse().expect("ip"),
+        dev: Some("va".into()),
+        onlink,
+    }
+}
+
+fn desired() -> Desired {
+    Desired::from([
+        (net("10.1.0.0/24"), Target::Blackhole),
+        (net("10.1.0.5/32"), Target::Dev("va".into())),
+        (net("10.1.0.7/32"), Target::Dev("va".into())),
+        (net("10.1.0.8/32"), Target::Dev("va".into())),
+        (net("fd00:1::5/128"), Target::Dev("va".into())),
+        (net("fd00:1::/112"), Target::Blackhole),
+        (
+            net("10.2.0.0/24"),
+            Target::Via(vec![hop("198.51.100.9", true)]),
+        ),
+        (
+            net("10.3.0.0/24"),
+            Target::Via(vec![hop("192.0.2.2", false), hop("192.0.2.3", false)]),
+        ),
+    ])
+}
+
+fn foreign(ns: &Netns) -> String {
+    ns.run("ip -o -4 route show table all | grep -v 'proto 83' | sort; ip -o -6 route show table all | grep -v 'proto 83' | sort")
+}
+
+#[test]
+fn reconciler_adopts_diffs_and_leaves_foreign_routes_alone() {
+    sepal_tests::require_root();
+    let ns = Netns::new("routes");
+    ns.run(
+        "ip link add va type veth peer name vb && ip link set va up && ip link set vb up \
+         && ip addr add 192.0.2.1/24 dev va && ip -6 addr add fd00:9::1/64 dev va nodad",
+    );
+    // Foreign routes, one to a destination Sepal also wants (other metric), one in another table.
+    ns.run(
+        "ip route add 10.9.0.0/24 dev va proto static \
+         && ip route add 10.1.0.7/32 dev vb proto boot metric 100 \
+         && ip route add 10.1.0.0/24 dev vb table 100 \
+         && ip -6 route add fd00:1::5/128 dev vb proto static metric 50",
+    );
+    // What a previous run left: one right, one stale, one with the wrong interface.
+    ns.run(
+        "ip route add 10.1.0.5/32 dev va proto 83 scope link \
+         && ip route add 10.1.0.6/32 dev va proto 83 scope link \
+         && ip route add 10.1.0.8/32 dev vb proto 83 scope link",
+    );
+    let foreign_before = foreign(&ns);
+
+    let (first, second) = in_netns(&ns, || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        rt.block_on(async {
+            let handle = sepal_felix::links::connect().expect("netlink");
+            let mut rec = RouteReconciler::new(handle);
+            let first = rec.reconcile(&desired()).await.expect("reconcile");
+            let second = rec.reconcile(&desired()).await.expect("reconcile again");
+            (first, second)
+        })
+    });
+    assert!(first.errors.is_empty(), "{:?}", first.errors);
+    assert_eq!(first.adopted, 1, "{first:?}");
+    assert_eq!(first.removed, 1, "{first:?}");
+    assert_eq!(first.replaced, 1, "{first:?}");
+    assert_eq!(first.added, 6, "{first:?}");
+    assert_eq!(second.adopted, 8, "second run changes nothing: {second:?}");
+    assert_eq!(
+        (second.added, second.replaced, second.removed),
+        (0, 0, 0),
+        "{second:?}"
+    );
+
+    let ours = ns.run("ip -4 route show proto 83; ip -6 route show proto 83");
+    for want in [
+        "blackhole 10.1.0.0/24",
+        "10.1.0.5 dev va scope link",
+        "10.1.0.7 dev va scope link",
+        "10.1.0.8 dev va scope link",
+        "10.2.0.0/24 via 198.51.100.9 dev va onlink",
+        "nexthop via 192.0.2.2 dev va",
+        "nexthop via 192.0.2.3 dev va",
+        "fd00:1::5 dev va",
+        "blackhole fd00:1::/112",
+    ] {
+        assert!(ours.contains(want), "missing {want:?} in\n{ours}");
+    }
+    assert!(!ours.contains("10.1.0.6"), "stale route kept:\n{ours}");
+    assert_eq!(foreign(&ns), foreign_before, "a foreign route changed");
+
+    // Incremental update: only the difference, still no foreign route touched; a route whose
+    // interface is missing is reported and the rest goes ahead.
+    let report = in_netns(&ns, || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        rt.block_on(async {
+            let handle = sepal_felix::links::connect().expect("netlink");
+            let mut rec = RouteReconciler::new(handle);
+            rec.reconcile(&desired()).await.expect("adopt");
+            let mut next = desired();
+            next.remove(&net("10.1.0.0/24"));
+            next.remove(&net("10.3.0.0/24"));
+            next.insert(net("10.1.0.9/32"), Target::Dev("va".into()));
+            next.insert(net("10.1.0.10/32"), Target::Dev("nosuchdev".into()));
+            let report = rec.update(&next).await.expect("update");
+            rec.withdraw(net("10.1.0.7/32")).await.expect("withdraw");
+            rec.withdraw(net("10.1.0.7/32"))
+                .await
+                .expect("withdraw is idempotent");
+            report
+        })
+    });
+    assert_eq!(report.removed, 2, "{report:?}");
+    assert_eq!(report.added, 1, "{report:?}");
+    assert_eq!(report.errors.len(), 1, "{report:?}");
+    assert!(report.errors[0].contains("nosuchdev"), "{report:?}");
+    let ours = ns.run("ip -4 route show proto 83");
+    assert!(ours.contains("10.1.0.9 dev va"), "{ours}");
+    assert!(!ours.contains("blackhole 10.1.0.0/24"), "{ours}");
+    assert!(!ours.contains("10.3.0.0/24"), "{ours}");
+    assert!(!ours.contains("10.1.0.7 "), "{ours}");
+    assert_eq!(foreign(&ns), foreign_before, "a foreign route changed");
+}
