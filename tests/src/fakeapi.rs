@@ -468,22 +468,54 @@ async fn serve(shared: Arc<Shared>, req: Request<Incoming>) -> Result<Response<B
     let ns_filter = t.namespace.clone();
     match verb {
         "list" => {
+            // Pages: `limit` items after the key named by `continue` ("<rv>/<namespace>/<name>";
+            // later pages report the first page's resourceVersion, as the API server does).
+            let limit: usize = q
+                .get("limit")
+                .and_then(|l| l.parse().ok())
+                .filter(|l| *l > 0)
+                .unwrap_or(usize::MAX);
+            let after = q.get("continue").and_then(|c| {
+                let c = c.replace("%2F", "/").replace("%2f", "/");
+                let mut parts = c.splitn(3, '/');
+                let rv: u64 = parts.next()?.parse().ok()?;
+                let ns = parts.next()?.to_string();
+                let name = parts.next()?.to_string();
+                Some((rv, (ns, name)))
+            });
             let st = lock(&shared);
-            let items: Vec<Value> = st
-                .objects
-                .get(plural)
-                .map(|m| {
-                    m.iter()
-                        .filter(|((ns, _), _)| ns_filter.as_ref().is_none_or(|f| f == ns))
-                        .map(|(_, v)| (**v).clone())
-                        .collect()
-                })
-                .unwrap_or_default();
-            Ok(json_response(
-                StatusCode::OK,
-                &json!({"apiVersion": api_version, "kind": format!("{kind}List"),
-                        "metadata": {"resourceVersion": st.rv.to_string()}, "items": items}),
-            ))
+            let list_rv = after.as_ref().map(|a| a.0).unwrap_or(st.rv);
+            let empty = BTreeMap::new();
+            let all = st.objects.get(plural).unwrap_or(&empty);
+            let range = match &after {
+                Some((_, k)) => all.range::<(String, String), _>((
+                    std::ops::Bound::Excluded(k.clone()),
+                    std::ops::Bound::Unbounded,
+                )),
+                None => all.range::<(String, String), _>(..),
+            };
+            let mut items = Vec::new();
+            let mut last = None;
+            let mut more = false;
+            for ((ns, name), v) in range {
+                if ns_filter.as_ref().is_some_and(|f| f != ns) {
+                    continue;
+                }
+                if items.len() == limit {
+                    more = true;
+                    break;
+                }
+                items.push((**v).clone());
+                last = Some((ns.clone(), name.clone()));
+            }
+            let mut meta = json!({"resourceVersion": list_rv.to_string()});
+            if let (true, Some((ns, name))) = (more, last) {
+                meta["continue"] = json!(format!("{list_rv}/{ns}/{name}"));
+            }
+            let body = json!({"apiVersion": api_version, "kind": format!("{kind}List"),
+                              "metadata": meta, "items": items});
+            drop(st);
+            Ok(json_response(StatusCode::OK, &body))
         }
         "watch" => Ok(watch_response(shared, plural, ns_filter, &q)),
         "get" => {

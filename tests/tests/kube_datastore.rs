@@ -274,3 +274,26 @@ fn kube_forbidden_resource_is_reported_and_blocks_ready() {
     api.allow("endpointslices");
     wait_for_model(&p, &dir_model(&objects));
 }
+
+#[test]
+fn kube_paged_initial_list_matches_dir() {
+    // More pods than one list page (kube's watcher asks for 500 at a time): the continue tokens
+    // must walk every page exactly once.
+    let mut objects = cluster();
+    for i in 0..1234 {
+        objects.push(json!({"apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": format!("p{i}"), "namespace": "web", "labels": {"i": i.to_string()}},
+            "spec": {"nodeName": "node-1", "containers": [{"name": "c"}]},
+            "status": {"phase": "Running", "podIP": format!("10.244.{}.{}", 100 + i / 250, 1 + i % 250)}}));
+    }
+    let want = dir_model(&objects);
+    let api = FakeApi::start();
+    api.apply_all(objects.iter().cloned());
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let p = kube_inspect(&api, &tmp, false);
+    wait_for_model(&p, &want);
+    assert!(
+        api.requests("list", "pods") >= 3,
+        "pods were not listed in pages"
+    );
+}

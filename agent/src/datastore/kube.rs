@@ -81,9 +81,13 @@ fn strip_meta_value(v: &mut Value) {
 }
 
 /// A pod as policy and routing see it: labels, node, host networking, named ports, IPs, phase.
+/// Annotations go too: nothing reads a pod's, and they are the bulk of many pods' metadata.
 pub fn strip_pod(p: Pod) -> Pod {
     Pod {
-        metadata: strip_meta(p.metadata),
+        metadata: ObjectMeta {
+            annotations: None,
+            ..strip_meta(p.metadata)
+        },
         spec: p.spec.map(|s| PodSpec {
             node_name: s.node_name,
             host_network: s.host_network,

@@ -2,15 +2,17 @@
 
 pub mod bgp;
 pub mod cni;
+pub mod datastore;
 pub mod policy;
 
 /// Subcommand names, for the usage line.
-pub const NAMES: &[&str] = &["bgp", "cni", "policy"];
+pub const NAMES: &[&str] = &["bgp", "cni", "datastore", "policy"];
 
 pub fn run(what: &str, args: &[String]) -> anyhow::Result<()> {
     match what {
         "bgp" => bgp::run(args),
         "cni" => cni::run(args),
+        "datastore" => datastore::run(args),
         "policy" => policy::run(args),
         other => anyhow::bail!("unknown benchmark {other:?}; one of {}", NAMES.join(", ")),
     }
