@@ -665,6 +665,7 @@ mod tests {
         assert_eq!(
             s,
             json!({
+                "apiVersion": "v1", "kind": "Pod",
                 "metadata": {"name": "p", "namespace": "ns", "labels": {"app": "web"}},
                 "spec": {"nodeName": "n1", "containers": [{"name": "c",
                          "ports": [{"name": "http", "containerPort": 80}]}]},
