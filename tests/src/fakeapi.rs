@@ -113,6 +113,27 @@ fn lock(shared: &Shared) -> std::sync::MutexGuard<'_, State> {
 impl FakeApi {
     /// Starts a server on 127.0.0.1 (a free port) on its own runtime thread.
     pub fn start() -> FakeApi {
+        Self::start_with(std::net::TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1"))
+    }
+
+    /// Starts a server on 127.0.0.1 inside a network namespace (e.g. a test node's, so an agent
+    /// running there reaches it): the socket is bound by a thread that entered the namespace.
+    pub fn start_in_netns(netns_path: &Path) -> FakeApi {
+        let path = netns_path.to_path_buf();
+        let listener = std::thread::spawn(move || {
+            let f = std::fs::File::open(&path).expect("open netns");
+            // SAFETY: setns on a valid namespace fd affects only this short-lived thread.
+            let rc =
+                unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&f), libc::CLONE_NEWNET) };
+            assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
+            std::net::TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1 in netns")
+        })
+        .join()
+        .expect("bind thread");
+        Self::start_with(listener)
+    }
+
+    fn start_with(listener: std::net::TcpListener) -> FakeApi {
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
             .enable_all()
@@ -129,9 +150,13 @@ impl FakeApi {
             changes,
             cut,
         });
-        let listener = runtime
-            .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
-            .expect("bind 127.0.0.1");
+        listener
+            .set_nonblocking(true)
+            .expect("nonblocking listener");
+        let listener = {
+            let _guard = runtime.enter();
+            tokio::net::TcpListener::from_std(listener).expect("tokio listener")
+        };
         let addr = listener.local_addr().expect("local addr");
         let s = shared.clone();
         runtime.spawn(async move {
