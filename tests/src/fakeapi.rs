@@ -100,7 +100,16 @@ struct Shared {
 pub struct FakeApi {
     addr: SocketAddr,
     shared: Arc<Shared>,
-    _runtime: tokio::runtime::Runtime,
+    runtime: Option<tokio::runtime::Runtime>,
+}
+
+impl Drop for FakeApi {
+    /// Works from inside an async test too (dropping a runtime there would panic).
+    fn drop(&mut self) {
+        if let Some(rt) = self.runtime.take() {
+            rt.shutdown_background();
+        }
+    }
 }
 
 /// Keeps at most this many changes for resuming watches (then compacts, as etcd does).
@@ -176,7 +185,7 @@ impl FakeApi {
         FakeApi {
             addr,
             shared,
-            _runtime: runtime,
+            runtime: Some(runtime),
         }
     }
 

@@ -674,6 +674,81 @@ mod tests {
         );
     }
 
+    #[tokio::test]
+    async fn status_writer_against_the_stand_in_api_server() {
+        let api = sepal_tests::fakeapi::FakeApi::start();
+        api.apply(
+            json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": "n1"},
+            "status": {"conditions": [{"type": "Ready", "status": "True"}]}}),
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let kc = dir.path().join("kubeconfig");
+        api.write_kubeconfig(&kc).unwrap();
+        let w = StatusWriter::new(client(Some(&kc)).await.unwrap(), "n1");
+
+        let report = crate::crd::NodeStatusReport {
+            routes_programmed: true,
+            established_sessions: 1,
+            total_sessions: 2,
+            sessions: vec![crate::crd::BgpSessionStatus {
+                peer_ip: "10.0.1.1".into(),
+                peer_as: 65000,
+                source: "tor".into(),
+                state: "Established".into(),
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        w.report(&report).await.unwrap();
+        w.report(&report).await.unwrap(); // idempotent: the second apply updates in place
+        let sns = api.get("SepalNodeStatus", "", "n1").expect("status object");
+        assert_eq!(sns["spec"]["node"], json!("n1"));
+        assert_eq!(sns["status"]["routesProgrammed"], json!(true));
+        assert_eq!(sns["status"]["sessions"][0]["state"], json!("Established"));
+
+        w.network_available("2026-01-01T00:00:00Z").await.unwrap();
+        let node = api.get("Node", "", "n1").unwrap();
+        let conds = node["status"]["conditions"].as_array().unwrap();
+        assert!(
+            conds.iter().any(|c| c["type"] == "Ready"),
+            "kubelet's condition kept"
+        );
+        let nu = conds
+            .iter()
+            .find(|c| c["type"] == "NetworkUnavailable")
+            .expect("condition");
+        assert_eq!(
+            (&nu["status"], &nu["reason"]),
+            (&json!("False"), &json!("SepalIsUp"))
+        );
+
+        let key = ObjectKey {
+            api_version: "networking.k8s.io/v1".into(),
+            kind: "NetworkPolicy".into(),
+            namespace: "web".into(),
+            name: "bad".into(),
+        };
+        w.event(
+            &key,
+            true,
+            "PolicyRejected",
+            "ipBlock.except outside cidr",
+            "2026-01-01T00:00:00Z",
+        )
+        .await
+        .unwrap();
+        let events = api.list("Event");
+        assert_eq!(events.len(), 1);
+        assert_eq!(events[0]["regarding"]["name"], json!("bad"));
+        assert_eq!(events[0]["type"], json!("Warning"));
+        assert_eq!(events[0]["metadata"]["namespace"], json!("web"));
+
+        // A forbidden write is an error naming what failed, not a panic.
+        api.forbid("sepalnodestatuses");
+        let err = w.report(&report).await.unwrap_err();
+        assert!(format!("{err:#}").contains("SepalNodeStatus n1"), "{err:#}");
+    }
+
     #[test]
     fn raw_objects_lose_server_metadata() {
         let ar = ApiResource::erase::<BGPPeer>(&());
