@@ -209,7 +209,7 @@ fn build(mut lab: LabState) -> Result<LabState> {
     for node in &lab.nodes {
         objects::write_object(&lab, &node_object(node))?;
     }
-    for obj in lab.topology.manifests.clone() {
+    for obj in bgp_objects(&lab).into_iter().chain(lab.topology.manifests.clone()) {
         objects::write_object(&lab, &obj)?;
     }
     let sepal = std::env::current_exe()?;
@@ -260,6 +260,36 @@ fn build(mut lab: LabState) -> Result<LabState> {
         lab.save()?;
     }
     Ok(lab)
+}
+
+/// The lab's BGP design, as an operator would apply it: with BGP routers, every node peers (eBGP,
+/// fast timers) with each router on its link and the node mesh is off; with a static router the
+/// mesh is off too, as the router already carries every block. A BGPConfiguration among the
+/// topology's manifests replaces the default one written here.
+fn bgp_objects(lab: &LabState) -> Vec<Value> {
+    let own_config = lab.topology.manifests.iter().any(|m| m["kind"] == "BGPConfiguration");
+    let mut objects = Vec::new();
+    if !own_config && !lab.routers.is_empty() {
+        objects.push(json!({
+            "apiVersion": "sepal.dev/v1alpha1", "kind": "BGPConfiguration",
+            "metadata": {"name": "default"},
+            "spec": {"asNumber": 64512, "nodeToNodeMesh": false, "keepaliveTime": "3s", "holdTime": "9s"},
+        }));
+    }
+    for (r, router) in lab.routers.iter().enumerate() {
+        if router.kind == RouterKind::None {
+            continue;
+        }
+        for (n, node) in lab.nodes.iter().enumerate() {
+            objects.push(json!({
+                "apiVersion": "sepal.dev/v1alpha1", "kind": "BGPPeer",
+                "metadata": {"name": format!("{}-{}", node.name, router.name)},
+                "spec": {"peerIP": router::router_addr(r, n), "asNumber": router.as_number, "node": node.name,
+                         "keepaliveTime": "3s", "holdTime": "9s"},
+            }));
+        }
+    }
+    objects
 }
 
 fn node_object(node: &NodeState) -> Value {
