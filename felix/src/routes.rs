@@ -210,6 +210,7 @@ impl RouteReconciler {
             let existed = in_kernel.contains(dst);
             match self.write(*dst, target, existed).await {
                 Ok(()) => {
+                    self.installed.insert(*dst, target.clone());
                     if existed {
                         report.replaced += 1
                     } else {

@@ -87,6 +87,11 @@ fn reconciler_adopts_diffs_and_leaves_foreign_routes_alone() {
             let handle = sepal_felix::links::connect().expect("netlink");
             let mut rec = RouteReconciler::new(handle);
             let first = rec.reconcile(&desired()).await.expect("reconcile");
+            assert_eq!(
+                rec.installed(),
+                &desired(),
+                "what reconcile wrote is remembered"
+            );
             let second = rec.reconcile(&desired()).await.expect("reconcile again");
             (first, second)
         })
