@@ -8,6 +8,7 @@ mod ipam;
 mod lab;
 mod model;
 mod node;
+mod policy;
 mod routing;
 mod server;
 

@@ -48,6 +48,8 @@ pub struct Agent {
     reap: Arc<Notify>,
     /// BGP control; its learned routes are part of the protocol-83 table.
     routing: Option<crate::routing::Routing>,
+    /// NetworkPolicy compiler inputs and the nftables dataplane.
+    policy: crate::policy::PolicyEngine,
 }
 
 fn error(code: u32, msg: impl Into<String>) -> Response {
@@ -188,9 +190,17 @@ impl Agent {
                 ),
             },
             Request::Add(r) => self.add(r).await,
-            Request::Del(r) => self.del(r).await,
+            Request::Del(r) => {
+                let reply = self.del(r).await;
+                self.apply_policy_logged();
+                reply
+            }
             Request::Check(r) => self.check(r).await,
-            Request::Gc(r) => self.gc(r).await,
+            Request::Gc(r) => {
+                let reply = self.gc(r).await;
+                self.apply_policy_logged();
+                reply
+            }
         }
     }
 
@@ -239,6 +249,24 @@ impl Agent {
             }
             self.endpoints.insert(dst, target);
         }
+        // The pod's policy (its own rules and its membership in every selector set) is in the
+        // kernel before ADD returns, so its first packet already meets it.
+        if let Err(e) = self.apply_policy() {
+            for ip in &alloc.ips {
+                let _ = self.routes.withdraw(host_net(*ip)).await;
+                self.endpoints.remove(&host_net(*ip));
+            }
+            if !known {
+                if let Err(e) = self.ipam.release(&r.key) {
+                    tracing::error!("releasing after a failed ADD: {e}");
+                }
+                self.apply_policy_logged();
+            }
+            return error(
+                codes::DATAPLANE_FAILURE,
+                format!("programming NetworkPolicy: {e}"),
+            );
+        }
         tracing::info!(
             pod = %format!("{}/{}", r.pod_namespace, r.pod_name), container = %r.key.container_id,
             ips = ?alloc.ips, veth = %r.host_veth, "endpoint added"
@@ -247,6 +275,18 @@ impl Agent {
             ips: alloc.ips,
             mtu: self.mtu,
         })
+    }
+
+    /// Compiles the current policy inputs with this node's endpoints and applies the result.
+    fn apply_policy(&mut self) -> Result<(), String> {
+        let endpoints = &self.ipam.state().allocations;
+        self.policy.apply(endpoints).map(|_| ())
+    }
+
+    fn apply_policy_logged(&mut self) {
+        if let Err(e) = self.apply_policy() {
+            tracing::error!("applying NetworkPolicy: {e}");
+        }
     }
 
     async fn release(&mut self, key: &AttachmentKey) -> Result<Option<String>, Response> {
@@ -430,6 +470,8 @@ async fn follow_datastore(
                 r.update_from_model(&model, &node_name);
             }
             a.set_node_blocks(blocks).await;
+            a.policy.update_model(&model);
+            a.apply_policy_logged();
         }
     }
     tracing::warn!("the datastore stopped sending events");
@@ -479,7 +521,9 @@ pub async fn run(cfg: NodeConfig) -> Result<()> {
         endpoints: BTreeMap::new(),
         reap: reap.clone(),
         routing: None,
+        policy: crate::policy::PolicyEngine::default(),
     };
+    agent.policy.update_model(&model);
     if let Some(b) = &blocks {
         agent.blocks = Some(b.clone());
         agent.ipam.set_blocks(b.clone())?;
@@ -491,6 +535,8 @@ pub async fn run(cfg: NodeConfig) -> Result<()> {
     let mut bgp_routes = routing.routes();
     agent.routing = Some(routing);
     agent.resync().await?;
+    // Adopts the previous run's table: it keeps enforcing until this atomic replace.
+    agent.apply_policy_logged();
     let agent = Arc::new(Mutex::new(agent));
     {
         let agent = agent.clone();

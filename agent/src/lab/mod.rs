@@ -209,7 +209,10 @@ fn build(mut lab: LabState) -> Result<LabState> {
     for node in &lab.nodes {
         objects::write_object(&lab, &node_object(node))?;
     }
-    for obj in bgp_objects(&lab).into_iter().chain(lab.topology.manifests.clone()) {
+    for obj in bgp_objects(&lab)
+        .into_iter()
+        .chain(lab.topology.manifests.clone())
+    {
         objects::write_object(&lab, &obj)?;
     }
     let sepal = std::env::current_exe()?;
@@ -267,7 +270,11 @@ fn build(mut lab: LabState) -> Result<LabState> {
 /// mesh is off too, as the router already carries every block. A BGPConfiguration among the
 /// topology's manifests replaces the default one written here.
 fn bgp_objects(lab: &LabState) -> Vec<Value> {
-    let own_config = lab.topology.manifests.iter().any(|m| m["kind"] == "BGPConfiguration");
+    let own_config = lab
+        .topology
+        .manifests
+        .iter()
+        .any(|m| m["kind"] == "BGPConfiguration");
     let mut objects = Vec::new();
     if !own_config && !lab.routers.is_empty() {
         objects.push(json!({

@@ -101,6 +101,18 @@ pub fn create_pod(lab: &LabState, req: PodRequest) -> Result<PodState> {
         .with_context(|| format!("unknown node {:?}", req.node))?;
     let netns = lab.pod_netns(&req.namespace, &req.name);
     let container_id = format!("{}-{}-{}", lab.name, req.namespace, req.name);
+    // As in Kubernetes, the Pod object (with its labels) exists before kubelet calls CNI ADD:
+    // the agent's policy for the pod is in place when ADD returns.
+    let pending = PodState {
+        namespace: req.namespace.clone(),
+        name: req.name.clone(),
+        node: req.node.clone(),
+        netns: netns.clone(),
+        container_id: container_id.clone(),
+        ips: Vec::new(),
+        labels: req.labels.clone(),
+    };
+    write_pod(lab, &pending, req.object.clone())?;
     net::add_netns(&netns, false)?;
     let result = cni(
         lab,
@@ -116,6 +128,9 @@ pub fn create_pod(lab: &LabState, req: PodRequest) -> Result<PodState> {
         Ok(r) => r,
         Err(e) => {
             net::del_netns(&netns);
+            let obj =
+                json!({"kind": "Pod", "metadata": {"name": req.name, "namespace": req.namespace}});
+            let _ = remove_object(lab, &obj);
             return Err(e.context(format!("CNI ADD for pod {}/{}", req.namespace, req.name)));
         }
     };
@@ -151,11 +166,12 @@ pub fn write_pod(lab: &LabState, pod: &PodState, mut object: Value) -> Result<()
         object["spec"]["containers"] = json!([{"name": "main", "image": "lab"}]);
     }
     let pod_ips: Vec<Value> = pod.ips.iter().map(|ip| json!({"ip": ip})).collect();
+    let running = !pod.ips.is_empty();
     object["status"] = json!({
-        "phase": "Running",
+        "phase": if running { "Running" } else { "Pending" },
         "podIP": pod.ips.first(),
         "podIPs": pod_ips,
-        "conditions": [{"type": "Ready", "status": "True"}],
+        "conditions": [{"type": "Ready", "status": if running { "True" } else { "False" }}],
     });
     write_object(lab, &object)
 }

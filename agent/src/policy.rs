@@ -1,0 +1,146 @@
+//! NetworkPolicy on this node: the model's namespaces, pods and policies, plus this node's
+//! endpoints as IPAM knows them, compiled by felix and applied to the `inet sepal` table.
+
+use crate::ipam::Allocation;
+use crate::model::Model;
+use k8s_openapi::api::core::v1::Pod as KubePod;
+use sepal_felix::nft::{Applied, Dataplane, Options};
+use sepal_felix::policy::{self, Cluster, NamedPort, Namespace, Pod, Protocol};
+use std::collections::BTreeMap;
+
+/// The compiler's inputs from the datastore, and the dataplane that enforces the result.
+pub struct PolicyEngine {
+    from_model: Cluster,
+    dataplane: Dataplane,
+    /// Problem reports already logged, so a policy's invalid rule is reported once.
+    reported: Vec<String>,
+}
+
+impl Default for PolicyEngine {
+    fn default() -> Self {
+        PolicyEngine {
+            from_model: Cluster::default(),
+            dataplane: Dataplane::new(Options::default()),
+            reported: Vec::new(),
+        }
+    }
+}
+
+impl PolicyEngine {
+    /// Takes the namespaces, pods and policies of a new model state.
+    pub fn update_model(&mut self, model: &Model) {
+        let namespaces = model
+            .namespaces()
+            .filter_map(|ns| {
+                let name = ns.metadata.name.clone()?;
+                let labels = ns.metadata.labels.clone().unwrap_or_default();
+                Some((name.clone(), Namespace { name, labels }))
+            })
+            .collect();
+        let pods = model.pods().filter_map(policy_pod).collect();
+        let policies = model.network_policies().cloned().collect();
+        self.from_model = Cluster {
+            namespaces,
+            pods,
+            policies,
+        };
+    }
+
+    /// The cluster as policy sees it: this node's endpoints take their addresses and host veth
+    /// from IPAM, which knows them before kubelet writes the Pod's status (CNI ADD waits for the
+    /// rules of a pod whose IPs the datastore does not show yet).
+    pub fn cluster(&self, endpoints: &[Allocation]) -> Cluster {
+        let mut cluster = self.from_model.clone();
+        let mut local: BTreeMap<(String, String), &Allocation> = BTreeMap::new();
+        for a in endpoints {
+            local.insert((a.pod_namespace.clone(), a.pod_name.clone()), a);
+        }
+        for pod in &mut cluster.pods {
+            if let Some(a) = local.remove(&(pod.namespace.clone(), pod.name.clone())) {
+                pod.ips = a.ips.clone();
+                pod.host_iface = Some(a.host_veth.clone());
+            }
+        }
+        // Endpoints whose Pod object is not in the datastore (yet): no labels, but their
+        // interface is dispatched, so policies selecting everything already apply.
+        for a in local.into_values() {
+            cluster.pods.push(Pod {
+                namespace: a.pod_namespace.clone(),
+                name: a.pod_name.clone(),
+                ips: a.ips.clone(),
+                host_iface: Some(a.host_veth.clone()),
+                ..Pod::default()
+            });
+        }
+        cluster
+    }
+
+    /// Compiles and applies; only a changed ruleset reaches the kernel.
+    pub fn apply(&mut self, endpoints: &[Allocation]) -> Result<Applied, String> {
+        let cluster = self.cluster(endpoints);
+        let ruleset = policy::compile(&cluster);
+        for problem in &ruleset.problems {
+            let text = format!("{problem:?}");
+            if !self.reported.contains(&text) {
+                tracing::warn!(problem = %text, "NetworkPolicy content ignored");
+                self.reported.push(text);
+            }
+        }
+        let started = std::time::Instant::now();
+        let applied = self.dataplane.apply(&ruleset).map_err(|e| e.to_string())?;
+        if applied != Applied::Unchanged {
+            tracing::debug!(
+                ?applied,
+                ms = started.elapsed().as_secs_f64() * 1e3,
+                "policy applied"
+            );
+        }
+        Ok(applied)
+    }
+}
+
+/// A Pod as the compiler sees it: labels, status IPs, named container ports.
+fn policy_pod(pod: &KubePod) -> Option<Pod> {
+    let namespace = pod
+        .metadata
+        .namespace
+        .clone()
+        .unwrap_or_else(|| "default".into());
+    let name = pod.metadata.name.clone()?;
+    let status = pod.status.as_ref();
+    let mut ips: Vec<std::net::IpAddr> = status
+        .and_then(|s| s.pod_ips.as_ref())
+        .into_iter()
+        .flatten()
+        .filter_map(|ip| ip.ip.parse().ok())
+        .collect();
+    if ips.is_empty() {
+        ips.extend(
+            status
+                .and_then(|s| s.pod_ip.as_ref())
+                .and_then(|ip| ip.parse::<std::net::IpAddr>().ok()),
+        );
+    }
+    let ports = pod
+        .spec
+        .as_ref()
+        .into_iter()
+        .flat_map(|s| s.containers.iter())
+        .flat_map(|c| c.ports.iter().flatten())
+        .filter_map(|p| {
+            Some(NamedPort {
+                name: p.name.clone()?,
+                protocol: Protocol::from_api(p.protocol.as_deref().unwrap_or("TCP"))?,
+                port: u16::try_from(p.container_port).ok()?,
+            })
+        })
+        .collect();
+    Some(Pod {
+        namespace,
+        name,
+        labels: pod.metadata.labels.clone().unwrap_or_default(),
+        ips,
+        host_iface: None,
+        ports,
+    })
+}
