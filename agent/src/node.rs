@@ -214,6 +214,7 @@ impl Agent {
                 format!("host veth name {:?} is not a Sepal veth", r.host_veth),
             );
         }
+        let started = std::time::Instant::now();
         let known = self.ipam.state().get(&r.key).is_some();
         let claim = Claim {
             key: r.key.clone(),
@@ -225,6 +226,7 @@ impl Agent {
             Ok(a) => a,
             Err(e) => return store_error(e),
         };
+        let ipam_done = std::time::Instant::now();
         for ip in &alloc.ips {
             let dst = host_net(*ip);
             let target = Target::Dev(r.host_veth.clone());
@@ -269,7 +271,10 @@ impl Agent {
         }
         tracing::info!(
             pod = %format!("{}/{}", r.pod_namespace, r.pod_name), container = %r.key.container_id,
-            ips = ?alloc.ips, veth = %r.host_veth, "endpoint added"
+            ips = ?alloc.ips, veth = %r.host_veth,
+            ipam_ms = ipam_done.duration_since(started).as_secs_f64() * 1e3,
+            total_ms = started.elapsed().as_secs_f64() * 1e3,
+            "endpoint added"
         );
         Response::Added(AddReply {
             ips: alloc.ips,
