@@ -36,8 +36,15 @@ pub struct Ipam {
 }
 
 /// Writes `bytes` to `dir/name` so that a crash at any point leaves either the old or the new
-/// content, never a mix: temp file, fsync, rename, fsync of the directory (makes the rename durable).
-pub fn write_atomic(dir: &Path, name: &str, temp: &str, bytes: &[u8]) -> io::Result<()> {
+/// content, never a mix (temp file, rename). With `durable` it also fsyncs the file before the
+/// rename and the directory after it, so the change survives a power loss too.
+fn write_replace(
+    dir: &Path,
+    name: &str,
+    temp: &str,
+    bytes: &[u8],
+    durable: bool,
+) -> io::Result<()> {
     let tmp = dir.join(temp);
     {
         let mut f = OpenOptions::new()
@@ -46,10 +53,15 @@ pub fn write_atomic(dir: &Path, name: &str, temp: &str, bytes: &[u8]) -> io::Res
             .truncate(true)
             .open(&tmp)?;
         f.write_all(bytes)?;
-        f.sync_all()?;
+        if durable {
+            f.sync_all()?;
+        }
     }
     fs::rename(&tmp, dir.join(name))?;
-    File::open(dir)?.sync_all()
+    if durable {
+        File::open(dir)?.sync_all()?;
+    }
+    Ok(())
 }
 
 impl Ipam {
@@ -88,6 +100,18 @@ impl Ipam {
         &mut self,
         change: impl FnOnce(&mut IpamState) -> Result<R, IpamError>,
     ) -> Result<R, StoreError> {
+        self.commit_with(true, change)
+    }
+
+    /// `durable: false` still replaces the file atomically (a process crash loses nothing) but
+    /// skips the fsyncs: for releases, where losing the change to a power loss only keeps an
+    /// address reserved until the runtime's GC, never hands one out twice. The next durable
+    /// write makes it durable too.
+    fn commit_with<R>(
+        &mut self,
+        durable: bool,
+        change: impl FnOnce(&mut IpamState) -> Result<R, IpamError>,
+    ) -> Result<R, StoreError> {
         let mut next = self.state.clone();
         let out = change(&mut next)?;
         if next != self.state {
@@ -95,9 +119,11 @@ impl Ipam {
                 path: self.path(),
                 source: io::Error::other(e),
             })?;
-            write_atomic(&self.dir, FILE, TEMP, &bytes).map_err(|source| StoreError::Save {
-                path: self.path(),
-                source,
+            write_replace(&self.dir, FILE, TEMP, &bytes, durable).map_err(|source| {
+                StoreError::Save {
+                    path: self.path(),
+                    source,
+                }
             })?;
             self.state = next;
         }
@@ -109,7 +135,7 @@ impl Ipam {
     }
 
     pub fn release(&mut self, key: &AttachmentKey) -> Result<Option<Allocation>, StoreError> {
-        self.commit(|s| Ok(s.release(key)))
+        self.commit_with(false, |s| Ok(s.release(key)))
     }
 
     /// Sets the node's blocks; returns the allocations now outside them (kept until released).
