@@ -26,7 +26,9 @@ pub const TABLE: &str = "sepal";
 const FAMILY_TABLE: &str = "inet sepal";
 const MAP_INGRESS: &str = "dispatch-in";
 const MAP_EGRESS: &str = "dispatch-eg";
-const SET_ENDPOINTS: &str = "endpoints";
+/// Every pod's host-side veth (the CNI plugin names them `sep…`). A wildcard rather than a set of
+/// endpoints, so attaching a pod that no policy isolates changes nothing in the kernel.
+const POD_IFACES: &str = "\"sep*\"";
 const BASE_EGRESS: &str = "pod-egress";
 const BASE_INGRESS: &str = "pod-ingress";
 
@@ -178,16 +180,6 @@ pub fn render_full(rs: &Ruleset, opts: &Options) -> String {
         .ok();
         add_elements(&mut out, name, &set.elements);
     }
-    writeln!(
-        out,
-        "add set {FAMILY_TABLE} {SET_ENDPOINTS} {{ type ifname; }}"
-    )
-    .ok();
-    add_elements(
-        &mut out,
-        SET_ENDPOINTS,
-        &rs.endpoints.iter().map(|e| quote(e)).collect::<Vec<_>>(),
-    );
     // All chains first: endpoint chains jump to policy chains.
     for name in rs.chains.keys() {
         writeln!(out, "add chain {FAMILY_TABLE} {name}").ok();
@@ -220,7 +212,7 @@ pub fn render_full(rs: &Ruleset, opts: &Options) -> String {
         .ok();
         for rule in [
             "ct state established,related accept".to_string(),
-            format!("{dir} @{SET_ENDPOINTS} ct state invalid counter drop"),
+            format!("{dir} {POD_IFACES} ct state invalid counter drop"),
             format!("{dir} vmap @{map}"),
         ] {
             writeln!(out, "add rule {FAMILY_TABLE} {chain} {rule}").ok();
@@ -268,18 +260,6 @@ pub fn render_diff(old: &Ruleset, new: &Ruleset, opts: &Options) -> String {
             Some(_) => {}
         }
     }
-    let old_eps: Vec<String> = old
-        .endpoints
-        .difference(&new.endpoints)
-        .map(|e| quote(e))
-        .collect();
-    let new_eps: Vec<String> = new
-        .endpoints
-        .difference(&old.endpoints)
-        .map(|e| quote(e))
-        .collect();
-    add_or_delete_elements(&mut out, "delete", SET_ENDPOINTS, &old_eps);
-    add_elements(&mut out, SET_ENDPOINTS, &new_eps);
     for name in new.chains.keys().filter(|n| !old.chains.contains_key(*n)) {
         writeln!(out, "add chain {FAMILY_TABLE} {name}").ok();
     }

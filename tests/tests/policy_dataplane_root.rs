@@ -189,7 +189,8 @@ fn incremental_updates_equal_a_full_replace_root() {
     // replaces the table in one transaction.
     let before = normalized(&inc);
     assert!(
-        before.contains("set endpoints") && before.contains("chain pod-ingress"),
+        before.contains("iifname \"sep*\" ct state invalid")
+            && before.contains("chain pod-ingress"),
         "{before}"
     );
     let mut restarted = nft(&inc);
