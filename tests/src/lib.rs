@@ -2,8 +2,8 @@
 //! namespaces with cleanup guards, and paths of the workspace's own binaries.
 
 pub mod bench;
-pub mod fakeapi;
 pub mod bgpd;
+pub mod fakeapi;
 pub mod netns;
 pub mod node;
 
