@@ -82,6 +82,13 @@ fn mesh_routes_pods_across_nodes_and_survives_agent_restart() {
         "ping across the restart: {summary}\n{}",
         c.nodes[2].agent_log()
     );
+    assert!(
+        c.nodes[2]
+            .agent_log()
+            .contains("keeping the previous agent's BGP routes"),
+        "the restarted agent did not adopt its routes:\n{}",
+        c.nodes[2].agent_log()
+    );
     // After the restart the routes are learned again (stale ones swept) and still right.
     c.wait_route(2, "10.244.0.0/24", Duration::from_secs(20), |r| {
         r.contains("via 192.168.100.1")
@@ -94,4 +101,43 @@ fn mesh_routes_pods_across_nodes_and_survives_agent_restart() {
     c.wait_route(0, "10.244.1.0/24", Duration::from_secs(6), |r| r.is_empty());
     eprintln!("n1 withdrawn from n0 after {:?}", t.elapsed());
     assert!(pings(&p0.netns, &p2.ip), "the others still route");
+}
+
+#[test]
+fn route_reflector_carries_routes_with_the_mesh_off() {
+    let mut c = Cluster::segment(3, &bgp_configuration(false, ""));
+    // n0 is the route reflector; n1 and n2 peer only with it.
+    c.write_all(
+        "node-n0.yaml",
+        &common::node_yaml(
+            0,
+            "192.168.100.1",
+            "sepal.dev/route-reflector-cluster-id: \"244.0.0.1\"",
+        ),
+    );
+    c.start();
+    let p1 = c.pod(1, "p1");
+    let p2 = c.pod(2, "p2");
+    // Reflected routes keep the originator's next hop: n1 reaches n2 directly, not through n0.
+    c.wait_route(1, "10.244.2.0/24", Duration::from_secs(20), |r| {
+        r.contains("via 192.168.100.3")
+    });
+    c.wait_route(2, "10.244.1.0/24", Duration::from_secs(20), |r| {
+        r.contains("via 192.168.100.2")
+    });
+    c.wait_route(0, "10.244.1.0/24", Duration::from_secs(20), |r| {
+        r.contains("via 192.168.100.2")
+    });
+    assert!(
+        pings(&p1.netns, &p2.ip),
+        "pod n1 -> pod n2 via reflected routes"
+    );
+    // No session between the two clients.
+    let sessions = c.nodes[1]
+        .netns
+        .run("ss -tn state established '( dport = :179 or sport = :179 )'");
+    assert!(
+        !sessions.contains("192.168.100.3"),
+        "n1 and n2 peer directly: {sessions}"
+    );
 }

@@ -77,3 +77,65 @@ fn tor_frr() {
 fn tor_gobgp() {
     scenario(TorKind::Gobgp);
 }
+
+#[test]
+fn ecmp_when_two_tors_announce_the_same_prefix() {
+    sepal_tests::require_root();
+    let mut node = sepal_tests::node::Node::new("n0", &["10.244.0.0/24"]);
+    let mut daemons = Vec::new();
+    let mut tors = Vec::new();
+    let mut objects = common::bgp_configuration(false, "");
+    for t in 0..2 {
+        let tor = sepal_tests::netns::Netns::new(&format!("tor{t}"));
+        sepal_tests::netns::veth(&node.netns, &format!("ul{t}"), &tor, "n0");
+        tor.run(&format!(
+            "ip addr add 10.{t}.0.1/24 dev n0 && ip link set n0 up"
+        ));
+        node.netns.run(&format!(
+            "ip addr add 10.{t}.0.2/24 dev ul{t} && ip link set ul{t} up"
+        ));
+        let conf = format!(
+            "router id 10.{t}.0.1;\nprotocol device {{ }}\n\
+             protocol static {{ ipv4; route 203.0.113.0/24 blackhole; }}\n\
+             protocol bgp n0 {{ local 10.{t}.0.1 as 65000; neighbor 10.{t}.0.2 as 64601; hold time 3; \
+             keepalive time 1; connect retry time 1; connect delay time 1; ipv4 {{ import all; export all; }}; }}\n"
+        );
+        daemons.push(sepal_tests::bgpd::Bird::start(&tor, &conf));
+        objects.push_str(&format!(
+            "---\napiVersion: sepal.dev/v1alpha1\nkind: BGPPeer\nmetadata:\n  name: tor{t}\nspec:\n  \
+             peerIP: 10.{t}.0.1\n  asNumber: 65000\n  keepaliveTime: 1s\n  holdTime: 3s\n"
+        ));
+        tors.push(tor);
+    }
+    std::fs::write(
+        node.datastore.join("node-n0.yaml"),
+        common::node_yaml(0, "10.0.0.2", "sepal.dev/as-number: \"64601\""),
+    )
+    .expect("write node");
+    std::fs::write(node.datastore.join("routing.yaml"), objects).expect("write objects");
+    node.start_agent();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let r = node.netns.run("ip route show proto 83 203.0.113.0/24");
+        if r.contains("nexthop via 10.0.0.1") && r.contains("nexthop via 10.1.0.1") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no ECMP route: {r:?}\n{}",
+            node.agent_log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // One ToR withdrawing leaves a single-path route.
+    drop(daemons.remove(0));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let r = node.netns.run("ip route show proto 83 203.0.113.0/24");
+        if r.contains("via 10.1.0.1") && !r.contains("10.0.0.1") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "after tor0 stopped: {r:?}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}

@@ -380,12 +380,9 @@ pub fn plan(inp: &Inputs) -> Result<Plan, String> {
             p.hold_time.or(cfg.hold_time),
         );
         let ebgp = p.as_number != local_as;
-        let source = p.source_address.or_else(|| {
-            me.addresses
-                .iter()
-                .find(|a| a.is_ipv4() == p.peer_ip.is_ipv4())
-                .copied()
-        });
+        // The kernel picks the source towards a BGPPeer unless one is set: a ToR on another
+        // link than the node's BGP address must see the address of that link.
+        let source = p.source_address;
         peers.insert(
             p.peer_ip,
             PeerPlan {
