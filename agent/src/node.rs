@@ -231,16 +231,7 @@ impl Agent {
             let dst = host_net(*ip);
             let target = Target::Dev(r.host_veth.clone());
             if let Err(e) = self.routes.install(dst, target.clone()).await {
-                // Leave nothing behind: the routes written so far and a new allocation.
-                for ip in &alloc.ips {
-                    let _ = self.routes.withdraw(host_net(*ip)).await;
-                    self.endpoints.remove(&host_net(*ip));
-                }
-                if !known {
-                    if let Err(e) = self.ipam.release(&r.key) {
-                        tracing::error!("releasing after a failed ADD: {e}");
-                    }
-                }
+                self.undo_add(&alloc.ips, &r.key, known).await;
                 return error(
                     codes::DATAPLANE_FAILURE,
                     format!(
@@ -254,16 +245,7 @@ impl Agent {
         // The pod's policy (its own rules and its membership in every selector set) is in the
         // kernel before ADD returns, so its first packet already meets it.
         if let Err(e) = self.apply_policy() {
-            for ip in &alloc.ips {
-                let _ = self.routes.withdraw(host_net(*ip)).await;
-                self.endpoints.remove(&host_net(*ip));
-            }
-            if !known {
-                if let Err(e) = self.ipam.release(&r.key) {
-                    tracing::error!("releasing after a failed ADD: {e}");
-                }
-                self.apply_policy_logged();
-            }
+            self.undo_add(&alloc.ips, &r.key, known).await;
             return error(
                 codes::DATAPLANE_FAILURE,
                 format!("programming NetworkPolicy: {e}"),
@@ -280,6 +262,21 @@ impl Agent {
             ips: alloc.ips,
             mtu: self.mtu,
         })
+    }
+
+    /// A failed ADD leaves nothing behind: the host routes written so far and, unless the
+    /// attachment existed before this ADD, its allocation (and the policy that included it).
+    async fn undo_add(&mut self, ips: &[std::net::IpAddr], key: &AttachmentKey, known: bool) {
+        for ip in ips {
+            let _ = self.routes.withdraw(host_net(*ip)).await;
+            self.endpoints.remove(&host_net(*ip));
+        }
+        if !known {
+            if let Err(e) = self.ipam.release(key) {
+                tracing::error!("releasing after a failed ADD: {e}");
+            }
+            self.apply_policy_logged();
+        }
     }
 
     /// Compiles the current policy inputs with this node's endpoints and applies the result.

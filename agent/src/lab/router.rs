@@ -139,7 +139,22 @@ fn start_frr(
     nodes: &[NodeState],
     dir: &Path,
 ) -> Result<Vec<u32>> {
-    let run = dir.join("frr");
+    let zebra = start_frr_daemon(router, dir, "zebra", "")?;
+    let config = frr_config(router, index, nodes);
+    let bgpd = start_frr_daemon(router, dir, "bgpd", &config)?;
+    Ok(vec![zebra, bgpd])
+}
+
+/// Where FRR's daemons of one router keep their sockets and pid files; zebra's API socket is
+/// `zserv.api` in it.
+fn frr_run_dir(dir: &Path) -> std::path::PathBuf {
+    dir.join("frr")
+}
+
+/// Starts one FRR daemon (`zebra` or `bgpd`) with `config`, as the `frr` user it drops to, with
+/// its sockets in the router's directory; waits for zebra's API socket before returning.
+fn start_frr_daemon(router: &RouterState, dir: &Path, daemon: &str, config: &str) -> Result<u32> {
+    let run = frr_run_dir(dir);
     std::fs::create_dir_all(&run)?;
     let chown = std::process::Command::new("chown")
         .args(["-R", "frr:frr", path(dir)?])
@@ -150,37 +165,31 @@ fn start_frr(
             dir.display()
         );
     }
-    let (zebra_conf, bgpd_conf) = (dir.join("zebra.conf"), dir.join("bgpd.conf"));
-    std::fs::write(&zebra_conf, "")?;
-    std::fs::write(&bgpd_conf, frr_config(router, index, nodes))?;
-    let zserv = run.join("zserv.api");
-    let mut pids = Vec::new();
-    for (daemon, conf) in [("zebra", &zebra_conf), ("bgpd", &bgpd_conf)] {
-        let binary = format!("/usr/lib/frr/{daemon}");
-        let pid_file = run.join(format!("{daemon}.pid"));
-        let args = [
-            binary.as_str(),
-            "-P",
-            "0",
-            "-f",
-            path(conf)?,
-            "-i",
-            path(&pid_file)?,
-            "-z",
-            path(&zserv)?,
-            "--vty_socket",
-            path(&run)?,
-        ];
-        pids.push(net::spawn_daemon(
-            &router.netns,
-            &args,
-            &dir.join(format!("{daemon}.log")),
-        )?);
-        if daemon == "zebra" {
-            wait_for(&zserv)?;
-        }
+    let conf = dir.join(format!("{daemon}.conf"));
+    std::fs::write(&conf, config)?;
+    let (binary, pid_file, zserv) = (
+        format!("/usr/lib/frr/{daemon}"),
+        run.join(format!("{daemon}.pid")),
+        run.join("zserv.api"),
+    );
+    let args = [
+        binary.as_str(),
+        "-P",
+        "0",
+        "-f",
+        path(&conf)?,
+        "-i",
+        path(&pid_file)?,
+        "-z",
+        path(&zserv)?,
+        "--vty_socket",
+        path(&run)?,
+    ];
+    let pid = net::spawn_daemon(&router.netns, &args, &dir.join(format!("{daemon}.log")))?;
+    if daemon == "zebra" {
+        wait_for(&zserv)?;
     }
-    Ok(pids)
+    Ok(pid)
 }
 
 /// GoBGP: gobgpd peering with every node; it installs nothing in the kernel by itself, so it
@@ -215,33 +224,9 @@ fn start_gobgp(
     nodes: &[NodeState],
     dir: &Path,
 ) -> Result<Vec<u32>> {
-    let run = dir.join("frr");
-    std::fs::create_dir_all(&run)?;
-    let _ = std::process::Command::new("chown")
-        .args(["-R", "frr:frr", path(dir)?])
-        .status();
-    let zebra_conf = dir.join("zebra.conf");
-    std::fs::write(&zebra_conf, "")?;
-    let zserv = run.join("zserv.api");
-    let zebra = net::spawn_daemon(
-        &router.netns,
-        &[
-            "/usr/lib/frr/zebra",
-            "-P",
-            "0",
-            "-f",
-            path(&zebra_conf)?,
-            "-i",
-            path(&run.join("zebra.pid"))?,
-            "-z",
-            path(&zserv)?,
-            "--vty_socket",
-            path(&run)?,
-        ],
-        &dir.join("zebra.log"),
-    )?;
-    wait_for(&zserv)?;
+    let zebra = start_frr_daemon(router, dir, "zebra", "")?;
     let conf = dir.join("gobgpd.toml");
+    let zserv = frr_run_dir(dir).join("zserv.api");
     std::fs::write(&conf, gobgp_config(router, index, nodes, &zserv))?;
     let gobgpd = net::spawn_daemon(
         &router.netns,
