@@ -1053,15 +1053,7 @@ pub fn encode_withdraw(prefixes: &[IpNet], mp_v4: bool, max: usize) -> Vec<Vec<u
                             .collect::<Vec<_>>()
                             .into(),
                     };
-                    let a = PathAttribute::from(
-                        true,
-                        false,
-                        false,
-                        true,
-                        PathAttributeValue::MpUnreach(u),
-                    )
-                    .ok();
-                    BgpUpdateMessage::new(vec![], a.into_iter().collect::<Vec<_>>(), vec![])
+                    mp_unreach_update(u)
                 }
                 Family::Ipv6 => {
                     let u = MpUnreach::Ipv6Unicast {
@@ -1071,15 +1063,7 @@ pub fn encode_withdraw(prefixes: &[IpNet], mp_v4: bool, max: usize) -> Vec<Vec<u
                             .collect::<Vec<_>>()
                             .into(),
                     };
-                    let a = PathAttribute::from(
-                        true,
-                        false,
-                        false,
-                        true,
-                        PathAttributeValue::MpUnreach(u),
-                    )
-                    .ok();
-                    BgpUpdateMessage::new(vec![], a.into_iter().collect::<Vec<_>>(), vec![])
+                    mp_unreach_update(u)
                 }
             };
             out.push(write_msg(&BgpMessage::Update(msg)));
@@ -1136,6 +1120,12 @@ pub fn net4(a: [u8; 4], len: u8) -> IpNet {
 }
 pub fn net6(a: Ipv6Addr, len: u8) -> IpNet {
     IpNet::V6(Ipv6Net::new(a, len).unwrap_or_default())
+}
+
+/// An UPDATE carrying only an MP_UNREACH_NLRI attribute (optional, non-transitive, extended length).
+fn mp_unreach_update(u: MpUnreach) -> BgpUpdateMessage {
+    let attr = PathAttribute::from(true, false, false, true, PathAttributeValue::MpUnreach(u)).ok();
+    BgpUpdateMessage::new(vec![], attr.into_iter().collect::<Vec<_>>(), vec![])
 }
 
 #[cfg(test)]
