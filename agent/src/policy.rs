@@ -4,6 +4,7 @@
 use crate::ipam::Allocation;
 use crate::model::Model;
 use k8s_openapi::api::core::v1::Pod as KubePod;
+use sepal_felix::conntrack::Conntrack;
 use sepal_felix::nft::{Applied, Dataplane, Options};
 use sepal_felix::policy::{self, Cluster, NamedPort, Namespace, Pod, Protocol};
 use std::collections::BTreeMap;
@@ -12,6 +13,7 @@ use std::collections::BTreeMap;
 pub struct PolicyEngine {
     from_model: Cluster,
     dataplane: Dataplane,
+    conntrack: Conntrack,
     /// Problem reports already logged, so a policy's invalid rule is reported once.
     reported: Vec<String>,
 }
@@ -21,6 +23,7 @@ impl Default for PolicyEngine {
         PolicyEngine {
             from_model: Cluster::default(),
             dataplane: Dataplane::new(Options::default()),
+            conntrack: Conntrack::new(),
             reported: Vec::new(),
         }
     }
@@ -75,7 +78,9 @@ impl PolicyEngine {
         cluster
     }
 
-    /// Compiles and applies; only a changed ruleset reaches the kernel.
+    /// Compiles and applies; only a changed ruleset reaches the kernel. When the change may deny
+    /// something that was allowed, established flows it now denies lose their conntrack
+    /// entries, so they stop (revocation).
     pub fn apply(&mut self, endpoints: &[Allocation]) -> Result<Applied, String> {
         let cluster = self.cluster(endpoints);
         let ruleset = policy::compile(&cluster);
@@ -95,7 +100,29 @@ impl PolicyEngine {
                 "policy applied"
             );
         }
+        if matches!(
+            applied,
+            Applied::Full | Applied::Incremental { narrowed: true, .. }
+        ) {
+            self.revoke(&cluster);
+        }
         Ok(applied)
+    }
+
+    /// Removes the conntrack entries of established flows the new rules deny. A failure is
+    /// logged, not returned: the rules are in place and every new flow obeys them.
+    fn revoke(&self, cluster: &Cluster) {
+        match self.conntrack.revoke(cluster) {
+            Ok(flows) if flows.is_empty() => {}
+            Ok(flows) => tracing::info!(
+                flows = flows.len(),
+                first = ?flows[0],
+                "NetworkPolicy revoked established flows"
+            ),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot revoke flows the new NetworkPolicy denies")
+            }
+        }
     }
 }
 

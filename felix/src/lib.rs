@@ -1,6 +1,10 @@
 //! Sepal's dataplane ("felix", after Calico's): it turns desired state into kernel state.
 //! Each module owns one clearly marked piece of the kernel and never touches anything else.
 
+/// Conntrack entries of flows a policy change denies: found and removed (revocation).
+pub mod conntrack;
+/// Running `nft` and `conntrack`, optionally in another network namespace.
+pub mod exec;
 /// Host-side veth discovery and removal.
 pub mod links;
 /// The nftables dataplane for the compiled policy, table `inet sepal`.

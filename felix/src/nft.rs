@@ -14,8 +14,6 @@
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
-use std::io::Write as _;
-use std::process::{Command, Stdio};
 
 use serde_json::Value;
 
@@ -41,10 +39,8 @@ pub struct Options {
 
 #[derive(Debug, thiserror::Error)]
 pub enum NftError {
-    #[error("cannot run {0}: {1}")]
-    Spawn(String, std::io::Error),
-    #[error("nft failed: {stderr}")]
-    Failed { stderr: String },
+    #[error(transparent)]
+    Exec(#[from] crate::exec::ExecError),
     #[error("cannot parse nft JSON output: {0}")]
     Json(String),
 }
@@ -56,6 +52,9 @@ pub enum Applied {
     /// Only the changed sets, elements, chains and map entries, in one transaction.
     Incremental {
         commands: usize,
+        /// Something may deny now what it allowed before (see `narrows`): established flows
+        /// need checking for revocation.
+        narrowed: bool,
     },
     /// The whole table replaced atomically.
     Full,
@@ -313,6 +312,32 @@ pub fn render_diff(old: &Ruleset, new: &Ruleset, opts: &Options) -> String {
     out
 }
 
+/// Can going from `old` to `new` deny a packet `old` allowed? True when a set lost elements, an
+/// existing chain's rules changed, or a pod that was already here got isolated in a direction
+/// (a new dispatch entry). Only growth (new pods, new sets and chains) never narrows, so a CNI
+/// ADD never pays for a conntrack scan.
+pub fn narrows(old: &Ruleset, new: &Ruleset) -> bool {
+    let lost_elements = old.sets.iter().any(|(name, o)| {
+        new.sets
+            .get(name)
+            .is_some_and(|n| !o.elements.is_subset(&n.elements))
+    });
+    let changed_chain = old
+        .chains
+        .iter()
+        .any(|(name, o)| new.chains.get(name).is_some_and(|n| n != o));
+    let newly_isolated = [
+        (&old.ingress_dispatch, &new.ingress_dispatch),
+        (&old.egress_dispatch, &new.egress_dispatch),
+    ]
+    .into_iter()
+    .any(|(o, n)| {
+        n.iter()
+            .any(|(iface, chain)| old.endpoints.contains(iface) && o.get(iface) != Some(chain))
+    });
+    lost_elements || changed_chain || newly_isolated
+}
+
 /// Programs table `inet sepal` and remembers what it programmed, so the next apply only sends
 /// the difference. On agent start it adopts the table left by the previous run: nothing is
 /// flushed, the old rules keep enforcing until the first apply replaces them atomically.
@@ -357,11 +382,13 @@ impl Dataplane {
             if diff.is_empty() {
                 return Ok(Applied::Unchanged);
             }
+            let narrowed = narrows(last, rs);
             match self.run(&["-f", "-"], Some(&diff)) {
                 Ok(_) => {
                     self.last = Some(rs.clone());
                     return Ok(Applied::Incremental {
                         commands: diff.lines().count(),
+                        narrowed,
                     });
                 }
                 Err(err) => {
@@ -404,75 +431,12 @@ impl Dataplane {
     }
 
     fn run(&self, args: &[&str], stdin: Option<&str>) -> Result<String, NftError> {
-        let (prog, pre) = self
-            .command
-            .split_first()
-            .ok_or_else(|| NftError::Spawn("nft".into(), std::io::Error::other("empty command")))?;
-        let cmd = Command::new(prog);
-        let Some(path) = &self.netns else {
-            return self.finish(cmd, pre, args, stdin);
-        };
-        // nft runs from a short-lived thread that entered the namespace: a child inherits its
-        // creating thread's namespaces, and without a pre-exec hook std can spawn the cheap way
-        // (no copy of a large agent's page tables).
-        let ns = std::fs::File::open(path)
-            .map_err(|e| NftError::Spawn(format!("netns {}", path.display()), e))?;
-        std::thread::scope(|scope| {
-            scope
-                .spawn(|| {
-                    use std::os::fd::AsRawFd;
-                    // SAFETY: setns on a valid namespace fd; it changes only this thread,
-                    // which ends right after the command.
-                    if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-                        return Err(NftError::Spawn(
-                            format!("netns {}", path.display()),
-                            std::io::Error::last_os_error(),
-                        ));
-                    }
-                    self.finish(cmd, pre, args, stdin)
-                })
-                .join()
-                .unwrap_or_else(|_| {
-                    Err(NftError::Spawn(
-                        "nft".into(),
-                        std::io::Error::other("nft runner thread panicked"),
-                    ))
-                })
-        })
-    }
-
-    fn finish(
-        &self,
-        mut cmd: Command,
-        pre: &[String],
-        args: &[&str],
-        stdin: Option<&str>,
-    ) -> Result<String, NftError> {
-        cmd.args(pre)
-            .args(args)
-            .stdin(if stdin.is_some() {
-                Stdio::piped()
-            } else {
-                Stdio::null()
-            })
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        let mut child = cmd
-            .spawn()
-            .map_err(|e| NftError::Spawn(self.command.join(" "), e))?;
-        if let (Some(input), Some(mut pipe)) = (stdin, child.stdin.take()) {
-            pipe.write_all(input.as_bytes())
-                .map_err(|e| NftError::Spawn(self.command.join(" "), e))?;
-        }
-        let out = child
-            .wait_with_output()
-            .map_err(|e| NftError::Spawn(self.command.join(" "), e))?;
-        if !out.status.success() {
-            return Err(NftError::Failed {
-                stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
-            });
-        }
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+        Ok(crate::exec::run(
+            &self.command,
+            self.netns.as_deref(),
+            args,
+            stdin,
+        )?)
     }
 }
 

@@ -1,6 +1,7 @@
 //! `explain`: the verdict NetworkPolicy gives one packet (from, to, protocol, port) and the policy
 //! rule that decided it, evaluated on the same validated model the compiler turns into nftables.
 
+use std::collections::HashMap;
 use std::fmt;
 use std::net::IpAddr;
 
@@ -140,85 +141,139 @@ struct End<'a> {
     ip: IpAddr,
 }
 
-fn resolve<'a>(
+/// The validated policies and lookup tables of one cluster model, built once and asked about
+/// any number of packets (revocation checks every conntrack entry with one).
+pub struct Explainer<'a> {
     cluster: &'a Cluster,
-    peer: &Peer,
-    family: Option<Family>,
-) -> Result<End<'a>, ExplainError> {
-    match peer {
-        Peer::Ip(ip) => Ok(End {
-            pod: cluster.pods.iter().find(|p| p.ips.contains(ip)),
-            ip: *ip,
-        }),
-        Peer::Pod { namespace, name } => {
-            let pod = cluster
-                .pod(namespace, name)
-                .ok_or_else(|| ExplainError::UnknownPod(peer.to_string()))?;
-            let ip = pod
-                .ips
-                .iter()
-                .find(|ip| family.is_none_or(|f| Family::of(ip) == f))
-                .ok_or_else(|| match family {
-                    None => ExplainError::NoAddress(peer.to_string()),
-                    Some(_) => ExplainError::FamilyMismatch(peer.to_string(), String::new()),
-                })?;
-            Ok(End {
-                pod: Some(pod),
-                ip: *ip,
-            })
-        }
-    }
+    policies: Vec<Policy>,
+    ns_labels: NsLabels,
+    pod_by_ip: HashMap<IpAddr, &'a Pod>,
 }
 
-/// Explains the verdict for a new connection from `from` to `to` on `port`/`protocol`.
-pub fn explain(
-    cluster: &Cluster,
-    from: &Peer,
-    to: &Peer,
-    protocol: Protocol,
-    port: u16,
-) -> Result<Explanation, ExplainError> {
-    let (policies, _) = validated(cluster);
-    // Pick addresses of one family: the destination's family decides when it is an IP.
-    let (src, dst) = match (from, to) {
-        (_, Peer::Ip(ip)) => {
-            let dst = resolve(cluster, to, None)?;
-            let src = resolve(cluster, from, Some(Family::of(ip))).map_err(|e| match e {
-                ExplainError::FamilyMismatch(a, _) => {
-                    ExplainError::FamilyMismatch(a, to.to_string())
-                }
-                e => e,
-            })?;
-            (src, dst)
+impl<'a> Explainer<'a> {
+    pub fn new(cluster: &'a Cluster) -> Explainer<'a> {
+        let (policies, _) = validated(cluster);
+        let mut pod_by_ip = HashMap::new();
+        for pod in &cluster.pods {
+            for ip in &pod.ips {
+                pod_by_ip.entry(*ip).or_insert(pod);
+            }
         }
-        _ => {
-            let src = resolve(cluster, from, None)?;
-            let dst = resolve(cluster, to, Some(Family::of(&src.ip))).map_err(|e| match e {
-                ExplainError::FamilyMismatch(a, _) => {
-                    ExplainError::FamilyMismatch(from.to_string(), a)
-                }
-                e => e,
-            })?;
-            (src, dst)
-        }
-    };
-    if let (Some(a), Some(b)) = (src.pod, dst.pod) {
-        if std::ptr::eq(a, b) {
-            return Ok(Explanation {
-                allowed: true,
-                loopback: true,
-                egress: DirectionVerdict::NotIsolated,
-                ingress: DirectionVerdict::NotIsolated,
-            });
+        Explainer {
+            cluster,
+            policies,
+            ns_labels: ns_labels(cluster),
+            pod_by_ip,
         }
     }
-    let ns_labels = ns_labels(cluster);
-    let check = |direction: Direction, subject: &End, other: &End| -> DirectionVerdict {
+
+    /// The pod holding `ip`, if any.
+    pub fn pod_of(&self, ip: &IpAddr) -> Option<&'a Pod> {
+        self.pod_by_ip.get(ip).copied()
+    }
+
+    fn resolve(&self, peer: &Peer, family: Option<Family>) -> Result<End<'a>, ExplainError> {
+        match peer {
+            Peer::Ip(ip) => Ok(End {
+                pod: self.pod_of(ip),
+                ip: *ip,
+            }),
+            Peer::Pod { namespace, name } => {
+                let pod = self
+                    .cluster
+                    .pod(namespace, name)
+                    .ok_or_else(|| ExplainError::UnknownPod(peer.to_string()))?;
+                let ip = pod
+                    .ips
+                    .iter()
+                    .find(|ip| family.is_none_or(|f| Family::of(ip) == f))
+                    .ok_or_else(|| match family {
+                        None => ExplainError::NoAddress(peer.to_string()),
+                        Some(_) => ExplainError::FamilyMismatch(peer.to_string(), String::new()),
+                    })?;
+                Ok(End {
+                    pod: Some(pod),
+                    ip: *ip,
+                })
+            }
+        }
+    }
+
+    /// Explains the verdict for a new connection from `from` to `to` on `port`/`protocol`.
+    pub fn explain(
+        &self,
+        from: &Peer,
+        to: &Peer,
+        protocol: Protocol,
+        port: u16,
+    ) -> Result<Explanation, ExplainError> {
+        // Pick addresses of one family: the destination's family decides when it is an IP.
+        let (src, dst) = match (from, to) {
+            (_, Peer::Ip(ip)) => {
+                let dst = self.resolve(to, None)?;
+                let src = self
+                    .resolve(from, Some(Family::of(ip)))
+                    .map_err(|e| match e {
+                        ExplainError::FamilyMismatch(a, _) => {
+                            ExplainError::FamilyMismatch(a, to.to_string())
+                        }
+                        e => e,
+                    })?;
+                (src, dst)
+            }
+            _ => {
+                let src = self.resolve(from, None)?;
+                let dst = self
+                    .resolve(to, Some(Family::of(&src.ip)))
+                    .map_err(|e| match e {
+                        ExplainError::FamilyMismatch(a, _) => {
+                            ExplainError::FamilyMismatch(from.to_string(), a)
+                        }
+                        e => e,
+                    })?;
+                (src, dst)
+            }
+        };
+        if let (Some(a), Some(b)) = (src.pod, dst.pod) {
+            if std::ptr::eq(a, b) {
+                return Ok(Explanation {
+                    allowed: true,
+                    loopback: true,
+                    egress: DirectionVerdict::NotIsolated,
+                    ingress: DirectionVerdict::NotIsolated,
+                });
+            }
+        }
+        let egress = self.check(Direction::Egress, &src, &dst, protocol, port);
+        let ingress = self.check(Direction::Ingress, &dst, &src, protocol, port);
+        Ok(Explanation {
+            allowed: egress.allows() && ingress.allows(),
+            loopback: false,
+            egress,
+            ingress,
+        })
+    }
+
+    /// One direction: `subject` is the pod whose policies apply (the source for egress, the
+    /// destination for ingress), `other` the far end.
+    fn check(
+        &self,
+        direction: Direction,
+        subject: &End,
+        other: &End,
+        protocol: Protocol,
+        port: u16,
+    ) -> DirectionVerdict {
         let Some(pod) = subject.pod else {
             return DirectionVerdict::NotAPod;
         };
+        // Named ports resolve on the destination pod in both directions.
+        let dst = match direction {
+            Direction::Ingress => subject.pod,
+            Direction::Egress => other.pod,
+        };
         let mut isolated_by = Vec::new();
-        for policy in policies.iter().filter(|p| selects(p, pod)) {
+        for policy in self.policies.iter().filter(|p| selects(p, pod)) {
             let Some(rules) = policy.rules(direction) else {
                 continue;
             };
@@ -228,14 +283,11 @@ pub fn explain(
                     None => true,
                     Some(peers) => peers
                         .iter()
-                        .any(|peer| peer_allows(&ns_labels, policy, peer, other)),
+                        .any(|peer| peer_allows(&self.ns_labels, policy, peer, other)),
                 };
-                // Named ports resolve on the destination pod in both directions.
                 let port_ok = match &rule.ports {
                     None => true,
-                    Some(ports) => ports
-                        .iter()
-                        .any(|p| port_allows(p, protocol, port, dst.pod)),
+                    Some(ports) => ports.iter().any(|p| port_allows(p, protocol, port, dst)),
                 };
                 if peer_ok && port_ok {
                     return DirectionVerdict::Allowed {
@@ -255,15 +307,18 @@ pub fn explain(
         } else {
             DirectionVerdict::Denied { isolated_by }
         }
-    };
-    let egress = check(Direction::Egress, &src, &dst);
-    let ingress = check(Direction::Ingress, &dst, &src);
-    Ok(Explanation {
-        allowed: egress.allows() && ingress.allows(),
-        loopback: false,
-        egress,
-        ingress,
-    })
+    }
+}
+
+/// Explains the verdict for a new connection from `from` to `to` on `port`/`protocol`.
+pub fn explain(
+    cluster: &Cluster,
+    from: &Peer,
+    to: &Peer,
+    protocol: Protocol,
+    port: u16,
+) -> Result<Explanation, ExplainError> {
+    Explainer::new(cluster).explain(from, to, protocol, port)
 }
 
 fn peer_allows(ns_labels: &NsLabels, policy: &Policy, peer: &PeerSpec, other: &End) -> bool {

@@ -33,7 +33,8 @@ pub use compile::{
     compile, default_deny_comment, Action, Chain, Match, NftRule, Ruleset, Set, SetKind,
 };
 pub use explain::{
-    explain, parse_port, DirectionVerdict, ExplainError, Explanation, Peer as ExplainPeer,
+    explain, parse_port, DirectionVerdict, ExplainError, Explainer, Explanation,
+    Peer as ExplainPeer,
 };
 pub use k8s_openapi::api::networking::v1::NetworkPolicy;
 pub use validate::{

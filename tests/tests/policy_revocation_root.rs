@@ -1,0 +1,145 @@
+//! Revocation, needs root: an established TCP flow keeps going after a policy change denies it
+//! (conntrack accepts established packets before any policy rule), until its conntrack entry is
+//! removed; then it stops. Two pod namespaces behind one node namespace, as the agent wires them.
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::io::{Read, Write};
+use std::net::{Ipv4Addr, TcpListener, TcpStream};
+use std::os::fd::AsRawFd;
+use std::time::Duration;
+
+use sepal_felix::conntrack::{Conntrack, Flow};
+use sepal_felix::nft::{Applied, Dataplane, Options};
+use sepal_felix::policy::{compile, Cluster, Pod, Protocol};
+use sepal_tests::netns::{veth, Netns};
+
+const CLIENT: Ipv4Addr = Ipv4Addr::new(10, 244, 0, 10);
+const SERVER: Ipv4Addr = Ipv4Addr::new(10, 244, 0, 20);
+const PORT: u16 = 8080;
+
+/// Runs `f` on a thread inside `ns` (sockets it creates live there).
+fn in_netns<T: Send>(ns: &Netns, f: impl FnOnce() -> T + Send) -> T {
+    let path = ns.path();
+    std::thread::scope(|s| {
+        s.spawn(move || {
+            let file = File::open(&path).expect("open netns");
+            // SAFETY: setns on a valid namespace fd only changes this thread's namespace.
+            assert_eq!(
+                unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) },
+                0,
+                "setns"
+            );
+            f()
+        })
+        .join()
+        .expect("netns thread")
+    })
+}
+
+/// A pod namespace wired to `node` the way the CNI plugin does it: /32 address, host veth with
+/// proxy ARP and a /32 route.
+fn pod(node: &Netns, tag: &str, host: &str, ip: Ipv4Addr) -> Netns {
+    let p = Netns::new(tag);
+    veth(node, host, &p, "eth0");
+    node.run(&format!(
+        "sysctl -qw net.ipv4.conf.{host}.proxy_arp=1 net.ipv4.neigh.{host}.proxy_delay=0 && ip route add {ip}/32 dev {host} scope link"
+    ));
+    p.run(&format!("ip addr add {ip}/32 dev eth0 && ip route add 169.254.1.1 dev eth0 scope link && ip route add default via 169.254.1.1 dev eth0"));
+    p
+}
+
+fn cluster(policies: &[&str]) -> Cluster {
+    let pod = |name: &str, ip: Ipv4Addr, iface: &str| Pod {
+        namespace: "x".into(),
+        name: name.into(),
+        labels: BTreeMap::from([("app".to_string(), name.to_string())]),
+        ips: vec![ip.into()],
+        host_iface: Some(iface.into()),
+        ports: vec![],
+    };
+    Cluster {
+        pods: vec![
+            pod("client", CLIENT, "sepcli"),
+            pod("server", SERVER, "sepsrv"),
+        ],
+        policies: policies
+            .iter()
+            .map(|p| serde_norway::from_str(p).expect("policy"))
+            .collect(),
+        ..Cluster::default()
+    }
+}
+
+const ALLOW_CLIENT: &str = "metadata: {name: web, namespace: x}\nspec:\n  podSelector: {matchLabels: {app: server}}\n  ingress: [{from: [{podSelector: {matchLabels: {app: client}}}], ports: [{port: 8080}]}]\n";
+const DENY_ALL: &str = "metadata: {name: deny, namespace: x}\nspec: {podSelector: {}}\n";
+
+/// Does `text` arrive at the server within a second?
+fn delivered(client: &mut TcpStream, server: &mut TcpStream, text: &str) -> bool {
+    client.write_all(text.as_bytes()).expect("client write");
+    let mut buf = vec![0u8; text.len()];
+    server
+        .set_read_timeout(Some(Duration::from_secs(1)))
+        .expect("timeout");
+    server.read_exact(&mut buf).is_ok() && buf == text.as_bytes()
+}
+
+#[test]
+fn a_denied_established_flow_stops_after_revocation_root() {
+    sepal_tests::require_root();
+    let node = Netns::new("rvnode");
+    // Proxy ARP answers for the pods' gateway only if the node routes it elsewhere.
+    node.run("sysctl -qw net.ipv4.ip_forward=1 && ip link add up0 type veth peer name up1 && ip link set up0 up && ip link set up1 up && ip route add default dev up0");
+    let cli = pod(&node, "rvcli", "sepcli", CLIENT);
+    let srv = pod(&node, "rvsrv", "sepsrv", SERVER);
+    let mut dp = Dataplane::in_netns(node.path(), Options::default());
+    let conntrack = Conntrack::in_netns(node.path());
+
+    // The server is isolated and the client allowed: a long-lived connection.
+    let allowed = cluster(&[ALLOW_CLIENT]);
+    assert_eq!(dp.apply(&compile(&allowed)).unwrap(), Applied::Full);
+    let listener = in_netns(&srv, || TcpListener::bind(("0.0.0.0", PORT)).expect("bind"));
+    let mut client = in_netns(&cli, || {
+        TcpStream::connect_timeout(&(SERVER, PORT).into(), Duration::from_secs(3)).expect("connect")
+    });
+    let (mut server, _) = listener.accept().expect("accept");
+    assert!(delivered(&mut client, &mut server, "one"));
+    assert!(
+        conntrack.revoke(&allowed).unwrap().is_empty(),
+        "an allowed flow must not be revoked"
+    );
+    assert!(delivered(&mut client, &mut server, "two"));
+
+    // Policy changes to deny everything: the rules alone leave the established flow running.
+    let denied = cluster(&[DENY_ALL]);
+    let applied = dp.apply(&compile(&denied)).unwrap();
+    assert!(
+        matches!(applied, Applied::Incremental { narrowed: true, .. }),
+        "{applied:?}"
+    );
+    assert!(delivered(&mut client, &mut server, "three"));
+
+    // Revocation removes exactly that flow's entry, and the flow stops.
+    let revoked = conntrack.revoke(&denied).unwrap();
+    let client_port = client.local_addr().unwrap().port();
+    assert_eq!(
+        revoked,
+        vec![Flow {
+            protocol: Protocol::Tcp,
+            src: CLIENT.into(),
+            dst: SERVER.into(),
+            sport: client_port,
+            dport: PORT,
+        }]
+    );
+    assert!(!delivered(&mut client, &mut server, "four"));
+
+    // Allowed again: new connections work (nothing was left behind).
+    assert!(dp.apply(&compile(&allowed)).is_ok());
+    let mut again = in_netns(&cli, || {
+        TcpStream::connect_timeout(&(SERVER, PORT).into(), Duration::from_secs(3))
+            .expect("reconnect")
+    });
+    let (mut server2, _) = listener.accept().expect("accept");
+    assert!(delivered(&mut again, &mut server2, "five"));
+}
