@@ -8,6 +8,18 @@ use serde::Deserialize;
 use std::path::{Path, PathBuf};
 
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/sepal";
+/// Where `/metrics`, `/healthz` and `/readyz` answer (the DaemonSet's probes use it).
+pub const DEFAULT_METRICS_ADDR: &str = "127.0.0.1:9099";
+
+/// `--metrics-addr`: an address, or `off`.
+fn parse_metrics_addr(s: &str) -> Result<Option<std::net::SocketAddr>, String> {
+    if s == "off" {
+        return Ok(None);
+    }
+    s.parse()
+        .map(Some)
+        .map_err(|e| format!("metrics address {s:?}: {e} (want IP:PORT or off)"))
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Deserialize, Default)]
 #[serde(rename_all = "lowercase")]
@@ -41,6 +53,12 @@ pub struct NodeArgs {
     /// Pod MTU; by default the MTU of the node's IPv4 default-route interface.
     #[arg(long, value_parser = clap::value_parser!(u32).range(576..=65535))]
     pub mtu: Option<u32>,
+    /// Unix socket for `sepal status|routes|endpoints|trace` [default: admin.sock beside --socket].
+    #[arg(long)]
+    pub admin_socket: Option<PathBuf>,
+    /// HTTP address of /metrics, /healthz and /readyz, or `off` [default: 127.0.0.1:9099].
+    #[arg(long)]
+    pub metrics_addr: Option<String>,
 }
 
 /// The config file: the flags' names as keys (camelCase accepted too).
@@ -56,6 +74,10 @@ struct FileConfig {
     #[serde(alias = "logFormat")]
     log_format: Option<LogFormat>,
     mtu: Option<u32>,
+    #[serde(alias = "adminSocket")]
+    admin_socket: Option<PathBuf>,
+    #[serde(alias = "metricsAddr")]
+    metrics_addr: Option<String>,
 }
 
 /// The settings the agent runs with.
@@ -67,6 +89,9 @@ pub struct NodeConfig {
     pub socket: PathBuf,
     pub log_format: LogFormat,
     pub mtu: Option<u32>,
+    pub admin_socket: PathBuf,
+    /// None: no metrics or health endpoint.
+    pub metrics_addr: Option<std::net::SocketAddr>,
 }
 
 fn read_file(path: &Path) -> Result<FileConfig> {
@@ -118,6 +143,26 @@ impl NodeConfig {
                 bail!("mtu {m} out of range 576..=65535");
             }
         }
+        let socket = args
+            .socket
+            .clone()
+            .or(file.socket)
+            .unwrap_or_else(|| PathBuf::from(sepal_cni::api::DEFAULT_SOCKET));
+        let admin_socket = args
+            .admin_socket
+            .clone()
+            .or(file.admin_socket)
+            .unwrap_or_else(|| crate::admin::admin_socket_beside(&socket));
+        if admin_socket == socket {
+            bail!("--admin-socket must differ from --socket");
+        }
+        let metrics_addr = parse_metrics_addr(
+            args.metrics_addr
+                .as_deref()
+                .or(file.metrics_addr.as_deref())
+                .unwrap_or(DEFAULT_METRICS_ADDR),
+        )
+        .map_err(|e| anyhow::anyhow!(e))?;
         Ok(NodeConfig {
             node_name,
             datastore,
@@ -126,13 +171,11 @@ impl NodeConfig {
                 .clone()
                 .or(file.state_dir)
                 .unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_DIR)),
-            socket: args
-                .socket
-                .clone()
-                .or(file.socket)
-                .unwrap_or_else(|| PathBuf::from(sepal_cni::api::DEFAULT_SOCKET)),
+            socket,
             log_format: args.log_format.or(file.log_format).unwrap_or_default(),
             mtu,
+            admin_socket,
+            metrics_addr,
         })
     }
 }
@@ -162,6 +205,8 @@ mod tests {
         assert_eq!(cfg.log_format, LogFormat::Json);
         assert_eq!(cfg.state_dir, PathBuf::from(DEFAULT_STATE_DIR));
         assert_eq!(cfg.socket, PathBuf::from("/run/sepal/sepal.sock"));
+        assert_eq!(cfg.admin_socket, PathBuf::from("/run/sepal/admin.sock"));
+        assert_eq!(cfg.metrics_addr, Some("127.0.0.1:9099".parse().unwrap()));
     }
 
     #[test]
@@ -178,6 +223,19 @@ mod tests {
             err.contains("c.yaml:2") && err.contains("node-nmae"),
             "{err}"
         );
+        let bad_addr = NodeArgs {
+            datastore: Some(DatastoreSpec::Dir("/x".into())),
+            node_name: Some("n".into()),
+            metrics_addr: Some("localhost".into()),
+            ..Default::default()
+        };
+        let err = NodeConfig::resolve(&bad_addr).unwrap_err().to_string();
+        assert!(err.contains("IP:PORT or off"), "{err}");
+        let off = NodeArgs {
+            metrics_addr: Some("off".into()),
+            ..bad_addr
+        };
+        assert_eq!(NodeConfig::resolve(&off).unwrap().metrics_addr, None);
         let none = NodeConfig::resolve(&NodeArgs::default()).unwrap_err();
         assert!(none.to_string().contains("--datastore"));
     }

@@ -1,13 +1,16 @@
 //! The `sepal` binary: the node agent (`sepal node`), the lab (`sepal lab`), and later the
 //! operator commands, each a clap subcommand dispatched here.
 
+mod admin;
 mod config;
 mod crd;
 mod datastore;
 mod ipam;
 mod lab;
+mod metrics;
 mod model;
 mod node;
+mod ops;
 mod policy;
 mod routing;
 mod server;
@@ -40,6 +43,29 @@ enum Command {
         #[arg(long, default_value = "deploy/crds")]
         out: std::path::PathBuf,
     },
+    /// The agent's state: node, blocks, datastore, readiness and BGP sessions.
+    Status {
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        target: ops::AgentTarget,
+    },
+    /// Kernel routes Sepal owns (protocol 83), with the BGP route each comes from.
+    Routes {
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        target: ops::AgentTarget,
+    },
+    /// This node's pods: addresses, host veths, whether they are routed.
+    Endpoints {
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        target: ops::AgentTarget,
+    },
+    /// The path of a packet from a pod: veths, route lookups, BGP next hops, policy verdicts.
+    Trace(ops::TraceArgs),
 }
 
 fn init_logging(format: LogFormat) {
@@ -72,6 +98,10 @@ fn main() -> ExitCode {
         Command::Crds { out } => crd::write_crds(&out)
             .map(|files| files.iter().for_each(|f| println!("{}", f.display())))
             .map_err(Into::into),
+        Command::Status { json, target } => ops::status(&target, json),
+        Command::Routes { json, target } => ops::routes(&target, json),
+        Command::Endpoints { json, target } => ops::endpoints(&target, json),
+        Command::Trace(args) => ops::trace(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

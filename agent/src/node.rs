@@ -52,6 +52,40 @@ pub struct Agent {
     policy: crate::policy::PolicyEngine,
 }
 
+/// Read-only views for the operator socket and metrics (`crate::admin`).
+impl Agent {
+    pub fn node_name(&self) -> &str {
+        &self.node_name
+    }
+
+    /// The node's pod blocks (as last saved when the datastore does not know them now).
+    pub fn pod_blocks(&self) -> Vec<IpNetwork> {
+        self.blocks()
+    }
+
+    pub fn allocations(&self) -> &[crate::ipam::Allocation] {
+        &self.ipam.state().allocations
+    }
+
+    pub fn routing(&self) -> Option<&crate::routing::Routing> {
+        self.routing.as_ref()
+    }
+
+    /// The cluster as NetworkPolicy sees it, with this node's endpoints.
+    pub fn policy_cluster(&self) -> sepal_felix::policy::Cluster {
+        self.policy.cluster(self.allocations())
+    }
+
+    pub fn netlink(&self) -> &Handle {
+        &self.handle
+    }
+
+    /// Serving ADDs: the node's blocks are known.
+    pub fn has_blocks(&self) -> bool {
+        self.blocks.as_ref().is_some_and(|b| !b.is_empty())
+    }
+}
+
 fn error(code: u32, msg: impl Into<String>) -> Response {
     Response::Error(ErrorReply {
         code,
@@ -282,7 +316,12 @@ impl Agent {
     /// Compiles the current policy inputs with this node's endpoints and applies the result.
     fn apply_policy(&mut self) -> Result<(), String> {
         let endpoints = &self.ipam.state().allocations;
-        self.policy.apply(endpoints).map(|_| ())
+        let started = std::time::Instant::now();
+        let applied = self.policy.apply(endpoints).map(|_| ());
+        crate::metrics::metrics()
+            .policy_apply_seconds
+            .observe(started.elapsed().as_secs_f64());
+        applied
     }
 
     fn apply_policy_logged(&mut self) {
@@ -465,6 +504,9 @@ async fn follow_datastore(
         while let Ok(ev) = events.try_recv() {
             changed |= model.apply(ev);
         }
+        crate::metrics::metrics()
+            .health
+            .set_model(model.synced(), model.len());
         if changed {
             let blocks = node_blocks(&model, &node_name);
             let mut a = agent.lock().await;
@@ -508,6 +550,9 @@ pub async fn run(cfg: NodeConfig) -> Result<()> {
             }
         }
     }
+    let health = &crate::metrics::metrics().health;
+    health.set_datastore(cfg.datastore.to_string());
+    health.set_model(model.synced(), model.len());
     let blocks = node_blocks(&model, &cfg.node_name);
     if blocks.is_none() {
         tracing::warn!(node = %cfg.node_name, "no Node object with spec.podCIDRs for this node yet: STATUS reports not ready until it appears");
@@ -537,6 +582,7 @@ pub async fn run(cfg: NodeConfig) -> Result<()> {
     let mut bgp_routes = routing.routes();
     agent.routing = Some(routing);
     agent.resync().await?;
+    health.set_routes_programmed();
     // Adopts the previous run's table: it keeps enforcing until this atomic replace.
     agent.apply_policy_logged();
     let agent = Arc::new(Mutex::new(agent));
@@ -573,6 +619,13 @@ pub async fn run(cfg: NodeConfig) -> Result<()> {
                 }
             }
         });
+    }
+    // Operators' socket and the metrics/health endpoint; both go when the process stops.
+    let admin = crate::admin::server::bind(&cfg.admin_socket)?;
+    tokio::spawn(crate::admin::server::serve(admin, agent.clone()));
+    if let Some(addr) = cfg.metrics_addr {
+        let listener = crate::metrics::http::bind(addr).await?;
+        tokio::spawn(crate::metrics::http::serve(listener, agent.clone()));
     }
     let result = server::serve(&cfg.socket, agent.clone()).await;
     let routing = agent.lock().await.routing.take();

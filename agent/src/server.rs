@@ -60,7 +60,18 @@ async fn connection(mut stream: UnixStream, agent: Arc<Mutex<Agent>>) {
     let response = match read_request(&mut stream).await {
         Ok(req) => {
             tracing::debug!(?req, "request");
-            agent.lock().await.handle(req).await
+            let op = match &req {
+                Request::Add(_) => "add",
+                Request::Del(_) => "del",
+                Request::Check(_) => "check",
+                Request::Status => "status",
+                Request::Gc(_) => "gc",
+            };
+            let started = std::time::Instant::now();
+            let response = agent.lock().await.handle(req).await;
+            let ok = !matches!(response, Response::Error(_));
+            crate::metrics::metrics().observe_cni(op, ok, started.elapsed());
+            response
         }
         Err(resp) => resp,
     };

@@ -54,6 +54,12 @@ pub struct IpamState {
     pub cursors: BTreeMap<String, IpAddr>,
 }
 
+/// How many addresses a block can hand out.
+pub fn capacity(block: IpNetwork) -> u128 {
+    let (first, last) = usable(block);
+    last.saturating_sub(first).saturating_add(1)
+}
+
 /// Addresses of a block that may be handed out: for IPv4 all but network and broadcast (except
 /// in /31 and /32, which have none), for IPv6 all but the subnet-router anycast (all-zero host).
 fn usable(block: IpNetwork) -> (u128, u128) {

@@ -5,7 +5,7 @@ mod net;
 mod objects;
 mod ping;
 mod router;
-mod state;
+pub mod state;
 pub mod topology;
 
 use anyhow::{bail, Context, Result};

@@ -173,6 +173,12 @@ impl Routing {
         }
     }
 
+    /// The running speaker, for the operator socket and metrics to query without the agent's
+    /// lock (peers, best routes); None until the plan has started one.
+    pub fn speaker(&self) -> Option<Speaker> {
+        self.speaker.lock().ok().and_then(|s| s.clone())
+    }
+
     /// Session state of every peer.
     pub async fn peers(&self) -> Vec<PeerStatus> {
         let speaker = self.speaker.lock().ok().and_then(|s| s.clone());

@@ -1,0 +1,109 @@
+//! One node's part of `sepal trace`: which local pod the packet leaves or reaches, the kernel's
+//! route lookup, the BGP route behind it, and what NetworkPolicy decides (felix's `explain`).
+
+use super::collect::{best_routes, origin};
+use super::lookup::{route_get, Ingress};
+use super::{TraceEndpoint, TraceHop, TraceRequest};
+use crate::node::Agent;
+use ipnet::IpNet;
+use sepal_bgp::Source;
+use sepal_felix::policy::Cluster;
+use sepal_felix::policy::{explain, parse_port, DirectionVerdict, ExplainPeer as Peer};
+use std::net::IpAddr;
+use std::sync::Arc;
+use tokio::sync::Mutex;
+
+/// The address an end of the packet uses: a pod's address of the wanted family, or the IP given.
+fn address_of(cluster: &Cluster, peer: &Peer, v4: Option<bool>) -> Result<IpAddr, String> {
+    match peer {
+        Peer::Ip(ip) => Ok(*ip),
+        Peer::Pod { namespace, name } => cluster
+            .pod(namespace, name)
+            .ok_or_else(|| format!("pod {peer} is not known to this node's agent"))?
+            .ips
+            .iter()
+            .find(|ip| v4.is_none_or(|v4| ip.is_ipv4() == v4))
+            .copied()
+            .ok_or_else(|| format!("pod {peer} has no address of the right family yet")),
+    }
+}
+
+pub fn verdict_text(v: &DirectionVerdict) -> String {
+    match v {
+        DirectionVerdict::NotAPod => "not a pod: no policy applies".into(),
+        DirectionVerdict::NotIsolated => "allowed: no policy selects the pod".into(),
+        DirectionVerdict::Allowed { comment, .. } => format!("allowed by {comment}"),
+        DirectionVerdict::Denied { isolated_by } => format!(
+            "DENIED: isolated by {} and no rule matches",
+            isolated_by.join(", ")
+        ),
+    }
+}
+
+pub async fn hop(agent: &Arc<Mutex<Agent>>, req: &TraceRequest) -> Result<TraceHop, String> {
+    let from: Peer = req.from.parse()?;
+    let to: Peer = req.to.parse()?;
+    let (port, protocol) = parse_port(req.port.as_deref().unwrap_or("80/TCP"))?;
+    let (node, cluster, allocations, handle, speaker) = {
+        let a = agent.lock().await;
+        (
+            a.node_name().to_string(),
+            a.policy_cluster(),
+            a.allocations().to_vec(),
+            a.netlink().clone(),
+            a.routing().and_then(|r| r.speaker()),
+        )
+    };
+    let (src_ip, dst_ip) = match &to {
+        Peer::Ip(ip) => (address_of(&cluster, &from, Some(ip.is_ipv4()))?, *ip),
+        Peer::Pod { .. } => {
+            let src = address_of(&cluster, &from, None)?;
+            (src, address_of(&cluster, &to, Some(src.is_ipv4()))?)
+        }
+    };
+    let verdict = explain(&cluster, &from, &to, protocol, port).map_err(|e| e.to_string())?;
+    let local = |ip: IpAddr| {
+        allocations
+            .iter()
+            .find(|a| a.ips.contains(&ip))
+            .map(|a| TraceEndpoint {
+                pod: format!("{}/{}", a.pod_namespace, a.pod_name),
+                ip,
+                interface: a.key.ifname.clone(),
+                host_veth: a.host_veth.clone(),
+            })
+    };
+    let source = local(src_ip);
+    let destination = local(dst_ip);
+    let ingress = match &source {
+        Some(s) => sepal_felix::links::link_by_name(&handle, &s.host_veth)
+            .await
+            .ok()
+            .flatten()
+            .map(|l| Ingress {
+                src: src_ip,
+                ifindex: l.index,
+            }),
+        None => None,
+    };
+    let lookup = route_get(&handle, dst_ip, ingress).await;
+    // The BGP route the kernel's lookup follows: the longest learned prefix holding the address.
+    let best = best_routes(speaker.as_ref()).await;
+    let bgp = best
+        .iter()
+        .filter(|(p, b)| p.contains(&dst_ip) && matches!(b.source, Source::Peer(_)))
+        .max_by_key(|(p, _)| p.prefix_len())
+        .map(|(p, b): (&IpNet, _)| origin(p, b));
+    Ok(TraceHop {
+        node,
+        src_ip,
+        dst_ip,
+        source,
+        destination,
+        lookup,
+        bgp,
+        egress: verdict_text(&verdict.egress),
+        ingress: verdict_text(&verdict.ingress),
+        allowed: verdict.allowed,
+    })
+}

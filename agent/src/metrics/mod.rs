@@ -1,0 +1,245 @@
+//! The agent's telemetry: Prometheus metrics (one process-wide registry, observed where things
+//! happen, BGP and IPAM figures refreshed at scrape) and the health flags behind /readyz.
+
+pub mod http;
+
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::sync::{Mutex, OnceLock};
+use std::time::Duration;
+
+type Labels = Vec<(&'static str, String)>;
+
+/// Start-up milestones; the agent is ready once the datastore synced and routes are programmed.
+#[derive(Debug, Default)]
+pub struct Health {
+    datastore: OnceLock<String>,
+    synced: AtomicBool,
+    routes_programmed: AtomicBool,
+    objects: AtomicI64,
+}
+
+impl Health {
+    pub fn set_datastore(&self, source: String) {
+        let _ = self.datastore.set(source);
+    }
+
+    pub fn datastore(&self) -> String {
+        self.datastore.get().cloned().unwrap_or_default()
+    }
+
+    /// The datastore's state as the model holds it now.
+    pub fn set_model(&self, synced: bool, objects: usize) {
+        self.synced.store(synced, Ordering::Relaxed);
+        self.objects.store(objects as i64, Ordering::Relaxed);
+    }
+
+    pub fn synced(&self) -> bool {
+        self.synced.load(Ordering::Relaxed)
+    }
+
+    pub fn objects(&self) -> usize {
+        self.objects.load(Ordering::Relaxed).max(0) as usize
+    }
+
+    /// The first full route reconcile is done.
+    pub fn set_routes_programmed(&self) {
+        self.routes_programmed.store(true, Ordering::Relaxed);
+    }
+
+    pub fn routes_programmed(&self) -> bool {
+        self.routes_programmed.load(Ordering::Relaxed)
+    }
+}
+
+/// Every series the agent exports.
+pub struct Metrics {
+    registry: Registry,
+    /// Serializes refresh + encode, so two scrapes never see each other's half-filled families.
+    scrape: Mutex<()>,
+    pub health: Health,
+    pub ready: Gauge,
+    pub datastore_synced: Gauge,
+    pub bgp_session_up: Family<Labels, Gauge>,
+    pub bgp_session_state: Family<Labels, Gauge>,
+    pub bgp_prefixes_received: Family<Labels, Gauge>,
+    pub bgp_prefixes_accepted: Family<Labels, Gauge>,
+    pub bgp_prefixes_advertised: Family<Labels, Gauge>,
+    pub bgp_updates_received: Family<Labels, Counter>,
+    pub bgp_updates_sent: Family<Labels, Counter>,
+    pub bgp_routes_installed: Gauge,
+    pub endpoints: Gauge,
+    pub ipam_allocated: Gauge,
+    pub ipam_capacity: Family<Labels, Gauge>,
+    pub policy_apply_seconds: Histogram,
+    pub cni_request_seconds: Family<Labels, Histogram>,
+}
+
+fn latency_buckets() -> Histogram {
+    // 100 µs to ~6.5 s.
+    Histogram::new(exponential_buckets(0.0001, 2.0, 17))
+}
+
+impl Metrics {
+    fn new() -> Metrics {
+        let mut registry = Registry::with_prefix("sepal");
+        let m = Metrics {
+            registry: Registry::default(),
+            scrape: Mutex::new(()),
+            health: Health::default(),
+            ready: Gauge::default(),
+            datastore_synced: Gauge::default(),
+            bgp_session_up: Family::default(),
+            bgp_session_state: Family::default(),
+            bgp_prefixes_received: Family::default(),
+            bgp_prefixes_accepted: Family::default(),
+            bgp_prefixes_advertised: Family::default(),
+            bgp_updates_received: Family::default(),
+            bgp_updates_sent: Family::default(),
+            bgp_routes_installed: Gauge::default(),
+            endpoints: Gauge::default(),
+            ipam_allocated: Gauge::default(),
+            ipam_capacity: Family::default(),
+            policy_apply_seconds: latency_buckets(),
+            cni_request_seconds: Family::new_with_constructor(latency_buckets),
+        };
+        let r = &mut registry;
+        r.register(
+            "ready",
+            "1 once the datastore synced and routes are programmed",
+            m.ready.clone(),
+        );
+        r.register(
+            "datastore_synced",
+            "1 once the datastore delivered its initial state",
+            m.datastore_synced.clone(),
+        );
+        r.register(
+            "bgp_session_up",
+            "1 when the BGP session is Established",
+            m.bgp_session_up.clone(),
+        );
+        r.register(
+            "bgp_session_state",
+            "1 for the BGP session's current FSM state",
+            m.bgp_session_state.clone(),
+        );
+        r.register(
+            "bgp_prefixes_received",
+            "Prefixes the peer announced and has not withdrawn",
+            m.bgp_prefixes_received.clone(),
+        );
+        r.register(
+            "bgp_prefixes_accepted",
+            "Prefixes from the peer that passed the import filter",
+            m.bgp_prefixes_accepted.clone(),
+        );
+        r.register(
+            "bgp_prefixes_advertised",
+            "Prefixes advertised to the peer",
+            m.bgp_prefixes_advertised.clone(),
+        );
+        r.register(
+            "bgp_updates_received",
+            "UPDATE messages received from the peer",
+            m.bgp_updates_received.clone(),
+        );
+        r.register(
+            "bgp_updates_sent",
+            "UPDATE messages sent to the peer",
+            m.bgp_updates_sent.clone(),
+        );
+        r.register(
+            "bgp_routes_installed",
+            "BGP-learned routes Sepal wants in the kernel",
+            m.bgp_routes_installed.clone(),
+        );
+        r.register(
+            "endpoints",
+            "Pod attachments on this node",
+            m.endpoints.clone(),
+        );
+        r.register(
+            "ipam_allocated_addresses",
+            "Pod addresses allocated on this node",
+            m.ipam_allocated.clone(),
+        );
+        r.register(
+            "ipam_block_capacity_addresses",
+            "Addresses a node block can hand out",
+            m.ipam_capacity.clone(),
+        );
+        r.register(
+            "policy_apply_duration_seconds",
+            "Time to compile NetworkPolicy and apply it to nftables",
+            m.policy_apply_seconds.clone(),
+        );
+        r.register(
+            "cni_request_duration_seconds",
+            "Time the agent took to answer a CNI plugin request",
+            m.cni_request_seconds.clone(),
+        );
+        Metrics { registry, ..m }
+    }
+
+    /// One CNI request answered (`op`: add, del, check, status, gc; `result`: ok or error).
+    pub fn observe_cni(&self, op: &str, ok: bool, took: Duration) {
+        let labels = vec![
+            ("op", op.to_string()),
+            ("result", if ok { "ok" } else { "error" }.to_string()),
+        ];
+        self.cni_request_seconds
+            .get_or_create(&labels)
+            .observe(took.as_secs_f64());
+    }
+
+    /// The text exposition after `refresh` has filled the scrape-time families.
+    pub fn render(&self, refresh: impl FnOnce(&Metrics)) -> String {
+        let _guard = self.scrape.lock().unwrap_or_else(|e| e.into_inner());
+        refresh(self);
+        let mut out = String::new();
+        if let Err(e) = encode(&mut out, &self.registry) {
+            tracing::warn!("encoding metrics: {e}");
+        }
+        out
+    }
+}
+
+/// The process's metrics.
+pub fn metrics() -> &'static Metrics {
+    static METRICS: OnceLock<Metrics> = OnceLock::new();
+    METRICS.get_or_init(Metrics::new)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exposition_names_every_series() {
+        let m = Metrics::new();
+        m.observe_cni("add", true, Duration::from_millis(3));
+        m.policy_apply_seconds.observe(0.002);
+        let text = m.render(|m| {
+            m.endpoints.set(2);
+            let peer = vec![("peer", "10.0.0.1".to_string())];
+            m.bgp_session_up.get_or_create(&peer).set(1);
+            m.bgp_updates_received.get_or_create(&peer).inc_by(7);
+        });
+        for series in [
+            "sepal_endpoints 2",
+            "sepal_bgp_session_up{peer=\"10.0.0.1\"} 1",
+            "sepal_bgp_updates_received_total{peer=\"10.0.0.1\"} 7",
+            "sepal_cni_request_duration_seconds_count{op=\"add\",result=\"ok\"} 1",
+            "sepal_policy_apply_duration_seconds_count 1",
+            "sepal_ready 0",
+        ] {
+            assert!(text.contains(series), "{series} missing from\n{text}");
+        }
+    }
+}
