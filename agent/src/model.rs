@@ -1,9 +1,13 @@
 //! The agent's model of the cluster: the Kubernetes objects a datastore feeds it, as typed
-//! k8s-openapi values, plus an escape hatch for kinds Sepal does not type (e.g. its own sepal.dev kinds).
+//! k8s-openapi values (pods in a compact form of their own, see `pod`), plus an escape hatch for
+//! kinds Sepal does not type (e.g. its own sepal.dev kinds).
+
+pub mod pod;
 
 use ipnetwork::IpNetwork;
 use k8s_openapi::api::core::v1::{Namespace, Node, Pod, Secret, Service};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
+pub use pod::PodInfo;
 use serde_json::Value;
 use std::collections::BTreeMap;
 
@@ -31,7 +35,8 @@ impl std::fmt::Display for ObjectKey {
 pub enum Object {
     Node(Box<Node>),
     Namespace(Box<Namespace>),
-    Pod(Box<Pod>),
+    /// Kept compact: a cluster has far more pods than anything else.
+    Pod(Box<PodInfo>),
     Service(Box<Service>),
     Secret(Box<Secret>),
     NetworkPolicy(Box<NetworkPolicy>),
@@ -123,7 +128,12 @@ impl Object {
         Ok(match (key.api_version.as_str(), key.kind.as_str()) {
             ("v1", "Node") => Object::Node(typed(&key, value)?),
             ("v1", "Namespace") => Object::Namespace(typed(&key, value)?),
-            ("v1", "Pod") => Object::Pod(typed(&key, value)?),
+            ("v1", "Pod") => {
+                let pod: Box<Pod> = typed(&key, value)?;
+                Object::Pod(Box::new(PodInfo::from_pod(&pod).ok_or_else(|| {
+                    ObjectError::Shape("Pod without metadata.name".into())
+                })?))
+            }
             ("v1", "Service") => Object::Service(typed(&key, value)?),
             ("v1", "Secret") => Object::Secret(typed(&key, value)?),
             ("networking.k8s.io/v1", "NetworkPolicy") => Object::NetworkPolicy(typed(&key, value)?),
@@ -147,7 +157,12 @@ impl Object {
         match self {
             Object::Node(o) => k("v1", "Node", &o.metadata),
             Object::Namespace(o) => k("v1", "Namespace", &o.metadata),
-            Object::Pod(o) => k("v1", "Pod", &o.metadata),
+            Object::Pod(p) => ObjectKey {
+                api_version: "v1".into(),
+                kind: "Pod".into(),
+                namespace: p.namespace.to_string(),
+                name: p.name.to_string(),
+            },
             Object::Service(o) => k("v1", "Service", &o.metadata),
             Object::Secret(o) => k("v1", "Secret", &o.metadata),
             Object::NetworkPolicy(o) => k("networking.k8s.io/v1", "NetworkPolicy", &o.metadata),
@@ -161,6 +176,8 @@ impl Object {
 pub struct Model {
     objects: BTreeMap<ObjectKey, Object>,
     synced: bool,
+    /// Shares pods' label sets and namespace/node names.
+    interner: pod::Interner,
 }
 
 // Accessors for the policy and routing wiring; not every one has a caller yet.
@@ -169,10 +186,13 @@ impl Model {
     /// Applies one event; returns whether the model changed.
     pub fn apply(&mut self, event: Event) -> bool {
         match event {
-            Event::Upsert(obj) => {
+            Event::Upsert(mut obj) => {
                 let key = obj.key();
                 if self.objects.get(&key) == Some(&obj) {
                     return false;
+                }
+                if let Object::Pod(p) = &mut obj {
+                    self.interner.intern(p);
                 }
                 self.objects.insert(key, obj);
                 true
@@ -214,7 +234,7 @@ impl Model {
         }
     }
 
-    pub fn pods(&self) -> impl Iterator<Item = &Pod> {
+    pub fn pods(&self) -> impl Iterator<Item = &PodInfo> {
         self.objects.values().filter_map(|o| match o {
             Object::Pod(p) => Some(&**p),
             _ => None,

@@ -2,11 +2,10 @@
 //! endpoints as IPAM knows them, compiled by felix and applied to the `inet sepal` table.
 
 use crate::ipam::Allocation;
-use crate::model::Model;
-use k8s_openapi::api::core::v1::Pod as KubePod;
+use crate::model::{Model, PodInfo};
 use sepal_felix::conntrack::Conntrack;
 use sepal_felix::nft::{Applied, Dataplane, Options};
-use sepal_felix::policy::{self, Cluster, NamedPort, Namespace, Pod, Protocol};
+use sepal_felix::policy::{self, Cluster, NamedPort, Namespace, Pod};
 use std::collections::BTreeMap;
 
 /// The compiler's inputs from the datastore, and the dataplane that enforces the result.
@@ -40,7 +39,7 @@ impl PolicyEngine {
                 Some((name.clone(), Namespace { name, labels }))
             })
             .collect();
-        let pods = model.pods().filter_map(policy_pod).collect();
+        let pods = model.pods().map(policy_pod).collect();
         let policies = model.network_policies().cloned().collect();
         self.from_model = Cluster {
             namespaces,
@@ -127,47 +126,21 @@ impl PolicyEngine {
 }
 
 /// A Pod as the compiler sees it: labels, status IPs, named container ports.
-fn policy_pod(pod: &KubePod) -> Option<Pod> {
-    let namespace = pod
-        .metadata
-        .namespace
-        .clone()
-        .unwrap_or_else(|| "default".into());
-    let name = pod.metadata.name.clone()?;
-    let status = pod.status.as_ref();
-    let mut ips: Vec<std::net::IpAddr> = status
-        .and_then(|s| s.pod_ips.as_ref())
-        .into_iter()
-        .flatten()
-        .filter_map(|ip| ip.ip.parse().ok())
-        .collect();
-    if ips.is_empty() {
-        ips.extend(
-            status
-                .and_then(|s| s.pod_ip.as_ref())
-                .and_then(|ip| ip.parse::<std::net::IpAddr>().ok()),
-        );
-    }
-    let ports = pod
-        .spec
-        .as_ref()
-        .into_iter()
-        .flat_map(|s| s.containers.iter())
-        .flat_map(|c| c.ports.iter().flatten())
-        .filter_map(|p| {
-            Some(NamedPort {
-                name: p.name.clone()?,
-                protocol: Protocol::from_api(p.protocol.as_deref().unwrap_or("TCP"))?,
-                port: u16::try_from(p.container_port).ok()?,
-            })
-        })
-        .collect();
-    Some(Pod {
-        namespace,
-        name,
-        labels: pod.metadata.labels.clone().unwrap_or_default(),
-        ips,
+fn policy_pod(pod: &PodInfo) -> Pod {
+    Pod {
+        namespace: pod.namespace.to_string(),
+        name: pod.name.to_string(),
+        labels: (*pod.labels).clone(),
+        ips: pod.ips.clone(),
         host_iface: None,
-        ports,
-    })
+        ports: pod
+            .ports
+            .iter()
+            .map(|p| NamedPort {
+                name: p.name.to_string(),
+                protocol: p.protocol,
+                port: p.port,
+            })
+            .collect(),
+    }
 }

@@ -5,9 +5,7 @@ use crate::crd::{BGPConfiguration, BGPPeer, SepalNodeStatus, DEFAULT_SECRET_NAME
 use crate::model::{Event, Object, ObjectKey};
 use anyhow::{Context, Result};
 use futures::StreamExt;
-use k8s_openapi::api::core::v1::{
-    Container, Namespace, Node, NodeStatus, Pod, PodSpec, PodStatus, Secret, Service,
-};
+use k8s_openapi::api::core::v1::{Namespace, Node, NodeStatus, Pod, Secret, Service};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::api::{DynamicObject, Patch, PatchParams};
@@ -80,37 +78,6 @@ fn strip_meta_value(v: &mut Value) {
     }
 }
 
-/// A pod as policy and routing see it: labels, node, host networking, named ports, IPs, phase.
-/// Annotations go too: nothing reads a pod's, and they are the bulk of many pods' metadata.
-pub fn strip_pod(p: Pod) -> Pod {
-    Pod {
-        metadata: ObjectMeta {
-            annotations: None,
-            ..strip_meta(p.metadata)
-        },
-        spec: p.spec.map(|s| PodSpec {
-            node_name: s.node_name,
-            host_network: s.host_network,
-            containers: s
-                .containers
-                .into_iter()
-                .map(|c| Container {
-                    name: c.name,
-                    ports: c.ports,
-                    ..Default::default()
-                })
-                .collect(),
-            ..Default::default()
-        }),
-        status: p.status.map(|s| PodStatus {
-            phase: s.phase,
-            pod_ip: s.pod_ip,
-            pod_ips: s.pod_ips,
-            ..Default::default()
-        }),
-    }
-}
-
 /// A node: labels/annotations (Sepal's overrides), spec (pod CIDRs, taints), its addresses.
 pub fn strip_node(n: Node) -> Node {
     Node {
@@ -128,7 +95,8 @@ pub fn strip_node(n: Node) -> Node {
 /// Any object brought to the shape the model keeps (both datastores can use this).
 pub fn strip(obj: Object) -> Object {
     match obj {
-        Object::Pod(p) => Object::Pod(Box::new(strip_pod(*p))),
+        // Already compact.
+        Object::Pod(p) => Object::Pod(p),
         Object::Node(n) => Object::Node(Box::new(strip_node(*n))),
         Object::Namespace(mut n) => {
             n.metadata = strip_meta(n.metadata);
@@ -357,7 +325,7 @@ pub async fn run(client: Client, tx: mpsc::Sender<Event>) {
         Watched {
             what: "pods",
             api: Api::<Pod>::all(c.clone()),
-            convert: |p| Some(Object::Pod(Box::new(strip_pod(p)))),
+            convert: |p| crate::model::PodInfo::from_pod(&p).map(|p| Object::Pod(Box::new(p))),
         },
         &tx,
         &gate,
@@ -580,7 +548,7 @@ fn object_value(o: &Object) -> Value {
     let v = match o {
         Object::Node(x) => serde_json::to_value(x),
         Object::Namespace(x) => serde_json::to_value(x),
-        Object::Pod(x) => serde_json::to_value(x),
+        Object::Pod(x) => return x.to_value(),
         Object::Service(x) => serde_json::to_value(x),
         Object::Secret(x) => serde_json::to_value(x),
         Object::NetworkPolicy(x) => serde_json::to_value(x),
@@ -645,34 +613,6 @@ pub fn run_inspect(args: InspectArgs) -> Result<()> {
 mod tests {
     use super::*;
     use serde_json::json;
-
-    #[test]
-    fn pods_keep_only_what_policy_and_routing_read() {
-        let pod: Pod = serde_json::from_value(json!({
-            "metadata": {"name": "p", "namespace": "ns", "uid": "u", "resourceVersion": "7",
-                         "labels": {"app": "web"},
-                         "annotations": {LAST_APPLIED: "{...}"},
-                         "managedFields": [{"manager": "kubectl"}]},
-            "spec": {"nodeName": "n1", "containers": [{"name": "c", "image": "nginx",
-                     "env": [{"name": "A", "value": "B"}],
-                     "ports": [{"name": "http", "containerPort": 80}]}],
-                     "volumes": [{"name": "v", "emptyDir": {}}]},
-            "status": {"phase": "Running", "podIP": "10.244.1.5", "podIPs": [{"ip": "10.244.1.5"}],
-                       "conditions": [{"type": "Ready", "status": "True"}]}
-        }))
-        .unwrap();
-        let s = serde_json::to_value(strip_pod(pod)).unwrap();
-        assert_eq!(
-            s,
-            json!({
-                "apiVersion": "v1", "kind": "Pod",
-                "metadata": {"name": "p", "namespace": "ns", "labels": {"app": "web"}},
-                "spec": {"nodeName": "n1", "containers": [{"name": "c",
-                         "ports": [{"name": "http", "containerPort": 80}]}]},
-                "status": {"phase": "Running", "podIP": "10.244.1.5", "podIPs": [{"ip": "10.244.1.5"}]}
-            })
-        );
-    }
 
     #[tokio::test]
     async fn status_writer_against_the_stand_in_api_server() {
