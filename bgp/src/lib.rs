@@ -9,8 +9,8 @@ pub mod wire;
 
 pub use rib::{BestRoute, RouteChange, Source};
 pub use speaker::{
-    Error, GracefulRestartConfig, LocalRoute, MaxPrefix, PeerConfig, PeerStatus, Policy, Speaker,
-    SpeakerConfig,
+    Error, GracefulRestartConfig, LocalRoute, MaxPrefix, PeerConfig, PeerStatus, Policy, RibEvent,
+    Speaker, SpeakerConfig,
 };
 pub use wire::{Attrs, Family, Notification};
 #[doc(hidden)]

@@ -7,6 +7,7 @@ use std::net::{IpAddr, Ipv4Addr};
 use std::sync::Arc;
 
 use ipnet::IpNet;
+use smallvec::SmallVec;
 
 use crate::wire::{Attrs, OriginKind, Segment};
 
@@ -153,13 +154,54 @@ fn ser_attrs<S: serde::Serializer>(a: &Arc<Attrs>, s: S) -> Result<S::Ok, S::Err
     serde::Serialize::serialize(&**a, s)
 }
 
+/// The paths of one prefix, kept in preference order: the first `selected` are the best path and
+/// its ECMP siblings, the rest follow in no particular order. Inline storage for one path (the
+/// common case) keeps a 100k-prefix table to one allocation.
 #[derive(Debug, Default)]
 struct Entry {
-    paths: Vec<Path>,
-    /// Indexes into `paths`: best first, then ECMP siblings.
-    best: Vec<usize>,
-    /// What was last reported, to emit only real changes (indexes move on removal).
-    reported: Option<(Vec<IpAddr>, Source, Arc<Attrs>)>,
+    paths: SmallVec<[Path; 1]>,
+    selected: u32,
+}
+
+/// What a change report compares: the next hops, source and attributes of the selection.
+type Selection = (SmallVec<[IpAddr; 4]>, Source, Arc<Attrs>);
+
+impl Entry {
+    fn best(&self) -> &[Path] {
+        &self.paths[..self.selected as usize]
+    }
+
+    fn selection(&self) -> Option<Selection> {
+        let first = self.best().first()?;
+        let hops = self.best().iter().map(|p| p.next_hop).collect();
+        Some((hops, first.source, first.attrs.clone()))
+    }
+
+    /// Runs the decision process over the paths (RFC 4271 §9.1.2) and picks up to `ecmp` paths
+    /// equal to the best one with distinct next hops.
+    fn select(&mut self, ecmp: usize) {
+        // One path (the common case when ingesting a table) needs no comparison.
+        if self.paths.len() > 1 {
+            self.paths.sort_by(|a, b| match compare(a, b) {
+                Cmp::Better => std::cmp::Ordering::Less,
+                Cmp::Worse => std::cmp::Ordering::Greater,
+                Cmp::Ecmp(o) => o.reverse(),
+            });
+        }
+        let mut n = self.paths.len().min(1);
+        for i in 1..self.paths.len() {
+            if n >= ecmp || !matches!(compare(&self.paths[0], &self.paths[i]), Cmp::Ecmp(_)) {
+                break;
+            }
+            let hop = self.paths[i].next_hop;
+            if !self.paths[..n].iter().any(|p| p.next_hop == hop) {
+                // Paths between n and i are duplicates of a chosen next hop: their order is free.
+                self.paths.swap(n, i);
+                n += 1;
+            }
+        }
+        self.selected = n as u32;
+    }
 }
 
 /// The table, hashed by prefix with a fast non-keyed hasher (prefixes are not attacker-chosen keys
@@ -169,7 +211,7 @@ pub struct Rib {
     pub ecmp: usize,
     entries: HashMap<IpNet, Entry, PrefixHash>,
     /// Accepted prefixes per peer (Adj-RIB-In size after import).
-    counts: HashMap<IpAddr, usize>,
+    counts: HashMap<IpAddr, usize, PrefixHash>,
 }
 
 impl Rib {
@@ -177,7 +219,7 @@ impl Rib {
         Rib {
             ecmp: ecmp.max(1),
             entries: HashMap::default(),
-            counts: HashMap::new(),
+            counts: HashMap::default(),
         }
     }
 
@@ -195,6 +237,7 @@ impl Rib {
     /// Adds or replaces the path from `path.source` for `prefix`.
     pub fn insert(&mut self, prefix: IpNet, path: Path) -> Option<RouteChange> {
         let e = self.entries.entry(prefix).or_default();
+        let before = e.selection();
         match e.paths.iter_mut().find(|p| p.source == path.source) {
             Some(p) => *p = path,
             None => {
@@ -204,19 +247,26 @@ impl Rib {
                 e.paths.push(path);
             }
         }
-        self.reselect(prefix)
+        e.select(self.ecmp);
+        report(prefix, before, e.selection())
     }
 
     pub fn remove(&mut self, prefix: IpNet, source: Source) -> Option<RouteChange> {
         let e = self.entries.get_mut(&prefix)?;
         let i = e.paths.iter().position(|p| p.source == source)?;
+        let before = e.selection();
         e.paths.swap_remove(i);
         if let Source::Peer(a) = source {
             if let Some(c) = self.counts.get_mut(&a) {
                 *c = c.saturating_sub(1);
             }
         }
-        self.reselect(prefix)
+        e.select(self.ecmp);
+        let after = e.selection();
+        if after.is_none() {
+            self.entries.remove(&prefix);
+        }
+        report(prefix, before, after)
     }
 
     /// Prefixes a source has paths for.
@@ -267,77 +317,47 @@ impl Rib {
             .collect()
     }
 
-    /// The selected paths (best first) of a prefix.
     /// The best path of a prefix.
     pub fn best_path(&self, prefix: &IpNet) -> Option<&Path> {
-        let e = self.entries.get(prefix)?;
-        e.best.first().map(|i| &e.paths[*i])
+        self.entries.get(prefix)?.best().first()
     }
 
+    /// The selected paths (best first) of a prefix.
     pub fn best(&self, prefix: &IpNet) -> Vec<&Path> {
         self.entries
             .get(prefix)
-            .map(|e| e.best.iter().map(|i| &e.paths[*i]).collect())
+            .map(|e| e.best().iter().collect())
             .unwrap_or_default()
     }
 
     /// Every prefix with its best paths.
-    pub fn iter_best(&self) -> impl Iterator<Item = (&IpNet, Vec<&Path>)> {
-        self.entries
-            .iter()
-            .map(|(k, e)| (k, e.best.iter().map(|i| &e.paths[*i]).collect()))
+    pub fn iter_best(&self) -> impl Iterator<Item = (&IpNet, &[Path])> {
+        self.entries.iter().map(|(k, e)| (k, e.best()))
     }
 
-    fn reselect(&mut self, prefix: IpNet) -> Option<RouteChange> {
-        let e = self.entries.get_mut(&prefix)?;
-        let had = e.reported.is_some();
-        let mut order: Vec<usize> = (0..e.paths.len()).collect();
-        // One path (the common case when ingesting a table) needs no comparison.
-        if order.len() > 1 {
-            order.sort_by(|a, b| match compare(&e.paths[*a], &e.paths[*b]) {
-                Cmp::Better => std::cmp::Ordering::Less,
-                Cmp::Worse => std::cmp::Ordering::Greater,
-                Cmp::Ecmp(o) => o.reverse(),
-            });
-        }
-        let mut best = Vec::with_capacity(1);
-        if let Some(first) = order.first() {
-            best.push(*first);
-            for i in order.iter().skip(1) {
-                if best.len() >= self.ecmp {
-                    break;
-                }
-                if matches!(compare(&e.paths[*first], &e.paths[*i]), Cmp::Ecmp(_))
-                    && !best
-                        .iter()
-                        .any(|b| e.paths[*b].next_hop == e.paths[*i].next_hop)
-                {
-                    best.push(*i);
-                }
-            }
-        }
-        e.best = best;
-        if e.best.is_empty() {
-            self.entries.remove(&prefix);
-            return had.then_some(RouteChange { prefix, best: None });
-        }
-        let new: Vec<IpAddr> = e.best.iter().map(|i| e.paths[*i].next_hop).collect();
-        let first = &e.paths[e.best[0]];
-        let now = (new, first.source, first.attrs.clone());
-        if e.reported.as_ref() == Some(&now) {
-            return None;
-        }
-        let change = RouteChange {
-            prefix,
-            best: Some(BestRoute {
-                next_hops: now.0.clone(),
-                source: now.1,
-                attrs: now.2.clone(),
-            }),
-        };
-        e.reported = Some(now);
-        Some(change)
+    /// Every prefix in the table.
+    pub fn prefixes(&self) -> impl Iterator<Item = &IpNet> {
+        self.entries.keys()
     }
+}
+
+/// The change to report when a prefix's selection went from `before` to `after`, if it changed.
+fn report(
+    prefix: IpNet,
+    before: Option<Selection>,
+    after: Option<Selection>,
+) -> Option<RouteChange> {
+    if before == after {
+        return None;
+    }
+    Some(RouteChange {
+        prefix,
+        best: after.map(|(hops, source, attrs)| BestRoute {
+            next_hops: hops.into_vec(),
+            source,
+            attrs,
+        }),
+    })
 }
 
 /// What we know about the peer we export to.

@@ -47,12 +47,29 @@ pub struct SpeakerConfig {
 }
 
 /// RFC 4724 settings: `restarting` is set by an agent that comes back after a restart and kept its
-/// forwarding state (R and F bits); peers then keep our routes until our End-of-RIB.
+/// forwarding state (R and F bits); peers then keep our routes until our End-of-RIB. A restarting
+/// speaker defers advertising (and its End-of-RIB) until every peer sent End-of-RIB or
+/// `restart_time` seconds passed (the selection-deferral timer).
 #[derive(Debug, Clone)]
 pub struct GracefulRestartConfig {
     pub restart_time: u16,
     pub restarting: bool,
 }
+
+/// What the speaker tells its consumer (a FIB), in order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RibEvent {
+    /// Loc-RIB best-route changes, in the order they happened (one batch per burst of messages).
+    Changes(Vec<RouteChange>),
+    /// A peer sent End-of-RIB (RFC 4724 §2) for a family: its table for that family is complete.
+    EndOfRib { peer: IpAddr, family: Family },
+    /// Initial convergence, sent once: every configured peer is up and sent End-of-RIB for each
+    /// family, or the selection-deferral time ran out. Routes not relearned by now are gone.
+    Converged,
+}
+
+/// Upper bound on waiting for initial convergence when graceful restart is off.
+const CONVERGENCE_LIMIT: Duration = Duration::from_secs(120);
 
 /// Import/export hook: return false to reject the prefix.
 pub type Policy = Arc<dyn Fn(&IpNet, &Attrs) -> bool + Send + Sync>;
@@ -208,10 +225,11 @@ pub struct Speaker {
 }
 
 impl Speaker {
-    /// Binds the listeners and starts the speaker; returns the handle and the stream of Loc-RIB changes.
+    /// Binds the listeners and starts the speaker; returns the handle and the stream of Loc-RIB
+    /// changes and End-of-RIB notices.
     pub async fn start(
         cfg: SpeakerConfig,
-    ) -> Result<(Speaker, mpsc::UnboundedReceiver<RouteChange>), Error> {
+    ) -> Result<(Speaker, mpsc::UnboundedReceiver<RibEvent>), Error> {
         let (cmd_tx, cmd_rx) = mpsc::unbounded_channel();
         let (io_tx, io_rx) = mpsc::unbounded_channel();
         let (route_tx, route_rx) = mpsc::unbounded_channel();
@@ -249,7 +267,14 @@ impl Speaker {
                 }
             }));
         }
+        let gr = cfg.graceful_restart.as_ref();
+        let deferral = gr.map_or(CONVERGENCE_LIMIT, |g| {
+            Duration::from_secs(g.restart_time.into())
+        });
         let core = Core {
+            converge_by: Some(Instant::now() + deferral),
+            deferring: gr.is_some_and(|g| g.restarting),
+            pending: Vec::new(),
             ectx: ExportCtx {
                 local_as: cfg.local_as,
                 router_id: cfg.router_id,
@@ -380,6 +405,9 @@ struct Peer {
     /// Helper side of graceful restart: stale routes kept until this deadline.
     gr_until: Option<Instant>,
     gr_families: Vec<Family>,
+    /// Families the peer has not sent End-of-RIB for since the session came up (only tracked for
+    /// peers that announced graceful restart, which promises End-of-RIB).
+    eor_pending: Vec<Family>,
     /// Max-prefix tripped: restart at this time (or never when None and `tripped`).
     restart_at: Option<Instant>,
 }
@@ -392,7 +420,13 @@ struct Core {
     conns: HashMap<u64, IpAddr>,
     next_id: u64,
     io_tx: mpsc::UnboundedSender<Io>,
-    route_tx: mpsc::UnboundedSender<RouteChange>,
+    route_tx: mpsc::UnboundedSender<RibEvent>,
+    /// Changes not yet handed to the consumer (sent as one batch per burst).
+    pending: Vec<RouteChange>,
+    /// Until initial convergence: its deadline (then `None`).
+    converge_by: Option<Instant>,
+    /// Restarting speaker before convergence: advertise nothing yet.
+    deferring: bool,
     listeners: Vec<(std::os::fd::RawFd, bool)>,
     dirty: HashSet<IpNet, rib::PrefixHash>,
     tasks: Vec<JoinHandle<()>>,
@@ -428,6 +462,7 @@ impl Core {
                 }
                 _ = sleep_until(next) => self.timers(Instant::now()),
             }
+            self.check_converged(Instant::now());
             self.flush();
         }
     }
@@ -454,6 +489,7 @@ impl Core {
                 ]
             })
             .flatten()
+            .chain(self.converge_by)
             .min()
     }
 
@@ -623,6 +659,7 @@ impl Core {
                 stats: Stats::default(),
                 gr_until: None,
                 gr_families: Vec::new(),
+                eor_pending: Vec::new(),
                 restart_at: None,
             },
         );
@@ -662,8 +699,55 @@ impl Core {
     }
 
     fn changed(&mut self, ch: RouteChange) {
-        self.dirty.insert(ch.prefix);
-        let _ = self.route_tx.send(ch);
+        if !self.deferring {
+            self.dirty.insert(ch.prefix);
+        }
+        self.pending.push(ch);
+    }
+
+    /// Hands the consumer the pending changes, then `ev` (so it sees them in order).
+    fn emit(&mut self, ev: Option<RibEvent>) {
+        if !self.pending.is_empty() {
+            let _ = self
+                .route_tx
+                .send(RibEvent::Changes(std::mem::take(&mut self.pending)));
+        }
+        if let Some(ev) = ev {
+            let _ = self.route_tx.send(ev);
+        }
+    }
+
+    /// Initial convergence: every configured peer up with all its End-of-RIBs, or the deadline.
+    fn check_converged(&mut self, now: Instant) {
+        let Some(by) = self.converge_by else {
+            return;
+        };
+        let all_in = !self.peers.is_empty()
+            && self
+                .peers
+                .values()
+                .all(|p| p.stats.up_since.is_some() && p.eor_pending.is_empty());
+        if !all_in && now < by {
+            return;
+        }
+        self.converge_by = None;
+        tracing::info!(
+            deadline = !all_in,
+            "initial convergence: every peer sent End-of-RIB"
+        );
+        if std::mem::take(&mut self.deferring) {
+            // RFC 4724 §4.1: now advertise to every peer, each followed by our End-of-RIB.
+            let up: Vec<IpAddr> = self
+                .peers
+                .iter()
+                .filter(|(_, p)| p.neg.is_some())
+                .map(|(a, _)| *a)
+                .collect();
+            for a in up {
+                self.send_table(a);
+            }
+        }
+        self.emit(Some(RibEvent::Converged));
     }
 
     fn timers(&mut self, now: Instant) {
@@ -1101,12 +1185,30 @@ impl Core {
         let Some(p) = self.peers.get_mut(&a) else {
             return;
         };
-        p.neg = Some(n.clone());
-        // Initial table: everything, then End-of-RIB per family.
+        p.eor_pending = match n.peer_graceful_restart {
+            Some(_) => n.families.clone(),
+            None => Vec::new(),
+        };
+        p.neg = Some(n);
         p.adj_out.clear();
-        let all: Vec<IpNet> = self.rib.iter_best().map(|(k, _)| *k).collect();
+        if !self.deferring {
+            self.send_table(a);
+        }
+    }
+
+    /// The initial table towards a peer: everything, then End-of-RIB per family.
+    fn send_table(&mut self, a: IpAddr) {
+        let Some(families) = self
+            .peers
+            .get(&a)
+            .and_then(|p| p.neg.as_ref())
+            .map(|n| n.families.clone())
+        else {
+            return;
+        };
+        let all: Vec<IpNet> = self.rib.prefixes().copied().collect();
         let mut msgs = self.advertise(a, &all);
-        for f in &n.families {
+        for f in &families {
             msgs.push(wire::encode_end_of_rib(*f));
         }
         if let Some(p) = self.peers.get_mut(&a) {
@@ -1123,12 +1225,14 @@ impl Core {
         };
         p.stats.updates_in += 1;
         if let Some(f) = u.end_of_rib {
+            p.eor_pending.retain(|x| *x != f);
             if let Some(i) = p.gr_families.iter().position(|x| *x == f) {
                 p.gr_families.remove(i);
                 for ch in self.rib.sweep_stale(Source::Peer(a), Some(f)) {
                     self.changed(ch);
                 }
             }
+            self.emit(Some(RibEvent::EndOfRib { peer: a, family: f }));
             return;
         }
         if let Some(n) = &u.treat_as_withdraw {
@@ -1331,6 +1435,11 @@ impl Core {
     }
 
     fn flush(&mut self) {
+        self.emit(None);
+        if self.deferring {
+            // Everything goes out with the initial tables at convergence.
+            self.dirty.clear();
+        }
         if self.dirty.is_empty() {
             return;
         }

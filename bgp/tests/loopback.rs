@@ -4,7 +4,10 @@
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::Duration;
 
-use sepal_bgp::{LocalRoute, PeerConfig, Speaker, SpeakerConfig};
+use sepal_bgp::{
+    Family, GracefulRestartConfig, LocalRoute, PeerConfig, RibEvent, RouteChange, Speaker,
+    SpeakerConfig,
+};
 use tokio::sync::mpsc::UnboundedReceiver;
 
 fn free_port() -> u16 {
@@ -15,20 +18,49 @@ fn free_port() -> u16 {
         .port()
 }
 
-async fn wait_for<F: Fn(&sepal_bgp::RouteChange) -> bool>(
-    rx: &mut UnboundedReceiver<sepal_bgp::RouteChange>,
-    f: F,
-) -> sepal_bgp::RouteChange {
+/// Waits for the first event `f` picks something out of (route changes are looked at one by one).
+async fn wait_event<T>(
+    rx: &mut UnboundedReceiver<RibEvent>,
+    mut f: impl FnMut(&RibEvent) -> Option<T>,
+) -> T {
     tokio::time::timeout(Duration::from_secs(20), async {
         loop {
-            let c = rx.recv().await.expect("speaker stopped");
-            if f(&c) {
-                return c;
+            let ev = rx.recv().await.expect("speaker stopped");
+            if let RibEvent::Changes(v) = &ev {
+                for c in v {
+                    if let Some(t) = f(&RibEvent::Changes(vec![c.clone()])) {
+                        return t;
+                    }
+                }
+            } else if let Some(t) = f(&ev) {
+                return t;
             }
         }
     })
     .await
-    .expect("route change did not arrive")
+    .expect("event did not arrive")
+}
+
+async fn wait_for<F: Fn(&RouteChange) -> bool>(
+    rx: &mut UnboundedReceiver<RibEvent>,
+    f: F,
+) -> RouteChange {
+    wait_event(rx, |ev| match ev {
+        RibEvent::Changes(v) => v.iter().find(|c| f(c)).cloned(),
+        _ => None,
+    })
+    .await
+}
+
+fn speaker_config(asn: u32, id: u8, listen: Vec<SocketAddr>) -> SpeakerConfig {
+    SpeakerConfig {
+        local_as: asn,
+        router_id: Ipv4Addr::new(id, id, id, id),
+        listen,
+        ecmp: 4,
+        cluster_id: None,
+        graceful_restart: None,
+    }
 }
 
 #[tokio::test]
@@ -36,26 +68,16 @@ async fn two_speakers_exchange_routes() {
     let port = free_port();
     let a_addr: IpAddr = "127.0.0.1".parse().unwrap();
     let b_addr: IpAddr = "127.0.0.2".parse().unwrap();
-    let (a, _arx) = Speaker::start(SpeakerConfig {
-        local_as: 4200000001,
-        router_id: Ipv4Addr::new(1, 1, 1, 1),
-        listen: vec![SocketAddr::new(a_addr, port)],
-        ecmp: 4,
-        cluster_id: None,
-        graceful_restart: None,
-    })
+    let (a, _arx) = Speaker::start(speaker_config(
+        4200000001,
+        1,
+        vec![SocketAddr::new(a_addr, port)],
+    ))
     .await
     .unwrap();
-    let (b, mut brx) = Speaker::start(SpeakerConfig {
-        local_as: 65002,
-        router_id: Ipv4Addr::new(2, 2, 2, 2),
-        listen: vec![],
-        ecmp: 4,
-        cluster_id: None,
-        graceful_restart: None,
-    })
-    .await
-    .unwrap();
+    let (b, mut brx) = Speaker::start(speaker_config(65002, 2, vec![]))
+        .await
+        .unwrap();
     let mut pa = PeerConfig::new(b_addr, 65002);
     pa.passive = true;
     pa.hold_time = 9;
@@ -138,6 +160,76 @@ async fn two_speakers_exchange_routes() {
     .unwrap();
     assert_eq!((sent.code, sent.subcode), (2, 2));
     assert_eq!(sent.data, 23456u16.to_be_bytes().to_vec());
+    a.shutdown().await.unwrap();
+    b.shutdown().await.unwrap();
+}
+
+/// RFC 4724 restarting side: a restarting speaker advertises nothing (not even End-of-RIB) until
+/// every configured peer sent End-of-RIB; then it reports `Converged` to its consumer. Here one of
+/// its two peers never comes up, so it waits until that peer is removed.
+#[tokio::test]
+async fn restarting_speaker_defers_advertisement_until_every_end_of_rib() {
+    let port = free_port();
+    let a_addr: IpAddr = "127.0.0.11".parse().unwrap();
+    let b_addr: IpAddr = "127.0.0.12".parse().unwrap();
+    let absent: IpAddr = "127.0.0.13".parse().unwrap();
+    let mut ca = speaker_config(65001, 11, vec![SocketAddr::new(a_addr, port)]);
+    ca.graceful_restart = Some(GracefulRestartConfig {
+        restart_time: 600,
+        restarting: true,
+    });
+    let (a, mut arx) = Speaker::start(ca).await.unwrap();
+    let mut cb = speaker_config(65002, 12, vec![]);
+    cb.graceful_restart = Some(GracefulRestartConfig {
+        restart_time: 600,
+        restarting: false,
+    });
+    let (b, mut brx) = Speaker::start(cb).await.unwrap();
+    let n: ipnet::IpNet = "10.245.0.0/24".parse().unwrap();
+    let from_b: ipnet::IpNet = "10.246.0.0/24".parse().unwrap();
+    a.announce(n, LocalRoute::default()).unwrap();
+    b.announce(from_b, LocalRoute::default()).unwrap();
+    let mut pa = PeerConfig::new(b_addr, 65002);
+    pa.passive = true;
+    pa.hold_time = 9;
+    a.add_peer(pa).unwrap();
+    let mut never = PeerConfig::new(absent, 65003);
+    never.passive = true;
+    a.add_peer(never).unwrap();
+    let mut pb = PeerConfig::new(a_addr, 65001);
+    pb.port = port;
+    pb.source = Some(b_addr);
+    pb.connect_retry = Duration::from_secs(1);
+    pb.hold_time = 9;
+    b.add_peer(pb).unwrap();
+
+    // A learns B's table and End-of-RIB, and tells its consumer; B's route reaches A's FIB stream.
+    wait_for(&mut arx, |c| c.prefix == from_b && c.best.is_some()).await;
+    let fam = wait_event(&mut arx, |ev| match ev {
+        RibEvent::EndOfRib { peer, family } if *peer == b_addr => Some(*family),
+        RibEvent::Converged => panic!("converged with a peer still down"),
+        _ => None,
+    })
+    .await;
+    assert_eq!(fam, Family::Ipv4);
+    // B has had a full session with A, yet A has sent it nothing: no route, no End-of-RIB.
+    let b_peer = b.peers().await.unwrap().remove(0);
+    assert_eq!(b_peer.state, sepal_bgp::fsm::State::Established);
+    assert_eq!(b_peer.updates_in, 0);
+    assert!(b.routes().await.unwrap().iter().all(|(p, _)| *p != n));
+
+    // The missing peer is deconfigured: A converges, advertises, and B gets the route.
+    a.remove_peer(absent).unwrap();
+    wait_event(&mut arx, |ev| {
+        matches!(ev, RibEvent::Converged).then_some(())
+    })
+    .await;
+    wait_for(&mut brx, |c| c.prefix == n && c.best.is_some()).await;
+    wait_event(&mut brx, |ev| match ev {
+        RibEvent::EndOfRib { peer, .. } if *peer == a_addr => Some(()),
+        _ => None,
+    })
+    .await;
     a.shutdown().await.unwrap();
     b.shutdown().await.unwrap();
 }

@@ -2,7 +2,7 @@
 //! Sepal's own `sepal-bgpd`. Start with a config, query routes and session state; stopped by PID on drop.
 
 use std::io::{BufRead, BufReader, Write};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, ChildStdout, Stdio};
 use std::time::{Duration, Instant};
 
@@ -125,6 +125,11 @@ impl Bird {
 
     pub fn pid(&self) -> u32 {
         self.child.id()
+    }
+
+    /// BIRD's control socket (unix sockets are not bound to a network namespace).
+    pub fn ctl_path(&self) -> PathBuf {
+        self.dir.path().join("bird.ctl")
     }
 
     pub fn log(&self) -> String {

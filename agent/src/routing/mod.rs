@@ -16,7 +16,7 @@ use ipnetwork::IpNetwork;
 use k8s_openapi::api::core::v1::Node;
 use rtnetlink::packet_route::address::AddressAttribute;
 use sepal_bgp::{
-    Family, GracefulRestartConfig, LocalRoute, MaxPrefix, PeerConfig, PeerStatus, RouteChange,
+    Family, GracefulRestartConfig, LocalRoute, MaxPrefix, PeerConfig, PeerStatus, RibEvent,
     Speaker, SpeakerConfig,
 };
 use sepal_felix::routes::{Desired, RouteReconciler};
@@ -27,11 +27,6 @@ pub use plan::{diff, plan, Inputs, Plan};
 
 /// Maximum next hops per prefix installed as one multipath route.
 pub const ECMP: usize = 8;
-/// How long every session must have been up, with no route change for `QUIET`, before the stale
-/// routes of a restart are swept (the speaker does not report End-of-RIB; its initial table
-/// arrives right after the session comes up).
-const SETTLE: Duration = Duration::from_secs(3);
-const QUIET: Duration = Duration::from_secs(1);
 const TICK: Duration = Duration::from_millis(500);
 
 /// The pod blocks of a node: `spec.podCIDRs`, else the older single `spec.podCIDR`.
@@ -112,14 +107,12 @@ impl Routing {
             handle,
             fib,
             restarting,
-            started: Instant::now(),
             running: None,
             speaker: None,
             shared: speaker.clone(),
             route_rx: None,
             routes_tx,
             warn_tx,
-            last_change: Instant::now(),
             sweep_deadline: None,
         };
         tokio::spawn(task.run(inputs_rx));
@@ -236,18 +229,16 @@ struct Task {
     handle: rtnetlink::Handle,
     fib: Fib,
     restarting: bool,
-    started: Instant,
     running: Option<Plan>,
     speaker: Option<Speaker>,
     shared: Arc<Mutex<Option<Speaker>>>,
-    route_rx: Option<mpsc::UnboundedReceiver<RouteChange>>,
+    route_rx: Option<mpsc::UnboundedReceiver<RibEvent>>,
     routes_tx: watch::Sender<Desired>,
     warn_tx: watch::Sender<Vec<String>>,
-    last_change: Instant,
     sweep_deadline: Option<Instant>,
 }
 
-async fn next_change(rx: &mut Option<mpsc::UnboundedReceiver<RouteChange>>) -> Option<RouteChange> {
+async fn next_change(rx: &mut Option<mpsc::UnboundedReceiver<RibEvent>>) -> Option<RibEvent> {
     match rx {
         Some(rx) => rx.recv().await,
         None => std::future::pending().await,
@@ -270,12 +261,7 @@ impl Task {
                     }
                 }
                 change = next_change(&mut self.route_rx) => match change {
-                    Some(c) => {
-                        self.last_change = Instant::now();
-                        if self.fib.apply(&c) {
-                            self.publish();
-                        }
-                    }
+                    Some(ev) => self.rib_event(ev),
                     None => {
                         // The speaker stopped: start over on the next tick.
                         tracing::warn!("BGP speaker stopped; restarting it");
@@ -294,7 +280,7 @@ impl Task {
                             self.publish();
                         }
                     }
-                    self.maybe_sweep().await;
+                    self.maybe_sweep();
                 }
             }
         }
@@ -307,35 +293,44 @@ impl Task {
         self.routes_tx.send_replace(self.fib.desired());
     }
 
-    /// Sweeps stale routes once every session has been up a while and the tables are quiet, or
-    /// when the graceful-restart time is over.
-    async fn maybe_sweep(&mut self) {
+    fn rib_event(&mut self, ev: RibEvent) {
+        match ev {
+            RibEvent::Changes(changes) => {
+                // Apply every change, then publish once.
+                let mut changed = false;
+                for c in &changes {
+                    changed |= self.fib.apply(c);
+                }
+                if changed {
+                    self.publish();
+                }
+            }
+            RibEvent::EndOfRib { peer, family } => {
+                tracing::debug!(%peer, ?family, "End-of-RIB");
+            }
+            // Every peer sent End-of-RIB (or the speaker's deferral time ran out): routes from
+            // before the restart that were not relearned go now.
+            RibEvent::Converged => self.sweep(),
+        }
+    }
+
+    fn sweep(&mut self) {
+        self.sweep_deadline = None;
         if self.fib.stale_count() == 0 {
             return;
         }
-        let Some(deadline) = self.sweep_deadline else {
-            return;
-        };
-        let now = Instant::now();
-        let mut done = now >= deadline;
-        if !done {
-            if let Some(s) = &self.speaker {
-                if let Ok(peers) = s.peers().await {
-                    done = peers.iter().all(|p| {
-                        p.state == sepal_bgp::fsm::State::Established
-                            && p.uptime.is_some_and(|u| u >= SETTLE)
-                    }) && now.duration_since(self.last_change) >= QUIET
-                        && now.duration_since(self.started) >= SETTLE;
-                }
-            }
-        }
-        if done {
-            let gone = self.fib.sweep();
-            tracing::info!(
-                removed = gone.len(),
-                "graceful restart over: stale BGP routes swept"
-            );
-            self.publish();
+        let gone = self.fib.sweep();
+        tracing::info!(
+            removed = gone.len(),
+            "graceful restart over: stale BGP routes swept"
+        );
+        self.publish();
+    }
+
+    /// Safety net: the speaker reports convergence by the graceful-restart time at the latest.
+    fn maybe_sweep(&mut self) {
+        if self.sweep_deadline.is_some_and(|d| Instant::now() >= d) {
+            self.sweep();
         }
     }
 
@@ -433,7 +428,6 @@ impl Task {
         if self.sweep_deadline.is_none() {
             self.sweep_deadline = Some(Instant::now() + p.speaker.graceful_restart_time);
         }
-        self.started = Instant::now();
         Ok(())
     }
 }

@@ -1,9 +1,16 @@
 //! `sepal-bench bgp`: one pre-encoded stream of 100,000 IPv4 prefixes (UPDATEs of ≤ 4096 bytes)
 //! sent unpaced into Sepal's speaker and into BIRD in the same run; time to a full Loc-RIB, peak RSS.
+//!
+//! Both receivers are watched the same way: a route count over an already open control channel
+//! (Sepal's stdin/stdout, BIRD's control socket), polled every millisecond; spawning `birdc` per
+//! poll would cost more than the ingest. The machine may be shared: besides wall time the run
+//! reports each receiver's CPU time and its time spent runnable but waiting for a CPU during the
+//! ingest (/proc schedstat), so a slow run can be told from a loaded machine.
 
-use std::io::{Read, Write};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpStream};
 use std::os::fd::AsRawFd;
+use std::os::unix::net::UnixStream;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
@@ -131,6 +138,94 @@ fn blast(ns: &Netns, stream: &[u8]) -> anyhow::Result<(Instant, TcpStream)> {
     Ok((t0, s))
 }
 
+/// A BIRD CLI session on its control socket.
+struct BirdCtl(BufReader<UnixStream>);
+
+impl BirdCtl {
+    fn open(path: &std::path::Path) -> anyhow::Result<BirdCtl> {
+        let mut c = BirdCtl(BufReader::new(
+            UnixStream::connect(path).with_context(|| format!("connect {}", path.display()))?,
+        ));
+        c.reply()?; // greeting
+        Ok(c)
+    }
+
+    /// Lines of one reply: `NNNN-` continues, `NNNN ` ends it (a leading space continues too).
+    fn reply(&mut self) -> anyhow::Result<Vec<String>> {
+        let mut lines = Vec::new();
+        loop {
+            let mut l = String::new();
+            if self.0.read_line(&mut l)? == 0 {
+                bail!("BIRD closed its control socket");
+            }
+            let last = l.len() > 4
+                && l.as_bytes()[..4].iter().all(u8::is_ascii_digit)
+                && l.as_bytes()[4] == b' ';
+            lines.push(l);
+            if last {
+                return Ok(lines);
+            }
+        }
+    }
+
+    fn route_count(&mut self, table: &str) -> anyhow::Result<usize> {
+        writeln!(self.0.get_mut(), "show route count table {table}")?;
+        let lines = self.reply()?;
+        Ok(lines
+            .iter()
+            .filter(|l| l.contains(" of "))
+            .find_map(|l| {
+                l.get(5..)
+                    .and_then(|r| r.split_whitespace().next())
+                    .and_then(|n| n.parse().ok())
+            })
+            .unwrap_or(0))
+    }
+}
+
+/// CPU time and run-queue wait (ns) of all threads of a process, from /proc/PID/task/*/schedstat.
+fn sched_ns(pid: u32) -> (u64, u64) {
+    let mut total = (0, 0);
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return total;
+    };
+    for t in tasks.flatten() {
+        let s = std::fs::read_to_string(t.path().join("schedstat")).unwrap_or_default();
+        let mut f = s.split_whitespace().map(|x| x.parse::<u64>().unwrap_or(0));
+        total.0 += f.next().unwrap_or(0);
+        total.1 += f.next().unwrap_or(0);
+    }
+    total
+}
+
+/// What one receiver took for the ingest.
+struct Ingest {
+    wall_ms: f64,
+    cpu_ms: f64,
+    wait_ms: f64,
+}
+
+/// Blasts the stream at the receiver in `ns` and waits until `count` reaches `n`.
+fn ingest(
+    ns: &Netns,
+    stream: &[u8],
+    pid: u32,
+    n: usize,
+    what: &str,
+    count: impl FnMut() -> usize,
+) -> anyhow::Result<Ingest> {
+    let (cpu0, wait0) = sched_ns(pid);
+    let (t0, _session) = blast(ns, stream)?;
+    wait_count(what, n, count)?;
+    let wall_ms = t0.elapsed().as_secs_f64() * 1000.0;
+    let (cpu1, wait1) = sched_ns(pid);
+    Ok(Ingest {
+        wall_ms,
+        cpu_ms: cpu1.saturating_sub(cpu0) as f64 / 1e6,
+        wait_ms: wait1.saturating_sub(wait0) as f64 / 1e6,
+    })
+}
+
 fn wait_count(what: &str, n: usize, mut count: impl FnMut() -> usize) -> anyhow::Result<()> {
     let deadline = Instant::now() + Duration::from_secs(300);
     loop {
@@ -141,7 +236,7 @@ fn wait_count(what: &str, n: usize, mut count: impl FnMut() -> usize) -> anyhow:
         if Instant::now() > deadline {
             bail!("{what}: only {c} of {n} routes after 300 s");
         }
-        std::thread::sleep(Duration::from_millis(5));
+        std::thread::sleep(Duration::from_millis(1));
     }
 }
 
@@ -154,18 +249,6 @@ fn vm_hwm_kib(pid: u32) -> u64 {
                 .and_then(|l| l.split_whitespace().nth(1).and_then(|v| v.parse().ok()))
         })
         .unwrap_or(0)
-}
-
-/// User + system CPU time of a process in ms (clock ticks of 10 ms).
-fn cpu_ms(pid: u32) -> u64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    // Fields after the command name (which may contain spaces) start at ") ".
-    let rest = stat.rsplit_once(") ").map(|x| x.1).unwrap_or("");
-    let f: Vec<u64> = rest
-        .split_whitespace()
-        .map(|x| x.parse().unwrap_or(0))
-        .collect();
-    (f.get(11).copied().unwrap_or(0) + f.get(12).copied().unwrap_or(0)) * 10
 }
 
 fn pair(tag: &str) -> (Netns, Netns) {
@@ -193,13 +276,14 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
         json!({"local_as": 65000, "router_id": RECEIVER, "listen": [format!("{RECEIVER}:179")]}),
     );
     sepal.peer(json!({"address": SENDER, "remote_as": 65001, "passive": true, "families": ["ipv4"], "hold_time": 240}));
-    let (t0, _s1) = blast(&snd1, &stream)?;
-    wait_count("sepal", n as usize, || sepal.count())?;
-    let sepal_ms = t0.elapsed().as_secs_f64() * 1000.0;
-    let rss_kib = vm_hwm_kib(sepal.pid());
-    let sepal_cpu = cpu_ms(sepal.pid());
+    let sepal_pid = sepal.pid();
+    let s = ingest(&snd1, &stream, sepal_pid, n as usize, "sepal", || {
+        sepal.count()
+    })?;
+    let rss_kib = vm_hwm_kib(sepal_pid);
     println!(
-        "sepal: {n} prefixes in Loc-RIB after {sepal_ms:.0} ms ({sepal_cpu} ms CPU), peak RSS {:.1} MiB",
+        "sepal: {n} prefixes in Loc-RIB after {:.0} ms ({:.0} ms CPU, {:.0} ms runnable without a CPU), peak RSS {:.1} MiB",
+        s.wall_ms, s.cpu_ms, s.wait_ms,
         rss_kib as f64 / 1024.0
     );
 
@@ -211,18 +295,26 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
             "router id {RECEIVER};\nprotocol device {{ }}\nprotocol bgp blast {{\n  local {RECEIVER} as 65000; neighbor {SENDER} as 65001;\n  passive on; hold time 240;\n  ipv4 {{ import all; export none; }};\n}}\n"
         ),
     );
-    let (t0, _s2) = blast(&snd2, &stream)?;
-    wait_count("bird", n as usize, || bird.route_count("master4"))?;
-    let bird_ms = t0.elapsed().as_secs_f64() * 1000.0;
-    let bird_cpu = cpu_ms(bird.pid());
-    println!("bird: {n} prefixes in its table after {bird_ms:.0} ms ({bird_cpu} ms CPU)");
+    let mut ctl = BirdCtl::open(&bird.ctl_path())?;
+    let b = ingest(&snd2, &stream, bird.pid(), n as usize, "bird", || {
+        ctl.route_count("master4").unwrap_or(0)
+    })?;
+    println!(
+        "bird: {n} prefixes in its table after {:.0} ms ({:.0} ms CPU, {:.0} ms runnable without a CPU)",
+        b.wall_ms, b.cpu_ms, b.wait_ms
+    );
 
+    let r1 = |x: f64| (x * 10.0).round() / 10.0;
+    let r3 = |x: f64| (x * 1000.0).round() / 1000.0;
     let result = json!({
         "prefixes": n,
-        "sepal_ms": (sepal_ms * 10.0).round() / 10.0,
-        "bird_ms": (bird_ms * 10.0).round() / 10.0,
-        "ratio": ((sepal_ms / bird_ms) * 1000.0).round() / 1000.0,
-        "rss_mib": ((rss_kib as f64 / 1024.0) * 10.0).round() / 10.0,
+        "sepal_ms": r1(s.wall_ms),
+        "bird_ms": r1(b.wall_ms),
+        "ratio": r3(s.wall_ms / b.wall_ms),
+        "sepal_cpu_ms": r1(s.cpu_ms),
+        "bird_cpu_ms": r1(b.cpu_ms),
+        "cpu_ratio": r3(s.cpu_ms / b.cpu_ms.max(0.001)),
+        "rss_mib": r1(rss_kib as f64 / 1024.0),
     });
     println!("{result}");
     Ok(())
