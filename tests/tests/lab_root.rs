@@ -1,0 +1,473 @@
+//! `sepal lab` and the operator tools, end to end (root): one default lab (3 nodes, a BIRD ToR)
+//! checked with `lab status --json`, `sepal status|routes|endpoints|trace`, the metrics and health
+//! endpoints, apply/delete of pods and labels, a second lab beside it, and a clean `down`.
+
+use sepal_tests::{bin_path, require_root};
+use serde_json::Value;
+use std::collections::BTreeSet;
+use std::io::{Read, Write};
+use std::os::fd::AsRawFd;
+use std::path::Path;
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+fn sepal(args: &[&str]) -> Output {
+    Command::new(bin_path("sepal"))
+        .args(args)
+        .output()
+        .expect("run sepal")
+}
+
+/// Runs sepal and returns stdout; panics with stderr on failure.
+fn sepal_ok(args: &[&str]) -> String {
+    let out = sepal(args);
+    assert!(
+        out.status.success(),
+        "sepal {args:?} failed: {}{}",
+        String::from_utf8_lossy(&out.stderr),
+        String::from_utf8_lossy(&out.stdout)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn sepal_json(args: &[&str]) -> Value {
+    let text = sepal_ok(args);
+    serde_json::from_str(&text).unwrap_or_else(|e| panic!("sepal {args:?}: {e}: {text}"))
+}
+
+/// A lab that goes down when the test ends, however it ends.
+struct Lab {
+    name: String,
+}
+
+impl Lab {
+    fn up(name: &str, topology: Option<&Path>) -> Lab {
+        let mut args = vec!["lab", "up", "--name", name];
+        let path;
+        if let Some(t) = topology {
+            path = t.display().to_string();
+            args.push(&path);
+        }
+        // The guard first: a failed `up` removes its half-built lab, and `down` is idempotent.
+        let lab = Lab {
+            name: name.to_string(),
+        };
+        sepal_ok(&args);
+        lab
+    }
+
+    fn status(&self) -> Value {
+        sepal_json(&["lab", "status", "--name", &self.name, "--json"])
+    }
+
+    fn ask(&self, what: &str, node: &str) -> Value {
+        sepal_json(&[what, "--lab", &self.name, "--node", node, "--json"])
+    }
+
+    fn trace(&self, from: &str, to: &str, port: &str) -> Value {
+        sepal_json(&[
+            "trace", "--lab", &self.name, "--from", from, "--to", to, "--port", port, "--json",
+        ])
+    }
+
+    fn apply(&self, file: &Path, delete: bool) {
+        let verb = if delete { "delete" } else { "apply" };
+        sepal_ok(&[
+            "lab",
+            verb,
+            "--name",
+            &self.name,
+            "-f",
+            file.to_str().unwrap(),
+        ]);
+    }
+
+    /// Every process the lab started (agents and routers), from its saved state.
+    fn pids(&self) -> Vec<u32> {
+        let path = Path::new("/run/sepal-lab")
+            .join(&self.name)
+            .join("lab.json");
+        let state: Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+        let mut pids: Vec<u32> = state["nodes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|n| n["pid"].as_u64())
+            .map(|p| p as u32)
+            .collect();
+        for r in state["routers"].as_array().unwrap() {
+            pids.extend(
+                r["pids"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|p| p.as_u64().unwrap() as u32),
+            );
+        }
+        pids
+    }
+
+    fn down(&self) {
+        sepal_ok(&["lab", "down", "--name", &self.name]);
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        let _ = sepal(&["lab", "down", "--name", &self.name]);
+    }
+}
+
+fn netns_list() -> BTreeSet<String> {
+    let out = Command::new("ip").args(["netns", "list"]).output().unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.split_whitespace().next())
+        .map(str::to_string)
+        .collect()
+}
+
+fn in_netns(netns: &str, cmd: &str) -> String {
+    let out = Command::new("ip")
+        .args(["netns", "exec", netns, "sh", "-c", cmd])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{netns}: {cmd}: {out:?}");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn alive(pid: u32) -> bool {
+    // A zombie is gone for our purposes: it holds no namespace or socket.
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|s| !s.contains(") Z "))
+        .unwrap_or(false)
+}
+
+/// GET `path` on 127.0.0.1:9099 inside `netns`: (status code, body).
+fn http_get(netns: &str, path: &str) -> (u16, String) {
+    let ns = std::fs::File::open(format!("/run/netns/{netns}")).unwrap();
+    let path = path.to_string();
+    std::thread::spawn(move || {
+        // setns moves only this thread into the node's namespace.
+        assert_eq!(
+            unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) },
+            0,
+            "setns"
+        );
+        let mut s = std::net::TcpStream::connect("127.0.0.1:9099").expect("connect to metrics");
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        write!(s, "GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").unwrap();
+        let mut text = String::new();
+        s.read_to_string(&mut text).unwrap();
+        let code = text
+            .split_whitespace()
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .unwrap_or(0);
+        let body = text.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or("");
+        (code, body.to_string())
+    })
+    .join()
+    .unwrap()
+}
+
+/// Polls until `check` holds, with the last observed value in the failure message.
+fn wait_for<T: std::fmt::Debug>(
+    what: &str,
+    mut probe: impl FnMut() -> T,
+    check: impl Fn(&T) -> bool,
+) -> T {
+    let deadline = Instant::now() + Duration::from_secs(40);
+    loop {
+        let v = probe();
+        if check(&v) {
+            return v;
+        }
+        if Instant::now() > deadline {
+            panic!("timed out waiting for {what}; last: {v:?}");
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    }
+}
+
+fn strs(v: &Value) -> Vec<String> {
+    v.as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|x| x.as_str().map(str::to_string))
+        .collect()
+}
+
+fn without_prefix_len(addr: &str) -> &str {
+    addr.split('/').next().unwrap()
+}
+
+fn repo_file(rel: &str) -> std::path::PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join(rel)
+}
+
+#[test]
+fn lab_and_operator_tools_end_to_end() {
+    require_root();
+    let name = format!("lt{}", std::process::id());
+    let lab = Lab::up(&name, None);
+    let dir = tempfile::tempdir().unwrap();
+
+    // `lab status --json` matches the kernel: every namespace exists and holds its addresses.
+    let status = lab.status();
+    assert_eq!(status["name"], name.as_str());
+    let netns = netns_list();
+    for node in status["nodes"].as_array().unwrap() {
+        let ns = node["netns"].as_str().unwrap();
+        assert!(netns.contains(ns), "node netns {ns} missing");
+        let have = in_netns(ns, "ip -o addr show");
+        for a in strs(&node["addresses"]) {
+            assert!(have.contains(&a), "{ns} lacks {a}: {have}");
+        }
+    }
+    for pod in status["pods"].as_array().unwrap() {
+        let ns = pod["netns"].as_str().unwrap();
+        assert!(netns.contains(ns), "pod netns {ns} missing");
+        let have = in_netns(ns, "ip -o addr show dev eth0");
+        for ip in strs(&pod["ips"]) {
+            assert!(have.contains(&format!("{ip}/")), "{ns} lacks {ip}: {have}");
+        }
+    }
+    let tor: Vec<String> = strs(&status["routers"][0]["addresses"])
+        .iter()
+        .map(|a| without_prefix_len(a).to_string())
+        .collect();
+    let block_of = |node: &str| -> String {
+        let n = status["nodes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|n| n["name"] == node)
+            .unwrap();
+        n["podCIDRs"][0].as_str().unwrap().to_string()
+    };
+
+    // `sepal status`: ready, the ToR session up, both other blocks learned.
+    let node1 = wait_for(
+        "node1's session and routes",
+        || lab.ask("status", "node1"),
+        |s| {
+            s["ready"] == true
+                && s["bgp"]["peers"][0]["state"] == "Established"
+                && s["bgp"]["peers"][0]["prefixes_accepted"] == 2
+        },
+    );
+    let peer = node1["bgp"]["peers"][0]["address"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(
+        tor.contains(&peer),
+        "node1 peers with {peer}, not the ToR {tor:?}"
+    );
+    assert_eq!(node1["bgp"]["peers"][0]["remote_as"], 65000);
+    assert_eq!(strs(&node1["blocks"]), vec![block_of("node1")]);
+    assert_eq!(node1["endpoints"], 2);
+    assert_eq!(node1["datastore"]["synced"], true);
+
+    // `sepal routes`: pod routes to veths, the node's blackhole, the other blocks via the ToR.
+    let routes = lab.ask("routes", "node1");
+    let route = |dst: &str| {
+        routes
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["destination"] == dst)
+            .unwrap_or_else(|| panic!("no route to {dst} in {routes:#}"))
+            .clone()
+    };
+    assert_eq!(route(&block_of("node1"))["kind"], "blackhole");
+    for other in ["node2", "node3"] {
+        let r = route(&block_of(other));
+        assert_eq!(r["kind"], "bgp", "{r}");
+        assert_eq!(strs(&r["gateways"]), vec![peer.clone()]);
+        assert_eq!(r["bgp"]["peer"], peer.as_str());
+        assert_eq!(r["bgp"]["as_path"][0], 65000, "{r}");
+    }
+
+    // `sepal endpoints`: node1's two pods, routed to their veths.
+    let endpoints = lab.ask("endpoints", "node1");
+    let pods: BTreeSet<String> = endpoints
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            format!(
+                "{}/{}",
+                e["namespace"].as_str().unwrap(),
+                e["pod"].as_str().unwrap()
+            )
+        })
+        .collect();
+    assert_eq!(
+        pods,
+        BTreeSet::from(["frontend/web-1".to_string(), "backend/api-1".to_string()])
+    );
+    for e in endpoints.as_array().unwrap() {
+        assert_eq!(e["routed"], true, "{e}");
+        assert_eq!(
+            route(&format!("{}/32", e["ips"][0].as_str().unwrap()))["device"],
+            e["host_veth"]
+        );
+    }
+
+    // Metrics and health on the node's 127.0.0.1:9099.
+    let node1_ns = format!("{name}-node1");
+    assert_eq!(http_get(&node1_ns, "/healthz").0, 200);
+    assert_eq!(http_get(&node1_ns, "/readyz").0, 200);
+    assert_eq!(http_get(&node1_ns, "/nothing").0, 404);
+    let (code, metrics) = http_get(&node1_ns, "/metrics");
+    assert_eq!(code, 200);
+    for series in [
+        format!("sepal_bgp_session_up{{peer=\"{peer}\",remote_as=\"65000\"}} 1"),
+        format!("sepal_bgp_prefixes_accepted{{peer=\"{peer}\",remote_as=\"65000\"}} 2"),
+        "sepal_endpoints 2".to_string(),
+        "sepal_ready 1".to_string(),
+        "sepal_ipam_allocated_addresses 2".to_string(),
+        "sepal_cni_request_duration_seconds_count{op=\"add\",result=\"ok\"} 2".to_string(),
+        "sepal_policy_apply_duration_seconds_count".to_string(),
+        format!("sepal_bgp_updates_received_total{{peer=\"{peer}\""),
+    ] {
+        assert!(
+            metrics.contains(&series),
+            "{series} missing from:\n{metrics}"
+        );
+    }
+
+    // `sepal trace` across nodes: out of web-1's veth, via the ToR, into db-1's veth on node3.
+    let node3_eps = lab.ask("endpoints", "node3");
+    let db_veth = node3_eps
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["pod"] == "db-1")
+        .unwrap()["host_veth"]
+        .clone();
+    let t = lab.trace("frontend/web-1", "backend/db-1", "5432/TCP");
+    assert_eq!(t["allowed"], true, "{t:#}");
+    let (first, last) = (&t["hops"][0], &t["hops"][1]);
+    assert_eq!(first["node"], "node1");
+    assert_eq!(first["source"]["pod"], "frontend/web-1");
+    assert_eq!(first["lookup"]["gateway"], peer.as_str(), "{t:#}");
+    assert_eq!(first["bgp"]["prefix"], block_of("node3").as_str());
+    assert_eq!(last["node"], "node3");
+    assert_eq!(last["destination"]["host_veth"], db_veth);
+    assert_eq!(last["lookup"]["device"], db_veth);
+    assert!(
+        last["ingress"]
+            .as_str()
+            .unwrap()
+            .contains("no policy selects"),
+        "{t:#}"
+    );
+
+    // A policy: frontend may reach the backend, the backend itself may not; trace names it.
+    let policy = repo_file("docs/examples/backend-allow-frontend.yaml");
+    lab.apply(&policy, false);
+    let denied = wait_for(
+        "the policy to reach node3",
+        || lab.trace("backend/api-1", "backend/db-1", "5432/TCP"),
+        |t| t["allowed"] == false,
+    );
+    let ingress = denied["hops"][1]["ingress"].as_str().unwrap();
+    assert!(
+        ingress.contains("DENIED") && ingress.contains("backend/allow-frontend"),
+        "{ingress}"
+    );
+    let allowed = lab.trace("frontend/web-1", "backend/db-1", "5432/TCP");
+    assert_eq!(allowed["allowed"], true);
+    assert!(
+        allowed["hops"][1]["ingress"]
+            .as_str()
+            .unwrap()
+            .contains("allow-frontend"),
+        "{allowed:#}"
+    );
+
+    // Pods through apply/delete: created by CNI ADD, relabelled, removed by CNI DEL.
+    let pod_file = dir.path().join("pod.yaml");
+    let pod = |labels: &str| {
+        format!(
+            "apiVersion: v1\nkind: Pod\nmetadata: {{name: extra, namespace: frontend, labels: {{{labels}}}}}\n\
+             spec: {{nodeName: node2, containers: [{{name: main, image: lab}}]}}\n"
+        )
+    };
+    std::fs::write(&pod_file, pod("app: one")).unwrap();
+    lab.apply(&pod_file, false);
+    let find_extra = |s: &Value| {
+        s["pods"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["name"] == "extra")
+            .cloned()
+    };
+    let extra = find_extra(&lab.status()).expect("the new pod in lab status");
+    assert_eq!(extra["labels"]["app"], "one");
+    let extra_ip = extra["ips"][0].as_str().unwrap().to_string();
+    let node2_eps = lab.ask("endpoints", "node2");
+    assert!(node2_eps.to_string().contains(&extra_ip), "{node2_eps}");
+    std::fs::write(&pod_file, pod("app: two")).unwrap();
+    lab.apply(&pod_file, false);
+    assert_eq!(find_extra(&lab.status()).unwrap()["labels"]["app"], "two");
+    lab.apply(&pod_file, true);
+    assert!(find_extra(&lab.status()).is_none());
+    assert!(!netns_list().contains(extra["netns"].as_str().unwrap()));
+    assert!(!lab
+        .ask("endpoints", "node2")
+        .to_string()
+        .contains(&extra_ip));
+
+    // A second lab beside the first: its own namespaces, the first one untouched by its down.
+    let small = dir.path().join("small.yaml");
+    std::fs::write(
+        &small,
+        "nodes: [{name: solo}]\nnamespaces: [{name: demo}]\n\
+         pods: [{namespace: demo, name: p1, node: solo}]\n",
+    )
+    .unwrap();
+    let second = Lab::up(&format!("{name}b"), Some(&small));
+    let s2 = second.status();
+    assert_eq!(s2["pods"][0]["node"], "solo");
+    let solo = wait_for(
+        "the second lab's agent",
+        || second.ask("status", "solo"),
+        |s| s["ready"] == true,
+    );
+    assert_eq!(solo["endpoints"], 1);
+    let second_pids = second.pids();
+    second.down();
+    for p in second_pids {
+        assert!(!alive(p), "process {p} of the second lab survived its down");
+    }
+    assert_eq!(lab.ask("status", "node1")["ready"], true);
+
+    // Down leaves no namespace, link or process behind.
+    let pids = lab.pids();
+    lab.down();
+    for p in &pids {
+        assert!(!alive(*p), "process {p} survived lab down");
+    }
+    let left: Vec<String> = netns_list()
+        .into_iter()
+        .filter(|n| n.starts_with(&name))
+        .collect();
+    assert!(left.is_empty(), "namespaces left: {left:?}");
+    let links = String::from_utf8_lossy(
+        &Command::new("ip")
+            .args(["-o", "link"])
+            .output()
+            .unwrap()
+            .stdout,
+    )
+    .into_owned();
+    assert!(!links.contains(&name), "host links left: {links}");
+    assert!(!Path::new("/run/sepal-lab").join(&name).exists());
+    // Down again is harmless.
+    lab.down();
+}
