@@ -245,6 +245,8 @@ pub struct TraceArgs {
 pub struct Trace {
     pub hops: Vec<TraceHop>,
     pub allowed: bool,
+    /// In a lab: the router the first node hands the packet to.
+    pub router: Option<String>,
     /// Set when the path could not be followed to the destination pod.
     pub note: Option<String>,
 }
@@ -288,8 +290,13 @@ fn trace_lab(lab: &LabState, req: &TraceRequest) -> Result<Trace> {
     let request = AdminRequest::Trace(req.clone());
     let hop: TraceHop = admin::call(&lab_socket(lab, &first)?, &request)
         .with_context(|| format!("asking node {first}'s agent"))?;
+    let router = hop
+        .lookup
+        .gateway
+        .and_then(|g| crate::lab::router_with_address(lab, g));
     let mut trace = Trace {
         allowed: hop.allowed,
+        router,
         note: None,
         hops: vec![hop],
     };
@@ -345,6 +352,7 @@ pub fn trace(args: &TraceArgs) -> Result<()> {
             });
             Trace {
                 allowed: hop.allowed,
+                router: None,
                 note,
                 hops: vec![hop],
             }
@@ -402,6 +410,9 @@ fn print_trace(req: &TraceRequest, t: &Trace) {
                 hops.join(", ")
             );
         }
+        if let (0, Some(r), Some(g)) = (i, &t.router, h.lookup.gateway) {
+            println!("   -> router {r} ({g})");
+        }
         if let Some(d) = &h.destination {
             println!(
                 "   out host veth {} to pod {} {} ({})",
@@ -418,5 +429,12 @@ fn print_trace(req: &TraceRequest, t: &Trace) {
             println!("ingress policy (predicted): {}", h.ingress);
         }
     }
-    println!("\nverdict: {}", if t.allowed { "ALLOW" } else { "DENY" });
+    let verdict = if t.allowed { "ALLOW" } else { "DENY" };
+    match t.hops.iter().find(|h| h.lookup.error.is_some()) {
+        Some(h) => println!(
+            "\npolicy verdict: {verdict}, but routing drops the packet on node {}",
+            h.node
+        ),
+        None => println!("\nverdict: {verdict}"),
+    }
 }

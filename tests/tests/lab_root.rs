@@ -358,12 +358,21 @@ fn lab_and_operator_tools_end_to_end() {
     assert_eq!(last["node"], "node3");
     assert_eq!(last["destination"]["host_veth"], db_veth);
     assert_eq!(last["lookup"]["device"], db_veth);
+    assert_eq!(t["router"], "tor");
     assert!(
         last["ingress"]
             .as_str()
             .unwrap()
             .contains("no policy selects"),
         "{t:#}"
+    );
+
+    // An address of node3's block that no pod holds ends in node3's blackhole.
+    let unused = lab.trace("frontend/web-1", "10.244.3.200", "80/TCP");
+    assert_eq!(unused["hops"][1]["node"], "node3", "{unused:#}");
+    assert_eq!(
+        unused["hops"][1]["lookup"]["kind"], "blackhole",
+        "{unused:#}"
     );
 
     // A policy: frontend may reach the backend, the backend itself may not; trace names it.

@@ -85,6 +85,26 @@ fn describe(msg: &RouteMessage, names: &BTreeMap<u32, String>) -> RouteLookup {
     out
 }
 
+/// The kernel answers a lookup that hits a drop route with that route's error (fib_props in
+/// the kernel): a blackhole gives EINVAL, unreachable EHOSTUNREACH, prohibit EACCES.
+fn refused(e: &rtnetlink::Error) -> RouteLookup {
+    let kind = match sepal_felix::links::errno(e) {
+        Some(libc::EINVAL) => "blackhole",
+        Some(libc::EHOSTUNREACH) => "unreachable",
+        Some(libc::EACCES) => "prohibit",
+        _ => "error",
+    };
+    let error = match kind {
+        "error" => e.to_string(),
+        drop => format!("dropped: the kernel's route to it is {drop}"),
+    };
+    RouteLookup {
+        kind: kind.into(),
+        error: Some(error),
+        ..RouteLookup::default()
+    }
+}
+
 async fn get(handle: &Handle, msg: RouteMessage) -> Result<Option<RouteMessage>, rtnetlink::Error> {
     handle.route().get(msg).execute().try_next().await
 }
@@ -112,10 +132,6 @@ pub async fn route_get(handle: &Handle, dst: IpAddr, ingress: Option<Ingress>) -
             error: Some("the kernel returned no route".into()),
             ..RouteLookup::default()
         },
-        Err(e) => RouteLookup {
-            kind: "error".into(),
-            error: Some(e.to_string()),
-            ..RouteLookup::default()
-        },
+        Err(e) => refused(&e),
     }
 }

@@ -24,7 +24,11 @@ fn address_of(cluster: &Cluster, peer: &Peer, v4: Option<bool>) -> Result<IpAddr
             .iter()
             .find(|ip| v4.is_none_or(|v4| ip.is_ipv4() == v4))
             .copied()
-            .ok_or_else(|| format!("pod {peer} has no address of the right family yet")),
+            .ok_or_else(|| match v4 {
+                Some(true) => format!("pod {peer} has no IPv4 address"),
+                Some(false) => format!("pod {peer} has no IPv6 address"),
+                None => format!("pod {peer} has no address yet"),
+            }),
     }
 }
 

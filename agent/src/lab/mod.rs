@@ -406,6 +406,19 @@ fn status_json(lab: &LabState) -> Value {
     json!({"name": lab.name, "datastore": lab.datastore(), "nodes": nodes, "routers": routers, "pods": pods})
 }
 
+/// The lab router that holds `ip` on one of its links (for `sepal trace` to name the hop).
+pub fn router_with_address(lab: &LabState, ip: std::net::IpAddr) -> Option<String> {
+    let ip = ip.to_string();
+    lab.routers
+        .iter()
+        .find(|r| {
+            net::addresses(&r.netns, |_| true)
+                .iter()
+                .any(|a| a.split('/').next() == Some(ip.as_str()))
+        })
+        .map(|r| r.name.clone())
+}
+
 fn status(lab: &LabState, as_json: bool) -> Result<()> {
     let s = status_json(lab);
     if as_json {
