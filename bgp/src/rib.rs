@@ -1,6 +1,7 @@
 // The RIB: Adj-RIB-In per peer (post-import), Loc-RIB with the RFC 4271 §9.1 decision process and ECMP,
 // and the export rules (split horizon, route reflection per RFC 4456, next-hop-self to eBGP, loop checks).
 
+use std::collections::hash_map::Entry as Entry_;
 use std::collections::HashMap;
 use std::hash::BuildHasherDefault;
 use std::net::{IpAddr, Ipv4Addr};
@@ -236,7 +237,27 @@ impl Rib {
 
     /// Adds or replaces the path from `path.source` for `prefix`.
     pub fn insert(&mut self, prefix: IpNet, path: Path) -> Option<RouteChange> {
-        let e = self.entries.entry(prefix).or_default();
+        let e = match self.entries.entry(prefix) {
+            Entry_::Occupied(o) => o.into_mut(),
+            Entry_::Vacant(v) => {
+                // A new prefix (the bulk of a table load): its only path is the best.
+                if let Source::Peer(a) = path.source {
+                    *self.counts.entry(a).or_default() += 1;
+                }
+                let change = RouteChange {
+                    prefix,
+                    best: Some(BestRoute {
+                        next_hops: vec![path.next_hop],
+                        source: path.source,
+                        attrs: path.attrs.clone(),
+                    }),
+                };
+                let mut paths = SmallVec::new();
+                paths.push(path);
+                v.insert(Entry { paths, selected: 1 });
+                return Some(change);
+            }
+        };
         let before = e.selection();
         match e.paths.iter_mut().find(|p| p.source == path.source) {
             Some(p) => *p = path,

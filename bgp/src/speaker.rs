@@ -1,7 +1,7 @@
 // The tokio edge and public API: one task owns every session FSM and the RIB; socket readers, writers,
 // connects and the listener are tasks that only send events to it. Also graceful restart and max-prefix.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
@@ -288,7 +288,7 @@ impl Speaker {
             io_tx,
             route_tx,
             listeners,
-            dirty: HashSet::default(),
+            dirty: Vec::new(),
             tasks,
         };
         tokio::spawn(core.run(cmd_rx, io_rx));
@@ -428,7 +428,9 @@ struct Core {
     /// Restarting speaker before convergence: advertise nothing yet.
     deferring: bool,
     listeners: Vec<(std::os::fd::RawFd, bool)>,
-    dirty: HashSet<IpNet, rib::PrefixHash>,
+    /// Prefixes whose best route changed since the last flush (may repeat: advertising is
+    /// idempotent against the Adj-RIB-Out, and a list is cheaper than a set on a table load).
+    dirty: Vec<IpNet>,
     tasks: Vec<JoinHandle<()>>,
 }
 
@@ -700,7 +702,7 @@ impl Core {
 
     fn changed(&mut self, ch: RouteChange) {
         if !self.deferring {
-            self.dirty.insert(ch.prefix);
+            self.dirty.push(ch.prefix);
         }
         self.pending.push(ch);
     }
@@ -1443,7 +1445,7 @@ impl Core {
         if self.dirty.is_empty() {
             return;
         }
-        let dirty: Vec<IpNet> = self.dirty.drain().collect();
+        let dirty = std::mem::take(&mut self.dirty);
         let up: Vec<IpAddr> = self
             .peers
             .iter()
