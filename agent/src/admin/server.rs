@@ -3,7 +3,7 @@
 
 use super::{collect, AdminReply, AdminRequest};
 use crate::node::Agent;
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -26,14 +26,20 @@ impl Drop for AdminSocket {
     }
 }
 
-/// Binds the operator socket, replacing a stale file (the plugin socket's bind already refused
-/// to start next to a live agent).
+/// Binds the operator socket: replaces a stale file, refuses to take over the socket of an agent
+/// that still answers on it.
 pub fn bind(path: &Path) -> Result<AdminSocket> {
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir)
             .with_context(|| format!("creating socket directory {}", dir.display()))?;
     }
     if path.exists() {
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            bail!(
+                "another agent is already serving {}; stop it first or pass another --admin-socket",
+                path.display()
+            );
+        }
         std::fs::remove_file(path)
             .with_context(|| format!("removing stale socket {}", path.display()))?;
     }
@@ -95,4 +101,24 @@ async fn connection(mut stream: UnixStream, agent: Arc<Mutex<Agent>>) {
         tracing::debug!("sending an operator reply: {e}");
     }
     let _ = stream.shutdown().await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn bind_replaces_a_stale_socket_but_not_a_live_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("admin.sock");
+        drop(std::os::unix::net::UnixListener::bind(&path).unwrap());
+        let live = bind(&path).expect("a stale socket file is replaced");
+        let err = bind(&path)
+            .err()
+            .expect("a live socket is kept")
+            .to_string();
+        assert!(err.contains("already serving"), "{err}");
+        drop(live);
+        assert!(!path.exists(), "the socket file goes with the agent");
+    }
 }
