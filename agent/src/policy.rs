@@ -5,12 +5,13 @@ use crate::ipam::Allocation;
 use crate::model::{Model, PodInfo};
 use sepal_felix::conntrack::Conntrack;
 use sepal_felix::nft::{Applied, Dataplane, Options};
-use sepal_felix::policy::{self, Cluster, NamedPort, Namespace, Pod};
+use sepal_felix::policy::{Cluster, Compiler, NamedPort, Namespace, Pod};
 use std::collections::BTreeMap;
 
 /// The compiler's inputs from the datastore, and the dataplane that enforces the result.
 pub struct PolicyEngine {
     from_model: Cluster,
+    compiler: Compiler,
     dataplane: Dataplane,
     conntrack: Conntrack,
     /// Problem reports already logged, so a policy's invalid rule is reported once.
@@ -21,6 +22,7 @@ impl Default for PolicyEngine {
     fn default() -> Self {
         PolicyEngine {
             from_model: Cluster::default(),
+            compiler: Compiler::default(),
             dataplane: Dataplane::new(Options::default()),
             conntrack: Conntrack::new(),
             reported: Vec::new(),
@@ -82,7 +84,7 @@ impl PolicyEngine {
     /// entries, so they stop (revocation).
     pub fn apply(&mut self, endpoints: &[Allocation]) -> Result<Applied, String> {
         let cluster = self.cluster(endpoints);
-        let ruleset = policy::compile(&cluster);
+        let ruleset = self.compiler.compile(&cluster);
         for problem in &ruleset.problems {
             let text = format!("{problem:?}");
             if !self.reported.contains(&text) {
@@ -91,7 +93,10 @@ impl PolicyEngine {
             }
         }
         let started = std::time::Instant::now();
-        let applied = self.dataplane.apply(&ruleset).map_err(|e| e.to_string())?;
+        let applied = self
+            .dataplane
+            .apply_owned(ruleset)
+            .map_err(|e| e.to_string())?;
         if applied != Applied::Unchanged {
             tracing::debug!(
                 ?applied,

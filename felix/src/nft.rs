@@ -377,15 +377,20 @@ impl Dataplane {
     /// Applies `rs`: the difference to the last applied ruleset, or the whole table atomically
     /// when nothing was applied yet by this process (adoption) or the difference failed.
     pub fn apply(&mut self, rs: &Ruleset) -> Result<Applied, NftError> {
+        self.apply_owned(rs.clone())
+    }
+
+    /// `apply`, keeping `rs` as the last applied state without copying it.
+    pub fn apply_owned(&mut self, rs: Ruleset) -> Result<Applied, NftError> {
         if let Some(last) = &self.last {
-            let diff = render_diff(last, rs, &self.opts);
+            let diff = render_diff(last, &rs, &self.opts);
             if diff.is_empty() {
                 return Ok(Applied::Unchanged);
             }
-            let narrowed = narrows(last, rs);
+            let narrowed = narrows(last, &rs);
             match self.run(&["-f", "-"], Some(&diff)) {
                 Ok(_) => {
-                    self.last = Some(rs.clone());
+                    self.last = Some(rs);
                     return Ok(Applied::Incremental {
                         commands: diff.lines().count(),
                         narrowed,
@@ -398,7 +403,10 @@ impl Dataplane {
                 }
             }
         }
-        self.resync(rs)
+        self.last = None;
+        self.run(&["-f", "-"], Some(&render_full(&rs, &self.opts)))?;
+        self.last = Some(rs);
+        Ok(Applied::Full)
     }
 
     /// Replaces the whole table atomically.

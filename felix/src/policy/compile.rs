@@ -2,13 +2,13 @@
 //! Set names derive from stable identities (policy, rule), never from their content, so a pod or
 //! label change only changes set elements and the dataplane diff stays small.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::IpAddr;
 
 use sha2::{Digest, Sha256};
 
 use super::validate::{validate, Direction, PeerSpec, Policy, PolicyRule, PortSpec, Problem};
-use super::{AddrRanges, Cluster, Family, Pod, Protocol};
+use super::{AddrRanges, Cluster, Family, NetworkPolicy, Pod, Protocol};
 
 /// Type of a named set.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -287,24 +287,104 @@ pub(crate) fn policy_chain(policy: &Policy, direction: Direction) -> String {
     format!("{d}-{}", short_hash(&policy.id()))
 }
 
-/// Builds the desired ruleset for the node whose pods have `host_iface` set.
-///
-/// Layout: one chain per (policy, direction) with its rules, shared by every local pod it
-/// selects; one chain per isolated (endpoint, direction) that jumps to the chains of the
-/// policies selecting it and drops what none accepted.
+/// Compiles again and again (one per model change), remembering what depends only on a policy's
+/// own content: its validation and the names derived from it. `compile` is a fresh one.
+#[derive(Debug, Default)]
+pub struct Compiler {
+    /// By (namespace, name): the source last seen, and what it validated to.
+    cache: HashMap<(String, String), Validated>,
+}
+
+#[derive(Debug)]
+struct Validated {
+    source: NetworkPolicy,
+    policy: Option<Named>,
+    problems: Vec<Problem>,
+}
+
+/// A validated policy and the names of its chains and jump comments (by direction: ingress,
+/// egress), computed once.
+#[derive(Debug)]
+struct Named {
+    policy: Policy,
+    chain: [String; 2],
+    jump_comment: [String; 2],
+}
+
+const DIRECTIONS: [Direction; 2] = [Direction::Ingress, Direction::Egress];
+
+fn dir_index(direction: Direction) -> usize {
+    match direction {
+        Direction::Ingress => 0,
+        Direction::Egress => 1,
+    }
+}
+
+impl Compiler {
+    /// Builds the desired ruleset for the node whose pods have `host_iface` set.
+    ///
+    /// Layout: one chain per (policy, direction) with its rules, shared by every local pod it
+    /// selects; one chain per isolated (endpoint, direction) that jumps to the chains of the
+    /// policies selecting it (through a chain shared by pods selected by the same policies) and
+    /// drops what none accepted.
+    pub fn compile(&mut self, cluster: &Cluster) -> Ruleset {
+        let mut seen: BTreeSet<(String, String)> = BTreeSet::new();
+        for np in &cluster.policies {
+            let key = (
+                np.metadata.namespace.clone().unwrap_or_default(),
+                np.metadata.name.clone().unwrap_or_default(),
+            );
+            if self.cache.get(&key).is_none_or(|v| v.source != *np) {
+                let (policy, problems) = validate(np);
+                let policy = policy.map(|policy| Named {
+                    chain: DIRECTIONS.map(|d| policy_chain(&policy, d)),
+                    jump_comment: DIRECTIONS.map(|d| format!("{} {d}", policy.id())),
+                    policy,
+                });
+                self.cache.insert(
+                    key.clone(),
+                    Validated {
+                        source: np.clone(),
+                        policy,
+                        problems,
+                    },
+                );
+            }
+            seen.insert(key);
+        }
+        self.cache.retain(|k, _| seen.contains(k));
+        // Sorted by namespace and name (the BTreeSet's order), as `validated` sorts.
+        let mut policies: Vec<&Named> = Vec::new();
+        let mut problems: Vec<Problem> = Vec::new();
+        for key in &seen {
+            let v = &self.cache[key];
+            policies.extend(v.policy.as_ref());
+            problems.extend(v.problems.iter().cloned());
+        }
+        problems.sort_by(|a, b| (&a.policy, &a.field).cmp(&(&b.policy, &b.field)));
+        compile_validated(cluster, &policies, problems)
+    }
+}
+
+/// Builds the desired ruleset for the node whose pods have `host_iface` set (see
+/// `Compiler::compile`, which also remembers validation between calls).
 pub fn compile(cluster: &Cluster) -> Ruleset {
-    let (policies, problems) = validated(cluster);
+    Compiler::default().compile(cluster)
+}
+
+fn compile_validated(cluster: &Cluster, policies: &[&Named], problems: Vec<Problem>) -> Ruleset {
     let mut rs = Ruleset {
         problems,
         ..Ruleset::default()
     };
     let ns_labels = ns_labels(cluster);
-    let families = families_in_use(cluster, &policies);
+    let families = families_in_use(cluster, policies.iter().map(|n| &n.policy));
     let index = PodIndex::new(cluster);
 
     // For each pod (by index), the policies selecting it, in policy order.
     let mut policies_of_pod: Vec<Vec<usize>> = vec![Vec::new(); cluster.pods.len()];
-    for (pi, policy) in policies.iter().enumerate() {
+    for (pi, named) in policies.iter().enumerate() {
+        let policy = &named.policy;
         let mut selected: Vec<&Pod> = Vec::new();
         let mut any_local = false;
         for &(idx, pod) in index.in_namespace(&policy.namespace) {
@@ -318,7 +398,7 @@ pub fn compile(cluster: &Cluster) -> Ruleset {
         if !any_local {
             continue;
         }
-        for direction in [Direction::Ingress, Direction::Egress] {
+        for direction in DIRECTIONS {
             let Some(rules) = policy.rules(direction) else {
                 continue;
             };
@@ -339,7 +419,8 @@ pub fn compile(cluster: &Cluster) -> Ruleset {
                     &mut chain.rules,
                 );
             }
-            rs.chains.insert(policy_chain(policy, direction), chain);
+            rs.chains
+                .insert(named.chain[dir_index(direction)].clone(), chain);
         }
     }
 
@@ -351,49 +432,60 @@ pub fn compile(cluster: &Cluster) -> Ruleset {
         .filter(|(_, p)| p.host_iface.is_some())
         .collect();
     local.sort_by(|a, b| a.1.host_iface.cmp(&b.1.host_iface));
+    // Pods selected by the same policies share their jump rules, computed once per such list.
+    let mut jumps_of: HashMap<(&[usize], usize), Option<NftRule>> = HashMap::new();
     for (idx, pod) in local {
         let Some(iface) = pod.host_iface.as_deref() else {
             continue;
         };
         rs.endpoints.insert(iface.to_string());
-        for direction in [Direction::Ingress, Direction::Egress] {
-            let jumps: Vec<NftRule> = policies_of_pod[idx]
-                .iter()
-                .map(|&pi| &policies[pi])
-                .filter(|policy| policy.rules(direction).is_some())
-                .map(|policy| NftRule {
-                    matches: vec![],
-                    action: Action::Jump(policy_chain(policy, direction)),
-                    comment: format!("{} {direction}", policy.id()),
-                })
-                .collect();
-            if jumps.is_empty() {
-                continue;
-            }
-            // Pods selected by the same policies share one chain of jumps; the endpoint's own
-            // chain keeps only that jump and its drop counter.
-            let mut chain = Chain::default();
-            if jumps.len() == 1 {
-                chain.rules = jumps;
-            } else {
-                let key: Vec<&str> = jumps.iter().map(|r| r.comment.as_str()).collect();
-                let shared = format!(
-                    "ps{}-{}",
-                    &endpoint_chain("", direction)[..2],
-                    short_hash(&key.join("\n"))
-                );
-                chain.rules.push(NftRule {
-                    matches: vec![],
-                    action: Action::Jump(shared.clone()),
-                    comment: format!("{} policies", jumps.len()),
+        for direction in DIRECTIONS {
+            let d = dir_index(direction);
+            let jump = jumps_of
+                .entry((policies_of_pod[idx].as_slice(), d))
+                .or_insert_with(|| {
+                    let jumps: Vec<NftRule> = policies_of_pod[idx]
+                        .iter()
+                        .map(|&pi| policies[pi])
+                        .filter(|named| named.policy.rules(direction).is_some())
+                        .map(|named| NftRule {
+                            matches: vec![],
+                            action: Action::Jump(named.chain[d].clone()),
+                            comment: named.jump_comment[d].clone(),
+                        })
+                        .collect();
+                    if jumps.len() <= 1 {
+                        return jumps.into_iter().next();
+                    }
+                    // Several policies: one shared chain of jumps; the endpoint's own chain
+                    // keeps only the jump to it and its drop counter.
+                    let key: Vec<&str> = jumps.iter().map(|r| r.comment.as_str()).collect();
+                    let shared = format!(
+                        "ps{}-{}",
+                        &endpoint_chain("", direction)[..2],
+                        short_hash(&key.join("\n"))
+                    );
+                    let rule = NftRule {
+                        matches: vec![],
+                        action: Action::Jump(shared.clone()),
+                        comment: format!("{} policies", jumps.len()),
+                    };
+                    rs.chains.insert(shared, Chain { rules: jumps });
+                    Some(rule)
                 });
-                rs.chains.insert(shared, Chain { rules: jumps });
-            }
-            chain.rules.push(NftRule {
-                matches: vec![],
-                action: Action::Drop,
-                comment: default_deny_comment(&pod.namespace, &pod.name, direction),
-            });
+            let Some(jump) = jump.clone() else {
+                continue;
+            };
+            let chain = Chain {
+                rules: vec![
+                    jump,
+                    NftRule {
+                        matches: vec![],
+                        action: Action::Drop,
+                        comment: default_deny_comment(&pod.namespace, &pod.name, direction),
+                    },
+                ],
+            };
             let name = endpoint_chain(iface, direction);
             match direction {
                 Direction::Ingress => rs.ingress_dispatch.insert(iface.to_string(), name.clone()),
@@ -407,7 +499,10 @@ pub fn compile(cluster: &Cluster) -> Ruleset {
 
 /// Address families anything in the cluster uses; rules for an unused family would only ever
 /// look up empty sets.
-fn families_in_use(cluster: &Cluster, policies: &[Policy]) -> Vec<Family> {
+fn families_in_use<'a>(
+    cluster: &Cluster,
+    policies: impl Iterator<Item = &'a Policy> + Clone,
+) -> Vec<Family> {
     Family::ALL
         .into_iter()
         .filter(|&f| {
@@ -415,7 +510,7 @@ fn families_in_use(cluster: &Cluster, policies: &[Policy]) -> Vec<Family> {
                 .pods
                 .iter()
                 .any(|p| p.ips.iter().any(|ip| Family::of(ip) == f))
-                || policies.iter().any(|p| {
+                || policies.clone().any(|p| {
                     [&p.ingress, &p.egress]
                         .into_iter()
                         .flatten()
@@ -446,11 +541,6 @@ fn compile_group(
     out: &mut Vec<NftRule>,
 ) {
     let cluster = ctx.cluster;
-    let d = match direction {
-        Direction::Ingress => 'i',
-        Direction::Egress => 'e',
-    };
-    let base = format!("{d}{}-{}", short_hash(&policy.id()), group.indices[0]);
     let comment = group_comment(policy, direction, &group.indices);
     let action = Action::Accept;
     let ports = &group.rules[0].ports;
@@ -472,8 +562,12 @@ fn compile_group(
         || ports
             .as_ref()
             .is_none_or(|ports| ports.iter().any(|p| matches!(p, PortSpec::Range { .. })));
-    let named_only_egress = !needs_peer_set;
-    let peer_pods: Vec<&Pod> = match (&peers, named_only_egress) {
+    // Egress named ports resolve on the peer pods: the named-port set holds their addresses.
+    let egress_named = direction == Direction::Egress
+        && ports
+            .as_ref()
+            .is_some_and(|ports| ports.iter().any(|p| matches!(p, PortSpec::Named { .. })));
+    let peer_pods: Vec<&Pod> = match (&peers, egress_named) {
         (_, false) => Vec::new(),
         (None, true) => cluster.pods.iter().collect(),
         (Some(peers), true) => {
@@ -643,31 +737,59 @@ fn compile_group(
         }
     }
     if !named.is_empty() {
-        // Ingress: the selected pod's own port of that name; egress: the peer pod's.
-        let owners: &[&Pod] = match direction {
-            Direction::Ingress => selected,
-            Direction::Egress => &peer_pods,
+        // Ingress: the selected pod's own port of that name; egress: the peer pod's. The set is
+        // named after what decides its content, so policies resolving the same names on the
+        // same pods share it.
+        let (owners, owners_key): (&[&Pod], String) = match direction {
+            Direction::Ingress => (
+                selected,
+                format!("{}{:?}", policy.namespace, policy.pod_selector),
+            ),
+            Direction::Egress => {
+                let mut key = format!("{peers:?}");
+                let this_namespace = peers.as_ref().is_none_or(|peers| {
+                    peers.iter().any(|p| {
+                        matches!(
+                            p,
+                            PeerSpec::Pods {
+                                namespaces: None,
+                                ..
+                            }
+                        )
+                    })
+                });
+                if this_namespace {
+                    key.push_str(&policy.namespace);
+                }
+                (&peer_pods, key)
+            }
         };
+        let key = format!(
+            "n{}",
+            short_hash(&format!("{direction}{owners_key}{named:?}"))
+        );
         for &family in ctx.families {
-            let mut elements = BTreeSet::new();
-            for pod in owners {
-                for &(proto, pname) in &named {
-                    let Some(port) = pod.named_port(pname, proto) else {
-                        continue;
-                    };
-                    for ip in pod.ips.iter().filter(|ip| Family::of(ip) == family) {
-                        elements.insert(format!("{} . {} . {port}", ip_elem(ip), proto.nft()));
+            let name = format!("{key}-named{}", fam(family));
+            if !ctx.sets.contains_key(&name) {
+                let mut elements = BTreeSet::new();
+                for pod in owners {
+                    for &(proto, pname) in &named {
+                        let Some(port) = pod.named_port(pname, proto) else {
+                            continue;
+                        };
+                        for ip in pod.ips.iter().filter(|ip| Family::of(ip) == family) {
+                            elements.insert(format!("{} . {} . {port}", ip_elem(ip), proto.nft()));
+                        }
                     }
                 }
+                ctx.sets.insert(
+                    name.clone(),
+                    Set {
+                        kind: SetKind::AddrProtoPort(family),
+                        elements,
+                    },
+                );
             }
-            let name = format!("{base}-named{}", fam(family));
-            ctx.sets.insert(
-                name.clone(),
-                Set {
-                    kind: SetKind::AddrProtoPort(family),
-                    elements,
-                },
-            );
             let mut matches: Vec<Match> = match direction {
                 Direction::Ingress => peer_match(family).into_iter().collect(),
                 // The named-port set already holds only the peer pods' addresses.

@@ -1,7 +1,7 @@
 //! `explain`: the verdict NetworkPolicy gives one packet (from, to, protocol, port) and the policy
 //! rule that decided it, evaluated on the same validated model the compiler turns into nftables.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::net::IpAddr;
 
@@ -9,7 +9,8 @@ use super::compile::{
     group_comment, ns_labels, peer_matches_pod, rule_groups, selects, validated, NsLabels,
 };
 use super::validate::{Direction, PeerSpec, Policy, PortSpec};
-use super::{Cluster, Family, Pod, Protocol};
+use super::{default_deny_comment, Cluster, Family, Pod, Protocol};
+use crate::nft::{packets_for, RuleCounter};
 
 /// One end of the packet: a pod by name, or an address (which may belong to a pod).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -87,6 +88,9 @@ impl DirectionVerdict {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Explanation {
     pub allowed: bool,
+    /// The source and destination pods (`namespace/name`), when the ends are pods.
+    pub source: Option<String>,
+    pub destination: Option<String>,
     /// Loopback: a pod talking to itself never leaves its network namespace.
     pub loopback: bool,
     pub egress: DirectionVerdict,
@@ -123,6 +127,51 @@ impl fmt::Display for Explanation {
             }
         }
         Ok(())
+    }
+}
+
+impl Explanation {
+    /// The packets nftables counted for each direction's decision: the deciding rule's counter
+    /// when allowed (summed over the pods sharing that policy's chain), the isolated pod's
+    /// default-deny counter when denied; `None` where no rule decides (not isolated, not a pod).
+    pub fn counted(&self, counters: &BTreeMap<(String, String), RuleCounter>) -> [Option<u64>; 2] {
+        let count = |v: &DirectionVerdict, pod: &Option<String>, direction: Direction| match v {
+            DirectionVerdict::Allowed { comment, .. } => Some(packets_for(counters, comment)),
+            DirectionVerdict::Denied { .. } => {
+                let (ns, name) = pod.as_deref()?.split_once('/')?;
+                Some(packets_for(
+                    counters,
+                    &default_deny_comment(ns, name, direction),
+                ))
+            }
+            DirectionVerdict::NotAPod | DirectionVerdict::NotIsolated => None,
+        };
+        [
+            count(&self.egress, &self.source, Direction::Egress),
+            count(&self.ingress, &self.destination, Direction::Ingress),
+        ]
+    }
+
+    /// The explanation followed by the kernel's counters for each decision.
+    pub fn report(&self, counters: &BTreeMap<(String, String), RuleCounter>) -> String {
+        let mut out = self.to_string();
+        if self.loopback {
+            return out;
+        }
+        for ((what, v), n) in [("egress", &self.egress), ("ingress", &self.ingress)]
+            .into_iter()
+            .zip(self.counted(counters))
+        {
+            let Some(n) = n else { continue };
+            let line = match v {
+                DirectionVerdict::Allowed { comment, .. } => {
+                    format!("counter {what}: rule \"{comment}\" matched {n} packets\n")
+                }
+                _ => format!("counter {what}: the pod's default deny dropped {n} packets\n"),
+            };
+            out.push_str(&line);
+        }
+        out
     }
 }
 
@@ -238,6 +287,8 @@ impl<'a> Explainer<'a> {
             if std::ptr::eq(a, b) {
                 return Ok(Explanation {
                     allowed: true,
+                    source: Some(format!("{}/{}", a.namespace, a.name)),
+                    destination: Some(format!("{}/{}", b.namespace, b.name)),
                     loopback: true,
                     egress: DirectionVerdict::NotIsolated,
                     ingress: DirectionVerdict::NotIsolated,
@@ -246,8 +297,11 @@ impl<'a> Explainer<'a> {
         }
         let egress = self.check(Direction::Egress, &src, &dst, protocol, port);
         let ingress = self.check(Direction::Ingress, &dst, &src, protocol, port);
+        let id = |end: &End| end.pod.map(|p| format!("{}/{}", p.namespace, p.name));
         Ok(Explanation {
             allowed: egress.allows() && ingress.allows(),
+            source: id(&src),
+            destination: id(&dst),
             loopback: false,
             egress,
             ingress,

@@ -30,7 +30,7 @@ use std::net::IpAddr;
 
 pub use addr::{AddrRanges, Family};
 pub use compile::{
-    compile, default_deny_comment, Action, Chain, Match, NftRule, Ruleset, Set, SetKind,
+    compile, default_deny_comment, Action, Chain, Compiler, Match, NftRule, Ruleset, Set, SetKind,
 };
 pub use explain::{
     explain, parse_port, DirectionVerdict, ExplainError, Explainer, Explanation,

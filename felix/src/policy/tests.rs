@@ -253,3 +253,53 @@ fn explain_cli_arguments_parse() {
     assert!("x".parse::<ExplainPeer>().is_err());
     assert!("x/a/b".parse::<ExplainPeer>().is_err());
 }
+
+#[test]
+fn egress_named_and_numeric_ports_in_one_rule_both_apply() {
+    let egress = r#"
+metadata: {name: eg, namespace: x}
+spec:
+  podSelector: {matchLabels: {pod: a}}
+  egress:
+  - to: [{podSelector: {matchLabels: {pod: b}}}]
+    ports: [{port: serve-80-tcp}, {port: 81}]
+"#;
+    let c = cluster(&[egress]);
+    assert!(allowed(&c, "x/a", "x/b", Protocol::Tcp, 80));
+    assert!(allowed(&c, "x/a", "x/b", Protocol::Tcp, 81));
+    assert!(!allowed(&c, "x/a", "x/c", Protocol::Tcp, 80));
+    let rs = compile(&c);
+    let named: Vec<&Set> = rs
+        .sets
+        .iter()
+        .filter(|(n, _)| n.ends_with("-named4"))
+        .map(|(_, s)| s)
+        .collect();
+    assert_eq!(named.len(), 1);
+    // x/b is 10.244.0.11: its serve-80-tcp port, and no other pod's.
+    assert_eq!(
+        named[0].elements.iter().collect::<Vec<_>>(),
+        vec!["10.244.0.11 . tcp . 80"]
+    );
+}
+
+#[test]
+fn a_reused_compiler_equals_a_fresh_one() {
+    let variants = [
+        vec![DENY_X],
+        vec![DENY_X, ALLOW_B_TO_A],
+        vec![ALLOW_B_TO_A],
+        vec![],
+        vec![DENY_X],
+    ];
+    let mut compiler = Compiler::default();
+    for (i, policies) in variants.iter().enumerate() {
+        let mut c = cluster(policies);
+        // A policy edited in place (same name, new content) and a pod relabelled.
+        if i == 4 {
+            c.policies[0].spec.as_mut().unwrap().policy_types = Some(vec!["Egress".into()]);
+            c.pods[1].labels.insert("pod".into(), "a".into());
+        }
+        assert_eq!(compiler.compile(&c), compile(&c), "step {i}");
+    }
+}

@@ -14,7 +14,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use sepal_felix::nft::{Dataplane, Options};
-use sepal_felix::policy::{compile, Cluster, NamedPort, Namespace, NetworkPolicy, Pod, Protocol};
+use sepal_felix::policy::{
+    compile, Cluster, Compiler, NamedPort, Namespace, NetworkPolicy, Pod, Protocol,
+};
 
 use crate::netns::{veth, Netns};
 
@@ -31,8 +33,8 @@ fn parse(args: &[String]) -> Result<Args> {
         pods: 1000,
         policies: 500,
         peers: 10_000,
-        seconds: 3,
-        runs: 3,
+        seconds: 2,
+        runs: 5,
     };
     let mut it = args.iter();
     while let Some(flag) = it.next() {
@@ -187,13 +189,16 @@ fn control_plane(a: &Args) -> Result<(f64, f64, f64)> {
         rs.chains.len(),
         rs.chains.values().map(|c| c.rules.len()).sum::<usize>()
     );
-    // One policy change, then one new pod, each from model change to kernel ack.
+    // One policy change, then one new pod, each from model change to kernel ack, as the agent
+    // does it: a long-lived compiler (it remembers validated policies) and the dataplane.
+    let mut compiler = Compiler::default();
+    compiler.compile(&cluster);
     let (mut pol_ms, mut pod_ms, mut compile_ms) = (Vec::new(), Vec::new(), Vec::new());
     let mut timed = |dp: &mut Dataplane, cluster: &Cluster| -> Result<f64> {
         let t = Instant::now();
-        let rs = compile(cluster);
+        let rs = compiler.compile(cluster);
         compile_ms.push(t.elapsed().as_secs_f64() * 1000.0);
-        dp.apply(&rs)?;
+        dp.apply_owned(rs)?;
         Ok(t.elapsed().as_secs_f64() * 1000.0)
     };
     for i in 0..10 {
@@ -351,68 +356,83 @@ fn iptables_rules(sources: &[Ipv4Addr]) -> String {
     s
 }
 
+/// Client threads in the connect/close loop: several, so the machine stays busy with connection
+/// work while one thread waits to be scheduled, and the rate measures the per-connection cost
+/// (where a ruleset's price shows) rather than scheduling latency.
+const CONNECTORS: usize = 4;
+
 /// New TCP connections per second: connect, then close with RST (SO_LINGER 0) so no TIME_WAIT
-/// piles up, from one thread in the client pod.
-///
-/// Note: without any ruleset (no conntrack in the node) this loop has measured consistently
-/// slower than with one on this machine, so the no-policy rate is printed but not used as a
-/// ratio; the comparison that counts is against the linear iptables ruleset.
+/// piles up, from `CONNECTORS` threads in the client pod.
 fn conn_rate(lab: &Lab, seconds: u64) -> Result<f64> {
     // Every variant starts with an empty conntrack table: the previous loop's closed entries
     // would otherwise pile up (and a full table drops new connections).
     let _ = lab.node.try_run("conntrack -F 2>/dev/null");
     let cli = lab.cli.path();
-    let name = lab.cli.name().to_string();
-    std::thread::scope(|s| {
-        s.spawn(move || -> Result<f64> {
-            let f = File::open(&cli)?;
-            // SAFETY: setns on a valid namespace fd only changes this thread's namespace.
-            if unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-                bail!("setns {name}");
-            }
-            let addr = SocketAddr::new(IpAddr::V4(SRV_IP), PORT);
-            let deadline = Instant::now() + Duration::from_secs(seconds);
-            let start = Instant::now();
-            let mut n = 0u64;
-            let mut failures = 0u32;
-            let mut first = true;
-            // At least one connection, even with no time left (that wakes the accept loop).
-            while first || Instant::now() < deadline {
-                first = false;
-                // A SYN lost to a full accept queue is retransmitted after 1 s: wait for it,
-                // and give up only on a persistent failure.
-                let c = match TcpStream::connect_timeout(&addr, Duration::from_secs(3)) {
-                    Ok(c) => c,
-                    Err(e) => {
-                        failures += 1;
-                        if failures > 10 {
-                            bail!("connections keep failing: {e}");
-                        }
-                        continue;
-                    }
-                };
-                let linger = libc::linger {
-                    l_onoff: 1,
-                    l_linger: 0,
-                };
-                // SAFETY: valid fd and a correctly sized linger struct.
-                unsafe {
-                    libc::setsockopt(
-                        c.as_raw_fd(),
-                        libc::SOL_SOCKET,
-                        libc::SO_LINGER,
-                        (&linger as *const libc::linger).cast(),
-                        std::mem::size_of::<libc::linger>() as libc::socklen_t,
-                    );
+    let start = Instant::now();
+    let deadline = start + Duration::from_secs(seconds);
+    let counts: Vec<Result<u64>> = std::thread::scope(|s| {
+        let workers: Vec<_> = (0..CONNECTORS)
+            .map(|_| s.spawn(|| connect_loop(&cli, deadline)))
+            .collect();
+        workers
+            .into_iter()
+            .map(|w| {
+                w.join()
+                    .map_err(|_| anyhow::anyhow!("connect loop panicked"))?
+            })
+            .collect()
+    });
+    let mut total = 0;
+    for c in counts {
+        total += c?;
+    }
+    Ok(total as f64 / start.elapsed().as_secs_f64())
+}
+
+/// One thread's connect/close loop in the namespace at `netns` until `deadline` (at least one
+/// connection, even with no time left: that wakes the accept loop).
+fn connect_loop(netns: &std::path::Path, deadline: Instant) -> Result<u64> {
+    let f = File::open(netns)?;
+    // SAFETY: setns on a valid namespace fd only changes this thread's namespace.
+    if unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+        bail!("setns {}", netns.display());
+    }
+    let addr = SocketAddr::new(IpAddr::V4(SRV_IP), PORT);
+    let mut n = 0u64;
+    let mut failures = 0u32;
+    let mut first = true;
+    while first || Instant::now() < deadline {
+        first = false;
+        // A SYN lost to a full accept queue is retransmitted after 1 s: wait for it, and give
+        // up only on a persistent failure.
+        let c = match TcpStream::connect_timeout(&addr, Duration::from_secs(3)) {
+            Ok(c) => c,
+            Err(e) => {
+                failures += 1;
+                if failures > 10 {
+                    bail!("connections keep failing: {e}");
                 }
-                drop(c);
-                n += 1;
+                continue;
             }
-            Ok(n as f64 / start.elapsed().as_secs_f64())
-        })
-        .join()
-        .map_err(|_| anyhow::anyhow!("connect loop panicked"))?
-    })
+        };
+        let linger = libc::linger {
+            l_onoff: 1,
+            l_linger: 0,
+        };
+        // SAFETY: valid fd and a correctly sized linger struct.
+        unsafe {
+            libc::setsockopt(
+                c.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_LINGER,
+                (&linger as *const libc::linger).cast(),
+                std::mem::size_of::<libc::linger>() as libc::socklen_t,
+            );
+        }
+        drop(c);
+        n += 1;
+    }
+    Ok(n)
 }
 
 fn iperf(lab: &Lab, seconds: u64) -> Result<f64> {
@@ -477,16 +497,25 @@ fn iptables_flush(lab: &Lab, tool: &str) {
 }
 
 struct DatapathFigures {
-    /// Best-of-runs connection rates (sepal, iptables-nft): on a shared machine the best run
-    /// is the one least disturbed by others.
-    best_rate_sepal: f64,
-    best_rate_ipt_nft: f64,
     tput_none: f64,
     tput_sepal: f64,
     rate_none: f64,
     rate_sepal: f64,
     rate_ipt_nft: f64,
     rate_ipt_legacy: f64,
+    /// Medians of the per-run ratios: each run measures every variant back to back, so a
+    /// ratio within one run cancels the machine's drift between runs.
+    tput_ratio: f64,
+    rate_ratio_nft: f64,
+    rate_ratio_legacy: f64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Variant {
+    NoPolicy,
+    Sepal,
+    IptablesNft,
+    IptablesLegacy,
 }
 
 fn datapath(a: &Args) -> Result<DatapathFigures> {
@@ -549,22 +578,41 @@ fn datapath(a: &Args) -> Result<DatapathFigures> {
     let (mut t_none, mut t_sepal) = (Vec::new(), Vec::new());
     let (mut r_none, mut r_sepal, mut r_nft, mut r_legacy) =
         (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let variants = [
+        Variant::NoPolicy,
+        Variant::Sepal,
+        Variant::IptablesNft,
+        Variant::IptablesLegacy,
+    ];
     for run in 0..a.runs {
-        // Interleaved so drift in the machine's speed hits every variant alike.
-        dp.delete().ok();
-        t_none.push(iperf(&lab, a.seconds)?);
-        r_none.push(conn_rate(&lab, a.seconds)?);
-        dp.resync(&rs)?;
-        t_sepal.push(iperf(&lab, a.seconds)?);
-        r_sepal.push(conn_rate(&lab, a.seconds)?);
-        dp.delete()?;
-        iptables_load(&lab, "iptables-restore", &ipt)?;
-        r_nft.push(conn_rate(&lab, a.seconds)?);
-        iptables_flush(&lab, "iptables-restore");
-        lab.node.try_run("nft delete table ip filter").ok();
-        iptables_load(&lab, "iptables-legacy-restore", &ipt)?;
-        r_legacy.push(conn_rate(&lab, a.seconds)?);
-        iptables_flush(&lab, "iptables-legacy-restore");
+        // Every variant once per run, in a rotating order, so neither drift in the machine's
+        // speed nor position in the run favours one.
+        for k in 0..variants.len() {
+            let variant = variants[(run + k) % variants.len()];
+            match variant {
+                Variant::NoPolicy => {
+                    t_none.push(iperf(&lab, a.seconds)?);
+                    r_none.push(conn_rate(&lab, a.seconds)?);
+                }
+                Variant::Sepal => {
+                    dp.resync(&rs)?;
+                    t_sepal.push(iperf(&lab, a.seconds)?);
+                    r_sepal.push(conn_rate(&lab, a.seconds)?);
+                    dp.delete()?;
+                }
+                Variant::IptablesNft => {
+                    iptables_load(&lab, "iptables-restore", &ipt)?;
+                    r_nft.push(conn_rate(&lab, a.seconds)?);
+                    iptables_flush(&lab, "iptables-restore");
+                    lab.node.try_run("nft delete table ip filter").ok();
+                }
+                Variant::IptablesLegacy => {
+                    iptables_load(&lab, "iptables-legacy-restore", &ipt)?;
+                    r_legacy.push(conn_rate(&lab, a.seconds)?);
+                    iptables_flush(&lab, "iptables-legacy-restore");
+                }
+            }
+        }
         println!(
             "run {}: throughput none {:.2} / sepal {:.2} Gbit/s; conn/s none {:.0}, sepal {:.0}, iptables-nft linear {:.0}, iptables-legacy linear {:.0}",
             run + 1,
@@ -580,9 +628,13 @@ fn datapath(a: &Args) -> Result<DatapathFigures> {
     let _ = conn_rate(&lab, 0);
     let _ = server.join();
     crate::netns::kill(&mut iperf_srv);
+    let ratios = |num: &[f64], den: &[f64]| -> f64 {
+        median(num.iter().zip(den).map(|(n, d)| n / d).collect())
+    };
     Ok(DatapathFigures {
-        best_rate_sepal: r_sepal.iter().copied().fold(0.0, f64::max),
-        best_rate_ipt_nft: r_nft.iter().copied().fold(0.0, f64::max),
+        tput_ratio: ratios(&t_sepal, &t_none),
+        rate_ratio_nft: ratios(&r_sepal, &r_nft),
+        rate_ratio_legacy: ratios(&r_sepal, &r_legacy),
         tput_none: median(t_none),
         tput_sepal: median(t_sepal),
         rate_none: median(r_none),
@@ -597,11 +649,11 @@ pub fn run(args: &[String]) -> Result<()> {
     crate::require_root();
     let (full, pol, newpod) = control_plane(&a)?;
     let d = datapath(&a)?;
-    let tput_ratio = d.tput_sepal / d.tput_none;
-    let rate_ratio = d.rate_sepal / d.rate_ipt_nft;
-    let legacy_ratio = d.rate_sepal / d.rate_ipt_legacy;
+    let (tput_ratio, rate_ratio, legacy_ratio) =
+        (d.tput_ratio, d.rate_ratio_nft, d.rate_ratio_legacy);
     println!(
-        "medians: throughput none {:.2} Gbit/s, sepal {:.2} Gbit/s (ratio {tput_ratio:.3}); new connections/s none {:.0}, sepal {:.0}, linear iptables (nf_tables backend, Debian default) {:.0} (ratio {rate_ratio:.2}), linear iptables-legacy {:.0} (ratio {legacy_ratio:.2})",
+        "medians over {} runs (ratios: medians of each run's ratio): throughput none {:.2} Gbit/s, sepal {:.2} Gbit/s (ratio {tput_ratio:.3}); new connections/s none {:.0}, sepal {:.0}, linear iptables (nf_tables backend, Debian default) {:.0} (ratio {rate_ratio:.2}), linear iptables-legacy {:.0} (ratio {legacy_ratio:.2})",
+        a.runs,
         d.tput_none / 1e9,
         d.tput_sepal / 1e9,
         d.rate_none,
@@ -619,7 +671,6 @@ pub fn run(args: &[String]) -> Result<()> {
             "throughput_ratio_vs_none": (tput_ratio * 1000.0).round() / 1000.0,
             "conn_rate_ratio_vs_linear_iptables": (rate_ratio * 100.0).round() / 100.0,
             "conn_rate_ratio_vs_linear_iptables_legacy": (legacy_ratio * 100.0).round() / 100.0,
-            "conn_rate_ratio_vs_linear_iptables_best_runs": (d.best_rate_sepal / d.best_rate_ipt_nft * 100.0).round() / 100.0,
         })
     );
     Ok(())

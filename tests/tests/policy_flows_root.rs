@@ -1,6 +1,8 @@
-//! Revocation, needs root: an established TCP flow keeps going after a policy change denies it
-//! (conntrack accepts established packets before any policy rule), until its conntrack entry is
-//! removed; then it stops. Two pod namespaces behind one node namespace, as the agent wires them.
+//! Flows between two pods of one node, needs root. Revocation: an established TCP flow keeps going
+//! after a policy change denies it (conntrack accepts established packets before any policy rule),
+//! until its conntrack entry is removed; then it stops. Explain: the verdict and deciding rule
+//! agree with what the kernel's per-rule counters saw. Two pod namespaces behind one node
+//! namespace, as the agent wires them.
 
 use std::collections::BTreeMap;
 use std::fs::File;
@@ -11,7 +13,9 @@ use std::time::Duration;
 
 use sepal_felix::conntrack::{Conntrack, Flow};
 use sepal_felix::nft::{Applied, Dataplane, Options};
-use sepal_felix::policy::{compile, Cluster, Pod, Protocol};
+use sepal_felix::policy::{
+    compile, explain, Cluster, DirectionVerdict, ExplainPeer, Pod, Protocol,
+};
 use sepal_tests::netns::{veth, Netns};
 
 const CLIENT: Ipv4Addr = Ipv4Addr::new(10, 244, 0, 10);
@@ -142,4 +146,62 @@ fn a_denied_established_flow_stops_after_revocation_root() {
     });
     let (mut server2, _) = listener.accept().expect("accept");
     assert!(delivered(&mut again, &mut server2, "five"));
+}
+
+#[test]
+fn explain_names_the_rule_whose_counter_saw_the_packets_root() {
+    sepal_tests::require_root();
+    let node = Netns::new("exnode");
+    node.run("sysctl -qw net.ipv4.ip_forward=1 && ip link add up0 type veth peer name up1 && ip link set up0 up && ip link set up1 up && ip route add default dev up0");
+    let cli = pod(&node, "excli", "sepcli", CLIENT);
+    let srv = pod(&node, "exsrv", "sepsrv", SERVER);
+    let mut dp = Dataplane::in_netns(node.path(), Options::default());
+    let c = cluster(&[ALLOW_CLIENT]);
+    dp.apply(&compile(&c)).unwrap();
+    let _listeners = in_netns(&srv, || {
+        [PORT, PORT + 1].map(|p| TcpListener::bind(("0.0.0.0", p)).expect("bind"))
+    });
+    let attempt = |port: u16, wait: Duration| {
+        in_netns(&cli, || {
+            TcpStream::connect_timeout(&(SERVER, port).into(), wait).is_ok()
+        })
+    };
+    assert!(attempt(PORT, Duration::from_secs(3)));
+    assert!(!attempt(PORT + 1, Duration::from_millis(500)));
+
+    let counters = dp.counters().unwrap();
+    let (client, server) = (
+        ExplainPeer::Pod {
+            namespace: "x".into(),
+            name: "client".into(),
+        },
+        ExplainPeer::Pod {
+            namespace: "x".into(),
+            name: "server".into(),
+        },
+    );
+    let ok = explain(&c, &client, &server, Protocol::Tcp, PORT).unwrap();
+    assert!(ok.allowed);
+    assert_eq!(ok.egress, DirectionVerdict::NotIsolated);
+    assert_eq!(
+        ok.ingress,
+        DirectionVerdict::Allowed {
+            policy: "x/web".into(),
+            rule: 0,
+            comment: "x/web ingress[0]".into()
+        }
+    );
+    let [eg, ing] = ok.counted(&counters);
+    assert_eq!(eg, None);
+    assert!(ing.is_some_and(|n| n >= 1), "{counters:?}");
+    assert!(ok
+        .report(&counters)
+        .contains("rule \"x/web ingress[0]\" matched"));
+
+    let denied = explain(&c, &client, &server, Protocol::Tcp, PORT + 1).unwrap();
+    assert!(!denied.allowed);
+    let [_, drops] = denied.counted(&counters);
+    // The SYN and its retransmissions within the attempt.
+    assert!(drops.is_some_and(|n| n >= 1), "{counters:?}");
+    assert!(denied.report(&counters).contains("default deny dropped"));
 }
