@@ -562,20 +562,18 @@ fn compile_group(
         || ports
             .as_ref()
             .is_none_or(|ports| ports.iter().any(|p| matches!(p, PortSpec::Range { .. })));
-    // Egress named ports resolve on the peer pods: the named-port set holds their addresses.
-    let egress_named = direction == Direction::Egress
-        && ports
-            .as_ref()
-            .is_some_and(|ports| ports.iter().any(|p| matches!(p, PortSpec::Named { .. })));
-    let peer_pods: Vec<&Pod> = match (&peers, egress_named) {
-        (_, false) => Vec::new(),
-        (None, true) => cluster.pods.iter().collect(),
-        (Some(peers), true) => {
-            let mut found: BTreeMap<usize, &Pod> = BTreeMap::new();
-            for peer in peers {
-                found.extend(ctx.index.peer_pods(ctx.ns_labels, policy, peer));
+    // Egress named ports resolve on the peer pods: the named-port set holds their addresses
+    // (found only when that set is not built yet).
+    let peer_pods = || -> Vec<&Pod> {
+        match &peers {
+            None => cluster.pods.iter().collect(),
+            Some(peers) => {
+                let mut found: BTreeMap<usize, &Pod> = BTreeMap::new();
+                for peer in peers {
+                    found.extend(ctx.index.peer_pods(ctx.ns_labels, policy, peer));
+                }
+                found.into_values().collect()
             }
-            found.into_values().collect()
         }
     };
     let peer_sets: Option<BTreeMap<Family, String>> =
@@ -740,11 +738,8 @@ fn compile_group(
         // Ingress: the selected pod's own port of that name; egress: the peer pod's. The set is
         // named after what decides its content, so policies resolving the same names on the
         // same pods share it.
-        let (owners, owners_key): (&[&Pod], String) = match direction {
-            Direction::Ingress => (
-                selected,
-                format!("{}{:?}", policy.namespace, policy.pod_selector),
-            ),
+        let owners_key = match direction {
+            Direction::Ingress => format!("{}{:?}", policy.namespace, policy.pod_selector),
             Direction::Egress => {
                 let mut key = format!("{peers:?}");
                 let this_namespace = peers.as_ref().is_none_or(|peers| {
@@ -761,18 +756,23 @@ fn compile_group(
                 if this_namespace {
                     key.push_str(&policy.namespace);
                 }
-                (&peer_pods, key)
+                key
             }
         };
         let key = format!(
             "n{}",
             short_hash(&format!("{direction}{owners_key}{named:?}"))
         );
+        let mut owners: Option<Vec<&Pod>> = None;
         for &family in ctx.families {
             let name = format!("{key}-named{}", fam(family));
             if !ctx.sets.contains_key(&name) {
+                let owners = owners.get_or_insert_with(|| match direction {
+                    Direction::Ingress => selected.to_vec(),
+                    Direction::Egress => peer_pods(),
+                });
                 let mut elements = BTreeSet::new();
-                for pod in owners {
+                for pod in owners.iter() {
                     for &(proto, pname) in &named {
                         let Some(port) = pod.named_port(pname, proto) else {
                             continue;
