@@ -12,6 +12,7 @@ mod model;
 mod node;
 mod ops;
 mod policy;
+mod policy_explain;
 mod routing;
 mod server;
 
@@ -66,6 +67,16 @@ enum Command {
     },
     /// The path of a packet from a pod: veths, route lookups, BGP next hops, policy verdicts.
     Trace(ops::TraceArgs),
+    /// NetworkPolicy: `explain` why a packet is allowed or dropped.
+    #[command(subcommand)]
+    Policy(PolicyCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum PolicyCommand {
+    /// The verdict for one packet, the policy rule that decided it and its kernel counters,
+    /// from the running agent.
+    Explain(policy_explain::ExplainArgs),
 }
 
 fn init_logging(format: LogFormat) {
@@ -102,6 +113,7 @@ fn main() -> ExitCode {
         Command::Routes { json, target } => ops::routes(&target, json),
         Command::Endpoints { json, target } => ops::endpoints(&target, json),
         Command::Trace(args) => ops::trace(&args),
+        Command::Policy(PolicyCommand::Explain(args)) => policy_explain::run(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

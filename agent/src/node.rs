@@ -76,6 +76,16 @@ impl Agent {
         self.policy.cluster(self.allocations())
     }
 
+    /// Per-rule counters of this node's policy table.
+    pub fn policy_counters(
+        &self,
+    ) -> Result<
+        std::collections::BTreeMap<(String, String), sepal_felix::nft::RuleCounter>,
+        sepal_felix::nft::NftError,
+    > {
+        self.policy.counters()
+    }
+
     pub fn netlink(&self) -> &Handle {
         &self.handle
     }

@@ -37,7 +37,7 @@ impl AgentTarget {
     }
 
     /// The socket of the agent to ask for a node-scoped report.
-    fn socket(&self) -> Result<PathBuf> {
+    pub fn socket(&self) -> Result<PathBuf> {
         if let Some(path) = &self.admin_socket {
             return Ok(path.clone());
         }

@@ -113,6 +113,14 @@ impl PolicyEngine {
         Ok(applied)
     }
 
+    /// Per-rule counters of the table this engine programs.
+    pub fn counters(
+        &self,
+    ) -> Result<BTreeMap<(String, String), sepal_felix::nft::RuleCounter>, sepal_felix::nft::NftError>
+    {
+        self.dataplane.counters()
+    }
+
     /// Removes the conntrack entries of established flows the new rules deny. A failure is
     /// logged, not returned: the rules are in place and every new flow obeys them.
     fn revoke(&self, cluster: &Cluster) {

@@ -25,6 +25,9 @@ pub async fn answer(
         AdminRequest::Routes => serde_json::to_value(routes(agent).await?),
         AdminRequest::Endpoints => serde_json::to_value(endpoints(agent).await?),
         AdminRequest::Trace(t) => serde_json::to_value(super::trace::hop(agent, &t).await?),
+        AdminRequest::PolicyExplain(t) => {
+            serde_json::to_value(crate::policy_explain::answer(agent, &t).await?)
+        }
     };
     value.map_err(|e| format!("encoding the report: {e}"))
 }

@@ -36,6 +36,9 @@ pub enum AdminRequest {
     Endpoints,
     /// What this node does with one packet: a [`TraceHop`].
     Trace(TraceRequest),
+    /// NetworkPolicy's verdict for one packet, the deciding rules and their counters on this
+    /// node: a `policy_explain::ExplainReport`.
+    PolicyExplain(TraceRequest),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
