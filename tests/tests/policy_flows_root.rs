@@ -7,7 +7,7 @@
 use std::collections::BTreeMap;
 use std::fs::File;
 use std::io::{Read, Write};
-use std::net::{Ipv4Addr, TcpListener, TcpStream};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, TcpListener, TcpStream};
 use std::os::fd::AsRawFd;
 use std::time::Duration;
 
@@ -20,6 +20,8 @@ use sepal_tests::netns::{veth, Netns};
 
 const CLIENT: Ipv4Addr = Ipv4Addr::new(10, 244, 0, 10);
 const SERVER: Ipv4Addr = Ipv4Addr::new(10, 244, 0, 20);
+const CLIENT6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, 0x10);
+const SERVER6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, 0x20);
 const PORT: u16 = 8080;
 
 /// Runs `f` on a thread inside `ns` (sockets it creates live there).
@@ -41,31 +43,50 @@ fn in_netns<T: Send>(ns: &Netns, f: impl FnOnce() -> T + Send) -> T {
     })
 }
 
-/// A pod namespace wired to `node` the way the CNI plugin does it: /32 address, host veth with
-/// proxy ARP and a /32 route.
-fn pod(node: &Netns, tag: &str, host: &str, ip: Ipv4Addr) -> Netns {
+/// A node namespace forwarding both families, with an uplink (proxy ARP answers for the pods'
+/// gateway only if the node routes it elsewhere) and no duplicate address detection delays.
+fn node(tag: &str) -> Netns {
+    let node = Netns::new(tag);
+    node.run("sysctl -qw net.ipv4.ip_forward=1 net.ipv6.conf.all.forwarding=1 net.ipv6.conf.default.accept_dad=0 \
+        && ip link add up0 type veth peer name up1 && ip link set up0 up && ip link set up1 up && ip route add default dev up0");
+    node
+}
+
+/// A dual-stack pod namespace wired to `node` the way the CNI plugin does it: /32 and /128
+/// addresses, host veth with proxy ARP and host routes; IPv6 default via the veth's link-local.
+fn pod(node: &Netns, tag: &str, host: &str, ip: Ipv4Addr, ip6: Ipv6Addr) -> Netns {
     let p = Netns::new(tag);
+    p.run("sysctl -qw net.ipv6.conf.default.accept_dad=0");
     veth(node, host, &p, "eth0");
     node.run(&format!(
-        "sysctl -qw net.ipv4.conf.{host}.proxy_arp=1 net.ipv4.neigh.{host}.proxy_delay=0 && ip route add {ip}/32 dev {host} scope link"
+        "sysctl -qw net.ipv4.conf.{host}.proxy_arp=1 net.ipv4.neigh.{host}.proxy_delay=0 && ip route add {ip}/32 dev {host} scope link && ip -6 route add {ip6}/128 dev {host}"
     ));
-    p.run(&format!("ip addr add {ip}/32 dev eth0 && ip route add 169.254.1.1 dev eth0 scope link && ip route add default via 169.254.1.1 dev eth0"));
+    let link_local = node
+        .run(&format!("ip -6 -o addr show dev {host} scope link"))
+        .split_whitespace()
+        .skip_while(|w| *w != "inet6")
+        .nth(1)
+        .and_then(|a| a.split('/').next())
+        .map(str::to_string)
+        .expect("host veth link-local address");
+    p.run(&format!("ip addr add {ip}/32 dev eth0 && ip route add 169.254.1.1 dev eth0 scope link && ip route add default via 169.254.1.1 dev eth0 \
+        && ip addr add {ip6}/128 dev eth0 nodad && ip -6 route add default via {link_local} dev eth0"));
     p
 }
 
 fn cluster(policies: &[&str]) -> Cluster {
-    let pod = |name: &str, ip: Ipv4Addr, iface: &str| Pod {
+    let pod = |name: &str, ip: Ipv4Addr, ip6: Ipv6Addr, iface: &str| Pod {
         namespace: "x".into(),
         name: name.into(),
         labels: BTreeMap::from([("app".to_string(), name.to_string())]),
-        ips: vec![ip.into()],
+        ips: vec![ip.into(), ip6.into()],
         host_iface: Some(iface.into()),
         ports: vec![],
     };
     Cluster {
         pods: vec![
-            pod("client", CLIENT, "sepcli"),
-            pod("server", SERVER, "sepsrv"),
+            pod("client", CLIENT, CLIENT6, "sepcli"),
+            pod("server", SERVER, SERVER6, "sepsrv"),
         ],
         policies: policies
             .iter()
@@ -91,11 +112,9 @@ fn delivered(client: &mut TcpStream, server: &mut TcpStream, text: &str) -> bool
 #[test]
 fn a_denied_established_flow_stops_after_revocation_root() {
     sepal_tests::require_root();
-    let node = Netns::new("rvnode");
-    // Proxy ARP answers for the pods' gateway only if the node routes it elsewhere.
-    node.run("sysctl -qw net.ipv4.ip_forward=1 && ip link add up0 type veth peer name up1 && ip link set up0 up && ip link set up1 up && ip route add default dev up0");
-    let cli = pod(&node, "rvcli", "sepcli", CLIENT);
-    let srv = pod(&node, "rvsrv", "sepsrv", SERVER);
+    let node = node("rvnode");
+    let cli = pod(&node, "rvcli", "sepcli", CLIENT, CLIENT6);
+    let srv = pod(&node, "rvsrv", "sepsrv", SERVER, SERVER6);
     let mut dp = Dataplane::in_netns(node.path(), Options::default());
     let conntrack = Conntrack::in_netns(node.path());
 
@@ -151,10 +170,9 @@ fn a_denied_established_flow_stops_after_revocation_root() {
 #[test]
 fn explain_names_the_rule_whose_counter_saw_the_packets_root() {
     sepal_tests::require_root();
-    let node = Netns::new("exnode");
-    node.run("sysctl -qw net.ipv4.ip_forward=1 && ip link add up0 type veth peer name up1 && ip link set up0 up && ip link set up1 up && ip route add default dev up0");
-    let cli = pod(&node, "excli", "sepcli", CLIENT);
-    let srv = pod(&node, "exsrv", "sepsrv", SERVER);
+    let node = node("exnode");
+    let cli = pod(&node, "excli", "sepcli", CLIENT, CLIENT6);
+    let srv = pod(&node, "exsrv", "sepsrv", SERVER, SERVER6);
     let mut dp = Dataplane::in_netns(node.path(), Options::default());
     let c = cluster(&[ALLOW_CLIENT]);
     dp.apply(&compile(&c)).unwrap();
@@ -204,4 +222,64 @@ fn explain_names_the_rule_whose_counter_saw_the_packets_root() {
     // The SYN and its retransmissions within the attempt.
     assert!(drops.is_some_and(|n| n >= 1), "{counters:?}");
     assert!(denied.report(&counters).contains("default deny dropped"));
+}
+
+#[test]
+fn ipv6_flows_obey_policy_counters_and_revocation_root() {
+    sepal_tests::require_root();
+    let node = node("v6node");
+    let cli = pod(&node, "v6cli", "sepcli", CLIENT, CLIENT6);
+    let srv = pod(&node, "v6srv", "sepsrv", SERVER, SERVER6);
+    let mut dp = Dataplane::in_netns(node.path(), Options::default());
+    let conntrack = Conntrack::in_netns(node.path());
+    let allowed = cluster(&[ALLOW_CLIENT]);
+    dp.apply(&compile(&allowed)).unwrap();
+    let listeners = in_netns(&srv, || {
+        [PORT, PORT + 1].map(|p| TcpListener::bind(("::", p)).expect("bind"))
+    });
+    let connect = |port: u16, wait: Duration| {
+        in_netns(&cli, || {
+            TcpStream::connect_timeout(&(IpAddr::V6(SERVER6), port).into(), wait)
+        })
+    };
+    assert!(connect(PORT + 1, Duration::from_millis(500)).is_err());
+    let mut client = connect(PORT, Duration::from_secs(3)).expect("IPv6 connect");
+    let (mut server, _) = listeners[0].accept().expect("accept");
+    assert!(delivered(&mut client, &mut server, "one"));
+
+    // Explain on the addresses agrees with the IPv6 rules' counters.
+    let counters = dp.counters().unwrap();
+    let (from, to) = (
+        ExplainPeer::Ip(CLIENT6.into()),
+        ExplainPeer::Ip(SERVER6.into()),
+    );
+    let ok = explain(&allowed, &from, &to, Protocol::Tcp, PORT).unwrap();
+    assert!(ok.allowed);
+    assert!(
+        ok.counted(&counters)[1].is_some_and(|n| n >= 1),
+        "{counters:?}"
+    );
+    let denied = explain(&allowed, &from, &to, Protocol::Tcp, PORT + 1).unwrap();
+    assert!(!denied.allowed);
+    assert!(
+        denied.counted(&counters)[1].is_some_and(|n| n >= 1),
+        "{counters:?}"
+    );
+
+    // Denied from now on: the established IPv6 flow is revoked and stops.
+    let deny = cluster(&[DENY_ALL]);
+    dp.apply(&compile(&deny)).unwrap();
+    assert!(delivered(&mut client, &mut server, "two"));
+    let revoked = conntrack.revoke(&deny).unwrap();
+    assert_eq!(
+        revoked,
+        vec![Flow {
+            protocol: Protocol::Tcp,
+            src: CLIENT6.into(),
+            dst: SERVER6.into(),
+            sport: client.local_addr().unwrap().port(),
+            dport: PORT,
+        }]
+    );
+    assert!(!delivered(&mut client, &mut server, "three"));
 }
