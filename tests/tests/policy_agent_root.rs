@@ -9,7 +9,7 @@ use std::fs::File;
 use std::net::TcpStream;
 use std::os::fd::AsRawFd;
 use std::process::Command;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 fn write(node: &Node, file: &str, yaml: &str) {
     std::fs::write(node.datastore.join(file), yaml).expect("write datastore object");
@@ -44,7 +44,7 @@ fn add_pod(node: &Node, tag: &str, name: &str) -> (Netns, String) {
 }
 
 /// A TCP connection attempt from inside `netns`; true when it was answered (accepted or refused).
-fn answered(netns: &Netns, ip: &str, port: u16) -> bool {
+fn answered(netns: &Netns, ip: &str, port: u16, wait: Duration) -> bool {
     let path = netns.path();
     let addr = format!("{ip}:{port}").parse().expect("addr");
     std::thread::scope(|s| {
@@ -52,7 +52,7 @@ fn answered(netns: &Netns, ip: &str, port: u16) -> bool {
             let f = File::open(&path).expect("netns");
             // SAFETY: setns on a valid namespace fd only changes this thread's namespace.
             assert_eq!(unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) }, 0);
-            match TcpStream::connect_timeout(&addr, Duration::from_millis(700)) {
+            match TcpStream::connect_timeout(&addr, wait) {
                 Ok(_) => true,
                 Err(e) => e.kind() == std::io::ErrorKind::ConnectionRefused,
             }
@@ -105,8 +105,13 @@ fn explain_asks_the_agent_and_cross_checks_the_counters_root() {
     let (client, _) = add_pod(&node, "pxc", "client");
 
     // Port 8080 is allowed (refused: nothing listens); port 81 is dropped by the policy.
-    assert!(answered(&client, &server_ip, 8080));
-    assert!(!answered(&client, &server_ip, 81));
+    assert!(answered(&client, &server_ip, 8080, Duration::from_secs(3)));
+    assert!(!answered(
+        &client,
+        &server_ip,
+        81,
+        Duration::from_millis(700)
+    ));
 
     let ok = explain(&node, "8080/TCP");
     assert_eq!(ok["allowed"], true, "{ok}");
@@ -127,4 +132,42 @@ fn explain_asks_the_agent_and_cross_checks_the_counters_root() {
         "{denied}"
     );
     assert_eq!(denied["egress_packets"], Value::Null, "{denied}");
+}
+
+/// Another node's pod gets its address (Pod `status.podIPs` in the datastore): this node adds it to
+/// the sets of the policies that select it. Prints how long that took (the dir datastore waits
+/// for a quiet time of 100 ms after a change before reading it).
+#[test]
+fn a_remote_pods_new_address_reaches_this_nodes_sets_root() {
+    let mut node = Node::new("prn", &["10.244.10.0/24"]);
+    write(&node, "pod-server.yaml", &pod_yaml("server", "prn"));
+    write(
+        &node,
+        "np-web.yaml",
+        "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: web, namespace: default}\nspec:\n  podSelector: {matchLabels: {app: server}}\n  ingress: [{from: [{podSelector: {matchLabels: {app: client}}}]}]\n",
+    );
+    node.start_agent();
+    let (_server, _) = add_pod(&node, "prs", "server");
+    let table = || node.netns.run("nft list table inet sepal");
+    assert!(!table().contains("10.244.50.7"));
+
+    let started = Instant::now();
+    write(
+        &node,
+        "pod-client.yaml",
+        "apiVersion: v1\nkind: Pod\nmetadata: {name: client, namespace: default, labels: {app: client}}\nspec: {nodeName: elsewhere, containers: [{name: c, image: x}]}\nstatus: {phase: Running, podIP: 10.244.50.7, podIPs: [{ip: 10.244.50.7}]}\n",
+    );
+    let deadline = started + Duration::from_secs(10);
+    while !table().contains("10.244.50.7") {
+        assert!(
+            Instant::now() < deadline,
+            "the remote pod's address never reached the sets; agent log:\n{}",
+            node.agent_log()
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    eprintln!(
+        "remote pod address in this node's sets after {} ms",
+        started.elapsed().as_millis()
+    );
 }
