@@ -308,3 +308,105 @@ fn bgp_gobgp_ibgp_ipv6() {
         d.route("fd00:244:1::/64").is_none().then_some(())
     });
 }
+
+/// iBGP with FRR: LOCAL_PREF carried both ways, no AS prepended, next hops unchanged, withdraw
+/// propagation.
+#[test]
+fn bgp_frr_ibgp() {
+    let (s, p) = pair("fi");
+    let frr = Frr::start(
+        &p,
+        "10.213.0.1",
+        "router bgp 65002\n bgp router-id 10.213.0.1\n no bgp ebgp-requires-policy\n no bgp network import-check\n \
+         neighbor 10.213.0.2 remote-as 65002\n neighbor 10.213.0.2 timers connect 1\n neighbor 10.213.0.2 timers 3 9\n \
+         address-family ipv4 unicast\n  network 10.244.1.0/24\n exit-address-family\n",
+    );
+    let mut d = sepal(&s, 65002, &["0.0.0.0:179"], json!({}));
+    d.peer(json!({"address": "10.213.0.1", "remote_as": 65002, "connect_retry_ms": 1000, "hold_time": 9, "families": ["ipv4"]}));
+    d.cmd(json!({"cmd": "announce", "prefix": "10.244.2.0/24", "local_pref": 200}));
+    established(&mut d, "10.213.0.1");
+    let ours = wait_for(T, "our route in FRR", || {
+        frr.routes("ipv4").get("10.244.2.0/24").cloned()
+    });
+    let path = &ours[0];
+    assert_eq!(path["locPrf"], 200, "{ours}");
+    assert_eq!(path["path"], "", "{ours}");
+    assert_eq!(path["nexthops"][0]["ip"], "10.213.0.2", "{ours}");
+    let got = wait_for(T, "FRR's route in Sepal", || d.route("10.244.1.0/24"));
+    assert_eq!(got["next_hops"], json!(["10.213.0.1"]));
+    assert_eq!(got["attrs"]["local_pref"], 100, "{got}");
+    assert_eq!(got["attrs"]["as_path"], json!([]), "{got}");
+
+    d.withdraw("10.244.2.0/24");
+    wait_for(T, "withdrawal in FRR", || {
+        frr.routes("ipv4")
+            .get("10.244.2.0/24")
+            .is_none()
+            .then_some(())
+    });
+}
+
+/// GTSM (RFC 5082) against real peers: BIRD `ttl security on` and FRR `ttl-security hops 1`
+/// establish with Sepal's `ttl_security: 1`; a peer that sends TTL 1 (BIRD without GTSM, as
+/// eBGP does by default) never gets a session.
+#[test]
+fn bgp_gtsm_bird_frr_and_a_peer_without_it() {
+    let bird_ipv4 = r#"ipv4 { import all; export where proto = "st4"; };"#;
+    let peer = json!({"address": "10.213.0.1", "remote_as": 65001, "connect_retry_ms": 1000, "hold_time": 9, "families": ["ipv4"], "ttl_security": 1});
+
+    let (s1, p1) = pair("gb");
+    let _bird = Bird::start(
+        &p1,
+        &bird_conf(
+            "10.213.0.1",
+            65001,
+            "10.213.0.2",
+            65002,
+            "ttl security on;",
+            bird_ipv4,
+        ),
+    );
+    let mut d1 = sepal(&s1, 65002, &["0.0.0.0:179"], json!({}));
+    d1.peer(peer.clone());
+    established(&mut d1, "10.213.0.1");
+    wait_for(T, "BIRD's route in Sepal over GTSM", || {
+        d1.route("10.244.1.0/24")
+    });
+
+    let (s2, p2) = pair("gf");
+    let frr = Frr::start(
+        &p2,
+        "10.213.0.1",
+        "router bgp 65001\n bgp router-id 10.213.0.1\n no bgp ebgp-requires-policy\n no bgp network import-check\n \
+         neighbor 10.213.0.2 remote-as 65002\n neighbor 10.213.0.2 timers connect 1\n neighbor 10.213.0.2 timers 3 9\n \
+         neighbor 10.213.0.2 ttl-security hops 1\n \
+         address-family ipv4 unicast\n  network 10.244.1.0/24\n exit-address-family\n",
+    );
+    let mut d2 = sepal(&s2, 65002, &["0.0.0.0:179"], json!({}));
+    d2.peer(peer.clone());
+    d2.announce("10.244.2.0/24");
+    established(&mut d2, "10.213.0.1");
+    wait_for(T, "FRR's route in Sepal over GTSM", || {
+        d2.route("10.244.1.0/24")
+    });
+    wait_for(T, "our route in FRR over GTSM", || {
+        frr.routes("ipv4").get("10.244.2.0/24").map(|_| ())
+    });
+
+    // BIRD without GTSM sends with TTL 1: the kernel drops its segments below IP_MINTTL 254.
+    let (s3, p3) = pair("gn");
+    let bird = Bird::start(
+        &p3,
+        &bird_conf("10.213.0.1", 65001, "10.213.0.2", 65002, "", bird_ipv4),
+    );
+    let mut d3 = sepal(&s3, 65002, &["0.0.0.0:179"], json!({}));
+    d3.peer(peer);
+    std::thread::sleep(Duration::from_secs(5));
+    assert_ne!(d3.peer_state("10.213.0.1"), "Established");
+    assert!(
+        !bird.established("sepal"),
+        "{}",
+        bird.birdc("show protocols all sepal")
+    );
+    assert!(d3.route("10.244.1.0/24").is_none());
+}
