@@ -102,6 +102,14 @@ fn run_node(args: NodeArgs) -> anyhow::Result<()> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if !matches!(cli.command, Command::Node(_)) {
+        // A command's output piped into `head` ends it quietly, as for any Unix tool (Rust
+        // ignores SIGPIPE, and println! then panics). The agent keeps ignoring it.
+        // SAFETY: called before any thread starts; SIG_DFL is a valid disposition.
+        unsafe {
+            libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+        }
+    }
     let result = match cli.command {
         Command::Node(args) => run_node(args),
         Command::Lab(args) => lab::run(args),

@@ -9,7 +9,7 @@ use crate::lab::topology::DEFAULT_LAB;
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use ipnetwork::IpNetwork;
-use serde::Serialize;
+use serde::{de::DeserializeOwned, Serialize};
 use std::net::IpAddr;
 use std::path::PathBuf;
 
@@ -36,7 +36,7 @@ impl AgentTarget {
         }
     }
 
-    /// The socket of the agent to ask for a node-scoped report.
+    /// The socket of the one agent to ask.
     pub fn socket(&self) -> Result<PathBuf> {
         if let Some(path) = &self.admin_socket {
             return Ok(path.clone());
@@ -51,6 +51,56 @@ impl AgentTarget {
             (None, _) => Ok(PathBuf::from(admin::DEFAULT_ADMIN_SOCKET)),
         }
     }
+
+    /// The agents a node-scoped report comes from: one, or every node of a lab given without
+    /// --node (with the node's name).
+    fn agents(&self) -> Result<Vec<(Option<String>, PathBuf)>> {
+        if self.admin_socket.is_none() && self.node.is_none() {
+            if let Some(lab) = self.lab()? {
+                return lab
+                    .nodes
+                    .iter()
+                    .map(|n| Ok((Some(n.name.clone()), lab_socket(&lab, &n.name)?)))
+                    .collect();
+            }
+        }
+        Ok(vec![(None, self.socket()?)])
+    }
+}
+
+/// Asks every target agent and prints each report (JSON: the report, or one per node by name).
+fn report<T: DeserializeOwned + Serialize>(
+    target: &AgentTarget,
+    request: AdminRequest,
+    json: bool,
+    print: impl Fn(&T),
+) -> Result<()> {
+    let mut reports = Vec::new();
+    for (node, socket) in target.agents()? {
+        let r: T = admin::call(&socket, &request).with_context(|| match &node {
+            Some(n) => format!("asking node {n}'s agent"),
+            None => "asking the agent".to_string(),
+        })?;
+        reports.push((node, r));
+    }
+    if json {
+        return match reports.as_slice() {
+            [(None, r)] => print_json(r),
+            _ => print_json(
+                &reports
+                    .iter()
+                    .map(|(n, r)| (n.clone().unwrap_or_default(), r))
+                    .collect::<std::collections::BTreeMap<_, _>>(),
+            ),
+        };
+    }
+    for (i, (node, r)) in reports.iter().enumerate() {
+        if let Some(n) = node {
+            println!("{}== node {n}", if i > 0 { "\n" } else { "" });
+        }
+        print(r);
+    }
+    Ok(())
 }
 
 fn node_names(lab: &LabState) -> String {
@@ -87,10 +137,10 @@ fn duration(secs: u64) -> String {
 }
 
 pub fn status(target: &AgentTarget, json: bool) -> Result<()> {
-    let s: StatusReport = admin::call(&target.socket()?, &AdminRequest::Status)?;
-    if json {
-        return print_json(&s);
-    }
+    report(target, AdminRequest::Status, json, print_status)
+}
+
+fn print_status(s: &StatusReport) {
     let capacity: u128 = s.ipam.capacity.iter().map(|(_, n)| n).sum();
     println!(
         "node {}   {}",
@@ -156,19 +206,23 @@ pub fn status(target: &AgentTarget, json: bool) -> Result<()> {
     for w in &s.bgp.warnings {
         println!("BGP warning: {w}");
     }
-    Ok(())
 }
 
 pub fn routes(target: &AgentTarget, json: bool) -> Result<()> {
-    let routes: Vec<RouteReport> = admin::call(&target.socket()?, &AdminRequest::Routes)?;
-    if json {
-        return print_json(&routes);
-    }
+    report(
+        target,
+        AdminRequest::Routes,
+        json,
+        |r: &Vec<RouteReport>| print_routes(r),
+    )
+}
+
+fn print_routes(routes: &[RouteReport]) {
     println!(
         "{:<22} {:<10} {:<28} BGP ORIGIN",
         "DESTINATION", "KIND", "VIA"
     );
-    for r in &routes {
+    for r in routes {
         let via = match (&r.device, r.gateways.is_empty()) {
             (Some(d), _) => format!("dev {d}"),
             (None, false) => r
@@ -196,19 +250,23 @@ pub fn routes(target: &AgentTarget, json: bool) -> Result<()> {
             origin.unwrap_or_default()
         );
     }
-    Ok(())
 }
 
 pub fn endpoints(target: &AgentTarget, json: bool) -> Result<()> {
-    let eps: Vec<EndpointReport> = admin::call(&target.socket()?, &AdminRequest::Endpoints)?;
-    if json {
-        return print_json(&eps);
-    }
+    report(
+        target,
+        AdminRequest::Endpoints,
+        json,
+        |e: &Vec<EndpointReport>| print_endpoints(e),
+    )
+}
+
+fn print_endpoints(eps: &[EndpointReport]) {
     println!(
         "{:<30} {:<28} {:<16} {:<6} {:<14} ROUTED",
         "POD", "IPS", "HOST VETH", "IFACE", "CONTAINER"
     );
-    for e in &eps {
+    for e in eps {
         let ips: Vec<String> = e.ips.iter().map(|i| i.to_string()).collect();
         println!(
             "{:<30} {:<28} {:<16} {:<6} {:<14} {}",
@@ -220,7 +278,6 @@ pub fn endpoints(target: &AgentTarget, json: bool) -> Result<()> {
             if e.routed { "yes" } else { "NO" }
         );
     }
-    Ok(())
 }
 
 #[derive(Debug, Clone, Args)]

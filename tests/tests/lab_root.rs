@@ -270,6 +270,11 @@ fn lab_and_operator_tools_end_to_end() {
     assert_eq!(node1["endpoints"], 2);
     assert_eq!(node1["datastore"]["synced"], true);
 
+    // `--lab` without `--node` asks every node.
+    let all = sepal_json(&["status", "--lab", &name, "--json"]);
+    let nodes: Vec<&String> = all.as_object().unwrap().keys().collect();
+    assert_eq!(nodes, ["node1", "node2", "node3"]);
+
     // `sepal routes`: pod routes to veths, the node's blackhole, the other blocks via the ToR.
     let routes = lab.ask("routes", "node1");
     let route = |dst: &str| {
