@@ -495,3 +495,50 @@ fn print_trace(req: &TraceRequest, t: &Trace) {
         None => println!("\nverdict: {verdict}"),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::lab::state::{NodeState, PodState};
+    use crate::lab::topology::Topology;
+
+    fn lab() -> LabState {
+        let node = |name: &str, block: &str| NodeState {
+            name: name.into(),
+            netns: format!("t-{name}"),
+            as_number: 64512,
+            uplinks: Vec::new(),
+            pod_cidrs: vec![block.into()],
+            pid: None,
+        };
+        LabState {
+            name: "t".into(),
+            topology: Topology::default_lab(),
+            nodes: vec![node("a", "10.1.1.0/24"), node("b", "10.1.2.0/24")],
+            routers: Vec::new(),
+            pods: vec![PodState {
+                namespace: "ns".into(),
+                name: "p".into(),
+                node: "b".into(),
+                netns: "t-pod-ns-p".into(),
+                container_id: "c".into(),
+                ips: vec!["10.1.2.7".into()],
+                labels: Default::default(),
+            }],
+        }
+    }
+
+    #[test]
+    fn traces_start_on_the_source_pods_node_and_end_on_the_blocks_owner() {
+        let lab = lab();
+        assert_eq!(source_node(&lab, "ns/p").unwrap(), "b");
+        assert_eq!(source_node(&lab, "10.1.2.7").unwrap(), "b");
+        assert!(source_node(&lab, "ns/missing").is_err());
+        assert!(source_node(&lab, "nonsense").is_err());
+        assert_eq!(
+            node_owning(&lab, "10.1.1.9".parse().unwrap()).as_deref(),
+            Some("a")
+        );
+        assert_eq!(node_owning(&lab, "192.0.2.1".parse().unwrap()), None);
+    }
+}

@@ -111,3 +111,56 @@ pub async fn hop(agent: &Arc<Mutex<Agent>>, req: &TraceRequest) -> Result<TraceH
         allowed: verdict.allowed,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use sepal_felix::policy::Pod;
+
+    fn cluster() -> Cluster {
+        Cluster {
+            pods: vec![Pod {
+                namespace: "ns".into(),
+                name: "dual".into(),
+                ips: vec!["10.0.0.5".parse().unwrap(), "fd00::5".parse().unwrap()],
+                ..Pod::default()
+            }],
+            ..Cluster::default()
+        }
+    }
+
+    #[test]
+    fn ends_resolve_to_an_address_of_the_wanted_family() {
+        let c = cluster();
+        let pod: Peer = "ns/dual".parse().unwrap();
+        assert_eq!(
+            address_of(&c, &pod, None).unwrap(),
+            "10.0.0.5".parse::<IpAddr>().unwrap()
+        );
+        assert_eq!(
+            address_of(&c, &pod, Some(false)).unwrap(),
+            "fd00::5".parse::<IpAddr>().unwrap()
+        );
+        let ip: Peer = "192.0.2.1".parse().unwrap();
+        assert_eq!(
+            address_of(&c, &ip, Some(false)).unwrap(),
+            "192.0.2.1".parse::<IpAddr>().unwrap()
+        );
+        let unknown: Peer = "ns/gone".parse().unwrap();
+        assert!(address_of(&c, &unknown, None)
+            .unwrap_err()
+            .contains("not known"));
+    }
+
+    #[test]
+    fn verdicts_read_as_sentences() {
+        let denied = DirectionVerdict::Denied {
+            isolated_by: vec!["ns/a".into(), "ns/b".into()],
+        };
+        assert_eq!(
+            verdict_text(&denied),
+            "DENIED: isolated by ns/a, ns/b and no rule matches"
+        );
+        assert!(verdict_text(&DirectionVerdict::NotIsolated).starts_with("allowed"));
+    }
+}
