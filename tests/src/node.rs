@@ -63,6 +63,12 @@ impl Node {
 
     /// Starts `sepal node` in the namespace and waits until it answers STATUS through the plugin.
     pub fn start_agent(&mut self) {
+        self.spawn_agent();
+        self.wait_agent_ready();
+    }
+
+    /// Starts `sepal node` in the namespace without waiting for it (several nodes start at once).
+    pub fn spawn_agent(&mut self) {
         assert!(self.agent.is_none(), "agent already running");
         let log = fs::File::create(self.state_dir.with_extension("log")).expect("agent log");
         let child = self
@@ -85,6 +91,10 @@ impl Node {
             .spawn()
             .expect("start sepal node");
         self.agent = Some(child);
+    }
+
+    /// Waits until the agent answers STATUS through the plugin; panics with its log if it exits.
+    pub fn wait_agent_ready(&mut self) {
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
             if self.cni("STATUS", &CniCall::status()).status.success() {

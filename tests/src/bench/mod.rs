@@ -2,16 +2,18 @@
 
 pub mod bgp;
 pub mod cni;
+pub mod datapath;
 pub mod datastore;
 pub mod policy;
 
 /// Subcommand names, for the usage line.
-pub const NAMES: &[&str] = &["bgp", "cni", "datastore", "policy"];
+pub const NAMES: &[&str] = &["bgp", "cni", "datapath", "datastore", "policy"];
 
 pub fn run(what: &str, args: &[String]) -> anyhow::Result<()> {
     match what {
         "bgp" => bgp::run(args),
         "cni" => cni::run(args),
+        "datapath" => datapath::run(args),
         "datastore" => datastore::run(args),
         "policy" => policy::run(args),
         other => anyhow::bail!("unknown benchmark {other:?}; one of {}", NAMES.join(", ")),
