@@ -466,7 +466,19 @@ pub fn export(
         if best.peer.is_some() {
             a.med = None;
         }
-        nh = session_nh(own_v6);
+        nh = match best.source {
+            // Our own route naming a next hop of its family keeps it where the session has no
+            // address of that family (an IPv6 block over an IPv4 session would otherwise go out
+            // with an IPv4-mapped next hop no router can use).
+            Source::Local
+                if !best.next_hop.is_unspecified()
+                    && best.next_hop.is_ipv6() == own_v6
+                    && session_nh(own_v6).is_ipv6() != own_v6 =>
+            {
+                best.next_hop
+            }
+            _ => session_nh(own_v6),
+        };
     }
     Some((a, nh))
 }
@@ -669,6 +681,27 @@ mod tests {
             &path(&e, |_| {})
         )
         .is_none());
+    }
+
+    #[test]
+    fn own_ipv6_route_over_ipv4_ebgp_keeps_its_ipv6_next_hop() {
+        let v6: IpNet = "fd10:244:1::/64".parse().unwrap();
+        let own = |nh: &str| Path {
+            source: Source::Local,
+            next_hop: nh.parse().unwrap(),
+            attrs: Arc::new(Attrs::default()),
+            peer: None,
+            stale: false,
+        };
+        let ebgp = target([10, 0, 1, 1], 65100, false, false);
+        let (_, nh) = export(&ctx(), &ebgp, &v6, &own("fd00::9")).unwrap();
+        assert_eq!(nh, "fd00::9".parse::<IpAddr>().unwrap());
+        // Without one, the session's address (mapped on the wire), as before.
+        let (_, nh) = export(&ctx(), &ebgp, &v6, &own("::")).unwrap();
+        assert_eq!(nh, IpAddr::from([10, 0, 0, 9]));
+        // An IPv4 route keeps next-hop-self towards eBGP.
+        let (_, nh) = export(&ctx(), &ebgp, &net4([10, 1, 0, 0], 24), &own("10.9.9.9")).unwrap();
+        assert_eq!(nh, IpAddr::from([10, 0, 0, 9]));
     }
 
     #[test]

@@ -148,7 +148,8 @@ impl Drop for Bird {
     }
 }
 
-/// FRR bgpd without zebra (`-Z`): enough for a peer or reflector; routes stay in bgpd's RIB.
+/// FRR bgpd, alone (`-Z`: routes stay in bgpd's RIB, enough for a peer or reflector) or with
+/// zebra, which installs bgpd's best routes in the namespace's kernel.
 pub struct Frr {
     dir: tempfile::TempDir,
     ns: String,
@@ -158,6 +159,15 @@ impl Frr {
     /// Starts bgpd in `ns` listening on `listen` with `config` (bgpd.conf; include
     /// `no bgp ebgp-requires-policy` and `no bgp network import-check`).
     pub fn start(ns: &Netns, listen: &str, config: &str) -> Frr {
+        Frr::launch(ns, listen, config, false)
+    }
+
+    /// As [`Frr::start`], with zebra: learned routes go into the kernel as a router's would.
+    pub fn start_with_zebra(ns: &Netns, listen: &str, config: &str) -> Frr {
+        Frr::launch(ns, listen, config, true)
+    }
+
+    fn launch(ns: &Netns, listen: &str, config: &str, zebra: bool) -> Frr {
         let dir = workdir("frr");
         let conf = dir.path().join("bgpd.conf");
         std::fs::write(&conf, config).expect("write bgpd.conf");
@@ -166,26 +176,56 @@ impl Frr {
             .args(["-R", "frr:frr", &s(d)])
             .status();
         assert!(chown.is_ok_and(|s| s.success()), "chown frr dir");
-        let out = ns.output(&[
-            "/usr/lib/frr/bgpd",
-            "-d",
-            "-Z",
-            "-S",
-            "-P",
-            "0",
-            "-l",
-            listen,
+        if zebra {
+            let out = ns.output(&[
+                "/usr/lib/frr/zebra",
+                "-d",
+                "-P",
+                "0",
+                "-f",
+                "/dev/null",
+                "-i",
+                &s(&d.join("zebra.pid")),
+                "-z",
+                &s(&d.join("zserv.api")),
+                "--vty_socket",
+                &s(d),
+                "--log",
+                &format!("file:{}", s(&d.join("zebra.log"))),
+            ]);
+            assert!(
+                out.status.success(),
+                "zebra: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            wait_for(Duration::from_secs(10), "zebra API socket", || {
+                d.join("zserv.api").exists().then_some(())
+            });
+        }
+        let (pid, zserv, vty, log) = (
+            s(&d.join("bgpd.pid")),
+            s(&d.join("zserv.api")),
+            s(d),
+            format!("file:{}", s(&d.join("bgpd.log"))),
+        );
+        let mut args = vec!["/usr/lib/frr/bgpd", "-d", "-S", "-P", "0", "-l", listen];
+        if !zebra {
+            args.push("-Z");
+        }
+        let conf = s(&conf);
+        args.extend([
             "-f",
-            &s(&conf),
+            &conf,
             "-i",
-            &s(&d.join("bgpd.pid")),
+            &pid,
             "-z",
-            &s(&d.join("zserv.api")),
+            &zserv,
             "--vty_socket",
-            &s(d),
+            &vty,
             "--log",
-            &format!("file:{}", s(&d.join("bgpd.log"))),
+            &log,
         ]);
+        let out = ns.output(&args);
         assert!(
             out.status.success(),
             "bgpd: {}",
@@ -246,8 +286,10 @@ impl Frr {
 
 impl Drop for Frr {
     fn drop(&mut self) {
-        if let Some(pid) = read_pid(&self.dir.path().join("bgpd.pid")) {
-            kill_pid(pid);
+        for daemon in ["bgpd.pid", "zebra.pid"] {
+            if let Some(pid) = read_pid(&self.dir.path().join(daemon)) {
+                kill_pid(pid);
+            }
         }
     }
 }

@@ -3,6 +3,7 @@
 
 mod net;
 mod objects;
+mod peering;
 mod ping;
 mod router;
 pub mod state;

@@ -2,10 +2,11 @@
 //! L3 switch with static routes (`none`). Configs use fast timers so a lab converges in seconds.
 
 use super::net;
+use super::peering;
 use super::state::{LabState, NodeState, RouterState};
 use super::topology::RouterKind;
 use anyhow::{bail, Context, Result};
-use std::fmt::Write as _;
+use ipnetwork::IpNetwork;
 use std::path::Path;
 
 /// Fails with the Debian package to install when a router's daemon is missing.
@@ -41,14 +42,22 @@ pub fn start(lab: &LabState, index: usize) -> Result<Vec<u32>> {
     let router = &lab.routers[index];
     let dir = lab.router_dir(&router.name);
     std::fs::create_dir_all(&dir)?;
+    // The ToR accepts only prefixes inside the cluster's IPv4 pod range.
+    let pod_range = lab
+        .topology
+        .pod_cidr
+        .iter()
+        .find(|n| n.is_ipv4())
+        .copied()
+        .context("the topology's podCIDR has no IPv4 range for the ToR's import filter")?;
     match router.kind {
         RouterKind::None => {
             static_routes(router, index, &lab.nodes)?;
             Ok(Vec::new())
         }
-        RouterKind::Bird => start_bird(router, index, &lab.nodes, &dir),
-        RouterKind::Frr => start_frr(router, index, &lab.nodes, &dir),
-        RouterKind::Gobgp => start_gobgp(router, index, &lab.nodes, &dir),
+        RouterKind::Bird => start_bird(router, index, &lab.nodes, &pod_range, &dir),
+        RouterKind::Frr => start_frr(router, index, &lab.nodes, &pod_range, &dir),
+        RouterKind::Gobgp => start_gobgp(router, index, &lab.nodes, &pod_range, &dir),
     }
 }
 
@@ -66,28 +75,54 @@ fn static_routes(router: &RouterState, index: usize, nodes: &[NodeState]) -> Res
     Ok(())
 }
 
-/// BIRD 2: one eBGP session per node, routes learned go to the router's kernel (ECMP merged).
-pub fn bird_config(router: &RouterState, index: usize, nodes: &[NodeState]) -> String {
-    let mut c = format!(
-        "router id {rid};\nprotocol device {{ }}\n\
-         protocol kernel {{ merge paths on; ipv4 {{ import none; export where source = RTS_BGP; }}; }}\n\
-         template bgp nodes {{\n  local as {asn};\n  connect delay time 1; connect retry time 1; error wait time 1, 5;\n  \
-         hold time 9; keepalive time 3;\n  graceful restart on;\n  ipv4 {{ import all; export all; }};\n}}\n",
-        rid = router_addr(index, 0),
-        asn = router.as_number
-    );
-    for (n, node) in nodes.iter().enumerate() {
-        let _ = writeln!(
-            c,
-            "protocol bgp {} from nodes {{ local {} as {}; neighbor {} as {}; }}",
-            bird_name(&node.name),
-            router_addr(index, n),
-            router.as_number,
-            node_addr(index, n),
-            node.as_number
-        );
-    }
-    c
+/// Hold and keepalive times of the lab's ToR sessions (the nodes' BGPPeers use the same).
+const HOLD: &str = "9";
+const KEEPALIVE: &str = "3";
+
+/// The values the peering templates (docs/peering/) take for router `index`: no password and
+/// no default route in the lab; the cluster's IPv4 pod range as the import filter.
+fn template_values(
+    router: &RouterState,
+    index: usize,
+    nodes: &[NodeState],
+    pod_range: &IpNetwork,
+) -> (peering::Values, Vec<peering::Values>) {
+    let global = peering::values([
+        ("ROUTER_ID", Some(router_addr(index, 0))),
+        ("TOR_AS", Some(router.as_number.to_string())),
+        ("HOLD", Some(HOLD.into())),
+        ("KEEPALIVE", Some(KEEPALIVE.into())),
+        ("PASSWORD", None),
+        ("DEFAULT_ROUTE", None),
+        ("POD_RANGE", Some(pod_range.to_string())),
+        ("POD_RANGE_LEN", Some(pod_range.prefix().to_string())),
+    ]);
+    let per_node = nodes
+        .iter()
+        .enumerate()
+        .map(|(n, node)| {
+            peering::values([
+                ("NAME", Some(bird_name(&node.name))),
+                ("TOR_ADDR", Some(router_addr(index, n))),
+                ("NODE_ADDR", Some(node_addr(index, n))),
+                ("NODE_AS", Some(node.as_number.to_string())),
+            ])
+        })
+        .collect();
+    (global, per_node)
+}
+
+/// One of the peering templates filled for router `index`.
+pub fn config(
+    template: &str,
+    router: &RouterState,
+    index: usize,
+    nodes: &[NodeState],
+    pod_range: &IpNetwork,
+) -> Result<String> {
+    let (global, per_node) = template_values(router, index, nodes, pod_range);
+    peering::render(template, &global, &per_node)
+        .map_err(|e| anyhow::anyhow!("ToR config template: {e}"))
 }
 
 /// BIRD protocol names are identifiers; node names may hold '-'.
@@ -95,14 +130,19 @@ fn bird_name(node: &str) -> String {
     format!("n_{}", node.replace('-', "_"))
 }
 
+/// BIRD 2: one eBGP session per node, routes learned go to the router's kernel (ECMP merged).
 fn start_bird(
     router: &RouterState,
     index: usize,
     nodes: &[NodeState],
+    pod_range: &IpNetwork,
     dir: &Path,
 ) -> Result<Vec<u32>> {
     let conf = dir.join("bird.conf");
-    std::fs::write(&conf, bird_config(router, index, nodes))?;
+    std::fs::write(
+        &conf,
+        config(peering::BIRD, router, index, nodes, pod_range)?,
+    )?;
     let (ctl, log) = (dir.join("bird.ctl"), dir.join("bird.log"));
     let pid = net::spawn_daemon(
         &router.netns,
@@ -113,34 +153,15 @@ fn start_bird(
 }
 
 /// FRR: zebra (kernel routes) + bgpd, run as the `frr` user with sockets in the lab directory.
-pub fn frr_config(router: &RouterState, index: usize, nodes: &[NodeState]) -> String {
-    let mut c = format!(
-        "frr defaults traditional\nhostname {}\nrouter bgp {}\n bgp router-id {}\n no bgp ebgp-requires-policy\n \
-         no bgp network import-check\n bgp graceful-restart\n",
-        router.name,
-        router.as_number,
-        router_addr(index, 0)
-    );
-    for (n, node) in nodes.iter().enumerate() {
-        let peer = node_addr(index, n);
-        let _ = write!(
-            c,
-            " neighbor {peer} remote-as {}\n neighbor {peer} timers 3 9\n neighbor {peer} timers connect 1\n",
-            node.as_number
-        );
-    }
-    c.push_str(" address-family ipv4 unicast\n  maximum-paths 8\n exit-address-family\n");
-    c
-}
-
 fn start_frr(
     router: &RouterState,
     index: usize,
     nodes: &[NodeState],
+    pod_range: &IpNetwork,
     dir: &Path,
 ) -> Result<Vec<u32>> {
     let zebra = start_frr_daemon(router, dir, "zebra", "")?;
-    let config = frr_config(router, index, nodes);
+    let config = config(peering::FRR, router, index, nodes, pod_range)?;
     let bgpd = start_frr_daemon(router, dir, "bgpd", &config)?;
     Ok(vec![zebra, bgpd])
 }
@@ -192,48 +213,34 @@ fn start_frr_daemon(router: &RouterState, dir: &Path, daemon: &str, config: &str
     Ok(pid)
 }
 
-/// GoBGP: gobgpd peering with every node; it installs nothing in the kernel by itself, so it
-/// feeds FRR's zebra (started alongside) over the zebra API, as GoBGP deployments do.
-pub fn gobgp_config(
-    router: &RouterState,
-    index: usize,
-    nodes: &[NodeState],
-    zserv: &Path,
-) -> String {
-    let mut c = format!(
-        "[global.config]\n  as = {}\n  router-id = \"{}\"\n\n[zebra.config]\n  enabled = true\n  url = \"unix:{}\"\n  version = 6\n  software-name = \"frr8.4\"\n",
-        router.as_number,
-        router_addr(index, 0),
-        zserv.display()
-    );
-    for (n, node) in nodes.iter().enumerate() {
-        let _ = write!(
-            c,
-            "\n[[neighbors]]\n  [neighbors.config]\n    neighbor-address = \"{}\"\n    peer-as = {}\n  \
-             [neighbors.timers.config]\n    connect-retry = 1\n    hold-time = 9\n    keepalive-interval = 3\n",
-            node_addr(index, n),
-            node.as_number
-        );
-    }
-    c
-}
-
+/// GoBGP: gobgpd peering with every node, and the loop from docs/peering/ that copies its best
+/// paths into the router's kernel (gobgpd has no FIB of its own, and its zebra client does not
+/// speak the zebra API of the FRR release Debian ships).
 fn start_gobgp(
     router: &RouterState,
     index: usize,
     nodes: &[NodeState],
+    pod_range: &IpNetwork,
     dir: &Path,
 ) -> Result<Vec<u32>> {
-    let zebra = start_frr_daemon(router, dir, "zebra", "")?;
     let conf = dir.join("gobgpd.toml");
-    let zserv = frr_run_dir(dir).join("zserv.api");
-    std::fs::write(&conf, gobgp_config(router, index, nodes, &zserv))?;
+    std::fs::write(
+        &conf,
+        config(peering::GOBGP, router, index, nodes, pod_range)?,
+    )?;
     let gobgpd = net::spawn_daemon(
         &router.netns,
         &["gobgpd", "-f", path(&conf)?, "--pprof-disable", "-p"],
         &dir.join("gobgpd.log"),
     )?;
-    Ok(vec![zebra, gobgpd])
+    let sync = dir.join("gobgp-fib.sh");
+    std::fs::write(&sync, peering::GOBGP_FIB)?;
+    let fib = net::spawn_daemon(
+        &router.netns,
+        &["sh", path(&sync)?],
+        &dir.join("gobgp-fib.log"),
+    )?;
+    Ok(vec![gobgpd, fib])
 }
 
 fn wait_for(socket: &Path) -> Result<()> {

@@ -392,6 +392,7 @@ impl Task {
             let a = &desired.announcements[p];
             let route = LocalRoute {
                 communities: a.communities.clone(),
+                next_hop: a.next_hop,
                 ..LocalRoute::default()
             };
             ok &= s.announce(*p, route).is_ok();

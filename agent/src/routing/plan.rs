@@ -93,6 +93,10 @@ pub struct PeerPlan {
 pub struct Announcement {
     /// RFC 1997 communities, (high << 16) | low.
     pub communities: Vec<u32>,
+    /// The next hop peers must use; None: the session's own address. Set on IPv6 routes to the
+    /// node's IPv6 address, because over an IPv4 session the session address would reach peers
+    /// as an IPv4-mapped IPv6 address, which no kernel can route to.
+    pub next_hop: Option<IpAddr>,
 }
 
 /// The desired state of this node's BGP control.
@@ -295,7 +299,17 @@ pub fn plan(inp: &Inputs) -> Result<Plan, String> {
                 }
             }
         }
-        announcements.insert(p, Announcement { communities });
+        let next_hop = match p {
+            IpNet::V6(_) => me.addresses.iter().copied().find(IpAddr::is_ipv6),
+            IpNet::V4(_) => None,
+        };
+        announcements.insert(
+            p,
+            Announcement {
+                communities,
+                next_hop,
+            },
+        );
     }
     warnings.dedup();
     let own: BTreeSet<IpNet> = announcements.keys().copied().collect();
@@ -790,6 +804,10 @@ mod tests {
         assert!(p.peers.keys().all(|a| a.is_ipv4()));
         assert_eq!(p.announcements.len(), 2);
         assert_eq!(p.speaker.listen.len(), 2);
+        // The IPv6 block goes out with the node's IPv6 address as next hop, the IPv4 one with
+        // the session's address.
+        let hops: Vec<Option<IpAddr>> = p.announcements.values().map(|a| a.next_hop).collect();
+        assert_eq!(hops, vec![None, Some(ip("fd00::2"))]);
         // IPv6-only nodes get a router ID from their name.
         let mut v6only = three();
         for n in &mut v6only.nodes {

@@ -143,7 +143,10 @@ fn has_bgp_route(node: &Node, block: &str) -> bool {
 /// through `sepal-cni`. Returns the path and the time from agent start to both routes installed.
 fn sepal() -> Result<(PodPath, Duration)> {
     let names = ["bs0", "bs1"];
-    let mut nodes = [Node::new(names[0], &[BLOCKS[0]]), Node::new(names[1], &[BLOCKS[1]])];
+    let mut nodes = [
+        Node::new(names[0], &[BLOCKS[0]]),
+        Node::new(names[1], &[BLOCKS[1]]),
+    ];
     veth(&nodes[0].netns, "ul", &nodes[1].netns, "ul");
     for (i, n) in nodes.iter().enumerate() {
         n.netns
@@ -181,7 +184,12 @@ fn sepal() -> Result<(PodPath, Duration)> {
     for (i, n) in nodes.iter_mut().enumerate() {
         n.wait_agent_ready();
         let pod = Netns::new(&format!("bsp{i}"));
-        let call = CniCall::pod(&format!("bench-dp{i}"), &pod.path(), "bench", &format!("dp{i}"));
+        let call = CniCall::pod(
+            &format!("bench-dp{i}"),
+            &pod.path(),
+            "bench",
+            &format!("dp{i}"),
+        );
         let out = n.cni("ADD", &call);
         if !out.status.success() {
             bail!(

@@ -2,6 +2,9 @@
 // underlay (one L2 segment, or links to top-of-rack routers), pods attached through `sepal-cni`.
 #![allow(dead_code)]
 
+#[path = "../../../agent/src/lab/peering.rs"]
+mod peering;
+
 use sepal_tests::netns::{veth, Netns};
 use sepal_tests::node::{CniCall, Node};
 use serde_json::Value;
@@ -24,6 +27,8 @@ pub struct Cluster {
 pub struct Pod {
     pub netns: Netns,
     pub ip: String,
+    /// The pod's IPv6 address on a dual-stack node.
+    pub ip6: Option<String>,
 }
 
 impl Cluster {
@@ -31,6 +36,17 @@ impl Cluster {
     /// 192.168.100.<i+1>/24 on one bridged segment in `fabric`. Every node's datastore holds
     /// every Node object plus `objects`.
     pub fn segment(n: usize, objects: &str) -> Cluster {
+        Cluster::on_segment(n, false, objects)
+    }
+
+    /// As [`Cluster::segment`], dual-stack: IPv6 blocks fd10:244:<i>::/64 next to the IPv4 ones
+    /// and underlay addresses fd00:100::<i+1>/64 as second InternalIPs. One IPv4 session per
+    /// pair of nodes carries both families.
+    pub fn dual_stack_segment(n: usize, objects: &str) -> Cluster {
+        Cluster::on_segment(n, true, objects)
+    }
+
+    fn on_segment(n: usize, dual_stack: bool, objects: &str) -> Cluster {
         sepal_tests::require_root();
         let fabric = Netns::new("fab");
         fabric.run("ip link add br0 type bridge && ip link set br0 up");
@@ -45,14 +61,24 @@ impl Cluster {
                 "ip addr add 192.168.100.{}/24 dev ul && ip link set ul up",
                 i + 1
             ));
+            if dual_stack {
+                node.netns
+                    .run(&format!("ip addr add fd00:100::{}/64 dev ul nodad", i + 1));
+            }
             nodes.push(node);
         }
         let c = Cluster { fabric, nodes };
         for i in 0..n {
-            c.write_all(
-                &format!("node-n{i}.yaml"),
-                &node_yaml(i, &format!("192.168.100.{}", i + 1), ""),
-            );
+            let yaml = if dual_stack {
+                dual_stack_node_yaml(
+                    i,
+                    &format!("192.168.100.{}", i + 1),
+                    &format!("fd00:100::{}", i + 1),
+                )
+            } else {
+                node_yaml(i, &format!("192.168.100.{}", i + 1), "")
+            };
+            c.write_all(&format!("node-n{i}.yaml"), &yaml);
         }
         c.write_all("routing.yaml", objects);
         c
@@ -82,21 +108,27 @@ impl Cluster {
             String::from_utf8_lossy(&out.stderr)
         );
         let result: Value = serde_json::from_slice(&out.stdout).expect("CNI result");
-        let ip = result["ips"][0]["address"]
-            .as_str()
-            .expect("pod address")
-            .split('/')
-            .next()
-            .expect("addr")
-            .to_string();
-        Pod { netns, ip }
+        let ips: Vec<String> = result["ips"]
+            .as_array()
+            .expect("CNI result ips")
+            .iter()
+            .filter_map(|i| i["address"].as_str())
+            .filter_map(|a| a.split('/').next())
+            .map(str::to_string)
+            .collect();
+        Pod {
+            netns,
+            ip: ips[0].clone(),
+            ip6: ips.iter().find(|a| a.contains(':')).cloned(),
+        }
     }
 
     /// Node `i`'s protocol-83 route to `prefix` (empty when there is none).
     pub fn route(&self, i: usize, prefix: &str) -> String {
+        let family = if prefix.contains(':') { "-6" } else { "-4" };
         self.nodes[i]
             .netns
-            .run(&format!("ip route show proto 83 {prefix}"))
+            .run(&format!("ip {family} route show proto 83 {prefix}"))
             .trim()
             .to_string()
     }
@@ -139,6 +171,41 @@ pub fn node_yaml(i: usize, address: &str, annotations: &str) -> String {
     )
 }
 
+/// Cuts a node off the network without touching its links or processes: every packet in or out
+/// of its namespace is dropped, so its peers hear nothing and must notice by their hold timer.
+pub fn cut_off(ns: &Netns) {
+    ns.run(
+        "nft add table inet cut && \
+         nft add chain inet cut in '{ type filter hook input priority -500; policy drop; }' && \
+         nft add chain inet cut out '{ type filter hook output priority -500; policy drop; }'",
+    );
+}
+
+/// Waits until `f` holds, polling every 50 ms; returns how long it took, or None after `timeout`.
+pub fn within(timeout: Duration, mut f: impl FnMut() -> bool) -> Option<Duration> {
+    let start = Instant::now();
+    loop {
+        if f() {
+            return Some(start.elapsed());
+        }
+        if start.elapsed() > timeout {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Hold time of every session in these tests (BGPConfiguration, BGPPeers, ToR configs).
+pub const HOLD: Duration = Duration::from_secs(3);
+
+pub fn dual_stack_node_yaml(i: usize, v4: &str, v6: &str) -> String {
+    format!(
+        "apiVersion: v1\nkind: Node\nmetadata:\n  name: n{i}\n  labels: {{rack: r1}}\n\
+         spec:\n  podCIDR: 10.244.{i}.0/24\n  podCIDRs: [10.244.{i}.0/24, \"fd10:244:{i}::/64\"]\n\
+         status:\n  addresses: [{{type: InternalIP, address: \"{v4}\"}}, {{type: InternalIP, address: \"{v6}\"}}]\n"
+    )
+}
+
 pub fn pings(from: &Netns, to: &str) -> bool {
     from.try_run(&format!("ping -c1 -W2 {to}")).is_ok()
 }
@@ -158,7 +225,17 @@ pub const MD5: &str = "s3cret-md5";
 pub enum TorDaemon {
     Bird(sepal_tests::bgpd::Bird),
     Frr(sepal_tests::bgpd::Frr),
-    Gobgp(sepal_tests::bgpd::Gobgp),
+    /// gobgpd and the loop that copies its best paths into the ToR's kernel.
+    Gobgp(sepal_tests::bgpd::Gobgp, KillOnDrop),
+}
+
+/// A helper process of the test, killed when dropped.
+pub struct KillOnDrop(pub std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        sepal_tests::netns::kill(&mut self.0);
+    }
 }
 
 impl TorDaemon {
@@ -182,7 +259,7 @@ impl TorDaemon {
                         .collect()
                 })
                 .unwrap_or_default(),
-            TorDaemon::Gobgp(g) => g
+            TorDaemon::Gobgp(g, _) => g
                 .rib("ipv4")
                 .as_object()
                 .map(|o| {
@@ -202,7 +279,7 @@ impl TorDaemon {
         match self {
             TorDaemon::Bird(b) => b.log(),
             TorDaemon::Frr(f) => f.log(),
-            TorDaemon::Gobgp(_) => String::new(),
+            TorDaemon::Gobgp(..) => String::new(),
         }
     }
 }
@@ -250,54 +327,47 @@ pub fn tor_cluster(n: usize, kind: TorKind) -> (Cluster, Netns, TorDaemon) {
         ));
     }
     c.write_all("routing.yaml", &objects);
+    // The ToR runs the configuration of the peering guide (docs/peering/), filled in here.
+    let global = peering::values([
+        ("ROUTER_ID", Some("10.0.0.1".into())),
+        ("TOR_AS", Some(TOR_AS.to_string())),
+        ("HOLD", Some(HOLD.as_secs().to_string())),
+        ("KEEPALIVE", Some("1".into())),
+        ("PASSWORD", Some(MD5.into())),
+        ("DEFAULT_ROUTE", Some("0.0.0.0/0".into())),
+        ("POD_RANGE", Some("10.244.0.0/16".into())),
+        ("POD_RANGE_LEN", Some("16".into())),
+    ]);
+    let per_node: Vec<peering::Values> = (0..n)
+        .map(|i| {
+            peering::values([
+                ("NAME", Some(format!("n{i}"))),
+                ("TOR_ADDR", Some(format!("10.0.{i}.1"))),
+                ("NODE_ADDR", Some(format!("10.0.{i}.2"))),
+                ("NODE_AS", Some((64601 + i).to_string())),
+            ])
+        })
+        .collect();
+    let conf = |template| peering::render(template, &global, &per_node).expect("peering template");
     let daemon = match kind {
         TorKind::Bird => {
-            let mut conf = format!(
-                "router id 10.0.0.1;\nprotocol device {{ }}\n\
-                 protocol kernel {{ merge paths on; ipv4 {{ import none; export where source = RTS_BGP; }}; }}\n\
-                 protocol static {{ ipv4; route 0.0.0.0/0 blackhole; }}\n\
-                 template bgp nodes {{ local as {TOR_AS}; hold time 3; keepalive time 1; connect retry time 1; \
-                 connect delay time 1; error wait time 1, 5; graceful restart on; password \"{MD5}\"; \
-                 ipv4 {{ import all; export all; }}; }}\n"
-            );
-            for i in 0..n {
-                conf.push_str(&format!(
-                    "protocol bgp n{i} from nodes {{ local 10.0.{i}.1 as {TOR_AS}; neighbor 10.0.{i}.2 as {}; }}\n",
-                    64601 + i
-                ));
-            }
-            TorDaemon::Bird(sepal_tests::bgpd::Bird::start(&tor, &conf))
+            TorDaemon::Bird(sepal_tests::bgpd::Bird::start(&tor, &conf(peering::BIRD)))
         }
-        TorKind::Frr => {
-            let mut conf = format!(
-                "frr defaults datacenter\nip route 0.0.0.0/0 blackhole\nrouter bgp {TOR_AS}\n bgp router-id 10.0.0.1\n \
-                 no bgp ebgp-requires-policy\n no bgp network import-check\n bgp graceful-restart\n"
-            );
-            for i in 0..n {
-                conf.push_str(&format!(
-                    " neighbor 10.0.{i}.2 remote-as {}\n neighbor 10.0.{i}.2 timers 1 3\n neighbor 10.0.{i}.2 timers connect 1\n \
-                     neighbor 10.0.{i}.2 password {MD5}\n",
-                    64601 + i
-                ));
-            }
-            conf.push_str(" address-family ipv4 unicast\n  network 0.0.0.0/0\n  maximum-paths 8\n exit-address-family\n");
-            TorDaemon::Frr(sepal_tests::bgpd::Frr::start(&tor, "0.0.0.0", &conf))
-        }
+        TorKind::Frr => TorDaemon::Frr(sepal_tests::bgpd::Frr::start_with_zebra(
+            &tor,
+            "0.0.0.0",
+            &conf(peering::FRR),
+        )),
         TorKind::Gobgp => {
-            let mut conf = format!(
-                "[global.config]\n  as = {TOR_AS}\n  router-id = \"10.0.0.1\"\n  port = 179\n"
-            );
-            for i in 0..n {
-                conf.push_str(&format!(
-                    "\n[[neighbors]]\n  [neighbors.config]\n    neighbor-address = \"10.0.{i}.2\"\n    peer-as = {}\n    \
-                     auth-password = \"{MD5}\"\n  [neighbors.timers.config]\n    connect-retry = 1\n    hold-time = 3\n    \
-                     keepalive-interval = 1\n",
-                    64601 + i
-                ));
-            }
-            let g = sepal_tests::bgpd::Gobgp::start(&tor, &conf);
+            let g = sepal_tests::bgpd::Gobgp::start(&tor, &conf(peering::GOBGP));
             g.cli(&["global", "rib", "add", "0.0.0.0/0", "-a", "ipv4"]);
-            TorDaemon::Gobgp(g)
+            let fib = tor
+                .command(&["sh", "-c", peering::GOBGP_FIB])
+                .stdin(std::process::Stdio::null())
+                .stdout(std::process::Stdio::null())
+                .spawn()
+                .expect("start the GoBGP kernel sync");
+            TorDaemon::Gobgp(g, KillOnDrop(fib))
         }
     };
     (c, tor, daemon)
