@@ -430,7 +430,9 @@ struct Core {
     listeners: Vec<(std::os::fd::RawFd, bool)>,
     /// Prefixes whose best route changed since the last flush (may repeat: advertising is
     /// idempotent against the Adj-RIB-Out, and a list is cheaper than a set on a table load).
-    dirty: Vec<IpNet>,
+    /// Each with the peer its new best path came from, when known: advertising never sends a
+    /// route back to that peer, so for it only a withdrawal can be due.
+    dirty: Vec<(IpNet, Option<IpAddr>)>,
     tasks: Vec<JoinHandle<()>>,
 }
 
@@ -570,7 +572,7 @@ impl Core {
                         }
                     }
                     if export_changed {
-                        let all: Vec<IpNet> = self.rib.iter_best().map(|(k, _)| *k).collect();
+                        let all: Vec<_> = self.rib.prefixes().map(|k| (*k, None)).collect();
                         self.dirty.extend(all);
                     }
                 }
@@ -702,7 +704,11 @@ impl Core {
 
     fn changed(&mut self, ch: RouteChange) {
         if !self.deferring {
-            self.dirty.push(ch.prefix);
+            let from = match ch.best.as_ref().map(|b| b.source) {
+                Some(Source::Peer(a)) => Some(a),
+                _ => None,
+            };
+            self.dirty.push((ch.prefix, from));
         }
         self.pending.push(ch);
     }
@@ -1114,11 +1120,11 @@ impl Core {
                 Action::Update(u) => self.update(a, u, now),
                 Action::RouteRefresh(f) => {
                     p.adj_out.retain(|k, _| Family::of(k) != f);
-                    let all: Vec<IpNet> = self
+                    let all: Vec<_> = self
                         .rib
-                        .iter_best()
-                        .map(|(k, _)| *k)
+                        .prefixes()
                         .filter(|k| Family::of(k) == f)
+                        .map(|k| (*k, None))
                         .collect();
                     self.dirty.extend(all);
                 }
@@ -1208,7 +1214,7 @@ impl Core {
         else {
             return;
         };
-        let all: Vec<IpNet> = self.rib.prefixes().copied().collect();
+        let all: Vec<_> = self.rib.prefixes().map(|k| (*k, None)).collect();
         let mut msgs = self.advertise(a, &all);
         for f in &families {
             msgs.push(wire::encode_end_of_rib(*f));
@@ -1363,7 +1369,7 @@ impl Core {
     }
 
     /// Computes the Adj-RIB-Out diff for `prefixes` towards peer `a` and returns packed UPDATEs.
-    fn advertise(&mut self, a: IpAddr, prefixes: &[IpNet]) -> Vec<Vec<u8>> {
+    fn advertise(&mut self, a: IpAddr, prefixes: &[(IpNet, Option<IpAddr>)]) -> Vec<Vec<u8>> {
         let Some(p) = self.peers.get_mut(&a) else {
             return vec![];
         };
@@ -1372,8 +1378,12 @@ impl Core {
         };
         let mut groups: HashMap<(Arc<Attrs>, IpAddr), Vec<IpNet>> = HashMap::new();
         let mut withdraw = Vec::new();
-        for prefix in prefixes {
+        for (prefix, from) in prefixes {
             if !neg.families.contains(&Family::of(prefix)) {
+                continue;
+            }
+            // Learned from this peer (the bulk of its own table load): nothing to send back.
+            if *from == Some(a) && !p.adj_out.contains_key(prefix) {
                 continue;
             }
             let want = self.rib.best_path(prefix).and_then(|best| {

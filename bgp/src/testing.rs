@@ -105,6 +105,34 @@ pub fn feed_established_session(data: &[u8]) -> usize {
     n
 }
 
+/// Decodes `data` as a stream of messages (first byte: flags, bit 0 4-octet AS, bit 1 extended
+/// messages) until it runs out or fails. A failure must be a NOTIFICATION we may send (codes 1-7),
+/// and every decoded message must consume bytes. Returns the number of messages decoded.
+pub fn decode_stream(data: &[u8]) -> usize {
+    let Some((flags, mut buf)) = data.split_first() else {
+        return 0;
+    };
+    let ctx = DecodeCtx {
+        asn4: flags & 1 != 0,
+        extended_message: flags & 2 != 0,
+    };
+    let mut n = 0;
+    loop {
+        match wire::decode(buf, ctx) {
+            Ok(Some((_, used))) => {
+                assert!(used > 0 && used <= buf.len(), "decode used {used} bytes");
+                buf = &buf[used..];
+                n += 1;
+            }
+            Ok(None) => return n,
+            Err(e) => {
+                assert!((1..=7).contains(&e.code), "NOTIFICATION code {e:?}");
+                return n;
+            }
+        }
+    }
+}
+
 /// Messages a peer might send, as seeds for mutation.
 pub fn seeds() -> Vec<Vec<u8>> {
     use crate::wire::{Attrs, OutRoutes, Segment};

@@ -1,9 +1,10 @@
 // Fixed-seed mutation test of the decoder and an Established session: mutated peer messages must
-// never panic. Runs a bounded number of inputs (a few seconds); `cargo fuzz` in bgp/fuzz goes further.
+// never panic. Runs a bounded number of inputs (a few seconds) through the same functions as the
+// libFuzzer targets in bgp/fuzz, which `scripts/fuzz-bgp` runs coverage-guided for longer.
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use sepal_bgp::testing::{feed_established_session, seeds};
+use sepal_bgp::testing::{decode_stream, feed_established_session, seeds};
 use sepal_bgp::wire::{decode, DecodeCtx};
 
 fn mutate(rng: &mut StdRng, seed: &[u8]) -> Vec<u8> {
@@ -58,6 +59,7 @@ fn mutated_messages_never_panic() {
         stream.extend_from_slice(&m);
         let second = rng.random_range(0..seeds.len());
         stream.extend_from_slice(&mutate(&mut rng, &seeds[second]));
+        decode_stream(&stream);
         feed_established_session(&stream);
     }
     assert!(
