@@ -456,6 +456,9 @@ fn print_trace(req: &TraceRequest, t: &Trace) {
                     .unwrap_or_default()
             ),
         }
+        if h.bgp.is_none() && h.lookup.gateway.is_some() {
+            println!("   (no BGP route covers it: the node's own routing, e.g. its default route)");
+        }
         if let Some(b) = &h.bgp {
             let path: Vec<String> = b.as_path.iter().map(|a| a.to_string()).collect();
             let hops: Vec<String> = b.next_hops.iter().map(|a| a.to_string()).collect();
