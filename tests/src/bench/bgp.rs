@@ -299,9 +299,11 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
     let b = ingest(&snd2, &stream, bird.pid(), n as usize, "bird", || {
         ctl.route_count("master4").unwrap_or(0)
     })?;
+    let bird_rss_kib = vm_hwm_kib(bird.pid());
     println!(
-        "bird: {n} prefixes in its table after {:.0} ms ({:.0} ms CPU, {:.0} ms runnable without a CPU)",
-        b.wall_ms, b.cpu_ms, b.wait_ms
+        "bird: {n} prefixes in its table after {:.0} ms ({:.0} ms CPU, {:.0} ms runnable without a CPU), peak RSS {:.1} MiB",
+        b.wall_ms, b.cpu_ms, b.wait_ms,
+        bird_rss_kib as f64 / 1024.0
     );
 
     let r1 = |x: f64| (x * 10.0).round() / 10.0;
@@ -315,6 +317,7 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
         "bird_cpu_ms": r1(b.cpu_ms),
         "cpu_ratio": r3(s.cpu_ms / b.cpu_ms.max(0.001)),
         "rss_mib": r1(rss_kib as f64 / 1024.0),
+        "bird_rss_mib": r1(bird_rss_kib as f64 / 1024.0),
     });
     println!("{result}");
     Ok(())
