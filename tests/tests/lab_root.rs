@@ -331,6 +331,7 @@ fn lab_and_operator_tools_end_to_end() {
     for series in [
         format!("sepal_bgp_session_up{{peer=\"{peer}\",remote_as=\"65000\"}} 1"),
         format!("sepal_bgp_prefixes_accepted{{peer=\"{peer}\",remote_as=\"65000\"}} 2"),
+        format!("sepal_bgp_session_uptime_seconds{{peer=\"{peer}\",remote_as=\"65000\"}}"),
         "sepal_endpoints 2".to_string(),
         "sepal_ready 1".to_string(),
         "sepal_ipam_allocated_addresses 2".to_string(),

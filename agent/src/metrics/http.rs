@@ -132,6 +132,7 @@ fn refresh(m: &Metrics, status: &StatusReport, bgp_routes: usize) {
     for family in [
         &m.bgp_session_up,
         &m.bgp_session_state,
+        &m.bgp_session_uptime,
         &m.bgp_prefixes_received,
         &m.bgp_prefixes_accepted,
         &m.bgp_prefixes_advertised,
@@ -148,6 +149,9 @@ fn refresh(m: &Metrics, status: &StatusReport, bgp_routes: usize) {
         m.bgp_session_up
             .get_or_create(&peer)
             .set((p.state == "Established") as i64);
+        m.bgp_session_uptime
+            .get_or_create(&peer)
+            .set(p.uptime_secs.unwrap_or(0) as i64);
         let mut with_state = peer.clone();
         with_state.push(("state", p.state.clone()));
         m.bgp_session_state.get_or_create(&with_state).set(1);

@@ -67,6 +67,7 @@ pub struct Metrics {
     pub datastore_synced: Gauge,
     pub bgp_session_up: Family<Labels, Gauge>,
     pub bgp_session_state: Family<Labels, Gauge>,
+    pub bgp_session_uptime: Family<Labels, Gauge>,
     pub bgp_prefixes_received: Family<Labels, Gauge>,
     pub bgp_prefixes_accepted: Family<Labels, Gauge>,
     pub bgp_prefixes_advertised: Family<Labels, Gauge>,
@@ -96,6 +97,7 @@ impl Metrics {
             datastore_synced: Gauge::default(),
             bgp_session_up: Family::default(),
             bgp_session_state: Family::default(),
+            bgp_session_uptime: Family::default(),
             bgp_prefixes_received: Family::default(),
             bgp_prefixes_accepted: Family::default(),
             bgp_prefixes_advertised: Family::default(),
@@ -128,6 +130,11 @@ impl Metrics {
             "bgp_session_state",
             "1 for the BGP session's current FSM state",
             m.bgp_session_state.clone(),
+        );
+        r.register(
+            "bgp_session_uptime_seconds",
+            "Seconds the BGP session has been Established (0 when down)",
+            m.bgp_session_uptime.clone(),
         );
         r.register(
             "bgp_prefixes_received",
