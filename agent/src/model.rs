@@ -9,7 +9,8 @@ use k8s_openapi::api::core::v1::{Namespace, Node, Pod, Secret, Service};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 pub use pod::PodInfo;
 use serde_json::Value;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
 
 /// Identity of an object: apiVersion/kind/namespace/name (namespace empty when cluster-scoped).
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -40,8 +41,9 @@ pub enum Object {
     Service(Box<Service>),
     Secret(Box<Secret>),
     NetworkPolicy(Box<NetworkPolicy>),
-    /// Any other kind (Sepal's own sepal.dev kinds until they get types), kept as it came.
-    Other(ObjectKey, Value),
+    /// Any other kind (Sepal's own sepal.dev kinds until they get types), kept as it came. Boxed
+    /// so that `Object` stays two words: the model holds one per pod.
+    Other(Box<ObjectKey>, Box<Value>),
 }
 
 /// A change the datastore reports; the model applies them in order.
@@ -52,6 +54,19 @@ pub enum Event {
     Delete(ObjectKey),
     /// The datastore has delivered its initial state; the model is now complete.
     Synced,
+    /// The datastore lists every object of one kind again (after a watch expired with 410 Gone):
+    /// the upserts up to the matching `ListEnd` are the kind's whole set, and what the model holds
+    /// of the kind beyond them is gone. The model keeps that bookkeeping, not each watcher, so
+    /// the keys of all objects are not held twice.
+    ListStart(KindKey),
+    ListEnd(KindKey),
+}
+
+/// A kind: apiVersion and kind.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct KindKey {
+    pub api_version: String,
+    pub kind: String,
 }
 
 /// Why an object could not be read.
@@ -137,7 +152,7 @@ impl Object {
             ("v1", "Service") => Object::Service(typed(&key, value)?),
             ("v1", "Secret") => Object::Secret(typed(&key, value)?),
             ("networking.k8s.io/v1", "NetworkPolicy") => Object::NetworkPolicy(typed(&key, value)?),
-            _ => Object::Other(key, value),
+            _ => Object::Other(Box::new(key), Box::new(value)),
         })
     }
 
@@ -166,18 +181,30 @@ impl Object {
             Object::Service(o) => k("v1", "Service", &o.metadata),
             Object::Secret(o) => k("v1", "Secret", &o.metadata),
             Object::NetworkPolicy(o) => k("networking.k8s.io/v1", "NetworkPolicy", &o.metadata),
-            Object::Other(key, _) => key.clone(),
+            Object::Other(key, _) => (**key).clone(),
         }
     }
+}
+
+/// Pods by namespace and name; both shared with the `PodInfo` (so a pod's key costs no copies).
+type PodKey = (Arc<str>, Arc<str>);
+
+fn is_pod_kind(api_version: &str, kind: &str) -> bool {
+    api_version == "v1" && kind == "Pod"
 }
 
 /// The cluster as the agent knows it.
 #[derive(Debug, Default, Clone)]
 pub struct Model {
+    /// Every object but pods.
     objects: BTreeMap<ObjectKey, Object>,
+    /// Pods (all `Object::Pod`), apart with a compact key: a cluster has far more of them.
+    pods: BTreeMap<PodKey, Object>,
     synced: bool,
     /// Shares pods' label sets and namespace/node names.
     interner: pod::Interner,
+    /// Kinds being listed again: the keys of theirs not upserted since `ListStart`.
+    relisting: BTreeMap<KindKey, BTreeSet<ObjectKey>>,
 }
 
 // Accessors for the policy and routing wiring; not every one has a caller yet.
@@ -187,19 +214,68 @@ impl Model {
     pub fn apply(&mut self, event: Event) -> bool {
         match event {
             Event::Upsert(mut obj) => {
+                if !self.relisting.is_empty() {
+                    let key = obj.key();
+                    if let Some(unseen) = self.relisting.get_mut(&KindKey {
+                        api_version: key.api_version.clone(),
+                        kind: key.kind.clone(),
+                    }) {
+                        unseen.remove(&key);
+                    }
+                }
+                if let Object::Pod(p) = &obj {
+                    let key = (p.namespace.clone(), p.name.clone());
+                    if self.pods.get(&key) == Some(&obj) {
+                        return false;
+                    }
+                }
+                if let Object::Pod(p) = &mut obj {
+                    self.interner.intern(p);
+                    let key = (p.namespace.clone(), p.name.clone());
+                    self.pods.insert(key, obj);
+                    return true;
+                }
                 let key = obj.key();
                 if self.objects.get(&key) == Some(&obj) {
                     return false;
                 }
-                if let Object::Pod(p) = &mut obj {
-                    self.interner.intern(p);
-                }
                 self.objects.insert(key, obj);
                 true
             }
-            Event::Delete(key) => self.objects.remove(&key).is_some(),
+            Event::Delete(key) => self.remove(&key),
             Event::Synced => !std::mem::replace(&mut self.synced, true),
+            Event::ListStart(kind) => {
+                let unseen: BTreeSet<ObjectKey> = if is_pod_kind(&kind.api_version, &kind.kind) {
+                    self.pods.values().map(Object::key).collect()
+                } else {
+                    let held = self.objects.keys();
+                    held.filter(|k| k.api_version == kind.api_version && k.kind == kind.kind)
+                        .cloned()
+                        .collect()
+                };
+                // A first list (nothing held yet) needs no bookkeeping.
+                if !unseen.is_empty() {
+                    self.relisting.insert(kind, unseen);
+                }
+                false
+            }
+            Event::ListEnd(kind) => {
+                let gone = self.relisting.remove(&kind).unwrap_or_default();
+                let mut changed = false;
+                for key in &gone {
+                    changed |= self.remove(key);
+                }
+                changed
+            }
         }
+    }
+
+    fn remove(&mut self, key: &ObjectKey) -> bool {
+        if is_pod_kind(&key.api_version, &key.kind) {
+            let key: PodKey = (key.namespace.as_str().into(), key.name.as_str().into());
+            return self.pods.remove(&key).is_some();
+        }
+        self.objects.remove(key).is_some()
     }
 
     pub fn synced(&self) -> bool {
@@ -207,19 +283,24 @@ impl Model {
     }
 
     pub fn get(&self, key: &ObjectKey) -> Option<&Object> {
+        if is_pod_kind(&key.api_version, &key.kind) {
+            let key: PodKey = (key.namespace.as_str().into(), key.name.as_str().into());
+            return self.pods.get(&key);
+        }
         self.objects.get(key)
     }
 
     pub fn len(&self) -> usize {
-        self.objects.len()
+        self.objects.len() + self.pods.len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.objects.is_empty()
+        self.len() == 0
     }
 
+    /// Every object, pods included.
     pub fn objects(&self) -> impl Iterator<Item = &Object> {
-        self.objects.values()
+        self.objects.values().chain(self.pods.values())
     }
 
     pub fn node(&self, name: &str) -> Option<&Node> {
@@ -235,7 +316,7 @@ impl Model {
     }
 
     pub fn pods(&self) -> impl Iterator<Item = &PodInfo> {
-        self.objects.values().filter_map(|o| match o {
+        self.pods.values().filter_map(|o| match o {
             Object::Pod(p) => Some(&**p),
             _ => None,
         })
@@ -320,6 +401,37 @@ mod tests {
         let n = Object::from_value(node(&["10.0.0.1/24"])).unwrap();
         let Object::Node(n) = n else { panic!() };
         assert!(pod_cidrs(&n).unwrap_err().contains("host bits"));
+    }
+
+    #[test]
+    fn relist_deletes_what_it_no_longer_returns() {
+        let pod = |name: &str| {
+            Object::from_value(
+                json!({"apiVersion":"v1","kind":"Pod","metadata":{"name":name,"namespace":"ns"}}),
+            )
+            .unwrap()
+        };
+        let pods = KindKey {
+            api_version: "v1".into(),
+            kind: "Pod".into(),
+        };
+        let mut m = Model::default();
+        // The first list: nothing held, nothing to delete.
+        assert!(!m.apply(Event::ListStart(pods.clone())));
+        for p in ["a", "b", "c"] {
+            assert!(m.apply(Event::Upsert(pod(p))));
+        }
+        assert!(!m.apply(Event::ListEnd(pods.clone())));
+        assert!(m.apply(Event::Upsert(Object::from_value(node(&[])).unwrap())));
+        // A relist returning a (unchanged) and d: b and c are gone, the node stays.
+        assert!(!m.apply(Event::ListStart(pods.clone())));
+        assert!(!m.apply(Event::Upsert(pod("a"))));
+        assert!(m.apply(Event::Upsert(pod("d"))));
+        assert!(m.apply(Event::ListEnd(pods)));
+        let names: Vec<&str> = m.pods().map(|p| &*p.name).collect();
+        assert_eq!(names, ["a", "d"]);
+        assert_eq!(m.len(), 3);
+        assert!(m.get(&pod("a").key()).is_some() && m.get(&pod("b").key()).is_none());
     }
 
     #[test]

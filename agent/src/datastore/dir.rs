@@ -325,6 +325,7 @@ mod tests {
                 Event::Upsert(o) => format!("+{}", o.key()),
                 Event::Delete(k) => format!("-{k}"),
                 Event::Synced => "synced".into(),
+                Event::ListStart(_) | Event::ListEnd(_) => "list".into(),
             })
             .collect()
     }

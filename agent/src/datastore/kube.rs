@@ -2,7 +2,7 @@
 // the dir datastore, objects stripped to what routing and policy use; plus the agent's status writes.
 
 use crate::crd::{BGPConfiguration, BGPPeer, SepalNodeStatus, DEFAULT_SECRET_NAMESPACE};
-use crate::model::{Event, Object, ObjectKey};
+use crate::model::{Event, KindKey, Object, ObjectKey};
 use anyhow::{Context, Result};
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::{Namespace, Node, NodeStatus, Pod, Secret, Service};
@@ -14,7 +14,6 @@ use kube::core::ApiResource;
 use kube::runtime::{watcher, WatchStreamExt};
 use kube::{Api, Client, Config, Resource};
 use serde_json::Value;
-use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -161,7 +160,7 @@ fn dynamic_converter(ar: &ApiResource) -> impl Fn(DynamicObject) -> Option<Objec
             namespace: o.metadata.namespace.clone().unwrap_or_default(),
             name: o.metadata.name.clone()?,
         };
-        Some(Object::Other(key, v))
+        Some(Object::Other(Box::new(key), Box::new(v)))
     }
 }
 
@@ -170,6 +169,7 @@ fn dynamic_converter(ar: &ApiResource) -> impl Fn(DynamicObject) -> Option<Objec
 /// dropped connection, and relists after 410 Gone; errors are retried with backoff.
 async fn run_watcher<K, F>(
     what: &'static str,
+    kind: KindKey,
     api: Api<K>,
     convert: F,
     tx: mpsc::Sender<Event>,
@@ -180,10 +180,8 @@ async fn run_watcher<K, F>(
 {
     let cfg = watcher::Config::default();
     let mut stream = watcher(api, cfg).default_backoff().boxed();
-    // Keys this resource has in the model, to delete what a relist no longer returns.
-    let mut known: BTreeSet<ObjectKey> = BTreeSet::new();
-    let mut relisted: BTreeSet<ObjectKey> = BTreeSet::new();
     let mut synced = false;
+    let mut listed = 0usize;
     let mut failures = 0u32;
     while let Some(item) = stream.next().await {
         let events: Vec<Event> = match item {
@@ -199,52 +197,33 @@ async fn run_watcher<K, F>(
             Ok(ev) => {
                 failures = 0;
                 match ev {
+                    // The model deletes what a relist no longer returns (see `Event::ListStart`).
                     watcher::Event::Init => {
-                        relisted.clear();
-                        Vec::new()
+                        listed = 0;
+                        vec![Event::ListStart(kind.clone())]
                     }
-                    watcher::Event::InitApply(o) => match convert(o) {
-                        Some(obj) => {
-                            relisted.insert(obj.key());
-                            vec![Event::Upsert(obj)]
-                        }
-                        None => Vec::new(),
-                    },
+                    watcher::Event::InitApply(o) => {
+                        listed += 1;
+                        convert(o).map(Event::Upsert).into_iter().collect()
+                    }
                     watcher::Event::InitDone => {
-                        let gone: Vec<Event> = known
-                            .difference(&relisted)
-                            .cloned()
-                            .map(Event::Delete)
-                            .collect();
-                        known = std::mem::take(&mut relisted);
+                        if tx.send(Event::ListEnd(kind.clone())).await.is_err() {
+                            return;
+                        }
                         if !synced {
                             synced = true;
-                            tracing::info!(
-                                resource = what,
-                                objects = known.len(),
-                                "initial list done"
-                            );
+                            tracing::info!(resource = what, objects = listed, "initial list done");
                             if !gate.done(&tx).await {
                                 return;
                             }
                         }
-                        gone
+                        Vec::new()
                     }
-                    watcher::Event::Apply(o) => match convert(o) {
-                        Some(obj) => {
-                            known.insert(obj.key());
-                            vec![Event::Upsert(obj)]
-                        }
-                        None => Vec::new(),
-                    },
-                    watcher::Event::Delete(o) => match convert(o) {
-                        Some(obj) => {
-                            let key = obj.key();
-                            known.remove(&key);
-                            vec![Event::Delete(key)]
-                        }
-                        None => Vec::new(),
-                    },
+                    watcher::Event::Apply(o) => convert(o).map(Event::Upsert).into_iter().collect(),
+                    watcher::Event::Delete(o) => convert(o)
+                        .map(|obj| Event::Delete(obj.key()))
+                        .into_iter()
+                        .collect(),
                 }
             }
         };
@@ -281,10 +260,21 @@ fn log_watch_error(what: &str, err: &watcher::Error) {
 
 fn spawn_typed<K>(w: Watched<K>, tx: &mpsc::Sender<Event>, gate: &Arc<SyncGate>)
 where
-    K: Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug + Send + Sync + 'static,
+    K: Resource<DynamicType = ()>
+        + Clone
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug
+        + Send
+        + Sync
+        + 'static,
 {
+    let kind = KindKey {
+        api_version: K::api_version(&()).into_owned(),
+        kind: K::kind(&()).into_owned(),
+    };
     tokio::spawn(run_watcher(
         w.what,
+        kind,
         w.api,
         w.convert,
         tx.clone(),
@@ -301,7 +291,18 @@ fn spawn_dynamic(
 ) {
     let api: Api<DynamicObject> = Api::all_with(client.clone(), &ar);
     let convert = dynamic_converter(&ar);
-    tokio::spawn(run_watcher(what, api, convert, tx.clone(), gate.clone()));
+    let kind = KindKey {
+        api_version: ar.api_version.clone(),
+        kind: ar.kind.clone(),
+    };
+    tokio::spawn(run_watcher(
+        what,
+        kind,
+        api,
+        convert,
+        tx.clone(),
+        gate.clone(),
+    ));
 }
 
 /// Starts every watcher. Events go to `tx`: the initial state of all resources, then one
@@ -552,7 +553,7 @@ fn object_value(o: &Object) -> Value {
         Object::Service(x) => serde_json::to_value(x),
         Object::Secret(x) => serde_json::to_value(x),
         Object::NetworkPolicy(x) => serde_json::to_value(x),
-        Object::Other(_, v) => return v.clone(),
+        Object::Other(_, v) => return (**v).clone(),
     };
     v.unwrap_or(Value::Null)
 }
@@ -703,7 +704,7 @@ mod tests {
         };
         assert_eq!(key.kind, "BGPPeer");
         assert_eq!(
-            v,
+            *v,
             json!({"apiVersion": "sepal.dev/v1alpha1", "kind": "BGPPeer",
                    "metadata": {"name": "tor"}, "spec": {"peerIP": "10.0.0.1", "asNumber": 65000}})
         );

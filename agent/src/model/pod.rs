@@ -58,7 +58,8 @@ pub struct PodPort {
 pub struct PodInfo {
     /// Shared with every other pod of the namespace (see `Interner`).
     pub namespace: Arc<str>,
-    pub name: Box<str>,
+    /// Shared with the model's key of the pod.
+    pub name: Arc<str>,
     /// `spec.nodeName`; `None` while unscheduled. Shared with the node's other pods.
     pub node: Option<Arc<str>>,
     pub labels: Labels,

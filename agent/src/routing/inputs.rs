@@ -254,7 +254,7 @@ pub fn from_model(
             Object::Service(s) => services.push(&**s),
             Object::Secret(s) => secrets.push(&**s),
             Object::Other(key, value) if key.kind == "EndpointSlice" => {
-                match serde_json::from_value::<EndpointSlice>(value.clone()) {
+                match serde_json::from_value::<EndpointSlice>((**value).clone()) {
                     Ok(s) => slices.push(s),
                     Err(e) => errors.push(format!("{key}: {e}")),
                 }
