@@ -38,6 +38,10 @@ pub struct NodeArgs {
     /// Where the cluster's objects come from: `kubernetes` or `dir:PATH`.
     #[arg(long)]
     pub datastore: Option<DatastoreSpec>,
+    /// Kubeconfig for `--datastore kubernetes` [default: in-cluster, else KUBECONFIG or
+    /// ~/.kube/config].
+    #[arg(long)]
+    pub kubeconfig: Option<PathBuf>,
     /// Directory for the agent's state (IPAM allocations) [default: /var/lib/sepal].
     #[arg(long)]
     pub state_dir: Option<PathBuf>,
@@ -68,6 +72,7 @@ struct FileConfig {
     #[serde(alias = "nodeName")]
     node_name: Option<String>,
     datastore: Option<String>,
+    kubeconfig: Option<PathBuf>,
     #[serde(alias = "stateDir")]
     state_dir: Option<PathBuf>,
     socket: Option<PathBuf>,
@@ -85,6 +90,7 @@ struct FileConfig {
 pub struct NodeConfig {
     pub node_name: String,
     pub datastore: DatastoreSpec,
+    pub kubeconfig: Option<PathBuf>,
     pub state_dir: PathBuf,
     pub socket: PathBuf,
     pub log_format: LogFormat,
@@ -166,6 +172,7 @@ impl NodeConfig {
         Ok(NodeConfig {
             node_name,
             datastore,
+            kubeconfig: args.kubeconfig.clone().or(file.kubeconfig),
             state_dir: args
                 .state_dir
                 .clone()

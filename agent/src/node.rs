@@ -71,6 +71,11 @@ impl Agent {
         self.routing.as_ref()
     }
 
+    /// NetworkPolicy content left out as invalid.
+    pub fn policy_problems(&self) -> &[sepal_felix::policy::Problem] {
+        self.policy.problems()
+    }
+
     /// The cluster as NetworkPolicy sees it, with this node's endpoints.
     pub fn policy_cluster(&self) -> sepal_felix::policy::Cluster {
         self.policy.cluster(self.allocations())
@@ -545,7 +550,7 @@ pub async fn run(cfg: NodeConfig) -> Result<()> {
     let reap = Arc::new(Notify::new());
 
     // The datastore's initial state first, so the first reconcile knows the node's blocks.
-    let mut events = datastore::start(&cfg.datastore)?;
+    let mut events = datastore::start(&cfg.datastore, cfg.kubeconfig.as_deref())?;
     let mut model = Model::default();
     let deadline = tokio::time::Instant::now() + SYNC_TIMEOUT;
     while !model.synced() {
@@ -615,6 +620,14 @@ pub async fn run(cfg: NodeConfig) -> Result<()> {
         agent.clone(),
         cfg.node_name.clone(),
     ));
+    if cfg.datastore == datastore::DatastoreSpec::Kubernetes {
+        // Routes are programmed: the node condition, BGP sessions and problems go to the cluster.
+        tokio::spawn(datastore::status::run(
+            cfg.kubeconfig.clone(),
+            cfg.node_name.clone(),
+            agent.clone(),
+        ));
+    }
     reap_tombstones(&handle).await;
     tokio::spawn(reaper(handle.clone(), reap));
     {

@@ -16,6 +16,8 @@ pub struct PolicyEngine {
     conntrack: Conntrack,
     /// Problem reports already logged, so a policy's invalid rule is reported once.
     reported: Vec<String>,
+    /// The last compile's problems (sent to the cluster as Events by the status writer).
+    problems: Vec<sepal_felix::policy::Problem>,
 }
 
 impl Default for PolicyEngine {
@@ -26,6 +28,7 @@ impl Default for PolicyEngine {
             dataplane: Dataplane::new(Options::default()),
             conntrack: Conntrack::new(),
             reported: Vec::new(),
+            problems: Vec::new(),
         }
     }
 }
@@ -79,6 +82,11 @@ impl PolicyEngine {
         cluster
     }
 
+    /// Invalid policy content the last `apply` left out.
+    pub fn problems(&self) -> &[sepal_felix::policy::Problem] {
+        &self.problems
+    }
+
     /// Compiles and applies; only a changed ruleset reaches the kernel. When the change may deny
     /// something that was allowed, established flows it now denies lose their conntrack
     /// entries, so they stop (revocation).
@@ -92,6 +100,7 @@ impl PolicyEngine {
                 self.reported.push(text);
             }
         }
+        self.problems = ruleset.problems.clone();
         let started = std::time::Instant::now();
         let applied = self
             .dataplane

@@ -87,6 +87,8 @@ struct State {
     unavailable: bool,
     /// Requests served, by "VERB plural" (list, watch, create, patch, ...).
     requests: BTreeMap<String, u64>,
+    /// Every (API group, resource or resource/subresource, verb) asked for, as RBAC names them.
+    access: std::collections::BTreeSet<(String, String, String)>,
 }
 
 struct Shared {
@@ -307,6 +309,11 @@ impl FakeApi {
             .unwrap_or(0)
     }
 
+    /// Every (API group, resource[/status], verb) a client has asked for so far, in RBAC's terms.
+    pub fn access(&self) -> std::collections::BTreeSet<(String, String, String)> {
+        lock(&self.shared).access.clone()
+    }
+
     pub fn resource_version(&self) -> u64 {
         lock(&self.shared).rv
     }
@@ -416,6 +423,8 @@ struct Target {
     resource: &'static (&'static str, &'static str, &'static str, bool),
     namespace: Option<String>,
     name: Option<String>,
+    /// The path ends in `/status`.
+    status: bool,
 }
 
 fn parse_path(path: &str) -> Option<Target> {
@@ -438,6 +447,7 @@ fn parse_path(path: &str) -> Option<Target> {
         resource: resource_of_path(&api_version, plural)?,
         namespace,
         name,
+        status: rest.len() == 3,
     })
 }
 
@@ -476,6 +486,14 @@ async fn serve(shared: Arc<Shared>, req: Request<Incoming>) -> Result<Response<B
     {
         let mut st = lock(&shared);
         *st.requests.entry(format!("{verb} {plural}")).or_default() += 1;
+        let group = api_version.rsplit_once('/').map(|(g, _)| g).unwrap_or("");
+        let resource = if t.status {
+            format!("{plural}/status")
+        } else {
+            plural.to_string()
+        };
+        st.access
+            .insert((group.to_string(), resource, verb.to_string()));
         if st.unavailable {
             return Ok(status(
                 StatusCode::SERVICE_UNAVAILABLE,

@@ -1,5 +1,7 @@
 // Root: the real `sepal node` with `--datastore kubernetes` against the stand-in API server inside
-// its node namespace; pods added through the real `sepal-cni` get addresses from the Node's pod CIDR.
+// its node namespace; pods added through the real `sepal-cni` get addresses from the Node's pod CIDR,
+// and the agent reports back (Node condition, SepalNodeStatus, Events) with exactly the access
+// deploy/'s RBAC grants.
 
 use sepal_tests::fakeapi::FakeApi;
 use sepal_tests::netns::Netns;
@@ -19,6 +21,43 @@ impl Drop for Agent {
 
 fn log(a: &Agent) -> String {
     std::fs::read_to_string(&a.1).unwrap_or_default()
+}
+
+/// Waits until `f` holds; panics with the agent's log otherwise.
+fn wait_until(agent: &Agent, what: &str, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !f() {
+        assert!(
+            Instant::now() < deadline,
+            "{what}: not so; log:\n{}",
+            log(agent)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// (API group, resource, verb) the RBAC rules in deploy/10-rbac.yaml grant.
+fn granted() -> std::collections::BTreeSet<(String, String, String)> {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/10-rbac.yaml");
+    let text = std::fs::read_to_string(path).expect("deploy/10-rbac.yaml");
+    let mut out = std::collections::BTreeSet::new();
+    for doc in serde_norway::Deserializer::from_str(&text) {
+        let v: Value = serde::Deserialize::deserialize(doc).expect("RBAC YAML");
+        for rule in v["rules"].as_array().into_iter().flatten() {
+            for g in rule["apiGroups"].as_array().into_iter().flatten() {
+                for r in rule["resources"].as_array().into_iter().flatten() {
+                    for verb in rule["verbs"].as_array().into_iter().flatten() {
+                        out.insert((
+                            g.as_str().unwrap_or_default().to_string(),
+                            r.as_str().unwrap_or_default().to_string(),
+                            verb.as_str().unwrap_or_default().to_string(),
+                        ));
+                    }
+                }
+            }
+        }
+    }
+    out
 }
 
 #[test]
@@ -51,8 +90,9 @@ fn kube_datastore_pods_get_addresses_from_the_node_cidr() {
             node.state_dir.to_str().expect("utf-8"),
             "--socket",
             node.socket.to_str().expect("utf-8"),
+            "--kubeconfig",
+            kubeconfig.to_str().expect("utf-8"),
         ])
-        .env("KUBECONFIG", &kubeconfig)
         .stdin(Stdio::null())
         .stdout(logf.try_clone().expect("dup"))
         .stderr(logf)
@@ -90,4 +130,57 @@ fn kube_datastore_pods_get_addresses_from_the_node_cidr() {
     // The pod reaches the node (its address on the uplink) through the gateway the plugin set up.
     sandbox.run("ping -c1 -W2 10.255.255.2");
     assert!(api.requests("watch", "nodes") + api.requests("list", "nodes") >= 1);
+
+    // Status back to the cluster: the Node condition once routes are programmed, kubelet's kept.
+    wait_until(
+        &agent,
+        "NetworkUnavailable=False (SepalIsUp) on the Node",
+        || {
+            api.get("Node", "", "kn1").is_some_and(|n| {
+                n["status"]["conditions"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .any(|c| {
+                        c["type"] == "NetworkUnavailable"
+                            && c["status"] == "False"
+                            && c["reason"] == "SepalIsUp"
+                    })
+            })
+        },
+    );
+    wait_until(&agent, "a SepalNodeStatus for kn1", || {
+        api.get("SepalNodeStatus", "", "kn1")
+            .is_some_and(|s| s["status"]["routesProgrammed"] == json!(true))
+    });
+    // Invalid policy content: left out, and a Warning Event on the policy says why.
+    api.apply(
+        json!({"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+        "metadata": {"name": "bad", "namespace": "web"},
+        "spec": {"podSelector": {}, "ingress": [{"from": [{"ipBlock":
+            {"cidr": "10.0.0.0/24", "except": ["10.0.1.0/28"]}}]}]}}),
+    );
+    wait_until(&agent, "a PolicyRejected Event on web/bad", || {
+        api.list("Event").iter().any(|e| {
+            e["reason"] == "PolicyRejected"
+                && e["regarding"]["name"] == "bad"
+                && e["type"] == "Warning"
+        })
+    });
+
+    // RBAC grants exactly what the agent asked for. Creating the SepalNodeStatus is a server-side
+    // apply (a PATCH), which the API server also authorizes as `create`.
+    let used = api.access();
+    let granted = granted();
+    let missing: Vec<_> = used.difference(&granted).collect();
+    assert!(
+        missing.is_empty(),
+        "the agent needs access RBAC does not grant: {missing:?}"
+    );
+    let mut unused: Vec<_> = granted.difference(&used).collect();
+    unused.retain(|(g, r, v)| !(g == "sepal.dev" && r == "sepalnodestatuses" && v == "create"));
+    assert!(
+        unused.is_empty(),
+        "RBAC grants access the agent never uses: {unused:?}"
+    );
 }

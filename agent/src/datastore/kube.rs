@@ -22,8 +22,8 @@ use tokio::sync::mpsc;
 /// Annotation kubectl keeps a full copy of the object in; never needed, often large.
 const LAST_APPLIED: &str = "kubectl.kubernetes.io/last-applied-configuration";
 
-/// A client for the API server: the kubeconfig given, else `KUBECONFIG`/~/.kube/config, else the
-/// in-cluster ServiceAccount.
+/// A client for the API server: the kubeconfig given, else the in-cluster ServiceAccount (a pod
+/// of the DaemonSet), else `KUBECONFIG`/~/.kube/config.
 pub async fn client(kubeconfig: Option<&Path>) -> Result<Client> {
     let config = match kubeconfig {
         Some(path) => {
@@ -33,9 +33,12 @@ pub async fn client(kubeconfig: Option<&Path>) -> Result<Client> {
                 .await
                 .with_context(|| format!("kubeconfig {}", path.display()))?
         }
-        None => Config::infer()
-            .await
-            .context("no Kubernetes config: not in a cluster and no kubeconfig found")?,
+        None => match Config::incluster() {
+            Ok(c) => c,
+            Err(_) => Config::infer()
+                .await
+                .context("no Kubernetes config: not in a cluster and no kubeconfig found")?,
+        },
     };
     Client::try_from(config).context("building the Kubernetes client")
 }
@@ -308,7 +311,8 @@ fn spawn_dynamic(
 /// Starts every watcher. Events go to `tx`: the initial state of all resources, then one
 /// `Synced`, then live changes.
 pub async fn run(client: Client, tx: mpsc::Sender<Event>) {
-    const RESOURCES: usize = 10;
+    // SepalNodeStatuses are not watched: they are the agents' output, nothing reads them back.
+    const RESOURCES: usize = 9;
     let gate = Arc::new(SyncGate {
         pending: AtomicUsize::new(RESOURCES),
     });
@@ -389,13 +393,6 @@ pub async fn run(client: Client, tx: mpsc::Sender<Event>) {
         &tx,
         &gate,
     );
-    spawn_dynamic(
-        "sepalnodestatuses",
-        c,
-        ApiResource::erase::<SepalNodeStatus>(&()),
-        &tx,
-        &gate,
-    );
     tx.closed().await;
 }
 
@@ -425,19 +422,16 @@ pub fn spawn(kubeconfig: Option<PathBuf>, tx: mpsc::Sender<Event>) {
 // Status back to the cluster
 
 /// Field manager name of every write the agent makes.
-#[allow(dead_code)] // the status writes are wired in by the routing work
 pub const FIELD_MANAGER: &str = "sepal-node";
 
 /// What a node's agent writes to the cluster: its SepalNodeStatus, the Node's NetworkUnavailable
 /// condition, and Events. Each call is one idempotent request (server-side apply / patch).
-#[allow(dead_code)] // called by the node agent once routes and sessions are up
 #[derive(Clone)]
 pub struct StatusWriter {
     client: Client,
     node: String,
 }
 
-#[allow(dead_code)]
 impl StatusWriter {
     pub fn new(client: Client, node: impl Into<String>) -> StatusWriter {
         StatusWriter {
@@ -584,14 +578,7 @@ pub fn run_inspect(args: InspectArgs) -> Result<()> {
         .build()?;
     rt.block_on(async move {
         let started = std::time::Instant::now();
-        let mut rx = match &args.datastore {
-            super::DatastoreSpec::Kubernetes => {
-                let (tx, rx) = mpsc::channel(1024);
-                spawn(args.kubeconfig.clone(), tx);
-                rx
-            }
-            other => super::start(other)?,
-        };
+        let mut rx = super::start(&args.datastore, args.kubeconfig.as_deref())?;
         let mut model = crate::model::Model::default();
         while let Some(ev) = rx.recv().await {
             let mut changed = model.apply(ev);

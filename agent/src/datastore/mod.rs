@@ -3,6 +3,7 @@
 
 pub mod dir;
 pub mod kube;
+pub mod status;
 
 use crate::model::Event;
 use anyhow::Result;
@@ -44,10 +45,14 @@ impl std::fmt::Display for DatastoreSpec {
 
 /// Starts the datastore: its events arrive on the returned channel, the initial state first,
 /// then `Event::Synced`, then live changes. The task ends when the receiver is dropped.
-pub fn start(spec: &DatastoreSpec) -> Result<mpsc::Receiver<Event>> {
+/// `kubeconfig` is for `kubernetes` (default: in-cluster, else KUBECONFIG or ~/.kube/config).
+pub fn start(
+    spec: &DatastoreSpec,
+    kubeconfig: Option<&std::path::Path>,
+) -> Result<mpsc::Receiver<Event>> {
     let (tx, rx) = mpsc::channel(1024);
     match spec {
-        DatastoreSpec::Kubernetes => self::kube::spawn(None, tx),
+        DatastoreSpec::Kubernetes => self::kube::spawn(kubeconfig.map(Into::into), tx),
         DatastoreSpec::Dir(path) => {
             let source = dir::DirSource::new(path.clone())?;
             tokio::spawn(dir::run(source, tx));
