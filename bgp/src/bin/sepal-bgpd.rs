@@ -129,16 +129,73 @@ fn main() {
     rt.block_on(run());
 }
 
-async fn run() {
-    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<String>();
-    std::thread::spawn(move || {
-        for line in std::io::stdin().lock().lines() {
-            let Ok(line) = line else { break };
-            if tx.send(line).is_err() {
-                break;
+/// Feeds stdin's lines into `tx`: on the runtime's own thread when stdin can be polled (a pipe),
+/// so the process is one thread like the daemons it is compared with; else from a thread.
+fn read_commands(tx: tokio::sync::mpsc::UnboundedSender<String>) {
+    // SAFETY: fcntl on fd 0 only changes its file status flags.
+    let nonblocking = unsafe {
+        let fl = libc::fcntl(0, libc::F_GETFL);
+        fl >= 0 && libc::fcntl(0, libc::F_SETFL, fl | libc::O_NONBLOCK) == 0
+    };
+    // SAFETY: fd 0 stays open, and is fd 0, for the life of the process.
+    let polled = nonblocking
+        .then(|| unsafe { tokio::io::unix::AsyncFd::register(std::io::stdin()) }.ok())
+        .flatten();
+    let Some(fd) = polled else {
+        if nonblocking {
+            // SAFETY: as above.
+            unsafe {
+                let fl = libc::fcntl(0, libc::F_GETFL);
+                libc::fcntl(0, libc::F_SETFL, fl & !libc::O_NONBLOCK);
+            }
+        }
+        std::thread::spawn(move || {
+            for line in std::io::stdin().lock().lines() {
+                let Ok(line) = line else { break };
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        return;
+    };
+    tokio::spawn(async move {
+        let mut pending = Vec::new();
+        let mut chunk = [0u8; 4096];
+        loop {
+            let Ok(mut ready) = fd.readable().await else {
+                return;
+            };
+            // SAFETY: reads into a buffer of the given length.
+            let r = ready.try_io(|_| {
+                let n = unsafe { libc::read(0, chunk.as_mut_ptr().cast(), chunk.len()) };
+                if n < 0 {
+                    Err(std::io::Error::last_os_error())
+                } else {
+                    Ok(n as usize)
+                }
+            });
+            match r {
+                Err(_would_block) => continue,
+                Ok(Ok(0)) | Ok(Err(_)) => return,
+                Ok(Ok(n)) => pending.extend_from_slice(&chunk[..n]),
+            }
+            while let Some(i) = pending.iter().position(|b| *b == b'\n') {
+                let line: Vec<u8> = pending.drain(..=i).collect();
+                if tx
+                    .send(String::from_utf8_lossy(&line[..i]).into_owned())
+                    .is_err()
+                {
+                    return;
+                }
             }
         }
     });
+}
+
+async fn run() {
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<String>();
+    read_commands(tx);
     let mut speaker: Option<Speaker> = None;
     while let Some(line) = rx.recv().await {
         if line.trim().is_empty() {
