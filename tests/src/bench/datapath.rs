@@ -1,8 +1,10 @@
 //! `sepal-bench datapath`: single-stream TCP (iperf3) from a pod on one node to a pod on another,
 //! three ways in one run: through Sepal (real agents, routes learned over the BGP mesh, pods
 //! through `sepal-cni`); the same two nodes with hand-made pods, static routes and no agent (the
-//! limit); and the hand-made pods across a kernel VXLAN overlay. Runs interleave so that load on
-//! the machine falls on all three alike. Also times agent start to BGP routes in both kernels.
+//! limit); and the hand-made pods across a kernel VXLAN overlay. A fourth path, the static one
+//! with the nftables table the Sepal nodes run copied in, shows what that table alone costs. Runs
+//! interleave so that load on the machine falls on all of them alike. Also times agent start to
+//! BGP routes in both kernels.
 
 use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
@@ -18,6 +20,8 @@ const UNDERLAY: [&str; 2] = ["192.168.100.1", "192.168.100.2"];
 /// Hand-made pods take the 10th address of their node's block.
 const HANDMADE_PODS: [&str; 2] = ["10.244.0.10", "10.244.1.10"];
 const VXLAN_MTU: u32 = 1450;
+/// Host side of a hand-made pod's veth, named like Sepal's so that its nft rules match it too.
+const HOST_VETH: &str = "sephand0";
 
 struct Args {
     seconds: u64,
@@ -216,7 +220,12 @@ fn sepal() -> Result<(PodPath, Duration)> {
 /// The same two nodes and pods made by hand, as Sepal makes them (veth, /32, proxy ARP for the
 /// pods' gateway), with static routes to the other node's block: straight over the underlay, or
 /// over a kernel VXLAN device with static FDB and neighbour entries (pods at MTU 1450).
-fn handmade(label: &'static str, tag: &str, vxlan: bool) -> Result<PodPath> {
+fn handmade(
+    label: &'static str,
+    tag: &str,
+    vxlan: bool,
+    nft_ruleset: Option<&str>,
+) -> Result<PodPath> {
     let nodes = [
         Netns::new(&format!("{tag}n")),
         Netns::new(&format!("{tag}n")),
@@ -230,12 +239,12 @@ fn handmade(label: &'static str, tag: &str, vxlan: bool) -> Result<PodPath> {
             UNDERLAY[i]
         ));
         let pod = Netns::new(&format!("{tag}p"));
-        veth(n, "pod0", &pod, "eth0");
+        veth(n, HOST_VETH, &pod, "eth0");
         let ip = HANDMADE_PODS[i];
         let mtu = if vxlan { VXLAN_MTU } else { 1500 };
         n.run(&format!(
-            "ip link set pod0 mtu {mtu} && sysctl -qw net.ipv4.conf.pod0.proxy_arp=1 net.ipv4.neigh.pod0.proxy_delay=0 \
-             && ip route add {ip}/32 dev pod0 scope link"
+            "ip link set {HOST_VETH} mtu {mtu} && sysctl -qw net.ipv4.conf.{HOST_VETH}.proxy_arp=1 \
+             net.ipv4.neigh.{HOST_VETH}.proxy_delay=0 && ip route add {ip}/32 dev {HOST_VETH} scope link"
         ));
         pod.run(&format!(
             "ip link set eth0 mtu {mtu} && ip addr add {ip}/32 dev eth0 && ip route add 169.254.1.1 dev eth0 scope link \
@@ -271,6 +280,14 @@ fn handmade(label: &'static str, tag: &str, vxlan: bool) -> Result<PodPath> {
                 "ip route add {} via {} dev ul onlink",
                 BLOCKS[j], UNDERLAY[j]
             ));
+        }
+    }
+    if let Some(ruleset) = nft_ruleset {
+        let file = tempfile::NamedTempFile::new()?;
+        std::fs::write(file.path(), ruleset)?;
+        for n in &nodes {
+            n.try_run(&format!("nft -f {}", file.path().display()))
+                .map_err(|e| anyhow::anyhow!("{label}: loading Sepal's nft table: {e}"))?;
         }
     }
     let pods: [Netns; 2] = pods.try_into().map_err(|_| anyhow::anyhow!("two pods"))?;
@@ -320,22 +337,29 @@ pub fn run(args: &[String]) -> Result<()> {
     println!(
         "sepal: agents started -> BGP routes in both kernels in {converged_ms:.0} ms (keepalive 1 s, hold 3 s)"
     );
+    let sepal_table = sepal._agents[0]
+        .netns
+        .try_run("nft list table inet sepal")
+        .map_err(|e| anyhow::anyhow!("reading the Sepal node's nft table: {e}"))?;
     let paths = [
         sepal,
-        handmade("static", "bst", false)?,
-        handmade("vxlan", "bvx", true)?,
+        handmade("static", "bst", false, None)?,
+        handmade("vxlan", "bvx", true, None)?,
+        handmade("st+nft", "bsn", false, Some(&sepal_table))?,
     ];
     println!("{}", sepal_additions(&paths[0]));
     let mut figures: Vec<Vec<f64>> = vec![Vec::new(); paths.len()];
-    for run in 1..=a.runs {
-        for (p, figs) in paths.iter().zip(figures.iter_mut()) {
-            let g = p.gbps(a.seconds)?;
-            println!("run {run}: {:<7}{g:>7.2} Gbit/s", p.label);
-            figs.push(g);
+    // Each run starts with another path, so no path always runs first (or right after another).
+    for run in 0..a.runs {
+        for k in 0..paths.len() {
+            let i = (run + k) % paths.len();
+            let g = paths[i].gbps(a.seconds)?;
+            println!("run {}: {:<7}{g:>7.2} Gbit/s", run + 1, paths[i].label);
+            figures[i].push(g);
         }
     }
     let med: Vec<f64> = figures.into_iter().map(median).collect();
-    let (sepal_gbps, static_gbps, vxlan_gbps) = (med[0], med[1], med[2]);
+    let (sepal_gbps, static_gbps, vxlan_gbps, nft_gbps) = (med[0], med[1], med[2], med[3]);
     println!(
         "medians of {} runs of {} s, single TCP stream pod -> pod across nodes: sepal {sepal_gbps:.2}, \
          static routes {static_gbps:.2}, vxlan {vxlan_gbps:.2} Gbit/s; sepal/static {:.3}, sepal/vxlan {:.3}",
@@ -343,6 +367,11 @@ pub fn run(args: &[String]) -> Result<()> {
         a.seconds,
         sepal_gbps / static_gbps,
         sepal_gbps / vxlan_gbps
+    );
+    println!(
+        "static routes with the Sepal nodes' nft table copied in: {nft_gbps:.2} Gbit/s, {:.3} of static \
+         (what the table's conntrack and rules cost without any agent)",
+        nft_gbps / static_gbps
     );
     println!(
         "{}",
@@ -353,6 +382,8 @@ pub fn run(args: &[String]) -> Result<()> {
             "ratio_vs_static": round(sepal_gbps / static_gbps, 3),
             "ratio_vs_vxlan": round(sepal_gbps / vxlan_gbps, 3),
             "routes_converged_ms": converged_ms.round(),
+            "static_with_sepal_nft_gbps": round(nft_gbps, 2),
+            "nft_ratio_vs_static": round(nft_gbps / static_gbps, 3),
         })
     );
     Ok(())
