@@ -260,64 +260,97 @@ fn pair(tag: &str) -> (Netns, Netns) {
     (snd, rcv)
 }
 
-pub fn run(args: &[String]) -> anyhow::Result<()> {
-    crate::require_root();
-    let n: u32 = match args.iter().position(|a| a == "--prefixes") {
-        Some(i) => args.get(i + 1).context("--prefixes N")?.parse()?,
-        None => 100_000,
-    };
-    let stream = encode_stream(n);
-    println!("stream: {n} prefixes, {} bytes", stream.len());
-
-    // Sepal.
-    let (snd1, rcv1) = pair("bgs");
+/// One ingest into a fresh Sepal speaker; also its peak RSS in KiB.
+fn run_sepal(run: usize, n: u32, stream: &[u8]) -> anyhow::Result<(Ingest, u64)> {
+    let (snd, rcv) = pair(&format!("bgs{run}"));
     let mut sepal = SepalBgpd::start(
-        &rcv1,
+        &rcv,
         json!({"local_as": 65000, "router_id": RECEIVER, "listen": [format!("{RECEIVER}:179")]}),
     );
     sepal.peer(json!({"address": SENDER, "remote_as": 65001, "passive": true, "families": ["ipv4"], "hold_time": 240}));
-    let sepal_pid = sepal.pid();
-    let s = ingest(&snd1, &stream, sepal_pid, n as usize, "sepal", || {
-        sepal.count()
-    })?;
-    let rss_kib = vm_hwm_kib(sepal_pid);
+    let pid = sepal.pid();
+    let s = ingest(&snd, stream, pid, n as usize, "sepal", || sepal.count())?;
+    let rss = vm_hwm_kib(pid);
     println!(
         "sepal: {n} prefixes in Loc-RIB after {:.0} ms ({:.0} ms CPU, {:.0} ms runnable without a CPU), peak RSS {:.1} MiB",
         s.wall_ms, s.cpu_ms, s.wait_ms,
-        rss_kib as f64 / 1024.0
+        rss as f64 / 1024.0
     );
+    Ok((s, rss))
+}
 
-    // BIRD, same stream.
-    let (snd2, rcv2) = pair("bgb");
+/// The same ingest into a fresh BIRD.
+fn run_bird(run: usize, n: u32, stream: &[u8]) -> anyhow::Result<(Ingest, u64)> {
+    let (snd, rcv) = pair(&format!("bgb{run}"));
     let bird = Bird::start(
-        &rcv2,
+        &rcv,
         &format!(
             "router id {RECEIVER};\nprotocol device {{ }}\nprotocol bgp blast {{\n  local {RECEIVER} as 65000; neighbor {SENDER} as 65001;\n  passive on; hold time 240;\n  ipv4 {{ import all; export none; }};\n}}\n"
         ),
     );
     let mut ctl = BirdCtl::open(&bird.ctl_path())?;
-    let b = ingest(&snd2, &stream, bird.pid(), n as usize, "bird", || {
+    let b = ingest(&snd, stream, bird.pid(), n as usize, "bird", || {
         ctl.route_count("master4").unwrap_or(0)
     })?;
-    let bird_rss_kib = vm_hwm_kib(bird.pid());
+    let rss = vm_hwm_kib(bird.pid());
     println!(
         "bird: {n} prefixes in its table after {:.0} ms ({:.0} ms CPU, {:.0} ms runnable without a CPU), peak RSS {:.1} MiB",
         b.wall_ms, b.cpu_ms, b.wait_ms,
-        bird_rss_kib as f64 / 1024.0
+        rss as f64 / 1024.0
     );
+    Ok((b, rss))
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v.get(v.len() / 2).copied().unwrap_or(0.0)
+}
+
+/// `--prefixes N` (default 100,000), `--runs R` (default 3): Sepal and BIRD alternate, each run
+/// on fresh daemons; medians are reported, so one unlucky run on a shared machine does not decide.
+pub fn run(args: &[String]) -> anyhow::Result<()> {
+    crate::require_root();
+    let arg = |name: &str, default: u32| -> anyhow::Result<u32> {
+        match args.iter().position(|a| a == name) {
+            Some(i) => Ok(args
+                .get(i + 1)
+                .with_context(|| format!("{name} N"))?
+                .parse()?),
+            None => Ok(default),
+        }
+    };
+    let n = arg("--prefixes", 100_000)?;
+    let runs = arg("--runs", 3)?.max(1) as usize;
+    let stream = encode_stream(n);
+    println!(
+        "stream: {n} prefixes, {} bytes; {runs} runs each",
+        stream.len()
+    );
+
+    let (mut sepal, mut bird) = (Vec::new(), Vec::new());
+    for run in 0..runs {
+        sepal.push(run_sepal(run, n, &stream)?);
+        bird.push(run_bird(run, n, &stream)?);
+    }
+    let med =
+        |v: &[(Ingest, u64)], f: fn(&Ingest) -> f64| median(v.iter().map(|(i, _)| f(i)).collect());
+    let rss = |v: &[(Ingest, u64)]| v.iter().map(|x| x.1).max().unwrap_or(0) as f64 / 1024.0;
+    let (s_ms, b_ms) = (med(&sepal, |i| i.wall_ms), med(&bird, |i| i.wall_ms));
+    let (s_cpu, b_cpu) = (med(&sepal, |i| i.cpu_ms), med(&bird, |i| i.cpu_ms));
 
     let r1 = |x: f64| (x * 10.0).round() / 10.0;
     let r3 = |x: f64| (x * 1000.0).round() / 1000.0;
     let result = json!({
         "prefixes": n,
-        "sepal_ms": r1(s.wall_ms),
-        "bird_ms": r1(b.wall_ms),
-        "ratio": r3(s.wall_ms / b.wall_ms),
-        "sepal_cpu_ms": r1(s.cpu_ms),
-        "bird_cpu_ms": r1(b.cpu_ms),
-        "cpu_ratio": r3(s.cpu_ms / b.cpu_ms.max(0.001)),
-        "rss_mib": r1(rss_kib as f64 / 1024.0),
-        "bird_rss_mib": r1(bird_rss_kib as f64 / 1024.0),
+        "runs": runs,
+        "sepal_ms": r1(s_ms),
+        "bird_ms": r1(b_ms),
+        "ratio": r3(s_ms / b_ms.max(0.001)),
+        "sepal_cpu_ms": r1(s_cpu),
+        "bird_cpu_ms": r1(b_cpu),
+        "cpu_ratio": r3(s_cpu / b_cpu.max(0.001)),
+        "rss_mib": r1(rss(&sepal)),
+        "bird_rss_mib": r1(rss(&bird)),
     });
     println!("{result}");
     Ok(())
