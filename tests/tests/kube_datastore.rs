@@ -163,6 +163,55 @@ fn key(o: &Value) -> (String, String, String) {
     )
 }
 
+/// The same objects as a real API server and `kubectl apply` would leave them: server metadata,
+/// kubectl's copy of the object, status conditions, container details. None of it is in the model.
+fn noisy(objects: &[Value]) -> Vec<Value> {
+    objects
+        .iter()
+        .enumerate()
+        .map(|(i, o)| {
+            let applied = o.to_string();
+            let mut o = o.clone();
+            let meta = &mut o["metadata"];
+            meta["uid"] = json!(format!("0000-{i}"));
+            meta["resourceVersion"] = json!("12345");
+            meta["generation"] = json!(3);
+            meta["creationTimestamp"] = json!("2026-01-01T00:00:00Z");
+            meta["managedFields"] = json!([{"manager": "kubectl", "operation": "Apply"}]);
+            meta["annotations"]["kubectl.kubernetes.io/last-applied-configuration"] =
+                json!(applied);
+            match o["kind"].as_str() {
+                Some("Node") => {
+                    o["status"]["conditions"] = json!([{"type": "Ready", "status": "True"}]);
+                    o["status"]["images"] = json!([{"names": ["x"], "sizeBytes": 1}]);
+                }
+                Some("Pod") => {
+                    o["status"]["conditions"] = json!([{"type": "Ready", "status": "True"}]);
+                    o["status"]["hostIP"] = json!("10.0.1.2");
+                    o["spec"]["containers"][0]["image"] = json!("nginx:1");
+                    o["spec"]["containers"][0]["env"] = json!([{"name": "A", "value": "B"}]);
+                    o["spec"]["restartPolicy"] = json!("Always");
+                }
+                _ => {}
+            }
+            o
+        })
+        .collect()
+}
+
+#[test]
+fn both_datastores_strip_server_noise_alike() {
+    let clean = cluster();
+    let want = dir_model(&clean);
+    let objects = noisy(&clean);
+    assert_eq!(dir_model(&objects), want, "the dir datastore kept noise");
+    let api = FakeApi::start();
+    api.apply_all(objects);
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let p = kube_inspect(&api, &tmp, false);
+    wait_for_model(&p, &want);
+}
+
 #[test]
 fn kube_initial_sync_matches_dir() {
     let objects = cluster();

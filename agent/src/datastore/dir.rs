@@ -164,7 +164,10 @@ pub fn parse_file(path: &Path, text: &str) -> Result<Vec<Object>, FileError> {
             if !item.is_object() {
                 return Err(err(line, format!("expected an object, found {item}")));
             }
-            let obj = Object::from_value(item).map_err(|e| err(line, e.to_string()))?;
+            // Stripped as the Kubernetes datastore strips, so both give the same model.
+            let obj = Object::from_value(item)
+                .map(super::kube::strip)
+                .map_err(|e| err(line, e.to_string()))?;
             objects.push(obj);
         }
     }
