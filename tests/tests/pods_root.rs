@@ -21,7 +21,7 @@ impl Pod {
             .expect("ips")
             .iter()
             .map(|ip| ip["address"].as_str().expect("address"))
-            .find(|a| (family == "4") == !a.contains(':'))
+            .find(|a| (family == "6") == a.contains(':'))
             .unwrap_or_else(|| panic!("no IPv{family} address in {}", self.result))
             .split('/')
             .next()
