@@ -263,7 +263,50 @@ fn build(mut lab: LabState) -> Result<LabState> {
         lab.pods.push(pod);
         lab.save()?;
     }
+    wait_routes(&lab);
     Ok(lab)
+}
+
+/// Waits until every router can forward to every pod, i.e. has the nodes' blocks from BGP in its
+/// kernel, so the first `lab ping` after `up` shows the network as it will stay. A lab that has
+/// not converged in time stays up, with a warning naming what is missing, for the operator to
+/// inspect with `sepal status` and the router's own tools.
+fn wait_routes(lab: &LabState) {
+    let started = Instant::now();
+    let deadline = started + Duration::from_secs(60);
+    let pod_ipv4s: Vec<&str> = lab
+        .pods
+        .iter()
+        .flat_map(|p| p.ips.iter())
+        .map(|ip| ip.split('/').next().unwrap_or(ip))
+        .filter(|ip| !ip.contains(':'))
+        .collect();
+    loop {
+        let missing: Vec<String> = lab
+            .routers
+            .iter()
+            .flat_map(|r| pod_ipv4s.iter().map(move |ip| (r, ip)))
+            .filter(|(r, ip)| net::sh(&r.netns, &format!("ip route get {ip}")).is_err())
+            .map(|(r, ip)| format!("{} has no route to {ip}", r.name))
+            .collect();
+        if missing.is_empty() {
+            if !lab.routers.is_empty() {
+                eprintln!(
+                    "routes converged in {:.1} s",
+                    started.elapsed().as_secs_f64()
+                );
+            }
+            return;
+        }
+        if Instant::now() > deadline {
+            eprintln!(
+                "warning: routes have not converged after 60 s: {}",
+                missing.join(", ")
+            );
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
 }
 
 /// The lab's BGP design, as an operator would apply it: with BGP routers, every node peers (eBGP,

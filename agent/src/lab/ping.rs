@@ -59,15 +59,26 @@ pub fn matrix(lab: &LabState, as_json: bool) -> Result<()> {
         );
         return Ok(());
     }
-    let width = names.iter().map(String::len).max().unwrap_or(4).max(4);
-    print!("{:width$}", "from \\ to");
+    let labels: Vec<String> = names
+        .iter()
+        .enumerate()
+        .map(|(i, name)| format!("{} {name}", i + 1))
+        .collect();
+    let header = "from \\ to";
+    let width = labels
+        .iter()
+        .map(String::len)
+        .chain([header.len()])
+        .max()
+        .unwrap_or(0);
+    print!("{header:width$}");
     for j in 0..names.len() {
         print!(" {:>3}", j + 1);
     }
     println!();
     let (mut ok, mut total) = (0, 0);
     for (i, row) in results.iter().enumerate() {
-        print!("{:width$}", format!("{} {}", i + 1, names[i]));
+        print!("{:width$}", labels[i]);
         for cell in row {
             let mark = match cell {
                 None => "-",
