@@ -66,7 +66,7 @@ enum Command {
         target: ops::AgentTarget,
     },
     /// The path of a packet from a pod: veths, route lookups, BGP next hops, policy verdicts.
-    Trace(ops::TraceArgs),
+    Trace(ops::FlowArgs),
     /// NetworkPolicy: `explain` why a packet is allowed or dropped.
     #[command(subcommand)]
     Policy(PolicyCommand),
@@ -76,7 +76,7 @@ enum Command {
 enum PolicyCommand {
     /// The verdict for one packet, the policy rule that decided it and its kernel counters,
     /// from the running agent.
-    Explain(policy_explain::ExplainArgs),
+    Explain(ops::FlowArgs),
 }
 
 fn init_logging(format: LogFormat) {

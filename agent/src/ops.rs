@@ -280,9 +280,10 @@ fn print_endpoints(eps: &[EndpointReport]) {
     }
 }
 
+/// One flow to look at, for `sepal trace` and `sepal policy explain`.
 #[derive(Debug, Clone, Args)]
-pub struct TraceArgs {
-    /// The source pod: NAMESPACE/POD (or its IP).
+pub struct FlowArgs {
+    /// The source: NAMESPACE/POD or an IP address.
     #[arg(long)]
     pub from: String,
     /// The destination: NAMESPACE/POD or an IP address.
@@ -295,6 +296,16 @@ pub struct TraceArgs {
     pub json: bool,
     #[command(flatten)]
     pub target: AgentTarget,
+}
+
+impl FlowArgs {
+    pub fn request(&self) -> TraceRequest {
+        TraceRequest {
+            from: self.from.clone(),
+            to: self.to.clone(),
+            port: self.port.clone(),
+        }
+    }
 }
 
 /// The whole path: one hop per node asked, and the overall verdict.
@@ -390,12 +401,8 @@ fn trace_lab(lab: &LabState, req: &TraceRequest) -> Result<Trace> {
     Ok(trace)
 }
 
-pub fn trace(args: &TraceArgs) -> Result<()> {
-    let req = TraceRequest {
-        from: args.from.clone(),
-        to: args.to.clone(),
-        port: args.port.clone(),
-    };
+pub fn trace(args: &FlowArgs) -> Result<()> {
+    let req = args.request();
     let t = match args.target.lab()? {
         Some(lab) if args.target.admin_socket.is_none() => trace_lab(&lab, &req)?,
         _ => {

@@ -3,9 +3,8 @@
 
 use crate::admin::{self, AdminRequest, TraceRequest};
 use crate::node::Agent;
-use crate::ops::AgentTarget;
+use crate::ops::FlowArgs;
 use anyhow::Result;
-use clap::Args;
 use sepal_felix::policy::{parse_port, ExplainPeer, Explainer};
 use serde::{Deserialize, Serialize};
 use std::sync::Arc;
@@ -50,30 +49,9 @@ pub async fn answer(
     })
 }
 
-#[derive(Debug, Clone, Args)]
-pub struct ExplainArgs {
-    /// The source: NAMESPACE/POD or an IP address.
-    #[arg(long)]
-    pub from: String,
-    /// The destination: NAMESPACE/POD or an IP address.
-    #[arg(long)]
-    pub to: String,
-    /// PORT[/PROTOCOL] (TCP, UDP, SCTP) [default: 80/TCP].
-    #[arg(long)]
-    pub port: Option<String>,
-    #[arg(long)]
-    pub json: bool,
-    #[command(flatten)]
-    pub target: AgentTarget,
-}
-
 /// The CLI's side: asks the agent and prints its answer.
-pub fn run(args: &ExplainArgs) -> Result<()> {
-    let request = AdminRequest::PolicyExplain(TraceRequest {
-        from: args.from.clone(),
-        to: args.to.clone(),
-        port: args.port.clone(),
-    });
+pub fn run(args: &FlowArgs) -> Result<()> {
+    let request = AdminRequest::PolicyExplain(args.request());
     let report: ExplainReport = admin::call(&args.target.socket()?, &request)?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);

@@ -17,9 +17,9 @@ const MAX_REQUEST: u64 = 1 << 20;
 /// A client that does not finish its request in this time is dropped.
 const READ_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Binds the socket: creates its directory, replaces a stale socket file, refuses to steal the
-/// socket of an agent that still answers.
-fn bind(path: &Path) -> Result<UnixListener> {
+/// Binds a Unix socket: creates its directory, replaces a stale socket file, refuses to steal the
+/// socket of an agent that still answers (`flag` names the option that picks another path).
+pub fn bind(path: &Path, flag: &str) -> Result<UnixListener> {
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir)
             .with_context(|| format!("creating socket directory {}", dir.display()))?;
@@ -27,7 +27,7 @@ fn bind(path: &Path) -> Result<UnixListener> {
     if path.exists() {
         if std::os::unix::net::UnixStream::connect(path).is_ok() {
             bail!(
-                "another agent is already serving {}; stop it first",
+                "another agent is already serving {}; stop it first or pass another {flag}",
                 path.display()
             );
         }
@@ -96,7 +96,7 @@ async fn connection(mut stream: UnixStream, agent: Arc<Mutex<Agent>>) {
 pub async fn serve(path: &Path, agent: Arc<Mutex<Agent>>) -> Result<()> {
     let mut term = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
-    let listener = bind(path)?;
+    let listener = bind(path, "--socket")?;
     tracing::info!(socket = %path.display(), "serving");
     let result = loop {
         tokio::select! {

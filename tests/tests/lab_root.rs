@@ -64,10 +64,19 @@ impl Lab {
         sepal_json(&[what, "--lab", &self.name, "--node", node, "--json"])
     }
 
-    fn trace(&self, from: &str, to: &str, port: &str) -> Value {
-        sepal_json(&[
+    fn trace_args<'a>(&'a self, from: &'a str, to: &'a str, port: &'a str) -> [&'a str; 10] {
+        [
             "trace", "--lab", &self.name, "--from", from, "--to", to, "--port", port, "--json",
-        ])
+        ]
+    }
+
+    fn trace(&self, from: &str, to: &str, port: &str) -> Value {
+        sepal_json(&self.trace_args(from, to, port))
+    }
+
+    /// Whether every node on the path answers the trace.
+    fn try_trace(&self, from: &str, to: &str, port: &str) -> bool {
+        sepal(&self.trace_args(from, to, port)).status.success()
     }
 
     fn apply(&self, file: &Path, delete: bool) {
@@ -354,6 +363,13 @@ fn lab_and_operator_tools_end_to_end() {
         .find(|e| e["pod"] == "db-1")
         .unwrap()["host_veth"]
         .clone();
+    // Other nodes learn a pod from its Pod status, written after its CNI ADD: node3 may need a
+    // moment after `lab up` to know frontend/web-1.
+    wait_for(
+        "node3 to learn frontend/web-1",
+        || lab.try_trace("frontend/web-1", "backend/db-1", "5432/TCP"),
+        |ok| *ok,
+    );
     let t = lab.trace("frontend/web-1", "backend/db-1", "5432/TCP");
     assert_eq!(t["allowed"], true, "{t:#}");
     let (first, last) = (&t["hops"][0], &t["hops"][1]);

@@ -3,7 +3,7 @@
 
 use super::{collect, AdminReply, AdminRequest};
 use crate::node::Agent;
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -29,22 +29,7 @@ impl Drop for AdminSocket {
 /// Binds the operator socket: replaces a stale file, refuses to take over the socket of an agent
 /// that still answers on it.
 pub fn bind(path: &Path) -> Result<AdminSocket> {
-    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir)
-            .with_context(|| format!("creating socket directory {}", dir.display()))?;
-    }
-    if path.exists() {
-        if std::os::unix::net::UnixStream::connect(path).is_ok() {
-            bail!(
-                "another agent is already serving {}; stop it first or pass another --admin-socket",
-                path.display()
-            );
-        }
-        std::fs::remove_file(path)
-            .with_context(|| format!("removing stale socket {}", path.display()))?;
-    }
-    let listener =
-        UnixListener::bind(path).with_context(|| format!("binding {}", path.display()))?;
+    let listener = crate::server::bind(path, "--admin-socket")?;
     // Operators only: the socket reveals the node's pods and sessions.
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
