@@ -535,6 +535,8 @@ mod tests {
                 ips: vec!["10.1.2.7".into()],
                 labels: Default::default(),
             }],
+            kubeconfig: None,
+            relay_pid: None,
         }
     }
 

@@ -1,5 +1,6 @@
 // A stand-in Kubernetes API server for tests and benchmarks: list/watch with resourceVersions,
-// bookmarks, 410 Gone after compaction, 403 for forbidden resources, plus writes, on 127.0.0.1.
+// bookmarks, 410 Gone after compaction, 403 for forbidden resources, plus writes and deletes, on
+// 127.0.0.1.
 
 use bytes::Bytes;
 use http_body_util::{combinators::BoxBody, BodyExt, Full, StreamBody};
@@ -669,6 +670,29 @@ async fn serve(shared: Arc<Shared>, req: Request<Incoming>) -> Result<Response<B
                 },
                 &stored,
             ))
+        }
+        "delete" => {
+            let mut st = lock(&shared);
+            let key = (
+                t.namespace.clone().unwrap_or_default(),
+                t.name.clone().unwrap_or_default(),
+            );
+            match st.objects.get_mut(plural).and_then(|m| m.remove(&key)) {
+                Some(old) => {
+                    st.rv += 1;
+                    let rv = st.rv;
+                    let mut obj = (*old).clone();
+                    obj["metadata"]["resourceVersion"] = json!(rv.to_string());
+                    let obj = Arc::new(obj);
+                    record(&mut st, &shared, plural, &key.0, "DELETED", obj.clone(), rv);
+                    Ok(json_response(StatusCode::OK, &obj))
+                }
+                None => Ok(status(
+                    StatusCode::NOT_FOUND,
+                    "NotFound",
+                    format!("{plural} \"{}\" not found", key.1),
+                )),
+            }
         }
         _ => Ok(status(
             StatusCode::METHOD_NOT_ALLOWED,

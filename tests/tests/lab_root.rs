@@ -2,139 +2,14 @@
 //! checked with `lab status --json`, `sepal status|routes|endpoints|trace`, the metrics and health
 //! endpoints, apply/delete of pods and labels, a second lab beside it, and a clean `down`.
 
-use sepal_tests::{bin_path, require_root};
+use sepal_tests::lab::{alive, netns_list, repo_file, sepal_json, strs, wait_for, Lab};
+use sepal_tests::require_root;
 use serde_json::Value;
 use std::collections::BTreeSet;
 use std::io::{Read, Write};
 use std::os::fd::AsRawFd;
-use std::path::Path;
-use std::process::{Command, Output};
-use std::time::{Duration, Instant};
-
-fn sepal(args: &[&str]) -> Output {
-    Command::new(bin_path("sepal"))
-        .args(args)
-        .output()
-        .expect("run sepal")
-}
-
-/// Runs sepal and returns stdout; panics with stderr on failure.
-fn sepal_ok(args: &[&str]) -> String {
-    let out = sepal(args);
-    assert!(
-        out.status.success(),
-        "sepal {args:?} failed: {}{}",
-        String::from_utf8_lossy(&out.stderr),
-        String::from_utf8_lossy(&out.stdout)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-fn sepal_json(args: &[&str]) -> Value {
-    let text = sepal_ok(args);
-    serde_json::from_str(&text).unwrap_or_else(|e| panic!("sepal {args:?}: {e}: {text}"))
-}
-
-/// A lab that goes down when the test ends, however it ends.
-struct Lab {
-    name: String,
-}
-
-impl Lab {
-    fn up(name: &str, topology: Option<&Path>) -> Lab {
-        let mut args = vec!["lab", "up", "--name", name];
-        let path;
-        if let Some(t) = topology {
-            path = t.display().to_string();
-            args.push(&path);
-        }
-        // The guard first: a failed `up` removes its half-built lab, and `down` is idempotent.
-        let lab = Lab {
-            name: name.to_string(),
-        };
-        sepal_ok(&args);
-        lab
-    }
-
-    fn status(&self) -> Value {
-        sepal_json(&["lab", "status", "--name", &self.name, "--json"])
-    }
-
-    fn ask(&self, what: &str, node: &str) -> Value {
-        sepal_json(&[what, "--lab", &self.name, "--node", node, "--json"])
-    }
-
-    fn trace_args<'a>(&'a self, from: &'a str, to: &'a str, port: &'a str) -> [&'a str; 10] {
-        [
-            "trace", "--lab", &self.name, "--from", from, "--to", to, "--port", port, "--json",
-        ]
-    }
-
-    fn trace(&self, from: &str, to: &str, port: &str) -> Value {
-        sepal_json(&self.trace_args(from, to, port))
-    }
-
-    /// Whether every node on the path answers the trace.
-    fn try_trace(&self, from: &str, to: &str, port: &str) -> bool {
-        sepal(&self.trace_args(from, to, port)).status.success()
-    }
-
-    fn apply(&self, file: &Path, delete: bool) {
-        let verb = if delete { "delete" } else { "apply" };
-        sepal_ok(&[
-            "lab",
-            verb,
-            "--name",
-            &self.name,
-            "-f",
-            file.to_str().unwrap(),
-        ]);
-    }
-
-    /// Every process the lab started (agents and routers), from its saved state.
-    fn pids(&self) -> Vec<u32> {
-        let path = Path::new("/run/sepal-lab")
-            .join(&self.name)
-            .join("lab.json");
-        let state: Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
-        let mut pids: Vec<u32> = state["nodes"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .filter_map(|n| n["pid"].as_u64())
-            .map(|p| p as u32)
-            .collect();
-        for r in state["routers"].as_array().unwrap() {
-            pids.extend(
-                r["pids"]
-                    .as_array()
-                    .unwrap()
-                    .iter()
-                    .map(|p| p.as_u64().unwrap() as u32),
-            );
-        }
-        pids
-    }
-
-    fn down(&self) {
-        sepal_ok(&["lab", "down", "--name", &self.name]);
-    }
-}
-
-impl Drop for Lab {
-    fn drop(&mut self) {
-        let _ = sepal(&["lab", "down", "--name", &self.name]);
-    }
-}
-
-fn netns_list() -> BTreeSet<String> {
-    let out = Command::new("ip").args(["netns", "list"]).output().unwrap();
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .filter_map(|l| l.split_whitespace().next())
-        .map(str::to_string)
-        .collect()
-}
+use std::process::Command;
+use std::time::Duration;
 
 fn in_netns(netns: &str, cmd: &str) -> String {
     let out = Command::new("ip")
@@ -143,13 +18,6 @@ fn in_netns(netns: &str, cmd: &str) -> String {
         .unwrap();
     assert!(out.status.success(), "{netns}: {cmd}: {out:?}");
     String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-fn alive(pid: u32) -> bool {
-    // A zombie is gone for our purposes: it holds no namespace or socket.
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .map(|s| !s.contains(") Z "))
-        .unwrap_or(false)
 }
 
 /// GET `path` on 127.0.0.1:9099 inside `netns`: (status code, body).
@@ -180,39 +48,8 @@ fn http_get(netns: &str, path: &str) -> (u16, String) {
     .unwrap()
 }
 
-/// Polls until `check` holds, with the last observed value in the failure message.
-fn wait_for<T: std::fmt::Debug>(
-    what: &str,
-    mut probe: impl FnMut() -> T,
-    check: impl Fn(&T) -> bool,
-) -> T {
-    let deadline = Instant::now() + Duration::from_secs(40);
-    loop {
-        let v = probe();
-        if check(&v) {
-            return v;
-        }
-        if Instant::now() > deadline {
-            panic!("timed out waiting for {what}; last: {v:?}");
-        }
-        std::thread::sleep(Duration::from_millis(250));
-    }
-}
-
-fn strs(v: &Value) -> Vec<String> {
-    v.as_array()
-        .into_iter()
-        .flatten()
-        .filter_map(|x| x.as_str().map(str::to_string))
-        .collect()
-}
-
 fn without_prefix_len(addr: &str) -> &str {
     addr.split('/').next().unwrap()
-}
-
-fn repo_file(rel: &str) -> std::path::PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join(rel)
 }
 
 #[test]
@@ -479,26 +316,7 @@ fn lab_and_operator_tools_end_to_end() {
     assert_eq!(lab.ask("status", "node1")["ready"], true);
 
     // Down leaves no namespace, link or process behind.
-    let pids = lab.pids();
-    lab.down();
-    for p in &pids {
-        assert!(!alive(*p), "process {p} survived lab down");
-    }
-    let left: Vec<String> = netns_list()
-        .into_iter()
-        .filter(|n| n.starts_with(&name))
-        .collect();
-    assert!(left.is_empty(), "namespaces left: {left:?}");
-    let links = String::from_utf8_lossy(
-        &Command::new("ip")
-            .args(["-o", "link"])
-            .output()
-            .unwrap()
-            .stdout,
-    )
-    .into_owned();
-    assert!(!links.contains(&name), "host links left: {links}");
-    assert!(!Path::new("/run/sepal-lab").join(&name).exists());
+    lab.down_cleanly();
     // Down again is harmless.
     lab.down();
 }

@@ -1,10 +1,12 @@
 //! `sepal lab`: a whole cluster on one Linux box — node namespaces running the real agent, pods
 //! attached by the real CNI plugin, a real BGP router — plus the commands to inspect and change it.
 
+mod kubeapi;
 mod net;
 mod objects;
 mod peering;
 mod ping;
+mod relay;
 mod router;
 pub mod state;
 pub mod topology;
@@ -30,6 +32,13 @@ pub enum LabCommand {
         topology: Option<PathBuf>,
         #[arg(long)]
         name: Option<String>,
+        /// Where the lab's objects live and its agents read them: a directory of its own (`dir`)
+        /// or the API server of `--kubeconfig` (`kubernetes`).
+        #[arg(long, value_enum, default_value_t = LabDatastore::Dir)]
+        datastore: LabDatastore,
+        /// Kubeconfig of the API server for `--datastore kubernetes` (its server on loopback).
+        #[arg(long)]
+        kubeconfig: Option<PathBuf>,
     },
     /// Remove everything the lab created: its processes, namespaces and files. Idempotent.
     Down {
@@ -72,6 +81,18 @@ pub enum LabCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Relays the lab's API server into its node namespaces (started by `up`).
+    #[command(hide = true)]
+    ApiRelay {
+        #[arg(long)]
+        name: String,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LabDatastore {
+    Dir,
+    Kubernetes,
 }
 
 pub fn run(args: LabArgs) -> Result<()> {
@@ -79,7 +100,12 @@ pub fn run(args: LabArgs) -> Result<()> {
         bail!("sepal lab needs root: it creates network namespaces and veths");
     }
     match args.command {
-        LabCommand::Up { topology, name } => up(topology, name),
+        LabCommand::Up {
+            topology,
+            name,
+            datastore,
+            kubeconfig,
+        } => up(topology, name, datastore, kubeconfig),
         LabCommand::Down { name } => down(&name),
         LabCommand::Status { name, json } => status(&LabState::load(&name)?, json),
         LabCommand::Apply { file, name } => apply(&mut LabState::load(&name)?, &file, false),
@@ -90,10 +116,16 @@ pub fn run(args: LabArgs) -> Result<()> {
             command,
         } => exec(&LabState::load(&name)?, &target, &command),
         LabCommand::Ping { name, json } => ping::matrix(&LabState::load(&name)?, json),
+        LabCommand::ApiRelay { name } => relay::run(&LabState::load(&name)?),
     }
 }
 
-fn up(topology: Option<PathBuf>, name: Option<String>) -> Result<()> {
+fn up(
+    topology: Option<PathBuf>,
+    name: Option<String>,
+    datastore: LabDatastore,
+    kubeconfig: Option<PathBuf>,
+) -> Result<()> {
     let topo = match &topology {
         Some(path) => Topology::parse(
             &std::fs::read_to_string(path).with_context(|| format!("read {}", path.display()))?,
@@ -112,8 +144,18 @@ fn up(topology: Option<PathBuf>, name: Option<String>) -> Result<()> {
         router::check_installed(r.kind)?;
     }
     objects::sibling_binary("sepal-cni")?;
-    let lab = plan(&name, topo)?;
-    std::fs::create_dir_all(lab.datastore())?;
+    let mut lab = plan(&name, topo)?;
+    match (datastore, kubeconfig) {
+        (LabDatastore::Kubernetes, Some(kc)) => {
+            let kc = std::path::absolute(&kc)?;
+            relay::api_address(&kc)?;
+            lab.kubeconfig = Some(kc);
+            std::fs::create_dir_all(lab.dir())?;
+        }
+        (LabDatastore::Kubernetes, None) => bail!("--datastore kubernetes needs --kubeconfig"),
+        (LabDatastore::Dir, Some(_)) => bail!("--kubeconfig is for --datastore kubernetes"),
+        (LabDatastore::Dir, None) => std::fs::create_dir_all(lab.datastore())?,
+    }
     lab.save()?;
     let started = Instant::now();
     match build(lab) {
@@ -162,6 +204,8 @@ fn plan(name: &str, topo: Topology) -> Result<LabState> {
         nodes,
         routers,
         pods: Vec::new(),
+        kubeconfig: None,
+        relay_pid: None,
     })
 }
 
@@ -217,23 +261,35 @@ fn build(mut lab: LabState) -> Result<LabState> {
         objects::write_object(&lab, &obj)?;
     }
     let sepal = std::env::current_exe()?;
+    let datastore = match &lab.kubeconfig {
+        Some(kc) => {
+            lab.relay_pid = Some(relay::start(&lab)?);
+            lab.save()?;
+            vec![
+                "kubernetes".to_string(),
+                "--kubeconfig".to_string(),
+                kc.to_str().context("kubeconfig path")?.to_string(),
+            ]
+        }
+        None => vec![format!("dir:{}", lab.datastore().display())],
+    };
     for i in 0..lab.nodes.len() {
         let node = &lab.nodes[i];
         let dir = lab.node_dir(&node.name);
         std::fs::create_dir_all(&dir)?;
         let (state_dir, socket) = (dir.join("state"), lab.socket(&node.name));
-        let args = [
+        let mut args = vec![
             sepal.to_str().context("sepal path")?,
             "node",
             "--node-name",
             &node.name,
-            "--datastore",
-            &format!("dir:{}", lab.datastore().display()),
             "--state-dir",
             state_dir.to_str().context("state path")?,
             "--socket",
             socket.to_str().context("socket path")?,
+            "--datastore",
         ];
+        args.extend(datastore.iter().map(String::as_str));
         let pid = net::spawn_daemon(&node.netns, &args, &dir.join("agent.log"))?;
         lab.nodes[i].pid = Some(pid);
         lab.save()?;
@@ -399,6 +455,7 @@ fn down(name: &str) -> Result<()> {
         .iter()
         .filter_map(|n| n.pid)
         .chain(lab.routers.iter().flat_map(|r| r.pids.clone()))
+        .chain(lab.relay_pid)
     {
         net::stop(pid);
     }
@@ -447,7 +504,11 @@ fn status_json(lab: &LabState) -> Value {
                    "ips": p.ips, "labels": p.labels})
         })
         .collect();
-    json!({"name": lab.name, "datastore": lab.datastore(), "nodes": nodes, "routers": routers, "pods": pods})
+    let datastore = match &lab.kubeconfig {
+        Some(kc) => json!({"kubernetes": kc}),
+        None => json!(lab.datastore()),
+    };
+    json!({"name": lab.name, "datastore": datastore, "nodes": nodes, "routers": routers, "pods": pods})
 }
 
 /// The lab router that holds `ip` on one of its links (for `sepal trace` to name the hop).
@@ -469,7 +530,10 @@ fn status(lab: &LabState, as_json: bool) -> Result<()> {
         println!("{}", serde_json::to_string_pretty(&s)?);
         return Ok(());
     }
-    println!("lab {}   datastore {}", lab.name, lab.datastore().display());
+    match &lab.kubeconfig {
+        Some(kc) => println!("lab {}   datastore kubernetes ({})", lab.name, kc.display()),
+        None => println!("lab {}   datastore {}", lab.name, lab.datastore().display()),
+    }
     println!(
         "\n{:<12} {:<22} {:<28} POD CIDRS",
         "NODE", "NETNS", "ADDRESSES"

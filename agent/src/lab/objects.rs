@@ -1,5 +1,6 @@
 //! The lab as control plane and kubelet: Kubernetes objects written into the shared dir
-//! datastore, and pods created and removed through the real `sepal-cni`, as a runtime does.
+//! datastore (or the lab's API server), and pods created and removed through the real
+//! `sepal-cni`, as a runtime does.
 
 use super::net;
 use super::state::{LabState, PodState};
@@ -30,8 +31,12 @@ fn object_path(lab: &LabState, obj: &Value) -> Result<PathBuf> {
         .join(format!("{kind}.{namespace}.{name}.json")))
 }
 
-/// Writes (or replaces) an object atomically, so the agents' watchers never read half a file.
+/// Writes (or replaces) an object: in the lab's API server, or atomically in the dir datastore,
+/// so the agents' watchers never read half a file.
 pub fn write_object(lab: &LabState, obj: &Value) -> Result<()> {
+    if let Some(kubeconfig) = &lab.kubeconfig {
+        return super::kubeapi::put(kubeconfig, obj);
+    }
     let path = object_path(lab, obj)?;
     let tmp = path.with_extension("json.tmp");
     let mut file = std::fs::File::create(&tmp)?;
@@ -41,6 +46,9 @@ pub fn write_object(lab: &LabState, obj: &Value) -> Result<()> {
 }
 
 pub fn remove_object(lab: &LabState, obj: &Value) -> Result<()> {
+    if let Some(kubeconfig) = &lab.kubeconfig {
+        return super::kubeapi::remove(kubeconfig, obj);
+    }
     let path = object_path(lab, obj)?;
     match std::fs::remove_file(&path) {
         Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e.into()),
@@ -128,8 +136,7 @@ pub fn create_pod(lab: &LabState, req: PodRequest) -> Result<PodState> {
         Ok(r) => r,
         Err(e) => {
             net::del_netns(&netns);
-            let obj =
-                json!({"kind": "Pod", "metadata": {"name": req.name, "namespace": req.namespace}});
+            let obj = json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": req.name, "namespace": req.namespace}});
             let _ = remove_object(lab, &obj);
             return Err(e.context(format!("CNI ADD for pod {}/{}", req.namespace, req.name)));
         }
@@ -192,7 +199,7 @@ pub fn delete_pod(lab: &LabState, pod: &PodState) -> Result<()> {
         .with_context(|| format!("CNI DEL for pod {}/{}", pod.namespace, pod.name))?;
     }
     net::del_netns(&pod.netns);
-    let obj = json!({"kind": "Pod", "metadata": {"name": pod.name, "namespace": pod.namespace}});
+    let obj = json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": pod.name, "namespace": pod.namespace}});
     remove_object(lab, &obj)
 }
 

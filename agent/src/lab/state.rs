@@ -17,6 +17,13 @@ pub struct LabState {
     pub nodes: Vec<NodeState>,
     pub routers: Vec<RouterState>,
     pub pods: Vec<PodState>,
+    /// The API server the lab's objects live in (`up --datastore kubernetes`); None: the dir
+    /// datastore.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kubeconfig: Option<PathBuf>,
+    /// The process relaying that API server into the node namespaces.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub relay_pid: Option<u32>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

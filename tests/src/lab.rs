@@ -1,0 +1,218 @@
+//! Driving `sepal lab` from end-to-end tests: a lab guard that goes down however the test ends,
+//! the operator commands as JSON, and polling helpers.
+
+use crate::bin_path;
+use serde_json::Value;
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+pub fn sepal(args: &[&str]) -> Output {
+    Command::new(bin_path("sepal"))
+        .args(args)
+        .output()
+        .expect("run sepal")
+}
+
+/// Runs sepal and returns stdout; panics with stderr on failure.
+pub fn sepal_ok(args: &[&str]) -> String {
+    let out = sepal(args);
+    assert!(
+        out.status.success(),
+        "sepal {args:?} failed: {}{}",
+        String::from_utf8_lossy(&out.stderr),
+        String::from_utf8_lossy(&out.stdout)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+pub fn sepal_json(args: &[&str]) -> Value {
+    let text = sepal_ok(args);
+    serde_json::from_str(&text).unwrap_or_else(|e| panic!("sepal {args:?}: {e}: {text}"))
+}
+
+/// A lab that goes down when the test ends, however it ends.
+pub struct Lab {
+    pub name: String,
+}
+
+impl Lab {
+    pub fn up(name: &str, topology: Option<&Path>) -> Lab {
+        Self::up_with(name, topology, &[])
+    }
+
+    /// `lab up` with more flags (e.g. `--datastore kubernetes --kubeconfig FILE`).
+    pub fn up_with(name: &str, topology: Option<&Path>, flags: &[&str]) -> Lab {
+        let mut args = vec!["lab", "up", "--name", name];
+        let path;
+        if let Some(t) = topology {
+            path = t.display().to_string();
+            args.push(&path);
+        }
+        args.extend(flags);
+        // The guard first: a failed `up` removes its half-built lab, and `down` is idempotent.
+        let lab = Lab {
+            name: name.to_string(),
+        };
+        sepal_ok(&args);
+        lab
+    }
+
+    pub fn status(&self) -> Value {
+        sepal_json(&["lab", "status", "--name", &self.name, "--json"])
+    }
+
+    pub fn ask(&self, what: &str, node: &str) -> Value {
+        sepal_json(&[what, "--lab", &self.name, "--node", node, "--json"])
+    }
+
+    fn trace_args<'a>(&'a self, from: &'a str, to: &'a str, port: &'a str) -> [&'a str; 10] {
+        [
+            "trace", "--lab", &self.name, "--from", from, "--to", to, "--port", port, "--json",
+        ]
+    }
+
+    pub fn trace(&self, from: &str, to: &str, port: &str) -> Value {
+        sepal_json(&self.trace_args(from, to, port))
+    }
+
+    /// Whether every node on the path answers the trace.
+    pub fn try_trace(&self, from: &str, to: &str, port: &str) -> bool {
+        sepal(&self.trace_args(from, to, port)).status.success()
+    }
+
+    pub fn apply(&self, file: &Path, delete: bool) {
+        let verb = if delete { "delete" } else { "apply" };
+        sepal_ok(&[
+            "lab",
+            verb,
+            "--name",
+            &self.name,
+            "-f",
+            file.to_str().unwrap(),
+        ]);
+    }
+
+    /// The pod-to-pod matrix: (from, to) -> reached.
+    pub fn ping(&self) -> std::collections::BTreeMap<(String, String), bool> {
+        let m = sepal_json(&["lab", "ping", "--name", &self.name, "--json"]);
+        m["results"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| {
+                let s = |k: &str| r[k].as_str().unwrap().to_string();
+                ((s("from"), s("to")), r["ok"] == true)
+            })
+            .collect()
+    }
+
+    /// Every process the lab started (agents, routers, API relay), from its saved state.
+    pub fn pids(&self) -> Vec<u32> {
+        let path = Path::new("/run/sepal-lab")
+            .join(&self.name)
+            .join("lab.json");
+        let state: Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+        let mut pids: Vec<u32> = state["nodes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|n| n["pid"].as_u64())
+            .map(|p| p as u32)
+            .collect();
+        for r in state["routers"].as_array().unwrap() {
+            pids.extend(
+                r["pids"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|p| p.as_u64().unwrap() as u32),
+            );
+        }
+        pids.extend(state["relay_pid"].as_u64().map(|p| p as u32));
+        pids
+    }
+
+    pub fn down(&self) {
+        sepal_ok(&["lab", "down", "--name", &self.name]);
+    }
+
+    /// Downs the lab and checks it left no process, namespace or host link behind.
+    pub fn down_cleanly(&self) {
+        let pids = self.pids();
+        self.down();
+        for p in &pids {
+            assert!(!alive(*p), "process {p} survived lab down");
+        }
+        let left: Vec<String> = netns_list()
+            .into_iter()
+            .filter(|n| n.starts_with(&self.name))
+            .collect();
+        assert!(left.is_empty(), "namespaces left: {left:?}");
+        let links = String::from_utf8_lossy(
+            &Command::new("ip")
+                .args(["-o", "link"])
+                .output()
+                .unwrap()
+                .stdout,
+        )
+        .into_owned();
+        assert!(!links.contains(&self.name), "host links left: {links}");
+        assert!(!Path::new("/run/sepal-lab").join(&self.name).exists());
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        let _ = sepal(&["lab", "down", "--name", &self.name]);
+    }
+}
+
+pub fn netns_list() -> BTreeSet<String> {
+    let out = Command::new("ip").args(["netns", "list"]).output().unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.split_whitespace().next())
+        .map(str::to_string)
+        .collect()
+}
+
+pub fn alive(pid: u32) -> bool {
+    // A zombie is gone for our purposes: it holds no namespace or socket.
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|s| !s.contains(") Z "))
+        .unwrap_or(false)
+}
+
+/// Polls until `check` holds, with the last observed value in the failure message.
+pub fn wait_for<T: std::fmt::Debug>(
+    what: &str,
+    mut probe: impl FnMut() -> T,
+    check: impl Fn(&T) -> bool,
+) -> T {
+    let deadline = Instant::now() + Duration::from_secs(40);
+    loop {
+        let v = probe();
+        if check(&v) {
+            return v;
+        }
+        if Instant::now() > deadline {
+            panic!("timed out waiting for {what}; last: {v:?}");
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    }
+}
+
+pub fn strs(v: &Value) -> Vec<String> {
+    v.as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|x| x.as_str().map(str::to_string))
+        .collect()
+}
+
+/// A file of the repository (docs/examples, deploy/), from a test.
+pub fn repo_file(rel: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join(rel)
+}

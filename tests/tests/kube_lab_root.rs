@@ -1,0 +1,160 @@
+//! Root: the default lab (3 nodes, a BIRD ToR, six pods) with `--datastore kubernetes` against the
+//! stand-in API server, which the lab reaches from every node namespace through its relay: the
+//! lab's objects live in the API server, pods on three nodes reach each other through the ToR, a
+//! NetworkPolicy is enforced and lifted, and every agent reports back (Node condition, SepalNodeStatus).
+
+use sepal_tests::fakeapi::FakeApi;
+use sepal_tests::lab::{repo_file, wait_for, Lab};
+use sepal_tests::require_root;
+use serde_json::Value;
+use std::collections::BTreeSet;
+use std::path::Path;
+
+const NODES: [&str; 3] = ["node1", "node2", "node3"];
+
+fn names(objects: &[Value]) -> BTreeSet<String> {
+    objects
+        .iter()
+        .map(|o| {
+            let ns = o["metadata"]["namespace"].as_str().unwrap_or_default();
+            let name = o["metadata"]["name"].as_str().unwrap_or_default();
+            if ns.is_empty() {
+                name.to_string()
+            } else {
+                format!("{ns}/{name}")
+            }
+        })
+        .collect()
+}
+
+fn network_available(node: &Value) -> bool {
+    node["status"]["conditions"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .any(|c| {
+            c["type"] == "NetworkUnavailable"
+                && c["status"] == "False"
+                && c["reason"] == "SepalIsUp"
+        })
+}
+
+#[test]
+fn lab_end_to_end_with_the_kubernetes_datastore() {
+    require_root();
+    let api = FakeApi::start();
+    let tmp = tempfile::tempdir().unwrap();
+    let kubeconfig = tmp.path().join("kubeconfig");
+    api.write_kubeconfig(&kubeconfig).unwrap();
+    let name = format!("kl{}", std::process::id());
+    let lab = Lab::up_with(
+        &name,
+        None,
+        &[
+            "--datastore",
+            "kubernetes",
+            "--kubeconfig",
+            kubeconfig.to_str().unwrap(),
+        ],
+    );
+
+    // The lab's objects are in the API server, with the pods' IPs in their status; no directory.
+    let status = lab.status();
+    assert_eq!(
+        status["datastore"]["kubernetes"],
+        kubeconfig.to_str().unwrap()
+    );
+    assert!(!Path::new("/run/sepal-lab")
+        .join(&name)
+        .join("datastore")
+        .exists());
+    assert_eq!(
+        names(&api.list("Node")),
+        NODES.iter().map(|n| n.to_string()).collect()
+    );
+    for ns in ["frontend", "backend", "default"] {
+        assert!(api.get("Namespace", "", ns).is_some(), "namespace {ns}");
+    }
+    assert_eq!(api.list("BGPPeer").len(), 3);
+    for pod in status["pods"].as_array().unwrap() {
+        let (ns, pod_name) = (
+            pod["namespace"].as_str().unwrap(),
+            pod["name"].as_str().unwrap(),
+        );
+        let obj = api
+            .get("Pod", ns, pod_name)
+            .unwrap_or_else(|| panic!("Pod {ns}/{pod_name} not in the API server"));
+        assert_eq!(obj["status"]["podIP"], pod["ips"][0], "{obj}");
+        assert_eq!(obj["spec"]["nodeName"], pod["node"]);
+    }
+    // Every agent lists and watches the API server (through the relay in its namespace).
+    assert!(
+        api.requests("list", "pods") >= 3 && api.requests("watch", "bgppeers") >= 3,
+        "pods listed {} times, bgppeers watched {} times",
+        api.requests("list", "pods"),
+        api.requests("watch", "bgppeers")
+    );
+
+    // Status back to the cluster: each Node's condition, and a SepalNodeStatus with its session
+    // to the ToR Established, made by the BGPPeer of that node.
+    wait_for(
+        "NetworkUnavailable=False (SepalIsUp) on every Node",
+        || api.list("Node"),
+        |nodes| nodes.len() == 3 && nodes.iter().all(network_available),
+    );
+    for node in NODES {
+        let s = wait_for(
+            &format!("{node}'s SepalNodeStatus with its ToR session Established"),
+            || api.get("SepalNodeStatus", "", node),
+            |s| {
+                s.as_ref().is_some_and(|s| {
+                    s["status"]["routesProgrammed"] == true
+                        && s["status"]["establishedSessions"] == 1
+                })
+            },
+        )
+        .unwrap();
+        let session = &s["status"]["sessions"][0];
+        assert_eq!(session["peerAs"], 65000, "{s}");
+        assert_eq!(session["state"], "Established", "{s}");
+    }
+
+    // Pods on three nodes reach each other, across nodes through the ToR.
+    let all_ok = |m: &std::collections::BTreeMap<(String, String), bool>| {
+        m.len() == 30 && m.values().all(|ok| *ok)
+    };
+    wait_for("every pod to reach every pod", || lab.ping(), all_ok);
+    wait_for(
+        "node3 to learn frontend/web-1",
+        || lab.try_trace("frontend/web-1", "backend/db-1", "5432/TCP"),
+        |ok| *ok,
+    );
+    let t = lab.trace("frontend/web-1", "backend/db-1", "5432/TCP");
+    assert_eq!(
+        (&t["router"], &t["hops"][1]["node"]),
+        (&Value::from("tor"), &Value::from("node3")),
+        "{t:#}"
+    );
+
+    // A NetworkPolicy, written to the API server: backend pods accept only the frontend namespace.
+    let policy = repo_file("docs/examples/backend-allow-frontend.yaml");
+    lab.apply(&policy, false);
+    assert!(api
+        .get("NetworkPolicy", "backend", "allow-frontend")
+        .is_some());
+    let enforced = |m: &std::collections::BTreeMap<(String, String), bool>| {
+        m.len() == 30
+            && m.iter().all(|((from, to), ok)| {
+                *ok != (from.starts_with("backend/") && to.starts_with("backend/"))
+            })
+    };
+    wait_for("the policy in force on every node", || lab.ping(), enforced);
+    // Removed: everything flows again.
+    lab.apply(&policy, true);
+    assert!(api
+        .get("NetworkPolicy", "backend", "allow-frontend")
+        .is_none());
+    wait_for("the policy lifted on every node", || lab.ping(), all_ok);
+
+    lab.down_cleanly();
+}
