@@ -1,6 +1,8 @@
-//! Routing end to end through a top-of-rack router that runs BIRD 2, FRR or GoBGP: 3 nodes with
-//! their own AS peer with it over eBGP with TCP MD5 (the mesh off); the ToR learns exactly the
-//! node blocks, pods reach each other through it, and its default route is refused.
+//! Routing end to end through a top-of-rack router that runs BIRD 2, FRR or GoBGP: 3 dual-stack
+//! nodes with their own AS peer with it over eBGP with TCP MD5 (the mesh off), one IPv4 session
+//! each carrying both families; the ToR learns exactly the node blocks, pods reach each other
+//! through it over IPv4 and IPv6, its default route is refused, and a node that drops off the
+//! network without graceful restart is withdrawn within the hold time.
 
 #[path = "routing/common.rs"]
 mod common;
@@ -9,13 +11,37 @@ use common::{cut_off, pings, tor_cluster, within, TorKind, HOLD};
 use std::time::{Duration, Instant};
 
 fn scenario(kind: TorKind) {
-    let (mut c, tor, daemon) = tor_cluster(3, kind);
+    // GoBGP as a graceful-restart helper treats an expired hold timer like a restart and keeps
+    // the node's routes (as stale) for its restart time (seen with GoBGP 3.10); BIRD and FRR
+    // withdraw them. With GoBGP the cluster runs without graceful restart (gracefulRestartTime
+    // 0s: the agents do not offer it), so the node cut off below is one stopped without GR.
+    let extra = if kind == TorKind::Gobgp {
+        "  gracefulRestartTime: 0s\n"
+    } else {
+        ""
+    };
+    let (mut c, tor, daemon) = tor_cluster(3, kind, extra);
     c.start();
     let p0 = c.pod(0, "p0");
     let p2 = c.pod(2, "p2");
 
-    // The ToR learns exactly the node blocks (no pod /32s, nothing else).
-    let want = vec!["10.244.0.0/24", "10.244.1.0/24", "10.244.2.0/24"];
+    // The ToR learns exactly the node blocks (no pod /32s, nothing else), of both families, and
+    // its own kernel has them via the node, put there by its routing stack (BIRD's kernel
+    // protocol, FRR's zebra, the GoBGP sync loop), not by the test.
+    let blocks: Vec<(String, String)> = (0..3)
+        .flat_map(|i| {
+            [
+                (format!("10.244.{i}.0/24"), format!("10.0.{i}.2")),
+                // Written as the daemons and the kernel print them (fd10:244:0:: is fd10:244::).
+                (
+                    v6(&format!("fd10:244:{i}::")) + "/64",
+                    v6(&format!("fd00:10:{i}::2")),
+                ),
+            ]
+        })
+        .collect();
+    let mut want: Vec<String> = blocks.iter().map(|(p, _)| p.clone()).collect();
+    want.sort();
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let got = daemon.learned();
@@ -30,13 +56,12 @@ fn scenario(kind: TorKind) {
         );
         std::thread::sleep(Duration::from_millis(200));
     }
-    // The ToR's own kernel has the node blocks, put there by its routing stack (BIRD's kernel
-    // protocol, FRR's zebra, the GoBGP sync loop), not by the test.
-    for (i, prefix) in want.iter().enumerate() {
+    for (prefix, node) in &blocks {
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
-            let r = tor.run(&format!("ip route show {prefix}"));
-            if r.contains(&format!("via 10.0.{i}.2")) {
+            let family = if prefix.contains(':') { "-6" } else { "-4" };
+            let r = tor.run(&format!("ip {family} route show {prefix}"));
+            if r.contains(&format!("via {node}")) {
                 break;
             }
             assert!(
@@ -63,6 +88,27 @@ fn scenario(kind: TorKind) {
         "pod n2 -> pod n0 through {kind:?}"
     );
     assert!(pings(&c.nodes[1].netns, &p0.ip), "node n1 -> pod n0");
+    // IPv6 over the same sessions: each node's IPv6 block with the ToR's IPv6 address on the
+    // node's link as next hop (not an IPv4-mapped one), and pods reach each other.
+    let r = c.wait_route(0, "fd10:244:2::/64", Duration::from_secs(20), |r| {
+        !r.is_empty()
+    });
+    assert!(r.contains("via fd00:10::1") && r.contains("dev ul"), "{r}");
+    c.wait_route(2, "fd10:244::/64", Duration::from_secs(20), |r| {
+        r.contains("via fd00:10:2::1")
+    });
+    let (v6_0, v6_2) = (
+        p0.ip6.clone().expect("p0 IPv6"),
+        p2.ip6.clone().expect("p2 IPv6"),
+    );
+    assert!(
+        pings(&p0.netns, &v6_2),
+        "pod n0 -> pod n2 over IPv6 through {kind:?}"
+    );
+    assert!(
+        pings(&p2.netns, &v6_0),
+        "pod n2 -> pod n0 over IPv6 through {kind:?}"
+    );
     // The ToR's default route is refused by default: no protocol-83 default anywhere.
     for i in 0..3 {
         assert_eq!(
@@ -72,17 +118,16 @@ fn scenario(kind: TorKind) {
         );
     }
 
-    // n1 cut off hard (links up, nothing sent): the ToR drops its block when the hold timer
-    // expires, and the other nodes lose the route through the ToR. GoBGP as a graceful-restart
-    // helper treats an expired hold timer like a restart and keeps the routes as stale for the
-    // node's restart time instead (seen with GoBGP 3.10), so it is left out here.
-    if kind == TorKind::Gobgp {
-        return;
-    }
+    // n1 cut off hard (links up, nothing sent): the ToR drops its blocks when the hold timer
+    // expires, and the other nodes lose the routes through the ToR.
     cut_off(&c.nodes[1].netns);
     let gone = within(HOLD + Duration::from_secs(2), || {
-        !daemon.learned().iter().any(|p| p == "10.244.1.0/24")
+        !daemon
+            .learned()
+            .iter()
+            .any(|p| p == "10.244.1.0/24" || p == "fd10:244:1::/64")
             && c.route(0, "10.244.1.0/24").is_empty()
+            && c.route(0, "fd10:244:1::/64").is_empty()
     });
     assert!(
         gone.is_some(),
@@ -92,6 +137,13 @@ fn scenario(kind: TorKind) {
         daemon.log()
     );
     eprintln!("{kind:?}: n1 (cut off) withdrawn after {:?}", gone.unwrap());
+}
+
+/// An IPv6 address written the way the kernel and the daemons print it.
+fn v6(addr: &str) -> String {
+    addr.parse::<std::net::Ipv6Addr>()
+        .expect("IPv6 address")
+        .to_string()
 }
 
 #[test]

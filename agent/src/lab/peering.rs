@@ -2,8 +2,10 @@
 //! in docs/peering/ so the BGP peering guide, the lab and the tests show one and the same text.
 //!
 //! A template is the daemon's own config with `@KEY@` placeholders. The lines between
-//! `# BEGIN node` and `# END node` repeat once per node with that node's values. A line holding a
-//! placeholder whose value is `None` is left out (e.g. the password line when there is none).
+//! `# BEGIN node` and `# END node` repeat once per node with that node's values. The lines
+//! between `# BEGIN ipv6` and `# END ipv6` (the IPv6 address family) are left out when the
+//! cluster has no IPv6 pod range (`POD_RANGE6` unset). A line holding a placeholder whose value is
+//! `None` is left out (e.g. the password line when there is none).
 //! The routing tests include this file by path: it depends on nothing but std.
 
 use std::collections::BTreeMap;
@@ -19,13 +21,16 @@ pub type Values = BTreeMap<&'static str, Option<String>>;
 
 const BEGIN: &str = "# BEGIN node";
 const END: &str = "# END node";
+const BEGIN_V6: &str = "# BEGIN ipv6";
+const END_V6: &str = "# END ipv6";
 
 /// Fills `template`: `global` everywhere, each entry of `nodes` (on top of `global`) in the
 /// per-node sections. A placeholder with no value at all is an error naming it.
 pub fn render(template: &str, global: &Values, nodes: &[Values]) -> Result<String, String> {
+    let dual_stack = matches!(global.get("POD_RANGE6"), Some(Some(_)));
     let mut out = String::new();
     let mut section: Option<Vec<&str>> = None;
-    for line in template.lines() {
+    for line in ipv6_sections(template, dual_stack)? {
         match (line.trim(), section.as_mut()) {
             (BEGIN, None) => section = Some(Vec::new()),
             (END, Some(lines)) => {
@@ -47,6 +52,26 @@ pub fn render(template: &str, global: &Values, nodes: &[Values]) -> Result<Strin
         return Err(format!("{BEGIN} without {END} in the template"));
     }
     Ok(out)
+}
+
+/// The template's lines without the IPv6 sections' markers, and without their contents unless
+/// `keep`.
+fn ipv6_sections(template: &str, keep: bool) -> Result<Vec<&str>, String> {
+    let mut lines = Vec::new();
+    let mut inside = false;
+    for line in template.lines() {
+        match (line.trim(), inside) {
+            (BEGIN_V6, false) => inside = true,
+            (END_V6, true) => inside = false,
+            (BEGIN_V6 | END_V6, _) => return Err(format!("unbalanced {line:?} in the template")),
+            _ if inside && !keep => {}
+            _ => lines.push(line),
+        }
+    }
+    if inside {
+        return Err(format!("{BEGIN_V6} without {END_V6} in the template"));
+    }
+    Ok(lines)
 }
 
 fn push_line(out: &mut String, line: &str, values: &Values) -> Result<(), String> {
@@ -150,6 +175,42 @@ mod tests {
             let out = render(t, &global, std::slice::from_ref(&node)).unwrap();
             assert!(out.contains("10.0.1.2") && !out.contains('@'), "{out}");
             assert!(!out.contains("password"), "{out}");
+            let ipv6_config = out
+                .lines()
+                .filter(|l| !l.trim_start().starts_with(['#', '!']))
+                .any(|l| l.contains("ipv6"));
+            assert!(!ipv6_config, "IPv4-only cluster:\n{out}");
         }
+        // Dual-stack: the IPv6 sections are in, with the ToR's IPv6 next hop where the daemon
+        // needs it spelled out (FRR takes the interface's global address by itself).
+        let mut global6 = global.clone();
+        global6.extend(values([
+            ("POD_RANGE6", some("fd10:244::/32")),
+            ("POD_RANGE6_LEN", some("32")),
+        ]));
+        let mut node6 = node.clone();
+        node6.extend(values([("TOR_ADDR6", some("fd00:10:1::1"))]));
+        for t in [BIRD, FRR, GOBGP] {
+            let out = render(t, &global6, std::slice::from_ref(&node6)).unwrap();
+            assert!(out.contains("fd10:244::/32") && !out.contains('@'), "{out}");
+            assert!(t == FRR || out.contains("fd00:10:1::1"), "{out}");
+        }
+    }
+
+    #[test]
+    fn ipv6_sections_are_kept_or_dropped_whole() {
+        let t = "a\n# BEGIN ipv6\nb @POD_RANGE6@\n# BEGIN node\nc @N@\n# END node\n# END ipv6\nd\n";
+        let node = values([("N", some("1"))]);
+        let v4 = render(t, &Values::new(), std::slice::from_ref(&node)).unwrap();
+        assert_eq!(v4, "a\nd\n");
+        let v6 = render(
+            t,
+            &values([("POD_RANGE6", some("fd00::/8"))]),
+            std::slice::from_ref(&node),
+        )
+        .unwrap();
+        assert_eq!(v6, "a\nb fd00::/8\nc 1\nd\n");
+        assert!(render("# BEGIN ipv6\n", &Values::new(), &[]).is_err());
+        assert!(render("# END ipv6\n", &Values::new(), &[]).is_err());
     }
 }

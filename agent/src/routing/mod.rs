@@ -414,7 +414,10 @@ impl Task {
             listen: p.speaker.listen.clone(),
             ecmp: ECMP,
             cluster_id: p.speaker.cluster_id,
-            graceful_restart: Some(GracefulRestartConfig {
+            // A restart time of 0 turns graceful restart off: the capability is not offered, so
+            // peers drop this node's routes as soon as its sessions go (some helpers, GoBGP's,
+            // would otherwise keep them for the restart time even when the hold timer expires).
+            graceful_restart: (gr_secs > 0).then_some(GracefulRestartConfig {
                 restart_time: gr_secs,
                 restarting: self.restarting,
             }),
@@ -427,7 +430,13 @@ impl Task {
         }
         self.route_rx = Some(rx);
         if self.sweep_deadline.is_none() {
-            self.sweep_deadline = Some(Instant::now() + p.speaker.graceful_restart_time);
+            // Without graceful restart the speaker still reports convergence (End-of-RIB from
+            // every peer), by its 120 s limit at the latest.
+            let limit = match gr_secs {
+                0 => Duration::from_secs(120),
+                _ => p.speaker.graceful_restart_time,
+            };
+            self.sweep_deadline = Some(Instant::now() + limit);
         }
         Ok(())
     }

@@ -74,6 +74,7 @@ impl Cluster {
                     i,
                     &format!("192.168.100.{}", i + 1),
                     &format!("fd00:100::{}", i + 1),
+                    "",
                 )
             } else {
                 node_yaml(i, &format!("192.168.100.{}", i + 1), "")
@@ -198,9 +199,9 @@ pub fn within(timeout: Duration, mut f: impl FnMut() -> bool) -> Option<Duration
 /// Hold time of every session in these tests (BGPConfiguration, BGPPeers, ToR configs).
 pub const HOLD: Duration = Duration::from_secs(3);
 
-pub fn dual_stack_node_yaml(i: usize, v4: &str, v6: &str) -> String {
+pub fn dual_stack_node_yaml(i: usize, v4: &str, v6: &str, annotations: &str) -> String {
     format!(
-        "apiVersion: v1\nkind: Node\nmetadata:\n  name: n{i}\n  labels: {{rack: r1}}\n\
+        "apiVersion: v1\nkind: Node\nmetadata:\n  name: n{i}\n  labels: {{rack: r1}}\n  annotations: {{{annotations}}}\n\
          spec:\n  podCIDR: 10.244.{i}.0/24\n  podCIDRs: [10.244.{i}.0/24, \"fd10:244:{i}::/64\"]\n\
          status:\n  addresses: [{{type: InternalIP, address: \"{v4}\"}}, {{type: InternalIP, address: \"{v6}\"}}]\n"
     )
@@ -239,8 +240,18 @@ impl Drop for KillOnDrop {
 }
 
 impl TorDaemon {
-    /// The IPv4 prefixes the ToR has learned from BGP (its own static default left out).
+    /// The IPv4 and IPv6 prefixes the ToR has learned from BGP (its own static default left out).
     pub fn learned(&self) -> Vec<String> {
+        let keys = |v: Value| -> Vec<String> {
+            v.as_object()
+                .map(|o| {
+                    o.keys()
+                        .filter(|k| k.as_str() != "0.0.0.0/0")
+                        .cloned()
+                        .collect()
+                })
+                .unwrap_or_default()
+        };
         let mut out: Vec<String> = match self {
             TorDaemon::Bird(b) => b
                 .birdc("show route")
@@ -249,57 +260,61 @@ impl TorDaemon {
                 .filter_map(|l| l.split_whitespace().next().map(str::to_string))
                 .filter(|p| p.contains('/') && p != "0.0.0.0/0")
                 .collect(),
-            TorDaemon::Frr(f) => f
-                .routes("ipv4")
-                .as_object()
-                .map(|o| {
-                    o.keys()
-                        .filter(|k| k.as_str() != "0.0.0.0/0")
-                        .cloned()
-                        .collect()
-                })
-                .unwrap_or_default(),
-            TorDaemon::Gobgp(g, _) => g
-                .rib("ipv4")
-                .as_object()
-                .map(|o| {
-                    o.keys()
-                        .filter(|k| k.as_str() != "0.0.0.0/0")
-                        .cloned()
-                        .collect()
-                })
-                .unwrap_or_default(),
+            TorDaemon::Frr(f) => [keys(f.routes("ipv4")), keys(f.routes("ipv6"))].concat(),
+            TorDaemon::Gobgp(g, _) => [keys(g.rib("ipv4")), keys(g.rib("ipv6"))].concat(),
         };
         out.sort();
         out.dedup();
         out
     }
 
+    /// The daemon's log and its view of sessions and routes, for failure messages.
     pub fn log(&self) -> String {
         match self {
-            TorDaemon::Bird(b) => b.log(),
-            TorDaemon::Frr(f) => f.log(),
-            TorDaemon::Gobgp(..) => String::new(),
+            TorDaemon::Bird(b) => format!(
+                "{}\n{}\n{}",
+                b.log(),
+                b.birdc("show protocols"),
+                b.birdc("show route all")
+            ),
+            TorDaemon::Frr(f) => format!(
+                "{}\n{}\n{}",
+                f.log(),
+                f.vtysh("show bgp ipv4 unicast"),
+                f.vtysh("show bgp ipv6 unicast")
+            ),
+            TorDaemon::Gobgp(g, _) => [
+                g.cli(&["neighbor"]),
+                g.cli(&["global", "rib", "-a", "ipv4"]),
+                g.cli(&["global", "rib", "-a", "ipv6"]),
+            ]
+            .join("\n"),
         }
     }
 }
 
-/// `n` nodes (AS 64601+i, blocks 10.244.<i>.0/24), each on its own link 10.0.<i>.0/24 to one
-/// ToR running `kind`, peering with it over eBGP with TCP MD5 through BGPPeers; the mesh is off,
-/// and the ToR also announces a default route (which the nodes must refuse).
-pub fn tor_cluster(n: usize, kind: TorKind) -> (Cluster, Netns, TorDaemon) {
+/// `n` dual-stack nodes (AS 64601+i, blocks 10.244.<i>.0/24 and fd10:244:<i>::/64), each on its
+/// own link 10.0.<i>.0/24 + fd00:10:<i>::/64 to one ToR running `kind`, peering with it over one
+/// eBGP session (IPv4, both families) with TCP MD5 through BGPPeers; the mesh is off, and the ToR
+/// also announces a default route (which the nodes must refuse). `extra` goes into the
+/// BGPConfiguration.
+pub fn tor_cluster(n: usize, kind: TorKind, extra: &str) -> (Cluster, Netns, TorDaemon) {
     sepal_tests::require_root();
     let tor = Netns::new("tor");
-    tor.run("sysctl -qw net.ipv4.ip_forward=1");
+    tor.run("sysctl -qw net.ipv4.ip_forward=1 net.ipv6.conf.all.forwarding=1");
     let mut nodes = Vec::new();
     for i in 0..n {
-        let node = Node::new(&format!("n{i}"), &[&format!("10.244.{i}.0/24")]);
+        let node = Node::new(
+            &format!("n{i}"),
+            &[&format!("10.244.{i}.0/24"), &format!("fd10:244:{i}::/64")],
+        );
         veth(&node.netns, "ul", &tor, &format!("n{i}"));
         tor.run(&format!(
-            "ip addr add 10.0.{i}.1/24 dev n{i} && ip link set n{i} up"
+            "ip addr add 10.0.{i}.1/24 dev n{i} && ip addr add fd00:10:{i}::1/64 dev n{i} nodad && ip link set n{i} up"
         ));
         node.netns.run(&format!(
-            "ip addr add 10.0.{i}.2/24 dev ul && ip link set ul up && ip route replace default via 10.0.{i}.1 dev ul"
+            "ip addr add 10.0.{i}.2/24 dev ul && ip addr add fd00:10:{i}::2/64 dev ul nodad && ip link set ul up && \
+             ip route replace default via 10.0.{i}.1 dev ul"
         ));
         nodes.push(node);
     }
@@ -307,16 +322,17 @@ pub fn tor_cluster(n: usize, kind: TorKind) -> (Cluster, Netns, TorDaemon) {
         fabric: Netns::new("unused"),
         nodes,
     };
-    let mut objects = bgp_configuration(false, "");
+    let mut objects = bgp_configuration(false, extra);
     objects.push_str(&format!(
         "---\napiVersion: v1\nkind: Secret\nmetadata:\n  name: tor-md5\n  namespace: sepal-system\nstringData:\n  password: {MD5}\n"
     ));
     for i in 0..n {
         c.write_all(
             &format!("node-n{i}.yaml"),
-            &node_yaml(
+            &dual_stack_node_yaml(
                 i,
                 &format!("10.0.{i}.2"),
+                &format!("fd00:10:{i}::2"),
                 &format!("sepal.dev/as-number: \"{}\"", 64601 + i),
             ),
         );
@@ -337,6 +353,8 @@ pub fn tor_cluster(n: usize, kind: TorKind) -> (Cluster, Netns, TorDaemon) {
         ("DEFAULT_ROUTE", Some("0.0.0.0/0".into())),
         ("POD_RANGE", Some("10.244.0.0/16".into())),
         ("POD_RANGE_LEN", Some("16".into())),
+        ("POD_RANGE6", Some("fd10:244::/32".into())),
+        ("POD_RANGE6_LEN", Some("32".into())),
     ]);
     let per_node: Vec<peering::Values> = (0..n)
         .map(|i| {
@@ -345,6 +363,7 @@ pub fn tor_cluster(n: usize, kind: TorKind) -> (Cluster, Netns, TorDaemon) {
                 ("TOR_ADDR", Some(format!("10.0.{i}.1"))),
                 ("NODE_ADDR", Some(format!("10.0.{i}.2"))),
                 ("NODE_AS", Some((64601 + i).to_string())),
+                ("TOR_ADDR6", Some(format!("fd00:10:{i}::1"))),
             ])
         })
         .collect();
