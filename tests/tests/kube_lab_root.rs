@@ -117,6 +117,11 @@ fn lab_end_to_end_with_the_kubernetes_datastore() {
         let session = &s["status"]["sessions"][0];
         assert_eq!(session["peerAs"], 65000, "{s}");
         assert_eq!(session["state"], "Established", "{s}");
+        assert_eq!(session["source"], format!("{node}-tor"), "{s}");
+        assert!(
+            session["since"].as_str().is_some_and(|t| t.ends_with('Z')),
+            "{s}"
+        );
     }
 
     // Pods on three nodes reach each other, across nodes through the ToR.
@@ -155,6 +160,49 @@ fn lab_end_to_end_with_the_kubernetes_datastore() {
         .get("NetworkPolicy", "backend", "allow-frontend")
         .is_none());
     wait_for("the policy lifted on every node", || lab.ping(), all_ok);
+
+    // The ToR goes away: each node's session fails, and a Warning Event says so on the BGPPeer
+    // that made it, while the SepalNodeStatus shows the session's new state.
+    let routers = lab.status()["routers"].clone();
+    assert_eq!(routers[0]["kind"], "bird");
+    let bird = std::process::Command::new("ip")
+        .args(["netns", "pids", routers[0]["netns"].as_str().unwrap()])
+        .output()
+        .unwrap();
+    for pid in String::from_utf8_lossy(&bird.stdout).split_whitespace() {
+        let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+        if comm.trim() == "bird" {
+            let pid: libc::pid_t = pid.parse().unwrap();
+            // SAFETY: a plain signal to the lab's own BIRD, found in the lab's router namespace.
+            unsafe { libc::kill(pid, libc::SIGTERM) };
+        }
+    }
+    let events = wait_for(
+        "BGPSessionDown Events on the three BGPPeers",
+        || api.list("Event"),
+        |events| {
+            NODES.iter().all(|n| {
+                events.iter().any(|e| {
+                    e["reason"] == "BGPSessionDown"
+                        && e["type"] == "Warning"
+                        && e["regarding"]["kind"] == "BGPPeer"
+                        && e["regarding"]["name"] == format!("{n}-tor")
+                })
+            })
+        },
+    );
+    assert!(
+        events
+            .iter()
+            .all(|e| e["metadata"]["namespace"] == "default"),
+        "{events:?}"
+    );
+    let s = wait_for(
+        "node1's SepalNodeStatus to show the session down",
+        || api.get("SepalNodeStatus", "", "node1").unwrap(),
+        |s| s["status"]["establishedSessions"] == 0,
+    );
+    assert_ne!(s["status"]["sessions"][0]["state"], "Established", "{s}");
 
     lab.down_cleanly();
 }

@@ -177,8 +177,13 @@ fn kube_datastore_pods_get_addresses_from_the_node_cidr() {
         missing.is_empty(),
         "the agent needs access RBAC does not grant: {missing:?}"
     );
+    // Events are patched only when one repeats (its series), which this run does not provoke;
+    // the status writer's unit test covers that request against the stand-in server.
     let mut unused: Vec<_> = granted.difference(&used).collect();
-    unused.retain(|(g, r, v)| !(g == "sepal.dev" && r == "sepalnodestatuses" && v == "create"));
+    unused.retain(|(g, r, v)| {
+        !(g == "sepal.dev" && r == "sepalnodestatuses" && v == "create"
+            || g == "events.k8s.io" && r == "events" && v == "patch")
+    });
     assert!(
         unused.is_empty(),
         "RBAC grants access the agent never uses: {unused:?}"

@@ -484,7 +484,8 @@ impl StatusWriter {
     }
 
     /// Records an events.k8s.io/v1 Event about an object (a rejected NetworkPolicy, a BGPPeer whose
-    /// session fails), `warning` for problems.
+    /// session fails), `warning` for problems. Returns the Event's namespace and name, for
+    /// `event_repeated`. Events about cluster-scoped objects go to `default`, as kubectl looks.
     pub async fn event(
         &self,
         regarding: &ObjectKey,
@@ -492,14 +493,13 @@ impl StatusWriter {
         reason: &str,
         note: &str,
         now_rfc3339: &str,
-    ) -> Result<()> {
-        let ar = ApiResource::erase::<k8s_openapi::api::events::v1::Event>(&());
+    ) -> Result<(String, String)> {
         let ns = if regarding.namespace.is_empty() {
             "default"
         } else {
             regarding.namespace.as_str()
         };
-        let api: Api<DynamicObject> = Api::namespaced_with(self.client.clone(), ns, &ar);
+        let api = self.events(ns);
         let ev: DynamicObject = serde_json::from_value(serde_json::json!({
             "apiVersion": "events.k8s.io/v1", "kind": "Event",
             "metadata": {"generateName": format!("{}.", regarding.name), "namespace": ns},
@@ -512,10 +512,34 @@ impl StatusWriter {
                           "namespace": (!regarding.namespace.is_empty()).then_some(&regarding.namespace),
                           "name": regarding.name},
         }))?;
-        api.create(&Default::default(), &ev)
+        let created = api
+            .create(&Default::default(), &ev)
             .await
             .with_context(|| format!("recording event {reason} on {regarding}"))?;
+        Ok((ns.to_string(), created.metadata.name.unwrap_or_default()))
+    }
+
+    /// The same Event again: its series (count, last time) is updated instead of a new Event
+    /// being created, as Kubernetes' own event recorders deduplicate.
+    pub async fn event_repeated(
+        &self,
+        namespace: &str,
+        name: &str,
+        count: u32,
+        now_micro_time: &str,
+    ) -> Result<()> {
+        let patch =
+            serde_json::json!({"series": {"count": count, "lastObservedTime": now_micro_time}});
+        self.events(namespace)
+            .patch(name, &PatchParams::default(), &Patch::Merge(&patch))
+            .await
+            .with_context(|| format!("updating event {namespace}/{name}"))?;
         Ok(())
+    }
+
+    fn events(&self, namespace: &str) -> Api<DynamicObject> {
+        let ar = ApiResource::erase::<k8s_openapi::api::events::v1::Event>(&());
+        Api::namespaced_with(self.client.clone(), namespace, &ar)
     }
 }
 
@@ -665,6 +689,23 @@ mod tests {
         )
         .await
         .unwrap();
+        let (ns, name) = w
+            .event(
+                &key,
+                true,
+                "PolicyRejected",
+                "repeated",
+                "2026-01-01T00:00:00Z",
+            )
+            .await
+            .unwrap();
+        w.event_repeated(&ns, &name, 2, "2026-01-01T00:00:01.000000Z")
+            .await
+            .unwrap();
+        let repeated = api.get("Event", &ns, &name).unwrap();
+        assert_eq!(repeated["series"]["count"], json!(2));
+        assert_eq!(repeated["note"], json!("repeated"));
+        api.delete("Event", &ns, &name);
         let events = api.list("Event");
         assert_eq!(events.len(), 1);
         assert_eq!(events[0]["regarding"]["name"], json!("bad"));

@@ -1,14 +1,16 @@
 // The node's state back to the cluster (Kubernetes datastore only): the Node condition
 // NetworkUnavailable=False once the node's routes are programmed, a SepalNodeStatus with the BGP
-// sessions, and Events for BGP sessions that fail and for NetworkPolicy content that is rejected.
-// Only changes are written; a failed write is retried on the next round.
+// sessions, and Events for BGP sessions that fail (on the BGPPeer that makes the session, or the
+// Node for mesh sessions) and for NetworkPolicy content that is rejected; a repeated Event updates
+// the first one's series. Only changes are written; a failed write is retried on the next round.
 
 use super::kube::StatusWriter;
 use crate::crd::{BgpSessionStatus, NodeStatusReport};
 use crate::model::ObjectKey;
 use sepal_bgp::speaker::PeerStatus;
 use sepal_felix::policy::Problem;
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::IpAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -17,11 +19,16 @@ use tokio::sync::Mutex;
 /// How often sessions and policy problems are looked at.
 const ROUND: Duration = Duration::from_secs(2);
 
-/// Now as a Kubernetes `Time` (RFC 3339, whole seconds).
+use k8s_openapi::jiff::Timestamp;
+
+/// A Kubernetes `Time` (RFC 3339, whole seconds).
+fn time(t: Timestamp) -> String {
+    t.strftime("%Y-%m-%dT%H:%M:%SZ").to_string()
+}
+
+/// Now as a Kubernetes `Time`.
 pub fn now_time() -> String {
-    k8s_openapi::jiff::Timestamp::now()
-        .strftime("%Y-%m-%dT%H:%M:%SZ")
-        .to_string()
+    time(Timestamp::now())
 }
 
 /// Now as a Kubernetes `MicroTime` (an Event's `eventTime`: exactly six fractional digits).
@@ -31,20 +38,41 @@ pub fn now_micro_time() -> String {
         .to_string()
 }
 
-/// The report for these sessions.
-pub fn report_of(peers: &[PeerStatus], routes_programmed: bool) -> NodeStatusReport {
+/// The report for these sessions. `sources` names the configuration of each session (`mesh` or
+/// a BGPPeer); `since` is kept from `previous` while a session stays in its state, else it is
+/// now (for a session already Established when first seen: when it came up).
+pub fn report_of(
+    peers: &[PeerStatus],
+    sources: &BTreeMap<IpAddr, String>,
+    previous: Option<&NodeStatusReport>,
+    now: Timestamp,
+    routes_programmed: bool,
+) -> NodeStatusReport {
     let sessions: Vec<BgpSessionStatus> = peers
         .iter()
-        .map(|p| BgpSessionStatus {
-            peer_ip: p.address.to_string(),
-            peer_as: p.remote_as,
-            // The speaker does not know which BGPPeer (or the mesh) configured the session.
-            source: String::new(),
-            state: format!("{:?}", p.state),
-            since: None,
-            prefixes_received: u32::try_from(p.prefixes_received).unwrap_or(u32::MAX),
-            prefixes_advertised: u32::try_from(p.prefixes_advertised).unwrap_or(u32::MAX),
-            last_error: p.last_error.clone(),
+        .map(|p| {
+            let peer_ip = p.address.to_string();
+            let state = format!("{:?}", p.state);
+            let kept = previous
+                .into_iter()
+                .flat_map(|r| &r.sessions)
+                .find(|s| s.peer_ip == peer_ip && s.state == state)
+                .and_then(|s| s.since.clone());
+            let up_at = p
+                .uptime
+                .and_then(|u| k8s_openapi::jiff::SignedDuration::try_from(u).ok())
+                .and_then(|u| now.checked_sub(u).ok());
+            let since = kept.unwrap_or_else(|| time(up_at.unwrap_or(now)));
+            BgpSessionStatus {
+                peer_ip,
+                peer_as: p.remote_as,
+                source: sources.get(&p.address).cloned().unwrap_or_default(),
+                state,
+                since: Some(since),
+                prefixes_received: u32::try_from(p.prefixes_received).unwrap_or(u32::MAX),
+                prefixes_advertised: u32::try_from(p.prefixes_advertised).unwrap_or(u32::MAX),
+                last_error: p.last_error.clone(),
+            }
         })
         .collect();
     NodeStatusReport {
@@ -56,29 +84,59 @@ pub fn report_of(peers: &[PeerStatus], routes_programmed: bool) -> NodeStatusRep
     }
 }
 
-/// Warning events for sessions that were Established and are not any more: (reason, note).
+/// The object a session's Events are about: the BGPPeer that makes it, or the Node for the mesh.
+fn session_object(s: &BgpSessionStatus, node: &str) -> ObjectKey {
+    match s.source.as_str() {
+        "" | "mesh" => ObjectKey {
+            api_version: "v1".into(),
+            kind: "Node".into(),
+            namespace: String::new(),
+            name: node.into(),
+        },
+        peer => ObjectKey {
+            api_version: crate::crd::API_VERSION.into(),
+            kind: "BGPPeer".into(),
+            namespace: String::new(),
+            name: peer.into(),
+        },
+    }
+}
+
+/// Warning events for session failures: (about, reason, note). A session that was Established and
+/// is not any more, and one not Established with a new error (a refused OPEN, a NOTIFICATION).
 pub fn session_failures(
+    node: &str,
     before: &[BgpSessionStatus],
     now: &[BgpSessionStatus],
-) -> Vec<(String, String)> {
-    let was_up: BTreeSet<(&str, u32)> = before
-        .iter()
-        .filter(|s| s.state == "Established")
-        .map(|s| (s.peer_ip.as_str(), s.peer_as))
-        .collect();
-    now.iter()
-        .filter(|s| s.state != "Established" && was_up.contains(&(s.peer_ip.as_str(), s.peer_as)))
-        .map(|s| {
-            let why = s.last_error.as_deref().unwrap_or("no error recorded");
+) -> Vec<(ObjectKey, String, String)> {
+    let mut out = Vec::new();
+    for s in now.iter().filter(|s| s.state != "Established") {
+        let was = before
+            .iter()
+            .find(|b| b.peer_ip == s.peer_ip && b.peer_as == s.peer_as);
+        let why = s.last_error.as_deref().unwrap_or("no error recorded");
+        let (reason, note) = if was.is_some_and(|b| b.state == "Established") {
             (
-                "BGPSessionDown".to_string(),
+                "BGPSessionDown",
                 format!(
                     "BGP session with {} (AS {}) left Established, now {}: {why}",
                     s.peer_ip, s.peer_as, s.state
                 ),
             )
-        })
-        .collect()
+        } else if s.last_error.is_some() && was.is_none_or(|b| b.last_error != s.last_error) {
+            (
+                "BGPSessionFailed",
+                format!(
+                    "BGP session with {} (AS {}) is not established ({}): {why}",
+                    s.peer_ip, s.peer_as, s.state
+                ),
+            )
+        } else {
+            continue;
+        };
+        out.push((session_object(s, node), reason.to_string(), note));
+    }
+    out
 }
 
 /// The NetworkPolicy a problem is about (`namespace/name`).
@@ -102,6 +160,70 @@ struct Written {
     report: Option<NodeStatusReport>,
     /// Problems already sent as Events (their text).
     problems: BTreeSet<String>,
+    events: Recorded,
+}
+
+/// Events recorded so far, by (object, reason, note): a repeat updates the first Event's series.
+#[derive(Default)]
+struct Recorded(BTreeMap<(ObjectKey, String, String), RecordedEvent>);
+
+struct RecordedEvent {
+    namespace: String,
+    name: String,
+    count: u32,
+}
+
+/// Events remembered for deduplication; the oldest are forgotten beyond this.
+const RECORDED_MAX: usize = 256;
+
+impl Recorded {
+    /// Records a Warning Event, or counts a repeat of one already recorded; false when the API
+    /// server did not take it.
+    async fn warn(
+        &mut self,
+        writer: &StatusWriter,
+        about: &ObjectKey,
+        reason: &str,
+        note: &str,
+    ) -> bool {
+        let key = (about.clone(), reason.to_string(), note.to_string());
+        if let Some(e) = self.0.get_mut(&key) {
+            match writer
+                .event_repeated(&e.namespace, &e.name, e.count + 1, &now_micro_time())
+                .await
+            {
+                Ok(()) => {
+                    e.count += 1;
+                    return true;
+                }
+                // Gone (expired, deleted): record it anew.
+                Err(err) => tracing::debug!("{err:#}"),
+            }
+        }
+        match writer
+            .event(about, true, reason, note, &now_micro_time())
+            .await
+        {
+            Ok((namespace, name)) => {
+                if self.0.len() >= RECORDED_MAX {
+                    self.0.pop_first();
+                }
+                self.0.insert(
+                    key,
+                    RecordedEvent {
+                        namespace,
+                        name,
+                        count: 1,
+                    },
+                );
+                true
+            }
+            Err(e) => {
+                tracing::warn!("{e:#}");
+                false
+            }
+        }
+    }
 }
 
 /// Reports until the process ends. Starts once the node's routes are programmed.
@@ -136,34 +258,30 @@ async fn round(
             Err(e) => tracing::warn!("{e:#}"),
         }
     }
-    let (speaker, problems, node_key) = {
+    let (speaker, sources, problems, node) = {
         let a = agent.lock().await;
-        let node_key = ObjectKey {
-            api_version: "v1".into(),
-            kind: "Node".into(),
-            namespace: String::new(),
-            name: a.node_name().to_string(),
-        };
         (
             a.routing().and_then(|r| r.speaker()),
+            a.routing().map(|r| r.peer_sources()).unwrap_or_default(),
             a.policy_problems().to_vec(),
-            node_key,
+            a.node_name().to_string(),
         )
     };
     let peers = match speaker {
         Some(s) => s.peers().await.unwrap_or_default(),
         None => Vec::new(),
     };
-    let report = report_of(&peers, true);
+    let report = report_of(
+        &peers,
+        &sources,
+        written.report.as_ref(),
+        Timestamp::now(),
+        true,
+    );
     if written.report.as_ref() != Some(&report) {
         let before = written.report.as_ref().map_or(&[][..], |r| &r.sessions[..]);
-        for (reason, note) in session_failures(before, &report.sessions) {
-            if let Err(e) = writer
-                .event(&node_key, true, &reason, &note, &now_micro_time())
-                .await
-            {
-                tracing::warn!("{e:#}");
-            }
+        for (about, reason, note) in session_failures(&node, before, &report.sessions) {
+            written.events.warn(writer, &about, &reason, &note).await;
         }
         let stamped = NodeStatusReport {
             last_updated: Some(now_time()),
@@ -176,23 +294,13 @@ async fn round(
     }
     for p in &problems {
         let text = p.to_string();
-        if written.problems.contains(&text) {
-            continue;
-        }
-        match writer
-            .event(
-                &policy_key(p),
-                true,
-                "PolicyRejected",
-                &text,
-                &now_micro_time(),
-            )
-            .await
+        if !written.problems.contains(&text)
+            && written
+                .events
+                .warn(writer, &policy_key(p), "PolicyRejected", &text)
+                .await
         {
-            Ok(()) => {
-                written.problems.insert(text);
-            }
-            Err(e) => tracing::warn!("{e:#}"),
+            written.problems.insert(text);
         }
     }
     // A fixed policy may break the same way again later: report it again then.
@@ -215,17 +323,124 @@ mod tests {
     }
 
     #[test]
-    fn a_session_leaving_established_is_a_failure() {
-        let before = [
-            session("10.0.0.1", "Established"),
-            session("10.0.0.2", "Active"),
-        ];
-        let now = [session("10.0.0.1", "Idle"), session("10.0.0.2", "Idle")];
-        let ev = session_failures(&before, &now);
-        assert_eq!(ev.len(), 1, "{ev:?}");
-        assert!(ev[0].1.contains("10.0.0.1") && ev[0].1.contains("hold timer expired"));
-        assert!(session_failures(&now, &before).is_empty());
-        assert!(session_failures(&[], &now).is_empty());
+    fn session_failures_go_to_the_object_that_made_the_session() {
+        let mut peer = session("10.0.0.1", "Established");
+        peer.source = "tor-1".into();
+        let mut mesh = session("10.0.0.2", "Active");
+        mesh.source = "mesh".into();
+        mesh.last_error = None;
+        let before = [peer.clone(), mesh.clone()];
+        let mut peer_down = peer.clone();
+        peer_down.state = "Idle".into();
+        let mut mesh_refused = mesh.clone();
+        mesh_refused.last_error = Some("OPEN: bad peer AS".into());
+        let ev = session_failures("n1", &before, &[peer_down.clone(), mesh_refused.clone()]);
+        assert_eq!(ev.len(), 2, "{ev:?}");
+        assert_eq!(
+            (ev[0].0.kind.as_str(), ev[0].0.name.as_str()),
+            ("BGPPeer", "tor-1")
+        );
+        assert_eq!(ev[0].1, "BGPSessionDown");
+        assert!(ev[0].2.contains("10.0.0.1") && ev[0].2.contains("hold timer expired"));
+        assert_eq!(
+            (ev[1].0.kind.as_str(), ev[1].0.name.as_str()),
+            ("Node", "n1")
+        );
+        assert_eq!(ev[1].1, "BGPSessionFailed");
+        assert!(ev[1].2.contains("bad peer AS"), "{}", ev[1].2);
+        // Nothing new: nothing to report; coming up is no failure.
+        let now = [peer_down, mesh_refused];
+        assert!(session_failures("n1", &now, &now).is_empty());
+        assert!(session_failures("n1", &now, &before[..1]).is_empty());
+    }
+
+    #[test]
+    fn sessions_carry_their_source_and_the_time_of_their_last_change() {
+        let t0: Timestamp = "2026-01-01T00:00:00Z".parse().unwrap();
+        let later: Timestamp = "2026-01-01T00:05:00Z".parse().unwrap();
+        let peer = |state, uptime: Option<u64>| PeerStatus {
+            address: "10.0.0.1".parse().unwrap(),
+            remote_as: 65000,
+            state,
+            uptime: uptime.map(Duration::from_secs),
+            messages_in: 0,
+            messages_out: 0,
+            updates_in: 0,
+            updates_out: 0,
+            prefixes_received: 0,
+            prefixes_accepted: 0,
+            prefixes_advertised: 0,
+            last_error: None,
+            last_notification_sent: None,
+            last_notification_received: None,
+            negotiated: None,
+            graceful_restart_active: false,
+        };
+        let sources = BTreeMap::from([("10.0.0.1".parse().unwrap(), "tor".to_string())]);
+        use sepal_bgp::fsm::State;
+        // Already up when first seen: since it came up.
+        let r1 = report_of(
+            &[peer(State::Established, Some(60))],
+            &sources,
+            None,
+            t0,
+            true,
+        );
+        assert_eq!(r1.sessions[0].source, "tor");
+        assert_eq!(
+            r1.sessions[0].since.as_deref(),
+            Some("2025-12-31T23:59:00Z")
+        );
+        // Same state later: the same time, so the report is unchanged and not rewritten.
+        let r2 = report_of(
+            &[peer(State::Established, Some(360))],
+            &sources,
+            Some(&r1),
+            later,
+            true,
+        );
+        assert_eq!(r2, r1);
+        // A change of state: now.
+        let r3 = report_of(
+            &[peer(State::Active, None)],
+            &sources,
+            Some(&r2),
+            later,
+            true,
+        );
+        assert_eq!(
+            r3.sessions[0].since.as_deref(),
+            Some("2026-01-01T00:05:00Z")
+        );
+        assert_eq!(r3.established_sessions, 0);
+    }
+
+    #[tokio::test]
+    async fn a_repeated_event_updates_its_series() {
+        let api = sepal_tests::fakeapi::FakeApi::start();
+        let dir = tempfile::tempdir().unwrap();
+        let kc = dir.path().join("kubeconfig");
+        api.write_kubeconfig(&kc).unwrap();
+        let w = StatusWriter::new(super::super::kube::client(Some(&kc)).await.unwrap(), "n1");
+        let mut s = session("10.0.0.1", "Idle");
+        s.source = "tor-1".into();
+        let peer = session_object(&s, "n1");
+        let mut recorded = Recorded::default();
+        for _ in 0..3 {
+            assert!(recorded.warn(&w, &peer, "BGPSessionDown", "down").await);
+        }
+        assert!(recorded.warn(&w, &peer, "BGPSessionDown", "other").await);
+        let events = api.list("Event");
+        assert_eq!(events.len(), 2, "{events:?}");
+        let first = events.iter().find(|e| e["note"] == "down").unwrap();
+        assert_eq!(first["series"]["count"], 3);
+        assert_eq!(first["regarding"]["kind"], "BGPPeer");
+        assert_eq!(first["metadata"]["namespace"], "default");
+        // An Event that went away (expired) is recorded anew.
+        let name = first["metadata"]["name"].as_str().unwrap();
+        api.delete("Event", "default", name);
+        assert!(recorded.warn(&w, &peer, "BGPSessionDown", "down").await);
+        assert_eq!(api.list("Event").len(), 2);
     }
 
     #[test]

@@ -172,6 +172,26 @@ impl Routing {
         self.speaker.lock().ok().and_then(|s| s.clone())
     }
 
+    /// Which configuration makes each planned session, by peer address: `mesh` (the node mesh,
+    /// or automatic route reflection) or the BGPPeer's name; from the latest inputs.
+    pub fn peer_sources(&self) -> BTreeMap<std::net::IpAddr, String> {
+        let inputs = self.inputs.borrow();
+        let Some(Ok(planned)) = inputs.as_ref().map(plan) else {
+            return BTreeMap::new();
+        };
+        planned
+            .peers
+            .iter()
+            .map(|(addr, p)| {
+                let source = match &p.kind {
+                    plan::PeerKind::Node(_) => "mesh".to_string(),
+                    plan::PeerKind::Global(name) => name.clone(),
+                };
+                (*addr, source)
+            })
+            .collect()
+    }
+
     /// Session state of every peer.
     pub async fn peers(&self) -> Vec<PeerStatus> {
         let speaker = self.speaker.lock().ok().and_then(|s| s.clone());
