@@ -90,6 +90,8 @@ struct State {
     requests: BTreeMap<String, u64>,
     /// Every (API group, resource or resource/subresource, verb) asked for, as RBAC names them.
     access: std::collections::BTreeSet<(String, String, String)>,
+    /// The resourceVersion the latest watch of each resource started from.
+    watch_from: BTreeMap<String, u64>,
 }
 
 struct Shared {
@@ -315,6 +317,11 @@ impl FakeApi {
         lock(&self.shared).access.clone()
     }
 
+    /// The resourceVersion the latest watch of `plural` asked to start from.
+    pub fn last_watch_from(&self, plural: &str) -> Option<u64> {
+        lock(&self.shared).watch_from.get(plural).copied()
+    }
+
     pub fn resource_version(&self) -> u64 {
         lock(&self.shared).rv
     }
@@ -495,6 +502,10 @@ async fn serve(shared: Arc<Shared>, req: Request<Incoming>) -> Result<Response<B
         };
         st.access
             .insert((group.to_string(), resource, verb.to_string()));
+        if verb == "watch" {
+            let from = q.get("resourceVersion").and_then(|v| v.parse().ok());
+            st.watch_from.insert(plural.to_string(), from.unwrap_or(0));
+        }
         if st.unavailable {
             return Ok(status(
                 StatusCode::SERVICE_UNAVAILABLE,

@@ -292,6 +292,57 @@ fn kube_relists_after_410_gone() {
 }
 
 #[test]
+fn kube_resumes_from_its_resource_version_and_from_bookmarks() {
+    let api = FakeApi::start();
+    let mut objects = cluster();
+    api.apply_all(objects.iter().cloned());
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let p = kube_inspect(&api, &tmp, true);
+    wait_for_model(&p, &dir_model(&objects));
+    let lists = api.requests("list", "pods");
+
+    // A dropped connection: the watch resumes from the last resourceVersion it saw, and a pod
+    // added meanwhile arrives from the server's history, with no relist.
+    api.cut_watches();
+    let pod = json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "web-9", "namespace": "web"},
+                     "spec": {"nodeName": "node-1", "containers": [{"name": "c"}]},
+                     "status": {"phase": "Running", "podIP": "10.244.1.9"}});
+    objects.push(pod.clone());
+    api.apply(pod);
+    wait_for_model(&p, &dir_model(&objects));
+
+    // Changes to other resources only: the pods watch learns the newer resourceVersion from the
+    // bookmark at its (re)start, and resumes from it next time...
+    for i in 0..3 {
+        api.apply(json!({"apiVersion": "v1", "kind": "Secret",
+                         "metadata": {"name": format!("s{i}"), "namespace": "other"}}));
+    }
+    let newest = api.resource_version();
+    let deadline = std::time::Instant::now() + WAIT;
+    while api.last_watch_from("pods").unwrap_or(0) < newest {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the pods watch never resumed from the bookmark's resourceVersion {newest}: {:?}",
+            api.last_watch_from("pods")
+        );
+        api.cut_watches();
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // ...so history compacted after that is no 410 for it: still no relist of pods.
+    api.compact();
+    api.cut_watches();
+    let removed = objects.pop().expect("web-9");
+    let _ = removed;
+    api.delete("Pod", "web", "web-9");
+    wait_for_model(&p, &dir_model(&objects));
+    assert_eq!(
+        api.requests("list", "pods"),
+        lists,
+        "pods were relisted instead of resumed"
+    );
+}
+
+#[test]
 fn kube_forbidden_resource_is_reported_and_blocks_ready() {
     let api = FakeApi::start();
     let objects = cluster();
