@@ -249,7 +249,9 @@ async fn round(
     agent: &Arc<Mutex<crate::node::Agent>>,
     written: &mut Written,
 ) {
-    if !written.network_available {
+    // An agent that started serving without its initial sync (a forbidden resource, an outage)
+    // programmed routes from a partial view: the node is not declared up until the sync is done.
+    if !written.network_available && crate::metrics::metrics().health.synced() {
         match writer.network_available(&now_time()).await {
             Ok(()) => {
                 tracing::info!("node condition NetworkUnavailable=False (SepalIsUp) set");
