@@ -200,13 +200,8 @@ fn lab_and_operator_tools_end_to_end() {
         .find(|e| e["pod"] == "db-1")
         .unwrap()["host_veth"]
         .clone();
-    // Other nodes learn a pod from its Pod status, written after its CNI ADD: node3 may need a
-    // moment after `lab up` to know frontend/web-1.
-    wait_for(
-        "node3 to learn frontend/web-1",
-        || lab.try_trace("frontend/web-1", "backend/db-1", "5432/TCP"),
-        |ok| *ok,
-    );
+    // Other nodes learn a pod from its Pod status, written after its CNI ADD; `lab up` returns
+    // only once every agent knows every pod, so a trace right after it works.
     let t = lab.trace("frontend/web-1", "backend/db-1", "5432/TCP");
     assert_eq!(t["allowed"], true, "{t:#}");
     let (first, last) = (&t["hops"][0], &t["hops"][1]);

@@ -324,9 +324,10 @@ fn build(mut lab: LabState) -> Result<LabState> {
 }
 
 /// Waits until every router can forward to every pod, i.e. has the nodes' blocks from BGP in its
-/// kernel, so the first `lab ping` after `up` shows the network as it will stay. A lab that has
-/// not converged in time stays up, with a warning naming what is missing, for the operator to
-/// inspect with `sepal status` and the router's own tools.
+/// kernel, and every agent knows every pod (other nodes learn a pod from its Pod object, written
+/// after its CNI ADD), so the first `lab ping` or `sepal trace` after `up` sees the network as it
+/// will stay. A lab that has not converged in time stays up, with a warning naming what is
+/// missing, for the operator to inspect with `sepal status` and the router's own tools.
 fn wait_routes(lab: &LabState) {
     let started = Instant::now();
     let deadline = started + Duration::from_secs(60);
@@ -338,17 +339,18 @@ fn wait_routes(lab: &LabState) {
         .filter(|ip| !ip.contains(':'))
         .collect();
     loop {
-        let missing: Vec<String> = lab
+        let mut missing: Vec<String> = lab
             .routers
             .iter()
             .flat_map(|r| pod_ipv4s.iter().map(move |ip| (r, ip)))
             .filter(|(r, ip)| net::sh(&r.netns, &format!("ip route get {ip}")).is_err())
             .map(|(r, ip)| format!("{} has no route to {ip}", r.name))
             .collect();
+        missing.extend(pods_unknown(lab));
         if missing.is_empty() {
             if !lab.routers.is_empty() {
                 eprintln!(
-                    "routes converged in {:.1} s",
+                    "routes and pods converged in {:.1} s",
                     started.elapsed().as_secs_f64()
                 );
             }
@@ -356,13 +358,34 @@ fn wait_routes(lab: &LabState) {
         }
         if Instant::now() > deadline {
             eprintln!(
-                "warning: routes have not converged after 60 s: {}",
+                "warning: the lab has not converged after 60 s: {}",
                 missing.join(", ")
             );
             return;
         }
         std::thread::sleep(Duration::from_millis(200));
     }
+}
+
+/// "node does not know pod" for every agent that cannot yet resolve a lab pod to its addresses,
+/// asked as `sepal trace` asks each node on a packet's path.
+fn pods_unknown(lab: &LabState) -> Vec<String> {
+    let mut unknown = Vec::new();
+    for node in &lab.nodes {
+        let socket = crate::admin::admin_socket_beside(&lab.socket(&node.name));
+        for pod in &lab.pods {
+            let name = format!("{}/{}", pod.namespace, pod.name);
+            let request = crate::admin::AdminRequest::Trace(crate::admin::TraceRequest {
+                from: name.clone(),
+                to: name.clone(),
+                port: None,
+            });
+            if crate::admin::call::<Value>(&socket, &request).is_err() {
+                unknown.push(format!("{} does not know {name}", node.name));
+            }
+        }
+    }
+    unknown
 }
 
 /// The lab's BGP design, as an operator would apply it: with BGP routers, every node peers (eBGP,
