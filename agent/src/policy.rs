@@ -92,7 +92,7 @@ impl PolicyEngine {
     /// entries, so they stop (revocation).
     pub fn apply(&mut self, endpoints: &[Allocation]) -> Result<Applied, String> {
         let cluster = self.cluster(endpoints);
-        let ruleset = self.compiler.compile(&cluster);
+        let (ruleset, touched) = self.compiler.update(&cluster);
         for problem in &ruleset.problems {
             let text = format!("{problem:?}");
             if !self.reported.contains(&text) {
@@ -104,7 +104,7 @@ impl PolicyEngine {
         let started = std::time::Instant::now();
         let applied = self
             .dataplane
-            .apply_owned(ruleset)
+            .apply_update(ruleset, touched)
             .map_err(|e| e.to_string())?;
         if applied != Applied::Unchanged {
             tracing::debug!(

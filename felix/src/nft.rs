@@ -12,12 +12,12 @@
 //! `oifname` (the destination pod's ingress chain). Endpoint chains jump to one chain per policy.
 //! Traffic between a pod and its own node never passes the forward hook, so it is always allowed.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
 
 use serde_json::Value;
 
-use crate::policy::{Action, Chain, Family, Match, NftRule, Ruleset, SetKind};
+use crate::policy::{Action, Chain, Family, Match, NftRule, Ruleset, SetKind, Touched};
 
 /// The only table Sepal touches.
 pub const TABLE: &str = "sepal";
@@ -224,8 +224,61 @@ pub fn render_full(rs: &Ruleset, opts: &Options) -> String {
 /// sets, element changes, new and changed chains, map entries, then removals (nothing is deleted
 /// while still referenced).
 pub fn render_diff(old: &Ruleset, new: &Ruleset, opts: &Options) -> String {
+    render_diff_in(old, new, &Scope::all(old, new), opts)
+}
+
+/// The names a diff compares: every name in either ruleset, or only those a `Compiler` update
+/// touched (everything else is equal by construction).
+#[derive(Debug, Default)]
+pub struct Scope<'a> {
+    sets: BTreeSet<&'a str>,
+    chains: BTreeSet<&'a str>,
+    ifaces: BTreeSet<&'a str>,
+}
+
+impl<'a> Scope<'a> {
+    pub fn all(old: &'a Ruleset, new: &'a Ruleset) -> Scope<'a> {
+        fn names<'a, T>(
+            a: &'a BTreeMap<String, T>,
+            b: &'a BTreeMap<String, T>,
+        ) -> BTreeSet<&'a str> {
+            a.keys().chain(b.keys()).map(String::as_str).collect()
+        }
+        Scope {
+            sets: names(&old.sets, &new.sets),
+            chains: names(&old.chains, &new.chains),
+            ifaces: [
+                &old.ingress_dispatch,
+                &old.egress_dispatch,
+                &new.ingress_dispatch,
+                &new.egress_dispatch,
+            ]
+            .into_iter()
+            .flat_map(|m| m.keys())
+            .chain(old.endpoints.iter())
+            .chain(new.endpoints.iter())
+            .map(String::as_str)
+            .collect(),
+        }
+    }
+
+    pub fn touched(t: &'a Touched) -> Scope<'a> {
+        let names = |s: &'a BTreeSet<String>| s.iter().map(String::as_str).collect();
+        Scope {
+            sets: names(&t.sets),
+            chains: names(&t.chains),
+            ifaces: names(&t.ifaces),
+        }
+    }
+}
+
+/// `render_diff` over the names in `scope` only.
+pub fn render_diff_in(old: &Ruleset, new: &Ruleset, scope: &Scope, opts: &Options) -> String {
     let mut out = String::new();
-    for (name, set) in &new.sets {
+    for &name in &scope.sets {
+        let Some(set) = new.sets.get(name) else {
+            continue;
+        };
         match old.sets.get(name) {
             None => {
                 writeln!(
@@ -259,10 +312,16 @@ pub fn render_diff(old: &Ruleset, new: &Ruleset, opts: &Options) -> String {
             Some(_) => {}
         }
     }
-    for name in new.chains.keys().filter(|n| !old.chains.contains_key(*n)) {
+    let in_new = |name: &str| new.chains.contains_key(name);
+    let in_old = |name: &str| old.chains.contains_key(name);
+    for name in scope.chains.iter().filter(|n| in_new(n) && !in_old(n)) {
         writeln!(out, "add chain {FAMILY_TABLE} {name}").ok();
     }
-    for (name, chain) in &new.chains {
+    for (&name, chain) in scope
+        .chains
+        .iter()
+        .filter_map(|n| new.chains.get(*n).map(|c| (n, c)))
+    {
         match old.chains.get(name) {
             None => add_chain_rules(&mut out, name, chain, opts),
             Some(o) if o != chain => {
@@ -276,29 +335,29 @@ pub fn render_diff(old: &Ruleset, new: &Ruleset, opts: &Options) -> String {
         (MAP_INGRESS, &old.ingress_dispatch, &new.ingress_dispatch),
         (MAP_EGRESS, &old.egress_dispatch, &new.egress_dispatch),
     ] {
-        let gone: Vec<String> = o
-            .iter()
-            .filter(|(i, c)| n.get(*i) != Some(c))
-            .map(|(i, c)| map_element(i, c))
-            .collect();
-        let added: Vec<String> = n
-            .iter()
-            .filter(|(i, c)| o.get(*i) != Some(c))
-            .map(|(i, c)| map_element(i, c))
-            .collect();
-        // Deleting a verdict-map element names the key only.
-        let gone_keys: Vec<String> = gone
-            .iter()
-            .map(|e| e.split(" : ").next().unwrap_or(e).to_string())
-            .collect();
+        let mut gone_keys: Vec<String> = Vec::new();
+        let mut added: Vec<String> = Vec::new();
+        for &iface in &scope.ifaces {
+            let (before, after) = (o.get(iface), n.get(iface));
+            if before == after {
+                continue;
+            }
+            // Deleting a verdict-map element names the key only.
+            if before.is_some() {
+                gone_keys.push(quote(iface));
+            }
+            if let Some(chain) = after {
+                added.push(map_element(iface, chain));
+            }
+        }
         add_or_delete_elements(&mut out, "delete", map, &gone_keys);
         add_elements(&mut out, map, &added);
     }
     // Flush every removed chain before deleting any: one may still jump to another.
-    let removed: Vec<&String> = old
+    let removed: Vec<&&str> = scope
         .chains
-        .keys()
-        .filter(|n| !new.chains.contains_key(*n))
+        .iter()
+        .filter(|n| in_old(n) && !in_new(n))
         .collect();
     for name in &removed {
         writeln!(out, "flush chain {FAMILY_TABLE} {name}").ok();
@@ -306,7 +365,11 @@ pub fn render_diff(old: &Ruleset, new: &Ruleset, opts: &Options) -> String {
     for name in &removed {
         writeln!(out, "delete chain {FAMILY_TABLE} {name}").ok();
     }
-    for name in old.sets.keys().filter(|n| !new.sets.contains_key(*n)) {
+    for name in scope
+        .sets
+        .iter()
+        .filter(|n| old.sets.contains_key(**n) && !new.sets.contains_key(**n))
+    {
         writeln!(out, "delete set {FAMILY_TABLE} {name}").ok();
     }
     out
@@ -317,25 +380,75 @@ pub fn render_diff(old: &Ruleset, new: &Ruleset, opts: &Options) -> String {
 /// (a new dispatch entry). Only growth (new pods, new sets and chains) never narrows, so a CNI
 /// ADD never pays for a conntrack scan.
 pub fn narrows(old: &Ruleset, new: &Ruleset) -> bool {
-    let lost_elements = old.sets.iter().any(|(name, o)| {
-        new.sets
-            .get(name)
-            .is_some_and(|n| !o.elements.is_subset(&n.elements))
-    });
-    let changed_chain = old
-        .chains
-        .iter()
-        .any(|(name, o)| new.chains.get(name).is_some_and(|n| n != o));
+    narrows_in(old, new, &Scope::all(old, new))
+}
+
+/// `narrows` over the names in `scope` only.
+pub fn narrows_in(old: &Ruleset, new: &Ruleset, scope: &Scope) -> bool {
+    let lost_elements =
+        scope
+            .sets
+            .iter()
+            .any(|name| match (old.sets.get(*name), new.sets.get(*name)) {
+                (Some(o), Some(n)) => !o.elements.is_subset(&n.elements),
+                _ => false,
+            });
+    let changed_chain =
+        scope.chains.iter().any(
+            |name| match (old.chains.get(*name), new.chains.get(*name)) {
+                (Some(o), Some(n)) => o != n,
+                _ => false,
+            },
+        );
     let newly_isolated = [
         (&old.ingress_dispatch, &new.ingress_dispatch),
         (&old.egress_dispatch, &new.egress_dispatch),
     ]
     .into_iter()
     .any(|(o, n)| {
-        n.iter()
-            .any(|(iface, chain)| old.endpoints.contains(iface) && o.get(iface) != Some(chain))
+        scope.ifaces.iter().any(|iface| {
+            old.endpoints.contains(*iface)
+                && n.get(*iface).is_some_and(|c| o.get(*iface) != Some(c))
+        })
     });
     lost_elements || changed_chain || newly_isolated
+}
+
+/// Makes `last` equal to `new` at the names in `scope` (the rest already is).
+fn patch(last: &mut Ruleset, new: &Ruleset, scope: &Scope) {
+    fn copy<T: Clone + PartialEq>(
+        last: &mut BTreeMap<String, T>,
+        new: &BTreeMap<String, T>,
+        name: &str,
+    ) {
+        match new.get(name) {
+            Some(v) if last.get(name) != Some(v) => {
+                last.insert(name.to_string(), v.clone());
+            }
+            Some(_) => {}
+            None => {
+                last.remove(name);
+            }
+        }
+    }
+    for name in &scope.sets {
+        copy(&mut last.sets, &new.sets, name);
+    }
+    for name in &scope.chains {
+        copy(&mut last.chains, &new.chains, name);
+    }
+    for name in &scope.ifaces {
+        copy(&mut last.ingress_dispatch, &new.ingress_dispatch, name);
+        copy(&mut last.egress_dispatch, &new.egress_dispatch, name);
+        if new.endpoints.contains(*name) {
+            last.endpoints.insert(name.to_string());
+        } else {
+            last.endpoints.remove(*name);
+        }
+    }
+    if last.problems != new.problems {
+        last.problems = new.problems.clone();
+    }
 }
 
 /// Programs table `inet sepal` and remembers what it programmed, so the next apply only sends
@@ -348,6 +461,8 @@ pub struct Dataplane {
     netns: Option<std::path::PathBuf>,
     opts: Options,
     last: Option<Ruleset>,
+    /// The `Compiler` update `last` came from (see `apply_update`).
+    generation: Option<u64>,
 }
 
 impl Dataplane {
@@ -363,6 +478,7 @@ impl Dataplane {
             netns: None,
             opts,
             last: None,
+            generation: None,
         }
     }
 
@@ -380,8 +496,48 @@ impl Dataplane {
         self.apply_owned(rs.clone())
     }
 
+    /// Applies a `Compiler::update`: when it follows the update this dataplane applied last,
+    /// only the names it touched are compared and sent; otherwise as `apply`.
+    pub fn apply_update(&mut self, rs: &Ruleset, touched: &Touched) -> Result<Applied, NftError> {
+        let follows = !touched.full && self.generation == Some(touched.since);
+        let Some(last) = self.last.as_mut().filter(|_| follows) else {
+            let applied = self.apply(rs);
+            self.generation = applied.is_ok().then_some(touched.generation);
+            return applied;
+        };
+        let scope = Scope::touched(touched);
+        let diff = render_diff_in(last, rs, &scope, &self.opts);
+        if diff.is_empty() {
+            patch(last, rs, &scope);
+            self.generation = Some(touched.generation);
+            return Ok(Applied::Unchanged);
+        }
+        let narrowed = narrows_in(last, rs, &scope);
+        match self.run(&["-f", "-"], Some(&diff)) {
+            Ok(_) => {
+                if let Some(last) = self.last.as_mut() {
+                    patch(last, rs, &scope);
+                }
+                self.generation = Some(touched.generation);
+                Ok(Applied::Incremental {
+                    commands: diff.lines().count(),
+                    narrowed,
+                })
+            }
+            Err(err) => {
+                tracing::warn!(error = %err, "incremental nftables update failed, replacing the table");
+                self.last = None;
+                self.generation = None;
+                let applied = self.apply(rs);
+                self.generation = applied.is_ok().then_some(touched.generation);
+                applied
+            }
+        }
+    }
+
     /// `apply`, keeping `rs` as the last applied state without copying it.
     pub fn apply_owned(&mut self, rs: Ruleset) -> Result<Applied, NftError> {
+        self.generation = None;
         if let Some(last) = &self.last {
             let diff = render_diff(last, &rs, &self.opts);
             if diff.is_empty() {
@@ -412,6 +568,7 @@ impl Dataplane {
     /// Replaces the whole table atomically.
     pub fn resync(&mut self, rs: &Ruleset) -> Result<Applied, NftError> {
         self.last = None;
+        self.generation = None;
         self.run(&["-f", "-"], Some(&render_full(rs, &self.opts)))?;
         self.last = Some(rs.clone());
         Ok(Applied::Full)
@@ -420,6 +577,7 @@ impl Dataplane {
     /// Removes the table (the node stops enforcing policy).
     pub fn delete(&mut self) -> Result<(), NftError> {
         self.last = None;
+        self.generation = None;
         let batch = format!("table {FAMILY_TABLE} {{}}\ndelete table {FAMILY_TABLE}\n");
         self.run(&["-f", "-"], Some(&batch)).map(|_| ())
     }

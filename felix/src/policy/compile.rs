@@ -8,7 +8,7 @@ use std::net::IpAddr;
 use sha2::{Digest, Sha256};
 
 use super::validate::{validate, Direction, PeerSpec, Policy, PolicyRule, PortSpec, Problem};
-use super::{AddrRanges, Cluster, Family, NetworkPolicy, Pod, Protocol};
+use super::{AddrRanges, Cluster, Compiler, Family, Pod, Protocol};
 
 /// Type of a named set.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -84,7 +84,7 @@ pub struct Ruleset {
     pub problems: Vec<Problem>,
 }
 
-fn short_hash(s: &str) -> String {
+pub(crate) fn short_hash(s: &str) -> String {
     let digest = Sha256::digest(s.as_bytes());
     hex::encode(&digest[..5])
 }
@@ -287,219 +287,24 @@ pub(crate) fn policy_chain(policy: &Policy, direction: Direction) -> String {
     format!("{d}-{}", short_hash(&policy.id()))
 }
 
-/// Compiles again and again (one per model change), remembering what depends only on a policy's
-/// own content: its validation and the names derived from it. `compile` is a fresh one.
-#[derive(Debug, Default)]
-pub struct Compiler {
-    /// By (namespace, name): the source last seen, and what it validated to.
-    cache: HashMap<(String, String), Validated>,
-}
+pub(crate) const DIRECTIONS: [Direction; 2] = [Direction::Ingress, Direction::Egress];
 
-#[derive(Debug)]
-struct Validated {
-    source: NetworkPolicy,
-    policy: Option<Named>,
-    problems: Vec<Problem>,
-}
-
-/// A validated policy and the names of its chains and jump comments (by direction: ingress,
-/// egress), computed once.
-#[derive(Debug)]
-struct Named {
-    policy: Policy,
-    chain: [String; 2],
-    jump_comment: [String; 2],
-}
-
-const DIRECTIONS: [Direction; 2] = [Direction::Ingress, Direction::Egress];
-
-fn dir_index(direction: Direction) -> usize {
+pub(crate) fn dir_index(direction: Direction) -> usize {
     match direction {
         Direction::Ingress => 0,
         Direction::Egress => 1,
     }
 }
 
-impl Compiler {
-    /// Builds the desired ruleset for the node whose pods have `host_iface` set.
-    ///
-    /// Layout: one chain per (policy, direction) with its rules, shared by every local pod it
-    /// selects; one chain per isolated (endpoint, direction) that jumps to the chains of the
-    /// policies selecting it (through a chain shared by pods selected by the same policies) and
-    /// drops what none accepted.
-    pub fn compile(&mut self, cluster: &Cluster) -> Ruleset {
-        let mut seen: BTreeSet<(String, String)> = BTreeSet::new();
-        for np in &cluster.policies {
-            let key = (
-                np.metadata.namespace.clone().unwrap_or_default(),
-                np.metadata.name.clone().unwrap_or_default(),
-            );
-            if self.cache.get(&key).is_none_or(|v| v.source != *np) {
-                let (policy, problems) = validate(np);
-                let policy = policy.map(|policy| Named {
-                    chain: DIRECTIONS.map(|d| policy_chain(&policy, d)),
-                    jump_comment: DIRECTIONS.map(|d| format!("{} {d}", policy.id())),
-                    policy,
-                });
-                self.cache.insert(
-                    key.clone(),
-                    Validated {
-                        source: np.clone(),
-                        policy,
-                        problems,
-                    },
-                );
-            }
-            seen.insert(key);
-        }
-        self.cache.retain(|k, _| seen.contains(k));
-        // Sorted by namespace and name (the BTreeSet's order), as `validated` sorts.
-        let mut policies: Vec<&Named> = Vec::new();
-        let mut problems: Vec<Problem> = Vec::new();
-        for key in &seen {
-            let v = &self.cache[key];
-            policies.extend(v.policy.as_ref());
-            problems.extend(v.problems.iter().cloned());
-        }
-        problems.sort_by(|a, b| (&a.policy, &a.field).cmp(&(&b.policy, &b.field)));
-        compile_validated(cluster, &policies, problems)
-    }
-}
-
-/// Builds the desired ruleset for the node whose pods have `host_iface` set (see
-/// `Compiler::compile`, which also remembers validation between calls).
+/// Builds the desired ruleset for the node whose pods have `host_iface` set (a fresh
+/// `Compiler`; the agent keeps one, which recompiles only what a change affects).
 pub fn compile(cluster: &Cluster) -> Ruleset {
     Compiler::default().compile(cluster)
 }
 
-fn compile_validated(cluster: &Cluster, policies: &[&Named], problems: Vec<Problem>) -> Ruleset {
-    let mut rs = Ruleset {
-        problems,
-        ..Ruleset::default()
-    };
-    let ns_labels = ns_labels(cluster);
-    let families = families_in_use(cluster, policies.iter().map(|n| &n.policy));
-    let index = PodIndex::new(cluster);
-
-    // For each pod (by index), the policies selecting it, in policy order.
-    let mut policies_of_pod: Vec<Vec<usize>> = vec![Vec::new(); cluster.pods.len()];
-    for (pi, named) in policies.iter().enumerate() {
-        let policy = &named.policy;
-        let mut selected: Vec<&Pod> = Vec::new();
-        let mut any_local = false;
-        for &(idx, pod) in index.in_namespace(&policy.namespace) {
-            if selects(policy, pod) {
-                selected.push(pod);
-                policies_of_pod[idx].push(pi);
-                any_local |= pod.host_iface.is_some();
-            }
-        }
-        // A policy selecting no pod of this node needs nothing here.
-        if !any_local {
-            continue;
-        }
-        for direction in DIRECTIONS {
-            let Some(rules) = policy.rules(direction) else {
-                continue;
-            };
-            let mut chain = Chain::default();
-            for group in rule_groups(rules) {
-                compile_group(
-                    &mut Ctx {
-                        cluster,
-                        index: &index,
-                        ns_labels: &ns_labels,
-                        families: &families,
-                        sets: &mut rs.sets,
-                    },
-                    policy,
-                    direction,
-                    &group,
-                    &selected,
-                    &mut chain.rules,
-                );
-            }
-            rs.chains
-                .insert(named.chain[dir_index(direction)].clone(), chain);
-        }
-    }
-
-    // Per-endpoint chains: only for directions in which some policy isolates the pod.
-    let mut local: Vec<(usize, &Pod)> = cluster
-        .pods
-        .iter()
-        .enumerate()
-        .filter(|(_, p)| p.host_iface.is_some())
-        .collect();
-    local.sort_by(|a, b| a.1.host_iface.cmp(&b.1.host_iface));
-    // Pods selected by the same policies share their jump rules, computed once per such list.
-    let mut jumps_of: HashMap<(&[usize], usize), Option<NftRule>> = HashMap::new();
-    for (idx, pod) in local {
-        let Some(iface) = pod.host_iface.as_deref() else {
-            continue;
-        };
-        rs.endpoints.insert(iface.to_string());
-        for direction in DIRECTIONS {
-            let d = dir_index(direction);
-            let jump = jumps_of
-                .entry((policies_of_pod[idx].as_slice(), d))
-                .or_insert_with(|| {
-                    let jumps: Vec<NftRule> = policies_of_pod[idx]
-                        .iter()
-                        .map(|&pi| policies[pi])
-                        .filter(|named| named.policy.rules(direction).is_some())
-                        .map(|named| NftRule {
-                            matches: vec![],
-                            action: Action::Jump(named.chain[d].clone()),
-                            comment: named.jump_comment[d].clone(),
-                        })
-                        .collect();
-                    if jumps.len() <= 1 {
-                        return jumps.into_iter().next();
-                    }
-                    // Several policies: one shared chain of jumps; the endpoint's own chain
-                    // keeps only the jump to it and its drop counter.
-                    let key: Vec<&str> = jumps.iter().map(|r| r.comment.as_str()).collect();
-                    let shared = format!(
-                        "ps{}-{}",
-                        &endpoint_chain("", direction)[..2],
-                        short_hash(&key.join("\n"))
-                    );
-                    let rule = NftRule {
-                        matches: vec![],
-                        action: Action::Jump(shared.clone()),
-                        comment: format!("{} policies", jumps.len()),
-                    };
-                    rs.chains.insert(shared, Chain { rules: jumps });
-                    Some(rule)
-                });
-            let Some(jump) = jump.clone() else {
-                continue;
-            };
-            let chain = Chain {
-                rules: vec![
-                    jump,
-                    NftRule {
-                        matches: vec![],
-                        action: Action::Drop,
-                        comment: default_deny_comment(&pod.namespace, &pod.name, direction),
-                    },
-                ],
-            };
-            let name = endpoint_chain(iface, direction);
-            match direction {
-                Direction::Ingress => rs.ingress_dispatch.insert(iface.to_string(), name.clone()),
-                Direction::Egress => rs.egress_dispatch.insert(iface.to_string(), name.clone()),
-            };
-            rs.chains.insert(name, chain);
-        }
-    }
-    rs
-}
-
 /// Address families anything in the cluster uses; rules for an unused family would only ever
 /// look up empty sets.
-fn families_in_use<'a>(
+pub(crate) fn families_in_use<'a>(
     cluster: &Cluster,
     policies: impl Iterator<Item = &'a Policy> + Clone,
 ) -> Vec<Family> {
@@ -524,15 +329,17 @@ fn families_in_use<'a>(
         .collect()
 }
 
-struct Ctx<'a, 'b> {
-    cluster: &'a Cluster,
-    index: &'b PodIndex<'a>,
-    ns_labels: &'b NsLabels,
-    families: &'b [Family],
-    sets: &'b mut BTreeMap<String, Set>,
+/// What one compile round shares between the policies it compiles: the sets built so far in
+/// this round (a set's name determines its content, so the first build serves every policy).
+pub(crate) struct Ctx<'a, 'b> {
+    pub cluster: &'a Cluster,
+    pub index: &'b PodIndex<'a>,
+    pub ns_labels: &'b NsLabels,
+    pub families: &'b [Family],
+    pub sets: &'b mut HashMap<String, Set>,
 }
 
-fn compile_group(
+pub(crate) fn compile_group(
     ctx: &mut Ctx,
     policy: &Policy,
     direction: Direction,

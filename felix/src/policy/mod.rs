@@ -11,16 +11,20 @@
 //! 1. Keep a `Cluster`: namespaces and their labels, every pod with its `podIPs` (pods of this
 //!    node with `host_iface` set to their host veth, e.g. as soon as CNI ADD picked the IP and
 //!    the veth name), named container ports, and all NetworkPolicies.
-//! 2. `let rs = compile(&cluster)`; log `rs.problems` (and surface them as policy status).
-//! 3. `dataplane.apply(&rs)` with a `nft::Dataplane` created once at start: the first
-//!    apply replaces (adopts) the previous run's table atomically, later ones send only the
-//!    difference. CNI ADD should return after the apply that includes the new pod.
+//! 2. Keep a `Compiler`; `let (rs, touched) = compiler.update(&cluster)` rebuilds only what the
+//!    change affects (`compile(&cluster)` is a fresh one); log `rs.problems` (and surface them
+//!    as policy status).
+//! 3. `dataplane.apply_update(rs, touched)` with a `nft::Dataplane` created once at start: the
+//!    first apply replaces (adopts) the previous run's table atomically, later ones send only the
+//!    difference at the names the update touched. CNI ADD should return after the apply that
+//!    includes the new pod.
 //! 4. `sepal policy explain`: `explain` on the same cluster; the deciding rule's `comment` and
 //!    `default_deny_comment` look up packets with `nft::packets_for` on
 //!    `nft::Dataplane::counters`.
 
 mod addr;
 mod compile;
+mod compiler;
 mod explain;
 mod validate;
 
@@ -30,8 +34,9 @@ use std::net::IpAddr;
 
 pub use addr::{AddrRanges, Family};
 pub use compile::{
-    compile, default_deny_comment, Action, Chain, Compiler, Match, NftRule, Ruleset, Set, SetKind,
+    compile, default_deny_comment, Action, Chain, Match, NftRule, Ruleset, Set, SetKind,
 };
+pub use compiler::{Compiler, Touched};
 pub use explain::{
     explain, parse_port, DirectionVerdict, ExplainError, Explainer, Explanation,
     Peer as ExplainPeer,
@@ -160,5 +165,7 @@ impl Pod {
     }
 }
 
+#[cfg(test)]
+mod proptests;
 #[cfg(test)]
 pub(crate) mod tests;

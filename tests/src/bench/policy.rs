@@ -204,15 +204,16 @@ fn control_plane(a: &Args) -> Result<(f64, f64, f64, f64)> {
     // One policy change, then one new pod, each from model change to kernel ack, as the agent
     // does it: a long-lived compiler (it remembers validated policies) and the dataplane.
     let mut compiler = Compiler::default();
-    compiler.compile(&cluster);
+    let (rs, touched) = compiler.update(&cluster);
+    dp.apply_update(rs, touched)?;
     let (mut pol_ms, mut pod_ms, mut compile_ms) = (Vec::new(), Vec::new(), Vec::new());
     let mut cpu_ms = Vec::new();
     let mut timed = |dp: &mut Dataplane, cluster: &Cluster| -> Result<f64> {
         let cpu = cpu_time_ms();
         let t = Instant::now();
-        let rs = compiler.compile(cluster);
+        let (rs, touched) = compiler.update(cluster);
         compile_ms.push(t.elapsed().as_secs_f64() * 1000.0);
-        dp.apply_owned(rs)?;
+        dp.apply_update(rs, touched)?;
         let wall = t.elapsed().as_secs_f64() * 1000.0;
         cpu_ms.push(cpu_time_ms() - cpu);
         Ok(wall)

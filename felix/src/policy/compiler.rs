@@ -1,0 +1,554 @@
+//! The long-lived compiler. It keeps what it built for each policy (its chains and the sets they
+//! look up) and for each local endpoint (its chains and dispatch entries), and on the next cluster
+//! state rebuilds only what the change can reach:
+//! - a changed policy: its own chains and sets, and the endpoints it selected or now selects;
+//! - a changed pod: every policy that selects it or names it as a peer (before or after the
+//!   change), and its own endpoint.
+//!
+//! Anything broader (namespace labels, the address families in use, duplicate pods or veths)
+//! rebuilds everything. A set's or chain's name determines its content (names derive from what
+//! decides the content), so fragments that share one agree on it; reference counts say when the
+//! last user is gone. `Touched` names what changed, so the dataplane only compares those.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use super::compile::{
+    compile_group, dir_index, endpoint_chain, families_in_use, ns_labels, peer_matches_pod,
+    policy_chain, rule_groups, selects, short_hash, Ctx, NsLabels, PodIndex, DIRECTIONS,
+};
+use super::validate::{validate, Direction, PortSpec, Problem};
+use super::{
+    default_deny_comment, Action, Chain, Cluster, Family, Match, Namespace, NetworkPolicy, NftRule,
+    Pod, Policy, Ruleset,
+};
+
+/// A policy's or pod's identity: (namespace, name).
+type Key = (String, String);
+
+/// What the last `Compiler::update` may have changed in its ruleset, by name; everything else is
+/// as the update before left it. `full`: anything may have changed.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Touched {
+    /// The update this one follows (0: none) and this update's own number, unique in the
+    /// process: a dataplane compares only touched names when it applied exactly `since`.
+    pub since: u64,
+    pub generation: u64,
+    pub full: bool,
+    pub sets: BTreeSet<String>,
+    pub chains: BTreeSet<String>,
+    /// Host veths whose dispatch entries or endpoint membership may have changed.
+    pub ifaces: BTreeSet<String>,
+}
+
+/// Compiles again and again (one per model change), rebuilding only what a change affects.
+/// `compile` is a fresh one.
+#[derive(Debug, Default)]
+pub struct Compiler {
+    /// By (namespace, name): the source last seen, and what it validated to.
+    cache: HashMap<Key, Validated>,
+    state: State,
+    touched: Touched,
+    generation: u64,
+}
+
+static NEXT_GENERATION: AtomicU64 = AtomicU64::new(1);
+
+#[derive(Debug)]
+struct Validated {
+    source: NetworkPolicy,
+    policy: Option<Named>,
+    problems: Vec<Problem>,
+}
+
+/// A validated policy and the names of its chains and jump comments (by direction: ingress,
+/// egress), computed once.
+#[derive(Debug)]
+struct Named {
+    policy: Policy,
+    chain: [String; 2],
+    jump_comment: [String; 2],
+}
+
+/// The last compile's result and what each part of it came from.
+#[derive(Debug, Default)]
+struct State {
+    /// False until the first compile, and after one whose input forces the next to start over.
+    incremental: bool,
+    /// Pods by namespace and name.
+    pods: HashMap<String, HashMap<String, Pod>>,
+    namespaces: BTreeMap<String, Namespace>,
+    families: Vec<Family>,
+    policies: HashMap<Key, PolicyPart>,
+    endpoints: HashMap<String, EndpointPart>,
+    /// Users of each set (policies) and of each shared jump chain (endpoints).
+    set_users: HashMap<String, usize>,
+    shared_users: HashMap<String, usize>,
+    rs: Ruleset,
+}
+
+/// What one policy contributes.
+#[derive(Debug, Default)]
+struct PolicyPart {
+    chains: Vec<String>,
+    sets: BTreeSet<String>,
+    /// Host veths of the local pods it selects (their endpoint chains jump to its chains).
+    ifaces: Vec<String>,
+}
+
+/// What one local endpoint contributes besides its dispatch entries.
+#[derive(Debug, Default)]
+struct EndpointPart {
+    chains: Vec<String>,
+    shared: Vec<String>,
+}
+
+impl Compiler {
+    /// Builds the desired ruleset for the node whose pods have `host_iface` set.
+    ///
+    /// Layout: one chain per (policy, direction) with its rules, shared by every local pod it
+    /// selects; one chain per isolated (endpoint, direction) that jumps to the chains of the
+    /// policies selecting it (through a chain shared by pods selected by the same policies) and
+    /// drops what none accepted.
+    pub fn compile(&mut self, cluster: &Cluster) -> Ruleset {
+        self.update(cluster).0.clone()
+    }
+
+    /// `compile` without copying the result: the ruleset, and what changed since the last call.
+    pub fn update(&mut self, cluster: &Cluster) -> (&Ruleset, &Touched) {
+        let Compiler {
+            cache,
+            state,
+            touched,
+            generation,
+        } = self;
+        let changed_policies = revalidate(cache, cluster);
+        let mut keys: Vec<&Key> = cache.keys().collect();
+        keys.sort();
+        let named: BTreeMap<&Key, &Named> = keys
+            .iter()
+            .filter_map(|&k| cache[k].policy.as_ref().map(|n| (k, n)))
+            .collect();
+
+        // Pods by identity and local pods by veth; the last of duplicates wins, as in a list.
+        let mut pods: HashSet<(&str, &str)> = HashSet::with_capacity(cluster.pods.len());
+        let mut local: BTreeMap<&str, &Pod> = BTreeMap::new();
+        let mut local_count = 0;
+        for pod in &cluster.pods {
+            pods.insert((&pod.namespace, &pod.name));
+            if let Some(iface) = pod.host_iface.as_deref() {
+                local_count += 1;
+                local.insert(iface, pod);
+            }
+        }
+        let duplicates = pods.len() < cluster.pods.len() || local.len() < local_count;
+        let families = families_in_use(cluster, named.values().map(|n| &n.policy));
+        let mut ns_labels = ns_labels(cluster);
+
+        *touched = Touched {
+            since: *generation,
+            generation: NEXT_GENERATION.fetch_add(1, Ordering::Relaxed),
+            ..Touched::default()
+        };
+        *generation = touched.generation;
+        let full = !state.incremental
+            || duplicates
+            || state.namespaces != cluster.namespaces
+            || state.families != families;
+        let mut affected: BTreeSet<Key> = BTreeSet::new();
+        let mut dirty: BTreeSet<String> = BTreeSet::new();
+        if full {
+            *state = State::default();
+            touched.full = true;
+            affected.extend(named.keys().map(|k| (*k).clone()));
+            dirty.extend(local.keys().map(|i| i.to_string()));
+            for pod in &cluster.pods {
+                state.remember(pod);
+            }
+            state.namespaces = cluster.namespaces.clone();
+            state.families = families.clone();
+        } else {
+            let mut changed: Vec<(Option<Pod>, Option<&Pod>)> = Vec::new();
+            for pod in &cluster.pods {
+                let old = state.pod(&pod.namespace, &pod.name);
+                if old != Some(pod) {
+                    changed.push((old.cloned(), Some(pod)));
+                    state.remember(pod);
+                }
+            }
+            for (namespace, by_name) in &mut state.pods {
+                by_name.retain(|name, old| {
+                    let keep = pods.contains(&(namespace.as_str(), name.as_str()));
+                    if !keep {
+                        changed.push((Some(old.clone()), None));
+                    }
+                    keep
+                });
+            }
+            // A removed pod's namespace may be gone from the cluster; its labels are still known.
+            for old in changed.iter().filter_map(|(old, _)| old.as_ref()) {
+                if !ns_labels.contains_key(&old.namespace) {
+                    let labels = cluster.namespace_labels(&old.namespace);
+                    ns_labels.insert(old.namespace.clone(), labels);
+                }
+            }
+            for (old, new) in &changed {
+                let versions = || old.iter().chain(new.iter().copied());
+                dirty.extend(versions().filter_map(|p| p.host_iface.clone()));
+                for (key, n) in &named {
+                    if !affected.contains(*key)
+                        && versions().any(|p| affects(&ns_labels, &n.policy, p))
+                    {
+                        affected.insert((*key).clone());
+                    }
+                }
+            }
+            affected.extend(changed_policies.iter().cloned());
+        }
+
+        // Policies: drop what the affected ones built, then build them anew.
+        // Endpoints jump to the policies selecting them: only a changed policy (or a changed pod,
+        // dirty above) changes whom it selects or whether it isolates a direction.
+        for key in &affected {
+            if let Some(part) = state.policies.remove(key) {
+                if changed_policies.contains(key) {
+                    dirty.extend(part.ifaces.iter().cloned());
+                }
+                state.drop_policy(part, touched);
+            }
+        }
+        let index = PodIndex::new(cluster);
+        let mut fresh = HashMap::new();
+        let mut ctx = Ctx {
+            cluster,
+            index: &index,
+            ns_labels: &ns_labels,
+            families: &families,
+            sets: &mut fresh,
+        };
+        let mut built = Vec::new();
+        for key in &affected {
+            if let Some(n) = named.get(key) {
+                built.push((key, compile_policy(&mut ctx, n)));
+            }
+        }
+        for (key, (part, chains)) in built {
+            if full || changed_policies.contains(key) {
+                dirty.extend(part.ifaces.iter().cloned());
+            }
+            for (name, chain) in chains {
+                touched.chains.insert(name.clone());
+                state.rs.chains.insert(name, chain);
+            }
+            for name in &part.sets {
+                *state.set_users.entry(name.clone()).or_default() += 1;
+                let set = &fresh[name];
+                if state.rs.sets.get(name) != Some(set) {
+                    touched.sets.insert(name.clone());
+                    state.rs.sets.insert(name.clone(), set.clone());
+                }
+            }
+            state.policies.insert(key.clone(), part);
+        }
+
+        // Endpoints whose pod or whose selecting policies changed.
+        let mut by_namespace: BTreeMap<&str, Vec<&Named>> = BTreeMap::new();
+        for n in named.values() {
+            by_namespace
+                .entry(n.policy.namespace.as_str())
+                .or_default()
+                .push(n);
+        }
+        let mut jumps_of: HashMap<(Vec<&str>, usize), Option<NftRule>> = HashMap::new();
+        for iface in dirty {
+            if let Some(part) = state.endpoints.remove(&iface) {
+                state.drop_endpoint(part, touched);
+            }
+            state.rs.ingress_dispatch.remove(&iface);
+            state.rs.egress_dispatch.remove(&iface);
+            state.rs.endpoints.remove(&iface);
+            if let Some(pod) = local.get(iface.as_str()) {
+                let selecting: Vec<&Named> = by_namespace
+                    .get(pod.namespace.as_str())
+                    .into_iter()
+                    .flatten()
+                    .filter(|n| selects(&n.policy, pod))
+                    .copied()
+                    .collect();
+                let part = state.build_endpoint(&iface, pod, &selecting, &mut jumps_of, touched);
+                state.endpoints.insert(iface.clone(), part);
+                state.rs.endpoints.insert(iface.clone());
+            }
+            touched.ifaces.insert(iface);
+        }
+
+        let mut problems: Vec<Problem> = keys
+            .iter()
+            .flat_map(|k| cache[*k].problems.iter().cloned())
+            .collect();
+        problems.sort_by(|a, b| (&a.policy, &a.field).cmp(&(&b.policy, &b.field)));
+        state.rs.problems = problems;
+        state.incremental = !duplicates;
+        (&state.rs, touched)
+    }
+}
+
+/// Validates the policies whose source changed (the cache keeps the rest); returns the keys of
+/// policies changed, added or removed.
+fn revalidate(cache: &mut HashMap<Key, Validated>, cluster: &Cluster) -> BTreeSet<Key> {
+    let mut seen: BTreeSet<Key> = BTreeSet::new();
+    let mut changed: BTreeSet<Key> = BTreeSet::new();
+    for np in &cluster.policies {
+        let key = (
+            np.metadata.namespace.clone().unwrap_or_default(),
+            np.metadata.name.clone().unwrap_or_default(),
+        );
+        if cache.get(&key).is_none_or(|v| v.source != *np) {
+            let (policy, problems) = validate(np);
+            let policy = policy.map(|policy| Named {
+                chain: DIRECTIONS.map(|d| policy_chain(&policy, d)),
+                jump_comment: DIRECTIONS.map(|d| format!("{} {d}", policy.id())),
+                policy,
+            });
+            cache.insert(
+                key.clone(),
+                Validated {
+                    source: np.clone(),
+                    policy,
+                    problems,
+                },
+            );
+            changed.insert(key.clone());
+        }
+        seen.insert(key);
+    }
+    cache.retain(|key, _| {
+        let keep = seen.contains(key);
+        if !keep {
+            changed.insert(key.clone());
+        }
+        keep
+    });
+    changed
+}
+
+/// Can `pod` (one version of it) change what `policy` compiles to? When the policy selects it
+/// (membership, named ports), names it as a peer (peer sets, egress named ports), or resolves
+/// egress named ports on every pod.
+fn affects(ns_labels: &NsLabels, policy: &Policy, pod: &Pod) -> bool {
+    selects(policy, pod)
+        || DIRECTIONS.into_iter().any(|direction| {
+            policy
+                .rules(direction)
+                .into_iter()
+                .flatten()
+                .any(|rule| match &rule.peers {
+                    Some(peers) => peers
+                        .iter()
+                        .any(|peer| peer_matches_pod(ns_labels, policy, peer, pod)),
+                    None => {
+                        direction == Direction::Egress
+                            && rule
+                                .ports
+                                .iter()
+                                .flatten()
+                                .any(|p| matches!(p, PortSpec::Named { .. }))
+                    }
+                })
+        })
+}
+
+/// One policy's chains (when it selects a pod of this node) and the names of the sets they use.
+fn compile_policy(ctx: &mut Ctx, named: &Named) -> (PolicyPart, Vec<(String, Chain)>) {
+    let policy = &named.policy;
+    let selected: Vec<&Pod> = ctx
+        .index
+        .in_namespace(&policy.namespace)
+        .iter()
+        .map(|&(_, pod)| pod)
+        .filter(|pod| selects(policy, pod))
+        .collect();
+    let mut part = PolicyPart {
+        ifaces: selected
+            .iter()
+            .filter_map(|p| p.host_iface.clone())
+            .collect(),
+        ..PolicyPart::default()
+    };
+    let mut chains = Vec::new();
+    // A policy selecting no pod of this node needs nothing here.
+    if part.ifaces.is_empty() {
+        return (part, chains);
+    }
+    for direction in DIRECTIONS {
+        let Some(rules) = policy.rules(direction) else {
+            continue;
+        };
+        let mut chain = Chain::default();
+        for group in rule_groups(rules) {
+            compile_group(ctx, policy, direction, &group, &selected, &mut chain.rules);
+        }
+        for rule in &chain.rules {
+            for m in &rule.matches {
+                let (Match::SrcAddr(_, set)
+                | Match::DstAddr(_, set)
+                | Match::ProtoPort(set)
+                | Match::DstAddrProtoPort(_, set)) = m;
+                part.sets.insert(set.clone());
+            }
+        }
+        let name = named.chain[dir_index(direction)].clone();
+        part.chains.push(name.clone());
+        chains.push((name, chain));
+    }
+    (part, chains)
+}
+
+impl State {
+    fn pod(&self, namespace: &str, name: &str) -> Option<&Pod> {
+        self.pods.get(namespace)?.get(name)
+    }
+
+    fn remember(&mut self, pod: &Pod) {
+        let by_name = match self.pods.get_mut(&pod.namespace) {
+            Some(m) => m,
+            None => self.pods.entry(pod.namespace.clone()).or_default(),
+        };
+        by_name.insert(pod.name.clone(), pod.clone());
+    }
+
+    fn drop_policy(&mut self, part: PolicyPart, touched: &mut Touched) {
+        for name in part.chains {
+            self.rs.chains.remove(&name);
+            touched.chains.insert(name);
+        }
+        for name in part.sets {
+            if release(&mut self.set_users, &name) {
+                self.rs.sets.remove(&name);
+                touched.sets.insert(name);
+            }
+        }
+    }
+
+    fn drop_endpoint(&mut self, part: EndpointPart, touched: &mut Touched) {
+        for name in part.chains {
+            self.rs.chains.remove(&name);
+            touched.chains.insert(name);
+        }
+        for name in part.shared {
+            if release(&mut self.shared_users, &name) {
+                self.rs.chains.remove(&name);
+                touched.chains.insert(name);
+            }
+        }
+    }
+
+    /// The chains of an endpoint isolated in a direction: a jump to the policies selecting it
+    /// (one policy's chain, or a chain shared by pods selected by the same policies), then its
+    /// default-deny drop.
+    fn build_endpoint<'n>(
+        &mut self,
+        iface: &str,
+        pod: &Pod,
+        selecting: &[&'n Named],
+        jumps_of: &mut HashMap<(Vec<&'n str>, usize), Option<NftRule>>,
+        touched: &mut Touched,
+    ) -> EndpointPart {
+        let mut part = EndpointPart::default();
+        for direction in DIRECTIONS {
+            let d = dir_index(direction);
+            let policies: Vec<&Named> = selecting
+                .iter()
+                .filter(|n| n.policy.rules(direction).is_some())
+                .copied()
+                .collect();
+            let key: Vec<&str> = policies.iter().map(|n| n.chain[d].as_str()).collect();
+            let jump = jumps_of
+                .entry((key, d))
+                .or_insert_with(|| jump_rule(&policies, direction))
+                .clone();
+            let Some(jump) = jump else {
+                continue;
+            };
+            if policies.len() > 1 {
+                // The shared chain of jumps.
+                let Action::Jump(shared) = &jump.action else {
+                    unreachable!("jump_rule returns jumps");
+                };
+                let users = self.shared_users.entry(shared.clone()).or_default();
+                if *users == 0 {
+                    let rules = policies.iter().map(|n| policy_jump(n, d)).collect();
+                    self.rs.chains.insert(shared.clone(), Chain { rules });
+                    touched.chains.insert(shared.clone());
+                }
+                *users += 1;
+                part.shared.push(shared.clone());
+            }
+            let chain = Chain {
+                rules: vec![
+                    jump,
+                    NftRule {
+                        matches: vec![],
+                        action: Action::Drop,
+                        comment: default_deny_comment(&pod.namespace, &pod.name, direction),
+                    },
+                ],
+            };
+            let name = endpoint_chain(iface, direction);
+            let dispatch = match direction {
+                Direction::Ingress => &mut self.rs.ingress_dispatch,
+                Direction::Egress => &mut self.rs.egress_dispatch,
+            };
+            dispatch.insert(iface.to_string(), name.clone());
+            self.rs.chains.insert(name.clone(), chain);
+            touched.chains.insert(name.clone());
+            part.chains.push(name);
+        }
+        part
+    }
+}
+
+fn policy_jump(named: &Named, d: usize) -> NftRule {
+    NftRule {
+        matches: vec![],
+        action: Action::Jump(named.chain[d].clone()),
+        comment: named.jump_comment[d].clone(),
+    }
+}
+
+/// An endpoint chain's jump: to the one policy's chain, or to the chain shared by every pod
+/// that the same policies select (named after them).
+fn jump_rule(policies: &[&Named], direction: Direction) -> Option<NftRule> {
+    let d = dir_index(direction);
+    match policies {
+        [] => None,
+        [one] => Some(policy_jump(one, d)),
+        several => {
+            let key: Vec<&str> = several.iter().map(|n| n.jump_comment[d].as_str()).collect();
+            let shared = format!(
+                "ps{}-{}",
+                &endpoint_chain("", direction)[..2],
+                short_hash(&key.join("\n"))
+            );
+            Some(NftRule {
+                matches: vec![],
+                action: Action::Jump(shared),
+                comment: format!("{} policies", several.len()),
+            })
+        }
+    }
+}
+
+/// Drops one user of `name`; true when that was the last.
+fn release(users: &mut HashMap<String, usize>, name: &str) -> bool {
+    match users.get_mut(name) {
+        Some(n) if *n > 1 => {
+            *n -= 1;
+            false
+        }
+        _ => {
+            users.remove(name);
+            true
+        }
+    }
+}

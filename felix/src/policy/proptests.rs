@@ -1,0 +1,204 @@
+//! Property: a long-lived `Compiler` fed any sequence of cluster changes compiles exactly what a
+//! fresh one compiles from the final state, and its `Touched` names every difference (a diff
+//! over the touched names equals a diff over everything).
+
+use std::collections::BTreeMap;
+
+use proptest::prelude::*;
+
+use super::*;
+use crate::nft;
+
+/// Policies with the shapes the compiler treats differently: selectors of both kinds, named
+/// ports on either side, ipBlocks with except, port ranges, egress-only, IPv6, invalid content.
+const TEMPLATES: &[&str] = &[
+    "spec: {podSelector: {}}",
+    "spec:\n  podSelector: {matchLabels: {app: a}}\n  ingress:\n  - from: [{podSelector: {matchLabels: {app: b}}}]\n    ports: [{port: 80}]",
+    "spec:\n  podSelector: {}\n  ingress:\n  - from: [{namespaceSelector: {matchLabels: {team: blue}}, podSelector: {matchLabels: {app: b}}}]\n    ports: [{port: http}]",
+    "spec:\n  podSelector: {matchLabels: {role: web}}\n  policyTypes: [Egress]\n  egress:\n  - to: [{podSelector: {matchLabels: {role: db}}}]\n    ports: [{port: http}, {port: 53, protocol: UDP}]",
+    "spec:\n  podSelector: {matchLabels: {app: c}}\n  policyTypes: [Egress]\n  egress:\n  - ports: [{port: http}]",
+    "spec:\n  podSelector: {matchExpressions: [{key: app, operator: In, values: [a, b]}]}\n  ingress:\n  - from: [{ipBlock: {cidr: 10.0.0.0/28, except: [10.0.0.8/30]}}, {podSelector: {matchLabels: {role: db}}}]",
+    "spec:\n  podSelector: {matchExpressions: [{key: role, operator: Exists}]}\n  policyTypes: [Egress]\n  egress:\n  - to: [{ipBlock: {cidr: 10.0.0.0/29}}]\n    ports: [{port: http}, {port: 1000, endPort: 2000}]",
+    "spec:\n  podSelector: {matchLabels: {app: b}}\n  ingress:\n  - from: [{namespaceSelector: {}}]\n    ports: [{port: 1000, endPort: 2000, protocol: UDP}]\n  - from: [{podSelector: {}}]\n    ports: [{port: 1000, endPort: 2000, protocol: UDP}]",
+    "spec:\n  podSelector: {matchExpressions: [{key: app, operator: NotIn, values: [a]}]}\n  ingress:\n  - from: [{ipBlock: {cidr: 'fd00::/120'}}]\n  - ports: [{port: http}]",
+    "spec:\n  podSelector: {matchLabels: {app: a}}\n  ingress:\n  - ports: [{port: 99999}]\n  - from: [{podSelector: {matchLabels: {role: web}}}]",
+    "spec:\n  podSelector: {}\n  policyTypes: [Ingress, Egress]\n  ingress:\n  - {}\n  egress:\n  - to: [{namespaceSelector: {matchExpressions: [{key: team, operator: DoesNotExist}]}}]",
+];
+
+const NAMESPACES: [&str; 3] = ["x", "y", "z"];
+
+/// One change to the cluster, with raw numbers picking what it changes.
+#[derive(Debug, Clone)]
+enum Change {
+    UpsertPod {
+        ns: u8,
+        name: u8,
+        labels: u8,
+        ip: u8,
+        local: u8,
+        port: u8,
+    },
+    DeletePod {
+        ns: u8,
+        name: u8,
+    },
+    UpsertPolicy {
+        ns: u8,
+        name: u8,
+        template: u8,
+    },
+    DeletePolicy {
+        ns: u8,
+        name: u8,
+    },
+    NamespaceLabel {
+        ns: u8,
+        team: u8,
+    },
+}
+
+fn change() -> impl Strategy<Value = Change> {
+    prop_oneof![
+        4 => (0u8..3, 0u8..5, any::<u8>(), 0u8..24, 0u8..4, 0u8..3).prop_map(
+            |(ns, name, labels, ip, local, port)| Change::UpsertPod { ns, name, labels, ip, local, port }
+        ),
+        1 => (0u8..3, 0u8..5).prop_map(|(ns, name)| Change::DeletePod { ns, name }),
+        3 => (0u8..3, 0u8..3, 0u8..TEMPLATES.len() as u8).prop_map(
+            |(ns, name, template)| Change::UpsertPolicy { ns, name, template }
+        ),
+        1 => (0u8..3, 0u8..3).prop_map(|(ns, name)| Change::DeletePolicy { ns, name }),
+        1 => (0u8..3, 0u8..3).prop_map(|(ns, team)| Change::NamespaceLabel { ns, team }),
+    ]
+}
+
+fn apply(c: &mut Cluster, change: &Change) {
+    match *change {
+        Change::UpsertPod {
+            ns,
+            name,
+            labels,
+            ip,
+            local,
+            port,
+        } => {
+            let ns = NAMESPACES[ns as usize].to_string();
+            let name = format!("p{name}");
+            let mut l = BTreeMap::new();
+            l.insert(
+                "app".to_string(),
+                ["a", "b", "c", "d"][labels as usize % 4].to_string(),
+            );
+            if labels & 4 != 0 {
+                l.insert(
+                    "role".to_string(),
+                    ["web", "db"][(labels >> 3) as usize % 2].to_string(),
+                );
+            }
+            // A few addresses, some shared, some IPv6, some none (no status yet).
+            let ips = match ip {
+                0 => vec![],
+                1..=15 => vec![format!("10.0.0.{ip}").parse().unwrap()],
+                16..=19 => vec![format!("fd00::{ip}").parse().unwrap()],
+                _ => vec![
+                    format!("10.0.1.{ip}").parse().unwrap(),
+                    format!("fd00::1:{ip}").parse().unwrap(),
+                ],
+            };
+            let ports = match port {
+                0 => vec![],
+                p => vec![NamedPort {
+                    name: "http".into(),
+                    protocol: Protocol::Tcp,
+                    port: 8000 + p as u16,
+                }],
+            };
+            let pod = Pod {
+                host_iface: (local > 0).then(|| format!("sep{ns}{name}")),
+                namespace: ns,
+                name,
+                labels: l,
+                ips,
+                ports,
+            };
+            match c
+                .pods
+                .iter_mut()
+                .find(|p| p.namespace == pod.namespace && p.name == pod.name)
+            {
+                Some(p) => *p = pod,
+                None => c.pods.push(pod),
+            }
+        }
+        Change::DeletePod { ns, name } => {
+            let name = format!("p{name}");
+            c.pods
+                .retain(|p| !(p.namespace == NAMESPACES[ns as usize] && p.name == name));
+        }
+        Change::UpsertPolicy { ns, name, template } => {
+            let (ns, name) = (NAMESPACES[ns as usize], format!("np{name}"));
+            let yaml = format!(
+                "metadata: {{name: {name}, namespace: {ns}}}\n{}\n",
+                TEMPLATES[template as usize]
+            );
+            let np: NetworkPolicy = serde_norway::from_str(&yaml).unwrap();
+            match c.policies.iter_mut().find(|p| {
+                p.metadata.namespace.as_deref() == Some(ns)
+                    && p.metadata.name.as_deref() == Some(&name)
+            }) {
+                Some(p) => *p = np,
+                None => c.policies.push(np),
+            }
+        }
+        Change::DeletePolicy { ns, name } => {
+            let name = format!("np{name}");
+            c.policies.retain(|p| {
+                !(p.metadata.namespace.as_deref() == Some(NAMESPACES[ns as usize])
+                    && p.metadata.name.as_deref() == Some(&name))
+            });
+        }
+        Change::NamespaceLabel { ns, team } => {
+            let ns = NAMESPACES[ns as usize].to_string();
+            let entry = c.namespaces.entry(ns.clone()).or_insert(Namespace {
+                name: ns,
+                labels: BTreeMap::new(),
+            });
+            match team {
+                0 => entry.labels.remove("team"),
+                t => entry
+                    .labels
+                    .insert("team".into(), ["red", "blue"][t as usize - 1].into()),
+            };
+        }
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+
+    #[test]
+    fn incremental_compile_equals_a_fresh_compile(changes in prop::collection::vec(change(), 1..40)) {
+        let mut cluster = Cluster::default();
+        let mut compiler = Compiler::default();
+        let mut before = compiler.compile(&cluster);
+        let opts = nft::Options::default();
+        for (step, ch) in changes.iter().enumerate() {
+            apply(&mut cluster, ch);
+            let (rs, touched) = compiler.update(&cluster);
+            let fresh = compile(&cluster);
+            prop_assert_eq!(rs, &fresh, "step {}: {:?}", step, ch);
+            if !touched.full {
+                let scope = nft::Scope::touched(touched);
+                prop_assert_eq!(
+                    nft::render_diff_in(&before, rs, &scope, &opts),
+                    nft::render_diff(&before, rs, &opts),
+                    "step {}: {:?}", step, ch
+                );
+                prop_assert_eq!(
+                    nft::narrows_in(&before, rs, &scope),
+                    nft::narrows(&before, rs)
+                );
+            }
+            before = fresh;
+        }
+    }
+}
