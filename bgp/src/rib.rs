@@ -111,25 +111,55 @@ fn compare(a: &Path, b: &Path) -> Cmp {
     Cmp::Ecmp(tie)
 }
 
-/// FNV-1a: a cheap hash for prefixes, which are a few bytes each.
+/// A cheap hash for prefixes and addresses, which are a few integers each: every integer is folded
+/// in with one multiply (FNV-1a style; byte slices byte by byte) and the result is finished with
+/// MurmurHash3's mixer, so the low bits the table indexes by depend on every input bit (the low
+/// byte of a /24 is always zero).
 #[derive(Default, Clone, Copy)]
 pub struct Fnv(u64);
 
+const FNV_OFFSET: u64 = 0xcbf29ce484222325;
+const FNV_PRIME: u64 = 0x100000001b3;
+
+impl Fnv {
+    fn fold(&mut self, x: u64) {
+        let h = if self.0 == 0 { FNV_OFFSET } else { self.0 };
+        self.0 = (h ^ x).wrapping_mul(FNV_PRIME);
+    }
+}
+
 impl std::hash::Hasher for Fnv {
     fn finish(&self) -> u64 {
-        self.0
+        let mut h = self.0;
+        h ^= h >> 33;
+        h = h.wrapping_mul(0xff51afd7ed558ccd);
+        h ^= h >> 33;
+        h = h.wrapping_mul(0xc4ceb9fe1a85ec53);
+        h ^ (h >> 33)
     }
     fn write(&mut self, bytes: &[u8]) {
-        let mut h = if self.0 == 0 {
-            0xcbf29ce484222325
-        } else {
-            self.0
-        };
         for b in bytes {
-            h ^= *b as u64;
-            h = h.wrapping_mul(0x100000001b3);
+            self.fold(u64::from(*b));
         }
-        self.0 = h;
+    }
+    fn write_u8(&mut self, x: u8) {
+        self.fold(x.into());
+    }
+    fn write_u16(&mut self, x: u16) {
+        self.fold(x.into());
+    }
+    fn write_u32(&mut self, x: u32) {
+        self.fold(x.into());
+    }
+    fn write_u64(&mut self, x: u64) {
+        self.fold(x);
+    }
+    fn write_u128(&mut self, x: u128) {
+        self.fold(x as u64);
+        self.fold((x >> 64) as u64);
+    }
+    fn write_usize(&mut self, x: usize) {
+        self.fold(x as u64);
     }
 }
 
@@ -205,12 +235,17 @@ impl Entry {
     }
 }
 
-/// The table, hashed by prefix with a fast non-keyed hasher (prefixes are not attacker-chosen keys
-/// in a way that matters here: max-prefix bounds the table per peer).
+/// The table: prefixes hashed (with a fast non-keyed hasher: prefixes are not attacker-chosen keys
+/// in a way that matters here, max-prefix bounds the table per peer) to a slot in one vector of
+/// entries. A table load then grows the hash table's small buckets and one vector (which the
+/// allocator grows in place), instead of moving every entry at each rehash.
 #[derive(Debug)]
 pub struct Rib {
     pub ecmp: usize,
-    entries: HashMap<IpNet, Entry, PrefixHash>,
+    index: HashMap<IpNet, u32, PrefixHash>,
+    slots: Vec<Entry>,
+    /// Slots of removed prefixes, reused first.
+    free: Vec<u32>,
     /// Accepted prefixes per peer (Adj-RIB-In size after import).
     counts: HashMap<IpAddr, usize, PrefixHash>,
 }
@@ -219,7 +254,9 @@ impl Rib {
     pub fn new(ecmp: usize) -> Rib {
         Rib {
             ecmp: ecmp.max(1),
-            entries: HashMap::default(),
+            index: HashMap::default(),
+            slots: Vec::new(),
+            free: Vec::new(),
             counts: HashMap::default(),
         }
     }
@@ -229,16 +266,27 @@ impl Rib {
     }
 
     pub fn len(&self) -> usize {
-        self.entries.len()
+        self.index.len()
     }
     pub fn is_empty(&self) -> bool {
-        self.entries.is_empty()
+        self.index.is_empty()
+    }
+
+    fn entry(&self, prefix: &IpNet) -> Option<&Entry> {
+        self.index.get(prefix).map(|i| &self.slots[*i as usize])
+    }
+
+    /// Every prefix with its entry.
+    fn entries(&self) -> impl Iterator<Item = (&IpNet, &Entry)> {
+        self.index
+            .iter()
+            .map(|(k, i)| (k, &self.slots[*i as usize]))
     }
 
     /// Adds or replaces the path from `path.source` for `prefix`.
     pub fn insert(&mut self, prefix: IpNet, path: Path) -> Option<RouteChange> {
-        let e = match self.entries.entry(prefix) {
-            Entry_::Occupied(o) => o.into_mut(),
+        let slot = match self.index.entry(prefix) {
+            Entry_::Occupied(o) => *o.get() as usize,
             Entry_::Vacant(v) => {
                 // A new prefix (the bulk of a table load): its only path is the best.
                 if let Source::Peer(a) = path.source {
@@ -254,10 +302,22 @@ impl Rib {
                 };
                 let mut paths = SmallVec::new();
                 paths.push(path);
-                v.insert(Entry { paths, selected: 1 });
+                let e = Entry { paths, selected: 1 };
+                match self.free.pop() {
+                    Some(i) => {
+                        self.slots[i as usize] = e;
+                        v.insert(i);
+                    }
+                    None => {
+                        // u32 slots: a table of 4 billion prefixes is out of reach anyway.
+                        v.insert(self.slots.len() as u32);
+                        self.slots.push(e);
+                    }
+                }
                 return Some(change);
             }
         };
+        let e = &mut self.slots[slot];
         let before = e.selection();
         match e.paths.iter_mut().find(|p| p.source == path.source) {
             Some(p) => *p = path,
@@ -273,7 +333,8 @@ impl Rib {
     }
 
     pub fn remove(&mut self, prefix: IpNet, source: Source) -> Option<RouteChange> {
-        let e = self.entries.get_mut(&prefix)?;
+        let slot = *self.index.get(&prefix)?;
+        let e = &mut self.slots[slot as usize];
         let i = e.paths.iter().position(|p| p.source == source)?;
         let before = e.selection();
         e.paths.swap_remove(i);
@@ -285,15 +346,16 @@ impl Rib {
         e.select(self.ecmp);
         let after = e.selection();
         if after.is_none() {
-            self.entries.remove(&prefix);
+            self.index.remove(&prefix);
+            self.slots[slot as usize] = Entry::default();
+            self.free.push(slot);
         }
         report(prefix, before, after)
     }
 
     /// Prefixes a source has paths for.
     pub fn prefixes_of(&self, source: Source) -> Vec<IpNet> {
-        self.entries
-            .iter()
+        self.entries()
             .filter(|(_, e)| e.paths.iter().any(|p| p.source == source))
             .map(|(k, _)| *k)
             .collect()
@@ -309,10 +371,11 @@ impl Rib {
 
     /// RFC 4724 receiving speaker: keep the peer's paths but mark them stale.
     pub fn mark_stale(&mut self, source: Source, family: Option<crate::wire::Family>) {
-        for (k, e) in self.entries.iter_mut() {
+        for (k, i) in self.index.iter() {
             if family.is_some_and(|f| crate::wire::Family::of(k) != f) {
                 continue;
             }
+            let e = &mut self.slots[*i as usize];
             for p in e.paths.iter_mut().filter(|p| p.source == source) {
                 p.stale = true;
             }
@@ -326,8 +389,7 @@ impl Rib {
         family: Option<crate::wire::Family>,
     ) -> Vec<RouteChange> {
         let stale: Vec<IpNet> = self
-            .entries
-            .iter()
+            .entries()
             .filter(|(k, _)| family.is_none_or(|f| crate::wire::Family::of(k) == f))
             .filter(|(_, e)| e.paths.iter().any(|p| p.source == source && p.stale))
             .map(|(k, _)| *k)
@@ -340,25 +402,24 @@ impl Rib {
 
     /// The best path of a prefix.
     pub fn best_path(&self, prefix: &IpNet) -> Option<&Path> {
-        self.entries.get(prefix)?.best().first()
+        self.entry(prefix)?.best().first()
     }
 
     /// The selected paths (best first) of a prefix.
     pub fn best(&self, prefix: &IpNet) -> Vec<&Path> {
-        self.entries
-            .get(prefix)
+        self.entry(prefix)
             .map(|e| e.best().iter().collect())
             .unwrap_or_default()
     }
 
     /// Every prefix with its best paths.
     pub fn iter_best(&self) -> impl Iterator<Item = (&IpNet, &[Path])> {
-        self.entries.iter().map(|(k, e)| (k, e.best()))
+        self.entries().map(|(k, e)| (k, e.best()))
     }
 
     /// Every prefix in the table.
     pub fn prefixes(&self) -> impl Iterator<Item = &IpNet> {
-        self.entries.keys()
+        self.index.keys()
     }
 }
 
@@ -631,6 +692,31 @@ mod tests {
             }]
         );
         assert_eq!(rib.count(a.addr), 1);
+    }
+
+    #[test]
+    fn removed_slots_are_reused_and_lookups_stay_right() {
+        let a = peer([10, 0, 0, 1], 65001, false);
+        let net = |i: u32| net4((0x1400_0000 + (i << 8)).to_be_bytes(), 24);
+        let mut rib = Rib::new(1);
+        for i in 0..1000 {
+            rib.insert(net(i), path(&a, |_| {}));
+        }
+        for i in (0..1000).step_by(2) {
+            assert!(rib.remove(net(i), Source::Peer(a.addr)).is_some());
+        }
+        let slots = rib.slots.len();
+        for i in 1000..1500 {
+            rib.insert(net(i), path(&a, |x| x.med = Some(i)));
+        }
+        assert_eq!(rib.slots.len(), slots, "freed slots are taken first");
+        assert_eq!(rib.len(), 1000);
+        assert_eq!(rib.count(a.addr), 1000);
+        assert!(rib.best_path(&net(2)).is_none());
+        assert_eq!(rib.best_path(&net(3)).unwrap().attrs.med, None);
+        assert_eq!(rib.best_path(&net(1234)).unwrap().attrs.med, Some(1234));
+        assert_eq!(rib.remove_source(Source::Peer(a.addr)).len(), 1000);
+        assert!(rib.is_empty());
     }
 
     fn ctx() -> ExportCtx {

@@ -59,7 +59,8 @@ pub struct GracefulRestartConfig {
 /// What the speaker tells its consumer (a FIB), in order.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum RibEvent {
-    /// Loc-RIB best-route changes, in the order they happened (one batch per burst of messages).
+    /// Loc-RIB best-route changes, in the order they happened (a burst of messages comes in
+    /// batches of a few thousand).
     Changes(Vec<RouteChange>),
     /// A peer sent End-of-RIB (RFC 4724 §2) for a family: its table for that family is complete.
     EndOfRib { peer: IpAddr, family: Family },
@@ -67,6 +68,10 @@ pub enum RibEvent {
     /// family, or the selection-deferral time ran out. Routes not relearned by now are gone.
     Converged,
 }
+
+/// Loc-RIB changes handed to the consumer at a time during a burst (about one full UPDATE's worth of
+/// /24s is 1,000).
+const BATCH: usize = 2048;
 
 /// Upper bound on waiting for initial convergence when graceful restart is off.
 const CONVERGENCE_LIMIT: Duration = Duration::from_secs(120);
@@ -459,15 +464,25 @@ impl Core {
                 },
                 Some(e) = io.recv() => {
                     self.io(e);
-                    // Take what else is queued before advertising, so bursts pack into few UPDATEs.
+                    // Take what else is queued before advertising, so bursts pack into few
+                    // UPDATEs; but hand out at most about BATCH changes at a time, so a table
+                    // load reuses the same few buffers instead of growing them to its size.
                     for _ in 0..256 {
+                        if self.pending.len() >= BATCH {
+                            break;
+                        }
                         match io.try_recv() { Ok(e) => self.io(e), Err(_) => break }
                     }
                 }
                 _ = sleep_until(next) => self.timers(Instant::now()),
             }
             self.check_converged(Instant::now());
+            let handed_out = !self.pending.is_empty();
             self.flush();
+            if handed_out {
+                // Let the consumer take the batch (on this thread, in a current-thread runtime).
+                tokio::task::yield_now().await;
+            }
         }
     }
 
@@ -716,9 +731,8 @@ impl Core {
     /// Hands the consumer the pending changes, then `ev` (so it sees them in order).
     fn emit(&mut self, ev: Option<RibEvent>) {
         if !self.pending.is_empty() {
-            let _ = self
-                .route_tx
-                .send(RibEvent::Changes(std::mem::take(&mut self.pending)));
+            let batch = std::mem::replace(&mut self.pending, Vec::with_capacity(BATCH));
+            let _ = self.route_tx.send(RibEvent::Changes(batch));
         }
         if let Some(ev) = ev {
             let _ = self.route_tx.send(ev);
@@ -1455,7 +1469,8 @@ impl Core {
         if self.dirty.is_empty() {
             return;
         }
-        let dirty = std::mem::take(&mut self.dirty);
+        // The list goes back afterwards (cleared), so a burst reuses one buffer.
+        let mut dirty = std::mem::take(&mut self.dirty);
         let up: Vec<IpAddr> = self
             .peers
             .iter()
@@ -1471,6 +1486,8 @@ impl Core {
                 }
             }
         }
+        dirty.clear();
+        self.dirty = dirty;
     }
 }
 
