@@ -1,13 +1,12 @@
 // The RIB: Adj-RIB-In per peer (post-import), Loc-RIB with the RFC 4271 §9.1 decision process and ECMP,
 // and the export rules (split horizon, route reflection per RFC 4456, next-hop-self to eBGP, loop checks).
 
-use std::collections::hash_map::Entry as Entry_;
 use std::collections::HashMap;
 use std::hash::BuildHasherDefault;
 use std::net::{IpAddr, Ipv4Addr};
 use std::sync::Arc;
 
-use ipnet::IpNet;
+use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use smallvec::SmallVec;
 
 use crate::wire::{Attrs, OriginKind, Segment};
@@ -235,14 +234,49 @@ impl Entry {
     }
 }
 
+/// Prefix → slot, one map per family so an IPv4 bucket is 12 bytes (an `IpNet` key alone is 18).
+#[derive(Debug, Default)]
+struct Index {
+    v4: HashMap<Ipv4Net, u32, PrefixHash>,
+    v6: HashMap<Ipv6Net, u32, PrefixHash>,
+}
+
+impl Index {
+    fn get(&self, k: &IpNet) -> Option<u32> {
+        match k {
+            IpNet::V4(k) => self.v4.get(k).copied(),
+            IpNet::V6(k) => self.v6.get(k).copied(),
+        }
+    }
+    fn insert(&mut self, k: IpNet, slot: u32) {
+        match k {
+            IpNet::V4(k) => self.v4.insert(k, slot),
+            IpNet::V6(k) => self.v6.insert(k, slot),
+        };
+    }
+    fn remove(&mut self, k: &IpNet) {
+        match k {
+            IpNet::V4(k) => self.v4.remove(k),
+            IpNet::V6(k) => self.v6.remove(k),
+        };
+    }
+    fn len(&self) -> usize {
+        self.v4.len() + self.v6.len()
+    }
+    fn iter(&self) -> impl Iterator<Item = (IpNet, u32)> + '_ {
+        let v4 = self.v4.iter().map(|(k, i)| (IpNet::V4(*k), *i));
+        v4.chain(self.v6.iter().map(|(k, i)| (IpNet::V6(*k), *i)))
+    }
+}
+
 /// The table: prefixes hashed (with a fast non-keyed hasher: prefixes are not attacker-chosen keys
 /// in a way that matters here, max-prefix bounds the table per peer) to a slot in one vector of
-/// entries. A table load then grows the hash table's small buckets and one vector (which the
+/// entries. A table load then grows the hash tables' small buckets and one vector (which the
 /// allocator grows in place), instead of moving every entry at each rehash.
 #[derive(Debug)]
 pub struct Rib {
     pub ecmp: usize,
-    index: HashMap<IpNet, u32, PrefixHash>,
+    index: Index,
     slots: Vec<Entry>,
     /// Slots of removed prefixes, reused first.
     free: Vec<u32>,
@@ -254,7 +288,7 @@ impl Rib {
     pub fn new(ecmp: usize) -> Rib {
         Rib {
             ecmp: ecmp.max(1),
-            index: HashMap::default(),
+            index: Index::default(),
             slots: Vec::new(),
             free: Vec::new(),
             counts: HashMap::default(),
@@ -269,55 +303,51 @@ impl Rib {
         self.index.len()
     }
     pub fn is_empty(&self) -> bool {
-        self.index.is_empty()
+        self.len() == 0
     }
 
     fn entry(&self, prefix: &IpNet) -> Option<&Entry> {
-        self.index.get(prefix).map(|i| &self.slots[*i as usize])
+        self.index.get(prefix).map(|i| &self.slots[i as usize])
     }
 
     /// Every prefix with its entry.
-    fn entries(&self) -> impl Iterator<Item = (&IpNet, &Entry)> {
-        self.index
-            .iter()
-            .map(|(k, i)| (k, &self.slots[*i as usize]))
+    fn entries(&self) -> impl Iterator<Item = (IpNet, &Entry)> {
+        self.index.iter().map(|(k, i)| (k, &self.slots[i as usize]))
     }
 
     /// Adds or replaces the path from `path.source` for `prefix`.
     pub fn insert(&mut self, prefix: IpNet, path: Path) -> Option<RouteChange> {
-        let slot = match self.index.entry(prefix) {
-            Entry_::Occupied(o) => *o.get() as usize,
-            Entry_::Vacant(v) => {
-                // A new prefix (the bulk of a table load): its only path is the best.
-                if let Source::Peer(a) = path.source {
-                    *self.counts.entry(a).or_default() += 1;
-                }
-                let change = RouteChange {
-                    prefix,
-                    best: Some(BestRoute {
-                        next_hops: vec![path.next_hop],
-                        source: path.source,
-                        attrs: path.attrs.clone(),
-                    }),
-                };
-                let mut paths = SmallVec::new();
-                paths.push(path);
-                let e = Entry { paths, selected: 1 };
-                match self.free.pop() {
-                    Some(i) => {
-                        self.slots[i as usize] = e;
-                        v.insert(i);
-                    }
-                    None => {
-                        // u32 slots: a table of 4 billion prefixes is out of reach anyway.
-                        v.insert(self.slots.len() as u32);
-                        self.slots.push(e);
-                    }
-                }
-                return Some(change);
+        let Some(slot) = self.index.get(&prefix) else {
+            // A new prefix (the bulk of a table load): its only path is the best.
+            if let Source::Peer(a) = path.source {
+                *self.counts.entry(a).or_default() += 1;
             }
+            let change = RouteChange {
+                prefix,
+                best: Some(BestRoute {
+                    next_hops: vec![path.next_hop],
+                    source: path.source,
+                    attrs: path.attrs.clone(),
+                }),
+            };
+            let mut paths = SmallVec::new();
+            paths.push(path);
+            let e = Entry { paths, selected: 1 };
+            let slot = match self.free.pop() {
+                Some(i) => {
+                    self.slots[i as usize] = e;
+                    i
+                }
+                None => {
+                    // u32 slots: a table of 4 billion prefixes is out of reach anyway.
+                    self.slots.push(e);
+                    (self.slots.len() - 1) as u32
+                }
+            };
+            self.index.insert(prefix, slot);
+            return Some(change);
         };
-        let e = &mut self.slots[slot];
+        let e = &mut self.slots[slot as usize];
         let before = e.selection();
         match e.paths.iter_mut().find(|p| p.source == path.source) {
             Some(p) => *p = path,
@@ -333,7 +363,7 @@ impl Rib {
     }
 
     pub fn remove(&mut self, prefix: IpNet, source: Source) -> Option<RouteChange> {
-        let slot = *self.index.get(&prefix)?;
+        let slot = self.index.get(&prefix)?;
         let e = &mut self.slots[slot as usize];
         let i = e.paths.iter().position(|p| p.source == source)?;
         let before = e.selection();
@@ -357,7 +387,7 @@ impl Rib {
     pub fn prefixes_of(&self, source: Source) -> Vec<IpNet> {
         self.entries()
             .filter(|(_, e)| e.paths.iter().any(|p| p.source == source))
-            .map(|(k, _)| *k)
+            .map(|(k, _)| k)
             .collect()
     }
 
@@ -372,10 +402,10 @@ impl Rib {
     /// RFC 4724 receiving speaker: keep the peer's paths but mark them stale.
     pub fn mark_stale(&mut self, source: Source, family: Option<crate::wire::Family>) {
         for (k, i) in self.index.iter() {
-            if family.is_some_and(|f| crate::wire::Family::of(k) != f) {
+            if family.is_some_and(|f| crate::wire::Family::of(&k) != f) {
                 continue;
             }
-            let e = &mut self.slots[*i as usize];
+            let e = &mut self.slots[i as usize];
             for p in e.paths.iter_mut().filter(|p| p.source == source) {
                 p.stale = true;
             }
@@ -392,7 +422,7 @@ impl Rib {
             .entries()
             .filter(|(k, _)| family.is_none_or(|f| crate::wire::Family::of(k) == f))
             .filter(|(_, e)| e.paths.iter().any(|p| p.source == source && p.stale))
-            .map(|(k, _)| *k)
+            .map(|(k, _)| k)
             .collect();
         stale
             .into_iter()
@@ -413,13 +443,13 @@ impl Rib {
     }
 
     /// Every prefix with its best paths.
-    pub fn iter_best(&self) -> impl Iterator<Item = (&IpNet, &[Path])> {
+    pub fn iter_best(&self) -> impl Iterator<Item = (IpNet, &[Path])> {
         self.entries().map(|(k, e)| (k, e.best()))
     }
 
     /// Every prefix in the table.
-    pub fn prefixes(&self) -> impl Iterator<Item = &IpNet> {
-        self.index.keys()
+    pub fn prefixes(&self) -> impl Iterator<Item = IpNet> + '_ {
+        self.index.iter().map(|(k, _)| k)
     }
 }
 

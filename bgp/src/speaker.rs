@@ -587,7 +587,7 @@ impl Core {
                         }
                     }
                     if export_changed {
-                        let all: Vec<_> = self.rib.prefixes().map(|k| (*k, None)).collect();
+                        let all: Vec<_> = self.rib.prefixes().map(|k| (k, None)).collect();
                         self.dirty.extend(all);
                     }
                 }
@@ -636,7 +636,7 @@ impl Core {
                     .filter_map(|(k, b)| {
                         let first = b.first()?;
                         Some((
-                            *k,
+                            k,
                             rib::BestRoute {
                                 next_hops: b.iter().map(|p| p.next_hop).collect(),
                                 source: first.source,
@@ -1138,7 +1138,7 @@ impl Core {
                         .rib
                         .prefixes()
                         .filter(|k| Family::of(k) == f)
-                        .map(|k| (*k, None))
+                        .map(|k| (k, None))
                         .collect();
                     self.dirty.extend(all);
                 }
@@ -1228,7 +1228,7 @@ impl Core {
         else {
             return;
         };
-        let all: Vec<_> = self.rib.prefixes().map(|k| (*k, None)).collect();
+        let all: Vec<_> = self.rib.prefixes().map(|k| (k, None)).collect();
         let mut msgs = self.advertise(a, &all);
         for f in &families {
             msgs.push(wire::encode_end_of_rib(*f));

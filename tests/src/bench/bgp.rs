@@ -306,8 +306,8 @@ fn median(mut v: Vec<f64>) -> f64 {
     v.get(v.len() / 2).copied().unwrap_or(0.0)
 }
 
-/// `--prefixes N` (default 100,000), `--runs R` (default 3): Sepal and BIRD alternate, each run
-/// on fresh daemons; medians are reported, so one unlucky run on a shared machine does not decide.
+/// `--prefixes N` (default 100,000), `--runs R` (default 3): Sepal and BIRD alternate (and take
+/// turns going first), each run on fresh daemons; medians are reported, so one unlucky run on a shared machine does not decide.
 pub fn run(args: &[String]) -> anyhow::Result<()> {
     crate::require_root();
     let arg = |name: &str, default: u32| -> anyhow::Result<u32> {
@@ -329,8 +329,15 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
 
     let (mut sepal, mut bird) = (Vec::new(), Vec::new());
     for run in 0..runs {
-        sepal.push(run_sepal(run, n, &stream)?);
-        bird.push(run_bird(run, n, &stream)?);
+        // Alternate who goes first: each run's namespaces are torn down by the kernel in the
+        // background while the next ingest runs.
+        if run % 2 == 0 {
+            sepal.push(run_sepal(run, n, &stream)?);
+            bird.push(run_bird(run, n, &stream)?);
+        } else {
+            bird.push(run_bird(run, n, &stream)?);
+            sepal.push(run_sepal(run, n, &stream)?);
+        }
     }
     let med =
         |v: &[(Ingest, u64)], f: fn(&Ingest) -> f64| median(v.iter().map(|(i, _)| f(i)).collect());
