@@ -63,6 +63,10 @@ pub struct NodeArgs {
     /// HTTP address of /metrics, /healthz and /readyz, or `off` [default: 127.0.0.1:9099].
     #[arg(long)]
     pub metrics_addr: Option<String>,
+    /// Also log packets a NetworkPolicy default deny drops to this nflog group (`log group N`,
+    /// prefix `sepal NS/POD DIRECTION default deny: `); without a value, group 0.
+    #[arg(long, value_name = "GROUP", num_args = 0..=1, default_missing_value = "0")]
+    pub policy_log_drops: Option<u16>,
 }
 
 /// The config file: the flags' names as keys (camelCase accepted too).
@@ -83,6 +87,8 @@ struct FileConfig {
     admin_socket: Option<PathBuf>,
     #[serde(alias = "metricsAddr")]
     metrics_addr: Option<String>,
+    #[serde(alias = "policyLogDrops")]
+    policy_log_drops: Option<u16>,
 }
 
 /// The settings the agent runs with.
@@ -98,6 +104,8 @@ pub struct NodeConfig {
     pub admin_socket: PathBuf,
     /// None: no metrics or health endpoint.
     pub metrics_addr: Option<std::net::SocketAddr>,
+    /// nflog group for default-deny drops; None: drops are only counted.
+    pub policy_log_drops: Option<u16>,
 }
 
 fn read_file(path: &Path) -> Result<FileConfig> {
@@ -183,6 +191,7 @@ impl NodeConfig {
             mtu,
             admin_socket,
             metrics_addr,
+            policy_log_drops: args.policy_log_drops.or(file.policy_log_drops),
         })
     }
 }
@@ -245,5 +254,27 @@ mod tests {
         assert_eq!(NodeConfig::resolve(&off).unwrap().metrics_addr, None);
         let none = NodeConfig::resolve(&NodeArgs::default()).unwrap_err();
         assert!(none.to_string().contains("--datastore"));
+    }
+
+    #[test]
+    fn policy_log_drops_takes_an_optional_group() {
+        #[derive(clap::Parser)]
+        struct Cli {
+            #[command(flatten)]
+            node: NodeArgs,
+        }
+        let parse = |extra: &[&str]| {
+            let mut argv = vec!["sepal", "--datastore", "dir:/x", "--node-name", "n"];
+            argv.extend(extra);
+            let cli = <Cli as clap::Parser>::try_parse_from(argv).unwrap();
+            NodeConfig::resolve(&cli.node).unwrap().policy_log_drops
+        };
+        assert_eq!(parse(&[]), None);
+        assert_eq!(parse(&["--policy-log-drops"]), Some(0));
+        assert_eq!(parse(&["--policy-log-drops=7"]), Some(7));
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.yaml");
+        std::fs::write(&path, "policy-log-drops: 3\n").unwrap();
+        assert_eq!(parse(&["--config", path.to_str().unwrap()]), Some(3));
     }
 }

@@ -583,7 +583,9 @@ pub async fn run(cfg: NodeConfig) -> Result<()> {
         endpoints: BTreeMap::new(),
         reap: reap.clone(),
         routing: None,
-        policy: crate::policy::PolicyEngine::default(),
+        policy: crate::policy::PolicyEngine::new(sepal_felix::nft::Options {
+            nflog_group: cfg.policy_log_drops,
+        }),
     };
     agent.policy.update_model(&model);
     if let Some(b) = &blocks {

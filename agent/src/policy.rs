@@ -20,20 +20,19 @@ pub struct PolicyEngine {
     problems: Vec<sepal_felix::policy::Problem>,
 }
 
-impl Default for PolicyEngine {
-    fn default() -> Self {
+impl PolicyEngine {
+    /// An engine programming this network namespace's `inet sepal` table with `opts`.
+    pub fn new(opts: Options) -> PolicyEngine {
         PolicyEngine {
             from_model: Cluster::default(),
             compiler: Compiler::default(),
-            dataplane: Dataplane::new(Options::default()),
+            dataplane: Dataplane::new(opts),
             conntrack: Conntrack::new(),
             reported: Vec::new(),
             problems: Vec::new(),
         }
     }
-}
 
-impl PolicyEngine {
     /// Takes the namespaces, pods and policies of a new model state.
     pub fn update_model(&mut self, model: &Model) {
         let namespaces = model

@@ -91,8 +91,21 @@ fn quote(s: &str) -> String {
     format!("\"{}\"", s.replace(['"', '\\', '\n'], ""))
 }
 
+/// The nflog prefix of a drop rule: its comment (for a default deny `NS/POD DIRECTION default
+/// deny`), cut to what the kernel keeps (127 bytes) at a character boundary.
+fn log_prefix(comment: &str) -> String {
+    let mut prefix = format!("sepal {comment}");
+    let mut end = prefix.len().min(125);
+    while !prefix.is_char_boundary(end) {
+        end -= 1;
+    }
+    prefix.truncate(end);
+    prefix.push_str(": ");
+    prefix
+}
+
 /// One rule in `add rule` syntax (without the `add rule inet sepal CHAIN` prefix).
-pub fn render_rule(chain: &str, rule: &NftRule, opts: &Options) -> String {
+pub fn render_rule(rule: &NftRule, opts: &Options) -> String {
     let mut s = String::new();
     for m in &rule.matches {
         match m {
@@ -114,7 +127,7 @@ pub fn render_rule(chain: &str, rule: &NftRule, opts: &Options) -> String {
                 write!(
                     s,
                     "log prefix {} group {group} ",
-                    quote(&format!("sepal drop {chain}: "))
+                    quote(&log_prefix(&rule.comment))
                 )
                 .ok();
             }
@@ -156,7 +169,7 @@ fn add_chain_rules(out: &mut String, name: &str, chain: &Chain, opts: &Options) 
         writeln!(
             out,
             "add rule {FAMILY_TABLE} {name} {}",
-            render_rule(name, rule, opts)
+            render_rule(rule, opts)
         )
         .ok();
     }

@@ -17,6 +17,8 @@ pub struct Node {
     pub datastore: PathBuf,
     pub state_dir: PathBuf,
     pub socket: PathBuf,
+    /// Extra `sepal node` flags for the next start.
+    pub agent_args: Vec<String>,
     agent: Option<Child>,
     _dir: tempfile::TempDir,
 }
@@ -56,6 +58,7 @@ impl Node {
             datastore,
             state_dir,
             socket,
+            agent_args: Vec::new(),
             agent: None,
             _dir: dir,
         }
@@ -85,6 +88,7 @@ impl Node {
                 "--socket",
                 self.socket.to_str().expect("utf-8 path"),
             ])
+            .args(&self.agent_args)
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("dup log"))
             .stderr(log)

@@ -62,6 +62,61 @@ fn answered(netns: &Netns, ip: &str, port: u16, wait: Duration) -> bool {
     })
 }
 
+/// `tcpdump` on an nflog group in the node's namespace, started and listening.
+struct NflogReader {
+    child: std::process::Child,
+    _stderr: std::io::BufReader<std::process::ChildStderr>,
+}
+
+impl NflogReader {
+    fn start(node: &Node, group: u16) -> NflogReader {
+        use std::io::BufRead;
+        let mut child = node
+            .netns
+            .command(&[
+                "tcpdump",
+                "-n",
+                "-l",
+                "-c",
+                "1",
+                "-i",
+                &format!("nflog:{group}"),
+            ])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("start tcpdump");
+        // It says so on stderr once it is bound to the group.
+        let mut stderr = std::io::BufReader::new(child.stderr.take().expect("stderr"));
+        let mut said = String::new();
+        while !said.contains("listening on") {
+            let mut line = String::new();
+            if stderr.read_line(&mut line).expect("tcpdump stderr") == 0 {
+                panic!("tcpdump ended: {said}");
+            }
+            said.push_str(&line);
+        }
+        NflogReader {
+            child,
+            _stderr: stderr,
+        }
+    }
+
+    /// The first logged packet as tcpdump prints it ("" if none came in time).
+    fn first_packet(mut self, wait: Duration) -> String {
+        let deadline = Instant::now() + wait;
+        while Instant::now() < deadline {
+            if self.child.try_wait().expect("tcpdump").is_some() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        let out = self.child.wait_with_output().expect("tcpdump output");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+}
+
 fn explain(node: &Node, port: &str) -> Value {
     let admin = node.socket.with_file_name("admin.sock");
     let out = Command::new(sepal_tests::bin_path("sepal"))
@@ -99,19 +154,32 @@ fn explain_asks_the_agent_and_cross_checks_the_counters_root() {
         "np-web.yaml",
         "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: web, namespace: default}\nspec:\n  podSelector: {matchLabels: {app: server}}\n  ingress: [{from: [{podSelector: {matchLabels: {app: client}}}], ports: [{port: 8080}]}]\n",
     );
+    node.agent_args = vec!["--policy-log-drops=7".into()];
     node.start_agent();
     // The server's namespace lives as long as the test (dropping it would remove the pod).
     let (_server, server_ip) = add_pod(&node, "pxs", "server");
     let (client, _) = add_pod(&node, "pxc", "client");
+    let table = node.netns.run("nft list table inet sepal");
+    assert!(
+        table.contains(r#"log prefix "sepal default/server ingress default deny: " group 7 drop"#),
+        "{table}"
+    );
 
-    // Port 8080 is allowed (refused: nothing listens); port 81 is dropped by the policy.
+    // Port 8080 is allowed (refused: nothing listens); port 81 is dropped by the policy, and the
+    // drop is logged to nflog group 7.
     assert!(answered(&client, &server_ip, 8080, Duration::from_secs(3)));
+    let nflog = NflogReader::start(&node, 7);
     assert!(!answered(
         &client,
         &server_ip,
         81,
         Duration::from_millis(700)
     ));
+    let logged = nflog.first_packet(Duration::from_secs(5));
+    assert!(
+        logged.contains(&format!("{server_ip}.81:")),
+        "nflog group 7 saw: {logged:?}"
+    );
 
     let ok = explain(&node, "8080/TCP");
     assert_eq!(ok["allowed"], true, "{ok}");
