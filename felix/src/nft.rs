@@ -6,11 +6,20 @@
 //! has ordering traps (a map element's `jump` must come after its chain) that the flat command
 //! list below avoids by construction (sets, then chains, then rules, then maps, then the hook).
 //!
-//! Layout: two base chains on the forward hook, `pod-egress` (priority filter - 1) and
-//! `pod-ingress` (filter). Each accepts established/related, drops invalid state on pod
-//! interfaces and dispatches with a verdict map on `iifname` (the source pod's egress chain) or
-//! `oifname` (the destination pod's ingress chain). Endpoint chains jump to one chain per policy.
-//! Traffic between a pod and its own node never passes the forward hook, so it is always allowed.
+//! Layout: up to two base chains on the forward hook, `pod-egress` (priority filter - 1) and
+//! `pod-ingress` (filter), each present only while some local pod is isolated in its direction.
+//! Each accepts established/related first (the only rule a packet of an established flow
+//! meets), drops invalid state on pod interfaces and dispatches with a verdict map on `iifname`
+//! (the source pod's egress chain) or `oifname` (the destination pod's ingress chain). Endpoint
+//! chains jump to one chain per policy. Traffic between a pod and its own node never passes the
+//! forward hook, so it is always allowed.
+//!
+//! While no local pod is isolated in any direction the table has no base chain and so no `ct`
+//! expression: nothing hooks the forward path and the kernel does not even start connection
+//! tracking in the namespace for Sepal's sake (a `ct` expression anywhere makes it track every
+//! packet). The first isolation adds the base chain, and conntrack with it, in the same
+//! transaction as the pod's rules; flows started before that are picked up mid-stream (TCP loose
+//! pick-up), so a reply is allowed from the first packet its own side sends after the change.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
@@ -211,26 +220,71 @@ pub fn render_full(rs: &Ruleset, opts: &Options) -> String {
         let elems: Vec<String> = entries.iter().map(|(i, c)| map_element(i, c)).collect();
         add_elements(&mut out, map, &elems);
     }
-    // Egress and ingress are two base chains on the forward hook: an egress `accept` ends only
-    // the first, the destination's ingress chain still runs; a drop in either is final.
-    for (chain, priority, dir, map) in [
-        (BASE_EGRESS, "filter - 1", "iifname", MAP_EGRESS),
-        (BASE_INGRESS, "filter", "oifname", MAP_INGRESS),
-    ] {
-        writeln!(
-            out,
-            "add chain {FAMILY_TABLE} {chain} {{ type filter hook forward priority {priority}; policy accept; }}"
-        )
-        .ok();
-        for rule in [
-            "ct state established,related accept".to_string(),
-            format!("{dir} {POD_IFACES} ct state invalid counter drop"),
-            format!("{dir} vmap @{map}"),
-        ] {
-            writeln!(out, "add rule {FAMILY_TABLE} {chain} {rule}").ok();
-        }
+    for base in base_chains(rs) {
+        add_base_chain(&mut out, base);
     }
     out
+}
+
+/// A base chain on the forward hook, for one direction.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct BaseChain {
+    name: &'static str,
+    priority: &'static str,
+    /// The interface that names the pod: `iifname` (egress) or `oifname` (ingress).
+    iface: &'static str,
+    map: &'static str,
+}
+
+// Egress and ingress are two base chains on the forward hook: an egress `accept` ends only the
+// first, the destination's ingress chain still runs; a drop in either is final.
+const EGRESS: BaseChain = BaseChain {
+    name: BASE_EGRESS,
+    priority: "filter - 1",
+    iface: "iifname",
+    map: MAP_EGRESS,
+};
+const INGRESS: BaseChain = BaseChain {
+    name: BASE_INGRESS,
+    priority: "filter",
+    iface: "oifname",
+    map: MAP_INGRESS,
+};
+
+/// The base chains `rs` needs: one per direction in which some local pod is isolated. Without
+/// them nothing in the table hooks a packet or uses conntrack.
+fn base_chains(rs: &Ruleset) -> Vec<BaseChain> {
+    [
+        (EGRESS, &rs.egress_dispatch),
+        (INGRESS, &rs.ingress_dispatch),
+    ]
+    .into_iter()
+    .filter(|(_, dispatch)| !dispatch.is_empty())
+    .map(|(base, _)| base)
+    .collect()
+}
+
+fn add_base_chain(out: &mut String, base: BaseChain) {
+    let BaseChain {
+        name,
+        priority,
+        iface,
+        map,
+    } = base;
+    writeln!(
+        out,
+        "add chain {FAMILY_TABLE} {name} {{ type filter hook forward priority {priority}; policy accept; }}"
+    )
+    .ok();
+    // Established and related first and without a counter: the only rule on the per-packet
+    // path of a flow once it is allowed.
+    for rule in [
+        "ct state established,related accept".to_string(),
+        format!("ct state invalid {iface} {POD_IFACES} counter drop"),
+        format!("{iface} vmap @{map}"),
+    ] {
+        writeln!(out, "add rule {FAMILY_TABLE} {name} {rule}").ok();
+    }
 }
 
 /// Only what changed from `old` to `new`, as one batch; empty when nothing changed. Order: new
@@ -365,6 +419,16 @@ pub fn render_diff_in(old: &Ruleset, new: &Ruleset, scope: &Scope, opts: &Option
         }
         add_or_delete_elements(&mut out, "delete", map, &gone_keys);
         add_elements(&mut out, map, &added);
+    }
+    // Base chains come and go with isolation in their direction (after the map entries they
+    // dispatch to, before the chains those entries named are deleted).
+    let (old_bases, new_bases) = (base_chains(old), base_chains(new));
+    for base in new_bases.iter().filter(|b| !old_bases.contains(b)) {
+        add_base_chain(&mut out, *base);
+    }
+    for base in old_bases.iter().filter(|b| !new_bases.contains(b)) {
+        writeln!(out, "flush chain {FAMILY_TABLE} {}", base.name).ok();
+        writeln!(out, "delete chain {FAMILY_TABLE} {}", base.name).ok();
     }
     // Flush every removed chain before deleting any: one may still jump to another.
     let removed: Vec<&&str> = scope
@@ -668,6 +732,84 @@ pub fn parse_counters(json: &str) -> Result<BTreeMap<(String, String), RuleCount
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::policy::{compile, tests::cluster};
+
+    /// Ingress isolation of x/a only: from y/a, and a policy selecting a pod of another node.
+    const INGRESS_ONLY: &str = "metadata: {name: in, namespace: x}\nspec:\n  podSelector: {matchLabels: {pod: a}}\n  ingress: [{from: [{namespaceSelector: {matchLabels: {ns: y}}}]}]\n";
+    const EGRESS_ONLY: &str = "metadata: {name: eg, namespace: y}\nspec:\n  podSelector: {matchLabels: {pod: b}}\n  policyTypes: [Egress]\n  egress: [{ports: [{port: 53, protocol: UDP}]}]\n";
+
+    fn ct_expressions(batch: &str) -> Vec<&str> {
+        batch.lines().filter(|l| l.contains(" ct ")).collect()
+    }
+
+    #[test]
+    fn nothing_isolated_means_no_base_chain_and_no_ct() {
+        // A policy that selects only a pod of another node isolates nothing here.
+        let mut c = cluster(&[INGRESS_ONLY]);
+        c.pods
+            .iter_mut()
+            .filter(|p| p.namespace == "x" && p.name == "a")
+            .for_each(|p| p.host_iface = None);
+        let rs = compile(&c);
+        assert!(rs.ingress_dispatch.is_empty() && rs.egress_dispatch.is_empty());
+        let full = render_full(&rs, &Options::default());
+        assert!(ct_expressions(&full).is_empty(), "{full}");
+        assert!(!full.contains("hook"), "{full}");
+        assert!(!full.contains(BASE_INGRESS) && !full.contains(BASE_EGRESS));
+    }
+
+    #[test]
+    fn one_base_chain_per_isolated_direction_established_first() {
+        let rs = compile(&cluster(&[INGRESS_ONLY]));
+        let full = render_full(&rs, &Options::default());
+        assert!(!full.contains(BASE_EGRESS), "{full}");
+        let base: Vec<&str> = full
+            .lines()
+            .filter(|l| l.contains(&format!(" {BASE_INGRESS} ")))
+            .collect();
+        assert_eq!(
+            base,
+            [
+                "add chain inet sepal pod-ingress { type filter hook forward priority filter; policy accept; }",
+                "add rule inet sepal pod-ingress ct state established,related accept",
+                "add rule inet sepal pod-ingress ct state invalid oifname \"sep*\" counter drop",
+                "add rule inet sepal pod-ingress oifname vmap @dispatch-in",
+            ]
+        );
+        let both = render_full(
+            &compile(&cluster(&[INGRESS_ONLY, EGRESS_ONLY])),
+            &Options::default(),
+        );
+        assert!(both.contains(
+            "add chain inet sepal pod-egress { type filter hook forward priority filter - 1;"
+        ));
+        assert!(both.contains("add rule inet sepal pod-egress iifname vmap @dispatch-eg"));
+    }
+
+    #[test]
+    fn isolation_adds_and_removes_base_chains_incrementally() {
+        let none = compile(&cluster(&[]));
+        let ingress = compile(&cluster(&[INGRESS_ONLY]));
+        let both = compile(&cluster(&[INGRESS_ONLY, EGRESS_ONLY]));
+        let o = Options::default();
+        let on = render_diff(&none, &ingress, &o);
+        assert!(on.contains("add chain inet sepal pod-ingress {"), "{on}");
+        assert!(!on.contains(BASE_EGRESS), "{on}");
+        // The base chain comes after the map entry it dispatches to.
+        let entry = on.find("add element inet sepal dispatch-in").unwrap();
+        assert!(entry < on.find("add chain inet sepal pod-ingress {").unwrap());
+        let more = render_diff(&ingress, &both, &o);
+        assert!(more.contains("add chain inet sepal pod-egress {"), "{more}");
+        assert!(!more.contains(BASE_INGRESS), "{more}");
+        let off = render_diff(&both, &none, &o);
+        for chain in [BASE_EGRESS, BASE_INGRESS] {
+            assert!(
+                off.contains(&format!("delete chain inet sepal {chain}\n")),
+                "{off}"
+            );
+        }
+        assert!(render_diff(&ingress, &ingress, &o).is_empty());
+    }
 
     #[test]
     fn counters_sum_per_chain_and_comment() {

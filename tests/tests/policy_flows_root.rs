@@ -283,3 +283,68 @@ fn ipv6_flows_obey_policy_counters_and_revocation_root() {
     );
     assert!(!delivered(&mut client, &mut server, "three"));
 }
+
+/// Nothing isolated: table `inet sepal` has no `ct` expression, so the kernel tracks nothing in
+/// the node (per-packet cost). The first isolation brings conntrack in, and replies still get
+/// through to the isolated pod: those of a connection it made before (picked up mid-stream once
+/// it sends again) and of one it makes afterwards; a new connection to it is dropped.
+#[test]
+fn conntrack_only_while_isolated_and_replies_survive_root() {
+    sepal_tests::require_root();
+    let node = node("ctnode");
+    let cli = pod(&node, "ctcli", "sepcli", CLIENT, CLIENT6);
+    let srv = pod(&node, "ctsrv", "sepsrv", SERVER, SERVER6);
+    let mut dp = Dataplane::in_netns(node.path(), Options::default());
+    let conntrack = Conntrack::in_netns(node.path());
+    let table = || node.run("nft list table inet sepal");
+
+    let open = cluster(&[]);
+    assert_eq!(dp.apply(&compile(&open)).unwrap(), Applied::Full);
+    assert!(!table().contains(" ct "), "{}", table());
+    let listener = in_netns(&srv, || TcpListener::bind(("0.0.0.0", PORT)).expect("bind"));
+    let connect = || {
+        in_netns(&cli, || {
+            TcpStream::connect_timeout(&(SERVER, PORT).into(), Duration::from_secs(3))
+                .expect("connect")
+        })
+    };
+    let mut before = connect();
+    let (mut before_srv, _) = listener.accept().expect("accept");
+    assert!(delivered(&mut before, &mut before_srv, "ping"));
+    assert!(delivered(&mut before_srv, &mut before, "pong"));
+    assert!(
+        conntrack.list().unwrap().is_empty(),
+        "nothing is isolated, yet the node tracks connections"
+    );
+
+    // The client pod becomes isolated for ingress, nothing allowed in.
+    let isolated = cluster(&[
+        "metadata: {name: client-in, namespace: x}\nspec:\n  podSelector: {matchLabels: {app: client}}\n  policyTypes: [Ingress]\n",
+    ]);
+    assert!(matches!(
+        dp.apply(&compile(&isolated)).unwrap(),
+        Applied::Incremental { .. }
+    ));
+    assert!(table().contains("ct state established,related accept"));
+    assert!(delivered(&mut before, &mut before_srv, "ping again"));
+    assert!(delivered(&mut before_srv, &mut before, "pong again"));
+    let mut after = connect();
+    let (mut after_srv, _) = listener.accept().expect("accept");
+    assert!(delivered(&mut after, &mut after_srv, "new ping"));
+    assert!(delivered(&mut after_srv, &mut after, "new pong"));
+    assert!(!conntrack.list().unwrap().is_empty());
+    let _cli_listener = in_netns(&cli, || TcpListener::bind(("0.0.0.0", PORT)).expect("bind"));
+    assert!(
+        in_netns(&srv, || TcpStream::connect_timeout(
+            &(CLIENT, PORT).into(),
+            Duration::from_millis(500)
+        ))
+        .is_err(),
+        "the isolated client accepted a new connection"
+    );
+
+    // Isolation gone: so is every `ct` expression.
+    dp.apply(&compile(&open)).unwrap();
+    assert!(!table().contains(" ct "), "{}", table());
+    assert!(delivered(&mut after, &mut after_srv, "still"));
+}
