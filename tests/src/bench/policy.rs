@@ -375,18 +375,70 @@ fn iptables_rules(sources: &[Ipv4Addr]) -> String {
     s
 }
 
-/// Client threads in the connect/close loop: several, so the machine stays busy with connection
-/// work while one thread waits to be scheduled, and the rate measures the per-connection cost
-/// (where a ruleset's price shows) rather than scheduling latency.
-const CONNECTORS: usize = 4;
+/// Client threads in the connect/close loop: one per core of the 2-core reference machine. A
+/// connection's whole handshake (SYN through the node's forward path, SYN-ACK, ACK) runs in
+/// softirq in the connecting thread's own `connect`, so each thread keeps a core busy with
+/// exactly the per-connection work where a ruleset's price shows; more threads only queue.
+const CONNECTORS: usize = 2;
+
+/// Accept queue of the bench server: far more than a run's connections could ever pile up while
+/// the accept thread waits for a CPU, so no SYN is dropped on a full queue (which would cost the
+/// client a 1 s retransmission and measure scheduling instead of rules).
+const BACKLOG: libc::c_int = 4096;
+
+/// One connect/close loop: the rate, what it cost, and whether any SYN was lost on the way.
+#[derive(Debug, Clone, Copy, Default)]
+struct ConnRun {
+    per_second: f64,
+    /// CPU time of this process (client and accept threads, the softirq work they run) per
+    /// connection: unlike the rate, barely moved by other load on the machine.
+    cpu_us: f64,
+    /// SYNs retransmitted by the client plus SYNs the server's listener dropped: non-zero means
+    /// the run partly measured 1 s retransmission timers.
+    syn_losses: u64,
+}
+
+/// TcpExt counters of the namespace (`nstat` names).
+fn tcp_ext(ns: &Netns) -> BTreeMap<String, u64> {
+    let text = ns.try_run("cat /proc/net/netstat").unwrap_or_default();
+    let lines: Vec<&str> = text.lines().filter(|l| l.starts_with("TcpExt:")).collect();
+    let mut out = BTreeMap::new();
+    if let [names, values] = lines[..] {
+        for (n, v) in names
+            .split_whitespace()
+            .zip(values.split_whitespace())
+            .skip(1)
+        {
+            out.insert(n.to_string(), v.parse().unwrap_or(0));
+        }
+    }
+    out
+}
+
+fn syn_losses(lab: &Lab) -> u64 {
+    let (cli, srv) = (tcp_ext(&lab.cli), tcp_ext(&lab.srv));
+    let get = |m: &BTreeMap<String, u64>, k: &str| m.get(k).copied().unwrap_or(0);
+    get(&cli, "TCPSynRetrans") + get(&srv, "ListenOverflows") + get(&srv, "ListenDrops")
+}
+
+/// CPU time (user + system) of this process so far, in microseconds.
+fn process_cpu_us() -> f64 {
+    // SAFETY: getrusage fills the zeroed struct it is given.
+    let mut r: libc::rusage = unsafe { std::mem::zeroed() };
+    unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut r) };
+    let us = |t: libc::timeval| t.tv_sec as f64 * 1e6 + t.tv_usec as f64;
+    us(r.ru_utime) + us(r.ru_stime)
+}
 
 /// New TCP connections per second: connect, then close with RST (SO_LINGER 0) so no TIME_WAIT
 /// piles up, from `CONNECTORS` threads in the client pod.
-fn conn_rate(lab: &Lab, seconds: u64) -> Result<f64> {
+fn conn_rate(lab: &Lab, seconds: u64) -> Result<ConnRun> {
     // Every variant starts with an empty conntrack table: the previous loop's closed entries
     // would otherwise pile up (and a full table drops new connections).
     let _ = lab.node.try_run("conntrack -F 2>/dev/null");
+    let losses = syn_losses(lab);
     let cli = lab.cli.path();
+    let cpu = process_cpu_us();
     let start = Instant::now();
     let deadline = start + Duration::from_secs(seconds);
     let counts: Vec<Result<u64>> = std::thread::scope(|s| {
@@ -401,11 +453,17 @@ fn conn_rate(lab: &Lab, seconds: u64) -> Result<f64> {
             })
             .collect()
     });
+    let elapsed = start.elapsed().as_secs_f64();
+    let cpu = process_cpu_us() - cpu;
     let mut total = 0;
     for c in counts {
         total += c?;
     }
-    Ok(total as f64 / start.elapsed().as_secs_f64())
+    Ok(ConnRun {
+        per_second: total as f64 / elapsed,
+        cpu_us: cpu / total.max(1) as f64,
+        syn_losses: syn_losses(lab).saturating_sub(losses),
+    })
 }
 
 /// One thread's connect/close loop in the namespace at `netns` until `deadline` (at least one
@@ -422,8 +480,8 @@ fn connect_loop(netns: &std::path::Path, deadline: Instant) -> Result<u64> {
     let mut first = true;
     while first || Instant::now() < deadline {
         first = false;
-        // A SYN lost to a full accept queue is retransmitted after 1 s: wait for it, and give
-        // up only on a persistent failure.
+        // A lost SYN is retransmitted after 1 s: wait for it, and give up only on a persistent
+        // failure (the run's `syn_losses` says it happened).
         let c = match TcpStream::connect_timeout(&addr, Duration::from_secs(3)) {
             Ok(c) => c,
             Err(e) => {
@@ -518,15 +576,20 @@ fn iptables_flush(lab: &Lab, tool: &str) {
 struct DatapathFigures {
     tput_none: f64,
     tput_sepal: f64,
-    rate_none: f64,
-    rate_sepal: f64,
-    rate_ipt_nft: f64,
-    rate_ipt_legacy: f64,
+    /// Medians of each variant's connections per second, in `Variant::ALL` order.
+    rate: [f64; 4],
+    /// Medians of each variant's CPU microseconds per connection.
+    cpu_us: [f64; 4],
     /// Medians of the per-run ratios: each run measures every variant back to back, so a
     /// ratio within one run cancels the machine's drift between runs.
     tput_ratio: f64,
     rate_ratio_nft: f64,
     rate_ratio_legacy: f64,
+    /// Linear iptables' CPU per connection over Sepal's (per-run ratios, median).
+    cpu_ratio_nft: f64,
+    cpu_ratio_legacy: f64,
+    /// Runs in which some variant lost a SYN (its rate then partly measures 1 s timers).
+    runs_with_syn_losses: usize,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -535,6 +598,24 @@ enum Variant {
     Sepal,
     IptablesNft,
     IptablesLegacy,
+}
+
+impl Variant {
+    const ALL: [Variant; 4] = [
+        Variant::NoPolicy,
+        Variant::Sepal,
+        Variant::IptablesNft,
+        Variant::IptablesLegacy,
+    ];
+
+    fn label(self) -> &'static str {
+        match self {
+            Variant::NoPolicy => "none",
+            Variant::Sepal => "sepal",
+            Variant::IptablesNft => "iptables-nft linear",
+            Variant::IptablesLegacy => "iptables-legacy linear",
+        }
+    }
 }
 
 fn datapath(a: &Args) -> Result<DatapathFigures> {
@@ -552,6 +633,11 @@ fn datapath(a: &Args) -> Result<DatapathFigures> {
                 bail!("setns server");
             }
             let l = TcpListener::bind(("0.0.0.0", PORT))?;
+            // A second listen() only resizes the accept queue (std binds with 128).
+            // SAFETY: a valid listening socket.
+            if unsafe { libc::listen(l.as_raw_fd(), BACKLOG) } != 0 {
+                bail!("listen backlog {BACKLOG}");
+            }
             Ok(l)
         })();
         let listener = match listener {
@@ -595,52 +681,68 @@ fn datapath(a: &Args) -> Result<DatapathFigures> {
     let ipt = iptables_rules(&sources);
 
     let (mut t_none, mut t_sepal) = (Vec::new(), Vec::new());
-    let (mut r_none, mut r_sepal, mut r_nft, mut r_legacy) =
-        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-    let variants = [
-        Variant::NoPolicy,
-        Variant::Sepal,
-        Variant::IptablesNft,
-        Variant::IptablesLegacy,
-    ];
+    let mut conns: [Vec<ConnRun>; 4] = Default::default();
+    let mut runs_with_syn_losses = 0;
     for run in 0..a.runs {
         // Every variant once per run, in a rotating order, so neither drift in the machine's
         // speed nor position in the run favours one.
-        for k in 0..variants.len() {
-            let variant = variants[(run + k) % variants.len()];
-            match variant {
+        for k in 0..Variant::ALL.len() {
+            let i = (run + k) % Variant::ALL.len();
+            let conn = match Variant::ALL[i] {
                 Variant::NoPolicy => {
                     t_none.push(iperf(&lab, a.seconds)?);
-                    r_none.push(conn_rate(&lab, a.seconds)?);
+                    conn_rate(&lab, a.seconds)?
                 }
                 Variant::Sepal => {
                     dp.resync(&rs)?;
                     t_sepal.push(iperf(&lab, a.seconds)?);
-                    r_sepal.push(conn_rate(&lab, a.seconds)?);
+                    let conn = conn_rate(&lab, a.seconds)?;
                     dp.delete()?;
+                    conn
                 }
                 Variant::IptablesNft => {
                     iptables_load(&lab, "iptables-restore", &ipt)?;
-                    r_nft.push(conn_rate(&lab, a.seconds)?);
+                    let conn = conn_rate(&lab, a.seconds)?;
                     iptables_flush(&lab, "iptables-restore");
                     lab.node.try_run("nft delete table ip filter").ok();
+                    conn
                 }
                 Variant::IptablesLegacy => {
                     iptables_load(&lab, "iptables-legacy-restore", &ipt)?;
-                    r_legacy.push(conn_rate(&lab, a.seconds)?);
+                    let conn = conn_rate(&lab, a.seconds)?;
                     iptables_flush(&lab, "iptables-legacy-restore");
+                    conn
                 }
-            }
+            };
+            conns[i].push(conn);
+        }
+        let line: Vec<String> = Variant::ALL
+            .iter()
+            .zip(&conns)
+            .map(|(v, c)| {
+                let c = c[run];
+                let lost = if c.syn_losses > 0 {
+                    format!(", {} SYNs lost", c.syn_losses)
+                } else {
+                    String::new()
+                };
+                format!(
+                    "{} {:.0} ({:.0} us CPU{lost})",
+                    v.label(),
+                    c.per_second,
+                    c.cpu_us
+                )
+            })
+            .collect();
+        if conns.iter().any(|c| c[run].syn_losses > 0) {
+            runs_with_syn_losses += 1;
         }
         println!(
-            "run {}: throughput none {:.2} / sepal {:.2} Gbit/s; conn/s none {:.0}, sepal {:.0}, iptables-nft linear {:.0}, iptables-legacy linear {:.0}",
+            "run {}: throughput none {:.2} / sepal {:.2} Gbit/s; conn/s {}",
             run + 1,
             t_none[run] / 1e9,
             t_sepal[run] / 1e9,
-            r_none[run],
-            r_sepal[run],
-            r_nft[run],
-            r_legacy[run]
+            line.join(", ")
         );
     }
     stop.store(true, Ordering::Relaxed);
@@ -650,16 +752,26 @@ fn datapath(a: &Args) -> Result<DatapathFigures> {
     let ratios = |num: &[f64], den: &[f64]| -> f64 {
         median(num.iter().zip(den).map(|(n, d)| n / d).collect())
     };
+    let rates: Vec<Vec<f64>> = conns
+        .iter()
+        .map(|c| c.iter().map(|r| r.per_second).collect())
+        .collect();
+    let cpus: Vec<Vec<f64>> = conns
+        .iter()
+        .map(|c| c.iter().map(|r| r.cpu_us).collect())
+        .collect();
+    let (sepal, nft, legacy) = (1, 2, 3);
     Ok(DatapathFigures {
         tput_ratio: ratios(&t_sepal, &t_none),
-        rate_ratio_nft: ratios(&r_sepal, &r_nft),
-        rate_ratio_legacy: ratios(&r_sepal, &r_legacy),
+        rate_ratio_nft: ratios(&rates[sepal], &rates[nft]),
+        rate_ratio_legacy: ratios(&rates[sepal], &rates[legacy]),
+        cpu_ratio_nft: ratios(&cpus[nft], &cpus[sepal]),
+        cpu_ratio_legacy: ratios(&cpus[legacy], &cpus[sepal]),
         tput_none: median(t_none),
         tput_sepal: median(t_sepal),
-        rate_none: median(r_none),
-        rate_sepal: median(r_sepal),
-        rate_ipt_nft: median(r_nft),
-        rate_ipt_legacy: median(r_legacy),
+        rate: [0, 1, 2, 3].map(|i| median(rates[i].clone())),
+        cpu_us: [0, 1, 2, 3].map(|i| median(cpus[i].clone())),
+        runs_with_syn_losses,
     })
 }
 
@@ -675,10 +787,21 @@ pub fn run(args: &[String]) -> Result<()> {
         a.runs,
         d.tput_none / 1e9,
         d.tput_sepal / 1e9,
-        d.rate_none,
-        d.rate_sepal,
-        d.rate_ipt_nft,
-        d.rate_ipt_legacy
+        d.rate[0],
+        d.rate[1],
+        d.rate[2],
+        d.rate[3]
+    );
+    println!(
+        "CPU per connection (this process: client and accept threads with their softirq work; steady under load): none {:.1}, sepal {:.1}, linear iptables {:.1} (x{:.2} sepal), linear iptables-legacy {:.1} (x{:.2}) us; runs with lost SYNs: {} of {}",
+        d.cpu_us[0],
+        d.cpu_us[1],
+        d.cpu_us[2],
+        d.cpu_ratio_nft,
+        d.cpu_us[3],
+        d.cpu_ratio_legacy,
+        d.runs_with_syn_losses,
+        a.runs
     );
     println!(
         "{}",
@@ -691,6 +814,9 @@ pub fn run(args: &[String]) -> Result<()> {
             "throughput_ratio_vs_none": (tput_ratio * 1000.0).round() / 1000.0,
             "conn_rate_ratio_vs_linear_iptables": (rate_ratio * 100.0).round() / 100.0,
             "conn_rate_ratio_vs_linear_iptables_legacy": (legacy_ratio * 100.0).round() / 100.0,
+            "conn_cpu_ratio_vs_linear_iptables": (d.cpu_ratio_nft * 100.0).round() / 100.0,
+            "conn_cpu_ratio_vs_linear_iptables_legacy": (d.cpu_ratio_legacy * 100.0).round() / 100.0,
+            "conn_runs_with_syn_losses": d.runs_with_syn_losses,
         })
     );
     Ok(())
