@@ -7,13 +7,14 @@ use sepal_felix::conntrack::Conntrack;
 use sepal_felix::nft::{Applied, Dataplane, Options};
 use sepal_felix::policy::{Cluster, Compiler, NamedPort, Namespace, Pod};
 use std::collections::BTreeMap;
+use std::sync::{Arc, Condvar, Mutex};
 
 /// The compiler's inputs from the datastore, and the dataplane that enforces the result.
 pub struct PolicyEngine {
     from_model: Cluster,
     compiler: Compiler,
     dataplane: Dataplane,
-    conntrack: Conntrack,
+    revoker: Revoker,
     /// Problem reports already logged, so a policy's invalid rule is reported once.
     reported: Vec<String>,
     /// The last compile's problems (sent to the cluster as Events by the status writer).
@@ -27,7 +28,7 @@ impl PolicyEngine {
             from_model: Cluster::default(),
             compiler: Compiler::default(),
             dataplane: Dataplane::new(opts),
-            conntrack: Conntrack::new(),
+            revoker: Revoker::default(),
             reported: Vec::new(),
             problems: Vec::new(),
         }
@@ -112,12 +113,11 @@ impl PolicyEngine {
                 "policy applied"
             );
         }
-        if matches!(
+        let narrowed = matches!(
             applied,
             Applied::Full | Applied::Incremental { narrowed: true, .. }
-        ) {
-            self.revoke(&cluster);
-        }
+        );
+        self.revoker.offer(cluster, narrowed);
         Ok(applied)
     }
 
@@ -128,21 +128,75 @@ impl PolicyEngine {
     {
         self.dataplane.counters()
     }
+}
 
-    /// Removes the conntrack entries of established flows the new rules deny. A failure is
-    /// logged, not returned: the rules are in place and every new flow obeys them.
-    fn revoke(&self, cluster: &Cluster) {
-        match self.conntrack.revoke(cluster) {
-            Ok(flows) if flows.is_empty() => {}
-            Ok(flows) => tracing::info!(
-                flows = flows.len(),
-                first = ?flows[0],
-                "NetworkPolicy revoked established flows"
-            ),
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot revoke flows the new NetworkPolicy denies")
-            }
+/// Removes the conntrack entries of established flows the rules now deny, on a thread of its own
+/// so that listing conntrack never holds up the agent: the rules are in place before it runs,
+/// and every new flow obeys them. Requests that pile up while it works collapse into the newest
+/// (what the newest rules deny is what must go).
+#[derive(Default)]
+struct Revoker {
+    pending: Option<Arc<(Mutex<Option<Cluster>>, Condvar)>>,
+}
+
+impl Revoker {
+    /// The cluster the rules were just compiled from: revocation runs on it when `narrowed`
+    /// (the change may deny something that was allowed), and it replaces a request still waiting.
+    fn offer(&mut self, cluster: Cluster, narrowed: bool) {
+        if !narrowed && self.pending.is_none() {
+            return;
         }
+        if self.pending.is_none() {
+            let pending = Arc::new((Mutex::new(None), Condvar::new()));
+            let worker = pending.clone();
+            let spawned = std::thread::Builder::new()
+                .name("revoke".into())
+                .spawn(move || revoke_loop(&worker));
+            if let Err(e) = spawned {
+                tracing::warn!(error = %e, "no revocation thread: revoking in line");
+                revoke_logged(&Conntrack::new(), &cluster);
+                return;
+            }
+            self.pending = Some(pending);
+        }
+        let Some((slot, ready)) = self.pending.as_deref() else {
+            return;
+        };
+        let mut waiting = slot.lock().unwrap_or_else(|e| e.into_inner());
+        if narrowed || waiting.is_some() {
+            *waiting = Some(cluster);
+            ready.notify_one();
+        }
+    }
+}
+
+fn revoke_loop(pending: &(Mutex<Option<Cluster>>, Condvar)) {
+    let conntrack = Conntrack::new();
+    let (slot, ready) = pending;
+    loop {
+        let cluster = {
+            let mut guard = slot.lock().unwrap_or_else(|e| e.into_inner());
+            loop {
+                if let Some(c) = guard.take() {
+                    break c;
+                }
+                guard = ready.wait(guard).unwrap_or_else(|e| e.into_inner());
+            }
+        };
+        revoke_logged(&conntrack, &cluster);
+    }
+}
+
+/// A failure is logged, not returned: the rules are in place.
+fn revoke_logged(conntrack: &Conntrack, cluster: &Cluster) {
+    match conntrack.revoke(cluster) {
+        Ok(flows) if flows.is_empty() => {}
+        Ok(flows) => tracing::info!(
+            flows = flows.len(),
+            first = ?flows[0],
+            "NetworkPolicy revoked established flows"
+        ),
+        Err(e) => tracing::warn!(error = %e, "cannot revoke flows the new NetworkPolicy denies"),
     }
 }
 

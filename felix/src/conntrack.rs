@@ -11,7 +11,7 @@ use std::net::IpAddr;
 use std::path::PathBuf;
 
 use crate::exec::{self, ExecError};
-use crate::policy::{Cluster, ExplainPeer, Explainer, Protocol};
+use crate::policy::{Cluster, ExplainPeer, Explainer, Family, Protocol};
 
 /// One conntrack entry, in its original direction (as the first packet went).
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
@@ -115,8 +115,17 @@ impl Conntrack {
 
     /// Every TCP, UDP and SCTP entry of both families.
     pub fn list(&self) -> Result<Vec<Flow>, ExecError> {
+        self.list_families(&Family::ALL)
+    }
+
+    /// Every TCP, UDP and SCTP entry of the given families.
+    pub fn list_families(&self, families: &[Family]) -> Result<Vec<Flow>, ExecError> {
         let mut flows = Vec::new();
-        for family in ["ipv4", "ipv6"] {
+        for family in families {
+            let family = match family {
+                Family::V4 => "ipv4",
+                Family::V6 => "ipv6",
+            };
             flows.extend(parse_list(&self.run(&["-L", "-f", family])?));
         }
         Ok(flows)
@@ -150,14 +159,33 @@ impl Conntrack {
     }
 
     /// Lists the entries, and removes those of flows `cluster`'s policy denies on this node;
-    /// returns them.
+    /// returns them. Only the address families of this node's pods are listed (a flow this node
+    /// enforces has one of them at an end), none when it has no pods.
     pub fn revoke(&self, cluster: &Cluster) -> Result<Vec<Flow>, ExecError> {
-        let flows = denied(cluster, &self.list()?);
+        let families = local_families(cluster);
+        if families.is_empty() {
+            return Ok(Vec::new());
+        }
+        let flows = denied(cluster, &self.list_families(&families)?);
         for flow in &flows {
             self.delete(flow)?;
         }
         Ok(flows)
     }
+}
+
+/// The address families of this node's pods (those with a host veth).
+pub fn local_families(cluster: &Cluster) -> Vec<Family> {
+    Family::ALL
+        .into_iter()
+        .filter(|&f| {
+            cluster
+                .pods
+                .iter()
+                .filter(|p| p.host_iface.is_some())
+                .any(|p| p.ips.iter().any(|ip| Family::of(ip) == f))
+        })
+        .collect()
 }
 
 #[cfg(test)]
@@ -227,5 +255,17 @@ garbage
             remote_only,
         ];
         assert_eq!(denied(&c, &flows), vec![into_xa, outside_into_xa, xb_other]);
+    }
+
+    #[test]
+    fn only_the_families_of_local_pods_are_listed() {
+        let mut c = crate::policy::tests::cluster(&[]);
+        assert_eq!(local_families(&c), vec![Family::V4]);
+        c.pods[0].ips.push("fd00::10".parse().unwrap());
+        assert_eq!(local_families(&c), vec![Family::V4, Family::V6]);
+        for p in &mut c.pods {
+            p.host_iface = None;
+        }
+        assert_eq!(local_families(&c), vec![]);
     }
 }
