@@ -65,18 +65,7 @@ fn mesh_routes_pods_across_nodes_and_survives_agent_restart() {
     );
 
     // kill -9 and restart of n2's agent under a continuous ping: no packet lost.
-    let ping = p0
-        .netns
-        .command(&["ping", "-q", "-i", "0.05", "-c", "160", "-W", "1", &p2.ip])
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .expect("ping");
-    std::thread::sleep(Duration::from_millis(1000));
-    c.nodes[2].kill_agent();
-    std::thread::sleep(Duration::from_millis(1500));
-    c.nodes[2].start_agent();
-    let out = ping.wait_with_output().expect("ping output");
-    let summary = String::from_utf8_lossy(&out.stdout);
+    let summary = c.restart_agent_under_ping(2, &p0.netns, &p2.ip);
     assert!(
         summary.contains(" 0% packet loss"),
         "ping across the restart: {summary}\n{}",

@@ -1,8 +1,9 @@
 //! Routing end to end through a top-of-rack router that runs BIRD 2, FRR or GoBGP: 3 dual-stack
 //! nodes with their own AS peer with it over eBGP with TCP MD5 (the mesh off), one IPv4 session
 //! each carrying both families; the ToR learns exactly the node blocks, pods reach each other
-//! through it over IPv4 and IPv6, its default route is refused, and a node that drops off the
-//! network without graceful restart is withdrawn within the hold time.
+//! through it over IPv4 and IPv6, its default route is refused, a node that drops off the network
+//! without graceful restart is withdrawn within the hold time, and (BIRD, FRR) an agent killed and
+//! restarted costs no packet.
 
 #[path = "routing/common.rs"]
 mod common;
@@ -13,14 +14,11 @@ use std::time::{Duration, Instant};
 fn scenario(kind: TorKind) {
     // GoBGP as a graceful-restart helper treats an expired hold timer like a restart and keeps
     // the node's routes (as stale) for its restart time (seen with GoBGP 3.10); BIRD and FRR
-    // withdraw them. With GoBGP the cluster runs without graceful restart (gracefulRestartTime
-    // 0s: the agents do not offer it), so the node cut off below is one stopped without GR.
-    let extra = if kind == TorKind::Gobgp {
-        "  gracefulRestartTime: 0s\n"
-    } else {
-        ""
-    };
-    let (mut c, tor, daemon) = tor_cluster(3, kind, extra);
+    // withdraw them. With GoBGP the cluster starts without graceful restart (gracefulRestartTime
+    // 0s: the agents do not offer it), so the node cut off below is one without GR.
+    let no_gr = "  gracefulRestartTime: 0s\n";
+    let (mut c, tor, daemon) =
+        tor_cluster(3, kind, if kind == TorKind::Gobgp { no_gr } else { "" });
     c.start();
     let p0 = c.pod(0, "p0");
     let p2 = c.pod(2, "p2");
@@ -137,6 +135,24 @@ fn scenario(kind: TorKind) {
         daemon.log()
     );
     eprintln!("{kind:?}: n1 (cut off) withdrawn after {:?}", gone.unwrap());
+
+    // GoBGP runs this cluster without graceful restart, and turning it on now would not make
+    // the restart below a fair test: GoBGP 3.10 keeps a neighbour's graceful-restart state from
+    // its first session for good, and with it on from the start the cut-off above keeps n1's
+    // routes. (Run separately, a restart through GoBGP lost from 0 to 30 % of the pings while
+    // GoBGP held the session Idle for 5 s; left for later.)
+    if kind == TorKind::Gobgp {
+        return;
+    }
+    // kill -9 and restart of n2's agent under a continuous ping: the ToR, a graceful-restart
+    // helper, keeps n2's blocks meanwhile, and n2 its routes: no packet lost.
+    let summary = c.restart_agent_under_ping(2, &p0.netns, &p2.ip);
+    assert!(
+        summary.contains(" 0% packet loss"),
+        "{kind:?}: ping across n2's agent restart: {summary}\n{}\n{}",
+        daemon.log(),
+        c.nodes[2].agent_log()
+    );
 }
 
 /// An IPv6 address written the way the kernel and the daemons print it.

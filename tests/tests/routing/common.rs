@@ -125,6 +125,22 @@ impl Cluster {
         }
     }
 
+    /// Kills node `i`'s agent (SIGKILL) and starts it again under a continuous ping (20 a second
+    /// for 8 s) from `from` to `to`; returns ping's summary.
+    pub fn restart_agent_under_ping(&mut self, i: usize, from: &Netns, to: &str) -> String {
+        let ping = from
+            .command(&["ping", "-q", "-i", "0.05", "-c", "160", "-W", "1", to])
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("ping");
+        std::thread::sleep(Duration::from_millis(1000));
+        self.nodes[i].kill_agent();
+        std::thread::sleep(Duration::from_millis(1500));
+        self.nodes[i].start_agent();
+        let out = ping.wait_with_output().expect("ping output");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
     /// Node `i`'s protocol-83 route to `prefix` (empty when there is none).
     pub fn route(&self, i: usize, prefix: &str) -> String {
         let family = if prefix.contains(':') { "-6" } else { "-4" };
@@ -302,6 +318,23 @@ impl TorDaemon {
     }
 }
 
+/// The cluster's routing objects for [`tor_cluster`]: the BGPConfiguration (mesh off, fast
+/// timers, `extra`), the MD5 Secret and one BGPPeer per node naming the ToR on its link.
+pub fn tor_objects(n: usize, extra: &str) -> String {
+    let mut objects = bgp_configuration(false, extra);
+    objects.push_str(&format!(
+        "---\napiVersion: v1\nkind: Secret\nmetadata:\n  name: tor-md5\n  namespace: sepal-system\nstringData:\n  password: {MD5}\n"
+    ));
+    for i in 0..n {
+        objects.push_str(&format!(
+            "---\napiVersion: sepal.dev/v1alpha1\nkind: BGPPeer\nmetadata:\n  name: tor-n{i}\nspec:\n  \
+             peerIP: 10.0.{i}.1\n  asNumber: {TOR_AS}\n  node: n{i}\n  keepaliveTime: 1s\n  holdTime: 3s\n  \
+             password: {{secretKeyRef: {{name: tor-md5, key: password}}}}\n"
+        ));
+    }
+    objects
+}
+
 /// `n` dual-stack nodes (AS 64601+i, blocks 10.244.<i>.0/24 and fd10:244:<i>::/64), each on its
 /// own link 10.0.<i>.0/24 + fd00:10:<i>::/64 to one ToR running `kind`, peering with it over one
 /// eBGP session (IPv4, both families) with TCP MD5 through BGPPeers; the mesh is off, and the ToR
@@ -333,10 +366,6 @@ pub fn tor_cluster(n: usize, kind: TorKind, extra: &str) -> (Cluster, Netns, Tor
         fabric: Netns::new("unused"),
         nodes,
     };
-    let mut objects = bgp_configuration(false, extra);
-    objects.push_str(&format!(
-        "---\napiVersion: v1\nkind: Secret\nmetadata:\n  name: tor-md5\n  namespace: sepal-system\nstringData:\n  password: {MD5}\n"
-    ));
     for i in 0..n {
         c.write_all(
             &format!("node-n{i}.yaml"),
@@ -347,12 +376,8 @@ pub fn tor_cluster(n: usize, kind: TorKind, extra: &str) -> (Cluster, Netns, Tor
                 &format!("sepal.dev/as-number: \"{}\"", 64601 + i),
             ),
         );
-        objects.push_str(&format!(
-            "---\napiVersion: sepal.dev/v1alpha1\nkind: BGPPeer\nmetadata:\n  name: tor-n{i}\nspec:\n  \
-             peerIP: 10.0.{i}.1\n  asNumber: {TOR_AS}\n  node: n{i}\n  keepaliveTime: 1s\n  holdTime: 3s\n  \
-             password: {{secretKeyRef: {{name: tor-md5, key: password}}}}\n"
-        ));
     }
+    let objects = tor_objects(n, extra);
     c.write_all("routing.yaml", &objects);
     // The ToR runs the configuration of the peering guide (docs/peering/), filled in here.
     let global = peering::values([
