@@ -204,7 +204,7 @@ fn explain_asks_the_agent_and_cross_checks_the_counters_root() {
 
 /// Another node's pod gets its address (Pod `status.podIPs` in the datastore): this node adds it to
 /// the sets of the policies that select it. Prints how long that took (the dir datastore waits
-/// for a quiet time of 100 ms after a change before reading it).
+/// for a quiet time of 10 ms after a change before reading it).
 #[test]
 fn a_remote_pods_new_address_reaches_this_nodes_sets_root() {
     let mut node = Node::new("prn", &["10.244.10.0/24"]);

@@ -16,8 +16,10 @@ use std::time::Duration;
 use tokio::sync::mpsc;
 
 /// Quiet time after a change before rescanning: a burst of writes (an editor, `kubectl`-style
-/// temp+rename, a `cp -r`) becomes one rescan.
-const DEBOUNCE: Duration = Duration::from_millis(100);
+/// temp+rename, a `cp -r`) becomes one rescan. Short, because a Pod's new address waits for it on
+/// every other node; a file caught half-written fails to parse, keeps its last good content, and
+/// is read again on the write event that completes it.
+const DEBOUNCE: Duration = Duration::from_millis(10);
 /// A full rescan this often even without inotify events, in case a watch was lost (directory
 /// replaced, queue overflow).
 const RESCAN: Duration = Duration::from_secs(30);
