@@ -1,7 +1,8 @@
 //! Root: the default lab (3 nodes, a BIRD ToR, six pods) with `--datastore kubernetes` against the
 //! stand-in API server, which the lab reaches from every node namespace through its relay: the
 //! lab's objects live in the API server, pods on three nodes reach each other through the ToR, a
-//! NetworkPolicy is enforced and lifted, and every agent reports back (Node condition, SepalNodeStatus).
+//! NetworkPolicy is enforced and lifted, pods are applied, relabelled and deleted, and every agent
+//! reports back (Node condition, SepalNodeStatus, Events on the BGPPeers when the ToR goes away).
 
 use sepal_tests::fakeapi::FakeApi;
 use sepal_tests::lab::{repo_file, wait_for, Lab};
@@ -160,6 +161,38 @@ fn lab_end_to_end_with_the_kubernetes_datastore() {
         .get("NetworkPolicy", "backend", "allow-frontend")
         .is_none());
     wait_for("the policy lifted on every node", || lab.ping(), all_ok);
+
+    // A pod through apply: created by CNI ADD with its IP in the API server, relabelled (the
+    // object replaced, the old label gone), deleted by CNI DEL and from the API server.
+    let pod_file = tmp.path().join("pod.yaml");
+    let pod = |labels: &str| {
+        format!(
+            "apiVersion: v1\nkind: Pod\nmetadata: {{name: extra, namespace: frontend, labels: {{{labels}}}}}\n\
+             spec: {{nodeName: node2, containers: [{{name: main, image: lab}}]}}\n"
+        )
+    };
+    std::fs::write(&pod_file, pod("app: one, tier: a")).unwrap();
+    lab.apply(&pod_file, false);
+    let extra = api.get("Pod", "frontend", "extra").expect("the new pod");
+    let extra_ip = extra["status"]["podIP"].as_str().unwrap().to_string();
+    assert!(lab
+        .ask("endpoints", "node2")
+        .to_string()
+        .contains(&extra_ip));
+    std::fs::write(&pod_file, pod("app: two")).unwrap();
+    lab.apply(&pod_file, false);
+    let relabelled = api.get("Pod", "frontend", "extra").unwrap();
+    assert_eq!(
+        relabelled["metadata"]["labels"],
+        serde_json::json!({"app": "two"})
+    );
+    assert_eq!(relabelled["status"]["podIP"], extra_ip.as_str());
+    lab.apply(&pod_file, true);
+    assert!(api.get("Pod", "frontend", "extra").is_none());
+    assert!(!lab
+        .ask("endpoints", "node2")
+        .to_string()
+        .contains(&extra_ip));
 
     // The ToR goes away: each node's session fails, and a Warning Event says so on the BGPPeer
     // that made it, while the SepalNodeStatus shows the session's new state.
