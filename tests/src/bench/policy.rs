@@ -1,6 +1,8 @@
 //! `sepal-bench policy`: (1) compile + apply time of a 1000-pod / 500-policy cluster, full and
 //! after one change; (2) datapath cost between two pods behind 10,000 peers' worth of selectors
-//! and ipBlocks: throughput vs no policy, new-connection rate vs a linear iptables ruleset.
+//! and ipBlocks: throughput vs no policy, new-connection rate vs a linear iptables ruleset, each
+//! also as CPU per byte and per connection (steady on a loaded machine), and next to a table
+//! that only turns conntrack on (the floor for any conntrack-based policy).
 
 use std::collections::BTreeMap;
 use std::fs::File;
@@ -512,7 +514,15 @@ fn connect_loop(netns: &std::path::Path, deadline: Instant) -> Result<u64> {
     Ok(n)
 }
 
-fn iperf(lab: &Lab, seconds: u64) -> Result<f64> {
+/// One iperf3 run: what arrived, and the CPU time of sender and receiver (with the forwarding
+/// softirq work they run) per megabyte, which other load on the machine barely moves.
+#[derive(Debug, Clone, Copy)]
+struct IperfRun {
+    bps: f64,
+    cpu_us_per_mb: f64,
+}
+
+fn iperf(lab: &Lab, seconds: u64) -> Result<IperfRun> {
     let out = lab
         .cli
         .command(&[
@@ -526,9 +536,21 @@ fn iperf(lab: &Lab, seconds: u64) -> Result<f64> {
         .output()
         .context("run iperf3 (Debian package iperf3)")?;
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).context("iperf3 JSON")?;
-    v["end"]["sum_received"]["bits_per_second"]
-        .as_f64()
-        .context("iperf3: no end.sum_received.bits_per_second")
+    let end = &v["end"];
+    let number = |x: &serde_json::Value, what: &str| {
+        x.as_f64()
+            .with_context(|| format!("iperf3 JSON: no end.{what}"))
+    };
+    let bps = number(&end["sum_received"]["bits_per_second"], "sum_received")?;
+    let secs = number(&end["sum_sent"]["seconds"], "sum_sent.seconds")?;
+    let mb = number(&end["sum_sent"]["bytes"], "sum_sent.bytes")? / 1e6;
+    let cpu = &end["cpu_utilization_percent"];
+    let cpu_percent = number(&cpu["host_total"], "cpu_utilization_percent")?
+        + number(&cpu["remote_total"], "cpu_utilization_percent")?;
+    Ok(IperfRun {
+        bps,
+        cpu_us_per_mb: cpu_percent / 100.0 * secs * 1e6 / mb.max(1e-9),
+    })
 }
 
 fn iptables_load(lab: &Lab, tool: &str, rules: &str) -> Result<()> {
@@ -576,10 +598,17 @@ fn iptables_flush(lab: &Lab, tool: &str) {
 struct DatapathFigures {
     tput_none: f64,
     tput_sepal: f64,
+    /// With connection tracking alone: what no ruleset that needs conntrack can go below.
+    tput_conntrack: f64,
+    /// CPU microseconds per MB moved: none, sepal, conntrack only.
+    tput_cpu_us_per_mb: [f64; 3],
+    /// CPU per byte without policy over with Sepal's (per-run ratios, median): the throughput
+    /// ratio as the machine's load does not move it.
+    tput_cpu_ratio: f64,
     /// Medians of each variant's connections per second, in `Variant::ALL` order.
-    rate: [f64; 4],
+    rate: [f64; 5],
     /// Medians of each variant's CPU microseconds per connection.
-    cpu_us: [f64; 4],
+    cpu_us: [f64; 5],
     /// Medians of the per-run ratios: each run measures every variant back to back, so a
     /// ratio within one run cancels the machine's drift between runs.
     tput_ratio: f64,
@@ -598,14 +627,18 @@ enum Variant {
     Sepal,
     IptablesNft,
     IptablesLegacy,
+    /// A table whose only rule is `ct state established,related accept`: the kernel tracks
+    /// connections and nothing else happens. The floor for any conntrack-based policy.
+    ConntrackOnly,
 }
 
 impl Variant {
-    const ALL: [Variant; 4] = [
+    const ALL: [Variant; 5] = [
         Variant::NoPolicy,
         Variant::Sepal,
         Variant::IptablesNft,
         Variant::IptablesLegacy,
+        Variant::ConntrackOnly,
     ];
 
     fn label(self) -> &'static str {
@@ -614,6 +647,7 @@ impl Variant {
             Variant::Sepal => "sepal",
             Variant::IptablesNft => "iptables-nft linear",
             Variant::IptablesLegacy => "iptables-legacy linear",
+            Variant::ConntrackOnly => "conntrack only",
         }
     }
 }
@@ -680,8 +714,8 @@ fn datapath(a: &Args) -> Result<DatapathFigures> {
     let mut dp = nft_in(&lab.node);
     let ipt = iptables_rules(&sources);
 
-    let (mut t_none, mut t_sepal) = (Vec::new(), Vec::new());
-    let mut conns: [Vec<ConnRun>; 4] = Default::default();
+    let (mut t_none, mut t_sepal, mut t_ct) = (Vec::new(), Vec::new(), Vec::new());
+    let mut conns: [Vec<ConnRun>; 5] = Default::default();
     let mut runs_with_syn_losses = 0;
     for run in 0..a.runs {
         // Every variant once per run, in a rotating order, so neither drift in the machine's
@@ -713,6 +747,15 @@ fn datapath(a: &Args) -> Result<DatapathFigures> {
                     iptables_flush(&lab, "iptables-legacy-restore");
                     conn
                 }
+                Variant::ConntrackOnly => {
+                    lab.node.run(
+                        "nft 'add table inet bench-ct; add chain inet bench-ct f { type filter hook forward priority 0; }; add rule inet bench-ct f ct state established,related accept'",
+                    );
+                    t_ct.push(iperf(&lab, a.seconds)?);
+                    let conn = conn_rate(&lab, a.seconds)?;
+                    lab.node.run("nft delete table inet bench-ct");
+                    conn
+                }
             };
             conns[i].push(conn);
         }
@@ -738,10 +781,14 @@ fn datapath(a: &Args) -> Result<DatapathFigures> {
             runs_with_syn_losses += 1;
         }
         println!(
-            "run {}: throughput none {:.2} / sepal {:.2} Gbit/s; conn/s {}",
+            "run {}: throughput none {:.2} / sepal {:.2} / conntrack only {:.2} Gbit/s (CPU {:.0} / {:.0} / {:.0} us per MB); conn/s {}",
             run + 1,
-            t_none[run] / 1e9,
-            t_sepal[run] / 1e9,
+            t_none[run].bps / 1e9,
+            t_sepal[run].bps / 1e9,
+            t_ct[run].bps / 1e9,
+            t_none[run].cpu_us_per_mb,
+            t_sepal[run].cpu_us_per_mb,
+            t_ct[run].cpu_us_per_mb,
             line.join(", ")
         );
     }
@@ -761,16 +808,22 @@ fn datapath(a: &Args) -> Result<DatapathFigures> {
         .map(|c| c.iter().map(|r| r.cpu_us).collect())
         .collect();
     let (sepal, nft, legacy) = (1, 2, 3);
+    let bps = |runs: &[IperfRun]| -> Vec<f64> { runs.iter().map(|r| r.bps).collect() };
+    let cpu_per_mb =
+        |runs: &[IperfRun]| -> Vec<f64> { runs.iter().map(|r| r.cpu_us_per_mb).collect() };
     Ok(DatapathFigures {
-        tput_ratio: ratios(&t_sepal, &t_none),
+        tput_ratio: ratios(&bps(&t_sepal), &bps(&t_none)),
+        tput_cpu_ratio: ratios(&cpu_per_mb(&t_none), &cpu_per_mb(&t_sepal)),
         rate_ratio_nft: ratios(&rates[sepal], &rates[nft]),
         rate_ratio_legacy: ratios(&rates[sepal], &rates[legacy]),
         cpu_ratio_nft: ratios(&cpus[nft], &cpus[sepal]),
         cpu_ratio_legacy: ratios(&cpus[legacy], &cpus[sepal]),
-        tput_none: median(t_none),
-        tput_sepal: median(t_sepal),
-        rate: [0, 1, 2, 3].map(|i| median(rates[i].clone())),
-        cpu_us: [0, 1, 2, 3].map(|i| median(cpus[i].clone())),
+        tput_none: median(bps(&t_none)),
+        tput_sepal: median(bps(&t_sepal)),
+        tput_conntrack: median(bps(&t_ct)),
+        tput_cpu_us_per_mb: [&t_none, &t_sepal, &t_ct].map(|t| median(cpu_per_mb(t))),
+        rate: [0, 1, 2, 3, 4].map(|i| median(rates[i].clone())),
+        cpu_us: [0, 1, 2, 3, 4].map(|i| median(cpus[i].clone())),
         runs_with_syn_losses,
     })
 }
@@ -793,8 +846,18 @@ pub fn run(args: &[String]) -> Result<()> {
         d.rate[3]
     );
     println!(
-        "CPU per connection (this process: client and accept threads with their softirq work; steady under load): none {:.1}, sepal {:.1}, linear iptables {:.1} (x{:.2} sepal), linear iptables-legacy {:.1} (x{:.2}) us; runs with lost SYNs: {} of {}",
+        "conntrack alone (a one-rule table): {:.2} Gbit/s, {:.0} connections/s",
+        d.tput_conntrack / 1e9,
+        d.rate[4]
+    );
+    println!(
+        "CPU per MB through the node (iperf3 sender + receiver with their softirq work): none {:.0}, sepal {:.0}, conntrack only {:.0} us; none/sepal {:.3}",
+        d.tput_cpu_us_per_mb[0], d.tput_cpu_us_per_mb[1], d.tput_cpu_us_per_mb[2], d.tput_cpu_ratio
+    );
+    println!(
+        "CPU per connection (this process: client and accept threads with their softirq work; steady under load): none {:.1}, conntrack only {:.1}, sepal {:.1}, linear iptables {:.1} (x{:.2} sepal), linear iptables-legacy {:.1} (x{:.2}) us; runs with lost SYNs: {} of {}",
         d.cpu_us[0],
+        d.cpu_us[4],
         d.cpu_us[1],
         d.cpu_us[2],
         d.cpu_ratio_nft,
@@ -812,6 +875,7 @@ pub fn run(args: &[String]) -> Result<()> {
             "incremental_pod_ms": (newpod * 10.0).round() / 10.0,
             "incremental_cpu_ms": (cpu_inc * 10.0).round() / 10.0,
             "throughput_ratio_vs_none": (tput_ratio * 1000.0).round() / 1000.0,
+            "throughput_cpu_ratio_vs_none": (d.tput_cpu_ratio * 1000.0).round() / 1000.0,
             "conn_rate_ratio_vs_linear_iptables": (rate_ratio * 100.0).round() / 100.0,
             "conn_rate_ratio_vs_linear_iptables_legacy": (legacy_ratio * 100.0).round() / 100.0,
             "conn_cpu_ratio_vs_linear_iptables": (d.cpu_ratio_nft * 100.0).round() / 100.0,
