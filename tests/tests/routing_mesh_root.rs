@@ -37,28 +37,7 @@ fn mesh_routes_pods_across_nodes_and_survives_agent_restart() {
     assert!(pings(&c.nodes[1].netns, &p2.ip), "node n1 -> pod n2");
 
     // No encapsulation: on the underlay the packets carry the pods' own addresses.
-    let dump = c
-        .fabric
-        .command(&[
-            "timeout",
-            "10",
-            "tcpdump",
-            "-l",
-            "-n",
-            "-c",
-            "1",
-            "-i",
-            "br0",
-            &format!("icmp and src host {} and dst host {}", p0.ip, p2.ip),
-        ])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .expect("tcpdump");
-    std::thread::sleep(Duration::from_millis(1000));
-    let _ = p0.netns.try_run(&format!("ping -c3 -i0.2 -W1 {}", p2.ip));
-    let out = dump.wait_with_output().expect("tcpdump output");
-    let seen = String::from_utf8_lossy(&out.stdout);
+    let seen = common::underlay_sees(&c.fabric, "br0", &p0, &p2.ip);
     assert!(
         seen.contains(&format!("{} > {}: ICMP echo request", p0.ip, p2.ip)),
         "underlay saw: {seen:?}"

@@ -1,7 +1,7 @@
 //! Routing end to end through a top-of-rack router that runs BIRD 2, FRR or GoBGP: 3 dual-stack
 //! nodes with their own AS peer with it over eBGP with TCP MD5 (the mesh off), one IPv4 session
 //! each carrying both families; the ToR learns exactly the node blocks, pods reach each other
-//! through it over IPv4 and IPv6, its default route is refused, a node that drops off the network
+//! through it over IPv4 and IPv6 (unencapsulated), its default route is refused, a node that drops off the network
 //! without graceful restart is withdrawn within the hold time, and (BIRD, FRR) an agent killed and
 //! restarted costs no packet.
 
@@ -86,6 +86,12 @@ fn scenario(kind: TorKind) {
         "pod n2 -> pod n0 through {kind:?}"
     );
     assert!(pings(&c.nodes[1].netns, &p0.ip), "node n1 -> pod n0");
+    // No encapsulation: on the ToR's link to n2 the packets carry the pods' own addresses.
+    let seen = common::underlay_sees(&tor, "n2", &p0, &p2.ip);
+    assert!(
+        seen.contains(&format!("{} > {}: ICMP echo request", p0.ip, p2.ip)),
+        "the ToR's link to n2 saw: {seen:?}"
+    );
     // IPv6 over the same sessions: each node's IPv6 block with the ToR's IPv6 address on the
     // node's link as next hop (not an IPv4-mapped one), and pods reach each other.
     let r = c.wait_route(0, "fd10:244:2::/64", Duration::from_secs(20), |r| {

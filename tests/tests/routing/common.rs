@@ -207,6 +207,24 @@ pub fn cut_off(ns: &Netns) {
     );
 }
 
+/// What tcpdump on `iface` in `ns` sees of ICMP from pod `from` to `to` while `from` pings it
+/// (one line per packet, the first one only).
+pub fn underlay_sees(ns: &Netns, iface: &str, from: &Pod, to: &str) -> String {
+    let filter = format!("icmp and src host {} and dst host {to}", from.ip);
+    let dump = ns
+        .command(&[
+            "timeout", "10", "tcpdump", "-l", "-n", "-c", "1", "-i", iface, &filter,
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("tcpdump");
+    std::thread::sleep(Duration::from_millis(1000));
+    let _ = from.netns.try_run(&format!("ping -c3 -i0.2 -W1 {to}"));
+    let out = dump.wait_with_output().expect("tcpdump output");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
 /// Waits until `f` holds, polling every 50 ms; returns how long it took, or None after `timeout`.
 pub fn within(timeout: Duration, mut f: impl FnMut() -> bool) -> Option<Duration> {
     let start = Instant::now();
