@@ -3,8 +3,10 @@
 //! through `sepal-cni`); the same two nodes with hand-made pods, static routes and no agent (the
 //! limit); and the hand-made pods across a kernel VXLAN overlay. A fourth path, the static one
 //! with the nftables table the Sepal nodes run copied in, shows what that table alone costs. Runs
-//! interleave so that load on the machine falls on all of them alike. Also times agent start to
-//! BGP routes in both kernels.
+//! interleave so that load on the machine falls on all of them alike; CPU per MB (sender and
+//! receiver with their softirq work) is reported next to throughput, as load barely moves it.
+//! Also times agent start to BGP routes in both kernels, and counts the conntrack entries on a
+//! Sepal node (none: with no pod isolated its table does not turn connection tracking on).
 
 use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
@@ -105,8 +107,9 @@ impl PodPath {
         Ok(path)
     }
 
-    /// One iperf3 run: received Gbit/s.
-    fn gbps(&self, seconds: u64) -> Result<f64> {
+    /// One iperf3 run: received Gbit/s, and the CPU time of sender and receiver (with the
+    /// forwarding softirq work they run) per MB, which other load on the machine barely moves.
+    fn gbps(&self, seconds: u64) -> Result<(f64, f64)> {
         let out = self.client.output(&[
             "iperf3",
             "-c",
@@ -120,10 +123,18 @@ impl PodPath {
         if let Some(e) = report.get("error") {
             bail!("{}: iperf3: {e}", self.label);
         }
-        report["end"]["sum_received"]["bits_per_second"]
-            .as_f64()
-            .map(|bps| bps / 1e9)
-            .with_context(|| format!("{}: no end.sum_received in iperf3's report", self.label))
+        let end = &report["end"];
+        let number = |v: &Value, what: &str| {
+            v.as_f64()
+                .with_context(|| format!("{}: no end.{what} in iperf3's report", self.label))
+        };
+        let gbps = number(&end["sum_received"]["bits_per_second"], "sum_received")? / 1e9;
+        let secs = number(&end["sum_sent"]["seconds"], "sum_sent.seconds")?;
+        let mb = number(&end["sum_sent"]["bytes"], "sum_sent.bytes")? / 1e6;
+        let cpu = &end["cpu_utilization_percent"];
+        let percent = number(&cpu["host_total"], "cpu_utilization_percent")?
+            + number(&cpu["remote_total"], "cpu_utilization_percent")?;
+        Ok((gbps, percent / 100.0 * secs * 1e6 / mb.max(1e-9)))
     }
 }
 
@@ -349,15 +360,40 @@ pub fn run(args: &[String]) -> Result<()> {
     ];
     println!("{}", sepal_additions(&paths[0]));
     let mut figures: Vec<Vec<f64>> = vec![Vec::new(); paths.len()];
+    let mut cpu: Vec<Vec<f64>> = vec![Vec::new(); paths.len()];
     // Each run starts with another path, so no path always runs first (or right after another).
     for run in 0..a.runs {
         for k in 0..paths.len() {
             let i = (run + k) % paths.len();
-            let g = paths[i].gbps(a.seconds)?;
-            println!("run {}: {:<7}{g:>7.2} Gbit/s", run + 1, paths[i].label);
+            let (g, cpu_us) = paths[i].gbps(a.seconds)?;
+            println!(
+                "run {}: {:<7}{g:>7.2} Gbit/s, {cpu_us:>5.0} us CPU per MB",
+                run + 1,
+                paths[i].label
+            );
             figures[i].push(g);
+            cpu[i].push(cpu_us);
         }
     }
+    // With no pod isolated Sepal's table holds no `ct` expression, so nothing made the kernel
+    // track the runs' connections on its nodes.
+    let tracked = paths[0]._agents[0]
+        .netns
+        .try_run("conntrack -C")
+        .unwrap_or_else(|e| format!("unknown ({e})"));
+    println!(
+        "conntrack entries on a Sepal node after the runs: {}",
+        tracked.trim()
+    );
+    // CPU per MB of static routes over Sepal's, per run (each run has every path), median.
+    let cpu_ratio = median(cpu[1].iter().zip(&cpu[0]).map(|(s, p)| s / p).collect());
+    let nft_cpu_ratio = median(cpu[1].iter().zip(&cpu[3]).map(|(s, p)| s / p).collect());
+    let cpu_med: Vec<f64> = cpu.into_iter().map(median).collect();
+    println!(
+        "CPU per MB (iperf3 sender + receiver with their softirq work; steady under load): sepal {:.0}, static {:.0}, \
+         vxlan {:.0}, st+nft {:.0} us; static/sepal {cpu_ratio:.3}, static/st+nft {nft_cpu_ratio:.3}",
+        cpu_med[0], cpu_med[1], cpu_med[2], cpu_med[3]
+    );
     let med: Vec<f64> = figures.into_iter().map(median).collect();
     let (sepal_gbps, static_gbps, vxlan_gbps, nft_gbps) = (med[0], med[1], med[2], med[3]);
     println!(
@@ -384,6 +420,8 @@ pub fn run(args: &[String]) -> Result<()> {
             "routes_converged_ms": converged_ms.round(),
             "static_with_sepal_nft_gbps": round(nft_gbps, 2),
             "nft_ratio_vs_static": round(nft_gbps / static_gbps, 3),
+            "cpu_ratio_vs_static": round(cpu_ratio, 3),
+            "nft_cpu_ratio_vs_static": round(nft_cpu_ratio, 3),
         })
     );
     Ok(())
