@@ -101,7 +101,8 @@ pub struct BGPConfigurationSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(regex(pattern = r"^([0-9]+(\.[0-9]+)?(ms|s|m|h))+$"))]
     pub hold_time: Option<String>,
-    /// How long peers keep this node's routes while its agent restarts.
+    /// How long peers keep this node's routes while its agent restarts; 0s turns graceful restart
+    /// off (the capability is not offered).
     #[serde(default = "default_graceful_restart_time")]
     #[schemars(regex(pattern = r"^([0-9]+(\.[0-9]+)?(ms|s|m|h))+$"))]
     pub graceful_restart_time: String,
