@@ -18,6 +18,20 @@ use tokio::sync::Mutex;
 
 /// How often sessions and policy problems are looked at.
 const ROUND: Duration = Duration::from_secs(2);
+/// The longest pause between rounds while the API server refuses writes: every node backs off,
+/// so a recovering API server is not met by all of them at once.
+const MAX_BACKOFF: Duration = Duration::from_secs(60);
+
+/// The pause after a round: ROUND after success, doubling after each failed round up to
+/// MAX_BACKOFF, spread by `jitter` (0..1) over its upper half.
+pub fn next_pause(previous: Duration, ok: bool, jitter: f64) -> (Duration, Duration) {
+    let base = if ok {
+        ROUND
+    } else {
+        (previous * 2).min(MAX_BACKOFF)
+    };
+    (base, base.mul_f64(0.5 + jitter.clamp(0.0, 1.0) / 2.0))
+}
 
 use k8s_openapi::jiff::Timestamp;
 
@@ -238,17 +252,29 @@ pub async fn run(kubeconfig: Option<PathBuf>, node: String, agent: Arc<Mutex<cra
         }
     };
     let mut written = Written::default();
+    let mut base = ROUND;
     loop {
-        round(&writer, &agent, &mut written).await;
-        tokio::time::sleep(ROUND).await;
+        let ok = round(&writer, &agent, &mut written).await;
+        let jitter = f64::from(
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap_or_default()
+                .subsec_nanos()
+                % 1000,
+        ) / 1000.0;
+        let (next_base, pause) = next_pause(base, ok, jitter);
+        base = next_base;
+        tokio::time::sleep(pause).await;
     }
 }
 
+/// One round of writes; false when the API server refused or missed any of them.
 async fn round(
     writer: &StatusWriter,
     agent: &Arc<Mutex<crate::node::Agent>>,
     written: &mut Written,
-) {
+) -> bool {
+    let mut ok = true;
     // An agent that started serving without its initial sync (a forbidden resource, an outage)
     // programmed routes from a partial view: the node is not declared up until the sync is done.
     if !written.network_available && crate::metrics::metrics().health.synced() {
@@ -257,7 +283,10 @@ async fn round(
                 tracing::info!("node condition NetworkUnavailable=False (SepalIsUp) set");
                 written.network_available = true;
             }
-            Err(e) => tracing::warn!("{e:#}"),
+            Err(e) => {
+                tracing::warn!("{e:#}");
+                ok = false;
+            }
         }
     }
     let (speaker, sources, problems, node) = {
@@ -283,7 +312,7 @@ async fn round(
     if written.report.as_ref() != Some(&report) {
         let before = written.report.as_ref().map_or(&[][..], |r| &r.sessions[..]);
         for (about, reason, note) in session_failures(&node, before, &report.sessions) {
-            written.events.warn(writer, &about, &reason, &note).await;
+            ok &= written.events.warn(writer, &about, &reason, &note).await;
         }
         let stamped = NodeStatusReport {
             last_updated: Some(now_time()),
@@ -291,23 +320,32 @@ async fn round(
         };
         match writer.report(&stamped).await {
             Ok(()) => written.report = Some(report),
-            Err(e) => tracing::warn!("{e:#}"),
+            Err(e) => {
+                tracing::warn!("{e:#}");
+                ok = false;
+            }
         }
     }
     for p in &problems {
         let text = p.to_string();
-        if !written.problems.contains(&text)
-            && written
-                .events
-                .warn(writer, &policy_key(p), "PolicyRejected", &text)
-                .await
-        {
-            written.problems.insert(text);
+        if written.problems.contains(&text) {
+            continue;
         }
+        if !written
+            .events
+            .warn(writer, &policy_key(p), "PolicyRejected", &text)
+            .await
+        {
+            // The rest wait for the next round rather than pile onto a failing server.
+            ok = false;
+            break;
+        }
+        written.problems.insert(text);
     }
     // A fixed policy may break the same way again later: report it again then.
     let current: BTreeSet<String> = problems.iter().map(ToString::to_string).collect();
     written.problems.retain(|t| current.contains(t));
+    ok
 }
 
 #[cfg(test)]
@@ -443,6 +481,18 @@ mod tests {
         api.delete("Event", "default", name);
         assert!(recorded.warn(&w, &peer, "BGPSessionDown", "down").await);
         assert_eq!(api.list("Event").len(), 2);
+    }
+
+    #[test]
+    fn failed_rounds_back_off_with_jitter_and_success_resets() {
+        let (mut base, mut pause) = (ROUND, ROUND);
+        for _ in 0..10 {
+            (base, pause) = next_pause(base, false, 1.0);
+        }
+        assert_eq!((base, pause), (MAX_BACKOFF, MAX_BACKOFF));
+        assert_eq!(next_pause(base, false, 0.0).1, MAX_BACKOFF / 2);
+        assert_eq!(next_pause(ROUND, false, 1.0).0, ROUND * 2);
+        assert_eq!(next_pause(base, true, 1.0), (ROUND, ROUND));
     }
 
     #[test]
