@@ -5,6 +5,8 @@
 pub mod conntrack;
 /// Running `nft` and `conntrack`, optionally in another network namespace.
 pub mod exec;
+/// nft's library, libnftables, loaded at run time (`nft -f -` without a process per change).
+pub mod libnft;
 /// Host-side veth discovery and removal.
 pub mod links;
 /// The nftables dataplane for the compiled policy, table `inet sepal`.

@@ -540,6 +540,9 @@ pub struct Dataplane {
     last: Option<Ruleset>,
     /// The `Compiler` update `last` came from (see `apply_update`).
     generation: Option<u64>,
+    /// libnftables for batches, once loaded (`nft` runs when it cannot be).
+    lib: Option<crate::libnft::Libnft>,
+    lib_tried: bool,
 }
 
 impl Dataplane {
@@ -556,6 +559,8 @@ impl Dataplane {
             opts,
             last: None,
             generation: None,
+            lib: None,
+            lib_tried: false,
         }
     }
 
@@ -590,7 +595,7 @@ impl Dataplane {
             return Ok(Applied::Unchanged);
         }
         let narrowed = narrows_in(last, rs, &scope);
-        match self.run(&["-f", "-"], Some(&diff)) {
+        match self.run_batch(&diff) {
             Ok(_) => {
                 if let Some(last) = self.last.as_mut() {
                     patch(last, rs, &scope);
@@ -621,7 +626,7 @@ impl Dataplane {
                 return Ok(Applied::Unchanged);
             }
             let narrowed = narrows(last, &rs);
-            match self.run(&["-f", "-"], Some(&diff)) {
+            match self.run_batch(&diff) {
                 Ok(_) => {
                     self.last = Some(rs);
                     return Ok(Applied::Incremental {
@@ -637,7 +642,7 @@ impl Dataplane {
             }
         }
         self.last = None;
-        self.run(&["-f", "-"], Some(&render_full(&rs, &self.opts)))?;
+        self.run_batch(&render_full(&rs, &self.opts))?;
         self.last = Some(rs);
         Ok(Applied::Full)
     }
@@ -646,7 +651,7 @@ impl Dataplane {
     pub fn resync(&mut self, rs: &Ruleset) -> Result<Applied, NftError> {
         self.last = None;
         self.generation = None;
-        self.run(&["-f", "-"], Some(&render_full(rs, &self.opts)))?;
+        self.run_batch(&render_full(rs, &self.opts))?;
         self.last = Some(rs.clone());
         Ok(Applied::Full)
     }
@@ -656,7 +661,7 @@ impl Dataplane {
         self.last = None;
         self.generation = None;
         let batch = format!("table {FAMILY_TABLE} {{}}\ndelete table {FAMILY_TABLE}\n");
-        self.run(&["-f", "-"], Some(&batch)).map(|_| ())
+        self.run_batch(&batch)
     }
 
     /// Is there a table `inet sepal` (e.g. left by the previous agent run)?
@@ -671,6 +676,34 @@ impl Dataplane {
     pub fn counters(&self) -> Result<BTreeMap<(String, String), RuleCounter>, NftError> {
         let out = self.run(&["-j", "list", "table", "inet", TABLE], None)?;
         parse_counters(&out)
+    }
+
+    /// One batch of commands, one transaction: through libnftables when this dataplane runs
+    /// plain `nft` and the library loads, else through the `nft` tool.
+    fn run_batch(&mut self, batch: &str) -> Result<(), NftError> {
+        use crate::libnft::Libnft;
+        if !self.lib_tried && self.command == ["nft"] {
+            self.lib_tried = true;
+            self.lib = match &self.netns {
+                None => Libnft::open(),
+                Some(path) => Libnft::in_netns(path, Libnft::open).ok().flatten(),
+            };
+        }
+        let Some(lib) = self.lib.as_mut() else {
+            return self.run(&["-f", "-"], Some(batch)).map(|_| ());
+        };
+        let ran = match &self.netns {
+            None => lib.run(batch),
+            Some(path) => Libnft::in_netns(path, || lib.run(batch))
+                .map_err(|e| format!("netns {}: {e}", path.display()))
+                .and_then(|r| r),
+        };
+        ran.map(|_| ()).map_err(|stderr| {
+            NftError::Exec(crate::exec::ExecError::Failed {
+                program: "nft".into(),
+                stderr,
+            })
+        })
     }
 
     fn run(&self, args: &[&str], stdin: Option<&str>) -> Result<String, NftError> {

@@ -214,3 +214,32 @@ fn incremental_updates_equal_a_full_replace_root() {
     assert!(inc.run("nft list tables").contains("table inet other"));
     assert!(full.run("nft list tables").contains("table inet other"));
 }
+
+/// libnftables, as the dataplane loads it, programs the namespace it was opened in (not the
+/// caller's), runs a batch as one transaction, and reports nft's error for a bad one.
+#[test]
+fn libnftables_runs_batches_in_its_namespace_root() {
+    use sepal_felix::libnft::Libnft;
+    let ns = Netns::new("plib");
+    let mut lib = Libnft::in_netns(&ns.path(), Libnft::open)
+        .expect("enter netns")
+        .expect("libnftables loads");
+    let ran = Libnft::in_netns(&ns.path(), || {
+        lib.run("add table inet sepal-libtest\nadd chain inet sepal-libtest c\n")
+    })
+    .expect("enter netns");
+    assert_eq!(ran, Ok(String::new()));
+    assert!(ns
+        .run("nft list tables")
+        .contains("table inet sepal-libtest"));
+    // A failing command rolls back the whole batch.
+    let bad = Libnft::in_netns(&ns.path(), || {
+        lib.run("add chain inet sepal-libtest d\nadd rule inet sepal-libtest nosuchchain accept\n")
+    })
+    .expect("enter netns");
+    let err = bad.expect_err("a rule in a missing chain fails");
+    assert!(err.contains("No such file or directory"), "{err}");
+    assert!(!ns
+        .run("nft list table inet sepal-libtest")
+        .contains("chain d"));
+}
