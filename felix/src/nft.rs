@@ -1,8 +1,10 @@
 //! The nftables dataplane for compiled policy: table `inet sepal`, and nothing else, programmed
-//! through `nft -f -` (one transaction per apply); kube-proxy's and others' tables stay untouched.
+//! with nft's command language, one transaction per apply, through libnftables in process (see
+//! `libnft`; the `nft -f -` tool where the library cannot be loaded); kube-proxy's and others'
+//! tables stay untouched.
 //!
-//! Why the `nft` text syntax on stdin rather than JSON through a crate: the text form is nft's
-//! primary, stable interface, one `nft -f` is one kernel transaction either way, and JSON input
+//! Why the `nft` text syntax rather than JSON through a crate: the text form is nft's
+//! primary, stable interface, one batch is one kernel transaction either way, and JSON input
 //! has ordering traps (a map element's `jump` must come after its chain) that the flat command
 //! list below avoids by construction (sets, then chains, then rules, then maps, then the hook).
 //!
