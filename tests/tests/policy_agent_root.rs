@@ -1,6 +1,8 @@
 //! `sepal policy explain` against the real agent, needs root: a node running `sepal node` with a
 //! dir datastore holding two pods and a NetworkPolicy; the CLI asks the agent over its operator
 //! socket and reports the verdict, the deciding rule, and the packets the kernel counted for it.
+//! Also the agent's own paths: default-deny drops logged to nflog, a remote pod's address reaching
+//! this node's sets, and revocation of an established flow a policy change denies.
 
 use sepal_tests::netns::Netns;
 use sepal_tests::node::{CniCall, Node};
@@ -237,5 +239,87 @@ fn a_remote_pods_new_address_reaches_this_nodes_sets_root() {
     eprintln!(
         "remote pod address in this node's sets after {} ms",
         started.elapsed().as_millis()
+    );
+}
+
+/// Runs `f` on a thread inside `netns`.
+fn in_netns<T: Send>(netns: &Netns, f: impl FnOnce() -> T + Send) -> T {
+    let path = netns.path();
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            let ns = File::open(&path).expect("netns");
+            // SAFETY: setns on a valid namespace fd only changes this thread's namespace.
+            assert_eq!(
+                unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) },
+                0
+            );
+            f()
+        })
+        .join()
+        .expect("netns thread")
+    })
+}
+
+/// Does `text` arrive at the server within `wait`?
+fn delivered(client: &mut TcpStream, server: &mut TcpStream, text: &str, wait: Duration) -> bool {
+    use std::io::{Read, Write};
+    client.write_all(text.as_bytes()).expect("client write");
+    let mut buf = vec![0u8; text.len()];
+    server.set_read_timeout(Some(wait)).expect("timeout");
+    server.read_exact(&mut buf).is_ok() && buf == text.as_bytes()
+}
+
+/// The agent revokes: a policy change that denies an established connection between two of its
+/// pods removes the flow's conntrack entry, and the connection stops.
+#[test]
+fn the_agent_revokes_an_established_flow_a_change_denies_root() {
+    let mut node = Node::new("pvn", &["10.244.11.0/24"]);
+    write(&node, "pod-server.yaml", &pod_yaml("server", "pvn"));
+    write(&node, "pod-client.yaml", &pod_yaml("client", "pvn"));
+    let web = |port: u16| {
+        format!("apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {{name: web, namespace: default}}\nspec:\n  podSelector: {{matchLabels: {{app: server}}}}\n  ingress: [{{from: [{{podSelector: {{matchLabels: {{app: client}}}}}}], ports: [{{port: {port}}}]}}]\n")
+    };
+    write(&node, "np-web.yaml", &web(8080));
+    node.start_agent();
+    let (server_ns, server_ip) = add_pod(&node, "pvs", "server");
+    let (client_ns, _) = add_pod(&node, "pvc", "client");
+
+    let listener = in_netns(&server_ns, || {
+        std::net::TcpListener::bind(("0.0.0.0", 8080)).expect("bind")
+    });
+    let addr: std::net::SocketAddr = format!("{server_ip}:8080").parse().expect("addr");
+    let mut client = in_netns(&client_ns, || {
+        TcpStream::connect_timeout(&addr, Duration::from_secs(3)).expect("connect")
+    });
+    let (mut server, _) = listener.accept().expect("accept");
+    assert!(delivered(
+        &mut client,
+        &mut server,
+        "one",
+        Duration::from_secs(2)
+    ));
+
+    // Only port 9999 from now on: the established connection to 8080 must stop.
+    write(&node, "np-web.yaml", &web(9999));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut n = 0;
+    while delivered(
+        &mut client,
+        &mut server,
+        &format!("m{n:03}"),
+        Duration::from_millis(300),
+    ) {
+        assert!(
+            Instant::now() < deadline,
+            "the denied connection still delivers; agent log:\n{}",
+            node.agent_log()
+        );
+        n += 1;
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let log = node.agent_log();
+    assert!(
+        log.contains("NetworkPolicy revoked established flows"),
+        "{log}"
     );
 }
