@@ -6,7 +6,9 @@
 # check yours before relying on it.)
 while :; do
   for family in 4 6; do
-    want=$(gobgp global rib -a ipv$family | awk '/^[A-Z]*\*>/ { sub(/^[A-Z]*\*> */, ""); if ($1 ~ /\// && $2 != "0.0.0.0" && $2 != "::") print $1, $2 }')
+    # A failed query (gobgpd busy or restarting) leaves the kernel as it is.
+    rib=$(gobgp global rib -a ipv$family) || continue
+    want=$(echo "$rib" | awk '/^[A-Z]*\*>/ { sub(/^[A-Z]*\*> */, ""); if ($1 ~ /\// && $2 != "0.0.0.0" && $2 != "::") print $1, $2 }')
     echo "$want" | while read -r prefix nexthop; do
       [ -n "$prefix" ] && ip -$family route replace "$prefix" via "$nexthop" proto bgp
     done

@@ -142,11 +142,10 @@ fn scenario(kind: TorKind) {
     );
     eprintln!("{kind:?}: n1 (cut off) withdrawn after {:?}", gone.unwrap());
 
-    // GoBGP runs this cluster without graceful restart, and turning it on now would not make
-    // the restart below a fair test: GoBGP 3.10 keeps a neighbour's graceful-restart state from
-    // its first session for good, and with it on from the start the cut-off above keeps n1's
-    // routes. (Run separately, a restart through GoBGP lost from 0 to 30 % of the pings while
-    // GoBGP held the session Idle for 5 s; left for later.)
+    // GoBGP runs this cluster without graceful restart, so an agent restart costs packets by
+    // design. (Turning it back on here with a new BGPConfiguration, waiting until n2 is routed
+    // through the ToR again, then restarting n2 lost no packet in 17 of 18 runs; one run under
+    // load lost some, not understood yet, so it is not asserted.)
     if kind == TorKind::Gobgp {
         return;
     }
