@@ -346,6 +346,11 @@ impl Gobgp {
         }
     }
 
+    /// gobgpd's own log (session changes and their reasons).
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self._dir.path().join("gobgpd.log")).unwrap_or_default()
+    }
+
     /// Runs the `gobgp` CLI; panics on failure.
     pub fn cli(&self, args: &[&str]) -> String {
         self.try_cli(args)

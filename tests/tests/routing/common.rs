@@ -327,6 +327,7 @@ impl TorDaemon {
                 f.vtysh("show bgp ipv6 unicast")
             ),
             TorDaemon::Gobgp(g, _) => [
+                g.log(),
                 g.cli(&["neighbor"]),
                 g.cli(&["global", "rib", "-a", "ipv4"]),
                 g.cli(&["global", "rib", "-a", "ipv6"]),
