@@ -30,30 +30,8 @@ pub fn run(
     // The tool runs from a short-lived thread that entered the namespace: a child inherits its
     // creating thread's namespaces, and without a pre-exec hook std can spawn the cheap way
     // (no copy of a large agent's page tables).
-    let ns = std::fs::File::open(path)
-        .map_err(|e| ExecError::Spawn(format!("netns {}", path.display()), e))?;
-    std::thread::scope(|scope| {
-        scope
-            .spawn(|| {
-                use std::os::fd::AsRawFd;
-                // SAFETY: setns on a valid namespace fd; it changes only this thread, which
-                // ends right after the command.
-                if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-                    return Err(ExecError::Spawn(
-                        format!("netns {}", path.display()),
-                        std::io::Error::last_os_error(),
-                    ));
-                }
-                finish(prog, pre, args, stdin)
-            })
-            .join()
-            .unwrap_or_else(|_| {
-                Err(ExecError::Spawn(
-                    prog.clone(),
-                    std::io::Error::other("runner thread panicked"),
-                ))
-            })
-    })
+    crate::netns::on_thread_in(path, || finish(prog, pre, args, stdin))
+        .map_err(|e| ExecError::Spawn(format!("netns {}", path.display()), e))?
 }
 
 fn finish(

@@ -9,6 +9,8 @@ pub mod exec;
 pub mod libnft;
 /// Host-side veth discovery and removal.
 pub mod links;
+/// Work inside another network namespace from a thread of its own.
+pub mod netns;
 /// The nftables dataplane for the compiled policy, table `inet sepal`.
 pub mod nft;
 /// NetworkPolicy compiler: pure model in, desired ruleset out.

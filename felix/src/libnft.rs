@@ -4,7 +4,6 @@
 //! caller runs the `nft` tool instead.
 
 use std::ffi::{c_char, c_int, c_void, CStr, CString};
-use std::path::Path;
 
 type CtxNew = unsafe extern "C" fn(u32) -> *mut c_void;
 type CtxFree = unsafe extern "C" fn(*mut c_void);
@@ -102,29 +101,6 @@ impl Libnft {
                 Err(error.trim().to_string())
             }
         }
-    }
-
-    /// `open` and `run`, both inside the network namespace at `netns` (a thread that entered it:
-    /// the context's netlink socket belongs to the namespace it was opened in).
-    pub fn in_netns<T: Send>(
-        netns: &Path,
-        f: impl FnOnce() -> T + Send,
-    ) -> Result<T, std::io::Error> {
-        let ns = std::fs::File::open(netns)?;
-        std::thread::scope(|scope| {
-            scope
-                .spawn(|| {
-                    use std::os::fd::AsRawFd;
-                    // SAFETY: setns on a valid namespace fd changes only this thread, which ends
-                    // right after `f`.
-                    if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-                        return Err(std::io::Error::last_os_error());
-                    }
-                    Ok(f())
-                })
-                .join()
-                .unwrap_or_else(|_| Err(std::io::Error::other("nft thread panicked")))
-        })
     }
 }
 

@@ -688,7 +688,9 @@ impl Dataplane {
             self.lib_tried = true;
             self.lib = match &self.netns {
                 None => Libnft::open(),
-                Some(path) => Libnft::in_netns(path, Libnft::open).ok().flatten(),
+                Some(path) => crate::netns::on_thread_in(path, Libnft::open)
+                    .ok()
+                    .flatten(),
             };
         }
         let Some(lib) = self.lib.as_mut() else {
@@ -696,7 +698,7 @@ impl Dataplane {
         };
         let ran = match &self.netns {
             None => lib.run(batch),
-            Some(path) => Libnft::in_netns(path, || lib.run(batch))
+            Some(path) => crate::netns::on_thread_in(path, || lib.run(batch))
                 .map_err(|e| format!("netns {}: {e}", path.display()))
                 .and_then(|r| r),
         };

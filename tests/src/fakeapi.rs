@@ -108,6 +108,20 @@ pub struct FakeApi {
     runtime: Option<tokio::runtime::Runtime>,
 }
 
+/// Whether a Node object carries the condition Sepal writes once the node's routes are
+/// programmed: `NetworkUnavailable=False` with reason `SepalIsUp`.
+pub fn sepal_is_up(node: &Value) -> bool {
+    node["status"]["conditions"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .any(|c| {
+            c["type"] == "NetworkUnavailable"
+                && c["status"] == "False"
+                && c["reason"] == "SepalIsUp"
+        })
+}
+
 impl Drop for FakeApi {
     /// Works from inside an async test too (dropping a runtime there would panic).
     fn drop(&mut self) {

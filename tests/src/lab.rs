@@ -169,6 +169,14 @@ impl Drop for Lab {
     }
 }
 
+/// The lab tests' extra pod, `frontend/extra` on node2, with `labels` (YAML flow mapping body).
+pub fn extra_pod(labels: &str) -> String {
+    format!(
+        "apiVersion: v1\nkind: Pod\nmetadata: {{name: extra, namespace: frontend, labels: {{{labels}}}}}\n\
+         spec: {{nodeName: node2, containers: [{{name: main, image: lab}}]}}\n"
+    )
+}
+
 pub fn netns_list() -> BTreeSet<String> {
     let out = Command::new("ip").args(["netns", "list"]).output().unwrap();
     String::from_utf8_lossy(&out.stdout)

@@ -28,18 +28,6 @@ fn names(objects: &[Value]) -> BTreeSet<String> {
         .collect()
 }
 
-fn network_available(node: &Value) -> bool {
-    node["status"]["conditions"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .any(|c| {
-            c["type"] == "NetworkUnavailable"
-                && c["status"] == "False"
-                && c["reason"] == "SepalIsUp"
-        })
-}
-
 #[test]
 fn lab_end_to_end_with_the_kubernetes_datastore() {
     require_root();
@@ -101,7 +89,7 @@ fn lab_end_to_end_with_the_kubernetes_datastore() {
     wait_for(
         "NetworkUnavailable=False (SepalIsUp) on every Node",
         || api.list("Node"),
-        |nodes| nodes.len() == 3 && nodes.iter().all(network_available),
+        |nodes| nodes.len() == 3 && nodes.iter().all(sepal_tests::fakeapi::sepal_is_up),
     );
     for node in NODES {
         let s = wait_for(
@@ -165,13 +153,7 @@ fn lab_end_to_end_with_the_kubernetes_datastore() {
     // A pod through apply: created by CNI ADD with its IP in the API server, relabelled (the
     // object replaced, the old label gone), deleted by CNI DEL and from the API server.
     let pod_file = tmp.path().join("pod.yaml");
-    let pod = |labels: &str| {
-        format!(
-            "apiVersion: v1\nkind: Pod\nmetadata: {{name: extra, namespace: frontend, labels: {{{labels}}}}}\n\
-             spec: {{nodeName: node2, containers: [{{name: main, image: lab}}]}}\n"
-        )
-    };
-    std::fs::write(&pod_file, pod("app: one, tier: a")).unwrap();
+    std::fs::write(&pod_file, sepal_tests::lab::extra_pod("app: one, tier: a")).unwrap();
     lab.apply(&pod_file, false);
     let extra = api.get("Pod", "frontend", "extra").expect("the new pod");
     let extra_ip = extra["status"]["podIP"].as_str().unwrap().to_string();
@@ -179,7 +161,7 @@ fn lab_end_to_end_with_the_kubernetes_datastore() {
         .ask("endpoints", "node2")
         .to_string()
         .contains(&extra_ip));
-    std::fs::write(&pod_file, pod("app: two")).unwrap();
+    std::fs::write(&pod_file, sepal_tests::lab::extra_pod("app: two")).unwrap();
     lab.apply(&pod_file, false);
     let relabelled = api.get("Pod", "frontend", "extra").unwrap();
     assert_eq!(

@@ -136,17 +136,8 @@ fn kube_datastore_pods_get_addresses_from_the_node_cidr() {
         &agent,
         "NetworkUnavailable=False (SepalIsUp) on the Node",
         || {
-            api.get("Node", "", "kn1").is_some_and(|n| {
-                n["status"]["conditions"]
-                    .as_array()
-                    .into_iter()
-                    .flatten()
-                    .any(|c| {
-                        c["type"] == "NetworkUnavailable"
-                            && c["status"] == "False"
-                            && c["reason"] == "SepalIsUp"
-                    })
-            })
+            api.get("Node", "", "kn1")
+                .is_some_and(|n| sepal_tests::fakeapi::sepal_is_up(&n))
         },
     );
     wait_until(&agent, "a SepalNodeStatus for kn1", || {

@@ -254,13 +254,7 @@ fn lab_and_operator_tools_end_to_end() {
 
     // Pods through apply/delete: created by CNI ADD, relabelled, removed by CNI DEL.
     let pod_file = dir.path().join("pod.yaml");
-    let pod = |labels: &str| {
-        format!(
-            "apiVersion: v1\nkind: Pod\nmetadata: {{name: extra, namespace: frontend, labels: {{{labels}}}}}\n\
-             spec: {{nodeName: node2, containers: [{{name: main, image: lab}}]}}\n"
-        )
-    };
-    std::fs::write(&pod_file, pod("app: one")).unwrap();
+    std::fs::write(&pod_file, sepal_tests::lab::extra_pod("app: one")).unwrap();
     lab.apply(&pod_file, false);
     let find_extra = |s: &Value| {
         s["pods"]
@@ -275,7 +269,7 @@ fn lab_and_operator_tools_end_to_end() {
     let extra_ip = extra["ips"][0].as_str().unwrap().to_string();
     let node2_eps = lab.ask("endpoints", "node2");
     assert!(node2_eps.to_string().contains(&extra_ip), "{node2_eps}");
-    std::fs::write(&pod_file, pod("app: two")).unwrap();
+    std::fs::write(&pod_file, sepal_tests::lab::extra_pod("app: two")).unwrap();
     lab.apply(&pod_file, false);
     assert_eq!(find_extra(&lab.status()).unwrap()["labels"]["app"], "two");
     lab.apply(&pod_file, true);

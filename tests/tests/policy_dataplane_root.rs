@@ -220,11 +220,12 @@ fn incremental_updates_equal_a_full_replace_root() {
 #[test]
 fn libnftables_runs_batches_in_its_namespace_root() {
     use sepal_felix::libnft::Libnft;
+    use sepal_felix::netns::on_thread_in;
     let ns = Netns::new("plib");
-    let mut lib = Libnft::in_netns(&ns.path(), Libnft::open)
+    let mut lib = on_thread_in(&ns.path(), Libnft::open)
         .expect("enter netns")
         .expect("libnftables loads");
-    let ran = Libnft::in_netns(&ns.path(), || {
+    let ran = on_thread_in(&ns.path(), || {
         lib.run("add table inet sepal-libtest\nadd chain inet sepal-libtest c\n")
     })
     .expect("enter netns");
@@ -233,7 +234,7 @@ fn libnftables_runs_batches_in_its_namespace_root() {
         .run("nft list tables")
         .contains("table inet sepal-libtest"));
     // A failing command rolls back the whole batch.
-    let bad = Libnft::in_netns(&ns.path(), || {
+    let bad = on_thread_in(&ns.path(), || {
         lib.run("add chain inet sepal-libtest d\nadd rule inet sepal-libtest nosuchchain accept\n")
     })
     .expect("enter netns");

@@ -49,18 +49,14 @@ pub fn api_address(kubeconfig: &Path) -> Result<SocketAddr> {
 /// Binds `addr` inside network namespace `netns` (a socket keeps the namespace it was made in).
 fn bind_in(netns: &str, addr: SocketAddr) -> Result<std::net::TcpListener> {
     let path = PathBuf::from("/run/netns").join(netns);
-    std::thread::spawn(move || {
-        let ns = std::fs::File::open(&path).with_context(|| format!("open {}", path.display()))?;
-        // Only this short-lived thread changes namespace.
-        nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNET)
-            .with_context(|| format!("enter {}", path.display()))?;
-        let listener = std::net::TcpListener::bind(addr)
-            .with_context(|| format!("bind {addr} in {}", path.display()))?;
+    let bind = || -> std::io::Result<std::net::TcpListener> {
+        let listener = std::net::TcpListener::bind(addr)?;
         listener.set_nonblocking(true)?;
         Ok(listener)
-    })
-    .join()
-    .map_err(|_| anyhow::anyhow!("bind thread panicked"))?
+    };
+    sepal_felix::netns::on_thread_in(&path, bind)
+        .with_context(|| format!("enter {}", path.display()))?
+        .with_context(|| format!("bind {addr} in {}", path.display()))
 }
 
 /// `sepal lab api-relay`: binds in every node, writes `relay.ready`, then forwards until killed.
