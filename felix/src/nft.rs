@@ -84,7 +84,8 @@ fn set_type(kind: SetKind) -> &'static str {
         SetKind::Addr(Family::V6) => "type ipv6_addr;",
         SetKind::AddrInterval(Family::V4) => "type ipv4_addr; flags interval;",
         SetKind::AddrInterval(Family::V6) => "type ipv6_addr; flags interval;",
-        SetKind::ProtoPort => "type inet_proto . inet_service; flags interval;",
+        SetKind::ProtoPort => "type inet_proto . inet_service;",
+        SetKind::ProtoPortInterval => "type inet_proto . inet_service; flags interval;",
         SetKind::AddrProtoPort(Family::V4) => "type ipv4_addr . inet_proto . inet_service;",
         SetKind::AddrProtoPort(Family::V6) => "type ipv6_addr . inet_proto . inet_service;",
     }

@@ -84,15 +84,6 @@ impl AddrRanges {
         self.add_range(family, start, end);
     }
 
-    /// Adds many addresses with one normalization (adding one by one re-sorts every time).
-    pub fn extend_ips(&mut self, ips: impl IntoIterator<Item = IpAddr>) {
-        for ip in ips {
-            let v = to_u128(ip);
-            self.ranges[Family::of(&ip).idx()].push((v, v));
-        }
-        self.normalize();
-    }
-
     fn normalize(&mut self) {
         for list in &mut self.ranges {
             Self::merge(list);
@@ -162,24 +153,43 @@ impl AddrRanges {
     pub fn elements(&self, family: Family) -> Vec<String> {
         self.ranges[family.idx()]
             .iter()
-            .map(|&(s, e)| {
-                if s == e {
-                    return from_u128(family, s).to_string();
-                }
-                let size = e.wrapping_sub(s).wrapping_add(1);
-                let is_prefix = size == 0 || (size.is_power_of_two() && s % size == 0);
-                if is_prefix {
-                    let host_bits = if size == 0 {
-                        128
-                    } else {
-                        size.trailing_zeros()
-                    };
-                    format!("{}/{}", from_u128(family, s), family.bits() - host_bits)
-                } else {
-                    format!("{}-{}", from_u128(family, s), from_u128(family, e))
-                }
-            })
+            .map(|&(s, e)| range_element(family, s, e))
             .collect()
+    }
+
+    /// The same ranges split in two: single addresses (for a hash set, which a packet looks up
+    /// in constant time) and wider ranges (interval-set elements, as `elements` gives them).
+    pub fn hosts_and_ranges(&self, family: Family) -> (Vec<String>, Vec<String>) {
+        let (hosts, wide): (Vec<_>, Vec<_>) = self.ranges[family.idx()]
+            .iter()
+            .partition(|&&(s, e)| s == e);
+        (
+            hosts
+                .into_iter()
+                .map(|&(s, _)| from_u128(family, s).to_string())
+                .collect(),
+            wide.into_iter()
+                .map(|&(s, e)| range_element(family, s, e))
+                .collect(),
+        )
+    }
+}
+
+fn range_element(family: Family, s: u128, e: u128) -> String {
+    if s == e {
+        return from_u128(family, s).to_string();
+    }
+    let size = e.wrapping_sub(s).wrapping_add(1);
+    let is_prefix = size == 0 || (size.is_power_of_two() && s.is_multiple_of(size));
+    if is_prefix {
+        let host_bits = if size == 0 {
+            128
+        } else {
+            size.trailing_zeros()
+        };
+        format!("{}/{}", from_u128(family, s), family.bits() - host_bits)
+    } else {
+        format!("{}-{}", from_u128(family, s), from_u128(family, e))
     }
 }
 
@@ -209,6 +219,38 @@ mod tests {
         assert!(!r.contains("10.1.2.3".parse().unwrap()));
         assert!(!r.contains("10.2.3.4".parse().unwrap()));
         assert!(!r.contains("11.0.0.0".parse().unwrap()));
+        assert_eq!(
+            r.hosts_and_ranges(Family::V4),
+            (
+                vec![],
+                vec![
+                    "10.0.0.0/16".to_string(),
+                    "10.2.0.0-10.2.3.3".into(),
+                    "10.2.3.5-10.255.255.255".into()
+                ]
+            )
+        );
+    }
+
+    #[test]
+    fn single_addresses_split_from_wider_ranges() {
+        let mut r = AddrRanges::new();
+        r.add_net(&net("10.0.0.9/32"));
+        r.add_net(&net("10.0.0.16/28"));
+        r.add_net(&net("10.0.1.1/32"));
+        r.add_net(&net("10.0.1.3/32"));
+        r.add_net(&net("fd00::1/128"));
+        assert_eq!(
+            r.hosts_and_ranges(Family::V4),
+            (
+                vec!["10.0.0.9".to_string(), "10.0.1.1".into(), "10.0.1.3".into()],
+                vec!["10.0.0.16/28".to_string()]
+            )
+        );
+        assert_eq!(
+            r.hosts_and_ranges(Family::V6),
+            (vec!["fd00::1".to_string()], vec![])
+        );
     }
 
     #[test]

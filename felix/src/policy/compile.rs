@@ -13,12 +13,14 @@ use super::{AddrRanges, Cluster, Compiler, Family, Pod, Protocol};
 /// Type of a named set.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum SetKind {
-    /// Set of single addresses of one family (pod peers).
+    /// Set of single addresses of one family (pod peers, single-address ipBlocks).
     Addr(Family),
-    /// Interval set of addresses of one family (peers with ipBlocks).
+    /// Interval set of addresses of one family (ipBlock ranges wider than one address).
     AddrInterval(Family),
-    /// Interval set of `inet_proto . inet_service`.
+    /// Set of `inet_proto . inet_service` (single ports).
     ProtoPort,
+    /// Interval set of `inet_proto . inet_service` (with `endPort` ranges).
+    ProtoPortInterval,
     /// Set of `addr . inet_proto . inet_service` (named ports resolved per pod).
     AddrProtoPort(Family),
 }
@@ -383,13 +385,13 @@ pub(crate) fn compile_group(
             }
         }
     };
-    let peer_sets: Option<BTreeMap<Family, String>> =
+    // Per family, the peer sets a packet's address is looked up in (a rule for each): pod IPs
+    // and single-address ipBlocks in a hash set (constant-time lookup, cheap to update), wider
+    // ipBlock ranges in an interval set beside it. Named after what the peers are (selectors,
+    // blocks, and the policy's namespace when a peer means "this namespace"), so every policy
+    // naming the same peers shares them; `-peerNr` holds only static ipBlock content.
+    let peer_sets: Option<BTreeMap<Family, Vec<String>>> =
         peers.as_ref().filter(|_| needs_peer_set).map(|peers| {
-            // Pod peers only: a plain hash set of addresses (cheap to load and update);
-            // with ipBlocks: an interval set of the union. Named after what the peers are
-            // (selectors, blocks, and the policy's namespace when a peer means "this
-            // namespace"), so every policy naming the same peers shares one set.
-            let has_blocks = peers.iter().any(|p| matches!(p, PeerSpec::IpBlock { .. }));
             let mut key = format!("{peers:?}");
             if peers.iter().any(|p| {
                 matches!(
@@ -403,61 +405,91 @@ pub(crate) fn compile_group(
                 key.push_str(&policy.namespace);
             }
             let key = format!("a{}", short_hash(&key));
-            let names: BTreeMap<Family, String> = ctx
+            let name = |f: Family, wide: bool| {
+                format!("{key}-peer{}{}", fam(f), if wide { "r" } else { "" })
+            };
+            // Both sets of a family are built together: either one present means both were.
+            let built = |sets: &HashMap<String, Set>, f: Family| -> Option<Vec<String>> {
+                let names: Vec<String> = [name(f, false), name(f, true)]
+                    .into_iter()
+                    .filter(|n| sets.contains_key(n))
+                    .collect();
+                (!names.is_empty()).then_some(names)
+            };
+            let cached: Option<BTreeMap<Family, Vec<String>>> = ctx
                 .families
                 .iter()
-                .map(|&f| {
-                    let r = if has_blocks { "r" } else { "" };
-                    (f, format!("{key}-peer{}{r}", fam(f)))
-                })
+                .map(|&f| built(ctx.sets, f).map(|names| (f, names)))
                 .collect();
-            if names.values().all(|n| ctx.sets.contains_key(n)) {
+            if let Some(names) = cached {
                 return names;
             }
             let mut ips: BTreeSet<IpAddr> = BTreeSet::new();
-            let mut ranges = AddrRanges::new();
+            let mut blocks = AddrRanges::new();
+            let mut has_pods = false;
             for peer in peers {
                 match peer {
-                    PeerSpec::IpBlock { ranges: r } => ranges.union(r),
-                    PeerSpec::Pods { .. } => ips.extend(
-                        ctx.index
-                            .peer_pods(ctx.ns_labels, policy, peer)
-                            .into_iter()
-                            .flat_map(|(_, pod)| pod.ips.iter().copied()),
-                    ),
+                    PeerSpec::IpBlock { ranges: r } => blocks.union(r),
+                    PeerSpec::Pods { .. } => {
+                        has_pods = true;
+                        ips.extend(
+                            ctx.index
+                                .peer_pods(ctx.ns_labels, policy, peer)
+                                .into_iter()
+                                .flat_map(|(_, pod)| pod.ips.iter().copied()),
+                        )
+                    }
                 }
             }
-            if has_blocks {
-                ranges.extend_ips(ips.iter().copied());
-            }
-            for (&family, name) in &names {
-                let set = if has_blocks {
-                    Set {
-                        kind: SetKind::AddrInterval(family),
-                        elements: ranges.elements(family).into_iter().collect(),
-                    }
-                } else {
-                    Set {
+            let mut names = BTreeMap::new();
+            for &family in ctx.families {
+                let (hosts, wide) = blocks.hosts_and_ranges(family);
+                let mut family_names = Vec::new();
+                // The hash set exists whenever pods could join it, and as the one (empty) set
+                // when the blocks leave nothing of this family: no peer matches then.
+                if has_pods || !hosts.is_empty() || wide.is_empty() {
+                    let elements: BTreeSet<String> = ips
+                        .iter()
+                        .filter(|ip| Family::of(ip) == family)
+                        .map(ip_elem)
+                        .chain(hosts)
+                        .collect();
+                    let set = Set {
                         kind: SetKind::Addr(family),
-                        elements: ips
-                            .iter()
-                            .filter(|ip| Family::of(ip) == family)
-                            .map(ip_elem)
-                            .collect(),
-                    }
-                };
-                ctx.sets.insert(name.clone(), set);
+                        elements,
+                    };
+                    family_names.push(name(family, false));
+                    ctx.sets.insert(name(family, false), set);
+                }
+                if !wide.is_empty() {
+                    let set = Set {
+                        kind: SetKind::AddrInterval(family),
+                        elements: wide.into_iter().collect(),
+                    };
+                    family_names.push(name(family, true));
+                    ctx.sets.insert(name(family, true), set);
+                }
+                names.insert(family, family_names);
             }
             names
         });
-    let peer_match = |family: Family| -> Option<Match> {
-        peer_sets.as_ref().and_then(|names| {
-            let name = names.get(&family)?.clone();
-            Some(match direction {
-                Direction::Ingress => Match::SrcAddr(family, name),
-                Direction::Egress => Match::DstAddr(family, name),
+    // The peer matches of a family, one per peer set (one rule each); `[None]` when every peer
+    // is allowed.
+    let peer_matches = |family: Family| -> Vec<Option<Match>> {
+        let Some(names) = &peer_sets else {
+            return vec![None];
+        };
+        names
+            .get(&family)
+            .into_iter()
+            .flatten()
+            .map(|name| {
+                Some(match direction {
+                    Direction::Ingress => Match::SrcAddr(family, name.clone()),
+                    Direction::Egress => Match::DstAddr(family, name.clone()),
+                })
             })
-        })
+            .collect()
     };
 
     let Some(ports) = ports else {
@@ -470,11 +502,13 @@ pub(crate) fn compile_group(
             }),
             Some(_) => {
                 for &family in ctx.families {
-                    out.push(NftRule {
-                        matches: peer_match(family).into_iter().collect(),
-                        action: action.clone(),
-                        comment: comment.clone(),
-                    });
+                    for peer in peer_matches(family) {
+                        out.push(NftRule {
+                            matches: peer.into_iter().collect(),
+                            action: action.clone(),
+                            comment: comment.clone(),
+                        });
+                    }
                 }
             }
         }
@@ -496,13 +530,24 @@ pub(crate) fn compile_group(
     if !numeric.is_empty() {
         // Port lists are static policy content: sets are named after it and shared.
         let name = format!("p{}-ports", short_hash(&format!("{numeric:?}")));
+        // Single ports only: a hash set of them. With a range (`endPort`): an interval set,
+        // whose elements must not overlap, so touching ranges merge.
+        let kind = if numeric.values().flatten().any(|(s, e)| s != e) {
+            SetKind::ProtoPortInterval
+        } else {
+            SetKind::ProtoPort
+        };
         let mut elements = BTreeSet::new();
         for (proto, mut ranges) in numeric {
             ranges.sort_unstable();
             let mut merged: Vec<(u16, u16)> = Vec::new();
             for (s, e) in ranges {
                 match merged.last_mut() {
-                    Some(last) if s as u32 <= last.1 as u32 + 1 => last.1 = last.1.max(e),
+                    Some(last)
+                        if kind == SetKind::ProtoPortInterval && s as u32 <= last.1 as u32 + 1 =>
+                    {
+                        last.1 = last.1.max(e)
+                    }
                     _ => merged.push((s, e)),
                 }
             }
@@ -514,13 +559,7 @@ pub(crate) fn compile_group(
                 });
             }
         }
-        ctx.sets.insert(
-            name.clone(),
-            Set {
-                kind: SetKind::ProtoPort,
-                elements,
-            },
-        );
+        ctx.sets.insert(name.clone(), Set { kind, elements });
         match &peer_sets {
             None => out.push(NftRule {
                 matches: vec![Match::ProtoPort(name)],
@@ -529,14 +568,16 @@ pub(crate) fn compile_group(
             }),
             Some(_) => {
                 for &family in ctx.families {
-                    out.push(NftRule {
-                        matches: peer_match(family)
-                            .into_iter()
-                            .chain([Match::ProtoPort(name.clone())])
-                            .collect(),
-                        action: action.clone(),
-                        comment: comment.clone(),
-                    });
+                    for peer in peer_matches(family) {
+                        out.push(NftRule {
+                            matches: peer
+                                .into_iter()
+                                .chain([Match::ProtoPort(name.clone())])
+                                .collect(),
+                            action: action.clone(),
+                            comment: comment.clone(),
+                        });
+                    }
                 }
             }
         }
@@ -597,17 +638,21 @@ pub(crate) fn compile_group(
                     },
                 );
             }
-            let mut matches: Vec<Match> = match direction {
-                Direction::Ingress => peer_match(family).into_iter().collect(),
+            let peers = match direction {
+                Direction::Ingress => peer_matches(family),
                 // The named-port set already holds only the peer pods' addresses.
-                Direction::Egress => vec![],
+                Direction::Egress => vec![None],
             };
-            matches.push(Match::DstAddrProtoPort(family, name));
-            out.push(NftRule {
-                matches,
-                action: action.clone(),
-                comment: comment.clone(),
-            });
+            for peer in peers {
+                out.push(NftRule {
+                    matches: peer
+                        .into_iter()
+                        .chain([Match::DstAddrProtoPort(family, name.clone())])
+                        .collect(),
+                    action: action.clone(),
+                    comment: comment.clone(),
+                });
+            }
         }
     }
 }

@@ -239,6 +239,81 @@ spec:
 }
 
 #[test]
+fn single_addresses_go_to_hash_sets_and_wider_blocks_to_an_interval_set() {
+    let p = r#"
+metadata: {name: mixed, namespace: x}
+spec:
+  podSelector: {matchLabels: {pod: a}}
+  ingress:
+  - from:
+    - podSelector: {matchLabels: {pod: b}}
+    - ipBlock: {cidr: 192.0.2.7/32}
+    - ipBlock: {cidr: 198.51.100.0/24, except: [198.51.100.128/25]}
+    ports: [{port: 80}, {port: 81}]
+  - from: [{ipBlock: {cidr: 203.0.113.9/32}}]
+    ports: [{port: 1000, endPort: 2000}]
+"#;
+    let c = cluster(&[p]);
+    let rs = compile(&c);
+    let set = |suffix: &str| -> Vec<(&String, &Set)> {
+        rs.sets
+            .iter()
+            .filter(|(n, _)| n.ends_with(suffix))
+            .collect()
+    };
+    let elements = |s: &Set| s.elements.iter().cloned().collect::<Vec<_>>();
+    // Rule 0: the pod and the /32 in a hash set, the /25 left of the /24 in an interval set.
+    let hosts = set("-peer4");
+    assert_eq!(hosts.len(), 2);
+    let (hosts0, hosts1) = (hosts[0].1, hosts[1].1);
+    let mut all_hosts = [elements(hosts0), elements(hosts1)];
+    all_hosts.sort();
+    assert_eq!(
+        all_hosts,
+        [
+            vec!["10.244.0.11".to_string(), "192.0.2.7".into()],
+            vec!["203.0.113.9".to_string()]
+        ]
+    );
+    assert!(hosts
+        .iter()
+        .all(|(_, s)| s.kind == SetKind::Addr(Family::V4)));
+    let wide = set("-peer4r");
+    assert_eq!(wide.len(), 1);
+    assert_eq!(wide[0].1.kind, SetKind::AddrInterval(Family::V4));
+    assert_eq!(elements(wide[0].1), vec!["198.51.100.0/25"]);
+    // Single ports in a hash set, the endPort range in an interval set.
+    let mut port_kinds: Vec<SetKind> = set("-ports").iter().map(|(_, s)| s.kind).collect();
+    port_kinds.sort();
+    assert_eq!(
+        port_kinds,
+        vec![SetKind::ProtoPort, SetKind::ProtoPortInterval]
+    );
+    // One nft rule per peer set, both counted under the policy rule's comment.
+    let chain = rs
+        .chains
+        .iter()
+        .find(|(n, _)| n.starts_with("pi-"))
+        .map(|(_, c)| c)
+        .unwrap();
+    let comments: Vec<&str> = chain.rules.iter().map(|r| r.comment.as_str()).collect();
+    assert_eq!(
+        comments,
+        vec![
+            "x/mixed ingress[0]",
+            "x/mixed ingress[0]",
+            "x/mixed ingress[1]"
+        ]
+    );
+    assert!(allowed(&c, "x/b", "x/a", Protocol::Tcp, 81));
+    assert!(!allowed(&c, "x/c", "x/a", Protocol::Tcp, 80));
+    let full = nft::render_full(&rs, &nft::Options::default());
+    assert!(full.contains("{ type ipv4_addr; }"));
+    assert!(full.contains("{ type ipv4_addr; flags interval; }"));
+    assert!(full.contains("{ type inet_proto . inet_service; }"));
+}
+
+#[test]
 fn explain_cli_arguments_parse() {
     assert_eq!(parse_port("80/TCP"), Ok((80, Protocol::Tcp)));
     assert_eq!(parse_port("53/udp"), Ok((53, Protocol::Udp)));
