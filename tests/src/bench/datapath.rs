@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use serde_json::Value;
 
+use super::iperf;
 use crate::netns::{veth, Netns};
 use crate::node::{CniCall, Node};
 
@@ -107,34 +108,14 @@ impl PodPath {
         Ok(path)
     }
 
-    /// One iperf3 run: received Gbit/s, and the CPU time of sender and receiver (with the
-    /// forwarding softirq work they run) per MB, which other load on the machine barely moves.
+    /// One iperf3 run: steady Gbit/s (see `iperf`), and the CPU time of sender and receiver
+    /// (with the forwarding softirq work they run) per MB, which other load barely moves.
     fn gbps(&self, seconds: u64) -> Result<(f64, f64)> {
-        let out = self.client.output(&[
-            "iperf3",
-            "-c",
-            &self.server_ip,
-            "-t",
-            &seconds.to_string(),
-            "-J",
-        ]);
-        let report: Value = serde_json::from_slice(&out.stdout)
-            .with_context(|| format!("{}: iperf3 output is not JSON", self.label))?;
-        if let Some(e) = report.get("error") {
-            bail!("{}: iperf3: {e}", self.label);
-        }
-        let end = &report["end"];
-        let number = |v: &Value, what: &str| {
-            v.as_f64()
-                .with_context(|| format!("{}: no end.{what} in iperf3's report", self.label))
-        };
-        let gbps = number(&end["sum_received"]["bits_per_second"], "sum_received")? / 1e9;
-        let secs = number(&end["sum_sent"]["seconds"], "sum_sent.seconds")?;
-        let mb = number(&end["sum_sent"]["bytes"], "sum_sent.bytes")? / 1e6;
-        let cpu = &end["cpu_utilization_percent"];
-        let percent = number(&cpu["host_total"], "cpu_utilization_percent")?
-            + number(&cpu["remote_total"], "cpu_utilization_percent")?;
-        Ok((gbps, percent / 100.0 * secs * 1e6 / mb.max(1e-9)))
+        let args = iperf::client_args(&self.server_ip, seconds);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let out = self.client.output(&args);
+        let run = iperf::parse(&out.stdout, self.label)?;
+        Ok((run.steady_bps / 1e9, run.cpu_us_per_mb))
     }
 }
 

@@ -4,6 +4,7 @@ pub mod bgp;
 pub mod cni;
 pub mod datapath;
 pub mod datastore;
+pub mod iperf;
 pub mod policy;
 
 /// Subcommand names, for the usage line.

@@ -20,6 +20,7 @@ use sepal_felix::policy::{
     compile, Cluster, Compiler, NamedPort, Namespace, NetworkPolicy, Pod, Protocol,
 };
 
+use super::iperf::{self, IperfRun};
 use crate::netns::{veth, Netns};
 
 struct Args {
@@ -514,43 +515,18 @@ fn connect_loop(netns: &std::path::Path, deadline: Instant) -> Result<u64> {
     Ok(n)
 }
 
-/// One iperf3 run: what arrived, and the CPU time of sender and receiver (with the forwarding
-/// softirq work they run) per megabyte, which other load on the machine barely moves.
-#[derive(Debug, Clone, Copy)]
-struct IperfRun {
-    bps: f64,
-    cpu_us_per_mb: f64,
-}
-
 fn iperf(lab: &Lab, seconds: u64) -> Result<IperfRun> {
+    // Every variant streams through an empty conntrack table, not the previous variant's
+    // connection loop's closed entries.
+    let _ = lab.node.try_run("conntrack -F 2>/dev/null");
+    let args = iperf::client_args(&SRV_IP.to_string(), seconds);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let out = lab
         .cli
-        .command(&[
-            "iperf3",
-            "-c",
-            &SRV_IP.to_string(),
-            "-t",
-            &seconds.to_string(),
-            "-J",
-        ])
+        .command(&args)
         .output()
         .context("run iperf3 (Debian package iperf3)")?;
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).context("iperf3 JSON")?;
-    let end = &v["end"];
-    let number = |x: &serde_json::Value, what: &str| {
-        x.as_f64()
-            .with_context(|| format!("iperf3 JSON: no end.{what}"))
-    };
-    let bps = number(&end["sum_received"]["bits_per_second"], "sum_received")?;
-    let secs = number(&end["sum_sent"]["seconds"], "sum_sent.seconds")?;
-    let mb = number(&end["sum_sent"]["bytes"], "sum_sent.bytes")? / 1e6;
-    let cpu = &end["cpu_utilization_percent"];
-    let cpu_percent = number(&cpu["host_total"], "cpu_utilization_percent")?
-        + number(&cpu["remote_total"], "cpu_utilization_percent")?;
-    Ok(IperfRun {
-        bps,
-        cpu_us_per_mb: cpu_percent / 100.0 * secs * 1e6 / mb.max(1e-9),
-    })
+    iperf::parse(&out.stdout, "client pod")
 }
 
 fn iptables_load(lab: &Lab, tool: &str, rules: &str) -> Result<()> {
@@ -605,13 +581,19 @@ struct DatapathFigures {
     /// CPU per byte without policy over with Sepal's (per-run ratios, median): the throughput
     /// ratio as the machine's load does not move it.
     tput_cpu_ratio: f64,
+    /// Sepal over conntrack alone (per-run ratios, median): what the policy costs on a node
+    /// that tracks connections anyway (kube-proxy's NAT makes every node do so).
+    tput_ratio_ct: f64,
+    rate_ratio_ct: f64,
     /// Medians of each variant's connections per second, in `Variant::ALL` order.
     rate: [f64; 5],
     /// Medians of each variant's CPU microseconds per connection.
     cpu_us: [f64; 5],
     /// Medians of the per-run ratios: each run measures every variant back to back, so a
-    /// ratio within one run cancels the machine's drift between runs.
+    /// ratio within one run cancels the machine's drift between runs. Throughput is the steady
+    /// rate (see `iperf`); `tput_mean_ratio` the same from whole-run means.
     tput_ratio: f64,
+    tput_mean_ratio: f64,
     rate_ratio_nft: f64,
     rate_ratio_legacy: f64,
     /// Linear iptables' CPU per connection over Sepal's (per-run ratios, median).
@@ -783,9 +765,9 @@ fn datapath(a: &Args) -> Result<DatapathFigures> {
         println!(
             "run {}: throughput none {:.2} / sepal {:.2} / conntrack only {:.2} Gbit/s (CPU {:.0} / {:.0} / {:.0} us per MB); conn/s {}",
             run + 1,
-            t_none[run].bps / 1e9,
-            t_sepal[run].bps / 1e9,
-            t_ct[run].bps / 1e9,
+            t_none[run].steady_bps / 1e9,
+            t_sepal[run].steady_bps / 1e9,
+            t_ct[run].steady_bps / 1e9,
             t_none[run].cpu_us_per_mb,
             t_sepal[run].cpu_us_per_mb,
             t_ct[run].cpu_us_per_mb,
@@ -808,13 +790,17 @@ fn datapath(a: &Args) -> Result<DatapathFigures> {
         .map(|c| c.iter().map(|r| r.cpu_us).collect())
         .collect();
     let (sepal, nft, legacy) = (1, 2, 3);
-    let bps = |runs: &[IperfRun]| -> Vec<f64> { runs.iter().map(|r| r.bps).collect() };
+    let bps = |runs: &[IperfRun]| -> Vec<f64> { runs.iter().map(|r| r.steady_bps).collect() };
+    let mean_bps = |runs: &[IperfRun]| -> Vec<f64> { runs.iter().map(|r| r.mean_bps).collect() };
     let cpu_per_mb =
         |runs: &[IperfRun]| -> Vec<f64> { runs.iter().map(|r| r.cpu_us_per_mb).collect() };
     Ok(DatapathFigures {
         tput_ratio: ratios(&bps(&t_sepal), &bps(&t_none)),
+        tput_mean_ratio: ratios(&mean_bps(&t_sepal), &mean_bps(&t_none)),
         tput_cpu_ratio: ratios(&cpu_per_mb(&t_none), &cpu_per_mb(&t_sepal)),
         rate_ratio_nft: ratios(&rates[sepal], &rates[nft]),
+        tput_ratio_ct: ratios(&bps(&t_sepal), &bps(&t_ct)),
+        rate_ratio_ct: ratios(&rates[sepal], &rates[4]),
         rate_ratio_legacy: ratios(&rates[sepal], &rates[legacy]),
         cpu_ratio_nft: ratios(&cpus[nft], &cpus[sepal]),
         cpu_ratio_legacy: ratios(&cpus[legacy], &cpus[sepal]),
@@ -836,19 +822,22 @@ pub fn run(args: &[String]) -> Result<()> {
     let (tput_ratio, rate_ratio, legacy_ratio) =
         (d.tput_ratio, d.rate_ratio_nft, d.rate_ratio_legacy);
     println!(
-        "medians over {} runs (ratios: medians of each run's ratio): throughput none {:.2} Gbit/s, sepal {:.2} Gbit/s (ratio {tput_ratio:.3}); new connections/s none {:.0}, sepal {:.0}, linear iptables (nf_tables backend, Debian default) {:.0} (ratio {rate_ratio:.2}), linear iptables-legacy {:.0} (ratio {legacy_ratio:.2})",
+        "medians over {} runs (ratios: medians of each run's ratio): steady throughput none {:.2} Gbit/s, sepal {:.2} Gbit/s (ratio {tput_ratio:.3}; whole-run means {:.3}); new connections/s none {:.0}, sepal {:.0}, linear iptables (nf_tables backend, Debian default) {:.0} (ratio {rate_ratio:.2}), linear iptables-legacy {:.0} (ratio {legacy_ratio:.2})",
         a.runs,
         d.tput_none / 1e9,
         d.tput_sepal / 1e9,
+        d.tput_mean_ratio,
         d.rate[0],
         d.rate[1],
         d.rate[2],
         d.rate[3]
     );
     println!(
-        "conntrack alone (a one-rule table): {:.2} Gbit/s, {:.0} connections/s",
+        "conntrack alone (a one-rule table, what any node running kube-proxy has): {:.2} Gbit/s, {:.0} connections/s; sepal over it: throughput {:.3}, connections/s {:.3}",
         d.tput_conntrack / 1e9,
-        d.rate[4]
+        d.rate[4],
+        d.tput_ratio_ct,
+        d.rate_ratio_ct
     );
     println!(
         "CPU per MB through the node (iperf3 sender + receiver with their softirq work): none {:.0}, sepal {:.0}, conntrack only {:.0} us; none/sepal {:.3}",
@@ -875,7 +864,10 @@ pub fn run(args: &[String]) -> Result<()> {
             "incremental_pod_ms": (newpod * 10.0).round() / 10.0,
             "incremental_cpu_ms": (cpu_inc * 10.0).round() / 10.0,
             "throughput_ratio_vs_none": (tput_ratio * 1000.0).round() / 1000.0,
+            "throughput_mean_ratio_vs_none": (d.tput_mean_ratio * 1000.0).round() / 1000.0,
             "throughput_cpu_ratio_vs_none": (d.tput_cpu_ratio * 1000.0).round() / 1000.0,
+            "throughput_ratio_vs_conntrack_only": (d.tput_ratio_ct * 1000.0).round() / 1000.0,
+            "conn_rate_ratio_vs_conntrack_only": (d.rate_ratio_ct * 1000.0).round() / 1000.0,
             "conn_rate_ratio_vs_linear_iptables": (rate_ratio * 100.0).round() / 100.0,
             "conn_rate_ratio_vs_linear_iptables_legacy": (legacy_ratio * 100.0).round() / 100.0,
             "conn_cpu_ratio_vs_linear_iptables": (d.cpu_ratio_nft * 100.0).round() / 100.0,
