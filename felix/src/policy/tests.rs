@@ -199,6 +199,16 @@ fn dump_for_manual_check() {
     }
 }
 
+/// The comments of the rules in the (one) policy ingress chain, in order.
+fn ingress_rule_comments(rs: &Ruleset) -> Vec<&str> {
+    let (_, chain) = rs
+        .chains
+        .iter()
+        .find(|(n, _)| n.starts_with("pi-"))
+        .expect("a policy ingress chain");
+    chain.rules.iter().map(|r| r.comment.as_str()).collect()
+}
+
 #[test]
 fn rules_with_equal_ports_share_one_nft_rule_and_explain_names_the_group() {
     let p = r#"
@@ -215,13 +225,7 @@ spec:
 "#;
     let c = cluster(&[p]);
     let rs = compile(&c);
-    let chain = rs
-        .chains
-        .iter()
-        .find(|(n, _)| n.starts_with("pi-"))
-        .map(|(_, c)| c)
-        .unwrap();
-    let comments: Vec<&str> = chain.rules.iter().map(|r| r.comment.as_str()).collect();
+    let comments = ingress_rule_comments(&rs);
     assert_eq!(comments, vec!["x/many ingress[0,1]", "x/many ingress[2]"]);
     let e = explain(&c, &pod("y/c"), &pod("x/a"), Protocol::Tcp, 80).unwrap();
     assert_eq!(
@@ -290,13 +294,7 @@ spec:
         vec![SetKind::ProtoPort, SetKind::ProtoPortInterval]
     );
     // One nft rule per peer set, both counted under the policy rule's comment.
-    let chain = rs
-        .chains
-        .iter()
-        .find(|(n, _)| n.starts_with("pi-"))
-        .map(|(_, c)| c)
-        .unwrap();
-    let comments: Vec<&str> = chain.rules.iter().map(|r| r.comment.as_str()).collect();
+    let comments = ingress_rule_comments(&rs);
     assert_eq!(
         comments,
         vec![
