@@ -3,10 +3,12 @@
 //! `libnft`; the `nft -f -` tool where the library cannot be loaded); kube-proxy's and others'
 //! tables stay untouched.
 //!
-//! Why the `nft` text syntax rather than JSON through a crate: the text form is nft's
-//! primary, stable interface, one batch is one kernel transaction either way, and JSON input
-//! has ordering traps (a map element's `jump` must come after its chain) that the flat command
-//! list below avoids by construction (sets, then chains, then rules, then maps, then the hook).
+//! Why the `nft` text syntax rather than JSON through a crate: the maintained JSON crate
+//! (`nftables` 0.6) has no `verdict` data type, so it cannot declare the dispatch verdict maps
+//! this layout is built on; the text form is nft's primary, stable interface, and one batch is
+//! one kernel transaction either way (libnftables parses both into the same commands). The flat
+//! command list below is ordered by construction: sets, then chains, then rules, then maps,
+//! then the hook.
 //!
 //! Layout: up to two base chains on the forward hook, `pod-egress` (priority filter - 1) and
 //! `pod-ingress` (filter), each present only while some local pod is isolated in its direction.
