@@ -67,6 +67,19 @@ pub struct NodeArgs {
     /// prefix `sepal NS/POD DIRECTION default deny: `); without a value, group 0.
     #[arg(long, value_name = "GROUP", num_args = 0..=1, default_missing_value = "0")]
     pub policy_log_drops: Option<u16>,
+    /// How long start waits for the datastore's full initial state before serving CNI calls
+    /// anyway (Go-style duration, e.g. `30s`, `2m`) [default: 30s]. Until that state is complete
+    /// the agent is not ready and does not declare its Node's network available.
+    #[arg(long, value_name = "DURATION", value_parser = parse_sync_timeout)]
+    pub sync_timeout: Option<std::time::Duration>,
+}
+
+pub const DEFAULT_SYNC_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// `--sync-timeout`: a Go-style duration.
+fn parse_sync_timeout(s: &str) -> Result<std::time::Duration, String> {
+    crate::crd::parse_duration(s)
+        .ok_or_else(|| format!("sync timeout {s:?}: want a duration such as 30s, 2m or 500ms"))
 }
 
 /// The config file: the flags' names as keys (camelCase accepted too).
@@ -89,6 +102,8 @@ struct FileConfig {
     metrics_addr: Option<String>,
     #[serde(alias = "policyLogDrops")]
     policy_log_drops: Option<u16>,
+    #[serde(alias = "syncTimeout")]
+    sync_timeout: Option<String>,
 }
 
 /// The settings the agent runs with.
@@ -106,6 +121,8 @@ pub struct NodeConfig {
     pub metrics_addr: Option<std::net::SocketAddr>,
     /// nflog group for default-deny drops; None: drops are only counted.
     pub policy_log_drops: Option<u16>,
+    /// How long start waits for the datastore's initial state before serving anyway.
+    pub sync_timeout: std::time::Duration,
 }
 
 fn read_file(path: &Path) -> Result<FileConfig> {
@@ -177,6 +194,13 @@ impl NodeConfig {
                 .unwrap_or(DEFAULT_METRICS_ADDR),
         )
         .map_err(|e| anyhow::anyhow!(e))?;
+        let sync_timeout = match (args.sync_timeout, file.sync_timeout) {
+            (Some(t), _) => t,
+            (None, Some(s)) => {
+                parse_sync_timeout(&s).map_err(|e| anyhow::anyhow!("config file: {e}"))?
+            }
+            (None, None) => DEFAULT_SYNC_TIMEOUT,
+        };
         Ok(NodeConfig {
             node_name,
             datastore,
@@ -192,6 +216,7 @@ impl NodeConfig {
             admin_socket,
             metrics_addr,
             policy_log_drops: args.policy_log_drops.or(file.policy_log_drops),
+            sync_timeout,
         })
     }
 }
@@ -223,6 +248,39 @@ mod tests {
         assert_eq!(cfg.socket, PathBuf::from("/run/sepal/sepal.sock"));
         assert_eq!(cfg.admin_socket, PathBuf::from("/run/sepal/admin.sock"));
         assert_eq!(cfg.metrics_addr, Some("127.0.0.1:9099".parse().unwrap()));
+        assert_eq!(cfg.sync_timeout, DEFAULT_SYNC_TIMEOUT);
+    }
+
+    #[test]
+    fn sync_timeout_is_a_duration_from_flag_or_file() {
+        #[derive(clap::Parser)]
+        struct Cli {
+            #[command(flatten)]
+            node: NodeArgs,
+        }
+        let parse = |extra: &[&str]| -> Result<std::time::Duration, String> {
+            let mut argv = vec!["sepal", "--datastore", "dir:/x", "--node-name", "n"];
+            argv.extend(extra);
+            let cli = <Cli as clap::Parser>::try_parse_from(argv).map_err(|e| e.to_string())?;
+            NodeConfig::resolve(&cli.node)
+                .map(|c| c.sync_timeout)
+                .map_err(|e| e.to_string())
+        };
+        let secs = std::time::Duration::from_secs;
+        assert_eq!(parse(&["--sync-timeout", "2m"]), Ok(secs(120)));
+        assert_eq!(parse(&["--sync-timeout", "500ms"]), Ok(secs(1) / 2));
+        let err = parse(&["--sync-timeout", "soon"]).unwrap_err();
+        assert!(err.contains("30s, 2m or 500ms"), "{err}");
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.yaml");
+        std::fs::write(&path, "syncTimeout: 45s\n").unwrap();
+        assert_eq!(parse(&["--config", path.to_str().unwrap()]), Ok(secs(45)));
+        std::fs::write(&path, "sync-timeout: forever\n").unwrap();
+        let err = parse(&["--config", path.to_str().unwrap()]).unwrap_err();
+        assert!(
+            err.contains("config file") && err.contains("forever"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -29,8 +29,6 @@ const RESYNC: Duration = Duration::from_secs(60);
 /// Tombstones (retired veths) are deleted this long after the last DEL: batches the deletions and
 /// keeps their RCU waits away from the CNI calls in flight.
 const REAP_DELAY: Duration = Duration::from_secs(1);
-/// How long start waits for the datastore's initial state before serving anyway.
-const SYNC_TIMEOUT: Duration = Duration::from_secs(30);
 const FALLBACK_MTU: u32 = 1500;
 
 /// The agent's mutable state; requests are handled one at a time under a lock.
@@ -552,7 +550,7 @@ pub async fn run(cfg: NodeConfig) -> Result<()> {
     // The datastore's initial state first, so the first reconcile knows the node's blocks.
     let mut events = datastore::start(&cfg.datastore, cfg.kubeconfig.as_deref())?;
     let mut model = Model::default();
-    let deadline = tokio::time::Instant::now() + SYNC_TIMEOUT;
+    let deadline = tokio::time::Instant::now() + cfg.sync_timeout;
     while !model.synced() {
         match tokio::time::timeout_at(deadline, events.recv()).await {
             Ok(Some(ev)) => {
@@ -560,7 +558,10 @@ pub async fn run(cfg: NodeConfig) -> Result<()> {
             }
             Ok(None) => anyhow::bail!("the datastore stopped before delivering its state"),
             Err(_) => {
-                tracing::warn!("datastore not synced after {SYNC_TIMEOUT:?}; serving anyway");
+                tracing::warn!(
+                    "datastore not synced after {:?}; serving anyway (not ready, Node not declared up)",
+                    cfg.sync_timeout
+                );
                 break;
             }
         }

@@ -60,6 +60,56 @@ fn granted() -> std::collections::BTreeSet<(String, String, String)> {
     out
 }
 
+/// The real `sepal node` for `name` in `node`'s namespace, against `api`, with `extra` flags.
+fn start_agent(
+    node: &Node,
+    api: &FakeApi,
+    name: &str,
+    extra: &[&str],
+) -> (Agent, tempfile::TempDir) {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let kubeconfig = tmp.path().join("kubeconfig");
+    api.write_kubeconfig(&kubeconfig).expect("kubeconfig");
+    let log_path = tmp.path().join("agent.log");
+    let logf = std::fs::File::create(&log_path).expect("log");
+    let sepal = sepal_tests::bin_path("sepal");
+    let mut args = vec![
+        sepal.to_str().expect("utf-8"),
+        "node",
+        "--node-name",
+        name,
+        "--datastore",
+        "kubernetes",
+        "--state-dir",
+        node.state_dir.to_str().expect("utf-8"),
+        "--socket",
+        node.socket.to_str().expect("utf-8"),
+        "--kubeconfig",
+        kubeconfig.to_str().expect("utf-8"),
+    ];
+    args.extend(extra);
+    let child = node
+        .netns
+        .command(&args)
+        .stdin(Stdio::null())
+        .stdout(logf.try_clone().expect("dup"))
+        .stderr(logf)
+        .spawn()
+        .expect("start sepal node");
+    (Agent(child, log_path), tmp)
+}
+
+fn node_object(name: &str, cidr: &str) -> Value {
+    json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": name},
+    "spec": {"podCIDR": cidr, "podCIDRs": [cidr]},
+    "status": {"addresses": [{"type": "InternalIP", "address": "10.255.255.2"}]}})
+}
+
+fn sepal_is_up(api: &FakeApi, name: &str) -> bool {
+    api.get("Node", "", name)
+        .is_some_and(|n| sepal_tests::fakeapi::sepal_is_up(&n))
+}
+
 #[test]
 fn kube_datastore_pods_get_addresses_from_the_node_cidr() {
     sepal_tests::require_root();
@@ -67,38 +117,8 @@ fn kube_datastore_pods_get_addresses_from_the_node_cidr() {
     // from the API server instead, with a different CIDR to prove where it came from.
     let node = Node::new("kn1", &["10.77.0.0/24"]);
     let api = FakeApi::start_in_netns(&node.netns.path());
-    api.apply(
-        json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": "kn1"},
-        "spec": {"podCIDR": "10.244.9.0/24", "podCIDRs": ["10.244.9.0/24"]},
-        "status": {"addresses": [{"type": "InternalIP", "address": "10.255.255.2"}]}}),
-    );
-    let tmp = tempfile::tempdir().expect("tempdir");
-    let kubeconfig = tmp.path().join("kubeconfig");
-    api.write_kubeconfig(&kubeconfig).expect("kubeconfig");
-    let log_path = tmp.path().join("agent.log");
-    let logf = std::fs::File::create(&log_path).expect("log");
-    let child = node
-        .netns
-        .command(&[
-            sepal_tests::bin_path("sepal").to_str().expect("utf-8"),
-            "node",
-            "--node-name",
-            "kn1",
-            "--datastore",
-            "kubernetes",
-            "--state-dir",
-            node.state_dir.to_str().expect("utf-8"),
-            "--socket",
-            node.socket.to_str().expect("utf-8"),
-            "--kubeconfig",
-            kubeconfig.to_str().expect("utf-8"),
-        ])
-        .stdin(Stdio::null())
-        .stdout(logf.try_clone().expect("dup"))
-        .stderr(logf)
-        .spawn()
-        .expect("start sepal node");
-    let agent = Agent(child, log_path);
+    api.apply(node_object("kn1", "10.244.9.0/24"));
+    let (agent, _tmp) = start_agent(&node, &api, "kn1", &[]);
 
     let deadline = Instant::now() + Duration::from_secs(60);
     while !node.cni("STATUS", &CniCall::status()).status.success() {
@@ -135,10 +155,7 @@ fn kube_datastore_pods_get_addresses_from_the_node_cidr() {
     wait_until(
         &agent,
         "NetworkUnavailable=False (SepalIsUp) on the Node",
-        || {
-            api.get("Node", "", "kn1")
-                .is_some_and(|n| sepal_tests::fakeapi::sepal_is_up(&n))
-        },
+        || sepal_is_up(&api, "kn1"),
     );
     wait_until(&agent, "a SepalNodeStatus for kn1", || {
         api.get("SepalNodeStatus", "", "kn1")
@@ -178,5 +195,34 @@ fn kube_datastore_pods_get_addresses_from_the_node_cidr() {
     assert!(
         unused.is_empty(),
         "RBAC grants access the agent never uses: {unused:?}"
+    );
+}
+
+/// An agent that starts serving before its datastore's initial state is complete (here RBAC
+/// forbids a resource) programs from a partial view: it leaves its Node's network unavailable
+/// until the state is complete, then declares it up.
+#[test]
+fn an_agent_serving_before_its_initial_sync_does_not_declare_the_node_up() {
+    sepal_tests::require_root();
+    let node = Node::new("kn2", &["10.77.1.0/24"]);
+    let api = FakeApi::start_in_netns(&node.netns.path());
+    api.apply(node_object("kn2", "10.244.8.0/24"));
+    api.forbid("endpointslices");
+    let (agent, _tmp) = start_agent(&node, &api, "kn2", &["--sync-timeout", "1s"]);
+    wait_until(&agent, "the agent serving without its initial sync", || {
+        log(&agent).contains("serving anyway")
+    });
+    // The status writer runs every 2 s: several rounds pass without the condition.
+    std::thread::sleep(Duration::from_secs(5));
+    assert!(
+        !sepal_is_up(&api, "kn2"),
+        "the Node was declared up before the initial sync completed; log:\n{}",
+        log(&agent)
+    );
+    api.allow("endpointslices");
+    wait_until(
+        &agent,
+        "NetworkUnavailable=False once the sync completed",
+        || sepal_is_up(&api, "kn2"),
     );
 }
