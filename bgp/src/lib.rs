@@ -2,6 +2,7 @@
 //! with the §9.1 decision process, and a tokio edge (sockets, TCP MD5, GTSM, timers).
 
 pub mod fsm;
+mod ifaddr;
 pub mod rib;
 pub mod socket;
 pub mod speaker;

@@ -371,6 +371,9 @@ struct Conn {
     id: u64,
     tx: mpsc::UnboundedSender<Vec<u8>>,
     local: IpAddr,
+    /// Our global IPv6 address on the interface `local` (IPv4) is on: the next hop of IPv6 routes
+    /// over this session.
+    local_v6: Option<IpAddr>,
     inbound: bool,
     reader: JoinHandle<()>,
 }
@@ -1005,6 +1008,7 @@ impl Core {
             .local_addr()
             .map(|a| unmap(a.ip()))
             .unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED));
+        let local_v6 = crate::ifaddr::ipv6_beside(local);
         let (mut rd, mut wr) = stream.into_split();
         let (tx, mut rx) = mpsc::unbounded_channel::<Vec<u8>>();
         tokio::spawn(async move {
@@ -1056,6 +1060,7 @@ impl Core {
             id,
             tx,
             local,
+            local_v6,
             inbound,
             reader,
         }
@@ -1152,11 +1157,11 @@ impl Core {
             return;
         };
         let ibgp = n.peer_as == self.cfg.local_as;
-        let local = p
+        let (local, local_v6) = p
             .conn
             .as_ref()
-            .map(|c| c.local)
-            .unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED));
+            .map(|c| (c.local, c.local_v6))
+            .unwrap_or((IpAddr::V4(Ipv4Addr::UNSPECIFIED), None));
         p.facts = Some(Arc::new(PeerFacts {
             addr: a,
             asn: n.peer_as,
@@ -1171,7 +1176,7 @@ impl Core {
             rr_client: p.cfg.rr_client,
             router_id: n.peer_router_id,
             local_addr: local,
-            local_addr_v6: None,
+            local_addr_v6: local_v6,
             local_addr_v4: None,
         });
         p.stats.up_since = Some(now);
