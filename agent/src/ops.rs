@@ -518,6 +518,7 @@ mod tests {
             netns: format!("t-{name}"),
             as_number: 64512,
             uplinks: Vec::new(),
+            uplinks6: Vec::new(),
             pod_cidrs: vec![block.into()],
             pid: None,
         };

@@ -309,3 +309,61 @@ fn lab_and_operator_tools_end_to_end() {
     // Down again is harmless.
     lab.down();
 }
+
+/// A lab whose podCIDR has an IPv6 range is dual-stack end to end: every node gets an IPv6 block
+/// and IPv6 on its links to the two ToRs (BIRD and FRR, from the peering guide's IPv6 sections);
+/// each ToR learns the IPv6 blocks over its IPv4 sessions with the node's address on its own link
+/// as next hop, and pods reach each other across nodes on both families.
+#[test]
+fn dual_stack_lab_routes_ipv6_across_nodes() {
+    require_root();
+    let name = format!("ld{}", std::process::id());
+    // The example in the docs, as a user would bring it up.
+    let topology = repo_file("docs/examples/dual-stack-lab.yaml");
+    let lab = Lab::up(&name, Some(&topology));
+    let status = lab.status();
+    let blocks: Vec<Vec<String>> = status["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| strs(&n["podCIDRs"]))
+        .collect();
+    assert_eq!(
+        blocks,
+        [
+            ["10.246.1.0/24", "fd10:246:0:1::/64"],
+            ["10.246.2.0/24", "fd10:246:0:2::/64"]
+        ]
+    );
+    // Each ToR learns both IPv6 blocks, each via the node's address on that ToR's own link.
+    for (r, proto) in [(0, "bird"), (1, "bgp")] {
+        let tor = status["routers"][r]["netns"].as_str().unwrap().to_string();
+        let routes = in_netns(&tor, &format!("ip -6 route show proto {proto}"));
+        for n in 1..=2 {
+            let want = format!("fd10:246:0:{n}::/64 ");
+            let via = format!("via fd00:{r}:{n}::2 ");
+            assert!(
+                routes
+                    .lines()
+                    .any(|l| l.starts_with(&want) && l.contains(&via)),
+                "{tor}: no {want}{via}in\n{routes}"
+            );
+        }
+    }
+    // Every pod reaches every other pod on each family: (from, to, address) -> reached.
+    let reached = wait_for(
+        "pods reaching each other over IPv4 and IPv6",
+        || {
+            let m = sepal_json(&["lab", "ping", "--name", &name, "--json"]);
+            m["results"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|r| (r["ip"].as_str().unwrap().to_string(), r["ok"] == true))
+                .collect::<Vec<_>>()
+        },
+        |rows| rows.len() == 4 && rows.iter().all(|(_, ok)| *ok),
+    );
+    assert!(reached.iter().any(|(ip, _)| ip == "fd10:246:0:2::1"));
+    lab.down_cleanly();
+}

@@ -183,6 +183,12 @@ fn plan(name: &str, topo: Topology) -> Result<LabState> {
             uplinks: (0..topo.routers.len().max(1))
                 .map(|r| router::node_addr(r, i))
                 .collect(),
+            uplinks6: match topo.pod_range6() {
+                Some(_) => (0..topo.routers.len().max(1))
+                    .map(|r| router::node_addr6(r, i))
+                    .collect(),
+                None => Vec::new(),
+            },
             pod_cidrs: topo.node_blocks(i)?.iter().map(|b| b.to_string()).collect(),
             pid: None,
         });
@@ -231,6 +237,23 @@ fn build(mut lab: LabState) -> Result<LabState> {
                     router::router_addr(r, n)
                 ),
             )?;
+            if lab.dual_stack() {
+                // Without duplicate address detection: the addresses are usable at once.
+                net::sh(
+                    &node.netns,
+                    &format!(
+                        "ip addr add {}/64 dev {node_if} nodad",
+                        router::node_addr6(r, n)
+                    ),
+                )?;
+                net::sh(
+                    &router.netns,
+                    &format!(
+                        "ip addr add {}/64 dev {router_if} nodad",
+                        router::router_addr6(r, n)
+                    ),
+                )?;
+            }
         }
         let gateways: Vec<String> = (0..lab.routers.len())
             .map(|r| format!("nexthop via {}", router::router_addr(r, n)))
@@ -239,6 +262,15 @@ fn build(mut lab: LabState) -> Result<LabState> {
             net::sh(
                 &node.netns,
                 &format!("ip route add default {}", gateways.join(" ")),
+            )?;
+        }
+        if lab.dual_stack() && !lab.routers.is_empty() {
+            let gateways6: Vec<String> = (0..lab.routers.len())
+                .map(|r| format!("nexthop via {}", router::router_addr6(r, n)))
+                .collect();
+            net::sh(
+                &node.netns,
+                &format!("ip -6 route add default {}", gateways6.join(" ")),
             )?;
         }
     }
@@ -331,18 +363,19 @@ fn build(mut lab: LabState) -> Result<LabState> {
 fn wait_routes(lab: &LabState) {
     let started = Instant::now();
     let deadline = started + Duration::from_secs(60);
-    let pod_ipv4s: Vec<&str> = lab
+    // IPv6 pod addresses count only where the underlay carries IPv6.
+    let routed: Vec<&str> = lab
         .pods
         .iter()
         .flat_map(|p| p.ips.iter())
         .map(|ip| ip.split('/').next().unwrap_or(ip))
-        .filter(|ip| !ip.contains(':'))
+        .filter(|ip| lab.dual_stack() || !ip.contains(':'))
         .collect();
     loop {
         let mut missing: Vec<String> = lab
             .routers
             .iter()
-            .flat_map(|r| pod_ipv4s.iter().map(move |ip| (r, ip)))
+            .flat_map(|r| routed.iter().map(move |ip| (r, ip)))
             .filter(|(r, ip)| net::sh(&r.netns, &format!("ip route get {ip}")).is_err())
             .map(|(r, ip)| format!("{} has no route to {ip}", r.name))
             .collect();
@@ -423,9 +456,12 @@ fn bgp_objects(lab: &LabState) -> Vec<Value> {
 }
 
 fn node_object(node: &NodeState) -> Value {
+    // IPv4 first: the agent peers from its first address and gives its first IPv6 address as
+    // the next hop of its IPv6 blocks.
     let addresses: Vec<Value> = node
         .uplinks
         .iter()
+        .chain(&node.uplinks6)
         .map(|a| json!({"type": "InternalIP", "address": a}))
         .collect();
     json!({

@@ -34,10 +34,15 @@ pub fn netns_exists(ns: &str) -> bool {
     std::path::Path::new("/run/netns").join(ns).exists()
 }
 
-/// Creates namespace `ns` with loopback up and forwarding on (a node or a router).
+/// Creates namespace `ns` with loopback up and forwarding on (a node or a router). Links made
+/// in it skip IPv6 duplicate address detection: a lab link's addresses are unique by
+/// construction, and a tentative link-local address would lose the first IPv6 packets.
 pub fn add_netns(ns: &str, forwarding: bool) -> Result<()> {
     ip(&["netns", "add", ns])?;
-    sh(ns, "ip link set lo up")?;
+    sh(
+        ns,
+        "ip link set lo up && sysctl -qw net.ipv6.conf.default.accept_dad=0 net.ipv6.conf.all.accept_dad=0",
+    )?;
     if forwarding {
         sh(
             ns,

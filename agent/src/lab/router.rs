@@ -37,12 +37,22 @@ pub fn node_addr(index: usize, node_index: usize) -> String {
     format!("10.{index}.{}.2", node_index + 1)
 }
 
+/// The router's IPv6 address on that link, in a dual-stack lab (a /64 per link).
+pub fn router_addr6(index: usize, node_index: usize) -> String {
+    format!("fd00:{index}:{}::1", node_index + 1)
+}
+
+/// The node's IPv6 address on its link to router `index`, in a dual-stack lab.
+pub fn node_addr6(index: usize, node_index: usize) -> String {
+    format!("fd00:{index}:{}::2", node_index + 1)
+}
+
 /// Starts the router's routing (daemon or static routes) once its links and the nodes exist.
 pub fn start(lab: &LabState, index: usize) -> Result<Vec<u32>> {
     let router = &lab.routers[index];
     let dir = lab.router_dir(&router.name);
     std::fs::create_dir_all(&dir)?;
-    // The ToR accepts only prefixes inside the cluster's IPv4 pod range.
+    // The ToR accepts only prefixes inside the cluster's pod ranges.
     let pod_range = lab
         .topology
         .pod_cidr
@@ -50,26 +60,46 @@ pub fn start(lab: &LabState, index: usize) -> Result<Vec<u32>> {
         .find(|n| n.is_ipv4())
         .copied()
         .context("the topology's podCIDR has no IPv4 range for the ToR's import filter")?;
+    let ranges = PodRanges {
+        v4: pod_range,
+        v6: lab.topology.pod_range6().map(IpNetwork::V6),
+    };
     match router.kind {
         RouterKind::None => {
-            static_routes(router, index, &lab.nodes)?;
+            static_routes(router, index, &lab.nodes, ranges.v6.is_some())?;
             Ok(Vec::new())
         }
-        RouterKind::Bird => start_bird(router, index, &lab.nodes, &pod_range, &dir),
-        RouterKind::Frr => start_frr(router, index, &lab.nodes, &pod_range, &dir),
-        RouterKind::Gobgp => start_gobgp(router, index, &lab.nodes, &pod_range, &dir),
+        RouterKind::Bird => start_bird(router, index, &lab.nodes, &ranges, &dir),
+        RouterKind::Frr => start_frr(router, index, &lab.nodes, &ranges, &dir),
+        RouterKind::Gobgp => start_gobgp(router, index, &lab.nodes, &ranges, &dir),
     }
 }
 
-fn static_routes(router: &RouterState, index: usize, nodes: &[NodeState]) -> Result<()> {
+/// The cluster's pod ranges the ToR accepts routes in; `v6` only in a dual-stack lab.
+pub struct PodRanges {
+    pub v4: IpNetwork,
+    pub v6: Option<IpNetwork>,
+}
+
+/// A plain L3 switch: a route to every node block via the node's address on its link (IPv6
+/// blocks only where the link has IPv6, in a dual-stack lab).
+fn static_routes(
+    router: &RouterState,
+    index: usize,
+    nodes: &[NodeState],
+    dual_stack: bool,
+) -> Result<()> {
     for (n, node) in nodes.iter().enumerate() {
         for block in &node.pod_cidrs {
-            if !block.contains(':') {
-                net::sh(
-                    &router.netns,
-                    &format!("ip route replace {block} via {}", node_addr(index, n)),
-                )?;
-            }
+            let via = match block.contains(':') {
+                false => node_addr(index, n),
+                true if dual_stack => node_addr6(index, n),
+                true => continue,
+            };
+            net::sh(
+                &router.netns,
+                &format!("ip route replace {block} via {via}"),
+            )?;
         }
     }
     Ok(())
@@ -80,14 +110,16 @@ const HOLD: &str = "9";
 const KEEPALIVE: &str = "3";
 
 /// The values the peering templates (docs/peering/) take for router `index`: no password and
-/// no default route in the lab; the cluster's IPv4 pod range as the import filter.
+/// no default route in the lab; the cluster's pod ranges as the import filter (the templates'
+/// IPv6 sections only in a dual-stack lab).
 fn template_values(
     router: &RouterState,
     index: usize,
     nodes: &[NodeState],
-    pod_range: &IpNetwork,
+    ranges: &PodRanges,
 ) -> (peering::Values, Vec<peering::Values>) {
-    let global = peering::values([
+    let pod_range = &ranges.v4;
+    let mut global = peering::values([
         ("ROUTER_ID", Some(router_addr(index, 0))),
         ("TOR_AS", Some(router.as_number.to_string())),
         ("HOLD", Some(HOLD.into())),
@@ -97,6 +129,10 @@ fn template_values(
         ("POD_RANGE", Some(pod_range.to_string())),
         ("POD_RANGE_LEN", Some(pod_range.prefix().to_string())),
     ]);
+    global.extend(peering::values([
+        ("POD_RANGE6", ranges.v6.map(|r| r.to_string())),
+        ("POD_RANGE6_LEN", ranges.v6.map(|r| r.prefix().to_string())),
+    ]));
     let per_node = nodes
         .iter()
         .enumerate()
@@ -106,6 +142,7 @@ fn template_values(
                 ("TOR_ADDR", Some(router_addr(index, n))),
                 ("NODE_ADDR", Some(node_addr(index, n))),
                 ("NODE_AS", Some(node.as_number.to_string())),
+                ("TOR_ADDR6", ranges.v6.map(|_| router_addr6(index, n))),
             ])
         })
         .collect();
@@ -118,9 +155,9 @@ pub fn config(
     router: &RouterState,
     index: usize,
     nodes: &[NodeState],
-    pod_range: &IpNetwork,
+    ranges: &PodRanges,
 ) -> Result<String> {
-    let (global, per_node) = template_values(router, index, nodes, pod_range);
+    let (global, per_node) = template_values(router, index, nodes, ranges);
     peering::render(template, &global, &per_node)
         .map_err(|e| anyhow::anyhow!("ToR config template: {e}"))
 }
@@ -135,14 +172,11 @@ fn start_bird(
     router: &RouterState,
     index: usize,
     nodes: &[NodeState],
-    pod_range: &IpNetwork,
+    ranges: &PodRanges,
     dir: &Path,
 ) -> Result<Vec<u32>> {
     let conf = dir.join("bird.conf");
-    std::fs::write(
-        &conf,
-        config(peering::BIRD, router, index, nodes, pod_range)?,
-    )?;
+    std::fs::write(&conf, config(peering::BIRD, router, index, nodes, ranges)?)?;
     let (ctl, log) = (dir.join("bird.ctl"), dir.join("bird.log"));
     let pid = net::spawn_daemon(
         &router.netns,
@@ -157,11 +191,11 @@ fn start_frr(
     router: &RouterState,
     index: usize,
     nodes: &[NodeState],
-    pod_range: &IpNetwork,
+    ranges: &PodRanges,
     dir: &Path,
 ) -> Result<Vec<u32>> {
     let zebra = start_frr_daemon(router, dir, "zebra", "")?;
-    let config = config(peering::FRR, router, index, nodes, pod_range)?;
+    let config = config(peering::FRR, router, index, nodes, ranges)?;
     let bgpd = start_frr_daemon(router, dir, "bgpd", &config)?;
     Ok(vec![zebra, bgpd])
 }
@@ -220,14 +254,11 @@ fn start_gobgp(
     router: &RouterState,
     index: usize,
     nodes: &[NodeState],
-    pod_range: &IpNetwork,
+    ranges: &PodRanges,
     dir: &Path,
 ) -> Result<Vec<u32>> {
     let conf = dir.join("gobgpd.toml");
-    std::fs::write(
-        &conf,
-        config(peering::GOBGP, router, index, nodes, pod_range)?,
-    )?;
+    std::fs::write(&conf, config(peering::GOBGP, router, index, nodes, ranges)?)?;
     let gobgpd = net::spawn_daemon(
         &router.netns,
         &["gobgpd", "-f", path(&conf)?, "--pprof-disable", "-p"],

@@ -33,6 +33,9 @@ pub struct NodeState {
     pub as_number: u32,
     /// Underlay address on the link to each router, in router order.
     pub uplinks: Vec<String>,
+    /// The same links' IPv6 addresses, in a dual-stack lab.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub uplinks6: Vec<String>,
     #[serde(rename = "podCIDRs")]
     pub pod_cidrs: Vec<String>,
     pub pid: Option<u32>,
@@ -64,6 +67,11 @@ pub fn lab_dir(name: &str) -> PathBuf {
 }
 
 impl LabState {
+    /// Whether the cluster has an IPv6 pod range: then the underlay carries IPv6 too.
+    pub fn dual_stack(&self) -> bool {
+        self.topology.pod_range6().is_some()
+    }
+
     pub fn dir(&self) -> PathBuf {
         lab_dir(&self.name)
     }

@@ -2,10 +2,10 @@
 //! Parsed once, validated, then addresses are derived from positions so `up` is deterministic.
 
 use anyhow::{bail, Context, Result};
-use ipnetwork::{IpNetwork, Ipv4Network};
+use ipnetwork::{IpNetwork, Ipv4Network, Ipv6Network};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet};
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 
 /// Name of the lab when neither the topology nor `--name` gives one.
 pub const DEFAULT_LAB: &str = "sepal";
@@ -15,12 +15,16 @@ pub const DEFAULT_LAB: &str = "sepal";
 pub struct Topology {
     #[serde(default)]
     pub name: Option<String>,
-    /// Cluster pod CIDR(s); per-node blocks are carved from the first IPv4 one unless given.
+    /// Cluster pod CIDR(s); per-node blocks are carved from the first IPv4 one, and from the
+    /// first IPv6 one when there is one (a dual-stack lab), unless a node gives its own.
     #[serde(default = "default_pod_cidr", rename = "podCIDR")]
     pub pod_cidr: Vec<IpNetwork>,
-    /// Prefix length of the per-node blocks carved from `podCIDR`.
+    /// Prefix length of the per-node IPv4 blocks carved from `podCIDR`.
     #[serde(default = "default_block_size")]
     pub block_size: u8,
+    /// Prefix length of the per-node IPv6 blocks (a /64 per node, as Kubernetes gives).
+    #[serde(default = "default_block_size6", rename = "blockSize6")]
+    pub block_size6: u8,
     pub nodes: Vec<NodeSpec>,
     #[serde(default)]
     pub routers: Vec<RouterSpec>,
@@ -113,6 +117,9 @@ fn default_pod_cidr() -> Vec<IpNetwork> {
 fn default_block_size() -> u8 {
     24
 }
+fn default_block_size6() -> u8 {
+    64
+}
 fn default_router_as() -> u32 {
     65000
 }
@@ -201,7 +208,8 @@ impl Topology {
         Ok(())
     }
 
-    /// The pod blocks of node `index`: explicit ones, or the (index+1)-th block of the cluster CIDR.
+    /// The pod blocks of node `index`: explicit ones, or the (index+1)-th block of the cluster's
+    /// IPv4 CIDR, and of its IPv6 CIDR when it has one.
     pub fn node_blocks(&self, index: usize) -> Result<Vec<IpNetwork>> {
         let node = &self.nodes[index];
         if !node.pod_cidrs.is_empty() {
@@ -216,19 +224,59 @@ impl Topology {
         if self.block_size < cluster.prefix() || self.block_size > 30 {
             bail!("blockSize /{} does not fit in {cluster}", self.block_size);
         }
-        let size = 1u64 << (32 - self.block_size);
-        let offset = size * (index as u64 + 1);
-        if offset + size > 1u64 << (32 - cluster.prefix()) {
-            bail!(
+        let base = u32::from(cluster.network()) as u128;
+        let v4 = carve(base, 32, cluster.prefix(), self.block_size, index).with_context(|| {
+            format!(
                 "{cluster} has no room for a /{} block for node {}",
-                self.block_size,
-                node.name
-            );
+                self.block_size, node.name
+            )
+        })?;
+        let mut blocks = vec![IpNetwork::V4(Ipv4Network::new(
+            Ipv4Addr::from(v4 as u32),
+            self.block_size,
+        )?)];
+        if let Some(cluster6) = self.pod_range6() {
+            if self.block_size6 < cluster6.prefix() || self.block_size6 > 120 {
+                bail!(
+                    "blockSize6 /{} does not fit in {cluster6}",
+                    self.block_size6
+                );
+            }
+            let base = u128::from(cluster6.network());
+            let v6 = carve(base, 128, cluster6.prefix(), self.block_size6, index).with_context(
+                || {
+                    format!(
+                        "{cluster6} has no room for a /{} block for node {}",
+                        self.block_size6, node.name
+                    )
+                },
+            )?;
+            blocks.push(IpNetwork::V6(Ipv6Network::new(
+                Ipv6Addr::from(v6),
+                self.block_size6,
+            )?));
         }
-        let base = u32::from(cluster.network()) as u64 + offset;
-        let net = Ipv4Network::new(Ipv4Addr::from(base as u32), self.block_size)?;
-        Ok(vec![IpNetwork::V4(net)])
+        Ok(blocks)
     }
+
+    /// The cluster's IPv6 pod CIDR: the lab is dual-stack when there is one.
+    pub fn pod_range6(&self) -> Option<Ipv6Network> {
+        self.pod_cidr.iter().find_map(|c| match c {
+            IpNetwork::V6(n) => Some(*n),
+            IpNetwork::V4(_) => None,
+        })
+    }
+}
+
+/// The network address of the (index+1)-th /`block` inside a /`outer` range starting at `base`
+/// (addresses `bits` wide); block 0 stays free, as the lab's nodes count from 1. None: no room.
+fn carve(base: u128, bits: u8, outer: u8, block: u8, index: usize) -> Option<u128> {
+    let size = 1u128.checked_shl(u32::from(bits - block))?;
+    let room = 1u128
+        .checked_shl(u32::from(bits - outer))
+        .unwrap_or(u128::MAX);
+    let offset = size.checked_mul(index as u128 + 1)?;
+    (offset.checked_add(size)? <= room).then(|| base + offset)
 }
 
 /// Names end up in namespace and file names: keep them DNS-label-like.
@@ -278,6 +326,32 @@ mod tests {
             .contains("unknown node"));
         assert!(Topology::parse("nodes: [{name: N1}]").is_err());
         assert!(Topology::parse("nodes: [{name: n1, color: red}]").is_err());
+    }
+
+    #[test]
+    fn an_ipv6_pod_cidr_makes_every_node_dual_stack() {
+        let topo = Topology::parse(
+            "podCIDR: [10.246.0.0/16, 'fd10:246::/48']\nnodes: [{name: n1}, {name: n2}]\n",
+        )
+        .unwrap();
+        let blocks = |i| -> Vec<String> {
+            topo.node_blocks(i)
+                .unwrap()
+                .iter()
+                .map(|b| b.to_string())
+                .collect()
+        };
+        assert_eq!(blocks(0), ["10.246.1.0/24", "fd10:246:0:1::/64"]);
+        assert_eq!(blocks(1), ["10.246.2.0/24", "fd10:246:0:2::/64"]);
+        assert_eq!(topo.pod_range6().unwrap().to_string(), "fd10:246::/48");
+        assert!(Topology::default_lab().pod_range6().is_none());
+        let wide =
+            "podCIDR: [10.246.0.0/16, 'fd10:246::/48']\nblockSize6: 40\nnodes: [{name: n1}]\n";
+        let err = Topology::parse(wide).unwrap_err().to_string();
+        assert!(err.contains("blockSize6"), "{err}");
+        let full = "podCIDR: [10.246.0.0/16, 'fd10:246::/63']\nnodes: [{name: n1}, {name: n2}]\n";
+        let err = format!("{:#}", Topology::parse(full).unwrap_err());
+        assert!(err.contains("no room"), "{err}");
     }
 
     #[test]
