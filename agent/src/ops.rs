@@ -140,8 +140,22 @@ pub fn status(target: &AgentTarget, json: bool) -> Result<()> {
     report(target, AdminRequest::Status, json, print_status)
 }
 
+/// A block's room in addresses, readable for an IPv6 /64 too (`~2^64`, not twenty digits).
+fn room(n: u128) -> String {
+    if n >= 1 << 32 {
+        format!("~2^{}", 127 - n.saturating_add(1).leading_zeros())
+    } else {
+        n.to_string()
+    }
+}
+
 fn print_status(s: &StatusReport) {
-    let capacity: u128 = s.ipam.capacity.iter().map(|(_, n)| n).sum();
+    let capacity: Vec<String> = s
+        .ipam
+        .capacity
+        .iter()
+        .map(|(block, n)| format!("{} in {block}", room(*n)))
+        .collect();
     println!(
         "node {}   {}",
         s.node,
@@ -158,7 +172,7 @@ fn print_status(s: &StatusReport) {
         s.datastore.objects
     );
     println!(
-        "blocks {}   endpoints {}   IPAM {}/{} addresses",
+        "blocks {}   endpoints {}   IPAM {} allocated (room: {})",
         if s.blocks.is_empty() {
             "none".to_string()
         } else {
@@ -166,7 +180,11 @@ fn print_status(s: &StatusReport) {
         },
         s.endpoints,
         s.ipam.allocated,
-        capacity
+        if capacity.is_empty() {
+            "none".to_string()
+        } else {
+            capacity.join(", ")
+        }
     );
     println!();
     if !s.bgp.running {
@@ -509,6 +527,14 @@ fn print_trace(req: &TraceRequest, t: &Trace) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ipam_room_reads_well_for_ipv6_blocks() {
+        assert_eq!(room(254), "254");
+        assert_eq!(room((1 << 64) - 1), "~2^64");
+        assert_eq!(room(1 << 64), "~2^64");
+        assert_eq!(room((1 << 32) - 1), "4294967295");
+    }
     use crate::lab::state::{NodeState, PodState};
     use crate::lab::topology::Topology;
 
