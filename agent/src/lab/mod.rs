@@ -456,8 +456,8 @@ fn bgp_objects(lab: &LabState) -> Vec<Value> {
 }
 
 fn node_object(node: &NodeState) -> Value {
-    // IPv4 first: the agent peers from its first address and gives its first IPv6 address as
-    // the next hop of its IPv6 blocks.
+    // IPv4 first: the agent peers from its first address. Its first IPv6 address is the next hop
+    // of its IPv6 blocks towards mesh peers; a ToR session gives the address on its own link.
     let addresses: Vec<Value> = node
         .uplinks
         .iter()
