@@ -492,26 +492,24 @@ pub(crate) fn compile_group(
             .collect()
     };
 
+    // Every peer match a rule needs, one rule each: per family one per peer set, or a single
+    // `None` (no family needed) when every peer is allowed.
+    let families = ctx.families;
+    let every_peer_match = || -> Vec<Option<Match>> {
+        match &peer_sets {
+            None => vec![None],
+            Some(_) => families.iter().flat_map(|&f| peer_matches(f)).collect(),
+        }
+    };
+    let rule = |peer: Option<Match>, then: Option<Match>| NftRule {
+        matches: peer.into_iter().chain(then).collect(),
+        action: action.clone(),
+        comment: comment.clone(),
+    };
+
     let Some(ports) = ports else {
         // Every port and protocol.
-        match &peer_sets {
-            None => out.push(NftRule {
-                matches: vec![],
-                action,
-                comment,
-            }),
-            Some(_) => {
-                for &family in ctx.families {
-                    for peer in peer_matches(family) {
-                        out.push(NftRule {
-                            matches: peer.into_iter().collect(),
-                            action: action.clone(),
-                            comment: comment.clone(),
-                        });
-                    }
-                }
-            }
-        }
+        out.extend(every_peer_match().into_iter().map(|peer| rule(peer, None)));
         return;
     };
 
@@ -560,27 +558,11 @@ pub(crate) fn compile_group(
             }
         }
         ctx.sets.insert(name.clone(), Set { kind, elements });
-        match &peer_sets {
-            None => out.push(NftRule {
-                matches: vec![Match::ProtoPort(name)],
-                action: action.clone(),
-                comment: comment.clone(),
-            }),
-            Some(_) => {
-                for &family in ctx.families {
-                    for peer in peer_matches(family) {
-                        out.push(NftRule {
-                            matches: peer
-                                .into_iter()
-                                .chain([Match::ProtoPort(name.clone())])
-                                .collect(),
-                            action: action.clone(),
-                            comment: comment.clone(),
-                        });
-                    }
-                }
-            }
-        }
+        out.extend(
+            every_peer_match()
+                .into_iter()
+                .map(|peer| rule(peer, Some(Match::ProtoPort(name.clone())))),
+        );
     }
     if !named.is_empty() {
         // Ingress: the selected pod's own port of that name; egress: the peer pod's. The set is
@@ -643,16 +625,11 @@ pub(crate) fn compile_group(
                 // The named-port set already holds only the peer pods' addresses.
                 Direction::Egress => vec![None],
             };
-            for peer in peers {
-                out.push(NftRule {
-                    matches: peer
-                        .into_iter()
-                        .chain([Match::DstAddrProtoPort(family, name.clone())])
-                        .collect(),
-                    action: action.clone(),
-                    comment: comment.clone(),
-                });
-            }
+            out.extend(
+                peers
+                    .into_iter()
+                    .map(|peer| rule(peer, Some(Match::DstAddrProtoPort(family, name.clone())))),
+            );
         }
     }
 }
