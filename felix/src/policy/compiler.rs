@@ -417,11 +417,15 @@ impl State {
         by_name.insert(pod.name.clone(), pod.clone());
     }
 
-    fn drop_policy(&mut self, part: PolicyPart, touched: &mut Touched) {
-        for name in part.chains {
+    fn drop_chains(&mut self, names: impl IntoIterator<Item = String>, touched: &mut Touched) {
+        for name in names {
             self.rs.chains.remove(&name);
             touched.chains.insert(name);
         }
+    }
+
+    fn drop_policy(&mut self, part: PolicyPart, touched: &mut Touched) {
+        self.drop_chains(part.chains, touched);
         for name in part.sets {
             if release(&mut self.set_users, &name) {
                 self.rs.sets.remove(&name);
@@ -431,16 +435,14 @@ impl State {
     }
 
     fn drop_endpoint(&mut self, part: EndpointPart, touched: &mut Touched) {
-        for name in part.chains {
-            self.rs.chains.remove(&name);
-            touched.chains.insert(name);
-        }
-        for name in part.shared {
-            if release(&mut self.shared_users, &name) {
-                self.rs.chains.remove(&name);
-                touched.chains.insert(name);
-            }
-        }
+        self.drop_chains(part.chains, touched);
+        // Shared jump chains go with their last user.
+        let unused: Vec<String> = part
+            .shared
+            .into_iter()
+            .filter(|name| release(&mut self.shared_users, name))
+            .collect();
+        self.drop_chains(unused, touched);
     }
 
     /// The chains of an endpoint isolated in a direction: a jump to the policies selecting it
