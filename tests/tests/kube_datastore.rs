@@ -91,6 +91,17 @@ fn kube_inspect(api: &FakeApi, dir: &tempfile::TempDir, watch: bool) -> Inspect 
     inspect(&args)
 }
 
+/// The stand-in API server holding `objects`, and the kube datastore watching it once its model
+/// matches them (the temporary directory holds its kubeconfig).
+fn watching(objects: &[Value]) -> (FakeApi, tempfile::TempDir, Inspect) {
+    let api = FakeApi::start();
+    api.apply_all(objects.iter().cloned());
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let p = kube_inspect(&api, &tmp, true);
+    wait_for_model(&p, &dir_model(objects));
+    (api, tmp, p)
+}
+
 /// Waits until the kube side prints a model equal to `want`; panics with the last one otherwise.
 fn wait_for_model(p: &Inspect, want: &[String]) {
     let deadline = std::time::Instant::now() + WAIT;
@@ -226,12 +237,8 @@ fn kube_initial_sync_matches_dir() {
 
 #[test]
 fn kube_changes_match_dir() {
-    let api = FakeApi::start();
     let mut objects = cluster();
-    api.apply_all(objects.iter().cloned());
-    let tmp = tempfile::tempdir().expect("tempdir");
-    let p = kube_inspect(&api, &tmp, true);
-    wait_for_model(&p, &dir_model(&objects));
+    let (api, _tmp, p) = watching(&objects);
 
     // A sequence of changes on every path: modify, delete, add, and server-side noise (status
     // conditions, managed fields) that must not show in the model.
@@ -259,12 +266,8 @@ fn kube_changes_match_dir() {
 
 #[test]
 fn kube_relists_after_410_gone() {
-    let api = FakeApi::start();
     let mut objects = cluster();
-    api.apply_all(objects.iter().cloned());
-    let tmp = tempfile::tempdir().expect("tempdir");
-    let p = kube_inspect(&api, &tmp, true);
-    wait_for_model(&p, &dir_model(&objects));
+    let (api, _tmp, p) = watching(&objects);
 
     // During an outage objects change and history is compacted: resuming from the old
     // resourceVersion gets 410, and only a relist can notice the deleted pod.
@@ -293,12 +296,8 @@ fn kube_relists_after_410_gone() {
 
 #[test]
 fn kube_resumes_from_its_resource_version_and_from_bookmarks() {
-    let api = FakeApi::start();
     let mut objects = cluster();
-    api.apply_all(objects.iter().cloned());
-    let tmp = tempfile::tempdir().expect("tempdir");
-    let p = kube_inspect(&api, &tmp, true);
-    wait_for_model(&p, &dir_model(&objects));
+    let (api, _tmp, p) = watching(&objects);
     let lists = api.requests("list", "pods");
 
     // A dropped connection: the watch resumes from the last resourceVersion it saw, and a pod
