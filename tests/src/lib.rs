@@ -4,6 +4,7 @@
 pub mod bench;
 pub mod bgpd;
 pub mod fakeapi;
+pub mod kube;
 pub mod lab;
 pub mod netns;
 pub mod node;

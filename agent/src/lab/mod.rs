@@ -1,6 +1,7 @@
 //! `sepal lab`: a whole cluster on one Linux box — node namespaces running the real agent, pods
 //! attached by the real CNI plugin, a real BGP router — plus the commands to inspect and change it.
 
+pub mod control_plane;
 mod kubeapi;
 mod net;
 mod objects;
@@ -81,6 +82,10 @@ pub enum LabCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Runs a Kubernetes control plane (etcd, kube-apiserver, kube-controller-manager,
+    /// kube-scheduler) on loopback until SIGTERM: `up --kubernetes` and the tests start it.
+    #[command(hide = true)]
+    ControlPlane(control_plane::ControlPlaneArgs),
     /// Relays the lab's API server into its node namespaces (started by `up`).
     #[command(hide = true)]
     ApiRelay {
@@ -117,6 +122,7 @@ pub fn run(args: LabArgs) -> Result<()> {
         } => exec(&LabState::load(&name)?, &target, &command),
         LabCommand::Ping { name, json } => ping::matrix(&LabState::load(&name)?, json),
         LabCommand::ApiRelay { name } => relay::run(&LabState::load(&name)?),
+        LabCommand::ControlPlane(args) => control_plane::run(args),
     }
 }
 

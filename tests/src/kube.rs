@@ -1,0 +1,492 @@
+//! A real Kubernetes control plane for a test: etcd, kube-apiserver, kube-controller-manager and
+//! kube-scheduler (built by scripts/kube-build) under `sepal lab control-plane`, in a temporary
+//! directory, on loopback ports chosen at run time, so tests run in parallel. Dropping the
+//! [`Cluster`] (a panicking test too) stops every process and removes every file; if the test
+//! process itself dies, the supervisor gets SIGTERM from the kernel and does the same.
+//!
+//! Objects are written with the real kubectl (server-side apply, status through the status
+//! subresource, as kubelet and controllers write it), and the agent gets a kubeconfig of the
+//! ServiceAccount `deploy/10-rbac.yaml` binds, never admin credentials.
+
+use serde_json::{json, Value};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+/// The repository's deploy/ folder.
+pub fn deploy_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy")
+}
+
+/// The folder scripts/kube-build writes: SEPAL_KUBE_BIN, else target/kube/bin.
+pub fn kube_bin_dir() -> PathBuf {
+    if let Some(d) = std::env::var_os("SEPAL_KUBE_BIN") {
+        return d.into();
+    }
+    let sepal = crate::bin_path("sepal");
+    let target = sepal
+        .parent()
+        .and_then(Path::parent)
+        .expect("target/<profile>/sepal");
+    target.join("kube").join("bin")
+}
+
+/// How a test wants its control plane.
+#[derive(Debug, Default, Clone)]
+pub struct Options {
+    /// Run the control plane inside this network namespace (its loopback), so an agent in that
+    /// namespace reaches it; kubectl then runs there too.
+    pub netns: Option<PathBuf>,
+    /// More kube-apiserver flags, e.g. `--watch-cache=false`.
+    pub apiserver_args: Vec<String>,
+}
+
+/// A running control plane, owned by the test.
+pub struct Cluster {
+    supervisor: Child,
+    dir: Option<tempfile::TempDir>,
+    netns: Option<PathBuf>,
+    /// `control-plane.json`: server, etcd, kubeconfig, ports, logs.
+    pub endpoints: Value,
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        // SAFETY: kill(2) on our own child's PID.
+        unsafe {
+            libc::kill(self.supervisor.id() as i32, libc::SIGTERM);
+        }
+        let deadline = Instant::now() + Duration::from_secs(45);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.supervisor.try_wait() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.supervisor.kill();
+        let _ = self.supervisor.wait();
+        drop(self.dir.take());
+    }
+}
+
+impl Cluster {
+    pub fn start() -> Cluster {
+        Cluster::start_with(Options::default())
+    }
+
+    pub fn start_with(o: Options) -> Cluster {
+        let dir = tempfile::Builder::new()
+            .prefix("sepal-kube-")
+            .tempdir()
+            .expect("tempdir");
+        let sepal = crate::bin_path("sepal");
+        let mut cmd = match &o.netns {
+            Some(ns) => {
+                let mut c = Command::new("nsenter");
+                c.arg(format!("--net={}", ns.display())).arg(&sepal);
+                c
+            }
+            None => Command::new(&sepal),
+        };
+        cmd.args(["lab", "control-plane", "--dir"])
+            .arg(dir.path())
+            .arg("--bin-dir")
+            .arg(kube_bin_dir());
+        for a in &o.apiserver_args {
+            cmd.arg(format!("--apiserver-arg={a}"));
+        }
+        let log_path = dir.path().join("supervisor.log");
+        let log = std::fs::File::create(&log_path).expect("log");
+        cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(log);
+        // SAFETY: prctl only, between fork and exec. SIGTERM (not KILL): the supervisor then
+        // stops its components and removes nothing the test's own guard would not.
+        unsafe {
+            use std::os::unix::process::CommandExt;
+            cmd.pre_exec(|| {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let mut supervisor = cmd.spawn().expect("start sepal lab control-plane");
+        let stdout = supervisor.stdout.take().expect("stdout");
+        let mut line = String::new();
+        let _ = BufReader::new(stdout).read_line(&mut line);
+        let mut cluster = Cluster {
+            supervisor,
+            dir: Some(dir),
+            netns: o.netns,
+            endpoints: Value::Null,
+        };
+        match serde_json::from_str::<Value>(&line) {
+            Ok(v) => cluster.endpoints = v,
+            Err(_) => panic!(
+                "the control plane did not start:\n{}",
+                std::fs::read_to_string(&log_path).unwrap_or_default()
+            ),
+        }
+        cluster
+    }
+
+    pub fn dir(&self) -> &Path {
+        self.dir.as_ref().expect("dir").path()
+    }
+
+    pub fn server(&self) -> String {
+        self.endpoints["server"].as_str().expect("server").to_string()
+    }
+
+    pub fn admin_kubeconfig(&self) -> PathBuf {
+        PathBuf::from(self.endpoints["adminKubeconfig"].as_str().expect("kubeconfig"))
+    }
+
+    pub fn version(&self) -> String {
+        self.endpoints["kubernetesVersion"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string()
+    }
+
+    /// A component's log, for a failing test's message.
+    pub fn log(&self, component: &str) -> String {
+        let path = self.endpoints["logs"][component].as_str().unwrap_or_default();
+        std::fs::read_to_string(path).unwrap_or_default()
+    }
+
+    fn in_netns(&self, program: &Path) -> Command {
+        match &self.netns {
+            Some(ns) => {
+                let mut c = Command::new("nsenter");
+                c.arg(format!("--net={}", ns.display())).arg(program);
+                c
+            }
+            None => Command::new(program),
+        }
+    }
+
+    /// kubectl as `kubeconfig`'s user; Ok(stdout) or Err(stderr).
+    pub fn kubectl_as(
+        &self,
+        kubeconfig: &Path,
+        args: &[&str],
+        stdin: Option<&str>,
+    ) -> Result<String, String> {
+        let mut cmd = self.in_netns(&kube_bin_dir().join("kubectl"));
+        cmd.arg("--kubeconfig")
+            .arg(kubeconfig)
+            .arg("--cache-dir")
+            .arg(self.dir().join("kubectl-cache"))
+            .args(args)
+            .stdin(if stdin.is_some() {
+                Stdio::piped()
+            } else {
+                Stdio::null()
+            })
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = cmd.spawn().expect("run kubectl");
+        if let Some(text) = stdin {
+            let mut w = child.stdin.take().expect("stdin");
+            w.write_all(text.as_bytes()).expect("kubectl stdin");
+        }
+        let out: Output = child.wait_with_output().expect("kubectl");
+        if out.status.success() {
+            Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+        } else {
+            Err(String::from_utf8_lossy(&out.stderr).into_owned())
+        }
+    }
+
+    /// kubectl as admin; Ok(stdout) or Err(stderr).
+    pub fn try_kubectl(&self, args: &[&str], stdin: Option<&str>) -> Result<String, String> {
+        self.kubectl_as(&self.admin_kubeconfig(), args, stdin)
+    }
+
+    /// kubectl as admin; panics with its error.
+    pub fn kubectl(&self, args: &[&str]) -> String {
+        self.try_kubectl(args, None)
+            .unwrap_or_else(|e| panic!("kubectl {}: {e}", args.join(" ")))
+    }
+
+    /// Server-side applies the objects (in order, as one list), then writes the `status` of those
+    /// that have one through the status subresource. Retries while a new namespace's `default`
+    /// ServiceAccount, which Pod admission wants, is still being made by the controller.
+    pub fn apply(&self, objects: &[Value]) {
+        if objects.is_empty() {
+            return;
+        }
+        let list = json!({"apiVersion": "v1", "kind": "List", "items": objects});
+        self.apply_retrying(&["apply", "--server-side", "--force-conflicts", "-f", "-"], &list);
+        let with_status: Vec<Value> = objects
+            .iter()
+            .filter(|o| o.get("status").is_some_and(|s| !s.is_null()))
+            .map(|o| {
+                json!({"apiVersion": o["apiVersion"], "kind": o["kind"],
+                       "metadata": {"name": o["metadata"]["name"], "namespace": o["metadata"]["namespace"]},
+                       "status": o["status"]})
+            })
+            .collect();
+        if !with_status.is_empty() {
+            let list = json!({"apiVersion": "v1", "kind": "List", "items": with_status});
+            self.apply_retrying(
+                &[
+                    "apply",
+                    "--server-side",
+                    "--force-conflicts",
+                    "--subresource=status",
+                    "--field-manager=test-status",
+                    "-f",
+                    "-",
+                ],
+                &list,
+            );
+        }
+    }
+
+    fn apply_retrying(&self, args: &[&str], list: &Value) {
+        let text = list.to_string();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            match self.try_kubectl(args, Some(&text)) {
+                Ok(_) => return,
+                Err(e) if e.contains("serviceaccount") && Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(200));
+                }
+                Err(e) => panic!("kubectl {}: {e}", args.join(" ")),
+            }
+        }
+    }
+
+    /// Deletes an object (resource as kubectl names it, e.g. `pod`, `bgppeer`); absent is fine.
+    pub fn delete(&self, resource: &str, namespace: &str, name: &str) {
+        let mut args = vec!["delete", resource, name, "--ignore-not-found", "--wait=false"];
+        if !namespace.is_empty() {
+            args.extend(["-n", namespace]);
+        }
+        self.kubectl(&args);
+    }
+
+    /// One object as the server holds it.
+    pub fn get(&self, resource: &str, namespace: &str, name: &str) -> Option<Value> {
+        let mut args = vec!["get", resource, name, "-o", "json"];
+        if !namespace.is_empty() {
+            args.extend(["-n", namespace]);
+        }
+        let text = self.try_kubectl(&args, None).ok()?;
+        serde_json::from_str(&text).ok()
+    }
+
+    /// Every object of a resource (all namespaces, or `-n NS` among `extra`).
+    pub fn list(&self, resource: &str, extra: &[&str]) -> Vec<Value> {
+        let mut args = vec!["get", resource, "-o", "json"];
+        if !extra.iter().any(|a| *a == "-n") {
+            args.push("-A");
+        }
+        args.extend(extra);
+        let v: Value = serde_json::from_str(&self.kubectl(&args)).expect("kubectl get json");
+        v["items"].as_array().cloned().unwrap_or_default()
+    }
+
+    /// Sepal's CRDs from deploy/crds, established.
+    pub fn install_crds(&self) {
+        let crds = deploy_dir().join("crds");
+        self.kubectl(&["apply", "--server-side", "-f", crds.to_str().expect("utf-8")]);
+        self.kubectl(&[
+            "wait",
+            "--for=condition=Established",
+            "crd",
+            "--all",
+            "--timeout=60s",
+        ]);
+    }
+
+    /// The CRDs, the namespace, the RBAC and the config of deploy/ (not the DaemonSet: no
+    /// kubelet runs its pods here), as a user installs them.
+    pub fn install_sepal(&self) {
+        self.install_crds();
+        let d = deploy_dir();
+        for f in ["00-namespace.yaml", "10-rbac.yaml", "20-config.yaml"] {
+            self.kubectl(&["apply", "--server-side", "-f", d.join(f).to_str().expect("utf-8")]);
+        }
+    }
+
+    /// A kubeconfig of ServiceAccount `sepal-system/sepal-node` (the agent's identity in
+    /// deploy/10-rbac.yaml), with a token from the TokenRequest API; `server` overrides the
+    /// API server's URL (a relay in front of it).
+    pub fn agent_kubeconfig(&self, server: Option<&str>) -> PathBuf {
+        let token = self
+            .kubectl(&[
+                "create",
+                "token",
+                "sepal-node",
+                "-n",
+                "sepal-system",
+                "--duration=24h",
+            ])
+            .trim()
+            .to_string();
+        let server = server.map(str::to_string).unwrap_or_else(|| self.server());
+        let ca = self.endpoints["caCert"].as_str().expect("caCert");
+        let text = format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: c\n  cluster:\n    server: {server}\n    \
+             certificate-authority: {ca}\ncontexts:\n- name: c\n  context:\n    cluster: c\n    user: sepal-node\n\
+             current-context: c\nusers:\n- name: sepal-node\n  user:\n    token: {token}\n"
+        );
+        let path = self.dir().join(format!(
+            "agent-{}.kubeconfig",
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_nanos())
+                .unwrap_or_default()
+        ));
+        std::fs::write(&path, text).expect("write agent kubeconfig");
+        path
+    }
+
+    /// The agent's requests the API server audited, one JSON object each (verb, objectRef,
+    /// requestURI, responseStatus.code).
+    pub fn agent_requests(&self) -> Vec<Value> {
+        let path = self.endpoints["auditLog"].as_str().expect("auditLog");
+        std::fs::read_to_string(path)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect()
+    }
+
+    /// A request to etcd's JSON gateway (plain HTTP on loopback): POST `path` with `body`.
+    fn etcd_post(&self, path: &str, body: &Value) -> Value {
+        let port = self.endpoints["ports"]["etcdClient"]
+            .as_u64()
+            .expect("etcd port") as u16;
+        let body = body.to_string();
+        let request = format!(
+            "POST {path} HTTP/1.0\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n\
+             Content-Length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        let talk = move || -> std::io::Result<String> {
+            let mut s = TcpStream::connect(("127.0.0.1", port))?;
+            s.write_all(request.as_bytes())?;
+            let mut text = String::new();
+            s.read_to_string(&mut text)?;
+            Ok(text)
+        };
+        let text = match &self.netns {
+            Some(ns) => sepal_felix::netns::on_thread_in(ns, talk).and_then(|r| r),
+            None => talk(),
+        }
+        .expect("etcd request");
+        let body = text.split("\r\n\r\n").nth(1).unwrap_or_default();
+        serde_json::from_str(body).unwrap_or_else(|_| panic!("etcd {path}: {text}"))
+    }
+
+    /// etcd's current revision (the newest resourceVersion the API server can hand out).
+    pub fn etcd_revision(&self) -> u64 {
+        // A range over a key nobody writes; the header carries the store's revision.
+        let v = self.etcd_post("/v3/kv/range", &json!({"key": "AA=="}));
+        v["header"]["revision"]
+            .as_str()
+            .and_then(|r| r.parse().ok())
+            .unwrap_or_else(|| panic!("etcd revision: {v}"))
+    }
+
+    /// Compacts etcd's history up to now: a watch resuming from an older resourceVersion gets
+    /// 410 Gone (where no watch cache answers it from memory).
+    pub fn compact_etcd(&self) -> u64 {
+        let rev = self.etcd_revision();
+        self.etcd_post(
+            "/v3/kv/compaction",
+            &json!({"revision": rev.to_string(), "physical": true}),
+        );
+        rev
+    }
+
+    /// The API server's Prometheus metrics (as admin).
+    pub fn metrics(&self) -> String {
+        self.kubectl(&["get", "--raw", "/metrics"])
+    }
+}
+
+/// Sum of `apiserver_request_total` samples whose labels contain every `label="value"` given.
+pub fn request_count(metrics: &str, labels: &[(&str, &str)]) -> u64 {
+    metrics
+        .lines()
+        .filter(|l| l.starts_with("apiserver_request_total{"))
+        .filter(|l| {
+            labels
+                .iter()
+                .all(|(k, v)| l.contains(&format!("{k}=\"{v}\"")))
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum::<f64>() as u64
+}
+
+/// A TCP relay in front of the API server that a test can cut: every open connection is
+/// closed at once, as a dropped network path or a restarted load balancer would. TLS passes
+/// through untouched, so clients talk to the real server through it.
+pub struct Cutter {
+    pub addr: std::net::SocketAddr,
+    conns: std::sync::Arc<std::sync::Mutex<Vec<TcpStream>>>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Cutter {
+    /// Listens on 127.0.0.1 (inside `netns`, if given) and relays to `target` there.
+    pub fn start(target: std::net::SocketAddr, netns: Option<&Path>) -> Cutter {
+        let bind = || std::net::TcpListener::bind("127.0.0.1:0");
+        let listener = match netns {
+            Some(ns) => sepal_felix::netns::on_thread_in(ns, bind).and_then(|r| r),
+            None => bind(),
+        }
+        .expect("bind relay");
+        let addr = listener.local_addr().expect("addr");
+        let conns = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let netns = netns.map(Path::to_path_buf);
+        let (c, s) = (conns.clone(), stop.clone());
+        std::thread::spawn(move || {
+            for client in listener.incoming() {
+                if s.load(std::sync::atomic::Ordering::Relaxed) {
+                    break;
+                }
+                let Ok(client) = client else { continue };
+                let connect = || TcpStream::connect(target);
+                let server = match &netns {
+                    Some(ns) => sepal_felix::netns::on_thread_in(ns, connect).and_then(|r| r),
+                    None => connect(),
+                };
+                let Ok(server) = server else { continue };
+                for (from, to) in [(&client, &server), (&server, &client)] {
+                    let (mut r, mut w) = (from.try_clone().expect("dup"), to.try_clone().expect("dup"));
+                    std::thread::spawn(move || {
+                        let _ = std::io::copy(&mut r, &mut w);
+                        let _ = w.shutdown(std::net::Shutdown::Both);
+                    });
+                }
+                let mut open = c.lock().expect("lock");
+                open.push(client);
+                open.push(server);
+            }
+        });
+        Cutter { addr, conns, stop }
+    }
+
+    /// Closes every connection relayed so far; new ones are relayed again.
+    pub fn cut(&self) {
+        for s in self.conns.lock().expect("lock").drain(..) {
+            let _ = s.shutdown(std::net::Shutdown::Both);
+        }
+    }
+}
+
+impl Drop for Cutter {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.cut();
+        let _ = TcpStream::connect(self.addr);
+    }
+}
