@@ -1,14 +1,20 @@
-//! The lab as control plane against a Kubernetes API server (`lab up --datastore kubernetes`):
-//! objects are created, replaced (status through the status subresource, as kubelet writes a
-//! Pod's IPs) and deleted there instead of in the dir datastore.
+//! The lab as a client of its Kubernetes API server (`lab up --kubernetes`, `--datastore
+//! kubernetes`): objects are server-side applied (as `kubectl apply --server-side`), their status
+//! written through the status subresource (as kubelet writes a Pod's IPs), deleted, and read
+//! back; plus the two requests setting up the agents needs (a ServiceAccount token, /version).
 
 use anyhow::{bail, Context, Result};
-use kube::api::{Api, DeleteParams, DynamicObject, GroupVersionKind, PostParams};
+use k8s_openapi::api::authentication::v1::{TokenRequest, TokenRequestSpec};
+use k8s_openapi::api::core::v1::ServiceAccount;
+use kube::api::{
+    Api, DeleteParams, DynamicObject, GroupVersionKind, Patch, PatchParams, PostParams,
+};
 use kube::core::ApiResource;
 use kube::Client;
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
+use std::time::{Duration, Instant};
 
 /// Kinds without a namespace; every other kind the lab writes is namespaced.
 const CLUSTER_SCOPED: &[&str] = &[
@@ -17,7 +23,19 @@ const CLUSTER_SCOPED: &[&str] = &[
     "BGPConfiguration",
     "BGPPeer",
     "SepalNodeStatus",
+    "CustomResourceDefinition",
+    "ClusterRole",
+    "ClusterRoleBinding",
 ];
+
+/// The field manager of everything the lab applies: a relabel drops exactly the labels the lab
+/// set before and no longer sets, as `kubectl apply` would.
+const FIELD_MANAGER: &str = "sepal-lab";
+
+/// How long a Pod may wait for its namespace's `default` ServiceAccount, which the
+/// ServiceAccount admission plugin wants and kube-controller-manager makes shortly after the
+/// namespace.
+const ADMISSION_WAIT: Duration = Duration::from_secs(60);
 
 /// One client (and the runtime it runs on) per `sepal lab` process: a lab has one kubeconfig.
 static API: OnceLock<(PathBuf, tokio::runtime::Runtime, Client)> = OnceLock::new();
@@ -36,6 +54,22 @@ fn api(kubeconfig: &Path) -> Result<&'static (PathBuf, tokio::runtime::Runtime, 
     Ok(API.get_or_init(|| (kubeconfig.to_path_buf(), rt, client)))
 }
 
+/// The API handle for a kind (`apiVersion` as in an object), in a namespace when it has one.
+fn handle_for(
+    client: &Client,
+    api_version: &str,
+    kind: &str,
+    namespace: Option<&str>,
+) -> Api<DynamicObject> {
+    let (group, version) = api_version.rsplit_once('/').unwrap_or(("", api_version));
+    let ar = ApiResource::from_gvk(&GroupVersionKind::gvk(group, version, kind));
+    if CLUSTER_SCOPED.contains(&kind) {
+        Api::all_with(client.clone(), &ar)
+    } else {
+        Api::namespaced_with(client.clone(), namespace.unwrap_or("default"), &ar)
+    }
+}
+
 /// The API handle for an object's kind, in its namespace, and the object's name.
 fn handle(client: &Client, obj: &Value) -> Result<(Api<DynamicObject>, String)> {
     let api_version = obj["apiVersion"]
@@ -45,14 +79,12 @@ fn handle(client: &Client, obj: &Value) -> Result<(Api<DynamicObject>, String)> 
     let name = obj["metadata"]["name"]
         .as_str()
         .context("object without metadata.name")?;
-    let (group, version) = api_version.rsplit_once('/').unwrap_or(("", api_version));
-    let ar = ApiResource::from_gvk(&GroupVersionKind::gvk(group, version, kind));
-    let api = if CLUSTER_SCOPED.contains(&kind) {
-        Api::all_with(client.clone(), &ar)
-    } else {
-        let ns = obj["metadata"]["namespace"].as_str().unwrap_or("default");
-        Api::namespaced_with(client.clone(), ns, &ar)
-    };
+    let api = handle_for(
+        client,
+        api_version,
+        kind,
+        obj["metadata"]["namespace"].as_str(),
+    );
     Ok((api, name.to_string()))
 }
 
@@ -60,37 +92,64 @@ fn is_status(e: &kube::Error, code: u16) -> bool {
     matches!(e, kube::Error::Api(s) if s.code == code)
 }
 
-/// Creates the object, or replaces it when it exists; then writes its `status`, if it has one.
+/// A Pod refused only because its namespace's ServiceAccount is not made yet.
+fn waits_for_service_account(e: &kube::Error) -> bool {
+    matches!(e, kube::Error::Api(s) if s.code == 403 && s.message.contains("service account"))
+}
+
+/// Applies the object (created, or updated where it differs); then writes its `status`, if it
+/// has one, over what the server holds.
 pub fn put(kubeconfig: &Path, obj: &Value) -> Result<()> {
     let (_, rt, client) = api(kubeconfig)?;
     let (api, name) = handle(client, obj)?;
     let what = format!("{} {name}", obj["kind"].as_str().unwrap_or("object"));
-    let mut object: DynamicObject = serde_json::from_value(obj.clone())
-        .with_context(|| format!("{what} is not a Kubernetes object"))?;
+    let mut body = obj.clone();
+    let status = body
+        .as_object_mut()
+        .and_then(|o| o.remove("status"))
+        .filter(|s| !s.is_null());
+    let pp = PatchParams::apply(FIELD_MANAGER).force();
     rt.block_on(async {
-        let pp = PostParams::default();
-        let stored = match api.create(&pp, &object).await {
-            Err(e) if is_status(&e, 409) => {
-                let current = api.get(&name).await?;
-                object.metadata.resource_version = current.metadata.resource_version;
-                api.replace(&name, &pp, &object).await?
+        let started = Instant::now();
+        let mut stored = loop {
+            match api.patch(&name, &pp, &Patch::Apply(&body)).await {
+                Err(e) if waits_for_service_account(&e) && started.elapsed() < ADMISSION_WAIT => {
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+                other => break other?,
             }
-            other => other?,
         };
-        if !obj["status"].is_null() {
-            object.metadata.resource_version = stored.metadata.resource_version;
-            api.replace_status(&name, &pp, &object).await?;
+        let Some(status) = status else {
+            return Ok(());
+        };
+        // A replace, not an apply: a Node's addresses repeat their type, which an apply's list
+        // merge (keyed by type) refuses. Whoever wrote in between (kube-controller-manager
+        // giving a Node its podCIDR) makes it a conflict: read again and retry.
+        loop {
+            stored.data["status"] = status.clone();
+            match api
+                .replace_status(&name, &PostParams::default(), &stored)
+                .await
+            {
+                Err(e) if is_status(&e, 409) => stored = api.get(&name).await?,
+                other => break other.map(|_| ()),
+            }
         }
-        Ok::<_, kube::Error>(())
     })
     .with_context(|| format!("writing {what} to the API server"))
 }
 
-/// Deletes the object; one that is not there is fine.
+/// Deletes the object; one that is not there is fine. A Pod goes at once (no grace period):
+/// the lab is its kubelet, whose final delete this is, and the pod is gone already (CNI DEL
+/// done); with a grace period it would stay Terminating for want of a kubelet.
 pub fn remove(kubeconfig: &Path, obj: &Value) -> Result<()> {
     let (_, rt, client) = api(kubeconfig)?;
     let (api, name) = handle(client, obj)?;
-    match rt.block_on(api.delete(&name, &DeleteParams::default())) {
+    let dp = match obj["kind"].as_str() {
+        Some("Pod") => DeleteParams::default().grace_period(0),
+        _ => DeleteParams::default(),
+    };
+    match rt.block_on(api.delete(&name, &dp)) {
         Err(e) if !is_status(&e, 404) => Err(e).with_context(|| {
             format!(
                 "deleting {} {name} from the API server",
@@ -99,4 +158,53 @@ pub fn remove(kubeconfig: &Path, obj: &Value) -> Result<()> {
         }),
         _ => Ok(()),
     }
+}
+
+/// One object as the server holds it; None when it is not there.
+pub fn get(kubeconfig: &Path, api_version: &str, kind: &str, name: &str) -> Result<Option<Value>> {
+    let (_, rt, client) = api(kubeconfig)?;
+    let api = handle_for(client, api_version, kind, None);
+    let found = rt
+        .block_on(api.get_opt(name))
+        .with_context(|| format!("reading {kind} {name} from the API server"))?;
+    found
+        .map(serde_json::to_value)
+        .transpose()
+        .map_err(Into::into)
+}
+
+/// A token of ServiceAccount `namespace/name` from the TokenRequest API, valid for `lifetime`.
+pub fn service_account_token(
+    kubeconfig: &Path,
+    namespace: &str,
+    name: &str,
+    lifetime: Duration,
+) -> Result<String> {
+    let (_, rt, client) = api(kubeconfig)?;
+    let api: Api<ServiceAccount> = Api::namespaced(client.clone(), namespace);
+    let request = TokenRequest {
+        spec: TokenRequestSpec {
+            // None given: the API server's own audience, which it authenticates by.
+            audiences: Vec::new(),
+            expiration_seconds: Some(lifetime.as_secs() as i64),
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let answer = rt
+        .block_on(api.create_token_request(name, &PostParams::default(), &request))
+        .with_context(|| format!("a token for ServiceAccount {namespace}/{name}"))?;
+    answer
+        .status
+        .map(|s| s.token)
+        .with_context(|| format!("the TokenRequest for {namespace}/{name} has no token"))
+}
+
+/// The server's version (`gitVersion` of its /version).
+pub fn version(kubeconfig: &Path) -> Result<String> {
+    let (_, rt, client) = api(kubeconfig)?;
+    let info = rt
+        .block_on(client.apiserver_version())
+        .context("the API server's /version")?;
+    Ok(info.git_version)
 }

@@ -1,8 +1,11 @@
 //! `sepal lab`: a whole cluster on one Linux box — node namespaces running the real agent, pods
 //! attached by the real CNI plugin, a real BGP router — plus the commands to inspect and change it.
 
+mod cluster;
 pub mod control_plane;
+mod install;
 mod kubeapi;
+mod kubectl;
 mod net;
 mod objects;
 mod peering;
@@ -15,7 +18,7 @@ pub mod topology;
 use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand};
 use serde_json::{json, Value};
-use state::{lab_dir, LabState, NodeState, RouterState};
+use state::{lab_dir, ApiServer, LabState, NodeState, RouterState};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 use topology::{check_lab_name, RouterKind, Topology, DEFAULT_LAB};
@@ -33,6 +36,11 @@ pub enum LabCommand {
         topology: Option<PathBuf>,
         #[arg(long)]
         name: Option<String>,
+        /// Run the lab on a Kubernetes control plane of its own (etcd, kube-apiserver,
+        /// kube-controller-manager, kube-scheduler from scripts/kube-build): Sepal installed
+        /// from deploy/, the agents on their ServiceAccount, Node podCIDRs from node IPAM.
+        #[arg(long, conflicts_with_all = ["datastore", "kubeconfig"])]
+        kubernetes: bool,
         /// Where the lab's objects live and its agents read them: a directory of its own (`dir`)
         /// or the API server of `--kubeconfig` (`kubernetes`).
         #[arg(long, value_enum, default_value_t = LabDatastore::Dir)]
@@ -75,6 +83,13 @@ pub enum LabCommand {
         #[arg(last = true, required = true)]
         command: Vec<String>,
     },
+    /// kubectl against the lab's API server as its admin, e.g. `kubectl -- get nodes -o wide`.
+    Kubectl {
+        #[arg(long, default_value = DEFAULT_LAB)]
+        name: String,
+        #[arg(last = true)]
+        args: Vec<String>,
+    },
     /// The pod-to-pod connectivity matrix (one ping each way).
     Ping {
         #[arg(long, default_value = DEFAULT_LAB)]
@@ -108,9 +123,23 @@ pub fn run(args: LabArgs) -> Result<()> {
         LabCommand::Up {
             topology,
             name,
+            kubernetes,
             datastore,
             kubeconfig,
-        } => up(topology, name, datastore, kubeconfig),
+        } => {
+            let store = match (kubernetes, datastore, kubeconfig) {
+                (true, _, _) => Store::OwnControlPlane,
+                (false, LabDatastore::Kubernetes, Some(kc)) => Store::Server(kc),
+                (false, LabDatastore::Kubernetes, None) => {
+                    bail!("--datastore kubernetes needs --kubeconfig (or use --kubernetes)")
+                }
+                (false, LabDatastore::Dir, Some(_)) => {
+                    bail!("--kubeconfig is for --datastore kubernetes")
+                }
+                (false, LabDatastore::Dir, None) => Store::Dir,
+            };
+            up(topology, name, store)
+        }
         LabCommand::Down { name } => down(&name),
         LabCommand::Status { name, json } => status(&LabState::load(&name)?, json),
         LabCommand::Apply { file, name } => apply(&mut LabState::load(&name)?, &file, false),
@@ -121,17 +150,23 @@ pub fn run(args: LabArgs) -> Result<()> {
             command,
         } => exec(&LabState::load(&name)?, &target, &command),
         LabCommand::Ping { name, json } => ping::matrix(&LabState::load(&name)?, json),
+        LabCommand::Kubectl { name, args } => kubectl::exec(&LabState::load(&name)?, &args),
         LabCommand::ApiRelay { name } => relay::run(&LabState::load(&name)?),
         LabCommand::ControlPlane(args) => control_plane::run(args),
     }
 }
 
-fn up(
-    topology: Option<PathBuf>,
-    name: Option<String>,
-    datastore: LabDatastore,
-    kubeconfig: Option<PathBuf>,
-) -> Result<()> {
+/// Where a lab's objects live, from `up`'s flags.
+enum Store {
+    /// A directory of the lab's own.
+    Dir,
+    /// A control plane of the lab's own (`--kubernetes`).
+    OwnControlPlane,
+    /// The API server of this kubeconfig (`--datastore kubernetes --kubeconfig FILE`).
+    Server(PathBuf),
+}
+
+fn up(topology: Option<PathBuf>, name: Option<String>, store: Store) -> Result<()> {
     let topo = match &topology {
         Some(path) => Topology::parse(
             &std::fs::read_to_string(path).with_context(|| format!("read {}", path.display()))?,
@@ -150,17 +185,28 @@ fn up(
         router::check_installed(r.kind)?;
     }
     objects::sibling_binary("sepal-cni")?;
-    let mut lab = plan(&name, topo)?;
-    match (datastore, kubeconfig) {
-        (LabDatastore::Kubernetes, Some(kc)) => {
-            let kc = std::path::absolute(&kc)?;
-            relay::api_address(&kc)?;
-            lab.kubeconfig = Some(kc);
+    let node_ipam = matches!(store, Store::OwnControlPlane);
+    if node_ipam {
+        cluster::check_topology(&topo)?;
+    }
+    let mut lab = plan(&name, topo, node_ipam)?;
+    match store {
+        Store::OwnControlPlane => {
+            lab.kubeconfig = Some(cluster::planned(&lab)?);
             std::fs::create_dir_all(lab.dir())?;
         }
-        (LabDatastore::Kubernetes, None) => bail!("--datastore kubernetes needs --kubeconfig"),
-        (LabDatastore::Dir, Some(_)) => bail!("--kubeconfig is for --datastore kubernetes"),
-        (LabDatastore::Dir, None) => std::fs::create_dir_all(lab.datastore())?,
+        Store::Server(kc) => {
+            let kc = std::path::absolute(&kc)?;
+            relay::api_address(&kc)?;
+            lab.kubeconfig = Some(ApiServer {
+                version: kubeapi::version(&kc).ok(),
+                admin_kubeconfig: kc.clone(),
+                agent_kubeconfig: kc,
+                control_plane: None,
+            });
+            std::fs::create_dir_all(lab.dir())?;
+        }
+        Store::Dir => std::fs::create_dir_all(lab.datastore())?,
     }
     lab.save()?;
     let started = Instant::now();
@@ -178,8 +224,9 @@ fn up(
 }
 
 /// Derives every name and address from the topology before anything is created, so `down`
-/// can remove a half-built lab.
-fn plan(name: &str, topo: Topology) -> Result<LabState> {
+/// can remove a half-built lab. With `node_ipam`, the nodes' blocks are left to the control
+/// plane's node IPAM and filled in once it has handed them out.
+fn plan(name: &str, topo: Topology, node_ipam: bool) -> Result<LabState> {
     let mut nodes = Vec::new();
     for (i, spec) in topo.nodes.iter().enumerate() {
         nodes.push(NodeState {
@@ -195,7 +242,10 @@ fn plan(name: &str, topo: Topology) -> Result<LabState> {
                     .collect(),
                 None => Vec::new(),
             },
-            pod_cidrs: topo.node_blocks(i)?.iter().map(|b| b.to_string()).collect(),
+            pod_cidrs: match node_ipam {
+                true => Vec::new(),
+                false => topo.node_blocks(i)?.iter().map(|b| b.to_string()).collect(),
+            },
             pid: None,
         });
     }
@@ -222,6 +272,16 @@ fn plan(name: &str, topo: Topology) -> Result<LabState> {
 }
 
 fn build(mut lab: LabState) -> Result<LabState> {
+    // The lab's own control plane first: the slowest part to start, and the one that fails
+    // when scripts/kube-build has not run.
+    let node_ipam = lab
+        .kubeconfig
+        .as_ref()
+        .is_some_and(|k| k.control_plane.is_some());
+    if node_ipam {
+        cluster::up(&mut lab)?;
+    }
+
     // Namespaces and the underlay: every node has one link to every router.
     for r in &lab.routers {
         net::add_netns(&r.netns, true)?;
@@ -292,6 +352,10 @@ fn build(mut lab: LabState) -> Result<LabState> {
     for node in &lab.nodes {
         objects::write_object(&lab, &node_object(node))?;
     }
+    if node_ipam {
+        cluster::read_pod_cidrs(&mut lab)?;
+        lab.save()?;
+    }
     for obj in bgp_objects(&lab)
         .into_iter()
         .chain(lab.topology.manifests.clone())
@@ -299,10 +363,11 @@ fn build(mut lab: LabState) -> Result<LabState> {
         objects::write_object(&lab, &obj)?;
     }
     let sepal = std::env::current_exe()?;
-    let datastore = match &lab.kubeconfig {
-        Some(kc) => {
+    let datastore = match lab.kubeconfig.clone() {
+        Some(api) => {
             lab.relay_pid = Some(relay::start(&lab)?);
             lab.save()?;
+            let kc = api.agent_kubeconfig;
             vec![
                 "kubernetes".to_string(),
                 "--kubeconfig".to_string(),
@@ -461,6 +526,7 @@ fn bgp_objects(lab: &LabState) -> Vec<Value> {
     objects
 }
 
+/// The Node as the lab registers it; without podCIDRs when node IPAM is to give them.
 fn node_object(node: &NodeState) -> Value {
     // IPv4 first: the agent peers from its first address. Its first IPv6 address is the next hop
     // of its IPv6 blocks towards mesh peers; a ToR session gives the address on its own link.
@@ -470,16 +536,19 @@ fn node_object(node: &NodeState) -> Value {
         .chain(&node.uplinks6)
         .map(|a| json!({"type": "InternalIP", "address": a}))
         .collect();
-    json!({
+    let mut object = json!({
         "apiVersion": "v1", "kind": "Node",
         "metadata": {
             "name": node.name,
             "labels": {"kubernetes.io/hostname": node.name},
             "annotations": {"sepal.dev/as-number": node.as_number.to_string()},
         },
-        "spec": {"podCIDR": node.pod_cidrs.first(), "podCIDRs": node.pod_cidrs},
         "status": {"addresses": addresses},
-    })
+    });
+    if !node.pod_cidrs.is_empty() {
+        object["spec"] = json!({"podCIDR": node.pod_cidrs.first(), "podCIDRs": node.pod_cidrs});
+    }
+    object
 }
 
 /// Waits until the node's agent answers STATUS through the plugin, as kubelet's readiness would.
@@ -523,6 +592,14 @@ fn down(name: &str) -> Result<()> {
         .chain(lab.relay_pid)
     {
         net::stop(pid);
+    }
+    // After the agents, which would otherwise log the API server's going.
+    if let Some(cp) = lab
+        .kubeconfig
+        .as_ref()
+        .and_then(|k| k.control_plane.as_ref())
+    {
+        cluster::stop(cp);
     }
     // Pods first (their veth peers live in the nodes), then nodes and routers.
     let mut all = lab.all_netns();
@@ -569,11 +646,15 @@ fn status_json(lab: &LabState) -> Value {
                    "ips": p.ips, "labels": p.labels})
         })
         .collect();
-    let datastore = match &lab.kubeconfig {
+    let datastore = match lab.admin_kubeconfig() {
         Some(kc) => json!({"kubernetes": kc}),
         None => json!(lab.datastore()),
     };
-    json!({"name": lab.name, "datastore": datastore, "nodes": nodes, "routers": routers, "pods": pods})
+    let api = lab.kubeconfig.as_ref();
+    json!({"name": lab.name, "datastore": datastore,
+           "kubeconfig": api.map(|k| &k.admin_kubeconfig),
+           "kubernetesVersion": api.and_then(|k| k.version.as_ref()),
+           "nodes": nodes, "routers": routers, "pods": pods})
 }
 
 /// The lab router that holds `ip` on one of its links (for `sepal trace` to name the hop).
@@ -596,7 +677,22 @@ fn status(lab: &LabState, as_json: bool) -> Result<()> {
         return Ok(());
     }
     match &lab.kubeconfig {
-        Some(kc) => println!("lab {}   datastore kubernetes ({})", lab.name, kc.display()),
+        Some(api) => {
+            let version = api.version.as_deref().unwrap_or("version unknown");
+            let whose = match api.control_plane {
+                Some(_) => "its own control plane",
+                None => "an API server it does not own",
+            };
+            println!(
+                "lab {}   datastore kubernetes: {whose}, Kubernetes {version}",
+                lab.name
+            );
+            println!(
+                "kubeconfig {}   (`sepal lab kubectl --name {} -- get nodes`)",
+                api.admin_kubeconfig.display(),
+                lab.name
+            );
+        }
         None => println!("lab {}   datastore {}", lab.name, lab.datastore().display()),
     }
     println!(
@@ -659,18 +755,7 @@ fn join(v: &Value) -> String {
 
 fn apply(lab: &mut LabState, file: &PathBuf, delete: bool) -> Result<()> {
     let text = std::fs::read_to_string(file).with_context(|| format!("read {}", file.display()))?;
-    let mut docs = Vec::new();
-    for doc in serde_norway::Deserializer::from_str(&text) {
-        let value = <Value as serde::Deserialize>::deserialize(doc)
-            .with_context(|| format!("parse {}", file.display()))?;
-        match value {
-            Value::Null => {}
-            Value::Object(_) if value["kind"] == "List" => {
-                docs.extend(value["items"].as_array().cloned().unwrap_or_default())
-            }
-            other => docs.push(other),
-        }
-    }
+    let docs = objects::documents(&text).with_context(|| format!("parse {}", file.display()))?;
     for obj in docs {
         let kind = obj["kind"]
             .as_str()

@@ -34,7 +34,7 @@ fn object_path(lab: &LabState, obj: &Value) -> Result<PathBuf> {
 /// Writes (or replaces) an object: in the lab's API server, or atomically in the dir datastore,
 /// so the agents' watchers never read half a file.
 pub fn write_object(lab: &LabState, obj: &Value) -> Result<()> {
-    if let Some(kubeconfig) = &lab.kubeconfig {
+    if let Some(kubeconfig) = lab.admin_kubeconfig() {
         return super::kubeapi::put(kubeconfig, obj);
     }
     let path = object_path(lab, obj)?;
@@ -46,7 +46,7 @@ pub fn write_object(lab: &LabState, obj: &Value) -> Result<()> {
 }
 
 pub fn remove_object(lab: &LabState, obj: &Value) -> Result<()> {
-    if let Some(kubeconfig) = &lab.kubeconfig {
+    if let Some(kubeconfig) = lab.admin_kubeconfig() {
         return super::kubeapi::remove(kubeconfig, obj);
     }
     let path = object_path(lab, obj)?;
@@ -54,6 +54,22 @@ pub fn remove_object(lab: &LabState, obj: &Value) -> Result<()> {
         Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e.into()),
         _ => Ok(()),
     }
+}
+
+/// The objects of a YAML stream, as `kubectl apply -f` reads it: every document, a List's items
+/// in its place, empty documents skipped.
+pub fn documents(text: &str) -> Result<Vec<Value>> {
+    let mut docs = Vec::new();
+    for doc in serde_norway::Deserializer::from_str(text) {
+        match <Value as serde::Deserialize>::deserialize(doc)? {
+            Value::Null => {}
+            list @ Value::Object(_) if list["kind"] == "List" => {
+                docs.extend(list["items"].as_array().cloned().unwrap_or_default())
+            }
+            other => docs.push(other),
+        }
+    }
+    Ok(docs)
 }
 
 pub fn namespace_object(name: &str, labels: &BTreeMap<String, String>) -> Value {
@@ -174,11 +190,26 @@ pub fn write_pod(lab: &LabState, pod: &PodState, mut object: Value) -> Result<()
     }
     let pod_ips: Vec<Value> = pod.ips.iter().map(|ip| json!({"ip": ip})).collect();
     let running = !pod.ips.is_empty();
+    // One status per container, as kubelet reports them (kubectl's READY column counts these).
+    let state = match running {
+        true => json!({"running": {}}),
+        false => json!({"waiting": {"reason": "ContainerCreating"}}),
+    };
+    let containers: Vec<Value> = object["spec"]["containers"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|c| {
+            json!({"name": c["name"], "image": c["image"], "imageID": "", "ready": running,
+                   "started": running, "restartCount": 0, "state": state})
+        })
+        .collect();
     object["status"] = json!({
         "phase": if running { "Running" } else { "Pending" },
         "podIP": pod.ips.first(),
         "podIPs": pod_ips,
         "conditions": [{"type": "Ready", "status": if running { "True" } else { "False" }}],
+        "containerStatuses": containers,
     });
     write_object(lab, &object)
 }

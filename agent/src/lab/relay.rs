@@ -1,7 +1,7 @@
 //! The lab's management path to a Kubernetes API server: the server listens on the host's
 //! loopback, which node namespaces cannot reach, so one relay process listens on the same loopback
 //! address inside every node namespace and forwards each connection, byte for byte (TLS included),
-//! to the server. The agents then use the lab's kubeconfig unchanged.
+//! to the server. The agents then use a kubeconfig of that server unchanged.
 
 use super::state::LabState;
 use anyhow::{bail, Context, Result};
@@ -62,8 +62,7 @@ fn bind_in(netns: &str, addr: SocketAddr) -> Result<std::net::TcpListener> {
 /// `sepal lab api-relay`: binds in every node, writes `relay.ready`, then forwards until killed.
 pub fn run(lab: &LabState) -> Result<()> {
     let kubeconfig = lab
-        .kubeconfig
-        .as_deref()
+        .admin_kubeconfig()
         .context("this lab uses the dir datastore: no API server to relay")?;
     let upstream = api_address(kubeconfig)?;
     let listeners = lab

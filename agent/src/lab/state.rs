@@ -17,13 +17,41 @@ pub struct LabState {
     pub nodes: Vec<NodeState>,
     pub routers: Vec<RouterState>,
     pub pods: Vec<PodState>,
-    /// The API server the lab's objects live in (`up --datastore kubernetes`); None: the dir
-    /// datastore.
+    /// The API server the lab's objects live in (`up --kubernetes`, or `up --datastore
+    /// kubernetes --kubeconfig FILE`) and the credentials for it; None: the dir datastore.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub kubeconfig: Option<PathBuf>,
+    pub kubeconfig: Option<ApiServer>,
     /// The process relaying that API server into the node namespaces.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub relay_pid: Option<u32>,
+}
+
+/// How the lab and its agents reach the lab's API server.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ApiServer {
+    /// What the lab writes its objects with: its own control plane's admin kubeconfig, or the
+    /// user's `--kubeconfig`.
+    pub admin_kubeconfig: PathBuf,
+    /// What the agents read and report with: a ServiceAccount token of `sepal-system/sepal-node`
+    /// (own control plane), or the user's `--kubeconfig`.
+    pub agent_kubeconfig: PathBuf,
+    /// The server's version, as its /version answered at `up` (None: it did not).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version: Option<String>,
+    /// The lab's own control plane (`up --kubernetes`); None: a server the lab does not own.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub control_plane: Option<OwnControlPlane>,
+}
+
+/// A control plane `up --kubernetes` started and `down` stops.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct OwnControlPlane {
+    /// Its directory (credentials, etcd's data, logs), inside the lab's.
+    pub dir: PathBuf,
+    /// Where etcd, the Kubernetes binaries and kubectl are.
+    pub bin_dir: PathBuf,
+    /// Its supervisor, recorded as soon as it runs: stopping it stops every component.
+    pub pid: Option<u32>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -78,6 +106,18 @@ impl LabState {
 
     pub fn datastore(&self) -> PathBuf {
         self.dir().join("datastore")
+    }
+
+    /// Where `up --kubernetes` puts the lab's own control plane.
+    pub fn control_plane_dir(&self) -> PathBuf {
+        self.dir().join("control-plane")
+    }
+
+    /// The kubeconfig the lab writes objects with, when its objects live in an API server.
+    pub fn admin_kubeconfig(&self) -> Option<&Path> {
+        self.kubeconfig
+            .as_ref()
+            .map(|k| k.admin_kubeconfig.as_path())
     }
 
     pub fn node_dir(&self, node: &str) -> PathBuf {

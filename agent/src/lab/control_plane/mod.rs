@@ -428,8 +428,14 @@ async fn supervise(bin: &Path, l: &Layout, s: &ClusterSettings) -> Result<()> {
 }
 
 /// Starts a supervisor detached (its own session, log in `dir/control-plane.log`) and waits for
-/// it to be ready: `sepal lab up --kubernetes`. Stop it with [`stop`].
-pub fn start_detached(dir: &Path, cluster_args: &[String]) -> Result<Endpoints> {
+/// it to be ready: `sepal lab up --kubernetes`. Stop it with [`stop`]. `spawned` is told the
+/// supervisor's PID as soon as it runs, before it is ready: a caller that records it can stop a
+/// control plane whose start it did not see through.
+pub fn start_detached(
+    dir: &Path,
+    cluster_args: &[String],
+    spawned: impl FnOnce(u32) -> Result<()>,
+) -> Result<Endpoints> {
     std::fs::create_dir_all(dir)?;
     let log = dir.join("control-plane.log");
     let file = std::fs::File::create(&log)?;
@@ -444,6 +450,11 @@ pub fn start_detached(dir: &Path, cluster_args: &[String]) -> Result<Endpoints> 
         .stderr(file)
         .spawn()
         .context("start the control plane")?;
+    if let Err(e) = spawned(child.id()) {
+        let _ = child.kill();
+        let _ = child.wait();
+        return Err(e);
+    }
     let deadline = Instant::now() + READY_TIMEOUT * 4;
     loop {
         if let Ok(e) = Endpoints::load(dir) {
