@@ -108,7 +108,33 @@ impl Lab {
             .collect()
     }
 
-    /// Every process the lab started (agents, routers, API relay), from its saved state.
+    /// `sepal lab kubectl -- ARGS` on this lab (kubectl as its admin).
+    pub fn kubectl(&self, args: &[&str]) -> Output {
+        let mut all = vec!["lab", "kubectl", "--name", &self.name, "--"];
+        all.extend(args);
+        sepal(&all)
+    }
+
+    /// `kubectl ARGS -o json` on this lab; panics with kubectl's error.
+    pub fn kubectl_json(&self, args: &[&str]) -> Value {
+        let mut all = args.to_vec();
+        all.extend(["-o", "json"]);
+        let out = self.kubectl(&all);
+        assert!(
+            out.status.success(),
+            "kubectl {all:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("kubectl {all:?}: {e}"))
+    }
+
+    /// The lab's directory.
+    pub fn dir(&self) -> PathBuf {
+        Path::new("/run/sepal-lab").join(&self.name)
+    }
+
+    /// Every process the lab started (agents, routers, API relay, its own control plane's
+    /// supervisor), from its saved state.
     pub fn pids(&self) -> Vec<u32> {
         let path = Path::new("/run/sepal-lab")
             .join(&self.name)
@@ -131,6 +157,11 @@ impl Lab {
             );
         }
         pids.extend(state["relay_pid"].as_u64().map(|p| p as u32));
+        pids.extend(
+            state["kubeconfig"]["control_plane"]["pid"]
+                .as_u64()
+                .map(|p| p as u32),
+        );
         pids
     }
 
@@ -159,7 +190,10 @@ impl Lab {
         )
         .into_owned();
         assert!(!links.contains(&self.name), "host links left: {links}");
-        assert!(!Path::new("/run/sepal-lab").join(&self.name).exists());
+        assert!(!self.dir().exists());
+        let dir = format!("{}/", self.dir().display());
+        let stray = processes_mentioning(&dir);
+        assert!(stray.is_empty(), "processes still using {dir}: {stray:?}");
     }
 }
 
@@ -184,6 +218,30 @@ pub fn netns_list() -> BTreeSet<String> {
         .filter_map(|l| l.split_whitespace().next())
         .map(str::to_string)
         .collect()
+}
+
+/// Every process whose command line holds `text` (e.g. a lab's directory), with that line.
+pub fn processes_mentioning(text: &str) -> Vec<(u32, String)> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|p| p.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if !alive(pid) {
+            continue;
+        }
+        let line = std::fs::read(entry.path().join("cmdline"))
+            .map(|b| String::from_utf8_lossy(&b).replace('\0', " "))
+            .unwrap_or_default();
+        if line.contains(text) {
+            found.push((pid, line));
+        }
+    }
+    found
 }
 
 pub fn alive(pid: u32) -> bool {
