@@ -171,6 +171,12 @@ fn print_status(s: &StatusReport) {
         },
         s.datastore.objects
     );
+    if !s.datastore.forbidden.is_empty() {
+        println!(
+            "  forbidden by the API server (RBAC): {}",
+            s.datastore.forbidden.join(", ")
+        );
+    }
     println!(
         "blocks {}   endpoints {}   IPAM {} allocated (room: {})",
         if s.blocks.is_empty() {

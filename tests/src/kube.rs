@@ -136,11 +136,18 @@ impl Cluster {
     }
 
     pub fn server(&self) -> String {
-        self.endpoints["server"].as_str().expect("server").to_string()
+        self.endpoints["server"]
+            .as_str()
+            .expect("server")
+            .to_string()
     }
 
     pub fn admin_kubeconfig(&self) -> PathBuf {
-        PathBuf::from(self.endpoints["adminKubeconfig"].as_str().expect("kubeconfig"))
+        PathBuf::from(
+            self.endpoints["adminKubeconfig"]
+                .as_str()
+                .expect("kubeconfig"),
+        )
     }
 
     pub fn version(&self) -> String {
@@ -152,7 +159,9 @@ impl Cluster {
 
     /// A component's log, for a failing test's message.
     pub fn log(&self, component: &str) -> String {
-        let path = self.endpoints["logs"][component].as_str().unwrap_or_default();
+        let path = self.endpoints["logs"][component]
+            .as_str()
+            .unwrap_or_default();
         std::fs::read_to_string(path).unwrap_or_default()
     }
 
@@ -219,7 +228,10 @@ impl Cluster {
             return;
         }
         let list = json!({"apiVersion": "v1", "kind": "List", "items": objects});
-        self.apply_retrying(&["apply", "--server-side", "--force-conflicts", "-f", "-"], &list);
+        self.apply_retrying(
+            &["apply", "--server-side", "--force-conflicts", "-f", "-"],
+            &list,
+        );
         let with_status: Vec<Value> = objects
             .iter()
             .filter(|o| o.get("status").is_some_and(|s| !s.is_null()))
@@ -261,8 +273,19 @@ impl Cluster {
     }
 
     /// Deletes an object (resource as kubectl names it, e.g. `pod`, `bgppeer`); absent is fine.
+    /// A Pod goes at once, as when its kubelet has confirmed the containers stopped: with no
+    /// kubelet here, a graceful delete would leave it terminating forever.
     pub fn delete(&self, resource: &str, namespace: &str, name: &str) {
-        let mut args = vec!["delete", resource, name, "--ignore-not-found", "--wait=false"];
+        let mut args = vec![
+            "delete",
+            resource,
+            name,
+            "--ignore-not-found",
+            "--wait=false",
+        ];
+        if resource == "pod" || resource == "pods" {
+            args.extend(["--grace-period=0", "--force"]);
+        }
         if !namespace.is_empty() {
             args.extend(["-n", namespace]);
         }
@@ -293,7 +316,12 @@ impl Cluster {
     /// Sepal's CRDs from deploy/crds, established.
     pub fn install_crds(&self) {
         let crds = deploy_dir().join("crds");
-        self.kubectl(&["apply", "--server-side", "-f", crds.to_str().expect("utf-8")]);
+        self.kubectl(&[
+            "apply",
+            "--server-side",
+            "-f",
+            crds.to_str().expect("utf-8"),
+        ]);
         self.kubectl(&[
             "wait",
             "--for=condition=Established",
@@ -309,7 +337,12 @@ impl Cluster {
         self.install_crds();
         let d = deploy_dir();
         for f in ["00-namespace.yaml", "10-rbac.yaml", "20-config.yaml"] {
-            self.kubectl(&["apply", "--server-side", "-f", d.join(f).to_str().expect("utf-8")]);
+            self.kubectl(&[
+                "apply",
+                "--server-side",
+                "-f",
+                d.join(f).to_str().expect("utf-8"),
+            ]);
         }
     }
 
@@ -432,6 +465,8 @@ pub struct Cutter {
     pub addr: std::net::SocketAddr,
     conns: std::sync::Arc<std::sync::Mutex<Vec<TcpStream>>>,
     stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    /// While set, new connections are closed as soon as they are accepted (an outage).
+    held: std::sync::Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Cutter {
@@ -446,14 +481,19 @@ impl Cutter {
         let addr = listener.local_addr().expect("addr");
         let conns = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
         let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let held = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let netns = netns.map(Path::to_path_buf);
-        let (c, s) = (conns.clone(), stop.clone());
+        let (c, s, h) = (conns.clone(), stop.clone(), held.clone());
         std::thread::spawn(move || {
             for client in listener.incoming() {
                 if s.load(std::sync::atomic::Ordering::Relaxed) {
                     break;
                 }
                 let Ok(client) = client else { continue };
+                if h.load(std::sync::atomic::Ordering::Relaxed) {
+                    let _ = client.shutdown(std::net::Shutdown::Both);
+                    continue;
+                }
                 let connect = || TcpStream::connect(target);
                 let server = match &netns {
                     Some(ns) => sepal_felix::netns::on_thread_in(ns, connect).and_then(|r| r),
@@ -461,7 +501,8 @@ impl Cutter {
                 };
                 let Ok(server) = server else { continue };
                 for (from, to) in [(&client, &server), (&server, &client)] {
-                    let (mut r, mut w) = (from.try_clone().expect("dup"), to.try_clone().expect("dup"));
+                    let (mut r, mut w) =
+                        (from.try_clone().expect("dup"), to.try_clone().expect("dup"));
                     std::thread::spawn(move || {
                         let _ = std::io::copy(&mut r, &mut w);
                         let _ = w.shutdown(std::net::Shutdown::Both);
@@ -472,7 +513,17 @@ impl Cutter {
                 open.push(server);
             }
         });
-        Cutter { addr, conns, stop }
+        Cutter {
+            addr,
+            conns,
+            stop,
+            held,
+        }
+    }
+
+    /// Refuses (`true`) or relays again (`false`) new connections.
+    pub fn hold(&self, held: bool) {
+        self.held.store(held, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// Closes every connection relayed so far; new ones are relayed again.

@@ -1,9 +1,12 @@
-// The Kubernetes datastore against the stand-in API server, checked against the dir datastore: the
-// same objects and the same changes must give the same model (`sepal datastore` prints it).
+// The Kubernetes datastore against a real API server (and its controllers), checked against the
+// dir datastore: the objects the server holds, and every change to them, must give the same model
+// in both (`sepal datastore` prints it). The agent reads as its own ServiceAccount, under the
+// RBAC deploy/ ships.
 
-use sepal_tests::fakeapi::FakeApi;
+use sepal_tests::kube::{Cluster, Cutter, Options};
 use serde_json::{json, Value};
 use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
@@ -41,7 +44,10 @@ fn inspect(args: &[&str]) -> Inspect {
     let mut child = Command::new(sepal_tests::bin_path("sepal"))
         .arg("datastore")
         .args(args)
-        .env("RUST_LOG", "info")
+        .env(
+            "RUST_LOG",
+            std::env::var("SEPAL_TEST_LOG").unwrap_or_else(|_| "info".into()),
+        )
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -80,10 +86,8 @@ fn dir_model(objects: &[Value]) -> Vec<String> {
     items(&line)
 }
 
-fn kube_inspect(api: &FakeApi, dir: &tempfile::TempDir, watch: bool) -> Inspect {
-    let kc = dir.path().join("kubeconfig");
-    api.write_kubeconfig(&kc).expect("kubeconfig");
-    let kc = kc.display().to_string();
+fn kube_inspect(kubeconfig: &Path, watch: bool) -> Inspect {
+    let kc = kubeconfig.display().to_string();
     let mut args = vec!["--datastore", "kubernetes", "--kubeconfig", kc.as_str()];
     if watch {
         args.push("--watch");
@@ -91,31 +95,56 @@ fn kube_inspect(api: &FakeApi, dir: &tempfile::TempDir, watch: bool) -> Inspect 
     inspect(&args)
 }
 
-/// The stand-in API server holding `objects`, and the kube datastore watching it once its model
-/// matches them (the temporary directory holds its kubeconfig).
-fn watching(objects: &[Value]) -> (FakeApi, tempfile::TempDir, Inspect) {
-    let api = FakeApi::start();
-    api.apply_all(objects.iter().cloned());
-    let tmp = tempfile::tempdir().expect("tempdir");
-    let p = kube_inspect(&api, &tmp, true);
-    wait_for_model(&p, &dir_model(objects));
-    (api, tmp, p)
+/// What the API server holds of every kind the kube datastore watches, as the server returns it
+/// (its defaults, metadata and controllers' objects included): the input of the dir side of
+/// every comparison, so both datastores get the same objects.
+fn dump(c: &Cluster) -> Vec<Value> {
+    let mut all = c.list(
+        "nodes,namespaces,pods,services,networkpolicies.networking.k8s.io,\
+         endpointslices.discovery.k8s.io,bgpconfigurations.sepal.dev,bgppeers.sepal.dev",
+        &[],
+    );
+    all.extend(c.list("secrets", &["-n", "sepal-system"]));
+    all
 }
 
-/// Waits until the kube side prints a model equal to `want`; panics with the last one otherwise.
-fn wait_for_model(p: &Inspect, want: &[String]) {
+/// A real control plane with Sepal installed and `objects` applied; and the agent's kubeconfig.
+fn cluster_with(objects: &[Value], o: Options) -> (Cluster, PathBuf) {
+    let c = Cluster::start_with(o);
+    c.install_sepal();
+    c.apply(objects);
+    let kc = c.agent_kubeconfig(None);
+    (c, kc)
+}
+
+/// The kube datastore watching the cluster (through `server`, e.g. a relay) once its model
+/// matches the dir model of what the server holds.
+fn watching(c: &Cluster, server: Option<&str>) -> Inspect {
+    let kc = c.agent_kubeconfig(server);
+    let p = kube_inspect(&kc, true);
+    wait_for_model(c, &p);
+    p
+}
+
+/// Waits until the kube side prints the model the dir datastore builds from what the server
+/// holds. Controllers change objects on their own (EndpointSlices, Namespace labels), so the
+/// server is read again until the two agree.
+fn wait_for_model(c: &Cluster, p: &Inspect) {
     let deadline = std::time::Instant::now() + WAIT;
     let mut last = Vec::new();
+    let mut want = Vec::new();
     while std::time::Instant::now() < deadline {
-        match p.out.recv_timeout(Duration::from_millis(200)) {
-            Ok(line) => {
-                last = items(&line);
-                if last == want {
-                    return;
-                }
+        want = dir_model(&dump(c));
+        let round = std::time::Instant::now() + Duration::from_secs(3);
+        while std::time::Instant::now() < round {
+            match p.out.recv_timeout(Duration::from_millis(200)) {
+                Ok(line) => last = items(&line),
+                Err(mpsc::RecvTimeoutError::Timeout) => {}
+                Err(mpsc::RecvTimeoutError::Disconnected) => break,
             }
-            Err(mpsc::RecvTimeoutError::Timeout) => {}
-            Err(mpsc::RecvTimeoutError::Disconnected) => break,
+            if last == want {
+                return;
+            }
         }
     }
     let err: Vec<String> = p.err.try_iter().collect();
@@ -123,6 +152,25 @@ fn wait_for_model(p: &Inspect, want: &[String]) {
         "kubernetes model never matched the dir model\nwant: {want:#?}\nlast: {last:#?}\nstderr:\n{}",
         err.join("\n")
     );
+}
+
+/// The agent's audited requests on `resource` with `verb` (list or watch), one per request.
+fn agent_calls(c: &Cluster, verb: &str, resource: &str) -> Vec<String> {
+    let mut seen = std::collections::BTreeSet::new();
+    c.agent_requests()
+        .into_iter()
+        .filter(|e| e["verb"] == verb && e["objectRef"]["resource"] == resource)
+        .filter(|e| seen.insert(e["auditID"].as_str().unwrap_or_default().to_string()))
+        .map(|e| e["requestURI"].as_str().unwrap_or_default().to_string())
+        .collect()
+}
+
+/// The resourceVersion a request asked for (0 when none).
+fn uri_resource_version(uri: &str) -> u64 {
+    uri.split(['?', '&'])
+        .find_map(|kv| kv.strip_prefix("resourceVersion="))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
 }
 
 /// A small cluster touching every kind the datastore watches, in the shape the model keeps.
@@ -137,10 +185,10 @@ fn cluster() -> Vec<Value> {
                "status": {"addresses": [{"type": "InternalIP", "address": "10.0.2.2"}]}}),
         json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "web", "labels": {"team": "a"}}}),
         json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "web-1", "namespace": "web", "labels": {"app": "web"}},
-               "spec": {"nodeName": "node-1", "containers": [{"name": "c", "ports": [{"name": "http", "containerPort": 80}]}]},
+               "spec": {"nodeName": "node-1", "containers": [{"name": "c", "image": IMAGE, "ports": [{"name": "http", "containerPort": 80}]}]},
                "status": {"phase": "Running", "podIP": "10.244.1.5", "podIPs": [{"ip": "10.244.1.5"}]}}),
         json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "web-2", "namespace": "web", "labels": {"app": "web"}},
-               "spec": {"nodeName": "node-2", "containers": [{"name": "c"}]},
+               "spec": {"nodeName": "node-2", "containers": [{"name": "c", "image": IMAGE}]},
                "status": {"phase": "Running", "podIP": "10.244.2.5", "podIPs": [{"ip": "10.244.2.5"}]}}),
         json!({"apiVersion": "v1", "kind": "Service", "metadata": {"name": "web", "namespace": "web"},
                "spec": {"clusterIP": "10.96.0.10", "ports": [{"port": 80, "targetPort": "http"}], "selector": {"app": "web"}}}),
@@ -160,182 +208,143 @@ fn cluster() -> Vec<Value> {
     ]
 }
 
-fn key(o: &Value) -> (String, String, String) {
-    (
-        o["kind"].as_str().unwrap_or_default().to_string(),
-        o["metadata"]["namespace"]
-            .as_str()
-            .unwrap_or_default()
-            .to_string(),
-        o["metadata"]["name"]
-            .as_str()
-            .unwrap_or_default()
-            .to_string(),
-    )
-}
+/// Pods need an image to be admitted; no kubelet ever pulls it.
+const IMAGE: &str = "registry.k8s.io/pause:3.10";
 
-/// The same objects as a real API server and `kubectl apply` would leave them: server metadata,
-/// kubectl's copy of the object, status conditions, container details. None of it is in the model.
-fn noisy(objects: &[Value]) -> Vec<Value> {
-    objects
-        .iter()
-        .enumerate()
-        .map(|(i, o)| {
-            let applied = o.to_string();
-            let mut o = o.clone();
-            let meta = &mut o["metadata"];
-            meta["uid"] = json!(format!("0000-{i}"));
-            meta["resourceVersion"] = json!("12345");
-            meta["generation"] = json!(3);
-            meta["creationTimestamp"] = json!("2026-01-01T00:00:00Z");
-            meta["managedFields"] = json!([{"manager": "kubectl", "operation": "Apply"}]);
-            meta["annotations"]["kubectl.kubernetes.io/last-applied-configuration"] =
-                json!(applied);
-            match o["kind"].as_str() {
-                Some("Node") => {
-                    o["status"]["conditions"] = json!([{"type": "Ready", "status": "True"}]);
-                    o["status"]["images"] = json!([{"names": ["x"], "sizeBytes": 1}]);
-                }
-                Some("Pod") => {
-                    o["status"]["conditions"] = json!([{"type": "Ready", "status": "True"}]);
-                    o["status"]["hostIP"] = json!("10.0.1.2");
-                    o["spec"]["containers"][0]["image"] = json!("nginx:1");
-                    o["spec"]["containers"][0]["env"] = json!([{"name": "A", "value": "B"}]);
-                    o["spec"]["restartPolicy"] = json!("Always");
-                }
-                _ => {}
-            }
-            o
-        })
-        .collect()
+fn pod(name: &str, node: &str, ip: &str) -> Value {
+    json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name, "namespace": "web"},
+           "spec": {"nodeName": node, "containers": [{"name": "c", "image": IMAGE}]},
+           "status": {"phase": "Running", "podIP": ip, "podIPs": [{"ip": ip}]}})
 }
 
 #[test]
-fn both_datastores_strip_server_noise_alike() {
-    let clean = cluster();
-    let want = dir_model(&clean);
-    let objects = noisy(&clean);
-    assert_eq!(dir_model(&objects), want, "the dir datastore kept noise");
-    let api = FakeApi::start();
-    api.apply_all(objects);
-    let tmp = tempfile::tempdir().expect("tempdir");
-    let p = kube_inspect(&api, &tmp, false);
-    wait_for_model(&p, &want);
-}
-
-#[test]
-fn kube_initial_sync_matches_dir() {
-    let objects = cluster();
-    let want = dir_model(&objects);
-    assert_eq!(want.len(), objects.len());
-    let api = FakeApi::start();
-    api.apply_all(objects.iter().cloned());
-    let tmp = tempfile::tempdir().expect("tempdir");
-    let p = kube_inspect(&api, &tmp, false);
-    wait_for_model(&p, &want);
+fn kube_initial_sync_matches_dir_and_strips_server_noise() {
+    let (c, kc) = cluster_with(&cluster(), Options::default());
+    // The same objects as kubectl's client-side apply leaves them: its copy of the whole object
+    // in an annotation, on top of the server's own metadata (managedFields, uid, ...).
+    let web = cluster()[3].clone();
+    c.try_kubectl(&["apply", "-f", "-"], Some(&web.to_string()))
+        .expect("client-side apply");
+    let p = kube_inspect(&kc, false);
+    wait_for_model(&c, &p);
+    // Both datastores keep of the metadata only identity, labels and annotations, and not
+    // kubectl's copy of the object.
+    for item in dir_model(&dump(&c)) {
+        let v: Value = serde_json::from_str(&item).expect("json");
+        let meta = v["metadata"].as_object().expect("metadata");
+        for k in meta.keys() {
+            assert!(
+                ["name", "namespace", "labels", "annotations"].contains(&k.as_str()),
+                "the model kept metadata.{k}: {item}"
+            );
+        }
+        assert!(
+            !item.contains("last-applied-configuration"),
+            "the model kept kubectl's copy: {item}"
+        );
+    }
 }
 
 #[test]
 fn kube_changes_match_dir() {
-    let mut objects = cluster();
-    let (api, _tmp, p) = watching(&objects);
+    let (c, _kc) = cluster_with(&cluster(), Options::default());
+    let p = watching(&c, None);
 
-    // A sequence of changes on every path: modify, delete, add, and server-side noise (status
-    // conditions, managed fields) that must not show in the model.
-    objects[3]["metadata"]["labels"]["app"] = json!("api");
-    api.apply(objects[3].clone());
-    let gone = objects.remove(5);
-    api.delete("Service", "web", "web");
-    let _ = gone;
-    let extra = json!({"apiVersion": "sepal.dev/v1alpha1", "kind": "BGPPeer", "metadata": {"name": "rr"},
-                       "spec": {"peerIP": "10.0.0.9", "asNumber": 64512, "node": "node-2"}});
-    objects.push(extra.clone());
-    api.apply(extra);
-    let mut noisy = objects[4].clone();
-    noisy["status"]["conditions"] = json!([{"type": "Ready", "status": "True"}]);
-    noisy["metadata"]["managedFields"] = json!([{"manager": "kubelet"}]);
-    api.apply(noisy);
-    let idx = objects
-        .iter()
-        .position(|o| key(o).0 == "BGPConfiguration")
-        .expect("config");
-    objects[idx]["spec"]["nodeToNodeMesh"] = json!(true);
-    api.apply(objects[idx].clone());
-    wait_for_model(&p, &dir_model(&objects));
+    // A sequence of changes on every path: modify, delete, add, and status-only changes (Pod
+    // conditions, as kubelet writes them) that must not show in the model.
+    let mut relabelled = cluster()[3].clone();
+    relabelled["metadata"]["labels"]["app"] = json!("api");
+    c.apply(&[relabelled]);
+    c.delete("service", "web", "web");
+    c.apply(&[
+        json!({"apiVersion": "sepal.dev/v1alpha1", "kind": "BGPPeer", "metadata": {"name": "rr"},
+                     "spec": {"peerIP": "10.0.0.9", "asNumber": 64512, "node": "node-2"}}),
+    ]);
+    let mut conditions = pod("web-2", "node-2", "10.244.2.5");
+    conditions["status"]["conditions"] = json!([{"type": "Ready", "status": "True"}]);
+    c.apply(&[conditions]);
+    c.apply(&[json!({"apiVersion": "sepal.dev/v1alpha1", "kind": "BGPConfiguration",
+                     "metadata": {"name": "default"}, "spec": {"asNumber": 64512, "nodeToNodeMesh": true}})]);
+    wait_for_model(&c, &p);
 }
 
 #[test]
 fn kube_relists_after_410_gone() {
-    let mut objects = cluster();
-    let (api, _tmp, p) = watching(&objects);
+    // No watch cache: watches are served by etcd itself, so history compacted away is 410 Gone
+    // for a watch resuming from before it, as on any server once its cache window is past.
+    let o = Options {
+        apiserver_args: vec!["--watch-cache=false".into()],
+        ..Default::default()
+    };
+    let (c, _kc) = cluster_with(&cluster(), o);
+    let relay = Cutter::start(api_addr(&c), None);
+    let p = watching(&c, Some(&format!("https://{}", relay.addr)));
 
-    // During an outage objects change and history is compacted: resuming from the old
-    // resourceVersion gets 410, and only a relist can notice the deleted pod.
-    api.set_unavailable(true);
-    api.cut_watches();
-    let idx = objects
-        .iter()
-        .position(|o| key(o) == ("Pod".into(), "web".into(), "web-2".into()))
-        .expect("pod");
-    objects.remove(idx);
-    api.delete("Pod", "web", "web-2");
-    let pod = json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "web-3", "namespace": "web"},
-                     "spec": {"nodeName": "node-2", "containers": [{"name": "c"}]},
-                     "status": {"phase": "Pending"}});
-    objects.push(pod.clone());
-    api.apply(pod);
-    api.compact();
-    let lists_before = api.requests("list", "pods");
-    api.set_unavailable(false);
-    wait_for_model(&p, &dir_model(&objects));
+    // An outage: the agent's connections are cut and refused while a pod goes, another comes,
+    // and etcd compacts its history. Only a relist can notice the deleted pod.
+    relay.hold(true);
+    relay.cut();
+    c.delete("pod", "web", "web-2");
+    c.apply(&[pod("web-3", "node-2", "10.244.2.7")]);
+    c.compact_etcd();
+    let lists_before = agent_calls(&c, "list", "pods").len();
+    relay.hold(false);
+    wait_for_model(&c, &p);
     assert!(
-        api.requests("list", "pods") > lists_before,
+        agent_calls(&c, "list", "pods").len() > lists_before,
         "the datastore did not relist pods after 410 Gone"
     );
 }
 
 #[test]
 fn kube_resumes_from_its_resource_version_and_from_bookmarks() {
-    let mut objects = cluster();
-    let (api, _tmp, p) = watching(&objects);
-    let lists = api.requests("list", "pods");
+    let (c, _kc) = cluster_with(&cluster(), Options::default());
+    let relay = Cutter::start(api_addr(&c), None);
+    let p = watching(&c, Some(&format!("https://{}", relay.addr)));
+    let lists = agent_calls(&c, "list", "pods").len();
 
     // A dropped connection: the watch resumes from the last resourceVersion it saw, and a pod
     // added meanwhile arrives from the server's history, with no relist.
-    api.cut_watches();
-    let pod = json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "web-9", "namespace": "web"},
-                     "spec": {"nodeName": "node-1", "containers": [{"name": "c"}]},
-                     "status": {"phase": "Running", "podIP": "10.244.1.9"}});
-    objects.push(pod.clone());
-    api.apply(pod);
-    wait_for_model(&p, &dir_model(&objects));
+    relay.cut();
+    c.apply(&[pod("web-9", "node-1", "10.244.1.9")]);
+    wait_for_model(&c, &p);
 
-    // Changes to other resources only: the pods watch learns the newer resourceVersion from the
-    // bookmark at its (re)start, and resumes from it next time...
+    // Changes to other resources only. The API server's next bookmark on the pods watch (it
+    // sends one about a minute into a watch) carries a resourceVersion newer than any pod's, and
+    // after the next cut the watch resumes from there.
+    let pod_rv: u64 = c.get("pod", "web", "web-9").expect("web-9")["metadata"]["resourceVersion"]
+        .as_str()
+        .and_then(|v| v.parse().ok())
+        .expect("resourceVersion");
     for i in 0..3 {
-        api.apply(json!({"apiVersion": "v1", "kind": "Secret",
-                         "metadata": {"name": format!("s{i}"), "namespace": "other"}}));
+        c.kubectl(&["create", "namespace", &format!("other-{i}")]);
     }
-    let newest = api.resource_version();
-    let deadline = std::time::Instant::now() + WAIT;
-    while api.last_watch_from("pods").unwrap_or(0) < newest {
+    let deadline = std::time::Instant::now() + Duration::from_secs(160);
+    let mut last_cut = std::time::Instant::now();
+    loop {
+        let resumed = agent_calls(&c, "watch", "pods")
+            .iter()
+            .map(|u| uri_resource_version(u))
+            .max()
+            .unwrap_or(0);
+        if resumed > pod_rv {
+            break;
+        }
         assert!(
             std::time::Instant::now() < deadline,
-            "the pods watch never resumed from the bookmark's resourceVersion {newest}: {:?}",
-            api.last_watch_from("pods")
+            "the pods watch never resumed from a bookmark (newest pod change {pod_rv}, newest resume {resumed})"
         );
-        api.cut_watches();
-        std::thread::sleep(Duration::from_millis(200));
+        // A watch cut before its first bookmark learns nothing: give each one 70 s.
+        if last_cut.elapsed() > Duration::from_secs(70) {
+            relay.cut();
+            last_cut = std::time::Instant::now();
+        }
+        std::thread::sleep(Duration::from_secs(2));
     }
-    // ...so history compacted after that is no 410 for it: still no relist of pods.
-    api.compact();
-    api.cut_watches();
-    let removed = objects.pop().expect("web-9");
-    let _ = removed;
-    api.delete("Pod", "web", "web-9");
-    wait_for_model(&p, &dir_model(&objects));
+    c.delete("pod", "web", "web-9");
+    wait_for_model(&c, &p);
     assert_eq!(
-        api.requests("list", "pods"),
+        agent_calls(&c, "list", "pods").len(),
         lists,
         "pods were relisted instead of resumed"
     );
@@ -343,12 +352,22 @@ fn kube_resumes_from_its_resource_version_and_from_bookmarks() {
 
 #[test]
 fn kube_forbidden_resource_is_reported_and_blocks_ready() {
-    let api = FakeApi::start();
-    let objects = cluster();
-    api.apply_all(objects.iter().cloned());
-    api.forbid("endpointslices");
-    let tmp = tempfile::tempdir().expect("tempdir");
-    let p = kube_inspect(&api, &tmp, true);
+    let c = Cluster::start();
+    c.install_sepal();
+    c.apply(&cluster());
+    // The shipped ClusterRole without its EndpointSlice rule: the API server answers 403.
+    let role = c.get("clusterrole", "", "sepal-node").expect("ClusterRole");
+    let mut cut = role.clone();
+    cut["rules"] = json!(role["rules"]
+        .as_array()
+        .expect("rules")
+        .iter()
+        .filter(|r| r["apiGroups"] != json!(["discovery.k8s.io"]))
+        .collect::<Vec<_>>());
+    c.try_kubectl(&["replace", "-f", "-"], Some(&cut.to_string()))
+        .expect("replace ClusterRole");
+    let kc = c.agent_kubeconfig(None);
+    let p = kube_inspect(&kc, true);
     let deadline = std::time::Instant::now() + WAIT;
     let mut seen = Vec::new();
     loop {
@@ -369,9 +388,24 @@ fn kube_forbidden_resource_is_reported_and_blocks_ready() {
         p.out.try_recv().is_err(),
         "the datastore reported a synced model while endpointslices were forbidden"
     );
-    // Fixing RBAC lets the backoff retry succeed, and only then is the model complete.
-    api.allow("endpointslices");
-    wait_for_model(&p, &dir_model(&objects));
+    let denied = c.agent_requests().into_iter().any(|e| {
+        e["objectRef"]["resource"] == "endpointslices" && e["responseStatus"]["code"] == 403
+    });
+    assert!(
+        denied,
+        "the API server did not audit a 403 for endpointslices"
+    );
+    // Restoring the shipped RBAC lets the backoff retry succeed, and only then is the model
+    // complete.
+    let d = sepal_tests::kube::deploy_dir().join("10-rbac.yaml");
+    c.kubectl(&[
+        "apply",
+        "--server-side",
+        "--force-conflicts",
+        "-f",
+        d.to_str().expect("utf-8"),
+    ]);
+    wait_for_model(&c, &p);
 }
 
 #[test]
@@ -379,20 +413,30 @@ fn kube_paged_initial_list_matches_dir() {
     // More pods than one list page (kube's watcher asks for 500 at a time): the continue tokens
     // must walk every page exactly once.
     let mut objects = cluster();
-    for i in 0..1234 {
-        objects.push(json!({"apiVersion": "v1", "kind": "Pod",
-            "metadata": {"name": format!("p{i}"), "namespace": "web", "labels": {"i": i.to_string()}},
-            "spec": {"nodeName": "node-1", "containers": [{"name": "c"}]},
-            "status": {"phase": "Running", "podIP": format!("10.244.{}.{}", 100 + i / 250, 1 + i % 250)}}));
+    for i in 0..1100 {
+        let mut p = pod(
+            &format!("p{i}"),
+            "node-1",
+            &format!("10.244.{}.{}", 100 + i / 250, 1 + i % 250),
+        );
+        p["metadata"]["labels"] = json!({"i": i.to_string()});
+        objects.push(p);
     }
-    let want = dir_model(&objects);
-    let api = FakeApi::start();
-    api.apply_all(objects.iter().cloned());
-    let tmp = tempfile::tempdir().expect("tempdir");
-    let p = kube_inspect(&api, &tmp, false);
-    wait_for_model(&p, &want);
-    assert!(
-        api.requests("list", "pods") >= 3,
-        "pods were not listed in pages"
-    );
+    let (c, kc) = cluster_with(&objects, Options::default());
+    let p = kube_inspect(&kc, false);
+    wait_for_model(&c, &p);
+    let pages = agent_calls(&c, "list", "pods")
+        .iter()
+        .filter(|u| u.contains("continue="))
+        .count();
+    assert!(pages >= 2, "pods were not listed in pages");
+}
+
+/// The API server's address, for a relay in front of it.
+fn api_addr(c: &Cluster) -> std::net::SocketAddr {
+    let server = c.server();
+    server
+        .trim_start_matches("https://")
+        .parse()
+        .expect("server address")
 }

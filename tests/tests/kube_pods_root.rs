@@ -1,9 +1,10 @@
-// Root: the real `sepal node` with `--datastore kubernetes` against the stand-in API server inside
-// its node namespace; pods added through the real `sepal-cni` get addresses from the Node's pod CIDR,
-// and the agent reports back (Node condition, SepalNodeStatus, Events) with exactly the access
-// deploy/'s RBAC grants.
+// Root: the real `sepal node` with `--datastore kubernetes` against a real control plane running in
+// its node namespace, authenticated as the ServiceAccount deploy/10-rbac.yaml binds; pods added
+// through the real `sepal-cni` get addresses from the Node's pod CIDR, and the agent reports back
+// (Node condition, SepalNodeStatus, Events) with exactly the access the shipped RBAC grants, as the
+// API server's audit log of its requests shows.
 
-use sepal_tests::fakeapi::FakeApi;
+use sepal_tests::kube::{Cluster, Options};
 use sepal_tests::netns::Netns;
 use sepal_tests::node::{CniCall, Node};
 use serde_json::{json, Value};
@@ -60,16 +61,16 @@ fn granted() -> std::collections::BTreeSet<(String, String, String)> {
     out
 }
 
-/// The real `sepal node` for `name` in `node`'s namespace, against `api`, with `extra` flags.
+/// The real `sepal node` for `name` in `node`'s namespace, as the agent's ServiceAccount of
+/// `cluster`, with `extra` flags.
 fn start_agent(
     node: &Node,
-    api: &FakeApi,
+    cluster: &Cluster,
     name: &str,
     extra: &[&str],
 ) -> (Agent, tempfile::TempDir) {
     let tmp = tempfile::tempdir().expect("tempdir");
-    let kubeconfig = tmp.path().join("kubeconfig");
-    api.write_kubeconfig(&kubeconfig).expect("kubeconfig");
+    let kubeconfig = cluster.agent_kubeconfig(None);
     let log_path = tmp.path().join("agent.log");
     let logf = std::fs::File::create(&log_path).expect("log");
     let sepal = sepal_tests::bin_path("sepal");
@@ -99,15 +100,66 @@ fn start_agent(
     (Agent(child, log_path), tmp)
 }
 
+/// A real control plane in the node's namespace (where the agent reaches it on loopback), with
+/// Sepal installed from deploy/ and the node's Node object.
+fn cluster_for(node: &Node, cidr: &str) -> Cluster {
+    let c = Cluster::start_with(Options {
+        netns: Some(node.netns.path()),
+        ..Default::default()
+    });
+    c.install_sepal();
+    c.apply(&[node_object(&node.name, cidr)]);
+    c
+}
+
 fn node_object(name: &str, cidr: &str) -> Value {
     json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": name},
     "spec": {"podCIDR": cidr, "podCIDRs": [cidr]},
     "status": {"addresses": [{"type": "InternalIP", "address": "10.255.255.2"}]}})
 }
 
-fn sepal_is_up(api: &FakeApi, name: &str) -> bool {
-    api.get("Node", "", name)
+fn sepal_is_up(c: &Cluster, name: &str) -> bool {
+    c.get("node", "", name)
         .is_some_and(|n| sepal_tests::fakeapi::sepal_is_up(&n))
+}
+
+/// Warning Events with `reason` about `name`, from any namespace.
+fn warnings(c: &Cluster, reason: &str, name: &str) -> Vec<Value> {
+    c.list("events.events.k8s.io", &[])
+        .into_iter()
+        .filter(|e| {
+            e["reason"] == reason && e["regarding"]["name"] == name && e["type"] == "Warning"
+        })
+        .collect()
+}
+
+/// (API group, resource, verb) of every request the agent made, as the API server audited it,
+/// and the requests RBAC refused.
+fn audited(
+    c: &Cluster,
+) -> (
+    std::collections::BTreeSet<(String, String, String)>,
+    Vec<String>,
+) {
+    let mut used = std::collections::BTreeSet::new();
+    let mut refused = Vec::new();
+    for e in c.agent_requests() {
+        let r = &e["objectRef"];
+        let resource = match r["subresource"].as_str() {
+            Some(sub) => format!("{}/{sub}", r["resource"].as_str().unwrap_or_default()),
+            None => r["resource"].as_str().unwrap_or_default().to_string(),
+        };
+        let group = r["apiGroup"].as_str().unwrap_or_default().to_string();
+        let verb = e["verb"].as_str().unwrap_or_default().to_string();
+        if e["responseStatus"]["code"] == 403 {
+            refused.push(format!(
+                "{verb} {}",
+                e["requestURI"].as_str().unwrap_or_default()
+            ));
+        }
+        used.insert((group, resource, verb));
+    }
+    (used, refused)
 }
 
 #[test]
@@ -116,10 +168,18 @@ fn kube_datastore_pods_get_addresses_from_the_node_cidr() {
     // The Node helper writes a dir datastore the agent will not read here; the Node object comes
     // from the API server instead, with a different CIDR to prove where it came from.
     let node = Node::new("kn1", &["10.77.0.0/24"]);
-    let api = FakeApi::start_in_netns(&node.netns.path());
-    api.apply(node_object("kn1", "10.244.9.0/24"));
-    let (agent, _tmp) = start_agent(&node, &api, "kn1", &[]);
-
+    let c = cluster_for(&node, "10.244.9.0/24");
+    // A BGP peer with a password: the agent reads that Secret, and only that one.
+    c.apply(&[
+        json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "bgp-passwords", "namespace": "sepal-system"},
+               "stringData": {"tor": "s3cret"}}),
+        json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "unrelated", "namespace": "sepal-system"},
+               "stringData": {"x": "y"}}),
+        json!({"apiVersion": "sepal.dev/v1alpha1", "kind": "BGPPeer", "metadata": {"name": "tor"},
+               "spec": {"peerIP": "10.255.255.1", "asNumber": 65000, "passive": true,
+                        "password": {"secretKeyRef": {"name": "bgp-passwords", "key": "tor"}}}}),
+    ]);
+    let (agent, _tmp) = start_agent(&node, &c, "kn1", &[]);
     let deadline = Instant::now() + Duration::from_secs(60);
     while !node.cni("STATUS", &CniCall::status()).status.success() {
         assert!(
@@ -149,36 +209,52 @@ fn kube_datastore_pods_get_addresses_from_the_node_cidr() {
     );
     // The pod reaches the node (its address on the uplink) through the gateway the plugin set up.
     sandbox.run("ping -c1 -W2 10.255.255.2");
-    assert!(api.requests("watch", "nodes") + api.requests("list", "nodes") >= 1);
 
     // Status back to the cluster: the Node condition once routes are programmed, kubelet's kept.
     wait_until(
         &agent,
         "NetworkUnavailable=False (SepalIsUp) on the Node",
-        || sepal_is_up(&api, "kn1"),
+        || sepal_is_up(&c, "kn1"),
     );
     wait_until(&agent, "a SepalNodeStatus for kn1", || {
-        api.get("SepalNodeStatus", "", "kn1")
+        c.get("sepalnodestatus", "", "kn1")
             .is_some_and(|s| s["status"]["routesProgrammed"] == json!(true))
     });
-    // Invalid policy content: left out, and a Warning Event on the policy says why.
-    api.apply(
+    // Invalid policy content: left out, and a Warning Event on the policy says why. The API
+    // server admits it (its validation allows an except outside the cidr); Sepal refuses it.
+    c.kubectl(&["create", "namespace", "web"]);
+    c.apply(&[
         json!({"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
         "metadata": {"name": "bad", "namespace": "web"},
         "spec": {"podSelector": {}, "ingress": [{"from": [{"ipBlock":
             {"cidr": "10.0.0.0/24", "except": ["10.0.1.0/28"]}}]}]}}),
-    );
+    ]);
     wait_until(&agent, "a PolicyRejected Event on web/bad", || {
-        api.list("Event").iter().any(|e| {
-            e["reason"] == "PolicyRejected"
-                && e["regarding"]["name"] == "bad"
-                && e["type"] == "Warning"
-        })
+        !warnings(&c, "PolicyRejected", "bad").is_empty()
     });
+    // The Secret watch names its Secret: the agent never lists the namespace's others.
+    let secret_reads: Vec<String> = c
+        .agent_requests()
+        .into_iter()
+        .filter(|e| e["objectRef"]["resource"] == "secrets")
+        .map(|e| e["requestURI"].as_str().unwrap_or_default().to_string())
+        .collect();
+    assert!(
+        !secret_reads.is_empty(),
+        "the agent never read its BGP password"
+    );
+    assert!(
+        secret_reads
+            .iter()
+            .all(|u| u.contains("fieldSelector=metadata.name%3Dbgp-passwords")),
+        "the agent read Secrets beyond the one its peer names: {secret_reads:?}"
+    );
 
-    // RBAC grants exactly what the agent asked for. Creating the SepalNodeStatus is a server-side
-    // apply (a PATCH), which the API server also authorizes as `create`.
-    let used = api.access();
+    // RBAC grants exactly what the agent asked for, and refused nothing. Creating the
+    // SepalNodeStatus is a server-side apply (a PATCH), which the API server also authorizes as
+    // `create`.
+    let (used, refused) = audited(&c);
+    assert!(refused.is_empty(), "RBAC refused the agent: {refused:?}");
     let granted = granted();
     let missing: Vec<_> = used.difference(&granted).collect();
     assert!(
@@ -186,7 +262,7 @@ fn kube_datastore_pods_get_addresses_from_the_node_cidr() {
         "the agent needs access RBAC does not grant: {missing:?}"
     );
     // Events are patched only when one repeats (its series), which this run does not provoke;
-    // the status writer's unit test covers that request against the stand-in server.
+    // the status writer's test covers that request against the real server.
     let mut unused: Vec<_> = granted.difference(&used).collect();
     unused.retain(|(g, r, v)| {
         !(g == "sepal.dev" && r == "sepalnodestatuses" && v == "create"
@@ -198,31 +274,76 @@ fn kube_datastore_pods_get_addresses_from_the_node_cidr() {
     );
 }
 
-/// An agent that starts serving before its datastore's initial state is complete (here RBAC
-/// forbids a resource) programs from a partial view: it leaves its Node's network unavailable
-/// until the state is complete, then declares it up.
+/// A rule removed from the shipped RBAC makes the agent fail visibly: the 403 is logged, the
+/// agent is not ready and says why, its Node stays NetworkUnavailable and carries a Warning Event
+/// naming the resource. An agent that starts serving before its initial state is complete
+/// (`--sync-timeout`) programs from a partial view, so it declares the node up only once the rule
+/// is back and the state complete.
 #[test]
-fn an_agent_serving_before_its_initial_sync_does_not_declare_the_node_up() {
+fn a_missing_rbac_rule_fails_visibly_and_keeps_the_node_unavailable() {
     sepal_tests::require_root();
     let node = Node::new("kn2", &["10.77.1.0/24"]);
-    let api = FakeApi::start_in_netns(&node.netns.path());
-    api.apply(node_object("kn2", "10.244.8.0/24"));
-    api.forbid("endpointslices");
-    let (agent, _tmp) = start_agent(&node, &api, "kn2", &["--sync-timeout", "1s"]);
+    let c = cluster_for(&node, "10.244.8.0/24");
+    let role = c.get("clusterrole", "", "sepal-node").expect("ClusterRole");
+    let mut cut = role.clone();
+    cut["rules"] = json!(role["rules"]
+        .as_array()
+        .expect("rules")
+        .iter()
+        .filter(|r| r["apiGroups"] != json!(["discovery.k8s.io"]))
+        .collect::<Vec<_>>());
+    c.try_kubectl(&["replace", "-f", "-"], Some(&cut.to_string()))
+        .expect("replace ClusterRole");
+    let (agent, _tmp) = start_agent(&node, &c, "kn2", &["--sync-timeout", "1s"]);
+    wait_until(&agent, "the forbidden resource in the agent's log", || {
+        let l = log(&agent);
+        l.contains("forbidden") && l.contains("endpointslices")
+    });
     wait_until(&agent, "the agent serving without its initial sync", || {
         log(&agent).contains("serving anyway")
+    });
+    let status = node.netns.output(&[
+        sepal_tests::bin_path("sepal").to_str().expect("utf-8"),
+        "status",
+        "--json",
+        "--admin-socket",
+        node.socket
+            .with_file_name("admin.sock")
+            .to_str()
+            .expect("utf-8"),
+    ]);
+    let status: Value = serde_json::from_slice(&status.stdout).unwrap_or_default();
+    assert_eq!(status["ready"], json!(false), "{status}");
+    assert_eq!(
+        status["datastore"]["forbidden"],
+        json!(["endpointslices"]),
+        "{status}"
+    );
+    wait_until(&agent, "a Forbidden Warning Event on the Node", || {
+        warnings(&c, "Forbidden", "kn2").iter().any(|e| {
+            e["note"]
+                .as_str()
+                .is_some_and(|n| n.contains("endpointslices"))
+        })
     });
     // The status writer runs every 2 s: several rounds pass without the condition.
     std::thread::sleep(Duration::from_secs(5));
     assert!(
-        !sepal_is_up(&api, "kn2"),
+        !sepal_is_up(&c, "kn2"),
         "the Node was declared up before the initial sync completed; log:\n{}",
         log(&agent)
     );
-    api.allow("endpointslices");
+    let d = sepal_tests::kube::deploy_dir().join("10-rbac.yaml");
+    c.kubectl(&[
+        "apply",
+        "--server-side",
+        "--force-conflicts",
+        "-f",
+        d.to_str().expect("utf-8"),
+    ]);
     wait_until(
         &agent,
         "NetworkUnavailable=False once the sync completed",
-        || sepal_is_up(&api, "kn2"),
+        || sepal_is_up(&c, "kn2"),
     );
 }

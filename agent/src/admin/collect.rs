@@ -62,6 +62,7 @@ pub async fn status(agent: &Arc<Mutex<Agent>>) -> StatusReport {
             source: health.datastore(),
             synced: health.synced(),
             objects: health.objects(),
+            forbidden: health.forbidden().iter().map(|r| r.to_string()).collect(),
         },
         ready: ready(has_blocks),
         endpoints: allocated,

@@ -68,6 +68,9 @@ pub struct DatastoreReport {
     pub synced: bool,
     /// Objects in the agent's model.
     pub objects: usize,
+    /// Resources the API server refuses the agent (403: a rule missing from its RBAC).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub forbidden: Vec<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]

@@ -1,11 +1,11 @@
 // The Kubernetes datastore: kube-rs watchers on the API server turned into the same model events as
 // the dir datastore, objects stripped to what routing and policy use; plus the agent's status writes.
 
-use crate::crd::{BGPConfiguration, BGPPeer, SepalNodeStatus, DEFAULT_SECRET_NAMESPACE};
+use crate::crd::{BGPConfiguration, BGPPeer, SepalNodeStatus};
 use crate::model::{Event, KindKey, Object, ObjectKey};
 use anyhow::{Context, Result};
 use futures::StreamExt;
-use k8s_openapi::api::core::v1::{Namespace, Node, NodeStatus, Pod, Secret, Service};
+use k8s_openapi::api::core::v1::{Namespace, Node, NodeStatus, Pod, Service};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::api::{DynamicObject, Patch, PatchParams};
@@ -129,12 +129,12 @@ pub fn strip(obj: Object) -> Object {
 // Watchers
 
 /// Counts resources still in their initial list; the last one to finish sends `Synced`.
-struct SyncGate {
+pub(super) struct SyncGate {
     pending: AtomicUsize,
 }
 
 impl SyncGate {
-    async fn done(&self, tx: &mpsc::Sender<Event>) -> bool {
+    pub(super) async fn done(&self, tx: &mpsc::Sender<Event>) -> bool {
         if self.pending.fetch_sub(1, Ordering::AcqRel) == 1 {
             return tx.send(Event::Synced).await.is_ok();
         }
@@ -198,6 +198,9 @@ async fn run_watcher<K, F>(
                 continue;
             }
             Ok(ev) => {
+                if failures > 0 {
+                    crate::metrics::metrics().health.set_forbidden(what, false);
+                }
                 failures = 0;
                 match ev {
                     // The model deletes what a relist no longer returns (see `Event::ListStart`).
@@ -238,7 +241,7 @@ async fn run_watcher<K, F>(
     }
 }
 
-fn log_watch_error(what: &str, err: &watcher::Error) {
+pub(super) fn log_watch_error(what: &'static str, err: &watcher::Error) {
     let text = err.to_string();
     let forbidden = matches!(
         err,
@@ -247,6 +250,9 @@ fn log_watch_error(what: &str, err: &watcher::Error) {
             | watcher::Error::WatchFailed(kube::Error::Api(s))
             if s.code == 403
     );
+    crate::metrics::metrics()
+        .health
+        .set_forbidden(what, forbidden);
     if forbidden {
         tracing::error!(
             resource = what,
@@ -362,16 +368,12 @@ pub async fn run(client: Client, tx: mpsc::Sender<Event>) {
         &tx,
         &gate,
     );
-    // BGPPeer passwords: only Sepal's namespace may hold them (the RBAC Role grants no more).
-    spawn_typed(
-        Watched {
-            what: "secrets",
-            api: Api::<Secret>::namespaced(c.clone(), DEFAULT_SECRET_NAMESPACE),
-            convert: |s| Some(strip(Object::Secret(Box::new(s)))),
-        },
-        &tx,
-        &gate,
-    );
+    // BGPPeer passwords: only the Secrets the peers name, each by its own narrowed watch.
+    tokio::spawn(super::kube_secrets::run(
+        c.clone(),
+        tx.clone(),
+        gate.clone(),
+    ));
     spawn_dynamic(
         "endpointslices",
         c,

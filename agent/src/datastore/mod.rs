@@ -3,6 +3,7 @@
 
 pub mod dir;
 pub mod kube;
+mod kube_secrets;
 pub mod status;
 
 use crate::model::Event;

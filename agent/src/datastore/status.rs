@@ -99,14 +99,27 @@ pub fn report_of(
 }
 
 /// The object a session's Events are about: the BGPPeer that makes it, or the Node for the mesh.
+fn node_key(node: &str) -> ObjectKey {
+    ObjectKey {
+        api_version: "v1".into(),
+        kind: "Node".into(),
+        namespace: String::new(),
+        name: node.into(),
+    }
+}
+
+/// The Warning Event's note for a resource the API server forbids the agent.
+pub fn forbidden_note(resource: &str) -> String {
+    format!(
+        "the API server forbids this agent's ServiceAccount to list/watch {resource}: the \
+         agent works from a partial view of the cluster until its RBAC (deploy/10-rbac.yaml) \
+         grants it"
+    )
+}
+
 fn session_object(s: &BgpSessionStatus, node: &str) -> ObjectKey {
     match s.source.as_str() {
-        "" | "mesh" => ObjectKey {
-            api_version: "v1".into(),
-            kind: "Node".into(),
-            namespace: String::new(),
-            name: node.into(),
-        },
+        "" | "mesh" => node_key(node),
         peer => ObjectKey {
             api_version: crate::crd::API_VERSION.into(),
             kind: "BGPPeer".into(),
@@ -174,6 +187,8 @@ struct Written {
     report: Option<NodeStatusReport>,
     /// Problems already sent as Events (their text).
     problems: BTreeSet<String>,
+    /// Resources the API server forbids the agent, already sent as Events.
+    forbidden: BTreeSet<&'static str>,
     events: Recorded,
 }
 
@@ -342,6 +357,24 @@ async fn round(
         }
         written.problems.insert(text);
     }
+    // A missing RBAC rule: the agent runs, on a partial view; say so on its Node, once per
+    // resource while it lasts (the Event's series counts nothing more: it is one condition).
+    let forbidden = crate::metrics::metrics().health.forbidden();
+    for r in &forbidden {
+        if !written.forbidden.contains(r) {
+            tracing::error!("{}", forbidden_note(r));
+            if written
+                .events
+                .warn(writer, &node_key(&node), "Forbidden", &forbidden_note(r))
+                .await
+            {
+                written.forbidden.insert(r);
+            } else {
+                ok = false;
+            }
+        }
+    }
+    written.forbidden.retain(|r| forbidden.contains(r));
     // A fixed policy may break the same way again later: report it again then.
     let current: BTreeSet<String> = problems.iter().map(ToString::to_string).collect();
     written.problems.retain(|t| current.contains(t));

@@ -93,8 +93,16 @@ async fn respond<B>(req: Request<B>, agent: &Arc<Mutex<Agent>>) -> Response<Full
             if collect::ready(has_blocks) {
                 text(StatusCode::OK, "ok\n".into(), PLAIN)
             } else {
+                let forbidden = health.forbidden();
+                let forbidden = (!forbidden.is_empty()).then(|| {
+                    format!(
+                        "the API server forbids this agent {} (RBAC)",
+                        forbidden.join(", ")
+                    )
+                });
                 let missing: Vec<&str> = [
                     (!health.synced()).then_some("datastore not synced"),
+                    forbidden.as_deref(),
                     (!has_blocks).then_some("no pod block for this node"),
                     (!health.routes_programmed()).then_some("routes not programmed"),
                 ]

@@ -22,6 +22,8 @@ pub struct Health {
     synced: AtomicBool,
     routes_programmed: AtomicBool,
     objects: AtomicI64,
+    /// Resources the API server refuses the agent (403): its RBAC lacks a rule.
+    forbidden: std::sync::Mutex<std::collections::BTreeSet<&'static str>>,
 }
 
 impl Health {
@@ -45,6 +47,21 @@ impl Health {
 
     pub fn objects(&self) -> usize {
         self.objects.load(Ordering::Relaxed).max(0) as usize
+    }
+
+    /// Whether the API server currently refuses the agent `resource` (list/watch answered 403).
+    pub fn set_forbidden(&self, resource: &'static str, forbidden: bool) {
+        let mut set = self.forbidden.lock().unwrap_or_else(|e| e.into_inner());
+        if forbidden {
+            set.insert(resource);
+        } else {
+            set.remove(resource);
+        }
+    }
+
+    pub fn forbidden(&self) -> Vec<&'static str> {
+        let set = self.forbidden.lock().unwrap_or_else(|e| e.into_inner());
+        set.iter().copied().collect()
     }
 
     /// The first full route reconcile is done.

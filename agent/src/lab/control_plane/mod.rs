@@ -148,8 +148,8 @@ fn write_credentials(l: &Layout, server: &str) -> Result<()> {
 }
 
 fn write_private(path: &Path, text: &str) -> Result<()> {
-    use std::os::unix::fs::OpenOptionsExt;
     use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
     let mut f = std::fs::OpenOptions::new()
         .write(true)
         .create(true)
@@ -173,7 +173,13 @@ struct Running {
     child: Child,
 }
 
-fn spawn(c: Component, bin: &Path, l: &Layout, ports: &Ports, s: &ClusterSettings) -> Result<Child> {
+fn spawn(
+    c: Component,
+    bin: &Path,
+    l: &Layout,
+    ports: &Ports,
+    s: &ClusterSettings,
+) -> Result<Child> {
     let log = l.log(c);
     let file = std::fs::File::create(&log).with_context(|| format!("create {}", log.display()))?;
     let mut cmd = Command::new(bin.join(c.binary()));
@@ -208,7 +214,11 @@ async fn http_get(port: u16, path: &str) -> Result<(u16, String)> {
         .nth(1)
         .and_then(|c| c.parse().ok())
         .unwrap_or(0);
-    let body = text.split("\r\n\r\n").nth(1).unwrap_or_default().to_string();
+    let body = text
+        .split("\r\n\r\n")
+        .nth(1)
+        .unwrap_or_default()
+        .to_string();
     Ok((code, body))
 }
 
@@ -243,7 +253,11 @@ async fn ready(c: Component, l: &Layout, ports: &Ports) -> Result<()> {
             // Its ServiceAccount controller has run: namespaces get their `default` account,
             // which the ServiceAccount admission plugin wants before it admits a Pod.
             let client = crate::datastore::kube::client(Some(&l.admin_kubeconfig())).await?;
-            api_get(&client, "/api/v1/namespaces/default/serviceaccounts/default").await?;
+            api_get(
+                &client,
+                "/api/v1/namespaces/default/serviceaccounts/default",
+            )
+            .await?;
         }
         Component::Scheduler => {
             api_get(&health_client(ports.scheduler)?, "/healthz").await?;
@@ -319,10 +333,12 @@ async fn stop_all(running: &mut Vec<Running>) {
 }
 
 /// Waits until one component exits; returns its name and status.
-async fn first_exit(running: &mut [Running]) -> (Component, std::io::Result<std::process::ExitStatus>) {
-    let waits = running.iter_mut().map(|r| {
-        Box::pin(async move { (r.component, r.child.wait().await) })
-    });
+async fn first_exit(
+    running: &mut [Running],
+) -> (Component, std::io::Result<std::process::ExitStatus>) {
+    let waits = running
+        .iter_mut()
+        .map(|r| Box::pin(async move { (r.component, r.child.wait().await) }));
     futures::future::select_all(waits).await.0
 }
 

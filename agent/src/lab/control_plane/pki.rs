@@ -44,7 +44,13 @@ fn openssl(dir: &Path, args: &[&str]) -> Result<()> {
 /// tokens are signed with one and checked against the other) in `dir`.
 pub fn make(dir: &Path, service_ip: &str) -> Result<()> {
     std::fs::create_dir_all(dir)?;
-    let ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"];
+    let ec = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+    ];
     let mut ca = vec!["req", "-x509"];
     ca.extend(ec);
     ca.extend([
