@@ -729,6 +729,8 @@ pub fn crd_files() -> Vec<(String, String)> {
     crds.into_iter()
         .map(|crd| {
             let name = crd.metadata.name.clone().unwrap_or_default();
+            let mut crd = serde_json::to_value(&crd).expect("CRD serializes");
+            drop_unsigned_formats(&mut crd);
             let yaml = serde_norway::to_string(&crd).expect("CRD serializes");
             (
                 format!("{name}.yaml"),
@@ -736,6 +738,29 @@ pub fn crd_files() -> Vec<(String, String)> {
             )
         })
         .collect()
+}
+
+/// Replaces the `uint8`..`uint32` formats schemars gives unsigned fields by the bounds they
+/// mean: the API server knows only int32 and int64, and warns about every other format on each
+/// apply. schemars already writes the `minimum`; the `maximum` is added where it is missing.
+fn drop_unsigned_formats(v: &mut serde_json::Value) {
+    match v {
+        serde_json::Value::Object(map) => {
+            let max = match map.get("format").and_then(|f| f.as_str()) {
+                Some("uint8") => Some(f64::from(u8::MAX)),
+                Some("uint16") => Some(f64::from(u16::MAX)),
+                Some("uint32") => Some(f64::from(u32::MAX)),
+                _ => None,
+            };
+            if let Some(max) = max {
+                map.remove("format");
+                map.entry("maximum").or_insert(serde_json::json!(max));
+            }
+            map.values_mut().for_each(drop_unsigned_formats);
+        }
+        serde_json::Value::Array(items) => items.iter_mut().for_each(drop_unsigned_formats),
+        _ => {}
+    }
 }
 
 /// Writes every CRD into `dir` (deploy/crds), replacing each file atomically.

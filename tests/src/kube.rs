@@ -305,7 +305,7 @@ impl Cluster {
     /// Every object of a resource (all namespaces, or `-n NS` among `extra`).
     pub fn list(&self, resource: &str, extra: &[&str]) -> Vec<Value> {
         let mut args = vec!["get", resource, "-o", "json"];
-        if !extra.iter().any(|a| *a == "-n") {
+        if !extra.contains(&"-n") {
             args.push("-A");
         }
         args.extend(extra);
@@ -526,9 +526,26 @@ impl Cutter {
         self.held.store(held, std::sync::atomic::Ordering::Relaxed);
     }
 
-    /// Closes every connection relayed so far; new ones are relayed again.
+    /// Resets every connection relayed so far (an abortive close, as a dropped path or a
+    /// restarted load balancer gives: a client's idle pooled connections fail at once instead of
+    /// looking usable); new ones are relayed again.
     pub fn cut(&self) {
+        use std::os::fd::AsRawFd;
         for s in self.conns.lock().expect("lock").drain(..) {
+            let linger = libc::linger {
+                l_onoff: 1,
+                l_linger: 0,
+            };
+            // SAFETY: setsockopt on a socket this relay owns, with a correctly sized value.
+            unsafe {
+                libc::setsockopt(
+                    s.as_raw_fd(),
+                    libc::SOL_SOCKET,
+                    libc::SO_LINGER,
+                    (&linger as *const libc::linger).cast(),
+                    std::mem::size_of::<libc::linger>() as libc::socklen_t,
+                );
+            }
             let _ = s.shutdown(std::net::Shutdown::Both);
         }
     }

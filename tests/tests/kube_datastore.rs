@@ -148,8 +148,22 @@ fn wait_for_model(c: &Cluster, p: &Inspect) {
         }
     }
     let err: Vec<String> = p.err.try_iter().collect();
+    let pid = p.child.id();
+    let state = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let wchan = std::fs::read_to_string(format!("/proc/{pid}/wchan")).unwrap_or_default();
+    let ss = Command::new("ss")
+        .args(["-tnpi"])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_default();
+    let ss: Vec<&str> = ss
+        .lines()
+        .filter(|l| l.contains(&format!("pid={pid},")))
+        .collect();
     panic!(
-        "kubernetes model never matched the dir model\nwant: {want:#?}\nlast: {last:#?}\nstderr:\n{}",
+        "kubernetes model never matched the dir model\nwant: {want:#?}\nlast: {last:#?}\nprocess {pid}: {} wchan {wchan}\nsockets:\n{}\nstderr:\n{}",
+        state.lines().find(|l| l.starts_with("State")).unwrap_or_default(),
+        ss.join("\n"),
         err.join("\n")
     );
 }

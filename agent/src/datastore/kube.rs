@@ -504,7 +504,7 @@ impl StatusWriter {
         let api = self.events(ns);
         let ev: DynamicObject = serde_json::from_value(serde_json::json!({
             "apiVersion": "events.k8s.io/v1", "kind": "Event",
-            "metadata": {"generateName": format!("{}.", regarding.name), "namespace": ns},
+            "metadata": {"name": event_name(&regarding.name), "namespace": ns},
             "eventTime": now_rfc3339,
             "reportingController": "sepal.dev/node",
             "reportingInstance": format!("sepal-node-{}", self.node),
@@ -543,6 +543,17 @@ impl StatusWriter {
         let ar = ApiResource::erase::<k8s_openapi::api::events::v1::Event>(&());
         Api::namespaced_with(self.client.clone(), namespace, &ar)
     }
+}
+
+/// An Event's name: the object's name and the time in hex nanoseconds, as Kubernetes' own event
+/// recorders name theirs. (A `generateName` of "NAME." is refused by events.k8s.io/v1: the
+/// prefix itself must be a valid name, and may not end in a dot.)
+fn event_name(regarding: &str) -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_nanos();
+    format!("{regarding}.{nanos:x}")
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -628,16 +639,18 @@ mod tests {
     use super::*;
     use serde_json::json;
 
+    /// Every write of the status writer against a real API server, as the agent's
+    /// ServiceAccount under the shipped RBAC: server-side apply of SepalNodeStatus and its status
+    /// subresource, the Node condition beside kubelet's, Events and their series.
     #[tokio::test]
-    async fn status_writer_against_the_stand_in_api_server() {
-        let api = sepal_tests::fakeapi::FakeApi::start();
-        api.apply(
-            json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": "n1"},
-            "status": {"conditions": [{"type": "Ready", "status": "True"}]}}),
-        );
-        let dir = tempfile::tempdir().unwrap();
-        let kc = dir.path().join("kubeconfig");
-        api.write_kubeconfig(&kc).unwrap();
+    async fn status_writer_against_a_real_api_server() {
+        let c = sepal_tests::kube::Cluster::start();
+        c.install_sepal();
+        c.kubectl(&["create", "namespace", "web"]);
+        c.apply(&[json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": "n1"},
+            "status": {"conditions": [{"type": "Ready", "status": "True", "reason": "KubeletReady",
+                "lastHeartbeatTime": "2026-01-01T00:00:00Z", "lastTransitionTime": "2026-01-01T00:00:00Z"}]}})]);
+        let kc = c.agent_kubeconfig(None);
         let w = StatusWriter::new(client(Some(&kc)).await.unwrap(), "n1");
 
         let report = crate::crd::NodeStatusReport {
@@ -655,13 +668,13 @@ mod tests {
         };
         w.report(&report).await.unwrap();
         w.report(&report).await.unwrap(); // idempotent: the second apply updates in place
-        let sns = api.get("SepalNodeStatus", "", "n1").expect("status object");
+        let sns = c.get("sepalnodestatus", "", "n1").expect("status object");
         assert_eq!(sns["spec"]["node"], json!("n1"));
         assert_eq!(sns["status"]["routesProgrammed"], json!(true));
         assert_eq!(sns["status"]["sessions"][0]["state"], json!("Established"));
 
         w.network_available("2026-01-01T00:00:00Z").await.unwrap();
-        let node = api.get("Node", "", "n1").unwrap();
+        let node = c.get("node", "", "n1").unwrap();
         let conds = node["status"]["conditions"].as_array().unwrap();
         assert!(
             conds.iter().any(|c| c["type"] == "Ready"),
@@ -687,7 +700,7 @@ mod tests {
             true,
             "PolicyRejected",
             "ipBlock.except outside cidr",
-            "2026-01-01T00:00:00Z",
+            "2026-01-01T00:00:00.000000Z",
         )
         .await
         .unwrap();
@@ -697,27 +710,47 @@ mod tests {
                 true,
                 "PolicyRejected",
                 "repeated",
-                "2026-01-01T00:00:00Z",
+                "2026-01-01T00:00:00.000000Z",
             )
             .await
             .unwrap();
         w.event_repeated(&ns, &name, 2, "2026-01-01T00:00:01.000000Z")
             .await
             .unwrap();
-        let repeated = api.get("Event", &ns, &name).unwrap();
+        let repeated = c.get("events.events.k8s.io", &ns, &name).unwrap();
         assert_eq!(repeated["series"]["count"], json!(2));
         assert_eq!(repeated["note"], json!("repeated"));
-        api.delete("Event", &ns, &name);
-        let events = api.list("Event");
+        c.delete("events.events.k8s.io", &ns, &name);
+        let events = c.list("events.events.k8s.io", &[]);
         assert_eq!(events.len(), 1);
         assert_eq!(events[0]["regarding"]["name"], json!("bad"));
         assert_eq!(events[0]["type"], json!("Warning"));
         assert_eq!(events[0]["metadata"]["namespace"], json!("web"));
 
-        // A forbidden write is an error naming what failed, not a panic.
-        api.forbid("sepalnodestatuses");
-        let err = w.report(&report).await.unwrap_err();
+        // A forbidden write (the ClusterRole without its SepalNodeStatus rules) is an error naming
+        // what failed, not a panic.
+        let role = c.get("clusterrole", "", "sepal-node").unwrap();
+        let mut cut = role.clone();
+        cut["rules"] = json!(role["rules"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|r| !r["resources"].to_string().contains("sepalnodestatuses"))
+            .collect::<Vec<_>>());
+        c.try_kubectl(&["replace", "-f", "-"], Some(&cut.to_string()))
+            .unwrap();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        let err = loop {
+            match w.report(&report).await {
+                Err(e) => break e,
+                Ok(()) if std::time::Instant::now() < deadline => {
+                    tokio::time::sleep(std::time::Duration::from_millis(200)).await
+                }
+                Ok(()) => panic!("the write was allowed without its RBAC rule"),
+            }
+        };
         assert!(format!("{err:#}").contains("SepalNodeStatus n1"), "{err:#}");
+        assert!(format!("{err:#}").contains("forbidden"), "{err:#}");
     }
 
     #[test]

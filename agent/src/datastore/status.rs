@@ -488,12 +488,12 @@ mod tests {
         assert_eq!(r3.established_sessions, 0);
     }
 
+    /// Against a real API server, as the agent's ServiceAccount under the shipped RBAC.
     #[tokio::test]
     async fn a_repeated_event_updates_its_series() {
-        let api = sepal_tests::fakeapi::FakeApi::start();
-        let dir = tempfile::tempdir().unwrap();
-        let kc = dir.path().join("kubeconfig");
-        api.write_kubeconfig(&kc).unwrap();
+        let c = sepal_tests::kube::Cluster::start();
+        c.install_sepal();
+        let kc = c.agent_kubeconfig(None);
         let w = StatusWriter::new(super::super::kube::client(Some(&kc)).await.unwrap(), "n1");
         let mut s = session("10.0.0.1", "Idle");
         s.source = "tor-1".into();
@@ -503,7 +503,7 @@ mod tests {
             assert!(recorded.warn(&w, &peer, "BGPSessionDown", "down").await);
         }
         assert!(recorded.warn(&w, &peer, "BGPSessionDown", "other").await);
-        let events = api.list("Event");
+        let events = c.list("events.events.k8s.io", &["-n", "default"]);
         assert_eq!(events.len(), 2, "{events:?}");
         let first = events.iter().find(|e| e["note"] == "down").unwrap();
         assert_eq!(first["series"]["count"], 3);
@@ -511,9 +511,9 @@ mod tests {
         assert_eq!(first["metadata"]["namespace"], "default");
         // An Event that went away (expired) is recorded anew.
         let name = first["metadata"]["name"].as_str().unwrap();
-        api.delete("Event", "default", name);
+        c.delete("events.events.k8s.io", "default", name);
         assert!(recorded.warn(&w, &peer, "BGPSessionDown", "down").await);
-        assert_eq!(api.list("Event").len(), 2);
+        assert_eq!(c.list("events.events.k8s.io", &["-n", "default"]).len(), 2);
     }
 
     #[test]
