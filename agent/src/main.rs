@@ -79,6 +79,18 @@ enum PolicyCommand {
     Explain(ops::FlowArgs),
 }
 
+impl Command {
+    /// Long-running commands with network connections: the agent, the datastore watcher, the
+    /// lab's API relay and control-plane supervisor.
+    fn has_sockets(&self) -> bool {
+        match self {
+            Command::Node(_) | Command::Datastore(_) => true,
+            Command::Lab(lab) => lab.command.has_sockets(),
+            _ => false,
+        }
+    }
+}
+
 fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
@@ -102,9 +114,11 @@ fn run_node(args: NodeArgs) -> anyhow::Result<()> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    if !matches!(cli.command, Command::Node(_)) {
+    if !cli.command.has_sockets() {
         // A command's output piped into `head` ends it quietly, as for any Unix tool (Rust
-        // ignores SIGPIPE, and println! then panics). The agent keeps ignoring it.
+        // ignores SIGPIPE, and println! then panics). Commands that hold network connections
+        // keep ignoring it: with the default action, a write to a connection the peer has reset
+        // kills the process without a word.
         // SAFETY: called before any thread starts; SIG_DFL is a valid disposition.
         unsafe {
             libc::signal(libc::SIGPIPE, libc::SIG_DFL);

@@ -346,6 +346,35 @@ impl Cluster {
         }
     }
 
+    /// The shipped ClusterRole `sepal-node` without its rules for `resource`: the API server
+    /// answers the agent 403 for it from now on.
+    pub fn remove_rbac_rule(&self, resource: &str) {
+        let role = self
+            .get("clusterrole", "", "sepal-node")
+            .expect("ClusterRole");
+        let mut cut = role.clone();
+        cut["rules"] = json!(role["rules"]
+            .as_array()
+            .expect("rules")
+            .iter()
+            .filter(|r| !r["resources"].to_string().contains(resource))
+            .collect::<Vec<_>>());
+        self.try_kubectl(&["replace", "-f", "-"], Some(&cut.to_string()))
+            .unwrap_or_else(|e| panic!("replace ClusterRole sepal-node: {e}"));
+    }
+
+    /// deploy/10-rbac.yaml applied again, as shipped.
+    pub fn restore_rbac(&self) {
+        let d = deploy_dir().join("10-rbac.yaml");
+        self.kubectl(&[
+            "apply",
+            "--server-side",
+            "--force-conflicts",
+            "-f",
+            d.to_str().expect("utf-8"),
+        ]);
+    }
+
     /// A kubeconfig of ServiceAccount `sepal-system/sepal-node` (the agent's identity in
     /// deploy/10-rbac.yaml), with a token from the TokenRequest API; `server` overrides the
     /// API server's URL (a relay in front of it).

@@ -148,22 +148,16 @@ fn wait_for_model(c: &Cluster, p: &Inspect) {
         }
     }
     let err: Vec<String> = p.err.try_iter().collect();
+    // A datastore that died (a zombie until the guard reaps it) explains a silent model.
     let pid = p.child.id();
     let state = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    let wchan = std::fs::read_to_string(format!("/proc/{pid}/wchan")).unwrap_or_default();
-    let ss = Command::new("ss")
-        .args(["-tnpi"])
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
-        .unwrap_or_default();
-    let ss: Vec<&str> = ss
-        .lines()
-        .filter(|l| l.contains(&format!("pid={pid},")))
-        .collect();
     panic!(
-        "kubernetes model never matched the dir model\nwant: {want:#?}\nlast: {last:#?}\nprocess {pid}: {} wchan {wchan}\nsockets:\n{}\nstderr:\n{}",
-        state.lines().find(|l| l.starts_with("State")).unwrap_or_default(),
-        ss.join("\n"),
+        "kubernetes model never matched the dir model\nwant: {want:#?}\nlast: {last:#?}\n\
+         sepal datastore ({pid}): {}\nstderr:\n{}",
+        state
+            .lines()
+            .find(|l| l.starts_with("State"))
+            .unwrap_or("gone"),
         err.join("\n")
     );
 }
@@ -333,7 +327,10 @@ fn kube_resumes_from_its_resource_version_and_from_bookmarks() {
     for i in 0..3 {
         c.kubectl(&["create", "namespace", &format!("other-{i}")]);
     }
-    let deadline = std::time::Instant::now() + Duration::from_secs(160);
+    // A consistent list makes the API server's pods cache catch up with etcd's revision (it asks
+    // etcd for progress); the cache's revision is what its next bookmark carries.
+    c.kubectl(&["get", "pods", "-A"]);
+    let deadline = std::time::Instant::now() + Duration::from_secs(300);
     let mut last_cut = std::time::Instant::now();
     loop {
         let resumed = agent_calls(&c, "watch", "pods")
@@ -370,16 +367,7 @@ fn kube_forbidden_resource_is_reported_and_blocks_ready() {
     c.install_sepal();
     c.apply(&cluster());
     // The shipped ClusterRole without its EndpointSlice rule: the API server answers 403.
-    let role = c.get("clusterrole", "", "sepal-node").expect("ClusterRole");
-    let mut cut = role.clone();
-    cut["rules"] = json!(role["rules"]
-        .as_array()
-        .expect("rules")
-        .iter()
-        .filter(|r| r["apiGroups"] != json!(["discovery.k8s.io"]))
-        .collect::<Vec<_>>());
-    c.try_kubectl(&["replace", "-f", "-"], Some(&cut.to_string()))
-        .expect("replace ClusterRole");
+    c.remove_rbac_rule("endpointslices");
     let kc = c.agent_kubeconfig(None);
     let p = kube_inspect(&kc, true);
     let deadline = std::time::Instant::now() + WAIT;
@@ -411,14 +399,7 @@ fn kube_forbidden_resource_is_reported_and_blocks_ready() {
     );
     // Restoring the shipped RBAC lets the backoff retry succeed, and only then is the model
     // complete.
-    let d = sepal_tests::kube::deploy_dir().join("10-rbac.yaml");
-    c.kubectl(&[
-        "apply",
-        "--server-side",
-        "--force-conflicts",
-        "-f",
-        d.to_str().expect("utf-8"),
-    ]);
+    c.restore_rbac();
     wait_for_model(&c, &p);
 }
 

@@ -284,16 +284,7 @@ fn a_missing_rbac_rule_fails_visibly_and_keeps_the_node_unavailable() {
     sepal_tests::require_root();
     let node = Node::new("kn2", &["10.77.1.0/24"]);
     let c = cluster_for(&node, "10.244.8.0/24");
-    let role = c.get("clusterrole", "", "sepal-node").expect("ClusterRole");
-    let mut cut = role.clone();
-    cut["rules"] = json!(role["rules"]
-        .as_array()
-        .expect("rules")
-        .iter()
-        .filter(|r| r["apiGroups"] != json!(["discovery.k8s.io"]))
-        .collect::<Vec<_>>());
-    c.try_kubectl(&["replace", "-f", "-"], Some(&cut.to_string()))
-        .expect("replace ClusterRole");
+    c.remove_rbac_rule("endpointslices");
     let (agent, _tmp) = start_agent(&node, &c, "kn2", &["--sync-timeout", "1s"]);
     wait_until(&agent, "the forbidden resource in the agent's log", || {
         let l = log(&agent);
@@ -333,14 +324,7 @@ fn a_missing_rbac_rule_fails_visibly_and_keeps_the_node_unavailable() {
         "the Node was declared up before the initial sync completed; log:\n{}",
         log(&agent)
     );
-    let d = sepal_tests::kube::deploy_dir().join("10-rbac.yaml");
-    c.kubectl(&[
-        "apply",
-        "--server-side",
-        "--force-conflicts",
-        "-f",
-        d.to_str().expect("utf-8"),
-    ]);
+    c.restore_rbac();
     wait_until(
         &agent,
         "NetworkUnavailable=False once the sync completed",

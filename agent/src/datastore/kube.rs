@@ -729,16 +729,7 @@ mod tests {
 
         // A forbidden write (the ClusterRole without its SepalNodeStatus rules) is an error naming
         // what failed, not a panic.
-        let role = c.get("clusterrole", "", "sepal-node").unwrap();
-        let mut cut = role.clone();
-        cut["rules"] = json!(role["rules"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .filter(|r| !r["resources"].to_string().contains("sepalnodestatuses"))
-            .collect::<Vec<_>>());
-        c.try_kubectl(&["replace", "-f", "-"], Some(&cut.to_string()))
-            .unwrap();
+        c.remove_rbac_rule("sepalnodestatuses");
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
         let err = loop {
             match w.report(&report).await {

@@ -92,22 +92,7 @@ pub fn agent_kubeconfig(kubeconfig: &Path, endpoints: &Endpoints, path: &Path) -
         "contexts": [{"name": "lab", "context": {"cluster": "lab", "user": AGENT_ACCOUNT}}],
         "current-context": "lab",
     });
-    write_private(path, &serde_json::to_string_pretty(&config)?)
-}
-
-/// A file only root reads: it holds a credential.
-fn write_private(path: &Path, text: &str) -> Result<()> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(path)
-        .with_context(|| format!("write {}", path.display()))?;
-    f.write_all(text.as_bytes())?;
-    Ok(())
+    super::control_plane::write_private(path, &serde_json::to_string_pretty(&config)?)
 }
 
 #[cfg(test)]

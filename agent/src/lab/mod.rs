@@ -109,6 +109,16 @@ pub enum LabCommand {
     },
 }
 
+impl LabCommand {
+    /// The lab's long-running processes, which hold network connections.
+    pub fn has_sockets(&self) -> bool {
+        matches!(
+            self,
+            LabCommand::ControlPlane(_) | LabCommand::ApiRelay { .. }
+        )
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum LabDatastore {
     Dir,

@@ -147,7 +147,8 @@ fn write_credentials(l: &Layout, server: &str) -> Result<()> {
     Ok(())
 }
 
-fn write_private(path: &Path, text: &str) -> Result<()> {
+/// A file only root reads: it holds a credential.
+pub fn write_private(path: &Path, text: &str) -> Result<()> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
     let mut f = std::fs::OpenOptions::new()
