@@ -169,14 +169,16 @@ fn kube_datastore_pods_get_addresses_from_the_node_cidr() {
     // from the API server instead, with a different CIDR to prove where it came from.
     let node = Node::new("kn1", &["10.77.0.0/24"]);
     let c = cluster_for(&node, "10.244.9.0/24");
-    // A BGP peer with a password: the agent reads that Secret, and only that one.
+    // A BGP peer with a password: the agent reads that Secret, and only that one. Its address is
+    // local with nothing listening, so the session fails at once, which the agent reports.
+    node.netns.run("ip addr add 10.255.255.1/32 dev uplink0");
     c.apply(&[
         json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "bgp-passwords", "namespace": "sepal-system"},
                "stringData": {"tor": "s3cret"}}),
         json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "unrelated", "namespace": "sepal-system"},
                "stringData": {"x": "y"}}),
         json!({"apiVersion": "sepal.dev/v1alpha1", "kind": "BGPPeer", "metadata": {"name": "tor"},
-               "spec": {"peerIP": "10.255.255.1", "asNumber": 65000, "passive": true,
+               "spec": {"peerIP": "10.255.255.1", "asNumber": 65000,
                         "password": {"secretKeyRef": {"name": "bgp-passwords", "key": "tor"}}}}),
     ]);
     let (agent, _tmp) = start_agent(&node, &c, "kn1", &[]);
@@ -220,18 +222,29 @@ fn kube_datastore_pods_get_addresses_from_the_node_cidr() {
         c.get("sepalnodestatus", "", "kn1")
             .is_some_and(|s| s["status"]["routesProgrammed"] == json!(true))
     });
-    // Invalid policy content: left out, and a Warning Event on the policy says why. The API
-    // server admits it (its validation allows an except outside the cidr); Sepal refuses it.
+    // Invalid policy content never reaches the agent here: the API server refuses it, naming the
+    // field Sepal's own validation names for the dir datastore (and the PolicyRejected Event the
+    // status writer's test records against this server).
     c.kubectl(&["create", "namespace", "web"]);
-    c.apply(&[
-        json!({"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+    let bad = json!({"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
         "metadata": {"name": "bad", "namespace": "web"},
         "spec": {"podSelector": {}, "ingress": [{"from": [{"ipBlock":
-            {"cidr": "10.0.0.0/24", "except": ["10.0.1.0/28"]}}]}]}}),
-    ]);
-    wait_until(&agent, "a PolicyRejected Event on web/bad", || {
-        !warnings(&c, "PolicyRejected", "bad").is_empty()
+            {"cidr": "10.0.0.0/24", "except": ["10.0.1.0/28"]}}]}]}});
+    let refused = c
+        .try_kubectl(
+            &["apply", "--server-side", "-f", "-"],
+            Some(&bad.to_string()),
+        )
+        .expect_err("the API server admitted an except outside its cidr");
+    assert!(
+        refused.contains("spec.ingress[0].from[0].ipBlock.except[0]"),
+        "{refused}"
+    );
+
+    wait_until(&agent, "a BGPSessionFailed Event on BGPPeer tor", || {
+        !warnings(&c, "BGPSessionFailed", "tor").is_empty()
     });
+
     // The Secret watch names its Secret: the agent never lists the namespace's others.
     let secret_reads: Vec<String> = c
         .agent_requests()
