@@ -169,9 +169,7 @@ fn kube_datastore_pods_get_addresses_from_the_node_cidr() {
     // from the API server instead, with a different CIDR to prove where it came from.
     let node = Node::new("kn1", &["10.77.0.0/24"]);
     let c = cluster_for(&node, "10.244.9.0/24");
-    // A BGP peer with a password: the agent reads that Secret, and only that one. Its address is
-    // local with nothing listening, so the session fails at once, which the agent reports.
-    node.netns.run("ip addr add 10.255.255.1/32 dev uplink0");
+    // A BGP peer with a password: the agent reads that Secret, and only that one.
     c.apply(&[
         json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "bgp-passwords", "namespace": "sepal-system"},
                "stringData": {"tor": "s3cret"}}),
@@ -241,10 +239,6 @@ fn kube_datastore_pods_get_addresses_from_the_node_cidr() {
         "{refused}"
     );
 
-    wait_until(&agent, "a BGPSessionFailed Event on BGPPeer tor", || {
-        !warnings(&c, "BGPSessionFailed", "tor").is_empty()
-    });
-
     // The Secret watch names its Secret: the agent never lists the namespace's others.
     let secret_reads: Vec<String> = c
         .agent_requests()
@@ -274,12 +268,13 @@ fn kube_datastore_pods_get_addresses_from_the_node_cidr() {
         missing.is_empty(),
         "the agent needs access RBAC does not grant: {missing:?}"
     );
-    // Events are patched only when one repeats (its series), which this run does not provoke;
-    // the status writer's test covers that request against the real server.
+    // Events are written only when something goes wrong, which this run does not provoke: the
+    // next test has the agent record one (Forbidden, on its Node), and the status writer's test
+    // records and repeats them (a patch of the series), both as this ServiceAccount.
     let mut unused: Vec<_> = granted.difference(&used).collect();
     unused.retain(|(g, r, v)| {
         !(g == "sepal.dev" && r == "sepalnodestatuses" && v == "create"
-            || g == "events.k8s.io" && r == "events" && v == "patch")
+            || g == "events.k8s.io" && r == "events")
     });
     assert!(
         unused.is_empty(),
