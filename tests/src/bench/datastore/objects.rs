@@ -1,0 +1,140 @@
+// The cluster the datastore bench loads: Nodes, Namespaces, Pods, Services and NetworkPolicies
+// shaped as kubelet and users write them. Pure functions of the sizes, so every run loads the
+// same cluster.
+//
+// Addressing: the control plane's node IPAM splits 10.244.0.0/16 (its default cluster CIDR);
+// with 1,000 Nodes a /24 each would not fit, so each Node brings its own /26 in that range (IPAM
+// then only marks it used) and its Pods take addresses from it, as a real cluster's would.
+//
+// Selection: Pod p carries app-(p mod services), in that app's namespace, so each Service selects
+// its own Pods (every Pod is behind exactly one Service, 15 each at the default sizes) and the
+// EndpointSlices the controller makes hold every Pod once, as in a typical cluster.
+
+use serde_json::{json, Value};
+
+pub const NAMESPACES: usize = 50;
+/// The Node the measured agent runs as.
+pub const AGENT_NODE: &str = "node-0";
+/// Nodes that fit in 10.244.0.0/16 at a /26 each.
+pub const MAX_NODES: usize = 1024;
+/// Addresses of a /26 a Pod gets: .2 to .62 (not the network, the first host, the broadcast).
+pub const MAX_PODS_PER_NODE: usize = 61;
+
+#[derive(Debug, Clone, Copy)]
+pub struct Sizes {
+    pub nodes: usize,
+    pub pods: usize,
+    pub policies: usize,
+    pub services: usize,
+}
+
+impl Sizes {
+    pub fn objects(&self) -> usize {
+        self.nodes + NAMESPACES + self.pods + self.policies + self.services
+    }
+}
+
+const TIME: &str = "2026-01-01T00:00:00Z";
+
+fn node_name(n: usize) -> String {
+    format!("node-{n}")
+}
+
+/// The first address of node n's /26.
+fn node_base(n: usize) -> [usize; 4] {
+    [10, 244, n / 4, (n % 4) * 64]
+}
+
+fn node_ip(n: usize) -> String {
+    format!("172.16.{}.{}", n / 256, n % 256)
+}
+
+/// The app index of Pod p; its namespace follows from it.
+fn app_of(s: &Sizes, p: usize) -> usize {
+    p % s.services.max(1)
+}
+
+fn namespace_of_app(app: usize) -> String {
+    format!("ns-{}", app % NAMESPACES)
+}
+
+pub fn namespace(i: usize) -> Value {
+    json!({"apiVersion": "v1", "kind": "Namespace",
+        "metadata": {"name": format!("ns-{i}"), "labels": {"team": format!("t{}", i % 7)}}})
+}
+
+/// A Node as kubelet registers it: addresses, capacity, conditions, images (status comes with the
+/// create for Nodes); spec.podCIDRs preset (see the module comment).
+pub fn node(n: usize) -> Value {
+    let [a, b, c, d] = node_base(n);
+    let name = node_name(n);
+    json!({"apiVersion": "v1", "kind": "Node",
+        "metadata": {"name": name, "labels": {"kubernetes.io/hostname": name, "kubernetes.io/os": "linux",
+            "kubernetes.io/arch": "amd64", "topology.sepal.dev/rack": format!("r{}", n / 40)}},
+        "spec": {"podCIDR": format!("{a}.{b}.{c}.{d}/26"), "podCIDRs": [format!("{a}.{b}.{c}.{d}/26")]},
+        "status": {
+            "addresses": [{"type": "InternalIP", "address": node_ip(n)}, {"type": "Hostname", "address": name}],
+            "capacity": {"cpu": "8", "memory": "32Gi", "pods": "110", "ephemeral-storage": "100Gi"},
+            "allocatable": {"cpu": "7800m", "memory": "31Gi", "pods": "110", "ephemeral-storage": "95Gi"},
+            "conditions": [{"type": "Ready", "status": "True", "reason": "KubeletReady", "message": "kubelet is posting ready status",
+                "lastHeartbeatTime": TIME, "lastTransitionTime": TIME}],
+            "nodeInfo": {"machineID": "0123456789abcdef", "systemUUID": "0123-4567", "bootID": "89ab-cdef",
+                "kernelVersion": "6.12.0", "osImage": "Debian GNU/Linux 13", "containerRuntimeVersion": "containerd://2.1.0",
+                "kubeletVersion": "v1.36.3", "kubeProxyVersion": "", "operatingSystem": "linux", "architecture": "amd64"},
+            "images": [{"names": ["registry.example/app@sha256:0123456789abcdef", "registry.example/app:1.2.3"], "sizeBytes": 123456789},
+                       {"names": ["registry.example/sidecar@sha256:fedcba9876543210", "registry.example/sidecar:0.9"], "sizeBytes": 23456789}]}})
+}
+
+/// Pod p without its status (the create; admission adds the ServiceAccount volume, QoS class,
+/// tolerations) and its status as kubelet then writes it through the status subresource.
+pub fn pod(s: &Sizes, p: usize) -> (Value, Value) {
+    let n = p % s.nodes;
+    let [a, b, c, d] = node_base(n);
+    let ip = format!("{a}.{b}.{c}.{}", d + 2 + p / s.nodes);
+    let app = app_of(s, p);
+    let pod = json!({"apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": format!("app-{p}-7d9f8b6c5-x2k4q"), "namespace": namespace_of_app(app),
+            "labels": {"app": format!("app-{app}"), "pod-template-hash": "7d9f8b6c5", "tier": "backend"},
+            "annotations": {"kubectl.kubernetes.io/restartedAt": TIME}},
+        "spec": {"nodeName": node_name(n), "serviceAccountName": "default", "restartPolicy": "Always",
+            "containers": [{"name": "app", "image": "registry.example/app:1.2.3",
+                "env": [{"name": "MODE", "value": "production"}, {"name": "LOG", "value": "info"}],
+                "resources": {"requests": {"cpu": "100m", "memory": "128Mi"}, "limits": {"memory": "256Mi"}},
+                "ports": [{"name": "http", "containerPort": 8080, "protocol": "TCP"}],
+                "readinessProbe": {"httpGet": {"path": "/ready", "port": "http"}, "periodSeconds": 10}}]}});
+    let ready = |t: &str| json!({"type": t, "status": "True", "lastTransitionTime": TIME});
+    let status = json!({"phase": "Running", "podIP": ip, "podIPs": [{"ip": ip}],
+        "hostIP": node_ip(n), "hostIPs": [{"ip": node_ip(n)}], "startTime": TIME,
+        "conditions": [ready("PodReadyToStartContainers"), ready("Initialized"), ready("Ready"),
+                       ready("ContainersReady"), ready("PodScheduled")],
+        "containerStatuses": [{"name": "app", "ready": true, "started": true, "restartCount": 0,
+            "image": "registry.example/app:1.2.3", "imageID": "registry.example/app@sha256:0123456789abcdef",
+            "containerID": format!("containerd://{p:064x}"), "state": {"running": {"startedAt": TIME}}}]});
+    (pod, status)
+}
+
+pub fn service(i: usize) -> Value {
+    json!({"apiVersion": "v1", "kind": "Service",
+        "metadata": {"name": format!("svc-{i}"), "namespace": namespace_of_app(i)},
+        "spec": {"type": "ClusterIP", "selector": {"app": format!("app-{i}")},
+            "ports": [{"name": "http", "port": 80, "targetPort": "http", "protocol": "TCP"}]}})
+}
+
+pub fn policy(s: &Sizes, i: usize) -> Value {
+    let app = i % s.services.max(1);
+    json!({"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+        "metadata": {"name": format!("policy-{i}"), "namespace": namespace_of_app(app)},
+        "spec": {"podSelector": {"matchLabels": {"app": format!("app-{app}")}}, "policyTypes": ["Ingress"],
+            "ingress": [{"from": [{"namespaceSelector": {"matchLabels": {"team": format!("t{}", i % 7)}}},
+                                  {"ipBlock": {"cidr": "192.168.0.0/16", "except": ["192.168.1.0/24"]}}],
+                         "ports": [{"port": "http", "protocol": "TCP"}]}]}})
+}
+
+/// Pods the EndpointSlices should list once the controller has caught up.
+pub fn expected_endpoints(s: &Sizes) -> usize {
+    if s.services == 0 {
+        0
+    } else {
+        s.pods
+    }
+}
