@@ -777,7 +777,7 @@ pub fn write_crds(dir: &std::path::Path) -> std::io::Result<Vec<std::path::PathB
     Ok(written)
 }
 
-/// The kinds' names as the API server serves them, for RBAC and the stand-in server.
+/// The kinds' names as the API server serves them (RBAC rules name these).
 pub fn plurals() -> [&'static str; 3] {
     ["bgpconfigurations", "bgppeers", "sepalnodestatuses"]
 }

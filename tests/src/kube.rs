@@ -473,6 +473,19 @@ impl Cluster {
     }
 }
 
+/// Whether a Node carries Sepal's condition: NetworkUnavailable=False, reason SepalIsUp.
+pub fn sepal_is_up(node: &Value) -> bool {
+    node["status"]["conditions"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .any(|c| {
+            c["type"] == "NetworkUnavailable"
+                && c["status"] == "False"
+                && c["reason"] == "SepalIsUp"
+        })
+}
+
 /// Sum of `apiserver_request_total` samples whose labels contain every `label="value"` given.
 pub fn request_count(metrics: &str, labels: &[(&str, &str)]) -> u64 {
     metrics

@@ -3,7 +3,6 @@
 
 pub mod bench;
 pub mod bgpd;
-pub mod fakeapi;
 pub mod kube;
 pub mod lab;
 pub mod netns;

@@ -9,7 +9,7 @@
 //!   NetworkPolicy enforced and lifted.
 //! - a control plane that cannot start takes the half-started lab down with its error.
 
-use sepal_tests::fakeapi::sepal_is_up;
+use sepal_tests::kube::sepal_is_up;
 use sepal_tests::kube::{kube_bin_dir, Cluster};
 use sepal_tests::lab::{extra_pod, netns_list, processes_mentioning, repo_file, wait_for, Lab};
 use sepal_tests::{bin_path, require_root};

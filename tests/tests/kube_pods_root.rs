@@ -120,7 +120,7 @@ fn node_object(name: &str, cidr: &str) -> Value {
 
 fn sepal_is_up(c: &Cluster, name: &str) -> bool {
     c.get("node", "", name)
-        .is_some_and(|n| sepal_tests::fakeapi::sepal_is_up(&n))
+        .is_some_and(|n| sepal_tests::kube::sepal_is_up(&n))
 }
 
 /// Warning Events with `reason` about `name`, from any namespace.

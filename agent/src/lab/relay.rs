@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 /// The API server's address from a kubeconfig; it must be on loopback (e.g. `kubectl proxy`, or
-/// a stand-in server), since that is the address the relay takes inside the node namespaces.
+/// a test's control plane), since that is the address the relay takes inside the node namespaces.
 pub fn api_address(kubeconfig: &Path) -> Result<SocketAddr> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
