@@ -12,7 +12,7 @@ use serde_json::{json, Value};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 /// The repository's deploy/ folder.
@@ -165,17 +165,6 @@ impl Cluster {
         std::fs::read_to_string(path).unwrap_or_default()
     }
 
-    fn in_netns(&self, program: &Path) -> Command {
-        match &self.netns {
-            Some(ns) => {
-                let mut c = Command::new("nsenter");
-                c.arg(format!("--net={}", ns.display())).arg(program);
-                c
-            }
-            None => Command::new(program),
-        }
-    }
-
     /// kubectl as `kubeconfig`'s user; Ok(stdout) or Err(stderr).
     pub fn kubectl_as(
         &self,
@@ -183,30 +172,13 @@ impl Cluster {
         args: &[&str],
         stdin: Option<&str>,
     ) -> Result<String, String> {
-        let mut cmd = self.in_netns(&kube_bin_dir().join("kubectl"));
-        cmd.arg("--kubeconfig")
-            .arg(kubeconfig)
-            .arg("--cache-dir")
-            .arg(self.dir().join("kubectl-cache"))
-            .args(args)
-            .stdin(if stdin.is_some() {
-                Stdio::piped()
-            } else {
-                Stdio::null()
-            })
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        let mut child = cmd.spawn().expect("run kubectl");
-        if let Some(text) = stdin {
-            let mut w = child.stdin.take().expect("stdin");
-            w.write_all(text.as_bytes()).expect("kubectl stdin");
-        }
-        let out: Output = child.wait_with_output().expect("kubectl");
-        if out.status.success() {
-            Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-        } else {
-            Err(String::from_utf8_lossy(&out.stderr).into_owned())
-        }
+        let kubectl = [
+            kube_bin_dir().join("kubectl").display().to_string(),
+            format!("--kubeconfig={}", kubeconfig.display()),
+            format!("--cache-dir={}", self.dir().join("kubectl-cache").display()),
+        ];
+        sepal_felix::exec::run(&kubectl, self.netns.as_deref(), args, stdin)
+            .map_err(|e| e.to_string())
     }
 
     /// kubectl as admin; Ok(stdout) or Err(stderr).
