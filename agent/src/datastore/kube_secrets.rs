@@ -154,66 +154,114 @@ fn is_forbidden(err: &watcher::Error) -> bool {
     )
 }
 
+/// The Secret watches, one per Secret the peers name.
+struct Watches {
+    client: Client,
+    tx: mpsc::Sender<Event>,
+    listed: mpsc::Sender<SecretRef>,
+    running: BTreeMap<SecretRef, JoinHandle<()>>,
+    /// Started before the initial sync and not listed yet.
+    pending: BTreeSet<SecretRef>,
+}
+
+impl Watches {
+    /// Starts a watch for each newly named Secret and stops those no peer names any more (their
+    /// Secret leaves the model). False once the model's receiver is gone.
+    async fn follow(&mut self, wanted: BTreeSet<SecretRef>, synced: bool) -> bool {
+        let gone: Vec<SecretRef> = self
+            .running
+            .keys()
+            .filter(|s| !wanted.contains(*s))
+            .cloned()
+            .collect();
+        for s in gone {
+            if let Some(task) = self.running.remove(&s) {
+                task.abort();
+            }
+            self.pending.remove(&s);
+            if self.tx.send(Event::Delete(secret_key(&s))).await.is_err() {
+                return false;
+            }
+        }
+        for s in wanted {
+            if self.running.contains_key(&s) {
+                continue;
+            }
+            let task = watch_one(
+                self.client.clone(),
+                s.clone(),
+                self.tx.clone(),
+                self.listed.clone(),
+            );
+            self.running.insert(s.clone(), tokio::spawn(task));
+            if !synced {
+                self.pending.insert(s);
+            }
+        }
+        true
+    }
+}
+
+impl Drop for Watches {
+    fn drop(&mut self) {
+        for task in self.running.values() {
+            task.abort();
+        }
+    }
+}
+
 /// Watches the BGPPeers and keeps one Secret watch per referenced Secret. Counts as one resource
 /// of the sync gate: done once the peers are listed and each Secret they name is.
 pub async fn run(client: Client, tx: mpsc::Sender<Event>, gate: Arc<SyncGate>) {
+    const WHAT: &str = "bgppeers (for their secrets)";
     let ar = ApiResource::erase::<crate::crd::BGPPeer>(&());
     let peers: Api<DynamicObject> = Api::all_with(client.clone(), &ar);
     let mut stream = watcher(peers, watcher::Config::default())
         .default_backoff()
         .boxed();
-    let (listed_tx, mut listed_rx) = mpsc::channel::<SecretRef>(16);
+    let (listed, mut listed_rx) = mpsc::channel::<SecretRef>(16);
+    let mut watches = Watches {
+        client,
+        tx: tx.clone(),
+        listed,
+        running: BTreeMap::new(),
+        pending: BTreeSet::new(),
+    };
     let mut refs = References::default();
-    let mut watches: BTreeMap<SecretRef, JoinHandle<()>> = BTreeMap::new();
-    let mut pending: BTreeSet<SecretRef> = BTreeSet::new();
-    let (mut peers_listed, mut synced) = (false, false);
+    let (mut peers_listed, mut synced, mut failing) = (false, false, false);
     loop {
         tokio::select! {
             item = stream.next() => match item {
                 None => return,
-                Some(Err(err)) => log_watch_error("bgppeers (for their secrets)", &err),
+                Some(Err(err)) => {
+                    failing = true;
+                    log_watch_error(WHAT, &err);
+                }
                 Some(Ok(ev)) => {
+                    if std::mem::take(&mut failing) {
+                        crate::metrics::metrics().health.set_forbidden(WHAT, false);
+                    }
                     peers_listed |= matches!(ev, watcher::Event::InitDone);
-                    if refs.apply(ev) {
-                        let wanted = refs.wanted();
-                        for gone in watches.keys().filter(|s| !wanted.contains(*s)).cloned().collect::<Vec<_>>() {
-                            if let Some(task) = watches.remove(&gone) {
-                                task.abort();
-                            }
-                            pending.remove(&gone);
-                            if tx.send(Event::Delete(secret_key(&gone))).await.is_err() {
-                                return;
-                            }
-                        }
-                        let new: Vec<SecretRef> = wanted.into_iter().filter(|s| !watches.contains_key(s)).collect();
-                        for new in new {
-                            let task = tokio::spawn(watch_one(client.clone(), new.clone(), tx.clone(), listed_tx.clone()));
-                            watches.insert(new.clone(), task);
-                            if !synced {
-                                pending.insert(new);
-                            }
-                        }
+                    if refs.apply(ev) && !watches.follow(refs.wanted(), synced).await {
+                        return;
                     }
                 }
             },
             Some(s) = listed_rx.recv() => {
-                pending.remove(&s);
+                watches.pending.remove(&s);
             }
-            _ = tx.closed() => break,
+            _ = tx.closed() => return,
         }
-        if !synced && peers_listed && pending.is_empty() {
+        if !synced && peers_listed && watches.pending.is_empty() {
             synced = true;
             tracing::info!(
-                secrets = watches.len(),
+                secrets = watches.running.len(),
                 "initial list done: the BGPPeers' secrets"
             );
             if !gate.done(&tx).await {
-                break;
+                return;
             }
         }
-    }
-    for task in watches.values() {
-        task.abort();
     }
 }
 
