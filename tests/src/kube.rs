@@ -544,22 +544,8 @@ impl Cutter {
     /// restarted load balancer gives: a client's idle pooled connections fail at once instead of
     /// looking usable); new ones are relayed again.
     pub fn cut(&self) {
-        use std::os::fd::AsRawFd;
         for s in self.conns.lock().expect("lock").drain(..) {
-            let linger = libc::linger {
-                l_onoff: 1,
-                l_linger: 0,
-            };
-            // SAFETY: setsockopt on a socket this relay owns, with a correctly sized value.
-            unsafe {
-                libc::setsockopt(
-                    s.as_raw_fd(),
-                    libc::SOL_SOCKET,
-                    libc::SO_LINGER,
-                    (&linger as *const libc::linger).cast(),
-                    std::mem::size_of::<libc::linger>() as libc::socklen_t,
-                );
-            }
+            crate::reset_on_close(&s);
             let _ = s.shutdown(std::net::Shutdown::Both);
         }
     }

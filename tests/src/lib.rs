@@ -44,3 +44,23 @@ fn nix_is_root() -> bool {
         })
         .unwrap_or(false)
 }
+
+/// Makes closing `s` an abortive close (SO_LINGER 0): the peer gets a reset, not a FIN, as
+/// from a dropped path or a client that gives up on a connection.
+pub fn reset_on_close(s: &std::net::TcpStream) {
+    use std::os::fd::AsRawFd;
+    let linger = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    // SAFETY: setsockopt on an open socket, with a correctly sized value.
+    unsafe {
+        libc::setsockopt(
+            s.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            (&linger as *const libc::linger).cast(),
+            std::mem::size_of::<libc::linger>() as libc::socklen_t,
+        );
+    }
+}

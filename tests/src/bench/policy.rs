@@ -495,20 +495,7 @@ fn connect_loop(netns: &std::path::Path, deadline: Instant) -> Result<u64> {
                 continue;
             }
         };
-        let linger = libc::linger {
-            l_onoff: 1,
-            l_linger: 0,
-        };
-        // SAFETY: valid fd and a correctly sized linger struct.
-        unsafe {
-            libc::setsockopt(
-                c.as_raw_fd(),
-                libc::SOL_SOCKET,
-                libc::SO_LINGER,
-                (&linger as *const libc::linger).cast(),
-                std::mem::size_of::<libc::linger>() as libc::socklen_t,
-            );
-        }
+        crate::reset_on_close(&c);
         drop(c);
         n += 1;
     }
