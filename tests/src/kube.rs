@@ -41,6 +41,9 @@ pub struct Options {
     pub netns: Option<PathBuf>,
     /// More kube-apiserver flags, e.g. `--watch-cache=false`.
     pub apiserver_args: Vec<String>,
+    /// Run kube-controller-manager's node lifecycle controller: with real kubelets, it is what
+    /// lifts the `node.kubernetes.io/not-ready` taint a new Node is registered with.
+    pub node_lifecycle: bool,
 }
 
 /// A running control plane, owned by the test.
@@ -96,6 +99,9 @@ impl Cluster {
             .arg(kube_bin_dir());
         for a in &o.apiserver_args {
             cmd.arg(format!("--apiserver-arg={a}"));
+        }
+        if o.node_lifecycle {
+            cmd.arg("--node-lifecycle");
         }
         let log_path = dir.path().join("supervisor.log");
         let log = std::fs::File::create(&log_path).expect("log");

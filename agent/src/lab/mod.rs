@@ -7,6 +7,7 @@ mod install;
 mod kubeapi;
 mod kubectl;
 mod net;
+pub mod node_runtime;
 mod objects;
 mod peering;
 mod ping;
@@ -101,6 +102,10 @@ pub enum LabCommand {
     /// kube-scheduler) on loopback until SIGTERM: `up --kubernetes` and the tests start it.
     #[command(hide = true)]
     ControlPlane(control_plane::ControlPlaneArgs),
+    /// Runs one Kubernetes node (containerd and kubelet) in a network namespace until SIGTERM,
+    /// registered with a control plane's API server; the tests start it.
+    #[command(hide = true)]
+    NodeRuntime(node_runtime::NodeRuntimeArgs),
     /// Relays the lab's API server into its node namespaces (started by `up`).
     #[command(hide = true)]
     ApiRelay {
@@ -114,7 +119,7 @@ impl LabCommand {
     pub fn has_sockets(&self) -> bool {
         matches!(
             self,
-            LabCommand::ControlPlane(_) | LabCommand::ApiRelay { .. }
+            LabCommand::ControlPlane(_) | LabCommand::NodeRuntime(_) | LabCommand::ApiRelay { .. }
         )
     }
 }
@@ -163,6 +168,7 @@ pub fn run(args: LabArgs) -> Result<()> {
         LabCommand::Kubectl { name, args } => kubectl::exec(&LabState::load(&name)?, &args),
         LabCommand::ApiRelay { name } => relay::run(&LabState::load(&name)?),
         LabCommand::ControlPlane(args) => control_plane::run(args),
+        LabCommand::NodeRuntime(args) => node_runtime::run(args),
     }
 }
 

@@ -173,6 +173,17 @@ pub fn args(c: Component, l: &Layout, ports: &Ports, s: &ClusterSettings) -> Vec
             ),
             format!("--client-ca-file={}", path(&l.pki_file("ca.crt"))),
             format!("--token-auth-file={}", path(&l.token_file())),
+            // Kubelets (lab nodes): reached at their InternalIP, never by a host name the
+            // node's resolver would be asked for, with a client certificate of the lab's CA.
+            "--kubelet-preferred-address-types=InternalIP".into(),
+            format!(
+                "--kubelet-client-certificate={}",
+                path(&l.pki_file("apiserver-kubelet-client.crt"))
+            ),
+            format!(
+                "--kubelet-client-key={}",
+                path(&l.pki_file("apiserver-kubelet-client.key"))
+            ),
             "--authorization-mode=Node,RBAC".into(),
             "--service-account-issuer=https://kubernetes.default.svc.cluster.local".into(),
             format!("--service-account-key-file={}", path(&l.pki_file("sa.pub"))),

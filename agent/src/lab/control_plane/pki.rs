@@ -40,7 +40,8 @@ fn openssl(dir: &Path, args: &[&str]) -> Result<()> {
 }
 
 /// Makes the CA (P-256, ten years: a lab's credentials never need renewal), the serving
-/// certificate it signs (`apiserver.crt`), and the ServiceAccount key pair (`sa.key`, `sa.pub`:
+/// certificate it signs (`apiserver.crt`), the API server's client certificate for kubelets
+/// (`apiserver-kubelet-client.crt`), and the ServiceAccount key pair (`sa.key`, `sa.pub`:
 /// tokens are signed with one and checked against the other) in `dir`.
 pub fn make(dir: &Path, service_ip: &str) -> Result<()> {
     std::fs::create_dir_all(dir)?;
@@ -103,6 +104,45 @@ pub fn make(dir: &Path, service_ip: &str) -> Result<()> {
             "apiserver.ext",
             "-out",
             "apiserver.crt",
+        ],
+    )?;
+    // The API server's client certificate towards kubelets (logs, exec, port-forward): kubelet
+    // authenticates it against the same CA and asks the API server whether it may; as a member of
+    // system:masters it may.
+    let mut csr = vec!["req"];
+    csr.extend(ec);
+    csr.extend([
+        "-keyout",
+        "apiserver-kubelet-client.key",
+        "-out",
+        "apiserver-kubelet-client.csr",
+        "-subj",
+        "/O=system:masters/CN=kube-apiserver-kubelet-client",
+    ]);
+    openssl(dir, &csr)?;
+    std::fs::write(
+        dir.join("client.ext"),
+        "extendedKeyUsage=clientAuth\nkeyUsage=critical,digitalSignature\n\
+         basicConstraints=critical,CA:FALSE\n",
+    )?;
+    openssl(
+        dir,
+        &[
+            "x509",
+            "-req",
+            "-in",
+            "apiserver-kubelet-client.csr",
+            "-CA",
+            "ca.crt",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-days",
+            "3650",
+            "-extfile",
+            "client.ext",
+            "-out",
+            "apiserver-kubelet-client.crt",
         ],
     )?;
     openssl(

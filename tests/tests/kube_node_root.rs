@@ -1,0 +1,184 @@
+//! Root: one real kubelet node (containerd 2, runc, kubelet from scripts/kube-build) in a network
+//! namespace, registered with a real control plane running in the same namespace, Ready with
+//! Debian's ptp + host-local plugins, running an agnhost Pod from the lab's own image (no
+//! registry) that answers HTTP on its Pod IP; and once the node is stopped, nothing of it is
+//! left: no process, no mount under its directory, no cgroup.
+
+use sepal_tests::kube::{kube_bin_dir, Cluster, Options};
+use sepal_tests::kubelet::{ptp_conflist, KubeletNode, NodeOptions};
+use sepal_tests::lab::{processes_mentioning, wait_for};
+use sepal_tests::netns::{veth, Netns};
+use sepal_tests::require_root;
+use serde_json::{json, Value};
+use std::io::{Read, Write};
+use std::path::Path;
+use std::time::Duration;
+
+fn mounts_under(dir: &Path) -> Vec<String> {
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.split(' ').nth(4).map(str::to_string))
+        .filter(|m| Path::new(m).starts_with(dir))
+        .collect()
+}
+
+fn cgroup_left(cgroup: &str) -> Vec<String> {
+    ["memory", "pids", "cpu", "unified", "systemd"]
+        .iter()
+        .map(|h| format!("/sys/fs/cgroup/{h}{cgroup}"))
+        .filter(|p| Path::new(p).exists())
+        .collect()
+}
+
+/// GET `path` from `ip:port` inside `netns`; the body.
+fn http_get(netns: &Netns, ip: &str, port: u16, path: &str) -> Result<String, String> {
+    let addr: std::net::SocketAddr = format!("{ip}:{port}").parse().map_err(|e| format!("{e}"))?;
+    sepal_felix::netns::on_thread_in(&netns.path(), || -> std::io::Result<String> {
+        let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
+        s.set_read_timeout(Some(Duration::from_secs(2)))?;
+        s.write_all(format!("GET {path} HTTP/1.0\r\nHost: {ip}\r\n\r\n").as_bytes())?;
+        let mut text = String::new();
+        s.read_to_string(&mut text)?;
+        Ok(text
+            .split("\r\n\r\n")
+            .nth(1)
+            .unwrap_or_default()
+            .to_string())
+    })
+    .map_err(|e| e.to_string())?
+    .map_err(|e| e.to_string())
+}
+
+#[test]
+fn one_kubelet_node_runs_a_pod() {
+    require_root();
+    for b in ["kubelet", "containerd", "agnhost", "pause"] {
+        assert!(
+            kube_bin_dir().join(b).is_file(),
+            "{b} missing in {}: run scripts/kube-build",
+            kube_bin_dir().display()
+        );
+    }
+    // The node's namespace, with an uplink so it has an InternalIP of its own.
+    let node_ns = Netns::new("kn");
+    let up_ns = Netns::new("ku");
+    veth(&node_ns, "eth0", &up_ns, "up0");
+    node_ns.run("ip addr add 10.0.9.2/24 dev eth0; ip route add default via 10.0.9.1");
+    up_ns.run("ip addr add 10.0.9.1/24 dev up0");
+    node_ns.run("sysctl -qw net.ipv4.ip_forward=1");
+
+    let cluster = Cluster::start_with(Options {
+        netns: Some(node_ns.path()),
+        node_lifecycle: true,
+        ..Options::default()
+    });
+    let lab = format!("t{}", std::process::id());
+    let ipam = tempfile::tempdir().expect("tempdir");
+    let started = std::time::Instant::now();
+    let node = KubeletNode::start(
+        &cluster,
+        &node_ns,
+        &lab,
+        "node1",
+        NodeOptions {
+            node_ip: Some("10.0.9.2".into()),
+            cni_conflist: Some(ptp_conflist("10.250.0.0/24", ipam.path())),
+        },
+    );
+    eprintln!(
+        "node Ready in {:.1} s: {}",
+        started.elapsed().as_secs_f64(),
+        node.info
+    );
+    let dir = node.dir();
+    let cgroup = node.cgroup();
+    let images: Vec<String> = serde_json::from_value(node.info["images"].clone()).unwrap();
+    let agnhost = images
+        .iter()
+        .find(|i| i.contains("/agnhost:"))
+        .expect("agnhost image")
+        .clone();
+    assert!(images.iter().any(|i| i.contains("/pause:")), "{images:?}");
+
+    // The Node as the API server has it: the lab's name, the node's address and version.
+    let n: Value =
+        serde_json::from_str(&cluster.kubectl(&["get", "node", "node1", "-o", "json"])).unwrap();
+    let addresses = n["status"]["addresses"].to_string();
+    assert!(addresses.contains("10.0.9.2"), "{addresses}");
+    assert_eq!(n["status"]["nodeInfo"]["kubeletVersion"], cluster.version());
+    assert!(
+        n["status"]["nodeInfo"]["containerRuntimeVersion"]
+            .as_str()
+            .unwrap_or_default()
+            .starts_with("containerd://2."),
+        "{}",
+        n["status"]["nodeInfo"]
+    );
+
+    // An agnhost Pod from the node's own image: scheduled, Running, with a Pod IP that
+    // answers HTTP from the node.
+    let pod = json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": { "name": "web", "namespace": "default" },
+        "spec": {
+            "containers": [{
+                "name": "agnhost", "image": agnhost, "imagePullPolicy": "Never",
+                "args": ["netexec", "--http-port=8080"],
+                "readinessProbe": { "httpGet": { "path": "/healthz", "port": 8080 },
+                                     "periodSeconds": 1 },
+            }],
+            "terminationGracePeriodSeconds": 1,
+        }
+    });
+    cluster.apply(&[pod]);
+    let running = wait_for(
+        "the Pod to be Ready with an IP",
+        || cluster.get("pods", "default", "web"),
+        |p| {
+            p.as_ref().is_some_and(|p| {
+                p["status"]["phase"] == "Running"
+                    && p["status"]["podIP"].is_string()
+                    && p["status"]["containerStatuses"][0]["ready"] == true
+            })
+        },
+    )
+    .unwrap();
+    let ip = running["status"]["podIP"].as_str().unwrap().to_string();
+    assert!(ip.starts_with("10.250.0."), "{ip}");
+    assert_eq!(running["spec"]["nodeName"], "node1");
+    let hostname = http_get(&node_ns, &ip, 8080, "/hostname").unwrap_or_else(|e| {
+        panic!(
+            "GET http://{ip}:8080/hostname: {e}\nkubelet:\n{}",
+            node.log("kubelet")
+        )
+    });
+    assert_eq!(hostname.trim(), "web");
+    // The Pod's processes are under the node's cgroup.
+    let kubepods = format!("/sys/fs/cgroup/pids{cgroup}/kubepods");
+    assert!(Path::new(&kubepods).is_dir(), "no {kubepods}");
+    assert!(
+        !mounts_under(&dir).is_empty(),
+        "the Pod's mounts are under the node's directory"
+    );
+
+    // Stopped: nothing of the node is left.
+    let info = node.info.clone();
+    node.stop();
+    let pids: Vec<u64> = info["pids"]
+        .as_object()
+        .unwrap()
+        .values()
+        .filter_map(Value::as_u64)
+        .collect();
+    for pid in pids {
+        assert!(
+            !Path::new(&format!("/proc/{pid}")).exists(),
+            "PID {pid} left"
+        );
+    }
+    assert_eq!(processes_mentioning(&dir.display().to_string()), vec![]);
+    assert_eq!(mounts_under(&dir), Vec::<String>::new());
+    assert_eq!(cgroup_left(&cgroup), Vec::<String>::new());
+    assert!(!dir.exists(), "{} left", dir.display());
+}
