@@ -17,6 +17,8 @@ use std::time::{Duration, Instant};
 pub struct NodeOptions {
     /// The node's InternalIP (an address of the namespace).
     pub node_ip: Option<String>,
+    /// More kubelet flags.
+    pub kubelet_args: Vec<String>,
     /// A CNI conflist (JSON) to install, with Debian's reference plugins (/usr/lib/cni) beside
     /// it; without one the node stays NotReady until something installs a network.
     pub cni_conflist: Option<String>,
@@ -83,6 +85,19 @@ impl KubeletNode {
         name: &str,
         o: NodeOptions,
     ) -> KubeletNode {
+        KubeletNode::try_start(cluster, netns, lab, name, o)
+            .unwrap_or_else(|e| panic!("node {name} did not start:\n{e}"))
+    }
+
+    /// [`KubeletNode::start`], or the supervisor's log once it has given up (and torn down
+    /// what it had started).
+    pub fn try_start(
+        cluster: &Cluster,
+        netns: &Netns,
+        lab: &str,
+        name: &str,
+        o: NodeOptions,
+    ) -> Result<KubeletNode, String> {
         let dir = tempfile::Builder::new()
             .prefix("sepal-node-")
             .tempdir()
@@ -98,6 +113,9 @@ impl KubeletNode {
             .arg(kube_bin_dir());
         if let Some(ip) = &o.node_ip {
             cmd.args(["--node-ip", ip]);
+        }
+        for a in &o.kubelet_args {
+            cmd.arg(format!("--kubelet-arg={a}"));
         }
         if let Some(conflist) = &o.cni_conflist {
             let file = dir.path().join("10-test.conflist");
@@ -129,16 +147,15 @@ impl KubeletNode {
             info: Value::Null,
         };
         match serde_json::from_str::<Value>(&line) {
-            Ok(v) => node.info = v,
+            Ok(v) => {
+                node.info = v;
+                Ok(node)
+            }
             Err(_) => {
                 let _ = node.supervisor.wait();
-                panic!(
-                    "node {name} did not start:\n{}",
-                    std::fs::read_to_string(&log_path).unwrap_or_default()
-                )
+                Err(std::fs::read_to_string(&log_path).unwrap_or_default())
             }
         }
-        node
     }
 
     /// The node's directory (containerd's and kubelet's roots, logs).

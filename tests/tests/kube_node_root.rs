@@ -2,7 +2,8 @@
 //! namespace, registered with a real control plane running in the same namespace, Ready with
 //! Debian's ptp + host-local plugins, running an agnhost Pod from the lab's own image (no
 //! registry) that answers HTTP on its Pod IP; and once the node is stopped, nothing of it is
-//! left: no process, no mount under its directory, no cgroup.
+//! left: no process, no mount under its directory, no cgroup. A kubelet that fails takes the
+//! half-started node down with an error naming it and its log.
 
 use sepal_tests::kube::{kube_bin_dir, Cluster, Options};
 use sepal_tests::kubelet::{ptp_conflist, KubeletNode, NodeOptions};
@@ -84,6 +85,7 @@ fn one_kubelet_node_runs_a_pod() {
         NodeOptions {
             node_ip: Some("10.0.9.2".into()),
             cni_conflist: Some(ptp_conflist("10.250.0.0/24", ipam.path())),
+            ..NodeOptions::default()
         },
     );
     eprintln!(
@@ -181,4 +183,48 @@ fn one_kubelet_node_runs_a_pod() {
     assert_eq!(mounts_under(&dir), Vec::<String>::new());
     assert_eq!(cgroup_left(&cgroup), Vec::<String>::new());
     assert!(!dir.exists(), "{} left", dir.display());
+}
+
+#[test]
+fn a_failing_kubelet_names_itself_and_leaves_nothing() {
+    require_root();
+    let node_ns = Netns::new("kf");
+    let cluster = Cluster::start_with(Options {
+        netns: Some(node_ns.path()),
+        ..Options::default()
+    });
+    let lab = format!("f{}", std::process::id());
+    // containerd starts and the images are imported; kubelet then exits on a flag it lacks.
+    let err = match KubeletNode::try_start(
+        &cluster,
+        &node_ns,
+        &lab,
+        "node1",
+        NodeOptions {
+            kubelet_args: vec!["--no-such-flag".into()],
+            ..NodeOptions::default()
+        },
+    ) {
+        Ok(_) => panic!("a kubelet with --no-such-flag started"),
+        Err(e) => e,
+    };
+    assert!(err.contains("node node1 did not start"), "{err}");
+    assert!(err.contains("kubelet exited"), "{err}");
+    assert!(err.contains("kubelet.log"), "{err}");
+    assert!(
+        err.contains("no-such-flag"),
+        "the log's end is in the error: {err}"
+    );
+    let cgroup = format!("/sepal/{lab}/node1");
+    assert_eq!(cgroup_left(&cgroup), Vec::<String>::new());
+    assert_eq!(processes_mentioning(&format!("/sepal/{lab}")), vec![]);
+    // The node's directory, from the log path the error names: no process runs from it.
+    let dir = err
+        .split_whitespace()
+        .find(|w| w.ends_with("/logs/kubelet.log:"))
+        .and_then(|w| w.strip_suffix("/logs/kubelet.log:"))
+        .expect("the kubelet log's path")
+        .to_string();
+    assert_eq!(processes_mentioning(&dir), vec![]);
+    assert_eq!(mounts_under(Path::new(&dir)), Vec::<String>::new());
 }

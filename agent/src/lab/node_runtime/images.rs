@@ -195,19 +195,32 @@ fn sha256(data: &[u8]) -> String {
     format!("sha256:{hex}")
 }
 
-fn descriptor(media_type: &str, data: &[u8]) -> serde_json::Value {
-    json!({ "mediaType": media_type, "digest": sha256(data), "size": data.len() })
+/// A blob and its digest, computed once (the agnhost layer is tens of MB).
+struct Blob {
+    data: Vec<u8>,
+    digest: String,
+}
+
+impl Blob {
+    fn new(data: Vec<u8>) -> Blob {
+        let digest = sha256(&data);
+        Blob { data, digest }
+    }
+
+    fn descriptor(&self, media_type: &str) -> serde_json::Value {
+        json!({ "mediaType": media_type, "digest": self.digest, "size": self.data.len() })
+    }
 }
 
 /// Writes `image` as an OCI image-layout archive to `out` (replaced atomically); returns the
 /// manifest's digest.
 pub fn write_archive(image: &Image, out: &Path) -> Result<String> {
-    let layer = layer(&image.entries)?;
+    let layer = Blob::new(layer(&image.entries)?);
     let (repo, tag) = match image.name.rsplit_once(':') {
         Some((r, t)) if !t.contains('/') => (r, t),
         _ => bail!("image name {} has no tag", image.name),
     };
-    let config = serde_json::to_vec(&json!({
+    let config = Blob::new(serde_json::to_vec(&json!({
         "architecture": "amd64",
         "os": "linux",
         "config": {
@@ -217,16 +230,16 @@ pub fn write_archive(image: &Image, out: &Path) -> Result<String> {
             "WorkingDir": "/",
         },
         // Uncompressed, so the layer's digest is its diff ID.
-        "rootfs": { "type": "layers", "diff_ids": [sha256(&layer)] },
+        "rootfs": { "type": "layers", "diff_ids": [layer.digest] },
         "history": [{ "created_by": "sepal lab", "comment": repo }],
-    }))?;
-    let manifest = serde_json::to_vec(&json!({
+    }))?);
+    let manifest = Blob::new(serde_json::to_vec(&json!({
         "schemaVersion": 2,
         "mediaType": "application/vnd.oci.image.manifest.v1+json",
-        "config": descriptor("application/vnd.oci.image.config.v1+json", &config),
-        "layers": [descriptor("application/vnd.oci.image.layer.v1.tar", &layer)],
-    }))?;
-    let mut desc = descriptor("application/vnd.oci.image.manifest.v1+json", &manifest);
+        "config": config.descriptor("application/vnd.oci.image.config.v1+json"),
+        "layers": [layer.descriptor("application/vnd.oci.image.layer.v1.tar")],
+    }))?);
+    let mut desc = manifest.descriptor("application/vnd.oci.image.manifest.v1+json");
     desc["annotations"] = json!({
         // containerd names the imported image after this; other tools read the OCI one.
         "io.containerd.image.name": image.name,
@@ -252,13 +265,30 @@ pub fn write_archive(image: &Image, out: &Path) -> Result<String> {
     w.write_all(&tar_header("blobs/", 0, 0o755, b'5', "")?)?;
     w.write_all(&tar_header("blobs/sha256/", 0, 0o755, b'5', "")?)?;
     for blob in [&layer, &config, &manifest] {
-        let name = format!("blobs/sha256/{}", &sha256(blob)["sha256:".len()..]);
-        tar_file(&mut w, &name, blob, 0o644)?;
+        let name = format!("blobs/sha256/{}", &blob.digest["sha256:".len()..]);
+        tar_file(&mut w, &name, &blob.data, 0o644)?;
     }
     tar_end(&mut w)?;
     w.into_inner().map_err(|e| e.into_error())?.sync_all().ok();
     std::fs::rename(&tmp, out)?;
-    Ok(sha256(&manifest))
+    Ok(manifest.digest)
+}
+
+/// Writes `image` to `out` unless `out` is already newer than every file the image is made of
+/// (archives are reproducible, so an unchanged one need not be written again). Nodes of one lab
+/// share the archives this way.
+pub fn ensure_archive(image: &Image, out: &Path) -> Result<()> {
+    let modified = |p: &Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
+    if let Some(written) = modified(out) {
+        let newer = image.entries.iter().all(|(_, e)| match e {
+            Entry::File { source, .. } => modified(source).is_some_and(|m| m <= written),
+            _ => true,
+        });
+        if newer {
+            return Ok(());
+        }
+    }
+    write_archive(image, out).map(|_| ())
 }
 
 #[cfg(test)]

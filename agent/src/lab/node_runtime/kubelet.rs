@@ -189,6 +189,7 @@ pub fn args(spec: &NodeSpec, l: &NodeLayout) -> Vec<String> {
     for (k, v) in &spec.labels {
         a.push(format!("--node-labels={k}={v}"));
     }
+    a.extend(spec.kubelet_args.iter().cloned());
     a
 }
 

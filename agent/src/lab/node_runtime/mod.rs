@@ -50,7 +50,10 @@ pub struct NodeRuntimeArgs {
     pub netns: Option<PathBuf>,
     /// The node's InternalIP (kubelet --node-ip).
     #[arg(long)]
-    pub node_ip: Option<String>,
+    pub node_ip: Option<std::net::IpAddr>,
+    /// One more kubelet flag (repeatable), e.g. `--kubelet-arg=--v=4`.
+    #[arg(long = "kubelet-arg", allow_hyphen_values = true)]
+    pub kubelet_args: Vec<String>,
     /// A CNI conflist to install in the node's conf dir (without one the Node stays NotReady
     /// until something, e.g. Sepal's install-cni, writes one).
     #[arg(long, requires = "cni_plugins")]
@@ -58,6 +61,10 @@ pub struct NodeRuntimeArgs {
     /// A folder of CNI plugins, copied into the node's bin dir (e.g. /usr/lib/cni).
     #[arg(long)]
     pub cni_plugins: Option<PathBuf>,
+    /// Where to write the image archives (default: the node's own images/); a lab's nodes share
+    /// one folder, so they are written once.
+    #[arg(long)]
+    pub image_cache: Option<PathBuf>,
     /// Where scripts/kube-build put the binaries (default: target/kube/bin beside this one).
     #[arg(long, env = "SEPAL_KUBE_BIN")]
     pub bin_dir: Option<PathBuf>,
@@ -79,8 +86,12 @@ pub struct NodeSpec {
     pub cluster_dns: String,
     pub max_pods: u32,
     pub labels: Vec<(String, String)>,
+    /// More kubelet flags, after the node's own.
+    pub kubelet_args: Vec<String>,
     /// (plugin folder, conflist) to install.
     pub cni: Option<(PathBuf, PathBuf)>,
+    /// Where the image archives are written (shared by a lab's nodes).
+    pub image_cache: PathBuf,
 }
 
 /// Where each file of a node is, under its directory.
@@ -256,6 +267,7 @@ impl Node {
             l.kubelet_root(),
             l.pod_logs(),
             l.images(),
+            self.spec.image_cache.clone(),
             l.dir.join("logs"),
         ] {
             std::fs::create_dir_all(&d).with_context(|| format!("create {}", d.display()))?;
@@ -320,31 +332,31 @@ impl Node {
             "containerd ready"
         );
 
-        // The lab's images, written once per node and imported where CRI finds them.
+        // The lab's images, written once (into the image cache nodes may share) and imported
+        // where CRI finds them.
         for image in [
             images::pause(&names, &self.spec.bin),
             images::agnhost(&names, &self.spec.bin),
         ] {
-            let file = self.layout.images().join(format!(
-                "{}.tar",
-                image
-                    .name
-                    .rsplit('/')
-                    .next()
-                    .unwrap_or("image")
-                    .replace(':', "_")
-            ));
-            images::write_archive(&image, &file)?;
+            let t = Instant::now();
+            let base = image.name.rsplit('/').next().unwrap_or("image");
+            let file = self
+                .spec
+                .image_cache
+                .join(format!("{}.tar", base.replace(':', "_")));
+            images::ensure_archive(&image, &file)?;
+            let written = t.elapsed();
             containerd::import(&self.spec.bin, &self.layout, &file)
                 .with_context(|| format!("node {}: containerd", self.spec.name))?;
+            tracing::info!(
+                node = self.spec.name,
+                image = image.name,
+                write_ms = written.as_millis() as u64,
+                import_ms = (t.elapsed() - written).as_millis() as u64,
+                "image imported"
+            );
             self.images.push(image.name.clone());
         }
-        tracing::info!(
-            node = self.spec.name,
-            ms = started.elapsed().as_millis() as u64,
-            "images imported"
-        );
-
         // kubelet, until its Node is registered (and Ready, when the node has a CNI config).
         let log = self.layout.log("kubelet");
         let args = kubelet::args(&self.spec, &self.layout);
@@ -483,21 +495,27 @@ fn resolve(a: &NodeRuntimeArgs) -> Result<(NodeSpec, NodeLayout)> {
         (Some(p), Some(c)) => Some((std::path::absolute(p)?, std::path::absolute(c)?)),
         _ => None,
     };
+    let layout = NodeLayout {
+        dir: std::path::absolute(&a.dir)?,
+    };
+    let image_cache = match &a.image_cache {
+        Some(d) => std::path::absolute(d)?,
+        None => layout.images(),
+    };
     let spec = NodeSpec {
+        image_cache,
         lab: a.lab.clone(),
         name: a.name.clone(),
         bin,
         server: a.server.clone().unwrap_or(endpoints.server),
         ca_cert: endpoints.ca_cert,
         ca_key,
-        node_ip: a.node_ip.clone(),
+        node_ip: a.node_ip.map(|ip| ip.to_string()),
+        kubelet_args: a.kubelet_args.clone(),
         cluster_dns: "10.96.0.10".into(),
         max_pods: 110,
         labels: vec![("sepal.dev/lab".into(), a.lab.clone())],
         cni,
-    };
-    let layout = NodeLayout {
-        dir: std::path::absolute(&a.dir)?,
     };
     Ok((spec, layout))
 }
