@@ -252,7 +252,8 @@ pub fn write_archive(image: &Image, out: &Path) -> Result<String> {
         "manifests": [desc],
     }))?;
 
-    let tmp = out.with_extension("tar.tmp");
+    // Per process: nodes starting side by side may write the same shared archive.
+    let tmp = out.with_extension(format!("tar.{}.tmp", std::process::id()));
     let file = std::fs::File::create(&tmp).with_context(|| format!("create {}", tmp.display()))?;
     let mut w = std::io::BufWriter::new(file);
     tar_file(
