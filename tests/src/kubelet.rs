@@ -19,6 +19,8 @@ pub struct NodeOptions {
     pub node_ip: Option<String>,
     /// More kubelet flags.
     pub kubelet_args: Vec<String>,
+    /// Run kube-proxy too, in this mode (`nftables`, `iptables`).
+    pub kube_proxy: Option<String>,
     /// A CNI conflist (JSON) to install, with Debian's reference plugins (/usr/lib/cni) beside
     /// it; without one the node stays NotReady until something installs a network.
     pub cni_conflist: Option<String>,
@@ -113,6 +115,9 @@ impl KubeletNode {
             .arg(kube_bin_dir());
         if let Some(ip) = &o.node_ip {
             cmd.args(["--node-ip", ip]);
+        }
+        if let Some(mode) = &o.kube_proxy {
+            cmd.args(["--kube-proxy", mode]);
         }
         for a in &o.kubelet_args {
             cmd.arg(format!("--kubelet-arg={a}"));

@@ -1,7 +1,8 @@
-//! Root: one real kubelet node (containerd 2, runc, kubelet from scripts/kube-build) in a network
-//! namespace, registered with a real control plane running in the same namespace, Ready with
-//! Debian's ptp + host-local plugins, running an agnhost Pod from the lab's own image (no
-//! registry) that answers HTTP on its Pod IP; and once the node is stopped, nothing of it is
+//! Root: one real kubelet node (containerd 2, runc, kubelet and kube-proxy from
+//! scripts/kube-build) in a network namespace, registered with a real control plane running in
+//! the same namespace, Ready with Debian's ptp + host-local plugins, running an agnhost Pod from
+//! the lab's own image (no registry) that answers HTTP on its Pod IP and through a ClusterIP
+//! Service (kube-proxy, nftables mode); `kubectl logs` and `exec` reach it; and once the node is stopped, nothing of it is
 //! left: no process, no mount under its directory, no cgroup. A kubelet that fails takes the
 //! half-started node down with an error naming it and its log.
 
@@ -85,6 +86,7 @@ fn one_kubelet_node_runs_a_pod() {
         NodeOptions {
             node_ip: Some("10.0.9.2".into()),
             cni_conflist: Some(ptp_conflist("10.250.0.0/24", ipam.path())),
+            kube_proxy: Some("nftables".into()),
             ..NodeOptions::default()
         },
     );
@@ -122,7 +124,7 @@ fn one_kubelet_node_runs_a_pod() {
     // answers HTTP from the node.
     let pod = json!({
         "apiVersion": "v1", "kind": "Pod",
-        "metadata": { "name": "web", "namespace": "default" },
+        "metadata": { "name": "web", "namespace": "default", "labels": { "app": "web" } },
         "spec": {
             "containers": [{
                 "name": "agnhost", "image": agnhost, "imagePullPolicy": "Never",
@@ -156,6 +158,30 @@ fn one_kubelet_node_runs_a_pod() {
         )
     });
     assert_eq!(hostname.trim(), "web");
+    // Through a ClusterIP Service: kube-proxy's nftables rules in the node's namespace.
+    let service = json!({
+        "apiVersion": "v1", "kind": "Service",
+        "metadata": { "name": "web", "namespace": "default" },
+        "spec": { "selector": { "app": "web" },
+                  "ports": [{ "port": 80, "targetPort": 8080, "protocol": "TCP" }] }
+    });
+    cluster.apply(&[service]);
+    let svc = cluster.get("services", "default", "web").expect("Service");
+    let cluster_ip = svc["spec"]["clusterIP"].as_str().unwrap().to_string();
+    let via_service = wait_for(
+        "the ClusterIP to answer",
+        || http_get(&node_ns, &cluster_ip, 80, "/hostname"),
+        |r| r.as_ref().is_ok_and(|h| h.trim() == "web"),
+    );
+    assert_eq!(via_service.unwrap().trim(), "web");
+    assert!(node_ns.run("nft list tables").contains("kube-proxy"));
+
+    // The API server reaches kubelet (InternalIP, its client certificate): logs and exec.
+    let logs = cluster.kubectl(&["logs", "web"]);
+    assert!(logs.contains("/healthz"), "{logs}");
+    let out = cluster.kubectl(&["exec", "web", "--", "/agnhost", "dns-suffix"]);
+    assert!(out.contains("cluster.local"), "{out}");
+
     // The Pod's processes are under the node's cgroup.
     let kubepods = format!("/sys/fs/cgroup/pids{cgroup}/kubepods");
     assert!(Path::new(&kubepods).is_dir(), "no {kubepods}");

@@ -26,9 +26,27 @@ fn openssl(dir: &Path, args: &[&str]) -> Result<()> {
 /// CN=system:node:NAME, O=system:nodes, so the Node authorizer lets it register its Node and
 /// read and write just what that node's Pods need.
 pub fn client_certificate(l: &NodeLayout, name: &str, ca_cert: &Path, ca_key: &Path) -> Result<()> {
+    let subj = format!("/O=system:nodes/CN=system:node:{name}");
+    sign_client(l, "kubelet", &subj, ca_cert, ca_key)
+}
+
+/// A client certificate `STEM.crt`/`STEM.key` in the node's pki directory for `subj`, signed by
+/// the cluster's CA.
+pub fn sign_client(
+    l: &NodeLayout,
+    stem: &str,
+    subj: &str,
+    ca_cert: &Path,
+    ca_key: &Path,
+) -> Result<()> {
     let dir = l.pki();
     std::fs::create_dir_all(&dir)?;
-    let subj = format!("/O=system:nodes/CN=system:node:{name}");
+    let (key, csr, ext, crt) = (
+        format!("{stem}.key"),
+        format!("{stem}.csr"),
+        format!("{stem}.ext"),
+        format!("{stem}.crt"),
+    );
     openssl(
         &dir,
         &[
@@ -39,15 +57,15 @@ pub fn client_certificate(l: &NodeLayout, name: &str, ca_cert: &Path, ca_key: &P
             "ec_paramgen_curve:prime256v1",
             "-nodes",
             "-keyout",
-            "kubelet.key",
+            &key,
             "-out",
-            "kubelet.csr",
+            &csr,
             "-subj",
-            &subj,
+            subj,
         ],
     )?;
     std::fs::write(
-        dir.join("kubelet.ext"),
+        dir.join(&ext),
         "extendedKeyUsage=clientAuth\nkeyUsage=critical,digitalSignature\n\
          basicConstraints=critical,CA:FALSE\n",
     )?;
@@ -58,7 +76,7 @@ pub fn client_certificate(l: &NodeLayout, name: &str, ca_cert: &Path, ca_key: &P
             "x509",
             "-req",
             "-in",
-            "kubelet.csr",
+            &csr,
             "-CA",
             &ca_cert,
             "-CAkey",
@@ -69,9 +87,9 @@ pub fn client_certificate(l: &NodeLayout, name: &str, ca_cert: &Path, ca_key: &P
             "-days",
             "3650",
             "-extfile",
-            "kubelet.ext",
+            &ext,
             "-out",
-            "kubelet.crt",
+            &crt,
         ],
     )
 }

@@ -12,6 +12,7 @@
 pub mod containerd;
 pub mod host;
 pub mod images;
+pub mod kube_proxy;
 pub mod kubelet;
 
 use anyhow::{bail, Context, Result};
@@ -51,6 +52,9 @@ pub struct NodeRuntimeArgs {
     /// The node's InternalIP (kubelet --node-ip).
     #[arg(long)]
     pub node_ip: Option<std::net::IpAddr>,
+    /// Also run kube-proxy, in this mode (Services in the node's namespace).
+    #[arg(long, value_enum)]
+    pub kube_proxy: Option<kube_proxy::ProxyMode>,
     /// One more kubelet flag (repeatable), e.g. `--kubelet-arg=--v=4`.
     #[arg(long = "kubelet-arg", allow_hyphen_values = true)]
     pub kubelet_args: Vec<String>,
@@ -88,6 +92,8 @@ pub struct NodeSpec {
     pub labels: Vec<(String, String)>,
     /// More kubelet flags, after the node's own.
     pub kubelet_args: Vec<String>,
+    /// kube-proxy's mode, when the node runs one.
+    pub kube_proxy: Option<kube_proxy::ProxyMode>,
     /// (plugin folder, conflist) to install.
     pub cni: Option<(PathBuf, PathBuf)>,
     /// Where the image archives are written (shared by a lab's nodes).
@@ -241,6 +247,7 @@ pub struct Node {
     pub layout: NodeLayout,
     containerd: Option<Running>,
     kubelet: Option<Running>,
+    kube_proxy: Option<Running>,
     images: Vec<String>,
 }
 
@@ -252,6 +259,7 @@ impl Node {
             layout,
             containerd: None,
             kubelet: None,
+            kube_proxy: None,
             images: Vec::new(),
         }
     }
@@ -281,6 +289,23 @@ impl Node {
             &kubelet::kubeconfig(l, &s.server, &s.ca_cert, &s.name),
         )?;
         std::fs::write(l.kubelet_config(), kubelet::config(s, l, &s.ca_cert))?;
+        if let Some(mode) = s.kube_proxy {
+            kubelet::sign_client(
+                l,
+                "kube-proxy",
+                "/CN=system:kube-proxy",
+                &s.ca_cert,
+                &s.ca_key,
+            )?;
+            super::control_plane::write_private(
+                &l.dir.join("kube-proxy.kubeconfig"),
+                &kube_proxy::kubeconfig(l, &s.server, &s.ca_cert),
+            )?;
+            std::fs::write(
+                l.dir.join("kube-proxy.yaml"),
+                kube_proxy::config(s, l, mode),
+            )?;
+        }
         if let Some((plugins, conflist)) = &s.cni {
             for entry in std::fs::read_dir(plugins)
                 .with_context(|| format!("read CNI plugins in {}", plugins.display()))?
@@ -387,6 +412,39 @@ impl Node {
             ms = started.elapsed().as_millis() as u64,
             "kubelet ready"
         );
+
+        // kube-proxy, until its health endpoint answers (it has synced Services once).
+        if self.spec.kube_proxy.is_some() {
+            let log = self.layout.log("kube-proxy");
+            let child = spawn(
+                &self.spec.bin.join("kube-proxy"),
+                &kube_proxy::args(&self.layout),
+                &log,
+            )?;
+            self.kube_proxy = Some(Running {
+                name: "kube-proxy",
+                log,
+                child,
+            });
+            let deadline = Instant::now() + READY_TIMEOUT;
+            loop {
+                let p = self.kube_proxy.as_mut().expect("kube-proxy");
+                p.exited()?;
+                let why = match healthz(10256).await {
+                    Ok(()) => break,
+                    Err(e) => format!("{e:#}"),
+                };
+                if Instant::now() > deadline {
+                    return Err(p.not_ready(&why));
+                }
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+            tracing::info!(
+                node = self.spec.name,
+                ms = started.elapsed().as_millis() as u64,
+                "kube-proxy ready"
+            );
+        }
         Ok(())
     }
 
@@ -416,7 +474,10 @@ impl Node {
     pub fn info(&self) -> NodeInfo {
         let mut pids = BTreeMap::new();
         let mut logs = BTreeMap::new();
-        for r in [&self.containerd, &self.kubelet].into_iter().flatten() {
+        for r in [&self.containerd, &self.kubelet, &self.kube_proxy]
+            .into_iter()
+            .flatten()
+        {
             if let Some(pid) = r.child.id() {
                 pids.insert(r.name.to_string(), pid);
             }
@@ -437,9 +498,13 @@ impl Node {
     /// Waits until containerd or kubelet exits: an error naming it and its log.
     pub async fn watch(&mut self) -> anyhow::Error {
         loop {
-            for r in [&mut self.containerd, &mut self.kubelet]
-                .into_iter()
-                .flatten()
+            for r in [
+                &mut self.containerd,
+                &mut self.kubelet,
+                &mut self.kube_proxy,
+            ]
+            .into_iter()
+            .flatten()
             {
                 if let Err(e) = r.exited() {
                     return e.context(format!("node {}", self.spec.name));
@@ -452,6 +517,10 @@ impl Node {
     /// Undoes everything `start` did, whatever state it got to: kubelet first (so it restarts
     /// nothing), then the Pods' processes, containerd, its shims, the mounts, the cgroups.
     pub async fn teardown(&mut self) {
+        // kube-proxy's rules live in the node's namespace and go with it.
+        if let Some(mut p) = self.kube_proxy.take() {
+            p.stop(Duration::from_secs(5)).await;
+        }
         if let Some(mut k) = self.kubelet.take() {
             k.stop(Duration::from_secs(10)).await;
         }
@@ -485,6 +554,12 @@ fn resolve(a: &NodeRuntimeArgs) -> Result<(NodeSpec, NodeLayout)> {
             );
         }
     }
+    if a.kube_proxy.is_some() && !bin.join("kube-proxy").is_file() {
+        bail!(
+            "kube-proxy is not in {}: build the node components with scripts/kube-build",
+            bin.display()
+        );
+    }
     if !Path::new(RUNC).is_file() {
         bail!("{RUNC} is missing: apt-get install runc");
     }
@@ -512,12 +587,27 @@ fn resolve(a: &NodeRuntimeArgs) -> Result<(NodeSpec, NodeLayout)> {
         ca_key,
         node_ip: a.node_ip.map(|ip| ip.to_string()),
         kubelet_args: a.kubelet_args.clone(),
+        kube_proxy: a.kube_proxy,
         cluster_dns: "10.96.0.10".into(),
         max_pods: 110,
         labels: vec![("sepal.dev/lab".into(), a.lab.clone())],
         cni,
     };
     Ok((spec, layout))
+}
+
+/// A plain HTTP GET of `/healthz` on the node's loopback: Ok on a 200.
+async fn healthz(port: u16) -> Result<()> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
+    s.write_all(b"GET /healthz HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")
+        .await?;
+    let mut text = String::new();
+    s.read_to_string(&mut text).await?;
+    match text.split_whitespace().nth(1) {
+        Some("200") => Ok(()),
+        _ => bail!("/healthz: {}", text.lines().next().unwrap_or_default()),
+    }
 }
 
 /// Enters `netns` on this (the only) thread, before any runtime thread exists, so containerd,
