@@ -673,3 +673,95 @@ async fn supervise(spec: NodeSpec, layout: NodeLayout) -> Result<()> {
     let _ = std::fs::remove_file(layout.ready_file());
     outcome
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec() -> (NodeSpec, NodeLayout) {
+        let spec = NodeSpec {
+            lab: "lab1".into(),
+            name: "node1".into(),
+            bin: "/bin-dir".into(),
+            server: "https://127.0.0.1:6443".into(),
+            ca_cert: "/cp/pki/ca.crt".into(),
+            ca_key: "/cp/pki/ca.key".into(),
+            node_ip: Some("10.0.1.2".into()),
+            cluster_dns: "10.96.0.10".into(),
+            max_pods: 110,
+            labels: vec![],
+            kubelet_args: vec![],
+            kube_proxy: Some(kube_proxy::ProxyMode::Nftables),
+            cni: None,
+            image_cache: "/node/images".into(),
+        };
+        (
+            spec,
+            NodeLayout {
+                dir: "/node".into(),
+            },
+        )
+    }
+
+    /// Every absolute path in `text` (a config; comments aside) is under one of `dirs`.
+    fn paths_under(text: &str, dirs: &[&str]) {
+        let settings = text
+            .lines()
+            .filter(|l| !l.trim_start().starts_with('#'))
+            .collect::<Vec<_>>()
+            .join("\n");
+        for word in settings.split(|c: char| c.is_whitespace() || c == '"' || c == '=') {
+            let word = word.trim_start_matches("unix://");
+            if word.starts_with('/') && !word.starts_with("/sepal/") {
+                assert!(
+                    dirs.iter().any(|d| word.starts_with(d)),
+                    "{word} is outside {dirs:?}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn every_file_of_the_node_is_under_its_directory() {
+        let (s, l) = spec();
+        let containerd = containerd::config(&l, "registry.k8s.io/pause:3.10.2");
+        paths_under(&containerd, &["/node/", RUNC]);
+        paths_under(&kubelet::config(&s, &l, &s.ca_cert), &["/node/", "/cp/"]);
+        paths_under(
+            &kube_proxy::config(&s, &l, kube_proxy::ProxyMode::Nftables),
+            &["/node/"],
+        );
+        for a in kubelet::args(&s, &l) {
+            if let Some((_, v)) = a.split_once('=') {
+                paths_under(v, &["/node/"]);
+            }
+        }
+    }
+
+    #[test]
+    fn the_settings_this_host_needs_are_there() {
+        let (s, l) = spec();
+        let k = kubelet::config(&s, &l, &s.ca_cert);
+        for line in [
+            "failCgroupV1: false",
+            "cgroupDriver: cgroupfs",
+            "cgroupRoot: /sepal/lab1/node1",
+            "oomScoreAdj: 0",
+            "imageGCHighThresholdPercent: 100",
+        ] {
+            assert!(k.contains(line), "{line}");
+        }
+        let c = containerd::config(&l, "registry.k8s.io/pause:3.10.2");
+        for line in [
+            "restrict_oom_score_adj = true",
+            "netns_mounts_under_state_dir = true",
+            "sandbox = \"registry.k8s.io/pause:3.10.2\"",
+            "SystemdCgroup = false",
+        ] {
+            assert!(c.contains(line), "{line}");
+        }
+        let a = kubelet::args(&s, &l);
+        assert!(a.contains(&"--hostname-override=node1".to_string()));
+        assert!(a.contains(&"--node-ip=10.0.1.2".to_string()));
+    }
+}
