@@ -3,12 +3,15 @@
 //! kinds Sepal does not type (e.g. its own sepal.dev kinds).
 
 pub mod pod;
+pub mod slice;
+pub mod wire;
 
 use ipnetwork::IpNetwork;
-use k8s_openapi::api::core::v1::{Namespace, Node, Pod, Secret, Service};
+use k8s_openapi::api::core::v1::{Namespace, Node, Secret, Service};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 pub use pod::PodInfo;
 use serde_json::Value;
+pub use slice::SliceInfo;
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
@@ -38,9 +41,12 @@ pub enum Object {
     Namespace(Box<Namespace>),
     /// Kept compact: a cluster has far more pods than anything else.
     Pod(Box<PodInfo>),
+    /// Compact too: a large cluster has one or more per Service.
+    EndpointSlice(Box<SliceInfo>),
     Service(Box<Service>),
     Secret(Box<Secret>),
-    NetworkPolicy(Box<NetworkPolicy>),
+    /// Shared with the policy engine and compiler, which keep the cluster's policies too.
+    NetworkPolicy(Arc<NetworkPolicy>),
     /// Any other kind (Sepal's own sepal.dev kinds until they get types), kept as it came. Boxed
     /// so that `Object` stays two words: the model holds one per pod.
     Other(Box<ObjectKey>, Box<Value>),
@@ -111,6 +117,7 @@ pub fn is_typed(key: &ObjectKey) -> bool {
         (key.api_version.as_str(), key.kind.as_str()),
         ("v1", "Node" | "Namespace" | "Pod" | "Service" | "Secret")
             | ("networking.k8s.io/v1", "NetworkPolicy")
+            | ("discovery.k8s.io/v1", "EndpointSlice")
     )
 }
 
@@ -121,7 +128,7 @@ impl Object {
         let mut key = key_of(&value)?;
         let namespaced = matches!(
             key.kind.as_str(),
-            "Pod" | "Service" | "Secret" | "NetworkPolicy"
+            "Pod" | "Service" | "Secret" | "NetworkPolicy" | "EndpointSlice"
         );
         if namespaced && key.namespace.is_empty() && is_typed(&key) {
             key.namespace = "default".into();
@@ -144,14 +151,22 @@ impl Object {
             ("v1", "Node") => Object::Node(typed(&key, value)?),
             ("v1", "Namespace") => Object::Namespace(typed(&key, value)?),
             ("v1", "Pod") => {
-                let pod: Box<Pod> = typed(&key, value)?;
-                Object::Pod(Box::new(PodInfo::from_pod(&pod).ok_or_else(|| {
+                let pod: Box<wire::PodWire> = typed(&key, value)?;
+                Object::Pod(Box::new(PodInfo::from_wire(*pod).ok_or_else(|| {
                     ObjectError::Shape("Pod without metadata.name".into())
+                })?))
+            }
+            ("discovery.k8s.io/v1", "EndpointSlice") => {
+                let slice: Box<wire::SliceWire> = typed(&key, value)?;
+                Object::EndpointSlice(Box::new(SliceInfo::from_wire(*slice).ok_or_else(|| {
+                    ObjectError::Shape("EndpointSlice without metadata.name".into())
                 })?))
             }
             ("v1", "Service") => Object::Service(typed(&key, value)?),
             ("v1", "Secret") => Object::Secret(typed(&key, value)?),
-            ("networking.k8s.io/v1", "NetworkPolicy") => Object::NetworkPolicy(typed(&key, value)?),
+            ("networking.k8s.io/v1", "NetworkPolicy") => {
+                Object::NetworkPolicy(Arc::new(*typed::<NetworkPolicy>(&key, value)?))
+            }
             _ => Object::Other(Box::new(key), Box::new(value)),
         })
     }
@@ -177,6 +192,12 @@ impl Object {
                 kind: "Pod".into(),
                 namespace: p.namespace.to_string(),
                 name: p.name.to_string(),
+            },
+            Object::EndpointSlice(s) => ObjectKey {
+                api_version: "discovery.k8s.io/v1".into(),
+                kind: "EndpointSlice".into(),
+                namespace: s.namespace.to_string(),
+                name: s.name.to_string(),
             },
             Object::Service(o) => k("v1", "Service", &o.metadata),
             Object::Secret(o) => k("v1", "Secret", &o.metadata),
@@ -234,6 +255,9 @@ impl Model {
                     let key = (p.namespace.clone(), p.name.clone());
                     self.pods.insert(key, obj);
                     return true;
+                }
+                if let Object::EndpointSlice(s) = &mut obj {
+                    self.interner.intern_slice(s);
                 }
                 let key = obj.key();
                 if self.objects.get(&key) == Some(&obj) {
@@ -322,9 +346,16 @@ impl Model {
         })
     }
 
-    pub fn network_policies(&self) -> impl Iterator<Item = &NetworkPolicy> {
+    pub fn network_policies(&self) -> impl Iterator<Item = &Arc<NetworkPolicy>> {
         self.objects.values().filter_map(|o| match o {
-            Object::NetworkPolicy(p) => Some(&**p),
+            Object::NetworkPolicy(p) => Some(p),
+            _ => None,
+        })
+    }
+
+    pub fn endpoint_slices(&self) -> impl Iterator<Item = &SliceInfo> {
+        self.objects.values().filter_map(|o| match o {
+            Object::EndpointSlice(s) => Some(&**s),
             _ => None,
         })
     }

@@ -2,10 +2,10 @@
 //! endpoints as IPAM knows them, compiled by felix and applied to the `inet sepal` table.
 
 use crate::ipam::Allocation;
-use crate::model::{Model, PodInfo};
+use crate::model::Model;
 use sepal_felix::conntrack::Conntrack;
 use sepal_felix::nft::{Applied, Dataplane, Options};
-use sepal_felix::policy::{Cluster, Compiler, NamedPort, Namespace, Pod};
+use sepal_felix::policy::{Cluster, Compiler, Namespace, Pod};
 use std::collections::BTreeMap;
 use std::sync::{Arc, Condvar, Mutex};
 
@@ -44,7 +44,7 @@ impl PolicyEngine {
                 Some((name.clone(), Namespace { name, labels }))
             })
             .collect();
-        let pods = model.pods().map(policy_pod).collect();
+        let pods = model.pods().map(|p| p.policy.clone()).collect();
         let policies = model.network_policies().cloned().collect();
         self.from_model = Cluster {
             namespaces,
@@ -58,26 +58,34 @@ impl PolicyEngine {
     /// rules of a pod whose IPs the datastore does not show yet).
     pub fn cluster(&self, endpoints: &[Allocation]) -> Cluster {
         let mut cluster = self.from_model.clone();
-        let mut local: BTreeMap<(String, String), &Allocation> = BTreeMap::new();
+        // By namespace, then name: looked up by the pods' shared names without copying them.
+        let mut local: BTreeMap<&str, BTreeMap<&str, &Allocation>> = BTreeMap::new();
         for a in endpoints {
-            local.insert((a.pod_namespace.clone(), a.pod_name.clone()), a);
+            local
+                .entry(&a.pod_namespace)
+                .or_default()
+                .insert(&a.pod_name, a);
         }
         for pod in &mut cluster.pods {
-            if let Some(a) = local.remove(&(pod.namespace.clone(), pod.name.clone())) {
+            let found = local
+                .get_mut(&*pod.namespace)
+                .and_then(|by_name| by_name.remove(&*pod.name));
+            if let Some(a) = found {
+                let pod = Arc::make_mut(pod);
                 pod.ips = a.ips.clone();
                 pod.host_iface = Some(a.host_veth.clone());
             }
         }
         // Endpoints whose Pod object is not in the datastore (yet): no labels, but their
         // interface is dispatched, so policies selecting everything already apply.
-        for a in local.into_values() {
-            cluster.pods.push(Pod {
-                namespace: a.pod_namespace.clone(),
-                name: a.pod_name.clone(),
+        for a in local.into_values().flat_map(BTreeMap::into_values) {
+            cluster.pods.push(Arc::new(Pod {
+                namespace: a.pod_namespace.as_str().into(),
+                name: a.pod_name.as_str().into(),
                 ips: a.ips.clone(),
                 host_iface: Some(a.host_veth.clone()),
                 ..Pod::default()
-            });
+            }));
         }
         cluster
     }
@@ -197,25 +205,5 @@ fn revoke_logged(conntrack: &Conntrack, cluster: &Cluster) {
             "NetworkPolicy revoked established flows"
         ),
         Err(e) => tracing::warn!(error = %e, "cannot revoke flows the new NetworkPolicy denies"),
-    }
-}
-
-/// A Pod as the compiler sees it: labels, status IPs, named container ports.
-fn policy_pod(pod: &PodInfo) -> Pod {
-    Pod {
-        namespace: pod.namespace.to_string(),
-        name: pod.name.to_string(),
-        labels: (*pod.labels).clone(),
-        ips: pod.ips.clone(),
-        host_iface: None,
-        ports: pod
-            .ports
-            .iter()
-            .map(|p| NamedPort {
-                name: p.name.to_string(),
-                protocol: p.protocol,
-                port: p.port,
-            })
-            .collect(),
     }
 }

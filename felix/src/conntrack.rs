@@ -236,8 +236,10 @@ garbage
             "metadata: {name: web, namespace: x}\nspec:\n  podSelector: {matchLabels: {pod: b}}\n  ingress: [{ports: [{port: 80}]}]\n",
         ]);
         for p in &mut c.pods {
-            if (p.namespace == "x" && p.name == "c") || (p.namespace == "z" && p.name == "a") {
-                p.host_iface = None;
+            if (&*p.namespace == "x" && &*p.name == "c")
+                || (&*p.namespace == "z" && &*p.name == "a")
+            {
+                std::sync::Arc::make_mut(p).host_iface = None;
             }
         }
         let into_xa = flow("10.244.0.13", "10.244.0.10", 80);
@@ -261,10 +263,12 @@ garbage
     fn only_the_families_of_local_pods_are_listed() {
         let mut c = crate::policy::tests::cluster(&[]);
         assert_eq!(local_families(&c), vec![Family::V4]);
-        c.pods[0].ips.push("fd00::10".parse().unwrap());
+        std::sync::Arc::make_mut(&mut c.pods[0])
+            .ips
+            .push("fd00::10".parse().unwrap());
         assert_eq!(local_families(&c), vec![Family::V4, Family::V6]);
         for p in &mut c.pods {
-            p.host_iface = None;
+            std::sync::Arc::make_mut(p).host_iface = None;
         }
         assert_eq!(local_families(&c), vec![]);
     }

@@ -788,8 +788,8 @@ mod tests {
         let mut c = cluster(&[INGRESS_ONLY]);
         c.pods
             .iter_mut()
-            .filter(|p| p.namespace == "x" && p.name == "a")
-            .for_each(|p| p.host_iface = None);
+            .filter(|p| &*p.namespace == "x" && &*p.name == "a")
+            .for_each(|p| std::sync::Arc::make_mut(p).host_iface = None);
         let rs = compile(&c);
         assert!(rs.ingress_dispatch.is_empty() && rs.egress_dispatch.is_empty());
         let full = render_full(&rs, &Options::default());

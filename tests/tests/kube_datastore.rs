@@ -173,6 +173,18 @@ fn agent_calls(c: &Cluster, verb: &str, resource: &str) -> Vec<String> {
         .collect()
 }
 
+/// Requests that loaded a resource's whole state: lists, and watches with `sendInitialEvents`
+/// (a watch list, how the agent loads Pods and, where the server allows, everything else).
+fn agent_loads(c: &Cluster, resource: &str) -> Vec<String> {
+    let mut loads = agent_calls(c, "list", resource);
+    loads.extend(
+        agent_calls(c, "watch", resource)
+            .into_iter()
+            .filter(|u| u.contains("sendInitialEvents=true")),
+    );
+    loads
+}
+
 /// The resourceVersion a request asked for (0 when none).
 fn uri_resource_version(uri: &str) -> u64 {
     uri.split(['?', '&'])
@@ -295,12 +307,12 @@ fn kube_relists_after_410_gone() {
     c.delete("pod", "web", "web-2");
     c.apply(&[pod("web-3", "node-2", "10.244.2.7")]);
     c.compact_etcd();
-    let lists_before = agent_calls(&c, "list", "pods").len();
+    let loads_before = agent_loads(&c, "pods").len();
     relay.hold(false);
     wait_for_model(&c, &p);
     assert!(
-        agent_calls(&c, "list", "pods").len() > lists_before,
-        "the datastore did not relist pods after 410 Gone"
+        agent_loads(&c, "pods").len() > loads_before,
+        "the datastore did not load pods again after 410 Gone"
     );
 }
 
@@ -403,12 +415,10 @@ fn kube_forbidden_resource_is_reported_and_blocks_ready() {
     wait_for_model(&c, &p);
 }
 
-#[test]
-fn kube_paged_initial_list_matches_dir() {
-    // More pods than one list page (kube's watcher asks for 500 at a time): the continue tokens
-    // must walk every page exactly once.
+/// The cluster plus `n` more pods, each with a label of its own.
+fn with_pods(n: usize) -> Vec<Value> {
     let mut objects = cluster();
-    for i in 0..1100 {
+    for i in 0..n {
         let mut p = pod(
             &format!("p{i}"),
             "node-1",
@@ -417,14 +427,58 @@ fn kube_paged_initial_list_matches_dir() {
         p["metadata"]["labels"] = json!({"i": i.to_string()});
         objects.push(p);
     }
-    let (c, kc) = cluster_with(&objects, Options::default());
+    objects
+}
+
+#[test]
+fn kube_pods_stream_in_protobuf_and_match_dir() {
+    // The default server (WatchList on): Pods come as one watch list in protobuf, every one
+    // exactly once, with no list request at all; the other resources are streamed too.
+    let (c, kc) = cluster_with(&with_pods(1100), Options::default());
+    let p = kube_inspect(&kc, false);
+    wait_for_model(&c, &p);
+    assert!(
+        agent_calls(&c, "list", "pods").is_empty(),
+        "pods were listed, not streamed"
+    );
+    let streamed = agent_calls(&c, "watch", "pods");
+    assert!(
+        streamed
+            .iter()
+            .any(|u| u.contains("sendInitialEvents=true")),
+        "no watch list of pods: {streamed:?}"
+    );
+    assert!(
+        agent_calls(&c, "list", "nodes").is_empty(),
+        "nodes were listed, not streamed"
+    );
+}
+
+#[test]
+fn kube_without_watch_list_pages_its_initial_lists() {
+    // A server with WatchList off refuses streamed lists: the datastore falls back to paged JSON
+    // lists (1,000 objects a page), and the continue tokens walk every page exactly once.
+    let o = Options {
+        apiserver_args: vec!["--feature-gates=WatchList=false".into()],
+        ..Default::default()
+    };
+    let (c, kc) = cluster_with(&with_pods(1100), o);
     let p = kube_inspect(&kc, false);
     wait_for_model(&c, &p);
     let pages = agent_calls(&c, "list", "pods")
         .iter()
         .filter(|u| u.contains("continue="))
         .count();
-    assert!(pages >= 2, "pods were not listed in pages");
+    assert!(
+        pages >= 1,
+        "pods were not listed in pages: {:?} {:?}",
+        agent_calls(&c, "list", "pods"),
+        agent_calls(&c, "watch", "pods")
+    );
+    assert!(
+        !agent_calls(&c, "list", "nodes").is_empty(),
+        "nodes were not listed after the streamed list was refused"
+    );
 }
 
 /// The API server's address, for a relay in front of it.

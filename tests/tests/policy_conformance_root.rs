@@ -414,23 +414,26 @@ impl World {
                 for port in PORTS {
                     for proto in [Protocol::Tcp, Protocol::Udp, Protocol::Sctp] {
                         ports.push(NamedPort {
-                            name: format!("serve-{port}-{}", proto.nft()),
+                            name: format!("serve-{port}-{}", proto.nft()).into(),
                             protocol: proto,
                             port,
                         });
                     }
                 }
-                c.pods.push(Pod {
-                    namespace: ns.to_string(),
-                    name: pod.to_string(),
-                    labels: self.pod_labels[ni * 3 + pi].clone(),
-                    ips: vec![IpAddr::V4(pod_ip(ni, pi))],
-                    host_iface: Some(format!("sep{ns}{pod}")),
-                    ports,
-                });
+                c.pods.push(
+                    Pod {
+                        namespace: (*ns).into(),
+                        name: (*pod).into(),
+                        labels: self.pod_labels[ni * 3 + pi].clone().into(),
+                        ips: vec![IpAddr::V4(pod_ip(ni, pi))],
+                        host_iface: Some(format!("sep{ns}{pod}")),
+                        ports: ports.into(),
+                    }
+                    .into(),
+                );
             }
         }
-        c.policies = self.policies.values().cloned().collect();
+        c.policies = self.policies.values().cloned().map(Into::into).collect();
         c
     }
 }

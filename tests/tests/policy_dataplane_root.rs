@@ -101,11 +101,11 @@ fn cluster(rng: &mut Rng, on: &[bool], extra_pods: usize) -> Cluster {
             },
         );
     }
-    let ports: Vec<NamedPort> = [80u16, 81]
+    let ports: std::sync::Arc<[NamedPort]> = [80u16, 81]
         .iter()
         .flat_map(|&port| {
             [Protocol::Tcp, Protocol::Udp, Protocol::Sctp].map(|protocol| NamedPort {
-                name: format!("serve-{port}-{}", protocol.nft()),
+                name: format!("serve-{port}-{}", protocol.nft()).into(),
                 protocol,
                 port,
             })
@@ -118,20 +118,23 @@ fn cluster(rng: &mut Rng, on: &[bool], extra_pods: usize) -> Cluster {
             .parse()
             .unwrap();
         let v6: IpAddr = format!("fd00::{:x}", i + 1).parse().unwrap();
-        c.pods.push(Pod {
-            namespace: ns.into(),
-            name: format!("p{i}"),
-            labels: BTreeMap::from([("pod".to_string(), pod.to_string())]),
-            ips: vec![v4, v6],
-            // The first 9 are local; the others live on other nodes.
-            host_iface: (i < 9).then(|| format!("sep{i}")),
-            ports: ports.clone(),
-        });
+        c.pods.push(
+            Pod {
+                namespace: ns.into(),
+                name: format!("p{i}").into(),
+                labels: BTreeMap::from([("pod".to_string(), pod.to_string())]).into(),
+                ips: vec![v4, v6],
+                // The first 9 are local; the others live on other nodes.
+                host_iface: (i < 9).then(|| format!("sep{i}")),
+                ports: ports.clone(),
+            }
+            .into(),
+        );
     }
     for (p, enabled) in POLICIES.iter().zip(on) {
         if *enabled {
             let np: NetworkPolicy = serde_norway::from_str(p).unwrap();
-            c.policies.push(np);
+            c.policies.push(np.into());
         }
     }
     c

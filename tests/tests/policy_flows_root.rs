@@ -78,19 +78,19 @@ fn cluster(policies: &[&str]) -> Cluster {
     let pod = |name: &str, ip: Ipv4Addr, ip6: Ipv6Addr, iface: &str| Pod {
         namespace: "x".into(),
         name: name.into(),
-        labels: BTreeMap::from([("app".to_string(), name.to_string())]),
+        labels: BTreeMap::from([("app".to_string(), name.to_string())]).into(),
         ips: vec![ip.into(), ip6.into()],
         host_iface: Some(iface.into()),
-        ports: vec![],
+        ports: Default::default(),
     };
     Cluster {
         pods: vec![
-            pod("client", CLIENT, CLIENT6, "sepcli"),
-            pod("server", SERVER, SERVER6, "sepsrv"),
+            pod("client", CLIENT, CLIENT6, "sepcli").into(),
+            pod("server", SERVER, SERVER6, "sepsrv").into(),
         ],
         policies: policies
             .iter()
-            .map(|p| serde_norway::from_str(p).expect("policy"))
+            .map(|p| std::sync::Arc::new(serde_norway::from_str(p).expect("policy")))
             .collect(),
         ..Cluster::default()
     }

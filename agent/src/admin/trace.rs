@@ -124,7 +124,8 @@ mod tests {
                 name: "dual".into(),
                 ips: vec!["10.0.0.5".parse().unwrap(), "fd00::5".parse().unwrap()],
                 ..Pod::default()
-            }],
+            }
+            .into()],
             ..Cluster::default()
         }
     }

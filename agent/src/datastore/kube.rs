@@ -2,10 +2,11 @@
 // the dir datastore, objects stripped to what routing and policy use; plus the agent's status writes.
 
 use crate::crd::{BGPConfiguration, BGPPeer, SepalNodeStatus};
-use crate::model::{Event, KindKey, Object, ObjectKey};
+use crate::model::wire::SliceWire;
+use crate::model::{Event, KindKey, Object, ObjectKey, SliceInfo};
 use anyhow::{Context, Result};
 use futures::StreamExt;
-use k8s_openapi::api::core::v1::{Namespace, Node, NodeStatus, Pod, Service};
+use k8s_openapi::api::core::v1::{Namespace, Node, NodeStatus, Service};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::api::{DynamicObject, Patch, PatchParams};
@@ -99,6 +100,7 @@ pub fn strip(obj: Object) -> Object {
     match obj {
         // Already compact.
         Object::Pod(p) => Object::Pod(p),
+        Object::EndpointSlice(s) => Object::EndpointSlice(s),
         Object::Node(n) => Object::Node(Box::new(strip_node(*n))),
         Object::Namespace(mut n) => {
             n.metadata = strip_meta(n.metadata);
@@ -115,7 +117,8 @@ pub fn strip(obj: Object) -> Object {
             Object::Secret(s)
         }
         Object::NetworkPolicy(mut p) => {
-            p.metadata = strip_meta(p.metadata);
+            let p_mut = Arc::make_mut(&mut p);
+            p_mut.metadata = strip_meta(std::mem::take(&mut p_mut.metadata));
             Object::NetworkPolicy(p)
         }
         Object::Other(key, mut v) => {
@@ -170,7 +173,7 @@ fn dynamic_converter(ar: &ApiResource) -> impl Fn(DynamicObject) -> Option<Objec
 /// Runs one watcher until the model's receiver goes away. The kube watcher lists, then watches
 /// from the list's resourceVersion, resumes from the last one seen (bookmarks included) after a
 /// dropped connection, and relists after 410 Gone; errors are retried with backoff.
-async fn run_watcher<K, F>(
+pub(super) async fn run_watcher<K, F>(
     what: &'static str,
     kind: KindKey,
     api: Api<K>,
@@ -181,20 +184,30 @@ async fn run_watcher<K, F>(
     K: Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug + Send + 'static,
     F: Fn(K) -> Option<Object>,
 {
-    let cfg = watcher::Config::default();
-    let mut stream = watcher(api, cfg).default_backoff().boxed();
+    let mut streaming = true;
+    let mut stream = watcher(api.clone(), list_config(streaming))
+        .default_backoff()
+        .boxed();
     let mut synced = false;
     let mut listed = 0usize;
     let mut failures = 0u32;
     while let Some(item) = stream.next().await {
         let events: Vec<Event> = match item {
+            Err(err) if streaming && !synced && refuses_streaming(&err) => {
+                tracing::info!(
+                    resource = what,
+                    "the API server does not stream lists (WatchList off): listing in pages"
+                );
+                streaming = false;
+                stream = watcher(api.clone(), list_config(streaming))
+                    .default_backoff()
+                    .boxed();
+                continue;
+            }
             Err(err) => {
                 failures += 1;
-                // Every failure while unsynced, then every 10th, so a long outage is visible
-                // without flooding the log.
-                if !synced || failures % 10 == 1 {
-                    log_watch_error(what, &err);
-                }
+                let (forbidden, text) = classify(&err);
+                report_watch_failure(what, forbidden, &text, synced, failures);
                 continue;
             }
             Ok(ev) => {
@@ -241,8 +254,37 @@ async fn run_watcher<K, F>(
     }
 }
 
-pub(super) fn log_watch_error(what: &'static str, err: &watcher::Error) {
-    let text = err.to_string();
+/// Objects per page when the initial list is paged: half the round trips of kube's 500, for a
+/// response of a few MiB held at once.
+const LIST_PAGE: u32 = 1000;
+
+/// How a watcher gets its initial state. A streaming list (a watch with `sendInitialEvents`,
+/// Kubernetes' WatchList, on by default since 1.32) has the server send every object from its
+/// watch cache as one event each, with no pages to ask for one after another and no page held
+/// in memory; servers that refuse it are listed in pages.
+fn list_config(streaming: bool) -> watcher::Config {
+    let cfg = watcher::Config::default();
+    if streaming {
+        cfg.streaming_lists()
+    } else {
+        cfg.page_size(LIST_PAGE)
+    }
+}
+
+/// Whether a server refused the streaming list itself (its WatchList gate is off: the request
+/// is invalid), as opposed to failing for a reason a paged list would meet too.
+fn refuses_streaming(err: &watcher::Error) -> bool {
+    let status = match err {
+        watcher::Error::WatchStartFailed(kube::Error::Api(s))
+        | watcher::Error::WatchFailed(kube::Error::Api(s)) => s.code,
+        watcher::Error::WatchError(s) => s.code,
+        _ => return false,
+    };
+    matches!(status, 400 | 422)
+}
+
+/// Whether a watch failed for want of RBAC, and the error's text.
+pub(super) fn classify(err: &watcher::Error) -> (bool, String) {
     let forbidden = matches!(
         err,
         watcher::Error::InitialListFailed(kube::Error::Api(s))
@@ -250,6 +292,33 @@ pub(super) fn log_watch_error(what: &'static str, err: &watcher::Error) {
             | watcher::Error::WatchFailed(kube::Error::Api(s))
             if s.code == 403
     );
+    (forbidden, err.to_string())
+}
+
+/// Records a watch failure (the forbidden flag of health and `sepal status`) and logs it: every
+/// failure while unsynced, then every 10th, so a long outage is visible without flooding the log.
+pub(super) fn report_watch_failure(
+    what: &'static str,
+    forbidden: bool,
+    text: &str,
+    synced: bool,
+    failures: u32,
+) {
+    if synced && failures % 10 != 1 {
+        crate::metrics::metrics()
+            .health
+            .set_forbidden(what, forbidden);
+        return;
+    }
+    log_failure(what, forbidden, text);
+}
+
+pub(super) fn log_watch_error(what: &'static str, err: &watcher::Error) {
+    let (forbidden, text) = classify(err);
+    log_failure(what, forbidden, &text);
+}
+
+fn log_failure(what: &'static str, forbidden: bool, text: &str) {
     crate::metrics::metrics()
         .health
         .set_forbidden(what, forbidden);
@@ -332,15 +401,8 @@ pub async fn run(client: Client, tx: mpsc::Sender<Event>) {
         &tx,
         &gate,
     );
-    spawn_typed(
-        Watched {
-            what: "pods",
-            api: Api::<Pod>::all(c.clone()),
-            convert: |p| crate::model::PodInfo::from_pod(&p).map(|p| Object::Pod(Box::new(p))),
-        },
-        &tx,
-        &gate,
-    );
+    // Pods in protobuf, by a watcher of their own (see kube_pods).
+    tokio::spawn(super::kube_pods::run(c.clone(), tx.clone(), gate.clone()));
     spawn_typed(
         Watched {
             what: "namespaces",
@@ -363,7 +425,7 @@ pub async fn run(client: Client, tx: mpsc::Sender<Event>) {
         Watched {
             what: "networkpolicies",
             api: Api::<NetworkPolicy>::all(c.clone()),
-            convert: |p| Some(strip(Object::NetworkPolicy(Box::new(p)))),
+            convert: |p| Some(strip(Object::NetworkPolicy(Arc::new(p)))),
         },
         &tx,
         &gate,
@@ -374,10 +436,12 @@ pub async fn run(client: Client, tx: mpsc::Sender<Event>) {
         tx.clone(),
         gate.clone(),
     ));
-    spawn_dynamic(
-        "endpointslices",
-        c,
-        ApiResource::erase::<k8s_openapi::api::discovery::v1::EndpointSlice>(&()),
+    spawn_typed(
+        Watched {
+            what: "endpointslices",
+            api: Api::<SliceWire>::all(c.clone()),
+            convert: |s| SliceInfo::from_wire(s).map(|s| Object::EndpointSlice(Box::new(s))),
+        },
         &tx,
         &gate,
     );
@@ -581,9 +645,10 @@ fn object_value(o: &Object) -> Value {
         Object::Node(x) => serde_json::to_value(x),
         Object::Namespace(x) => serde_json::to_value(x),
         Object::Pod(x) => return x.to_value(),
+        Object::EndpointSlice(x) => return x.to_value(),
         Object::Service(x) => serde_json::to_value(x),
         Object::Secret(x) => serde_json::to_value(x),
-        Object::NetworkPolicy(x) => serde_json::to_value(x),
+        Object::NetworkPolicy(x) => serde_json::to_value(&**x),
         Object::Other(_, v) => return (**v).clone(),
     };
     v.unwrap_or(Value::Null)

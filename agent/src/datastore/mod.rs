@@ -3,7 +3,9 @@
 
 pub mod dir;
 pub mod kube;
+mod kube_pods;
 mod kube_secrets;
+mod proto;
 pub mod status;
 
 use crate::model::Event;

@@ -1,8 +1,8 @@
 //! The model's pod: only what policy and routing read, so 100k pods fit in a few tens of MiB. Both
 //! datastores convert to it as objects arrive; the full Pod never stays in memory.
 
-use k8s_openapi::api::core::v1::Pod;
-use sepal_felix::policy::Protocol;
+use super::wire::PodWire;
+use sepal_felix::policy::{NamedPort, Pod, Protocol};
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
 use std::net::IpAddr;
@@ -44,32 +44,30 @@ impl PodPhase {
     }
 }
 
-/// A named container port (`containers[].ports[]` with a `name`), what NetworkPolicy's named
-/// ports resolve to. Unnamed ports are not kept: nothing refers to them.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct PodPort {
-    pub name: Box<str>,
-    pub protocol: Protocol,
-    pub port: u16,
-}
-
-/// A pod as policy and routing see it.
+/// A pod as policy and routing see it: what NetworkPolicy reads, in felix's type (reached
+/// through `Deref`), plus what only the agent reads.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PodInfo {
-    /// Shared with every other pod of the namespace (see `Interner`).
-    pub namespace: Arc<str>,
-    /// Shared with the model's key of the pod.
-    pub name: Arc<str>,
+    /// Namespace (shared with the namespace's other pods, see `Interner`), name (shared with the
+    /// model's key of the pod), labels, IPs (`status.podIPs`, else `status.podIP`; empty until
+    /// kubelet reports them) and named container ports (`containers[].ports[]` with a `name`;
+    /// unnamed ones are not kept, nothing refers to them). The policy engine holds this same
+    /// `Arc`: the cluster's pods are not copied for it.
+    pub policy: Arc<Pod>,
     /// `spec.nodeName`; `None` while unscheduled. Shared with the node's other pods.
     pub node: Option<Arc<str>>,
-    pub labels: Labels,
-    /// `status.podIPs` (else `status.podIP`); empty until kubelet reports them.
-    pub ips: Vec<IpAddr>,
-    pub ports: Vec<PodPort>,
     pub phase: PodPhase,
     /// `metadata.deletionTimestamp` is set: the pod is terminating.
     pub deleting: bool,
     pub host_network: bool,
+}
+
+impl std::ops::Deref for PodInfo {
+    type Target = Pod;
+
+    fn deref(&self) -> &Pod {
+        &self.policy
+    }
 }
 
 fn protocol_api(p: Protocol) -> &'static str {
@@ -83,52 +81,59 @@ fn protocol_api(p: Protocol) -> &'static str {
 impl PodInfo {
     /// The compact form of a Pod. Namespaced like the API server does (`default` when unset);
     /// `None` without a name. IPs that do not parse are left out (the API server validates them).
-    pub fn from_pod(pod: &Pod) -> Option<PodInfo> {
-        let meta = &pod.metadata;
-        let name = meta.name.as_deref().filter(|n| !n.is_empty())?;
-        let namespace = meta.namespace.as_deref().filter(|n| !n.is_empty());
-        let spec = pod.spec.as_ref();
-        let status = pod.status.as_ref();
+    pub fn from_wire(pod: PodWire) -> Option<PodInfo> {
+        let PodWire {
+            metadata: meta,
+            spec,
+            status,
+        } = pod;
+        let name = meta.name.filter(|n| !n.is_empty())?;
         let mut ips: Vec<IpAddr> = status
-            .and_then(|s| s.pod_ips.as_ref())
-            .into_iter()
-            .flatten()
+            .pod_ips
+            .iter()
             .filter_map(|ip| ip.ip.parse().ok())
             .collect();
         if ips.is_empty() {
-            ips.extend(
-                status
-                    .and_then(|s| s.pod_ip.as_deref())
-                    .and_then(|ip| ip.parse::<IpAddr>().ok()),
-            );
+            ips.extend(status.pod_ip.and_then(|ip| ip.parse::<IpAddr>().ok()));
         }
         let ports = spec
-            .into_iter()
-            .flat_map(|s| s.containers.iter())
-            .flat_map(|c| c.ports.iter().flatten())
+            .containers
+            .iter()
+            .flat_map(|c| c.ports.iter())
             .filter_map(|p| {
-                Some(PodPort {
+                Some(NamedPort {
                     name: p.name.as_deref()?.into(),
                     protocol: Protocol::from_api(p.protocol.as_deref().unwrap_or("TCP"))?,
                     port: u16::try_from(p.container_port).ok()?,
                 })
             })
             .collect();
-        Some(PodInfo {
-            namespace: namespace.unwrap_or("default").into(),
+        let policy = Pod {
+            namespace: meta
+                .namespace
+                .as_deref()
+                .filter(|n| !n.is_empty())
+                .unwrap_or("default")
+                .into(),
             name: name.into(),
+            labels: Arc::new(meta.labels.unwrap_or_default()),
+            ips,
+            host_iface: None,
+            ports,
+        };
+        Some(PodInfo {
+            policy: Arc::new(policy),
             node: spec
-                .and_then(|s| s.node_name.as_deref())
+                .node_name
+                .as_deref()
                 .filter(|n| !n.is_empty())
                 .map(Arc::from),
-            labels: Arc::new(meta.labels.clone().unwrap_or_default()),
-            ips,
-            ports,
             phase: status
-                .and_then(|s| s.phase.as_deref())
+                .phase
+                .as_deref()
                 .map_or(PodPhase::Unknown, PodPhase::from_api),
             deleting: meta.deletion_timestamp.is_some(),
-            host_network: spec.and_then(|s| s.host_network).unwrap_or(false),
+            host_network: spec.host_network.unwrap_or(false),
         })
     }
 
@@ -171,6 +176,7 @@ impl PodInfo {
 #[derive(Debug, Default, Clone)]
 pub struct Interner {
     labels: std::collections::HashSet<Labels>,
+    ports: std::collections::HashSet<Arc<[NamedPort]>>,
     names: std::collections::HashSet<Arc<str>>,
     live_after_sweep: usize,
 }
@@ -178,13 +184,28 @@ pub struct Interner {
 impl Interner {
     /// Replaces the pod's shareable parts by the shared copies.
     pub fn intern(&mut self, pod: &mut PodInfo) {
-        pod.labels = Self::share(&mut self.labels, &pod.labels);
-        pod.namespace = Self::share(&mut self.names, &pod.namespace);
+        // A pod fresh from its datastore: its policy view is not shared yet.
+        if let Some(p) = Arc::get_mut(&mut pod.policy) {
+            p.labels = Self::share(&mut self.labels, &p.labels);
+            if !p.ports.is_empty() {
+                p.ports = Self::share(&mut self.ports, &p.ports);
+            }
+            p.namespace = Self::share(&mut self.names, &p.namespace);
+        }
         if let Some(node) = &pod.node {
             pod.node = Some(Self::share(&mut self.names, node));
         }
-        if self.labels.len() + self.names.len() > 2 * self.live_after_sweep + 64 {
+        if self.labels.len() + self.ports.len() + self.names.len() > 2 * self.live_after_sweep + 64
+        {
             self.sweep();
+        }
+    }
+
+    /// The same for a slice's namespace and node names.
+    pub fn intern_slice(&mut self, slice: &mut super::SliceInfo) {
+        slice.namespace = Self::share(&mut self.names, &slice.namespace);
+        for node in &mut slice.ready_nodes {
+            *node = Self::share(&mut self.names, node);
         }
     }
 
@@ -204,13 +225,14 @@ impl Interner {
     /// Drops the entries only the table holds.
     fn sweep(&mut self) {
         self.labels.retain(|l| Arc::strong_count(l) > 1);
+        self.ports.retain(|p| Arc::strong_count(p) > 1);
         self.names.retain(|n| Arc::strong_count(n) > 1);
-        self.live_after_sweep = self.labels.len() + self.names.len();
+        self.live_after_sweep = self.labels.len() + self.ports.len() + self.names.len();
     }
 
     #[cfg(test)]
     fn len(&self) -> usize {
-        self.labels.len() + self.names.len()
+        self.labels.len() + self.ports.len() + self.names.len()
     }
 }
 
@@ -219,7 +241,7 @@ mod tests {
     use super::*;
 
     fn pod(v: Value) -> PodInfo {
-        PodInfo::from_pod(&serde_json::from_value(v).unwrap()).unwrap()
+        PodInfo::from_wire(serde_json::from_value(v).unwrap()).unwrap()
     }
 
     #[test]
@@ -279,7 +301,7 @@ mod tests {
             assert_eq!(pod(p.to_value()), p);
         }
         assert!(
-            PodInfo::from_pod(&serde_json::from_value(json!({"metadata": {}})).unwrap()).is_none()
+            PodInfo::from_wire(serde_json::from_value(json!({"metadata": {}})).unwrap()).is_none()
         );
     }
 
@@ -306,7 +328,8 @@ mod tests {
         // Many distinct, short-lived label sets: the table is swept instead of growing.
         for n in 0..1000 {
             let mut p = mk(n);
-            p.labels = Arc::new([("n".to_string(), n.to_string())].into());
+            Arc::make_mut(&mut p.policy).labels =
+                Arc::new([("n".to_string(), n.to_string())].into());
             i.intern(&mut p);
         }
         assert!(i.len() < 200, "interner kept {} entries", i.len());

@@ -6,9 +6,9 @@ use std::net::{IpAddr, Ipv4Addr};
 
 use ipnet::IpNet;
 use k8s_openapi::api::core::v1::{Node, Secret, Service};
-use k8s_openapi::api::discovery::v1::EndpointSlice;
 
 use crate::crd::SecretKeyRef;
+use crate::model::SliceInfo;
 
 /// Node annotation overriding the node's AS number.
 pub const ANN_AS_NUMBER: &str = "sepal.dev/as-number";
@@ -176,34 +176,14 @@ impl ServiceInfo {
 
 /// The services (namespace, name) with at least one ready endpoint on `node`, from EndpointSlices.
 pub fn ready_local_services<'a>(
-    slices: impl IntoIterator<Item = &'a EndpointSlice>,
+    slices: impl IntoIterator<Item = &'a SliceInfo>,
     node: &str,
 ) -> BTreeSet<(String, String)> {
-    let mut out = BTreeSet::new();
-    for s in slices {
-        let Some(svc) = s
-            .metadata
-            .labels
-            .as_ref()
-            .and_then(|l| l.get("kubernetes.io/service-name"))
-        else {
-            continue;
-        };
-        let ns = s
-            .metadata
-            .namespace
-            .clone()
-            .unwrap_or_else(|| "default".into());
-        // A missing `ready` condition means ready, as kube-proxy reads it.
-        let here = s.endpoints.iter().any(|e| {
-            e.node_name.as_deref() == Some(node)
-                && e.conditions.as_ref().and_then(|c| c.ready).unwrap_or(true)
-        });
-        if here {
-            out.insert((ns, svc.clone()));
-        }
-    }
-    out
+    slices
+        .into_iter()
+        .filter(|s| s.ready_on(node))
+        .filter_map(|s| Some((s.namespace.to_string(), s.service.as_deref()?.to_string())))
+        .collect()
 }
 
 /// Looks up a BGP password in the Secrets; errors say which Secret or key is missing.
@@ -253,12 +233,7 @@ pub fn from_model(
             },
             Object::Service(s) => services.push(&**s),
             Object::Secret(s) => secrets.push(&**s),
-            Object::Other(key, value) if key.kind == "EndpointSlice" => {
-                match serde_json::from_value::<EndpointSlice>((**value).clone()) {
-                    Ok(s) => slices.push(s),
-                    Err(e) => errors.push(format!("{key}: {e}")),
-                }
-            }
+            Object::EndpointSlice(s) => slices.push(&**s),
             Object::Other(key, value) if crate::crd::is_sepal_kind(&key.api_version, &key.kind) => {
                 match SepalObject::from_json(value) {
                     Ok(SepalObject::BgpConfiguration(c)) if key.name == DEFAULT_CONFIG_NAME => {
@@ -278,7 +253,7 @@ pub fn from_model(
             _ => {}
         }
     }
-    let ready = ready_local_services(&slices, local);
+    let ready = ready_local_services(slices, local);
     inp.services = services
         .iter()
         .map(|s| ServiceInfo::from_service(s, &ready))
@@ -350,10 +325,11 @@ mod tests {
 
     #[test]
     fn services_and_local_endpoints() {
-        let slice: EndpointSlice = serde_json::from_value(json!({"metadata":{"name":"s-1","namespace":"web",
+        let slice = SliceInfo::from_wire(serde_json::from_value(json!({"metadata":{"name":"s-1","namespace":"web",
             "labels":{"kubernetes.io/service-name":"s"}},"addressType":"IPv4",
             "endpoints":[{"addresses":["10.244.1.5"],"nodeName":"a","conditions":{"ready":true}},
                          {"addresses":["10.244.2.5"],"nodeName":"b","conditions":{"ready":false}}]}))
+        .unwrap())
         .unwrap();
         assert_eq!(ready_local_services([&slice], "a").len(), 1);
         assert!(ready_local_services([&slice], "b").is_empty());

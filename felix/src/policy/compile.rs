@@ -131,7 +131,7 @@ pub(crate) fn validated(cluster: &Cluster) -> (Vec<Policy>, Vec<Problem>) {
 
 /// Does `policy` select `pod`?
 pub(crate) fn selects(policy: &Policy, pod: &Pod) -> bool {
-    pod.namespace == policy.namespace && policy.pod_selector.matches(&pod.labels)
+    *pod.namespace == *policy.namespace && policy.pod_selector.matches(&pod.labels)
 }
 
 /// Labels of every namespace that has pods or a Namespace object, computed once per compile.
@@ -142,10 +142,11 @@ pub(crate) fn ns_labels(cluster: &Cluster) -> NsLabels {
     for name in cluster
         .namespaces
         .keys()
-        .chain(cluster.pods.iter().map(|p| &p.namespace))
+        .map(String::as_str)
+        .chain(cluster.pods.iter().map(|p| &*p.namespace))
     {
         if !out.contains_key(name) {
-            out.insert(name.clone(), cluster.namespace_labels(name));
+            out.insert(name.to_string(), cluster.namespace_labels(name));
         }
     }
     out
@@ -162,14 +163,11 @@ impl<'a> PodIndex<'a> {
     pub(crate) fn new(cluster: &'a Cluster) -> PodIndex<'a> {
         let mut by_ns: BTreeMap<&str, Vec<(usize, &Pod)>> = BTreeMap::new();
         for (i, pod) in cluster.pods.iter().enumerate() {
-            by_ns
-                .entry(pod.namespace.as_str())
-                .or_default()
-                .push((i, pod));
+            by_ns.entry(&*pod.namespace).or_default().push((i, pod));
         }
         PodIndex {
             by_ns,
-            all: cluster.pods.iter().enumerate().collect(),
+            all: cluster.pods.iter().map(|p| &**p).enumerate().collect(),
         }
     }
 
@@ -225,9 +223,9 @@ pub(crate) fn peer_matches_pod(
     match peer {
         PeerSpec::Pods { namespaces, pods } => {
             let ns_ok = match namespaces {
-                None => pod.namespace == policy.namespace,
+                None => *pod.namespace == *policy.namespace,
                 Some(sel) => ns_labels
-                    .get(pod.namespace.as_str())
+                    .get(&*pod.namespace)
                     .is_some_and(|labels| sel.matches(labels)),
             };
             ns_ok && pods.matches(&pod.labels)
@@ -375,7 +373,7 @@ pub(crate) fn compile_group(
     // (found only when that set is not built yet).
     let peer_pods = || -> Vec<&Pod> {
         match &peers {
-            None => cluster.pods.iter().collect(),
+            None => cluster.pods.iter().map(|p| &**p).collect(),
             Some(peers) => {
                 let mut found: BTreeMap<usize, &Pod> = BTreeMap::new();
                 for peer in peers {

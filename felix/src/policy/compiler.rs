@@ -12,6 +12,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
 use super::compile::{
     compile_group, dir_index, endpoint_chain, families_in_use, ns_labels, peer_matches_pod,
@@ -56,7 +57,7 @@ static NEXT_GENERATION: AtomicU64 = AtomicU64::new(1);
 
 #[derive(Debug)]
 struct Validated {
-    source: NetworkPolicy,
+    source: Arc<NetworkPolicy>,
     policy: Option<Named>,
     problems: Vec<Problem>,
 }
@@ -76,7 +77,7 @@ struct State {
     /// False until the first compile, and after one whose input forces the next to start over.
     incremental: bool,
     /// Pods by namespace and name.
-    pods: HashMap<String, HashMap<String, Pod>>,
+    pods: HashMap<Arc<str>, HashMap<Arc<str>, Arc<Pod>>>,
     namespaces: BTreeMap<String, Namespace>,
     families: Vec<Family>,
     policies: HashMap<Key, PolicyPart>,
@@ -168,17 +169,18 @@ impl Compiler {
             state.namespaces = cluster.namespaces.clone();
             state.families = families.clone();
         } else {
-            let mut changed: Vec<(Option<Pod>, Option<&Pod>)> = Vec::new();
+            let mut changed: Vec<(Option<Arc<Pod>>, Option<&Pod>)> = Vec::new();
             for pod in &cluster.pods {
                 let old = state.pod(&pod.namespace, &pod.name);
-                if old != Some(pod) {
-                    changed.push((old.cloned(), Some(pod)));
+                // The caller's unchanged pods are usually the very ones remembered.
+                if !old.is_some_and(|o| Arc::ptr_eq(o, pod) || o == pod) {
+                    changed.push((old.cloned(), Some(&**pod)));
                     state.remember(pod);
                 }
             }
             for (namespace, by_name) in &mut state.pods {
                 by_name.retain(|name, old| {
-                    let keep = pods.contains(&(namespace.as_str(), name.as_str()));
+                    let keep = pods.contains(&(&**namespace, &**name));
                     if !keep {
                         changed.push((Some(old.clone()), None));
                     }
@@ -187,13 +189,13 @@ impl Compiler {
             }
             // A removed pod's namespace may be gone from the cluster; its labels are still known.
             for old in changed.iter().filter_map(|(old, _)| old.as_ref()) {
-                if !ns_labels.contains_key(&old.namespace) {
+                if !ns_labels.contains_key(&*old.namespace) {
                     let labels = cluster.namespace_labels(&old.namespace);
-                    ns_labels.insert(old.namespace.clone(), labels);
+                    ns_labels.insert(old.namespace.to_string(), labels);
                 }
             }
             for (old, new) in &changed {
-                let versions = || old.iter().chain(new.iter().copied());
+                let versions = || old.iter().map(|p| &**p).chain(new.iter().copied());
                 dirty.extend(versions().filter_map(|p| p.host_iface.clone()));
                 for (key, n) in &named {
                     if !affected.contains(*key)
@@ -269,7 +271,7 @@ impl Compiler {
             state.rs.endpoints.remove(&iface);
             if let Some(pod) = local.get(iface.as_str()) {
                 let selecting: Vec<&Named> = by_namespace
-                    .get(pod.namespace.as_str())
+                    .get(&*pod.namespace)
                     .into_iter()
                     .flatten()
                     .filter(|n| selects(&n.policy, pod))
@@ -303,7 +305,10 @@ fn revalidate(cache: &mut HashMap<Key, Validated>, cluster: &Cluster) -> BTreeSe
             np.metadata.namespace.clone().unwrap_or_default(),
             np.metadata.name.clone().unwrap_or_default(),
         );
-        if cache.get(&key).is_none_or(|v| v.source != *np) {
+        if cache
+            .get(&key)
+            .is_none_or(|v| !Arc::ptr_eq(&v.source, np) && v.source != *np)
+        {
             let (policy, problems) = validate(np);
             let policy = policy.map(|policy| Named {
                 chain: DIRECTIONS.map(|d| policy_chain(&policy, d)),
@@ -405,11 +410,11 @@ fn compile_policy(ctx: &mut Ctx, named: &Named) -> (PolicyPart, Vec<(String, Cha
 }
 
 impl State {
-    fn pod(&self, namespace: &str, name: &str) -> Option<&Pod> {
+    fn pod(&self, namespace: &str, name: &str) -> Option<&Arc<Pod>> {
         self.pods.get(namespace)?.get(name)
     }
 
-    fn remember(&mut self, pod: &Pod) {
+    fn remember(&mut self, pod: &Arc<Pod>) {
         let by_name = match self.pods.get_mut(&pod.namespace) {
             Some(m) => m,
             None => self.pods.entry(pod.namespace.clone()).or_default(),

@@ -205,7 +205,7 @@ impl<'a> Explainer<'a> {
         let mut pod_by_ip = HashMap::new();
         for pod in &cluster.pods {
             for ip in &pod.ips {
-                pod_by_ip.entry(*ip).or_insert(pod);
+                pod_by_ip.entry(*ip).or_insert(&**pod);
             }
         }
         Explainer {

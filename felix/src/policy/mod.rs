@@ -31,6 +31,7 @@ mod validate;
 use std::collections::BTreeMap;
 use std::fmt;
 use std::net::IpAddr;
+use std::sync::Arc;
 
 pub use addr::{AddrRanges, Family};
 pub use compile::{
@@ -53,8 +54,11 @@ pub const NAMESPACE_NAME_LABEL: &str = "kubernetes.io/metadata.name";
 #[derive(Debug, Clone, Default)]
 pub struct Cluster {
     pub namespaces: BTreeMap<String, Namespace>,
-    pub pods: Vec<Pod>,
-    pub policies: Vec<NetworkPolicy>,
+    /// Shared: the caller, the compiler's memory of the last compile and the revocation thread
+    /// each hold the cluster's pods, a pointer each.
+    pub pods: Vec<Arc<Pod>>,
+    /// Shared like the pods (the compiler keeps each policy it validated, to see what changed).
+    pub policies: Vec<Arc<NetworkPolicy>>,
 }
 
 /// A namespace and its labels.
@@ -64,24 +68,29 @@ pub struct Namespace {
     pub labels: BTreeMap<String, String>,
 }
 
-/// A pod as policy sees it.
+/// Labels, shared: a pod's labels are usually its ReplicaSet's, and the compiler keeps a copy of
+/// every pod of the cluster besides its caller's.
+pub type Labels = Arc<BTreeMap<String, String>>;
+
+/// A pod as policy sees it. The shared parts (`Arc`) make a copy of a cluster's pods cost a few
+/// words per pod, not a copy of its labels and names.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Pod {
-    pub namespace: String,
-    pub name: String,
-    pub labels: BTreeMap<String, String>,
+    pub namespace: Arc<str>,
+    pub name: Arc<str>,
+    pub labels: Labels,
     /// The pod's IPs (Pod status `podIPs`); a pod without IPs yet is in no address set.
     pub ips: Vec<IpAddr>,
     /// Host-side veth of a pod on this node; `None` for pods on other nodes.
     pub host_iface: Option<String>,
     /// Named container ports (`containers[].ports[]` with a `name`).
-    pub ports: Vec<NamedPort>,
+    pub ports: Arc<[NamedPort]>,
 }
 
 /// A named container port.
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct NamedPort {
-    pub name: String,
+    pub name: Box<str>,
     pub protocol: Protocol,
     pub port: u16,
 }
@@ -151,7 +160,8 @@ impl Cluster {
     pub fn pod(&self, namespace: &str, name: &str) -> Option<&Pod> {
         self.pods
             .iter()
-            .find(|p| p.namespace == namespace && p.name == name)
+            .find(|p| &*p.namespace == namespace && &*p.name == name)
+            .map(|p| &**p)
     }
 }
 
@@ -160,7 +170,7 @@ impl Pod {
     pub fn named_port(&self, name: &str, protocol: Protocol) -> Option<u16> {
         self.ports
             .iter()
-            .find(|p| p.name == name && p.protocol == protocol)
+            .find(|p| &*p.name == name && p.protocol == protocol)
             .map(|p| p.port)
     }
 }

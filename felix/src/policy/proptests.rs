@@ -112,14 +112,14 @@ fn apply(c: &mut Cluster, change: &Change) {
                     port: 8000 + p as u16,
                 }],
             };
-            let pod = Pod {
+            let pod = std::sync::Arc::new(Pod {
                 host_iface: (local > 0).then(|| format!("sep{ns}{name}")),
-                namespace: ns,
-                name,
-                labels: l,
+                namespace: ns.into(),
+                name: name.into(),
+                labels: l.into(),
                 ips,
-                ports,
-            };
+                ports: ports.into(),
+            });
             match c
                 .pods
                 .iter_mut()
@@ -132,7 +132,7 @@ fn apply(c: &mut Cluster, change: &Change) {
         Change::DeletePod { ns, name } => {
             let name = format!("p{name}");
             c.pods
-                .retain(|p| !(p.namespace == NAMESPACES[ns as usize] && p.name == name));
+                .retain(|p| !(&*p.namespace == NAMESPACES[ns as usize] && *p.name == *name));
         }
         Change::UpsertPolicy { ns, name, template } => {
             let (ns, name) = (NAMESPACES[ns as usize], format!("np{name}"));
@@ -140,7 +140,8 @@ fn apply(c: &mut Cluster, change: &Change) {
                 "metadata: {{name: {name}, namespace: {ns}}}\n{}\n",
                 TEMPLATES[template as usize]
             );
-            let np: NetworkPolicy = serde_norway::from_str(&yaml).unwrap();
+            let np: std::sync::Arc<NetworkPolicy> =
+                std::sync::Arc::new(serde_norway::from_str(&yaml).unwrap());
             match c.policies.iter_mut().find(|p| {
                 p.metadata.namespace.as_deref() == Some(ns)
                     && p.metadata.name.as_deref() == Some(&name)

@@ -21,24 +21,25 @@ pub(crate) fn cluster(policies: &[&str]) -> Cluster {
             for port in [80u16, 81] {
                 for proto in [Protocol::Tcp, Protocol::Udp, Protocol::Sctp] {
                     ports.push(NamedPort {
-                        name: format!("serve-{port}-{}", proto.nft()),
+                        name: format!("serve-{port}-{}", proto.nft()).into(),
                         protocol: proto,
                         port,
                     });
                 }
             }
-            c.pods.push(Pod {
-                namespace: ns.to_string(),
-                name: pod.to_string(),
-                labels: BTreeMap::from([("pod".to_string(), pod.to_string())]),
+            c.pods.push(std::sync::Arc::new(Pod {
+                namespace: (*ns).into(),
+                name: (*pod).into(),
+                labels: BTreeMap::from([("pod".to_string(), pod.to_string())]).into(),
                 ips: vec![format!("10.244.0.{}", 10 + ni * 3 + pi).parse().unwrap()],
                 host_iface: Some(format!("sep{ns}{pod}")),
-                ports,
-            });
+                ports: ports.into(),
+            }));
         }
     }
     for p in policies {
-        c.policies.push(serde_norway::from_str(p).unwrap());
+        c.policies
+            .push(std::sync::Arc::new(serde_norway::from_str(p).unwrap()));
     }
     c
 }
@@ -174,11 +175,11 @@ spec:
     assert_eq!(named.elements.len(), 6);
     // A new pod in y only adds one element.
     let mut c2 = c.clone();
-    let mut newpod = c.pods[4].clone();
+    let mut newpod = (*c.pods[4]).clone();
     newpod.name = "d".into();
     newpod.ips = vec!["10.244.0.99".parse().unwrap()];
     newpod.host_iface = None;
-    c2.pods.push(newpod);
+    c2.pods.push(newpod.into());
     let diff = nft::render_diff(&a, &compile(&c2), &nft::Options::default());
     assert_eq!(diff.lines().count(), 1, "{diff}");
     assert!(diff.contains("10.244.0.99 . udp . 80"));
@@ -370,8 +371,13 @@ fn a_reused_compiler_equals_a_fresh_one() {
         let mut c = cluster(policies);
         // A policy edited in place (same name, new content) and a pod relabelled.
         if i == 4 {
-            c.policies[0].spec.as_mut().unwrap().policy_types = Some(vec!["Egress".into()]);
-            c.pods[1].labels.insert("pod".into(), "a".into());
+            std::sync::Arc::make_mut(&mut c.policies[0])
+                .spec
+                .as_mut()
+                .unwrap()
+                .policy_types = Some(vec!["Egress".into()]);
+            let pod = std::sync::Arc::make_mut(&mut c.pods[1]);
+            std::sync::Arc::make_mut(&mut pod.labels).insert("pod".into(), "a".into());
         }
         assert_eq!(compiler.compile(&c), compile(&c), "step {i}");
     }

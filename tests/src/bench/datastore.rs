@@ -33,6 +33,9 @@ const TARGET_READY_MS: f64 = 5000.0;
 struct Args {
     sizes: Sizes,
     runs: usize,
+    /// Keep the loaded cluster after the runs and run the agent again for every line read on
+    /// stdin (for profiling a rebuilt agent without loading the cluster again).
+    hold: bool,
 }
 
 fn parse(args: &[String]) -> Result<Args> {
@@ -44,9 +47,14 @@ fn parse(args: &[String]) -> Result<Args> {
             services: 2000,
         },
         runs: 3,
+        hold: false,
     };
     let mut it = args.iter();
     while let Some(flag) = it.next() {
+        if flag == "--hold" {
+            a.hold = true;
+            continue;
+        }
         let v: usize = it
             .next()
             .and_then(|v| v.parse().ok())
@@ -58,7 +66,7 @@ fn parse(args: &[String]) -> Result<Args> {
             "--services" => a.sizes.services = v,
             "--runs" => a.runs = v,
             other => {
-                bail!("unknown option {other}; use --nodes/--pods/--policies/--services/--runs N")
+                bail!("unknown option {other}; use --nodes/--pods/--policies/--services/--runs N, --hold")
             }
         }
     }
@@ -107,6 +115,29 @@ fn measure(cluster: &Cluster, netns: &Netns, kubeconfig: &std::path::Path) -> Re
         idle: requests::total(&idle),
         audited: requests::audited(cluster, audit_before),
     })
+}
+
+fn report(i: usize, m: &Measured) {
+    let r = &m.run;
+    println!(
+        "run {i}: ready in {:.0} ms (CPU {:.0} ms, RSS {:.1} MiB); first status round at {}; \
+         peak RSS {:.1} MiB (at the end {:.1} MiB anonymous, {:.1} MiB file), CPU {:.0} ms; \
+         API requests {} by the metrics {:?} (less {} of the idle window), {} audited {:?}",
+        r.ready_ms,
+        r.cpu_ready_ms,
+        mib(r.rss_ready_kib),
+        r.status_ms.map_or("-".into(), |t| format!("{t:.0} ms")),
+        mib(r.hwm_kib),
+        mib(r.anon_kib),
+        mib(r.file_kib),
+        r.cpu_total_ms,
+        requests::total(&m.api_requests),
+        m.api_requests,
+        m.idle,
+        requests::total(&m.audited),
+        m.audited,
+    );
+    println!("  ms after exec: {}", timeline::describe(&r.milestones));
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -159,27 +190,23 @@ pub fn run(args: &[String]) -> Result<()> {
     let mut runs = Vec::new();
     for i in 1..=a.runs {
         let m = measure(&cluster, &netns, &kubeconfig)?;
-        let r = &m.run;
-        println!(
-            "run {i}: ready in {:.0} ms (CPU {:.0} ms, RSS {:.1} MiB); first status round at {}; \
-             peak RSS {:.1} MiB (at the end {:.1} MiB anonymous, {:.1} MiB file), CPU {:.0} ms; \
-             API requests {} by the metrics {:?} (less {} of the idle window), {} audited {:?}",
-            r.ready_ms,
-            r.cpu_ready_ms,
-            mib(r.rss_ready_kib),
-            r.status_ms.map_or("-".into(), |t| format!("{t:.0} ms")),
-            mib(r.hwm_kib),
-            mib(r.anon_kib),
-            mib(r.file_kib),
-            r.cpu_total_ms,
-            requests::total(&m.api_requests),
-            m.api_requests,
-            m.idle,
-            requests::total(&m.audited),
-            m.audited,
-        );
-        println!("  ms after exec: {}", timeline::describe(&r.milestones));
+        report(i, &m);
         runs.push(m);
+    }
+
+    if a.hold {
+        println!(
+            "holding the cluster: a line on stdin runs the agent again, the end of stdin finishes"
+        );
+        let mut line = String::new();
+        let mut i = runs.len();
+        while std::io::stdin().read_line(&mut line)? > 0 {
+            line.clear();
+            i += 1;
+            let m = measure(&cluster, &netns, &kubeconfig)?;
+            report(i, &m);
+            runs.push(m);
+        }
     }
 
     let ready: Vec<f64> = runs.iter().map(|m| m.run.ready_ms.round()).collect();

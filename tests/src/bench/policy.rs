@@ -65,8 +65,8 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
-fn named_ports() -> Vec<NamedPort> {
-    vec![
+fn named_ports() -> Arc<[NamedPort]> {
+    Arc::new([
         NamedPort {
             name: "http".into(),
             protocol: Protocol::Tcp,
@@ -77,25 +77,29 @@ fn named_ports() -> Vec<NamedPort> {
             protocol: Protocol::Tcp,
             port: 9090,
         },
-    ]
+    ])
 }
 
-fn pod(ns: &str, name: String, labels: &[(&str, String)], ip: Ipv4Addr, local: bool) -> Pod {
-    Pod {
+fn pod(ns: &str, name: String, labels: &[(&str, String)], ip: Ipv4Addr, local: bool) -> Arc<Pod> {
+    Arc::new(Pod {
         namespace: ns.into(),
         host_iface: local.then(|| format!("sep{}", &name[..name.len().min(12)])),
-        name,
-        labels: labels
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.clone()))
-            .collect(),
+        name: name.into(),
+        labels: Arc::new(
+            labels
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.clone()))
+                .collect(),
+        ),
         ips: vec![IpAddr::V4(ip)],
         ports: named_ports(),
-    }
+    })
 }
 
-fn policy(yaml: &str) -> Result<NetworkPolicy> {
-    serde_norway::from_str(yaml).context("bench policy")
+fn policy(yaml: &str) -> Result<Arc<NetworkPolicy>> {
+    serde_norway::from_str(yaml)
+        .map(Arc::new)
+        .context("bench policy")
 }
 
 /// 10 namespaces × pods/10 pods (all on this node), `policies` policies of mixed shapes.
@@ -340,26 +344,26 @@ fn datapath_cluster(peers: usize) -> Result<(Cluster, Vec<Ipv4Addr>)> {
     c.policies.push(policy(&format!(
         "metadata: {{name: server, namespace: bench}}\nspec:\n  podSelector: {{matchLabels: {{app: server}}}}\n  ingress:\n{rules}"
     ))?);
-    c.pods.push(Pod {
+    c.pods.push(Arc::new(Pod {
         host_iface: Some("sepcli".into()),
-        ..pod(
+        ..Arc::unwrap_or_clone(pod(
             "bench",
             "client".into(),
             &[("app", "client".into())],
             CLI_IP,
             false,
-        )
-    });
-    c.pods.push(Pod {
+        ))
+    }));
+    c.pods.push(Arc::new(Pod {
         host_iface: Some("sepsrv".into()),
-        ..pod(
+        ..Arc::unwrap_or_clone(pod(
             "bench",
             "server".into(),
             &[("app", "server".into())],
             SRV_IP,
             false,
-        )
-    });
+        ))
+    }));
     Ok((c, sources))
 }
 
