@@ -6,7 +6,9 @@ use crate::model::wire::SliceWire;
 use crate::model::{Event, KindKey, Object, ObjectKey, SliceInfo};
 use anyhow::{Context, Result};
 use futures::StreamExt;
-use k8s_openapi::api::core::v1::{Namespace, Node, NodeStatus, Service};
+use k8s_openapi::api::core::v1::{
+    Namespace, Node, NodeStatus, Service, ServiceSpec, ServiceStatus,
+};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::api::{DynamicObject, Patch, PatchParams};
@@ -95,6 +97,30 @@ pub fn strip_node(n: Node) -> Node {
     }
 }
 
+/// A Service: what routing advertises (external and load-balancer IPs, whether only nodes with
+/// a local endpoint may) and its type. Ports, selectors and cluster IPs are kube-proxy's.
+pub fn strip_service(s: Service) -> Service {
+    let spec = s.spec.map(|spec| ServiceSpec {
+        type_: spec.type_,
+        external_ips: spec.external_ips.filter(|ips| !ips.is_empty()),
+        external_traffic_policy: spec.external_traffic_policy,
+        ..Default::default()
+    });
+    let status = s
+        .status
+        .and_then(|st| st.load_balancer)
+        .filter(|lb| lb.ingress.as_ref().is_some_and(|i| !i.is_empty()))
+        .map(|lb| ServiceStatus {
+            load_balancer: Some(lb),
+            ..Default::default()
+        });
+    Service {
+        metadata: strip_meta(s.metadata),
+        spec,
+        status,
+    }
+}
+
 /// Any object brought to the shape the model keeps (both datastores can use this).
 pub fn strip(obj: Object) -> Object {
     match obj {
@@ -108,10 +134,7 @@ pub fn strip(obj: Object) -> Object {
             n.status = None;
             Object::Namespace(n)
         }
-        Object::Service(mut s) => {
-            s.metadata = strip_meta(s.metadata);
-            Object::Service(s)
-        }
+        Object::Service(s) => Object::Service(Box::new(strip_service(*s))),
         Object::Secret(mut s) => {
             s.metadata = strip_meta(s.metadata);
             Object::Secret(s)
