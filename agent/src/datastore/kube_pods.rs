@@ -144,9 +144,8 @@ async fn watch_once(
     if initial && tx.send(Event::ListStart(pod_kind())).await.is_err() {
         return Outcome::Closed;
     }
-    if progress.synced || !initial {
-        crate::metrics::metrics().health.set_forbidden(WHAT, false);
-    }
+    // Served: whatever RBAC refused before is granted now.
+    crate::metrics::metrics().health.set_forbidden(WHAT, false);
     let mut body = response.into_body();
     let mut framer = proto::Framer::default();
     // Events of this watch; during a watch list, the pods listed so far. The resume point is set
