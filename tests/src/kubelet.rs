@@ -24,6 +24,8 @@ pub struct NodeOptions {
     /// A CNI conflist (JSON) to install, with Debian's reference plugins (/usr/lib/cni) beside
     /// it; without one the node stays NotReady until something installs a network.
     pub cni_conflist: Option<String>,
+    /// Also import the Sepal image (`sepal lab image`) from the test's binaries.
+    pub sepal_image: bool,
 }
 
 /// A running node, owned by the test.
@@ -121,6 +123,9 @@ impl KubeletNode {
         }
         for a in &o.kubelet_args {
             cmd.arg(format!("--kubelet-arg={a}"));
+        }
+        if o.sepal_image {
+            cmd.arg("--sepal-image");
         }
         if let Some(conflist) = &o.cni_conflist {
             let file = dir.path().join("10-test.conflist");

@@ -254,3 +254,102 @@ fn a_failing_kubelet_names_itself_and_leaves_nothing() {
     assert_eq!(processes_mentioning(&dir), vec![]);
     assert_eq!(mounts_under(Path::new(&dir)), Vec::<String>::new());
 }
+
+/// The Sepal image, as `sepal lab image` makes it from the built binaries (no registry, no base
+/// image), imported into a node's containerd and run: `sepal --version`, and the programs the
+/// agent and install-cni run inside it (nft, conntrack, sh, cp, mv, chmod) load their libraries.
+#[test]
+fn the_sepal_image_runs_on_a_node() {
+    require_root();
+    for b in ["kubelet", "containerd", "agnhost", "pause"] {
+        assert!(
+            kube_bin_dir().join(b).is_file(),
+            "{b} missing in {}: run scripts/kube-build",
+            kube_bin_dir().display()
+        );
+    }
+    let node_ns = Netns::new("ks");
+    node_ns.run("ip link set lo up; ip addr add 10.0.8.2/32 dev lo");
+    node_ns.run("sysctl -qw net.ipv4.ip_forward=1");
+    let cluster = Cluster::start_with(Options {
+        netns: Some(node_ns.path()),
+        // Lifts the not-ready taint kubelet registers with, once the Node is Ready.
+        node_lifecycle: true,
+        ..Options::default()
+    });
+    let lab = format!("s{}", std::process::id());
+    let ipam = tempfile::tempdir().expect("tempdir");
+    let started = std::time::Instant::now();
+    let node = KubeletNode::start(
+        &cluster,
+        &node_ns,
+        &lab,
+        "node1",
+        NodeOptions {
+            node_ip: Some("10.0.8.2".into()),
+            cni_conflist: Some(ptp_conflist("10.250.1.0/24", ipam.path())),
+            sepal_image: true,
+            ..NodeOptions::default()
+        },
+    );
+    let images: Vec<String> = serde_json::from_value(node.info["images"].clone()).unwrap();
+    let image = format!("sepal.dev/sepal:v{}", env!("CARGO_PKG_VERSION"));
+    assert!(images.contains(&image), "{images:?}");
+    eprintln!(
+        "node Ready with the Sepal image in {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+
+    let pod = json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": { "name": "sepal-version", "namespace": "default" },
+        "spec": {
+            "restartPolicy": "Never",
+            "terminationGracePeriodSeconds": 1,
+            "containers": [
+                { "name": "version", "image": image, "imagePullPolicy": "Never",
+                  "command": ["sepal", "--version"] },
+                { "name": "tools", "image": image, "imagePullPolicy": "Never",
+                  "command": ["/bin/sh", "-ec",
+                      "nft --version; conntrack --version; cp --version >/dev/null; \
+                       mv --version >/dev/null; chmod --version >/dev/null; \
+                       test -x /usr/local/bin/sepal-cni; echo tools-ok"] },
+            ],
+        }
+    });
+    cluster.apply(&[pod]);
+    let done = wait_for(
+        "the Pod to finish",
+        || cluster.get("pods", "default", "sepal-version"),
+        |p| {
+            p.as_ref().is_some_and(|p| {
+                p["status"]["phase"] == "Succeeded" || p["status"]["phase"] == "Failed"
+            })
+        },
+    )
+    .unwrap();
+    let version = cluster.kubectl(&["logs", "sepal-version", "-c", "version"]);
+    let tools = cluster.kubectl(&["logs", "sepal-version", "-c", "tools"]);
+    assert_eq!(
+        done["status"]["phase"],
+        "Succeeded",
+        "{}\nversion: {version}\ntools: {tools}\nkubelet:\n{}",
+        done["status"],
+        node.log("kubelet")
+    );
+    assert_eq!(
+        version.trim(),
+        format!("sepal {}", env!("CARGO_PKG_VERSION"))
+    );
+    assert!(tools.contains("nftables v"), "{tools}");
+    assert!(tools.contains("conntrack v"), "{tools}");
+    assert!(tools.contains("tools-ok"), "{tools}");
+    eprintln!(
+        "the Sepal image's Pod succeeded {:.1} s after the start",
+        started.elapsed().as_secs_f64()
+    );
+    let dir = node.dir();
+    node.stop();
+    assert_eq!(processes_mentioning(&dir.display().to_string()), vec![]);
+    assert_eq!(mounts_under(&dir), Vec::<String>::new());
+}

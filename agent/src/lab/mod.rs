@@ -106,6 +106,13 @@ pub enum LabCommand {
     /// registered with a control plane's API server; the tests start it.
     #[command(hide = true)]
     NodeRuntime(node_runtime::NodeRuntimeArgs),
+    /// Writes the Sepal image (the binaries beside this one, the programs and libraries they
+    /// use) as an OCI archive into DIR, for `ctr images import`; prints its name and path.
+    #[command(hide = true)]
+    Image {
+        #[arg(long)]
+        out: PathBuf,
+    },
     /// Relays the lab's API server into its node namespaces (started by `up`).
     #[command(hide = true)]
     ApiRelay {
@@ -131,6 +138,9 @@ pub enum LabDatastore {
 }
 
 pub fn run(args: LabArgs) -> Result<()> {
+    if let LabCommand::Image { out } = &args.command {
+        return node_runtime::sepal_image::run(out);
+    }
     if !nix::unistd::geteuid().is_root() {
         bail!("sepal lab needs root: it creates network namespaces and veths");
     }
@@ -169,6 +179,7 @@ pub fn run(args: LabArgs) -> Result<()> {
         LabCommand::ApiRelay { name } => relay::run(&LabState::load(&name)?),
         LabCommand::ControlPlane(args) => control_plane::run(args),
         LabCommand::NodeRuntime(args) => node_runtime::run(args),
+        LabCommand::Image { .. } => unreachable!("handled above"),
     }
 }
 

@@ -1,6 +1,7 @@
 //! Container images without a registry: OCI image-layout archives (one uncompressed layer, a
 //! config with the entrypoint) written directly, as `ctr -n k8s.io images import` reads them.
-//! The lab's pause and agnhost images are static binaries, so one layer holds all they need.
+//! The lab's pause and agnhost images are static binaries, so one layer holds all they need;
+//! the Sepal image (`sepal_image.rs`) adds the shared libraries its programs load.
 
 use anyhow::{bail, Context, Result};
 use serde_json::json;
@@ -71,7 +72,7 @@ impl ImageNames {
 
 /// The directories every container's root has (runc mounts /proc, /sys, /dev onto them, and
 /// kubelet's /etc/hosts and /etc/resolv.conf go into /etc).
-fn base_dirs() -> Vec<(String, Entry)> {
+pub(crate) fn base_dirs() -> Vec<(String, Entry)> {
     ["dev", "etc", "proc", "sys", "tmp", "var", "var/run"]
         .iter()
         .map(|d| {

@@ -14,6 +14,7 @@ pub mod host;
 pub mod images;
 pub mod kube_proxy;
 pub mod kubelet;
+pub mod sepal_image;
 
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
@@ -72,6 +73,9 @@ pub struct NodeRuntimeArgs {
     /// Where scripts/kube-build put the binaries (default: target/kube/bin beside this one).
     #[arg(long, env = "SEPAL_KUBE_BIN")]
     pub bin_dir: Option<PathBuf>,
+    /// Also import the Sepal image (`sepal lab image`), made from the binaries beside this one.
+    #[arg(long)]
+    pub sepal_image: bool,
     /// Remove the directory once the node is torn down.
     #[arg(long)]
     pub remove_on_exit: bool,
@@ -98,6 +102,8 @@ pub struct NodeSpec {
     pub cni: Option<(PathBuf, PathBuf)>,
     /// Where the image archives are written (shared by a lab's nodes).
     pub image_cache: PathBuf,
+    /// The directory of Sepal's binaries, when the node imports the Sepal image too.
+    pub sepal_image: Option<PathBuf>,
 }
 
 /// Where each file of a node is, under its directory.
@@ -359,16 +365,19 @@ impl Node {
 
         // The lab's images, written once (into the image cache nodes may share) and imported
         // where CRI finds them.
-        for image in [
+        let mut wanted = vec![
             images::pause(&names, &self.spec.bin),
             images::agnhost(&names, &self.spec.bin),
-        ] {
+        ];
+        if let Some(dir) = &self.spec.sepal_image {
+            wanted.push(sepal_image::image(dir)?);
+        }
+        for image in wanted {
             let t = Instant::now();
-            let base = image.name.rsplit('/').next().unwrap_or("image");
             let file = self
                 .spec
                 .image_cache
-                .join(format!("{}.tar", base.replace(':', "_")));
+                .join(sepal_image::archive_name(&image.name));
             images::ensure_archive(&image, &file)?;
             let written = t.elapsed();
             containerd::import(&self.spec.bin, &self.layout, &file)
@@ -577,8 +586,16 @@ fn resolve(a: &NodeRuntimeArgs) -> Result<(NodeSpec, NodeLayout)> {
         Some(d) => std::path::absolute(d)?,
         None => layout.images(),
     };
+    let sepal_image = match a.sepal_image {
+        true => {
+            let exe = std::env::current_exe().context("the running sepal's path")?;
+            Some(exe.parent().context("sepal's directory")?.to_path_buf())
+        }
+        false => None,
+    };
     let spec = NodeSpec {
         image_cache,
+        sepal_image,
         lab: a.lab.clone(),
         name: a.name.clone(),
         bin,
@@ -694,6 +711,7 @@ mod tests {
             kube_proxy: Some(kube_proxy::ProxyMode::Nftables),
             cni: None,
             image_cache: "/node/images".into(),
+            sepal_image: None,
         };
         (
             spec,
