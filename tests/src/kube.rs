@@ -57,21 +57,27 @@ pub struct Cluster {
 
 impl Drop for Cluster {
     fn drop(&mut self) {
-        // SAFETY: kill(2) on our own child's PID.
-        unsafe {
-            libc::kill(self.supervisor.id() as i32, libc::SIGTERM);
-        }
-        let deadline = Instant::now() + Duration::from_secs(45);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.supervisor.try_wait() {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        let _ = self.supervisor.kill();
-        let _ = self.supervisor.wait();
+        stop_supervisor(&mut self.supervisor, Duration::from_secs(45));
         drop(self.dir.take());
     }
+}
+
+/// Stops a supervisor (`sepal lab control-plane`, `sepal lab node-runtime`) as its users would:
+/// SIGTERM, so it stops its components and cleans up, then SIGKILL once `grace` is over.
+pub(crate) fn stop_supervisor(supervisor: &mut Child, grace: Duration) {
+    // SAFETY: kill(2) on our own child's PID.
+    unsafe {
+        libc::kill(supervisor.id() as i32, libc::SIGTERM);
+    }
+    let deadline = Instant::now() + grace;
+    while Instant::now() < deadline {
+        if let Ok(Some(_)) = supervisor.try_wait() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _ = supervisor.kill();
+    let _ = supervisor.wait();
 }
 
 impl Cluster {

@@ -10,7 +10,7 @@ use serde_json::Value;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// How a test wants its node.
 #[derive(Debug, Clone, Default)]
@@ -61,20 +61,8 @@ pub fn ptp_conflist(subnet: &str, data_dir: &Path) -> String {
 
 impl Drop for KubeletNode {
     fn drop(&mut self) {
-        // SAFETY: kill(2) on our own child's PID.
-        unsafe {
-            libc::kill(self.supervisor.id() as i32, libc::SIGTERM);
-        }
         // kubelet and containerd get 10 s each, then the cleanup of Pods, mounts and cgroups.
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.supervisor.try_wait() {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        let _ = self.supervisor.kill();
-        let _ = self.supervisor.wait();
+        crate::kube::stop_supervisor(&mut self.supervisor, Duration::from_secs(60));
         drop(self.dir.take());
     }
 }

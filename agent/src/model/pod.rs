@@ -109,12 +109,7 @@ impl PodInfo {
             })
             .collect();
         let policy = Pod {
-            namespace: meta
-                .namespace
-                .as_deref()
-                .filter(|n| !n.is_empty())
-                .unwrap_or("default")
-                .into(),
+            namespace: super::wire::namespace_of(meta.namespace.as_deref()),
             name: name.into(),
             labels: Arc::new(meta.labels.unwrap_or_default()),
             ips,

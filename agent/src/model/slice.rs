@@ -33,12 +33,7 @@ impl SliceInfo {
         ready_nodes.sort();
         ready_nodes.dedup();
         Some(SliceInfo {
-            namespace: meta
-                .namespace
-                .as_deref()
-                .filter(|n| !n.is_empty())
-                .unwrap_or("default")
-                .into(),
+            namespace: super::wire::namespace_of(meta.namespace.as_deref()),
             name: name.into(),
             service: meta
                 .labels

@@ -36,6 +36,14 @@ fn lean_meta<'de, D: Deserializer<'de>>(d: D) -> Result<ObjectMeta, D::Error> {
     })
 }
 
+/// An object's namespace as the API server defaults it: `default` when unset or empty.
+pub fn namespace_of(namespace: Option<&str>) -> std::sync::Arc<str> {
+    namespace
+        .filter(|n| !n.is_empty())
+        .unwrap_or("default")
+        .into()
+}
+
 /// A Pod as the model reads it (see `PodInfo::from_wire`).
 #[derive(Debug, Clone, Default, Deserialize)]
 pub struct PodWire {

@@ -10,7 +10,7 @@
 //! that names it and its log.
 
 pub mod components;
-mod pki;
+pub(crate) mod pki;
 
 use anyhow::{bail, Context, Result};
 use components::{args, ClusterSettings, Component, Layout, Ports};
@@ -181,10 +181,16 @@ fn spawn(
     ports: &Ports,
     s: &ClusterSettings,
 ) -> Result<Child> {
-    let log = l.log(c);
-    let file = std::fs::File::create(&log).with_context(|| format!("create {}", log.display()))?;
-    let mut cmd = Command::new(bin.join(c.binary()));
-    cmd.args(args(c, l, ports, s))
+    spawn_logged(&bin.join(c.binary()), &args(c, l, ports, s), &l.log(c))
+}
+
+/// Starts a supervised program (a control-plane component, a node's containerd or kubelet):
+/// stdin closed, its output to `log`, killed when the supervisor dies (PR_SET_PDEATHSIG) or drops
+/// its handle.
+pub(crate) fn spawn_logged(program: &Path, args: &[String], log: &Path) -> Result<Child> {
+    let file = std::fs::File::create(log).with_context(|| format!("create {}", log.display()))?;
+    let mut cmd = Command::new(program);
+    cmd.args(args)
         .stdin(std::process::Stdio::null())
         .stdout(file.try_clone()?)
         .stderr(file)
@@ -199,7 +205,7 @@ fn spawn(
         });
     }
     cmd.spawn()
-        .with_context(|| format!("start {}", bin.join(c.binary()).display()))
+        .with_context(|| format!("start {}", program.display()))
 }
 
 /// A plain HTTP GET on loopback (etcd's health endpoint): the status line's code and the body.

@@ -23,7 +23,8 @@ pub fn serving_names(service_ip: &str) -> Vec<String> {
     names
 }
 
-fn openssl(dir: &Path, args: &[&str]) -> Result<()> {
+/// Runs openssl in `dir`; a failure says which command and what openssl printed.
+pub(crate) fn openssl(dir: &Path, args: &[&str]) -> Result<()> {
     let out = Command::new("openssl")
         .args(args)
         .current_dir(dir)

@@ -2,25 +2,9 @@
 //! `system:nodes`, signed by the control plane's CA), its kubeconfig, its config file and flags.
 
 use super::{NodeLayout, NodeSpec};
-use anyhow::{bail, Context, Result};
+use crate::lab::control_plane::pki::openssl;
+use anyhow::Result;
 use std::path::Path;
-use std::process::Command;
-
-fn openssl(dir: &Path, args: &[&str]) -> Result<()> {
-    let out = Command::new("openssl")
-        .args(args)
-        .current_dir(dir)
-        .output()
-        .context("run openssl (Debian package openssl)")?;
-    if !out.status.success() {
-        bail!(
-            "openssl {}: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(())
-}
 
 /// kubelet's client certificate (`kubelet.crt`, `kubelet.key` in the node's pki directory):
 /// CN=system:node:NAME, O=system:nodes, so the Node authorizer lets it register its Node and

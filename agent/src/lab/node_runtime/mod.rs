@@ -21,7 +21,7 @@ use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
-use tokio::process::{Child, Command};
+use tokio::process::Child;
 
 /// Debian's runc (package runc); crun refuses the lab machines' hybrid cgroup layout.
 pub const RUNC: &str = "/usr/sbin/runc";
@@ -180,24 +180,7 @@ fn tail(path: &Path, lines: usize) -> String {
 }
 
 fn spawn(program: &Path, args: &[String], log: &Path) -> Result<Child> {
-    let file = std::fs::File::create(log).with_context(|| format!("create {}", log.display()))?;
-    let mut cmd = Command::new(program);
-    cmd.args(args)
-        .stdin(std::process::Stdio::null())
-        .stdout(file.try_clone()?)
-        .stderr(file)
-        .kill_on_drop(true);
-    // SAFETY: prctl is async-signal-safe; nothing else runs between fork and exec.
-    unsafe {
-        cmd.pre_exec(|| {
-            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
-    cmd.spawn()
-        .with_context(|| format!("start {}", program.display()))
+    super::control_plane::spawn_logged(program, args, log)
 }
 
 /// A started component: its name (for errors), log and process.
