@@ -62,6 +62,32 @@ impl Drop for Cluster {
     }
 }
 
+/// Starts a supervisor (`sepal lab control-plane`, `sepal lab node-runtime`), its log to
+/// `log_path`, and returns it with the first line it prints (its endpoints once it is up; empty
+/// when it failed and exited).
+pub(crate) fn start_supervisor(mut cmd: Command, log_path: &Path) -> (Child, String) {
+    let log = std::fs::File::create(log_path).expect("log");
+    cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(log);
+    // SAFETY: prctl only, between fork and exec. SIGTERM (not KILL): the supervisor then
+    // stops its components and removes nothing the test's own guard would not.
+    unsafe {
+        use std::os::unix::process::CommandExt;
+        cmd.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut supervisor = cmd
+        .spawn()
+        .unwrap_or_else(|e| panic!("start {:?}: {e}", cmd.get_args().collect::<Vec<_>>()));
+    let stdout = supervisor.stdout.take().expect("stdout");
+    let mut line = String::new();
+    let _ = BufReader::new(stdout).read_line(&mut line);
+    (supervisor, line)
+}
+
 /// Stops a supervisor (`sepal lab control-plane`, `sepal lab node-runtime`) as its users would:
 /// SIGTERM, so it stops its components and cleans up, then SIGKILL once `grace` is over.
 pub(crate) fn stop_supervisor(supervisor: &mut Child, grace: Duration) {
@@ -110,23 +136,7 @@ impl Cluster {
             cmd.arg("--node-lifecycle");
         }
         let log_path = dir.path().join("supervisor.log");
-        let log = std::fs::File::create(&log_path).expect("log");
-        cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(log);
-        // SAFETY: prctl only, between fork and exec. SIGTERM (not KILL): the supervisor then
-        // stops its components and removes nothing the test's own guard would not.
-        unsafe {
-            use std::os::unix::process::CommandExt;
-            cmd.pre_exec(|| {
-                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
-        let mut supervisor = cmd.spawn().expect("start sepal lab control-plane");
-        let stdout = supervisor.stdout.take().expect("stdout");
-        let mut line = String::new();
-        let _ = BufReader::new(stdout).read_line(&mut line);
+        let (supervisor, line) = start_supervisor(cmd, &log_path);
         let mut cluster = Cluster {
             supervisor,
             dir: Some(dir),

@@ -7,9 +7,8 @@
 use crate::kube::{kube_bin_dir, Cluster};
 use crate::netns::Netns;
 use serde_json::Value;
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::time::Duration;
 
 /// How a test wants its node.
@@ -123,22 +122,7 @@ impl KubeletNode {
                 .args(["--cni-plugins", DEBIAN_CNI_PLUGINS]);
         }
         let log_path = dir.path().join("supervisor.log");
-        let log = std::fs::File::create(&log_path).expect("log");
-        cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(log);
-        // SAFETY: prctl only, between fork and exec. SIGTERM, so the supervisor cleans up.
-        unsafe {
-            use std::os::unix::process::CommandExt;
-            cmd.pre_exec(|| {
-                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
-        let mut supervisor = cmd.spawn().expect("start sepal lab node-runtime");
-        let stdout = supervisor.stdout.take().expect("stdout");
-        let mut line = String::new();
-        let _ = BufReader::new(stdout).read_line(&mut line);
+        let (supervisor, line) = crate::kube::start_supervisor(cmd, &log_path);
         let mut node = KubeletNode {
             supervisor,
             dir: Some(dir),

@@ -27,6 +27,8 @@ const MAGIC: &[u8] = b"k8s\0";
 pub enum DecodeError {
     #[error("protobuf message truncated")]
     Truncated,
+    #[error("a watch frame of {0} bytes, more than any object can be")]
+    FrameTooLarge(usize),
     #[error("protobuf wire type {0} is not one Kubernetes uses")]
     WireType(u64),
     #[error("field {field} has the wrong wire type")]
@@ -396,7 +398,7 @@ impl Framer {
         };
         let len = u32::from_be_bytes([len[0], len[1], len[2], len[3]]) as usize;
         if len > MAX_FRAME {
-            return Err(DecodeError::Truncated);
+            return Err(DecodeError::FrameTooLarge(len));
         }
         if pending.len() < 4 + len {
             return Ok(None);
@@ -579,6 +581,9 @@ mod tests {
         }
         let mut framer = Framer::default();
         framer.push(&u32::MAX.to_be_bytes());
-        assert!(framer.next_frame().is_err());
+        assert!(matches!(
+            framer.next_frame(),
+            Err(DecodeError::FrameTooLarge(_))
+        ));
     }
 }
