@@ -72,6 +72,11 @@ pub struct NodeArgs {
     /// the agent is not ready and does not declare its Node's network available.
     #[arg(long, value_name = "DURATION", value_parser = parse_sync_timeout)]
     pub sync_timeout: Option<std::time::Duration>,
+    /// Where the node's /proc/sys is, for the forwarding sysctls: in a container (whose
+    /// /proc/sys runtimes mount read-only), a hostPath mount of the host's /proc/sys/net
+    /// below this path [default: /proc/sys].
+    #[arg(long)]
+    pub proc_sys: Option<PathBuf>,
 }
 
 pub const DEFAULT_SYNC_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
@@ -104,6 +109,8 @@ struct FileConfig {
     policy_log_drops: Option<u16>,
     #[serde(alias = "syncTimeout")]
     sync_timeout: Option<String>,
+    #[serde(alias = "procSys")]
+    proc_sys: Option<PathBuf>,
 }
 
 /// The settings the agent runs with.
@@ -123,6 +130,8 @@ pub struct NodeConfig {
     pub policy_log_drops: Option<u16>,
     /// How long start waits for the datastore's initial state before serving anyway.
     pub sync_timeout: std::time::Duration,
+    /// The node's /proc/sys (see `--proc-sys`).
+    pub proc_sys: PathBuf,
 }
 
 fn read_file(path: &Path) -> Result<FileConfig> {
@@ -217,6 +226,11 @@ impl NodeConfig {
             metrics_addr,
             policy_log_drops: args.policy_log_drops.or(file.policy_log_drops),
             sync_timeout,
+            proc_sys: args
+                .proc_sys
+                .clone()
+                .or(file.proc_sys)
+                .unwrap_or_else(|| PathBuf::from("/proc/sys")),
         })
     }
 }

@@ -537,7 +537,7 @@ async fn follow_datastore(
 /// Runs the agent until SIGTERM/SIGINT.
 pub async fn run(cfg: NodeConfig) -> Result<()> {
     tracing::info!(node = %cfg.node_name, datastore = %cfg.datastore, state_dir = %cfg.state_dir.display(), socket = %cfg.socket.display(), "starting sepal node");
-    sepal_felix::sysctl::enable_node_forwarding().context("enabling forwarding")?;
+    sepal_felix::sysctl::enable_node_forwarding(&cfg.proc_sys).context("enabling forwarding")?;
     let ipam = Ipam::load(&cfg.state_dir)?;
     tracing::info!(
         allocations = ipam.state().allocations.len(),

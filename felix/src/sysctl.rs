@@ -11,7 +11,11 @@ const ROOT: &str = "/proc/sys";
 /// Interface names may not contain '/' or be '.'/'..', so a name like `net.ipv4.conf.eth0.x`
 /// maps unambiguously.
 fn path(name: &[&str]) -> io::Result<PathBuf> {
-    let mut p = PathBuf::from(ROOT);
+    path_under(std::path::Path::new(ROOT), name)
+}
+
+fn path_under(root: &std::path::Path, name: &[&str]) -> io::Result<PathBuf> {
+    let mut p = root.to_path_buf();
     for part in name {
         if part.is_empty() || part.contains('/') || *part == "." || *part == ".." {
             return Err(io::Error::new(
@@ -25,7 +29,10 @@ fn path(name: &[&str]) -> io::Result<PathBuf> {
 }
 
 fn write(name: &[&str], value: &str) -> io::Result<()> {
-    let p = path(name)?;
+    write_path(&path(name)?, value)
+}
+
+fn write_path(p: &std::path::Path, value: &str) -> io::Result<()> {
     // Skip the write when the value is already right: cheaper and works on read-only /proc/sys
     // (containers) when nothing needs changing.
     if let Ok(current) = std::fs::read_to_string(&p) {
@@ -33,7 +40,7 @@ fn write(name: &[&str], value: &str) -> io::Result<()> {
             return Ok(());
         }
     }
-    std::fs::write(&p, value)
+    std::fs::write(p, value)
         .map_err(|e| io::Error::new(e.kind(), format!("setting {}={value}: {e}", p.display())))
 }
 
@@ -42,12 +49,15 @@ pub fn read(name: &[&str]) -> io::Result<String> {
     Ok(std::fs::read_to_string(path(name)?)?.trim().to_string())
 }
 
-/// What the node itself needs: it routes every pod packet, for both families.
-pub fn enable_node_forwarding() -> io::Result<()> {
-    write(&["net", "ipv4", "ip_forward"], "1")?;
-    // IPv6 may be disabled in the kernel (no /proc/sys/net/ipv6): nothing to forward then.
-    if std::path::Path::new("/proc/sys/net/ipv6").exists() {
-        write(&["net", "ipv6", "conf", "all", "forwarding"], "1")?;
+/// What the node itself needs: it routes every pod packet, for both families. `root` is where
+/// the node's /proc/sys is: /proc/sys, or in a container whose /proc/sys is read-only (as
+/// runtimes mount it), a writable hostPath mount of the host's /proc/sys/net below it.
+pub fn enable_node_forwarding(root: &std::path::Path) -> io::Result<()> {
+    write_path(&path_under(root, &["net", "ipv4", "ip_forward"])?, "1")?;
+    // IPv6 may be disabled in the kernel (no net/ipv6): nothing to forward then.
+    if root.join("net/ipv6").exists() {
+        let all = path_under(root, &["net", "ipv6", "conf", "all", "forwarding"])?;
+        write_path(&all, "1")?;
     }
     Ok(())
 }

@@ -144,7 +144,13 @@ impl Lab {
             .as_array()
             .unwrap()
             .iter()
-            .filter_map(|n| n["pid"].as_u64())
+            .flat_map(|n| {
+                [
+                    n["pid"].as_u64(),
+                    n["runtimePid"].as_u64().or(n["runtime_pid"].as_u64()),
+                ]
+            })
+            .flatten()
             .map(|p| p as u32)
             .collect();
         for r in state["routers"].as_array().unwrap() {
@@ -281,4 +287,25 @@ pub fn strs(v: &Value) -> Vec<String> {
 /// A file of the repository (docs/examples, deploy/), from a test.
 pub fn repo_file(rel: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join(rel)
+}
+
+/// GET `path` from `ip:port` inside the network namespace at `netns` (`/run/netns/NAME`, or a
+/// real Pod's `/proc/PID/ns/net`), HTTP/1.0 with a 2 s timeout; the body.
+pub fn http_get_in(netns: &Path, ip: &str, port: u16, path: &str) -> Result<String, String> {
+    use std::io::{Read, Write};
+    let addr: std::net::SocketAddr = format!("{ip}:{port}").parse().map_err(|e| format!("{e}"))?;
+    sepal_felix::netns::on_thread_in(netns, || -> std::io::Result<String> {
+        let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
+        s.set_read_timeout(Some(Duration::from_secs(2)))?;
+        s.write_all(format!("GET {path} HTTP/1.0\r\nHost: {ip}\r\n\r\n").as_bytes())?;
+        let mut text = String::new();
+        s.read_to_string(&mut text)?;
+        Ok(text
+            .split("\r\n\r\n")
+            .nth(1)
+            .unwrap_or_default()
+            .to_string())
+    })
+    .map_err(|e| e.to_string())?
+    .map_err(|e| e.to_string())
 }

@@ -1,8 +1,11 @@
 //! Root: the default lab (3 nodes, a BIRD ToR, six pods) on a real Kubernetes control plane.
 //!
-//! - `up --kubernetes`: the lab's own control plane, node IPAM handing out the Nodes' podCIDRs,
-//!   Sepal installed from deploy/, the agents on their ServiceAccount token; `lab kubectl`,
-//!   pods applied, relabelled and deleted through the API server, and `down` leaving nothing.
+//! - `up --kubernetes`: a real cluster. Its own control plane on the fabric, node IPAM handing
+//!   out the Nodes' podCIDRs, a kubelet, containerd and kube-proxy on every node, Sepal installed
+//!   by `kubectl apply` of deploy/ (its install-cni writing each node's own CNI directories, its
+//!   agent on the host network with its ServiceAccount), the topology's pods real Pods that
+//!   reach each other; `lab kubectl` and `lab exec` through the API server, pods applied,
+//!   relabelled and deleted, and `down` leaving nothing.
 //! - `up --datastore kubernetes --kubeconfig FILE` on a server the lab does not own (a test
 //!   cluster, its admin kubeconfig): the objects there, every agent reporting back (Node
 //!   condition, SepalNodeStatus, the sessions' state when the ToR goes away), a
@@ -11,7 +14,7 @@
 
 use sepal_tests::kube::sepal_is_up;
 use sepal_tests::kube::{kube_bin_dir, Cluster};
-use sepal_tests::lab::{extra_pod, netns_list, processes_mentioning, repo_file, wait_for, Lab};
+use sepal_tests::lab::{netns_list, processes_mentioning, repo_file, wait_for, Lab};
 use sepal_tests::{bin_path, require_root};
 use serde_json::{json, Value};
 use std::collections::{BTreeMap, BTreeSet};
@@ -65,14 +68,45 @@ fn pods_match_status(status: &Value, get: impl Fn(&str, &str) -> Option<Value>) 
     }
 }
 
+/// A real Pod for `lab apply`: agnhost's netexec on node2, with `labels` (YAML flow mapping body).
+fn real_pod(labels: &str) -> String {
+    let images = std::fs::read_to_string(kube_bin_dir().join("IMAGES")).unwrap();
+    let agnhost = images
+        .lines()
+        .find_map(|l| l.strip_prefix("agnhost "))
+        .unwrap()
+        .trim()
+        .to_string();
+    format!(
+        "apiVersion: v1\nkind: Pod\nmetadata: {{name: extra, namespace: frontend, labels: {{{labels}}}}}\n\
+         spec: {{nodeName: node2, terminationGracePeriodSeconds: 1, containers: [{{name: main, \
+         image: \"{agnhost}\", imagePullPolicy: Never, args: [netexec]}}]}}\n"
+    )
+}
+
 #[test]
 fn lab_on_its_own_control_plane() {
     require_root();
+    for b in [
+        "kubelet",
+        "containerd",
+        "kube-proxy",
+        "agnhost",
+        "kube-apiserver",
+    ] {
+        assert!(
+            kube_bin_dir().join(b).is_file(),
+            "{b} missing in {}: run scripts/kube-build",
+            kube_bin_dir().display()
+        );
+    }
+    let host_conflist = Path::new("/etc/cni/net.d/10-sepal.conflist");
+    let host_had_conflist = host_conflist.exists();
     let name = format!("kk{}", std::process::id());
     let started = std::time::Instant::now();
     let lab = Lab::up_with(&name, None, &["--kubernetes"]);
     eprintln!(
-        "lab up --kubernetes: {:.1} s",
+        "lab up --kubernetes (3 kubelet nodes, Sepal from deploy/): {:.1} s",
         started.elapsed().as_secs_f64()
     );
 
@@ -85,11 +119,55 @@ fn lab_on_its_own_control_plane() {
     assert!(kubeconfig.starts_with(&format!("{}/", lab.dir().display())));
     assert!(Path::new(&kubeconfig).is_file());
     let built = std::fs::read_to_string(kube_bin_dir().join("VERSION")).unwrap();
-    assert_eq!(status["kubernetesVersion"], built.trim());
+    let built = built.trim();
+    assert_eq!(status["kubernetesVersion"], built);
     let text = sepal_tests::lab::sepal_ok(&["lab", "status", "--name", &name]);
+    assert!(text.contains(&kubeconfig) && text.contains(built), "{text}");
+
+    // Real nodes: every Node Ready and registered by its own kubelet at the pinned version; the
+    // DaemonSet's agent Ready on each, on the host network; the images on every node.
+    for node in status["nodes"].as_array().unwrap() {
+        assert_eq!(node["ready"], true, "{node}");
+        assert_eq!(node["kubeletVersion"], built, "{node}");
+    }
+    let agents: Vec<&Value> = status["pods"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|p| p["namespace"] == "sepal-system")
+        .collect();
+    let agent_nodes: BTreeSet<String> = agents
+        .iter()
+        .map(|p| p["node"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(agent_nodes, node_names(), "{agents:?}");
     assert!(
-        text.contains(&kubeconfig) && text.contains(built.trim()),
-        "{text}"
+        agents
+            .iter()
+            .all(|p| p["ready"] == true && p["hostNetwork"] == true),
+        "{agents:?}"
+    );
+    let images = sepal_tests::lab::strs(&status["images"]);
+    for want in [
+        "registry.k8s.io/pause:",
+        "e2e-test-images/agnhost:",
+        "sepal.dev/sepal:",
+    ] {
+        assert!(
+            images.iter().any(|i| i.contains(want)),
+            "{want}: {images:?}"
+        );
+    }
+    // install-cni wrote the plugin and the conflist into each node's own directories.
+    for node in NODES {
+        let dir = lab.dir().join("nodes").join(node);
+        assert!(dir.join("cni/net.d/10-sepal.conflist").is_file(), "{node}");
+        assert!(dir.join("cni/bin/sepal-cni").is_file(), "{node}");
+    }
+    assert_eq!(
+        host_conflist.exists(),
+        host_had_conflist,
+        "the host's /etc/cni was written"
     );
 
     // The Nodes' podCIDRs are node IPAM's, inside the cluster CIDR, and what status shows.
@@ -129,8 +207,7 @@ fn lab_on_its_own_control_plane() {
         |nodes| nodes.len() == 3 && nodes.iter().all(sepal_is_up),
     );
     let endpoints: Value = serde_json::from_str(
-        &std::fs::read_to_string(Path::new(&kubeconfig).with_file_name("control-plane.json"))
-            .unwrap(),
+        &std::fs::read_to_string(lab.dir().join("control-plane/control-plane.json")).unwrap(),
     )
     .unwrap();
     let audit = std::fs::read_to_string(endpoints["auditLog"].as_str().unwrap()).unwrap();
@@ -163,15 +240,45 @@ fn lab_on_its_own_control_plane() {
     let missing = lab.kubectl(&["get", "pod", "-n", "frontend", "nonexistent"]);
     assert_eq!(missing.status.code(), Some(1));
 
+    // `lab exec NS/POD` is kubectl exec: from one pod, another pod's netexec over TCP.
+    let pods: Vec<&Value> = status["pods"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|p| p["namespace"] != "sepal-system")
+        .collect();
+    let (a, b) = (
+        pods[0],
+        pods.iter().find(|p| p["node"] != pods[0]["node"]).unwrap(),
+    );
+    let target = format!("{}:8080", b["ips"][0].as_str().unwrap());
+    let from = format!(
+        "{}/{}",
+        a["namespace"].as_str().unwrap(),
+        a["name"].as_str().unwrap()
+    );
+    sepal_tests::lab::sepal_ok(&[
+        "lab",
+        "exec",
+        "--name",
+        &name,
+        &from,
+        "--",
+        "/agnhost",
+        "connect",
+        &target,
+        "--timeout=5s",
+    ]);
+
     // A pod through apply: its object and IP in the API server, relabelled (the old label
-    // gone), deleted: gone from the API server at once, as a kubelet's final delete does.
+    // gone), deleted: gone from the API server, and from the agent's endpoints.
     let tmp = tempfile::tempdir().unwrap();
     let pod_file = tmp.path().join("pod.yaml");
     let get_extra = || {
         let out = lab.kubectl(&["get", "pod", "-n", "frontend", "extra", "-o", "json"]);
         serde_json::from_slice::<Value>(&out.stdout).ok()
     };
-    std::fs::write(&pod_file, extra_pod("app: one, tier: a")).unwrap();
+    std::fs::write(&pod_file, real_pod("app: one, tier: a")).unwrap();
     lab.apply(&pod_file, false);
     let extra = get_extra().expect("the new pod");
     let extra_ip = extra["status"]["podIP"].as_str().unwrap().to_string();
@@ -180,7 +287,7 @@ fn lab_on_its_own_control_plane() {
         .ask("endpoints", "node2")
         .to_string()
         .contains(&extra_ip));
-    std::fs::write(&pod_file, extra_pod("app: two")).unwrap();
+    std::fs::write(&pod_file, real_pod("app: two")).unwrap();
     lab.apply(&pod_file, false);
     let relabelled = get_extra().unwrap();
     assert_eq!(relabelled["metadata"]["labels"], json!({"app": "two"}));
@@ -190,12 +297,14 @@ fn lab_on_its_own_control_plane() {
         get_extra().is_none(),
         "frontend/extra is still in the API server"
     );
-    assert!(!lab
-        .ask("endpoints", "node2")
-        .to_string()
-        .contains(&extra_ip));
+    wait_for(
+        "node2's agent to drop the deleted pod",
+        || lab.ask("endpoints", "node2").to_string(),
+        |e| !e.contains(&extra_ip),
+    );
 
-    // Down: no namespace, process (agents, router, relay, control plane) or file left.
+    // Down: no namespace, process (kubelets, containerd, agents, router, relay, control plane)
+    // or file left.
     lab.down_cleanly();
 }
 

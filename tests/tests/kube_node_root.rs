@@ -8,13 +8,11 @@
 
 use sepal_tests::kube::{kube_bin_dir, Cluster, Options};
 use sepal_tests::kubelet::{ptp_conflist, KubeletNode, NodeOptions};
-use sepal_tests::lab::{processes_mentioning, wait_for};
+use sepal_tests::lab::{http_get_in, processes_mentioning, wait_for};
 use sepal_tests::netns::{veth, Netns};
 use sepal_tests::require_root;
 use serde_json::{json, Value};
-use std::io::{Read, Write};
 use std::path::Path;
-use std::time::Duration;
 
 fn mounts_under(dir: &Path) -> Vec<String> {
     std::fs::read_to_string("/proc/self/mountinfo")
@@ -31,25 +29,6 @@ fn cgroup_left(cgroup: &str) -> Vec<String> {
         .map(|h| format!("/sys/fs/cgroup/{h}{cgroup}"))
         .filter(|p| Path::new(p).exists())
         .collect()
-}
-
-/// GET `path` from `ip:port` inside `netns`; the body.
-fn http_get(netns: &Netns, ip: &str, port: u16, path: &str) -> Result<String, String> {
-    let addr: std::net::SocketAddr = format!("{ip}:{port}").parse().map_err(|e| format!("{e}"))?;
-    sepal_felix::netns::on_thread_in(&netns.path(), || -> std::io::Result<String> {
-        let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
-        s.set_read_timeout(Some(Duration::from_secs(2)))?;
-        s.write_all(format!("GET {path} HTTP/1.0\r\nHost: {ip}\r\n\r\n").as_bytes())?;
-        let mut text = String::new();
-        s.read_to_string(&mut text)?;
-        Ok(text
-            .split("\r\n\r\n")
-            .nth(1)
-            .unwrap_or_default()
-            .to_string())
-    })
-    .map_err(|e| e.to_string())?
-    .map_err(|e| e.to_string())
 }
 
 #[test]
@@ -151,7 +130,7 @@ fn one_kubelet_node_runs_a_pod() {
     let ip = running["status"]["podIP"].as_str().unwrap().to_string();
     assert!(ip.starts_with("10.250.0."), "{ip}");
     assert_eq!(running["spec"]["nodeName"], "node1");
-    let hostname = http_get(&node_ns, &ip, 8080, "/hostname").unwrap_or_else(|e| {
+    let hostname = http_get_in(&node_ns.path(), &ip, 8080, "/hostname").unwrap_or_else(|e| {
         panic!(
             "GET http://{ip}:8080/hostname: {e}\nkubelet:\n{}",
             node.log("kubelet")
@@ -170,7 +149,7 @@ fn one_kubelet_node_runs_a_pod() {
     let cluster_ip = svc["spec"]["clusterIP"].as_str().unwrap().to_string();
     let via_service = wait_for(
         "the ClusterIP to answer",
-        || http_get(&node_ns, &cluster_ip, 80, "/hostname"),
+        || http_get_in(&node_ns.path(), &cluster_ip, 80, "/hostname"),
         |r| r.as_ref().is_ok_and(|h| h.trim() == "web"),
     );
     assert_eq!(via_service.unwrap().trim(), "web");

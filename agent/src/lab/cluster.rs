@@ -61,32 +61,13 @@ pub fn planned(lab: &LabState) -> Result<ApiServer> {
     })
 }
 
-/// Brings the lab's control plane up with Sepal installed in it, and the agents' kubeconfig
-/// written.
-pub fn up(lab: &mut LabState) -> Result<()> {
-    let started = Instant::now();
-    let endpoints = start(lab)?;
-    eprintln!(
-        "control plane (Kubernetes {}) ready in {:.1} s at {}",
-        endpoints.kubernetes_version,
-        started.elapsed().as_secs_f64(),
-        endpoints.server
-    );
-    super::install::sepal(lab, &endpoints.admin_kubeconfig)?;
-    let agents = lab
-        .kubeconfig
-        .as_ref()
-        .map(|k| k.agent_kubeconfig.clone())
-        .context("the lab has no API server")?;
-    super::install::agent_kubeconfig(&endpoints.admin_kubeconfig, &endpoints, &agents)
-}
-
 /// Starts the lab's control plane and waits until every component is ready; its supervisor's
 /// PID is in the lab's state from the moment it runs, so `down` stops a start it interrupted.
-fn start(lab: &mut LabState) -> Result<Endpoints> {
+pub fn start(lab: &mut LabState, netns: Option<&Path>, extra: &[String]) -> Result<Endpoints> {
     let cp = own(lab)?.clone();
-    let args = cluster_args(&lab.topology, &cp.bin_dir)?;
-    let endpoints = control_plane::start_detached(&cp.dir, &args, |pid| {
+    let mut args = cluster_args(&lab.topology, &cp.bin_dir)?;
+    args.extend(extra.iter().cloned());
+    let endpoints = control_plane::start_detached(&cp.dir, netns, &args, |pid| {
         set_pid(lab, pid);
         lab.save()
     })

@@ -4,8 +4,6 @@
 //! back; plus the two requests setting up the agents needs (a ServiceAccount token, /version).
 
 use anyhow::{bail, Context, Result};
-use k8s_openapi::api::authentication::v1::{TokenRequest, TokenRequestSpec};
-use k8s_openapi::api::core::v1::ServiceAccount;
 use kube::api::{
     Api, DeleteParams, DynamicObject, GroupVersionKind, Patch, PatchParams, PostParams,
 };
@@ -173,31 +171,23 @@ pub fn get(kubeconfig: &Path, api_version: &str, kind: &str, name: &str) -> Resu
         .map_err(Into::into)
 }
 
-/// A token of ServiceAccount `namespace/name` from the TokenRequest API, valid for `lifetime`.
-pub fn service_account_token(
+/// One namespaced object as the server holds it; None when it is not there.
+pub fn get_namespaced(
     kubeconfig: &Path,
+    api_version: &str,
+    kind: &str,
     namespace: &str,
     name: &str,
-    lifetime: Duration,
-) -> Result<String> {
+) -> Result<Option<Value>> {
     let (_, rt, client) = api(kubeconfig)?;
-    let api: Api<ServiceAccount> = Api::namespaced(client.clone(), namespace);
-    let request = TokenRequest {
-        spec: TokenRequestSpec {
-            // None given: the API server's own audience, which it authenticates by.
-            audiences: Vec::new(),
-            expiration_seconds: Some(lifetime.as_secs() as i64),
-            ..Default::default()
-        },
-        ..Default::default()
-    };
-    let answer = rt
-        .block_on(api.create_token_request(name, &PostParams::default(), &request))
-        .with_context(|| format!("a token for ServiceAccount {namespace}/{name}"))?;
-    answer
-        .status
-        .map(|s| s.token)
-        .with_context(|| format!("the TokenRequest for {namespace}/{name} has no token"))
+    let api = handle_for(client, api_version, kind, Some(namespace));
+    let found = rt
+        .block_on(api.get_opt(name))
+        .with_context(|| format!("reading {kind} {namespace}/{name} from the API server"))?;
+    found
+        .map(serde_json::to_value)
+        .transpose()
+        .map_err(Into::into)
 }
 
 /// The server's version (`gitVersion` of its /version).

@@ -3,7 +3,6 @@
 
 mod cluster;
 pub mod control_plane;
-mod install;
 mod kubeapi;
 mod kubectl;
 mod net;
@@ -11,6 +10,7 @@ pub mod node_runtime;
 mod objects;
 mod peering;
 mod ping;
+mod real_nodes;
 mod relay;
 mod router;
 pub mod state;
@@ -42,6 +42,9 @@ pub enum LabCommand {
         /// from deploy/, the agents on their ServiceAccount, Node podCIDRs from node IPAM.
         #[arg(long, conflicts_with_all = ["datastore", "kubeconfig"])]
         kubernetes: bool,
+        /// kube-proxy's mode on the nodes of a `--kubernetes` lab.
+        #[arg(long, value_enum, default_value_t = node_runtime::kube_proxy::ProxyMode::Nftables, requires = "kubernetes")]
+        proxy_mode: node_runtime::kube_proxy::ProxyMode,
         /// Where the lab's objects live and its agents read them: a directory of its own (`dir`)
         /// or the API server of `--kubeconfig` (`kubernetes`).
         #[arg(long, value_enum, default_value_t = LabDatastore::Dir)]
@@ -149,6 +152,7 @@ pub fn run(args: LabArgs) -> Result<()> {
             topology,
             name,
             kubernetes,
+            proxy_mode,
             datastore,
             kubeconfig,
         } => {
@@ -163,7 +167,7 @@ pub fn run(args: LabArgs) -> Result<()> {
                 }
                 (false, LabDatastore::Dir, None) => Store::Dir,
             };
-            up(topology, name, store)
+            up(topology, name, store, proxy_mode)
         }
         LabCommand::Down { name } => down(&name),
         LabCommand::Status { name, json } => status(&LabState::load(&name)?, json),
@@ -193,7 +197,12 @@ enum Store {
     Server(PathBuf),
 }
 
-fn up(topology: Option<PathBuf>, name: Option<String>, store: Store) -> Result<()> {
+fn up(
+    topology: Option<PathBuf>,
+    name: Option<String>,
+    store: Store,
+    proxy_mode: node_runtime::kube_proxy::ProxyMode,
+) -> Result<()> {
     let topo = match &topology {
         Some(path) => Topology::parse(
             &std::fs::read_to_string(path).with_context(|| format!("read {}", path.display()))?,
@@ -219,6 +228,7 @@ fn up(topology: Option<PathBuf>, name: Option<String>, store: Store) -> Result<(
     let mut lab = plan(&name, topo, node_ipam)?;
     match store {
         Store::OwnControlPlane => {
+            lab.proxy_mode = Some(proxy_mode);
             lab.kubeconfig = Some(cluster::planned(&lab)?);
             std::fs::create_dir_all(lab.dir())?;
         }
@@ -274,6 +284,7 @@ fn plan(name: &str, topo: Topology, node_ipam: bool) -> Result<LabState> {
                 false => topo.node_blocks(i)?.iter().map(|b| b.to_string()).collect(),
             },
             pid: None,
+            runtime_pid: None,
         });
     }
     let routers = topo
@@ -295,78 +306,20 @@ fn plan(name: &str, topo: Topology, node_ipam: bool) -> Result<LabState> {
         pods: Vec::new(),
         kubeconfig: None,
         relay_pid: None,
+        proxy_mode: None,
     })
 }
 
-fn build(mut lab: LabState) -> Result<LabState> {
-    // The lab's own control plane first: the slowest part to start, and the one that fails
-    // when scripts/kube-build has not run.
-    let node_ipam = lab
-        .kubeconfig
-        .as_ref()
-        .is_some_and(|k| k.control_plane.is_some());
-    if node_ipam {
-        cluster::up(&mut lab)?;
+fn build(lab: LabState) -> Result<LabState> {
+    if lab.real_nodes() {
+        return real_nodes::build(lab);
     }
+    build_with_own_agents(lab)
+}
 
-    // Namespaces and the underlay: every node has one link to every router.
-    for r in &lab.routers {
-        net::add_netns(&r.netns, true)?;
-    }
-    for (n, node) in lab.nodes.iter().enumerate() {
-        net::add_netns(&node.netns, true)?;
-        for (r, router) in lab.routers.iter().enumerate() {
-            let node_if = format!("eth{r}");
-            let router_if = format!("n{}", n + 1);
-            net::veth(&node.netns, &node_if, &router.netns, &router_if)?;
-            net::sh(
-                &node.netns,
-                &format!("ip addr add {}/24 dev {node_if}", router::node_addr(r, n)),
-            )?;
-            net::sh(
-                &router.netns,
-                &format!(
-                    "ip addr add {}/24 dev {router_if}",
-                    router::router_addr(r, n)
-                ),
-            )?;
-            if lab.dual_stack() {
-                // Without duplicate address detection: the addresses are usable at once.
-                net::sh(
-                    &node.netns,
-                    &format!(
-                        "ip addr add {}/64 dev {node_if} nodad",
-                        router::node_addr6(r, n)
-                    ),
-                )?;
-                net::sh(
-                    &router.netns,
-                    &format!(
-                        "ip addr add {}/64 dev {router_if} nodad",
-                        router::router_addr6(r, n)
-                    ),
-                )?;
-            }
-        }
-        let gateways: Vec<String> = (0..lab.routers.len())
-            .map(|r| format!("nexthop via {}", router::router_addr(r, n)))
-            .collect();
-        if !gateways.is_empty() {
-            net::sh(
-                &node.netns,
-                &format!("ip route add default {}", gateways.join(" ")),
-            )?;
-        }
-        if lab.dual_stack() && !lab.routers.is_empty() {
-            let gateways6: Vec<String> = (0..lab.routers.len())
-                .map(|r| format!("nexthop via {}", router::router_addr6(r, n)))
-                .collect();
-            net::sh(
-                &node.netns,
-                &format!("ip -6 route add default {}", gateways6.join(" ")),
-            )?;
-        }
-    }
+/// The lab whose agents it runs itself, on a dir datastore or an API server it does not own.
+fn build_with_own_agents(mut lab: LabState) -> Result<LabState> {
+    underlay(&lab, true)?;
 
     // The control plane's objects, then the agents that read them.
     for ns in &lab.topology.namespaces {
@@ -378,10 +331,6 @@ fn build(mut lab: LabState) -> Result<LabState> {
     )?;
     for node in &lab.nodes {
         objects::write_object(&lab, &node_object(node))?;
-    }
-    if node_ipam {
-        cluster::read_pod_cidrs(&mut lab)?;
-        lab.save()?;
     }
     for obj in bgp_objects(&lab)
         .into_iter()
@@ -451,6 +400,69 @@ fn build(mut lab: LabState) -> Result<LabState> {
     }
     wait_routes(&lab);
     Ok(lab)
+}
+
+/// Namespaces and the underlay: every node has one link to every router, and a default route
+/// across them. A real node's agent turns forwarding on itself (`forwarding` false).
+fn underlay(lab: &LabState, forwarding: bool) -> Result<()> {
+    for r in &lab.routers {
+        net::add_netns(&r.netns, true)?;
+    }
+    for (n, node) in lab.nodes.iter().enumerate() {
+        net::add_netns(&node.netns, forwarding)?;
+        for (r, router) in lab.routers.iter().enumerate() {
+            let node_if = format!("eth{r}");
+            let router_if = format!("n{}", n + 1);
+            net::veth(&node.netns, &node_if, &router.netns, &router_if)?;
+            net::sh(
+                &node.netns,
+                &format!("ip addr add {}/24 dev {node_if}", router::node_addr(r, n)),
+            )?;
+            net::sh(
+                &router.netns,
+                &format!(
+                    "ip addr add {}/24 dev {router_if}",
+                    router::router_addr(r, n)
+                ),
+            )?;
+            if lab.dual_stack() {
+                // Without duplicate address detection: the addresses are usable at once.
+                net::sh(
+                    &node.netns,
+                    &format!(
+                        "ip addr add {}/64 dev {node_if} nodad",
+                        router::node_addr6(r, n)
+                    ),
+                )?;
+                net::sh(
+                    &router.netns,
+                    &format!(
+                        "ip addr add {}/64 dev {router_if} nodad",
+                        router::router_addr6(r, n)
+                    ),
+                )?;
+            }
+        }
+        let gateways: Vec<String> = (0..lab.routers.len())
+            .map(|r| format!("nexthop via {}", router::router_addr(r, n)))
+            .collect();
+        if !gateways.is_empty() {
+            net::sh(
+                &node.netns,
+                &format!("ip route add default {}", gateways.join(" ")),
+            )?;
+        }
+        if lab.dual_stack() && !lab.routers.is_empty() {
+            let gateways6: Vec<String> = (0..lab.routers.len())
+                .map(|r| format!("nexthop via {}", router::router_addr6(r, n)))
+                .collect();
+            net::sh(
+                &node.netns,
+                &format!("ip -6 route add default {}", gateways6.join(" ")),
+            )?;
+        }
+    }
+    Ok(())
 }
 
 /// Waits until every router can forward to every pod, i.e. has the nodes' blocks from BGP in its
@@ -611,6 +623,15 @@ fn down(name: &str) -> Result<()> {
         eprintln!("lab {name} is not up");
         return Ok(());
     };
+    // Real nodes first, all at once: each tears down its kubelet, containers and containerd.
+    std::thread::scope(|scope| {
+        for node in &lab.nodes {
+            if let Some(pid) = node.runtime_pid {
+                let dir = lab.node_dir(&node.name);
+                scope.spawn(move || real_nodes::stop_node(pid, &dir));
+            }
+        }
+    });
     for pid in lab
         .nodes
         .iter()
@@ -648,6 +669,9 @@ fn down(name: &str) -> Result<()> {
 
 /// The stable JSON form of `status --json` (see the lab issue): names, namespaces, addresses.
 fn status_json(lab: &LabState) -> Value {
+    if lab.real_nodes() {
+        return real_status_json(lab);
+    }
     let nodes: Vec<Value> = lab
         .nodes
         .iter()
@@ -682,6 +706,36 @@ fn status_json(lab: &LabState) -> Value {
            "kubeconfig": api.map(|k| &k.admin_kubeconfig),
            "kubernetesVersion": api.and_then(|k| k.version.as_ref()),
            "nodes": nodes, "routers": routers, "pods": pods})
+}
+
+/// A real cluster's status: its nodes and pods as the API server has them, and the images
+/// every node holds.
+fn real_status_json(lab: &LabState) -> Value {
+    let routers: Vec<Value> = lab
+        .routers
+        .iter()
+        .map(|r| {
+            json!({"name": r.name, "kind": r.kind, "netns": r.netns,
+                   "addresses": net::addresses(&r.netns, |dev| dev != "lo")})
+        })
+        .collect();
+    let (nodes, images, pods, error) =
+        match (real_nodes::nodes_status(lab), real_nodes::pods_status(lab)) {
+            (Ok((nodes, images)), Ok(pods)) => (nodes, images, pods, None),
+            (Err(e), _) | (_, Err(e)) => {
+                (Vec::new(), Vec::new(), Vec::new(), Some(format!("{e:#}")))
+            }
+        };
+    let api = lab.kubeconfig.as_ref();
+    let mut s = json!({"name": lab.name, "datastore": {"kubernetes": lab.admin_kubeconfig()},
+           "kubeconfig": api.map(|k| &k.admin_kubeconfig),
+           "kubernetesVersion": api.and_then(|k| k.version.as_ref()),
+           "proxyMode": lab.proxy_mode,
+           "nodes": nodes, "routers": routers, "pods": pods, "images": images});
+    if let Some(e) = error {
+        s["error"] = json!(e);
+    }
+    s
 }
 
 /// The lab router that holds `ip` on one of its links (for `sepal trace` to name the hop).
@@ -755,8 +809,40 @@ fn status(lab: &LabState, as_json: bool) -> Result<()> {
     }
     println!(
         "\n{:<24} {:<8} {:<16} {:<34} LABELS",
-        "POD", "NODE", "IPS", "NETNS"
+        "POD",
+        "NODE",
+        "IPS",
+        if lab.real_nodes() { "STATUS" } else { "NETNS" }
     );
+    if lab.real_nodes() {
+        for p in s["pods"].as_array().into_iter().flatten() {
+            println!(
+                "{:<24} {:<8} {:<16} {:<34} {}",
+                format!(
+                    "{}/{}",
+                    p["namespace"].as_str().unwrap_or(""),
+                    p["name"].as_str().unwrap_or("")
+                ),
+                p["node"].as_str().unwrap_or(""),
+                join(&p["ips"]),
+                match p["ready"].as_bool() {
+                    Some(true) => "Ready",
+                    _ => p["phase"].as_str().unwrap_or("Pending"),
+                },
+                p["labels"]
+                    .as_object()
+                    .into_iter()
+                    .flatten()
+                    .map(|(k, v)| format!("{k}={}", v.as_str().unwrap_or("")))
+                    .collect::<Vec<_>>()
+                    .join(",")
+            );
+        }
+        if let Some(e) = s["error"].as_str() {
+            println!("\nthe API server did not answer: {e}");
+        }
+        return Ok(());
+    }
     for p in &lab.pods {
         let labels: Vec<String> = p.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
         println!(
@@ -783,6 +869,9 @@ fn join(v: &Value) -> String {
 fn apply(lab: &mut LabState, file: &PathBuf, delete: bool) -> Result<()> {
     let text = std::fs::read_to_string(file).with_context(|| format!("read {}", file.display()))?;
     let docs = objects::documents(&text).with_context(|| format!("parse {}", file.display()))?;
+    if lab.real_nodes() {
+        return real_nodes::apply(lab, &text, &docs, delete);
+    }
     for obj in docs {
         let kind = obj["kind"]
             .as_str()
@@ -852,6 +941,18 @@ fn apply(lab: &mut LabState, file: &PathBuf, delete: bool) -> Result<()> {
 
 fn exec(lab: &LabState, target: &str, command: &[String]) -> Result<()> {
     use std::os::unix::process::CommandExt;
+    if let (Some((ns, pod)), true) = (target.split_once('/'), lab.real_nodes()) {
+        // A real Pod: as its owner would, through the API server and its kubelet.
+        let mut args = vec![
+            "exec".to_string(),
+            "-n".into(),
+            ns.into(),
+            pod.into(),
+            "--".into(),
+        ];
+        args.extend(command.iter().cloned());
+        return kubectl::exec(lab, &args);
+    }
     let netns = if let Some((ns, pod)) = target.split_once('/') {
         lab.pod(ns, pod)
             .with_context(|| format!("no pod {target} in lab {}", lab.name))?

@@ -15,9 +15,7 @@ pub fn ip(args: &[&str]) -> Result<String> {
 /// Runs `sh -c CMD` inside namespace `ns`.
 pub fn sh(ns: &str, cmd: &str) -> Result<String> {
     checked(
-        Command::new("ip")
-            .args(["netns", "exec", ns, "sh", "-c", cmd])
-            .output(),
+        command_in(ns, &["sh", "-c", cmd]).output(),
         &format!("in {ns}: {cmd}"),
     )
 }
@@ -69,8 +67,14 @@ pub fn veth(a_ns: &str, a_if: &str, b_ns: &str, b_if: &str) -> Result<()> {
     Ok(())
 }
 
-/// `ip netns exec NS ARGS…` as a command to adjust before running.
+/// `ip netns exec NS ARGS…` as a command to adjust before running. A namespace given as a path
+/// (a real Pod's, /proc/PID/ns/net) is entered with nsenter instead.
 pub fn command_in(ns: &str, args: &[&str]) -> Command {
+    if ns.starts_with('/') {
+        let mut cmd = Command::new("nsenter");
+        cmd.arg(format!("--net={ns}")).arg("--").args(args);
+        return cmd;
+    }
     let mut cmd = Command::new("ip");
     cmd.args(["netns", "exec", ns]).args(args);
     cmd

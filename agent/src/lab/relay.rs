@@ -60,7 +60,11 @@ fn bind_in(netns: &str, addr: SocketAddr) -> Result<std::net::TcpListener> {
 }
 
 /// `sepal lab api-relay`: binds in every node, writes `relay.ready`, then forwards until killed.
+/// With real nodes it relays the other way (see [`run_host`]).
 pub fn run(lab: &LabState) -> Result<()> {
+    if lab.real_nodes() {
+        return run_host(lab);
+    }
     let kubeconfig = lab
         .admin_kubeconfig()
         .context("this lab uses the dir datastore: no API server to relay")?;
@@ -94,6 +98,60 @@ pub fn run(lab: &LabState) -> Result<()> {
         std::future::pending::<()>().await;
         Ok(())
     })
+}
+
+/// With real nodes (`up --kubernetes`) the API server runs in the control plane's namespace on
+/// the fabric, where kubelets reach it; the host reaches it through one listener on the host's
+/// loopback (any free port, written into `relay.ready`) that connects to it inside that namespace.
+fn run_host(lab: &LabState) -> Result<()> {
+    let cp = lab
+        .kubeconfig
+        .as_ref()
+        .and_then(|k| k.control_plane.as_ref())
+        .context("this lab has no control plane of its own")?;
+    let endpoints = super::control_plane::Endpoints::load(&cp.dir)?;
+    let upstream = SocketAddr::new(Ipv4Addr::LOCALHOST.into(), endpoints.ports.api_server);
+    let netns = PathBuf::from("/run/netns").join(super::real_nodes::cp_netns(lab));
+    let listener = std::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?;
+    listener.set_nonblocking(true)?;
+    let port = listener.local_addr()?.port();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async move {
+        let listener = tokio::net::TcpListener::from_std(listener)?;
+        std::fs::write(ready_file(lab), port.to_string())?;
+        loop {
+            let Ok((mut down, _)) = listener.accept().await else {
+                continue;
+            };
+            let netns = netns.clone();
+            tokio::spawn(async move {
+                let connect = move || {
+                    sepal_felix::netns::on_thread_in(&netns, || {
+                        std::net::TcpStream::connect_timeout(&upstream, Duration::from_secs(5))
+                    })
+                };
+                let Ok(Ok(Ok(up))) = tokio::task::spawn_blocking(connect).await else {
+                    return;
+                };
+                if up.set_nonblocking(true).is_err() {
+                    return;
+                }
+                if let Ok(mut up) = tokio::net::TcpStream::from_std(up) {
+                    let _ = tokio::io::copy_bidirectional(&mut down, &mut up).await;
+                }
+            });
+        }
+    })
+}
+
+/// The host relay's loopback port (real nodes), once it listens.
+pub fn host_port(lab: &LabState) -> Result<u16> {
+    let text = std::fs::read_to_string(ready_file(lab))?;
+    text.trim()
+        .parse()
+        .with_context(|| format!("relay port {text:?}"))
 }
 
 fn ready_file(lab: &LabState) -> PathBuf {

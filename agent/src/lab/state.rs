@@ -24,6 +24,9 @@ pub struct LabState {
     /// The process relaying that API server into the node namespaces.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub relay_pid: Option<u32>,
+    /// kube-proxy's mode on real nodes (`up --kubernetes --proxy-mode`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub proxy_mode: Option<super::node_runtime::kube_proxy::ProxyMode>,
 }
 
 /// How the lab and its agents reach the lab's API server.
@@ -67,6 +70,10 @@ pub struct NodeState {
     #[serde(rename = "podCIDRs")]
     pub pod_cidrs: Vec<String>,
     pub pid: Option<u32>,
+    /// Its `sepal lab node-runtime` supervisor (containerd, kubelet, kube-proxy), in a lab with
+    /// real nodes (`up --kubernetes`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub runtime_pid: Option<u32>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -128,8 +135,20 @@ impl LabState {
         self.dir().join("routers").join(router)
     }
 
+    /// The agent's CNI socket as the host sees it: with real nodes, the DaemonSet's
+    /// /run/sepal/sepal.sock, which is the node directory's run/sepal (node_runtime/mount_ns.rs).
     pub fn socket(&self, node: &str) -> PathBuf {
-        self.node_dir(node).join("sepal.sock")
+        match self.real_nodes() {
+            true => self.node_dir(node).join("run/sepal/sepal.sock"),
+            false => self.node_dir(node).join("sepal.sock"),
+        }
+    }
+
+    /// Whether the nodes run kubelet and the agents run from the DaemonSet (`up --kubernetes`).
+    pub fn real_nodes(&self) -> bool {
+        self.kubeconfig
+            .as_ref()
+            .is_some_and(|k| k.control_plane.is_some())
     }
 
     pub fn node(&self, name: &str) -> Option<&NodeState> {
@@ -166,7 +185,16 @@ impl LabState {
     pub fn all_netns(&self) -> Vec<String> {
         let mut all: Vec<String> = self.routers.iter().map(|r| r.netns.clone()).collect();
         all.extend(self.nodes.iter().map(|n| n.netns.clone()));
-        all.extend(self.pods.iter().map(|p| p.netns.clone()));
+        if self.real_nodes() {
+            all.push(format!("{}-cp", self.name));
+        }
+        // A real Pod's namespace is its container's (a /proc path), not one of `ip netns`.
+        all.extend(
+            self.pods
+                .iter()
+                .filter(|p| !p.netns.starts_with('/'))
+                .map(|p| p.netns.clone()),
+        );
         all
     }
 }

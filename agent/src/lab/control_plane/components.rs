@@ -62,6 +62,11 @@ pub struct ClusterSettings {
     /// unreachable after 50 s, then evicts their pods); off while no kubelet runs.
     #[arg(long)]
     pub node_lifecycle: bool,
+    /// The address kubelets, kube-proxy and in-cluster clients reach the API server at (the
+    /// `kubernetes` Service's endpoint); the API server then listens on every address of its
+    /// namespace, not only loopback. Without it, loopback only.
+    #[arg(long)]
+    pub advertise_address: Option<std::net::IpAddr>,
     /// One more kube-apiserver flag (repeatable), e.g. `--apiserver-arg=--watch-cache=false`.
     #[arg(long = "apiserver-arg", allow_hyphen_values = true)]
     pub apiserver_args: Vec<String>,
@@ -162,8 +167,15 @@ pub fn args(c: Component, l: &Layout, ports: &Ports, s: &ClusterSettings) -> Vec
         ],
         Component::ApiServer => vec![
             format!("--etcd-servers={}", loopback(ports.etcd_client)),
-            "--bind-address=127.0.0.1".into(),
-            "--advertise-address=127.0.0.1".into(),
+            match s.advertise_address {
+                Some(_) => "--bind-address=0.0.0.0".into(),
+                None => "--bind-address=127.0.0.1".into(),
+            },
+            format!(
+                "--advertise-address={}",
+                s.advertise_address
+                    .map_or("127.0.0.1".into(), |a| a.to_string())
+            ),
             format!("--secure-port={}", ports.api_server),
             format!("--cert-dir={}", path(&l.work(c))),
             format!("--tls-cert-file={}", path(&l.pki_file("apiserver.crt"))),

@@ -388,7 +388,7 @@ async fn supervise(bin: &Path, l: &Layout, s: &ClusterSettings) -> Result<()> {
     let mut int = signal(SignalKind::interrupt())?;
     let started = Instant::now();
     std::fs::create_dir_all(l.dir.join("logs"))?;
-    pki::make(&l.pki(), &s.service_ip()?)?;
+    pki::make(&l.pki(), &s.service_ip()?, s.advertise_address)?;
     let ports = free_ports()?;
     let server = format!("https://127.0.0.1:{}", ports.api_server);
     write_credentials(l, &server)?;
@@ -456,6 +456,7 @@ async fn supervise(bin: &Path, l: &Layout, s: &ClusterSettings) -> Result<()> {
 /// control plane whose start it did not see through.
 pub fn start_detached(
     dir: &Path,
+    netns: Option<&Path>,
     cluster_args: &[String],
     spawned: impl FnOnce(u32) -> Result<()>,
 ) -> Result<Endpoints> {
@@ -463,7 +464,13 @@ pub fn start_detached(
     let log = dir.join("control-plane.log");
     let file = std::fs::File::create(&log)?;
     let sepal = std::env::current_exe()?;
-    let mut child = std::process::Command::new("setsid")
+    let mut command = std::process::Command::new("setsid");
+    if let Some(ns) = netns {
+        command
+            .arg("nsenter")
+            .arg(format!("--net={}", ns.display()));
+    }
+    let mut child = command
         .arg(&sepal)
         .args(["lab", "control-plane", "--dir"])
         .arg(dir)

@@ -8,9 +8,11 @@ use std::path::Path;
 use std::process::Command;
 
 /// Names the API server's certificate answers to: loopback (the tests, the lab's relay), and the
-/// `kubernetes` Service's ClusterIP and DNS names (in-cluster clients).
-pub fn serving_names(service_ip: &str) -> Vec<String> {
+/// `kubernetes` Service's ClusterIP and DNS names (in-cluster clients), and the address it is
+/// advertised at, when it has one beside loopback (kubelets on lab nodes).
+pub fn serving_names(service_ip: &str, advertised: Option<std::net::IpAddr>) -> Vec<String> {
     let mut names = vec!["IP:127.0.0.1".to_string(), format!("IP:{service_ip}")];
+    names.extend(advertised.map(|a| format!("IP:{a}")));
     for dns in [
         "localhost",
         "kubernetes",
@@ -44,7 +46,7 @@ pub(crate) fn openssl(dir: &Path, args: &[&str]) -> Result<()> {
 /// certificate it signs (`apiserver.crt`), the API server's client certificate for kubelets
 /// (`apiserver-kubelet-client.crt`), and the ServiceAccount key pair (`sa.key`, `sa.pub`:
 /// tokens are signed with one and checked against the other) in `dir`.
-pub fn make(dir: &Path, service_ip: &str) -> Result<()> {
+pub fn make(dir: &Path, service_ip: &str, advertised: Option<std::net::IpAddr>) -> Result<()> {
     std::fs::create_dir_all(dir)?;
     let ec = [
         "-newkey",
@@ -84,7 +86,7 @@ pub fn make(dir: &Path, service_ip: &str) -> Result<()> {
     let ext = format!(
         "subjectAltName={}\nextendedKeyUsage=serverAuth\nkeyUsage=critical,digitalSignature\n\
          basicConstraints=critical,CA:FALSE\n",
-        serving_names(service_ip).join(",")
+        serving_names(service_ip, advertised).join(",")
     );
     std::fs::write(dir.join("apiserver.ext"), ext)?;
     openssl(
@@ -239,7 +241,7 @@ mod tests {
 
     #[test]
     fn serving_names_cover_loopback_and_the_service() {
-        let names = serving_names("10.96.0.1");
+        let names = serving_names("10.96.0.1", None);
         assert!(names.contains(&"IP:127.0.0.1".to_string()));
         assert!(names.contains(&"IP:10.96.0.1".to_string()));
         assert!(names.contains(&"DNS:kubernetes.default.svc".to_string()));

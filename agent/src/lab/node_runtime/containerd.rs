@@ -52,8 +52,9 @@ disabled_plugins = [
   # oom_score_adj, and runc fails the pause container's -998 ("can't get final child's PID from
   # pipe"); restricted, no container gets a score below containerd's own.
   restrict_oom_score_adj = true
-  # Pod network namespaces under the node's state directory, not the host's /run/netns.
-  netns_mounts_under_state_dir = true
+  # Pod network namespaces in /run/netns, which the node's mount namespace binds to its own
+  # directory (mount_ns.rs): the agent's container sees them there, as on a real node.
+  netns_mounts_under_state_dir = false
   [plugins."io.containerd.cri.v1.runtime".containerd]
     default_runtime_name = "runc"
     [plugins."io.containerd.cri.v1.runtime".containerd.runtimes.runc]
@@ -67,6 +68,9 @@ disabled_plugins = [
     bin_dirs = ["{cni_bin}"]
     conf_dir = "{cni_conf}"
     max_conf_num = 1
+    # Loopback up by containerd itself: a node where only the network's own plugin is
+    # installed (Sepal's install-cni puts sepal-cni alone in /opt/cni/bin) has no loopback plugin.
+    use_internal_loopback = true
 
 [plugins."io.containerd.grpc.v1.cri"]
   # kubectl exec/attach/port-forward streams, on the node's loopback.

@@ -5,14 +5,17 @@ use super::{NodeLayout, NodeSpec};
 use std::path::Path;
 
 /// The modes the lab runs kube-proxy in.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize, serde::Deserialize,
+)]
+#[serde(rename_all = "lowercase")]
 pub enum ProxyMode {
     Nftables,
     Iptables,
 }
 
 impl ProxyMode {
-    fn name(self) -> &'static str {
+    pub fn name(self) -> &'static str {
         match self {
             ProxyMode::Nftables => "nftables",
             ProxyMode::Iptables => "iptables",

@@ -14,6 +14,7 @@ pub mod host;
 pub mod images;
 pub mod kube_proxy;
 pub mod kubelet;
+pub mod mount_ns;
 pub mod sepal_image;
 
 use anyhow::{bail, Context, Result};
@@ -633,6 +634,8 @@ pub fn run(a: NodeRuntimeArgs) -> Result<()> {
     if let Some(ns) = &a.netns {
         enter(ns)?;
     }
+    let dir = std::path::absolute(&layout.dir)?;
+    mount_ns::enter(&dir).with_context(|| format!("node {}", spec.name))?;
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
