@@ -303,9 +303,127 @@ fn lab_on_its_own_control_plane() {
         |e| !e.contains(&extra_ip),
     );
 
+    rolling_update_loses_no_ping(&lab, a, b);
+
     // Down: no namespace, process (kubelets, containerd, agents, router, relay, control plane)
     // or file left.
     lab.down_cleanly();
+}
+
+/// A rolling update of the DaemonSet to a new image (the same binaries under a new tag on every
+/// node) replaces each node's agent in turn, while pod `a` pings pod `b` on another node every
+/// 50 ms: graceful restart (the ToR and the nodes keep the restarting node's routes) and the
+/// adopted dataplane carry every packet.
+fn rolling_update_loses_no_ping(lab: &Lab, a: &Value, b: &Value) {
+    let status = lab.status();
+    let image = status["images"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|i| i.as_str())
+        .find(|i| i.starts_with("sepal.dev/sepal:"))
+        .unwrap()
+        .to_string();
+    let update = format!("{image}-update");
+    for node in NODES {
+        let socket = lab
+            .dir()
+            .join("nodes")
+            .join(node)
+            .join("containerd/containerd.sock");
+        let out = std::process::Command::new(kube_bin_dir().join("ctr"))
+            .arg("--address")
+            .arg(&socket)
+            .args(["-n", "k8s.io", "images", "tag", &image, &update])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{node}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let before: BTreeSet<String> = agents(lab);
+    let from = a["netns"].as_str().unwrap();
+    let to = b["ips"][0].as_str().unwrap();
+    let ping = std::process::Command::new("nsenter")
+        .arg(format!("--net={from}"))
+        .args(["ping", "-q", "-i", "0.05", to])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_secs(1));
+    let started = std::time::Instant::now();
+    let set = lab.kubectl(&[
+        "-n",
+        "sepal-system",
+        "set",
+        "image",
+        "daemonset/sepal-node",
+        &format!("sepal={update}"),
+        &format!("install-cni={update}"),
+    ]);
+    assert!(
+        set.status.success(),
+        "{}",
+        String::from_utf8_lossy(&set.stderr)
+    );
+    let rollout = lab.kubectl(&[
+        "-n",
+        "sepal-system",
+        "rollout",
+        "status",
+        "daemonset/sepal-node",
+        "--timeout=240s",
+    ]);
+    assert!(
+        rollout.status.success(),
+        "{}",
+        String::from_utf8_lossy(&rollout.stderr)
+    );
+    let took = started.elapsed();
+    std::thread::sleep(std::time::Duration::from_secs(2));
+    // ping prints its summary on SIGINT.
+    let stopped = std::process::Command::new("kill")
+        .args(["-INT", &ping.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(stopped.success());
+    let out = ping.wait_with_output().unwrap();
+    let summary = String::from_utf8_lossy(&out.stdout).into_owned();
+    let after = agents(lab);
+    assert!(
+        before.is_disjoint(&after),
+        "agents not replaced: {before:?} {after:?}"
+    );
+    let (sent, received) = ping_counts(&summary);
+    eprintln!(
+        "rolling update of 3 agents in {:.1} s: {received}/{sent} pings answered",
+        took.as_secs_f64()
+    );
+    assert!(sent > 0 && received == sent, "lost pings: {summary}");
+}
+
+/// The agents' Pod names, once each runs the DaemonSet's current template.
+fn agents(lab: &Lab) -> BTreeSet<String> {
+    items(lab.kubectl_json(&["-n", "sepal-system", "get", "pods"]))
+        .iter()
+        .map(|p| p["metadata"]["name"].as_str().unwrap().to_string())
+        .collect()
+}
+
+/// (transmitted, received) from ping's summary line.
+fn ping_counts(summary: &str) -> (u64, u64) {
+    let line = summary
+        .lines()
+        .find(|l| l.contains("packets transmitted"))
+        .unwrap_or_else(|| panic!("no ping summary: {summary}"));
+    let n: Vec<u64> = line
+        .split(',')
+        .filter_map(|f| f.split_whitespace().next()?.parse().ok())
+        .collect();
+    (n[0], n[1])
 }
 
 #[test]

@@ -164,6 +164,8 @@ mod tests {
             ("DEFAULT_ROUTE", None),
             ("POD_RANGE", some("10.244.0.0/16")),
             ("POD_RANGE_LEN", some("16")),
+            ("SERVICE_RANGE", None),
+            ("SERVICE_RANGE_LEN", None),
         ]);
         let node = values([
             ("NAME", some("n1")),

@@ -63,6 +63,7 @@ pub fn start(lab: &LabState, index: usize) -> Result<Vec<u32>> {
     let ranges = PodRanges {
         v4: pod_range,
         v6: lab.topology.pod_range6().map(IpNetwork::V6),
+        services: service_range(&lab.topology.manifests),
     };
     match router.kind {
         RouterKind::None => {
@@ -79,6 +80,23 @@ pub fn start(lab: &LabState, index: usize) -> Result<Vec<u32>> {
 pub struct PodRanges {
     pub v4: IpNetwork,
     pub v6: Option<IpNetwork>,
+    /// The first IPv4 Service range the topology's BGPConfiguration advertises, if any.
+    pub services: Option<IpNetwork>,
+}
+
+/// The first IPv4 range among the Service addresses a BGPConfiguration in `manifests`
+/// advertises (serviceExternalIPs, serviceLoadBalancerIPs, serviceClusterIPs).
+pub fn service_range(manifests: &[serde_json::Value]) -> Option<IpNetwork> {
+    let config = manifests.iter().find(|m| m["kind"] == "BGPConfiguration")?;
+    [
+        "serviceExternalIPs",
+        "serviceLoadBalancerIPs",
+        "serviceClusterIPs",
+    ]
+    .iter()
+    .flat_map(|k| config["spec"][k].as_array().cloned().unwrap_or_default())
+    .filter_map(|e| e["cidr"].as_str()?.parse::<IpNetwork>().ok())
+    .find(|n| n.is_ipv4())
 }
 
 /// A plain L3 switch: a route to every node block via the node's address on its link (IPv6
@@ -128,6 +146,11 @@ fn template_values(
         ("DEFAULT_ROUTE", None),
         ("POD_RANGE", Some(pod_range.to_string())),
         ("POD_RANGE_LEN", Some(pod_range.prefix().to_string())),
+        ("SERVICE_RANGE", ranges.services.map(|r| r.to_string())),
+        (
+            "SERVICE_RANGE_LEN",
+            ranges.services.map(|r| r.prefix().to_string()),
+        ),
     ]);
     global.extend(peering::values([
         ("POD_RANGE6", ranges.v6.map(|r| r.to_string())),

@@ -410,6 +410,8 @@ pub fn tor_cluster(n: usize, kind: TorKind, extra: &str) -> (Cluster, Netns, Tor
         ("POD_RANGE_LEN", Some("16".into())),
         ("POD_RANGE6", Some("fd10:244::/32".into())),
         ("POD_RANGE6_LEN", Some("32".into())),
+        ("SERVICE_RANGE", Some("10.96.0.0/12".into())),
+        ("SERVICE_RANGE_LEN", Some("12".into())),
     ]);
     let per_node: Vec<peering::Values> = (0..n)
         .map(|i| {

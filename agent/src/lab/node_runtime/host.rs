@@ -64,13 +64,18 @@ pub fn create_cgroups(cgroup: &str) -> anyhow::Result<()> {
         for part in cgroup.trim_start_matches('/').split('/') {
             let parent = dir.clone();
             dir = dir.join(part);
-            if dir.is_dir() {
-                continue;
+            // A lab's nodes start together and share the lab's level: another may make it
+            // first, and may not have given it its cpuset yet, so an empty one is filled in here.
+            match std::fs::create_dir(&dir) {
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+                other => other.with_context(|| format!("create cgroup {}", dir.display()))?,
             }
-            std::fs::create_dir(&dir)
-                .with_context(|| format!("create cgroup {}", dir.display()))?;
             for f in ["cpuset.cpus", "cpuset.mems"] {
-                if let Ok(v) = std::fs::read_to_string(parent.join(f)) {
+                let own = std::fs::read_to_string(dir.join(f)).unwrap_or_default();
+                if let (Ok(v), true) = (
+                    std::fs::read_to_string(parent.join(f)),
+                    own.trim().is_empty(),
+                ) {
                     std::fs::write(dir.join(f), v.trim())
                         .with_context(|| format!("write {}", dir.join(f).display()))?;
                 }
