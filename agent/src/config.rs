@@ -29,6 +29,18 @@ pub enum LogFormat {
     Json,
 }
 
+/// What a stop (SIGTERM) means to the agent's BGP peers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum StopMode {
+    /// Cease/Administrative Shutdown: peers drop this node's routes at once.
+    #[default]
+    Withdraw,
+    /// A restart: sessions close without a NOTIFICATION and graceful-restart peers keep the
+    /// routes until the next agent is back, or for the restart time.
+    Restart,
+}
+
 /// Flags of `sepal node`. Every one is optional here so that the config file can fill it in.
 #[derive(Debug, Clone, Default, Args)]
 pub struct NodeArgs {
@@ -77,6 +89,11 @@ pub struct NodeArgs {
     /// below this path [default: /proc/sys].
     #[arg(long)]
     pub proc_sys: Option<PathBuf>,
+    /// What a stop (SIGTERM) tells BGP peers: `withdraw` (Cease, routes dropped at once) or
+    /// `restart` (graceful restart: peers keep the routes until the next agent is back)
+    /// [default: withdraw].
+    #[arg(long, value_enum)]
+    pub stop_mode: Option<StopMode>,
 }
 
 pub const DEFAULT_SYNC_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
@@ -111,6 +128,8 @@ struct FileConfig {
     sync_timeout: Option<String>,
     #[serde(alias = "procSys")]
     proc_sys: Option<PathBuf>,
+    #[serde(alias = "stopMode")]
+    stop_mode: Option<StopMode>,
 }
 
 /// The settings the agent runs with.
@@ -132,6 +151,8 @@ pub struct NodeConfig {
     pub sync_timeout: std::time::Duration,
     /// The node's /proc/sys (see `--proc-sys`).
     pub proc_sys: PathBuf,
+    /// What a stop tells BGP peers (see `--stop-mode`).
+    pub stop_mode: StopMode,
 }
 
 fn read_file(path: &Path) -> Result<FileConfig> {
@@ -231,6 +252,7 @@ impl NodeConfig {
                 .clone()
                 .or(file.proc_sys)
                 .unwrap_or_else(|| PathBuf::from("/proc/sys")),
+            stop_mode: args.stop_mode.or(file.stop_mode).unwrap_or_default(),
         })
     }
 }

@@ -656,7 +656,8 @@ pub async fn run(cfg: NodeConfig) -> Result<()> {
     let result = server::serve(&cfg.socket, agent.clone()).await;
     let routing = agent.lock().await.routing.take();
     if let Some(r) = routing {
-        r.shutdown().await;
+        r.shutdown(cfg.stop_mode == crate::config::StopMode::Restart)
+            .await;
     }
     result
 }

@@ -200,7 +200,8 @@ enum Cmd {
     Peers(oneshot::Sender<Vec<PeerStatus>>),
     Routes(oneshot::Sender<Vec<(IpNet, rib::BestRoute)>>),
     Count(oneshot::Sender<usize>),
-    Shutdown(oneshot::Sender<()>),
+    /// Stop; with `true`, Cease/Administrative Shutdown to every peer first.
+    Shutdown(oneshot::Sender<()>, bool),
 }
 
 enum Io {
@@ -342,7 +343,16 @@ impl Speaker {
     /// Sends Cease/Administrative Shutdown to every peer and stops.
     pub async fn shutdown(&self) -> Result<(), Error> {
         let (tx, rx) = oneshot::channel();
-        self.send(Cmd::Shutdown(tx))?;
+        self.send(Cmd::Shutdown(tx, true))?;
+        rx.await.map_err(|_| Error::Stopped)
+    }
+
+    /// Stops for a restart: every session's connection is closed without a NOTIFICATION, so
+    /// peers that negotiated graceful restart keep this speaker's routes, stale, until it is
+    /// back and has sent End-of-RIB, or its restart time passes (RFC 4724 §4.2).
+    pub async fn stop_for_restart(&self) -> Result<(), Error> {
+        let (tx, rx) = oneshot::channel();
+        self.send(Cmd::Shutdown(tx, false))?;
         rx.await.map_err(|_| Error::Stopped)
     }
 }
@@ -461,9 +471,13 @@ impl Core {
             let next = self.next_deadline();
             tokio::select! {
                 c = cmds.recv() => match c {
-                    Some(Cmd::Shutdown(done)) => { self.shutdown(); let _ = done.send(()); return; }
+                    Some(Cmd::Shutdown(done, notify)) => {
+                        self.shutdown(notify);
+                        let _ = done.send(());
+                        return;
+                    }
                     Some(c) => self.command(c),
-                    None => { self.shutdown(); return; }
+                    None => { self.shutdown(true); return; }
                 },
                 Some(e) = io.recv() => {
                     self.io(e);
@@ -489,10 +503,12 @@ impl Core {
         }
     }
 
-    fn shutdown(&mut self) {
-        let addrs: Vec<IpAddr> = self.peers.keys().copied().collect();
-        for a in addrs {
-            self.session_event(a, Event::Stop(Notification::new(6, 2, vec![])));
+    fn shutdown(&mut self, notify: bool) {
+        if notify {
+            let addrs: Vec<IpAddr> = self.peers.keys().copied().collect();
+            for a in addrs {
+                self.session_event(a, Event::Stop(Notification::new(6, 2, vec![])));
+            }
         }
         for t in &self.tasks {
             t.abort();
@@ -653,7 +669,7 @@ impl Core {
             Cmd::Count(tx) => {
                 let _ = tx.send(self.rib.len());
             }
-            Cmd::Shutdown(_) => {}
+            Cmd::Shutdown(..) => {}
         }
     }
 

@@ -157,12 +157,25 @@ impl Routing {
         self.warnings.borrow().clone()
     }
 
-    /// Stops the speaker with Cease/Administrative Shutdown to every peer: a deliberate stop, so
-    /// peers drop our routes now instead of keeping them for a restart.
-    pub async fn shutdown(self) {
+    /// Stops the speaker when the agent stops. `for_restart` (`--stop-mode restart`) with
+    /// graceful restart on: the sessions close without a NOTIFICATION, so peers keep this node's
+    /// routes until the next agent is back (a DaemonSet rolling update, a node reboot), and a
+    /// node that never comes back loses them after the restart time. Otherwise, or with graceful
+    /// restart off: Cease/Administrative Shutdown, so peers drop the routes now.
+    pub async fn shutdown(self, for_restart: bool) {
         let speaker = self.speaker.lock().ok().and_then(|mut s| s.take());
+        let graceful = self
+            .inputs
+            .borrow()
+            .as_ref()
+            .map(plan)
+            .and_then(Result::ok)
+            .is_some_and(|p| !p.speaker.graceful_restart_time.is_zero());
         if let Some(s) = speaker {
-            let _ = s.shutdown().await;
+            let _ = match for_restart && graceful {
+                true => s.stop_for_restart().await,
+                false => s.shutdown().await,
+            };
         }
     }
 
