@@ -553,6 +553,7 @@ mod tests {
             uplinks6: Vec::new(),
             pod_cidrs: vec![block.into()],
             pid: None,
+            runtime_pid: None,
         };
         LabState {
             name: "t".into(),
@@ -570,6 +571,7 @@ mod tests {
             }],
             kubeconfig: None,
             relay_pid: None,
+            proxy_mode: None,
         }
     }
 

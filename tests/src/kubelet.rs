@@ -67,6 +67,11 @@ impl Drop for KubeletNode {
 }
 
 impl KubeletNode {
+    /// The node's supervisor: its mount namespace is the node's (node_runtime/mount_ns.rs).
+    pub fn pid(&self) -> u32 {
+        self.supervisor.id()
+    }
+
     /// Starts node `name` in `netns` against `cluster` and waits until its Node is registered
     /// (and Ready, with a CNI config). `lab` names its cgroup (/sepal/LAB/NAME).
     pub fn start(

@@ -15,7 +15,12 @@ use serde_json::{json, Value};
 use std::path::Path;
 
 fn mounts_under(dir: &Path) -> Vec<String> {
-    std::fs::read_to_string("/proc/self/mountinfo")
+    mounts_seen_by("self", dir)
+}
+
+/// Mounts under `dir` in the mount namespace of process `pid` ("self": this one).
+fn mounts_seen_by(pid: &str, dir: &Path) -> Vec<String> {
+    std::fs::read_to_string(format!("/proc/{pid}/mountinfo"))
         .unwrap_or_default()
         .lines()
         .filter_map(|l| l.split(' ').nth(4).map(str::to_string))
@@ -165,8 +170,13 @@ fn one_kubelet_node_runs_a_pod() {
     let kubepods = format!("/sys/fs/cgroup/pids{cgroup}/kubepods");
     assert!(Path::new(&kubepods).is_dir(), "no {kubepods}");
     assert!(
-        !mounts_under(&dir).is_empty(),
+        !mounts_seen_by(&node.pid().to_string(), &dir).is_empty(),
         "the Pod's mounts are under the node's directory"
+    );
+    assert_eq!(
+        mounts_under(&dir),
+        Vec::<String>::new(),
+        "the node's mounts reach the host's mount namespace"
     );
 
     // Stopped: nothing of the node is left.

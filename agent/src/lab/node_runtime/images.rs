@@ -100,10 +100,35 @@ pub fn pause(names: &ImageNames, bin: &Path) -> Image {
     }
 }
 
+/// What the e2e suites run inside agnhost containers besides agnhost itself (`kubectl exec`
+/// with `/bin/sh -c`: curl, wget, OpenBSD nc, ss, grep, seq, tail and the like), taken from
+/// this host as upstream's image takes them from Alpine.
+pub const AGNHOST_USERLAND: &[&str] = &[
+    "/bin/sh",
+    "/bin/cat",
+    "/bin/date",
+    "/bin/echo",
+    "/bin/ls",
+    "/bin/sleep",
+    "/bin/grep",
+    "/usr/bin/head",
+    "/usr/bin/tail",
+    "/usr/bin/seq",
+    "/usr/bin/wc",
+    "/usr/bin/curl",
+    "/usr/bin/wget",
+    "/bin/nc",
+    "/bin/ss",
+    "/bin/ip",
+    "/bin/hostname",
+];
+
 /// agnhost as upstream's image runs it (`ENTRYPOINT ["/agnhost"]`, `CMD ["pause"]`, the
-/// `agnhost-2` alias), without its Alpine userland.
-pub fn agnhost(names: &ImageNames, bin: &Path) -> Image {
-    let mut entries = base_dirs();
+/// `agnhost-2` alias), with the userland the e2e suites exec in it ([`AGNHOST_USERLAND`]) and
+/// the TLS pair `porter` serves with (`/localhost.crt`, `/localhost.key`, written beside agnhost
+/// by scripts/kube-build).
+pub fn agnhost(names: &ImageNames, bin: &Path) -> Result<Image> {
+    let mut entries = super::sepal_image::host_programs(AGNHOST_USERLAND)?;
     entries.push((
         "agnhost".into(),
         Entry::File {
@@ -117,13 +142,25 @@ pub fn agnhost(names: &ImageNames, bin: &Path) -> Image {
             target: "agnhost".into(),
         },
     ));
+    for f in ["localhost.crt", "localhost.key"] {
+        if bin.join(f).is_file() {
+            let source = bin.join(f);
+            entries.push((
+                f.into(),
+                Entry::File {
+                    source,
+                    mode: 0o644,
+                },
+            ));
+        }
+    }
     entries.push(("uploads".into(), Entry::Dir { mode: 0o755 }));
-    Image {
+    Ok(Image {
         name: names.agnhost.clone(),
         entrypoint: vec!["/agnhost".into()],
         cmd: vec!["pause".into()],
         entries,
-    }
+    })
 }
 
 /// One ustar header block. Times, owners and names are fixed, so the same input always gives

@@ -351,7 +351,7 @@ impl Node {
         // where CRI finds them.
         let mut wanted = vec![
             images::pause(&names, &self.spec.bin),
-            images::agnhost(&names, &self.spec.bin),
+            images::agnhost(&names, &self.spec.bin)?,
         ];
         if let Some(dir) = &self.spec.sepal_image {
             wanted.push(sepal_image::image(dir)?);
@@ -758,7 +758,8 @@ mod tests {
         let c = containerd::config(&l, "registry.k8s.io/pause:3.10.2");
         for line in [
             "restrict_oom_score_adj = true",
-            "netns_mounts_under_state_dir = true",
+            "netns_mounts_under_state_dir = false",
+            "use_internal_loopback = true",
             "sandbox = \"registry.k8s.io/pause:3.10.2\"",
             "SystemdCgroup = false",
         ] {

@@ -205,6 +205,30 @@ fn find_library(soname: &str) -> Result<PathBuf> {
     bail!("{soname} not found (apt-get install libnftables1)")
 }
 
+/// Host programs at their own paths with every library they load (as `ldd` resolves them,
+/// the loader included), as image entries on top of the base directories: a small userland.
+pub fn host_programs(programs: &[&str]) -> Result<Vec<(String, Entry)>> {
+    let mut tree = Tree::default();
+    for (d, e) in base_dirs() {
+        tree.entries.insert(d, e);
+    }
+    let mut elves = Vec::new();
+    for p in programs {
+        let path = Path::new(p);
+        if !path.exists() {
+            bail!("{p} is missing on this host (see the apt-get line in .ci/run)");
+        }
+        tree.host_path(path)?;
+        elves.push(std::fs::canonicalize(path)?);
+    }
+    for elf in &elves {
+        for lib in libraries(elf)? {
+            tree.host_path(&lib)?;
+        }
+    }
+    Ok(tree.entries.into_iter().collect())
+}
+
 /// The Sepal image from the binaries in `bin` (the running `sepal`'s directory).
 pub fn image(bin: &Path) -> Result<Image> {
     let mut tree = Tree::default();
