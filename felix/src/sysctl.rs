@@ -35,7 +35,7 @@ fn write(name: &[&str], value: &str) -> io::Result<()> {
 fn write_path(p: &std::path::Path, value: &str) -> io::Result<()> {
     // Skip the write when the value is already right: cheaper and works on read-only /proc/sys
     // (containers) when nothing needs changing.
-    if let Ok(current) = std::fs::read_to_string(&p) {
+    if let Ok(current) = std::fs::read_to_string(p) {
         if current.trim() == value {
             return Ok(());
         }

@@ -137,7 +137,8 @@ pub fn stop(pid: u32) {
     let _ = nix::sys::signal::kill(pid_t, nix::sys::signal::Signal::SIGKILL);
 }
 
-fn is_zombie(pid: u32) -> bool {
+/// Whether the process has exited but not been reaped (or is gone).
+pub fn is_zombie(pid: u32) -> bool {
     std::fs::read_to_string(format!("/proc/{pid}/stat"))
         .map(|s| {
             s.rsplit(')')

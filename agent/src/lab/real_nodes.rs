@@ -231,23 +231,13 @@ pub fn stop_node(pid: u32, dir: &Path) {
     let p = nix::unistd::Pid::from_raw(pid as i32);
     let _ = nix::sys::signal::kill(p, nix::sys::signal::Signal::SIGTERM);
     let deadline = Instant::now() + Duration::from_secs(60);
-    while net::alive(pid) && !is_zombie(pid) {
+    while net::alive(pid) && !net::is_zombie(pid) {
         if Instant::now() > deadline {
             let _ = nix::sys::signal::kill(p, nix::sys::signal::Signal::SIGKILL);
             return;
         }
         std::thread::sleep(Duration::from_millis(100));
     }
-}
-
-fn is_zombie(pid: u32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .map(|s| {
-            s.rsplit(')')
-                .next()
-                .is_some_and(|rest| rest.trim_start().starts_with('Z'))
-        })
-        .unwrap_or(true)
 }
 
 /// The Node annotation the agents read their AS number from, which kubelet cannot set.
