@@ -636,6 +636,7 @@ pub fn run(a: NodeRuntimeArgs) -> Result<()> {
     }
     let dir = std::path::absolute(&layout.dir)?;
     mount_ns::enter(&dir).with_context(|| format!("node {}", spec.name))?;
+    mount_ns::set_hostname(&spec.name).with_context(|| format!("node {}", spec.name))?;
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;

@@ -25,6 +25,14 @@ pub const HOST_PATHS: &[(&str, &str)] = &[
     ("/var/log/containers", "log/containers"),
 ];
 
+/// Gives the node a UTS namespace of its own with the node's name as its host name: a real node's
+/// hostname is its node name, which hostNetwork Pods see (and upstream's e2e tests compare).
+pub fn set_hostname(name: &str) -> Result<()> {
+    nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWUTS)
+        .context("unshare a UTS namespace for the node")?;
+    nix::unistd::sethostname(name).with_context(|| format!("set the host name {name}"))
+}
+
 /// Moves this process into a new mount namespace with the node's directories bound over
 /// [`HOST_PATHS`]. Must run before any thread is started (unshare of a mount namespace needs a
 /// process whose filesystem context no other thread shares).
