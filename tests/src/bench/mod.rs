@@ -5,10 +5,11 @@ pub mod cni;
 pub mod datapath;
 pub mod datastore;
 pub mod iperf;
+pub mod podstart;
 pub mod policy;
 
 /// Subcommand names, for the usage line.
-pub const NAMES: &[&str] = &["bgp", "cni", "datapath", "datastore", "policy"];
+pub const NAMES: &[&str] = &["bgp", "cni", "datapath", "datastore", "podstart", "policy"];
 
 pub fn run(what: &str, args: &[String]) -> anyhow::Result<()> {
     match what {
@@ -16,6 +17,7 @@ pub fn run(what: &str, args: &[String]) -> anyhow::Result<()> {
         "cni" => cni::run(args),
         "datapath" => datapath::run(args),
         "datastore" => datastore::run(args),
+        "podstart" => podstart::run(args),
         "policy" => policy::run(args),
         other => anyhow::bail!("unknown benchmark {other:?}; one of {}", NAMES.join(", ")),
     }
