@@ -309,3 +309,13 @@ pub fn http_get_in(netns: &Path, ip: &str, port: u16, path: &str) -> Result<Stri
     .map_err(|e| e.to_string())?
     .map_err(|e| e.to_string())
 }
+
+/// Node `name`'s entry in a `lab status --json`.
+pub fn status_node<'a>(status: &'a Value, name: &str) -> &'a Value {
+    status["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|n| n["name"] == name)
+        .unwrap_or_else(|| panic!("node {name} not in {status}"))
+}

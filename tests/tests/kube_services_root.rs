@@ -8,7 +8,7 @@
 //! - a NetworkPolicy that admits only some clients to the backends holds through the ClusterIP
 //!   (kube-proxy DNATs before Sepal's forward hook sees the packet).
 
-use sepal_tests::lab::{http_get_in, wait_for, Lab};
+use sepal_tests::lab::{http_get_in, status_node, wait_for, Lab};
 use sepal_tests::require_root;
 use serde_json::Value;
 use std::collections::BTreeSet;
@@ -83,13 +83,10 @@ fn pod_netns(status: &Value, name: &str) -> PathBuf {
 }
 
 fn node_ip(status: &Value, node: &str) -> String {
-    let n = status["nodes"]
-        .as_array()
+    status_node(status, node)["addresses"][0]
+        .as_str()
         .unwrap()
-        .iter()
-        .find(|n| n["name"] == node)
-        .unwrap();
-    n["addresses"][0].as_str().unwrap().to_string()
+        .to_string()
 }
 
 /// The backends' names one client reaches through `ip:port`, over `tries` requests.

@@ -84,13 +84,10 @@ fn lab_and_operator_tools_end_to_end() {
         .map(|a| without_prefix_len(a).to_string())
         .collect();
     let block_of = |node: &str| -> String {
-        let n = status["nodes"]
-            .as_array()
+        sepal_tests::lab::status_node(&status, node)["podCIDRs"][0]
+            .as_str()
             .unwrap()
-            .iter()
-            .find(|n| n["name"] == node)
-            .unwrap();
-        n["podCIDRs"][0].as_str().unwrap().to_string()
+            .to_string()
     };
 
     // `sepal status`: ready, the ToR session up, both other blocks learned.

@@ -160,15 +160,7 @@ pub fn remove(kubeconfig: &Path, obj: &Value) -> Result<()> {
 
 /// One object as the server holds it; None when it is not there.
 pub fn get(kubeconfig: &Path, api_version: &str, kind: &str, name: &str) -> Result<Option<Value>> {
-    let (_, rt, client) = api(kubeconfig)?;
-    let api = handle_for(client, api_version, kind, None);
-    let found = rt
-        .block_on(api.get_opt(name))
-        .with_context(|| format!("reading {kind} {name} from the API server"))?;
-    found
-        .map(serde_json::to_value)
-        .transpose()
-        .map_err(Into::into)
+    get_in(kubeconfig, api_version, kind, None, name)
 }
 
 /// One namespaced object as the server holds it; None when it is not there.
@@ -179,11 +171,25 @@ pub fn get_namespaced(
     namespace: &str,
     name: &str,
 ) -> Result<Option<Value>> {
+    get_in(kubeconfig, api_version, kind, Some(namespace), name)
+}
+
+fn get_in(
+    kubeconfig: &Path,
+    api_version: &str,
+    kind: &str,
+    namespace: Option<&str>,
+    name: &str,
+) -> Result<Option<Value>> {
     let (_, rt, client) = api(kubeconfig)?;
-    let api = handle_for(client, api_version, kind, Some(namespace));
+    let api = handle_for(client, api_version, kind, namespace);
+    let what = match namespace {
+        Some(ns) => format!("{ns}/{name}"),
+        None => name.to_string(),
+    };
     let found = rt
         .block_on(api.get_opt(name))
-        .with_context(|| format!("reading {kind} {namespace}/{name} from the API server"))?;
+        .with_context(|| format!("reading {kind} {what} from the API server"))?;
     found
         .map(serde_json::to_value)
         .transpose()

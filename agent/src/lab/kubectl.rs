@@ -10,6 +10,18 @@ use std::path::PathBuf;
 
 /// Replaces this process with kubectl: its output and exit code are the command's.
 pub fn exec(lab: &LabState, args: &[String]) -> Result<()> {
+    let mut cmd = command(lab)?;
+    let err = cmd.args(args).exec();
+    Err(err).with_context(|| {
+        format!(
+            "run {} (scripts/kube-build builds it)",
+            cmd.get_program().to_string_lossy()
+        )
+    })
+}
+
+/// kubectl with the lab's admin kubeconfig and discovery cache, to add arguments to.
+pub fn command(lab: &LabState) -> Result<std::process::Command> {
     let api = lab.kubeconfig.as_ref().with_context(|| {
         format!(
             "lab {} keeps its objects in a directory: there is no API server for kubectl \
@@ -22,14 +34,12 @@ pub fn exec(lab: &LabState, args: &[String]) -> Result<()> {
         Some(cp) => cp.bin_dir.join("kubectl"),
         None => beside_the_control_plane().unwrap_or_else(|| "kubectl".into()),
     };
-    let err = std::process::Command::new(&kubectl)
-        .arg("--kubeconfig")
+    let mut cmd = std::process::Command::new(kubectl);
+    cmd.arg("--kubeconfig")
         .arg(&api.admin_kubeconfig)
         .arg("--cache-dir")
-        .arg(lab.dir().join("kubectl-cache"))
-        .args(args)
-        .exec();
-    Err(err).with_context(|| format!("run {} (scripts/kube-build builds it)", kubectl.display()))
+        .arg(lab.dir().join("kubectl-cache"));
+    Ok(cmd)
 }
 
 /// scripts/kube-build's kubectl, when it has run (for a lab on someone else's API server).

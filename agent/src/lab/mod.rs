@@ -681,14 +681,7 @@ fn status_json(lab: &LabState) -> Value {
                    "podCIDRs": n.pod_cidrs})
         })
         .collect();
-    let routers: Vec<Value> = lab
-        .routers
-        .iter()
-        .map(|r| {
-            json!({"name": r.name, "kind": r.kind, "netns": r.netns,
-                   "addresses": net::addresses(&r.netns, |dev| dev != "lo")})
-        })
-        .collect();
+    let routers = routers_json(lab);
     let pods: Vec<Value> = lab
         .pods
         .iter()
@@ -708,17 +701,20 @@ fn status_json(lab: &LabState) -> Value {
            "nodes": nodes, "routers": routers, "pods": pods})
 }
 
-/// A real cluster's status: its nodes and pods as the API server has them, and the images
-/// every node holds.
-fn real_status_json(lab: &LabState) -> Value {
-    let routers: Vec<Value> = lab
-        .routers
+fn routers_json(lab: &LabState) -> Vec<Value> {
+    lab.routers
         .iter()
         .map(|r| {
             json!({"name": r.name, "kind": r.kind, "netns": r.netns,
                    "addresses": net::addresses(&r.netns, |dev| dev != "lo")})
         })
-        .collect();
+        .collect()
+}
+
+/// A real cluster's status: its nodes and pods as the API server has them, and the images
+/// every node holds.
+fn real_status_json(lab: &LabState) -> Value {
+    let routers = routers_json(lab);
     let (nodes, images, pods, error) =
         match (real_nodes::nodes_status(lab), real_nodes::pods_status(lab)) {
             (Ok((nodes, images)), Ok(pods)) => (nodes, images, pods, None),

@@ -280,13 +280,7 @@ pub fn deploy_manifests(image: &str) -> Result<String> {
 /// kubectl as the lab's admin; stdout, or an error with what kubectl printed.
 pub fn kubectl(lab: &LabState, args: &[&str], stdin: Option<&str>) -> Result<String> {
     use std::io::Write;
-    let api = lab.kubeconfig.as_ref().context("no API server")?;
-    let cp = api.control_plane.as_ref().context("no control plane")?;
-    let mut child = std::process::Command::new(cp.bin_dir.join("kubectl"))
-        .arg("--kubeconfig")
-        .arg(&api.admin_kubeconfig)
-        .arg("--cache-dir")
-        .arg(lab.dir().join("kubectl-cache"))
+    let mut child = super::kubectl::command(lab)?
         .args(args)
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
@@ -455,18 +449,11 @@ fn is_ready(pod: &Value) -> bool {
 
 /// The host PID of a container's task, from the node's containerd.
 fn task_pid(lab: &LabState, node: &str, container: &str) -> Result<u32> {
-    let bin = own_bin(lab)?;
-    let socket = node_runtime::NodeLayout {
+    let layout = node_runtime::NodeLayout {
         dir: lab.node_dir(node),
-    }
-    .containerd_socket();
-    let out = std::process::Command::new(bin.join("ctr"))
-        .arg("--address")
-        .arg(&socket)
-        .args(["-n", "k8s.io", "tasks", "ls"])
-        .output()
-        .context("run ctr")?;
-    let text = String::from_utf8_lossy(&out.stdout);
+    };
+    let text =
+        node_runtime::containerd::ctr(&own_bin(lab)?, &layout, &["-n", "k8s.io", "tasks", "ls"])?;
     text.lines()
         .filter_map(|l| {
             let mut f = l.split_whitespace();
