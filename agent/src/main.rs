@@ -5,6 +5,7 @@ mod admin;
 mod config;
 mod crd;
 mod datastore;
+mod hostports;
 mod ipam;
 mod lab;
 mod metrics;

@@ -48,6 +48,8 @@ pub struct Agent {
     routing: Option<crate::routing::Routing>,
     /// NetworkPolicy compiler inputs and the nftables dataplane.
     policy: crate::policy::PolicyEngine,
+    /// The pods' hostPorts (table `inet sepal-hostports`).
+    hostports: sepal_felix::hostport::HostPorts,
 }
 
 /// Read-only views for the operator socket and metrics (`crate::admin`).
@@ -240,12 +242,14 @@ impl Agent {
             Request::Del(r) => {
                 let reply = self.del(r).await;
                 self.apply_policy_logged();
+                self.apply_hostports_logged();
                 reply
             }
             Request::Check(r) => self.check(r).await,
             Request::Gc(r) => {
                 let reply = self.gc(r).await;
                 self.apply_policy_logged();
+                self.apply_hostports_logged();
                 reply
             }
         }
@@ -262,12 +266,18 @@ impl Agent {
             );
         }
         let started = std::time::Instant::now();
+        let owner = format!("{}/{}", r.pod_namespace, r.pod_name);
+        let allocations = &self.ipam.state().allocations;
+        if let Some(c) = crate::hostports::conflict(allocations, &r.key, &owner, &r.port_mappings) {
+            return error(codes::PORT_CONFLICT, c.to_string());
+        }
         let known = self.ipam.state().get(&r.key).is_some();
         let claim = Claim {
             key: r.key.clone(),
             pod_namespace: r.pod_namespace.clone(),
             pod_name: r.pod_name.clone(),
             host_veth: r.host_veth.clone(),
+            port_mappings: r.port_mappings.clone(),
         };
         let alloc = match self.ipam.allocate(&claim) {
             Ok(a) => a,
@@ -298,6 +308,13 @@ impl Agent {
                 format!("programming NetworkPolicy: {e}"),
             );
         }
+        if let Err(e) = self.apply_hostports() {
+            self.undo_add(&alloc.ips, &r.key, known).await;
+            return error(
+                codes::DATAPLANE_FAILURE,
+                format!("programming hostPorts: {e}"),
+            );
+        }
         tracing::info!(
             pod = %format!("{}/{}", r.pod_namespace, r.pod_name), container = %r.key.container_id,
             ips = ?alloc.ips, veth = %r.host_veth,
@@ -323,6 +340,22 @@ impl Agent {
                 tracing::error!("releasing after a failed ADD: {e}");
             }
             self.apply_policy_logged();
+            self.apply_hostports_logged();
+        }
+    }
+
+    /// Makes the hostport table match the allocations' mappings (no batch when unchanged).
+    fn apply_hostports(&mut self) -> Result<(), String> {
+        let rules = crate::hostports::rules(&self.ipam.state().allocations);
+        self.hostports
+            .apply(rules)
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+    }
+
+    fn apply_hostports_logged(&mut self) {
+        if let Err(e) = self.apply_hostports() {
+            tracing::error!("applying hostPorts: {e}");
         }
     }
 
@@ -587,6 +620,7 @@ pub async fn run(cfg: NodeConfig) -> Result<()> {
         policy: crate::policy::PolicyEngine::new(sepal_felix::nft::Options {
             nflog_group: cfg.policy_log_drops,
         }),
+        hostports: Default::default(),
     };
     agent.policy.update_model(&model);
     if let Some(b) = &blocks {
@@ -601,8 +635,9 @@ pub async fn run(cfg: NodeConfig) -> Result<()> {
     agent.routing = Some(routing);
     agent.resync().await?;
     health.set_routes_programmed();
-    // Adopts the previous run's table: it keeps enforcing until this atomic replace.
+    // Adopts the previous run's tables: they keep enforcing until these atomic replaces.
     agent.apply_policy_logged();
+    agent.apply_hostports_logged();
     let agent = Arc::new(Mutex::new(agent));
     {
         let agent = agent.clone();

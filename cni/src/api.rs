@@ -85,6 +85,73 @@ pub struct AddRequest {
     pub pod_namespace: String,
     pub pod_name: String,
     pub host_veth: String,
+    /// The runtime's `portMappings` (capability `portMappings`): the pod's hostPorts.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub port_mappings: Vec<PortMapping>,
+}
+
+/// One port mapping as the CNI conventions define the `portMappings` capability: connections to
+/// `host_port` on the node go to `container_port` on the pod. `host_ip` narrows it to one of the
+/// node's addresses; absent, or the unspecified address of a family, means every node address
+/// (of that family).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct PortMapping {
+    pub protocol: Protocol,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host_ip: Option<IpAddr>,
+    pub host_port: u16,
+    pub container_port: u16,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    Tcp,
+    Udp,
+    Sctp,
+}
+
+impl Protocol {
+    /// The name nft and the CNI conventions use.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Protocol::Tcp => "tcp",
+            Protocol::Udp => "udp",
+            Protocol::Sctp => "sctp",
+        }
+    }
+}
+
+impl PortMapping {
+    /// Whether the mapping reaches the pod's address `pod_ip`: a mapping on one family's host
+    /// address only forwards to the pod's address of that family.
+    pub fn applies_to(&self, pod_ip: IpAddr) -> bool {
+        self.host_ip.is_none_or(|h| h.is_ipv4() == pod_ip.is_ipv4())
+    }
+
+    /// Whether connections from the node to 127.0.0.1 reach it (needs route_localnet on the
+    /// host veth, since the reply comes back with a loopback source).
+    pub fn reaches_localhost(&self) -> bool {
+        match self.host_ip {
+            None => true,
+            Some(IpAddr::V4(a)) => a.is_unspecified() || a.is_loopback(),
+            Some(IpAddr::V6(_)) => false,
+        }
+    }
+
+    /// Two mappings claim the same node socket: same protocol and port on overlapping
+    /// addresses (a wildcard overlaps every address of its family, or of both when absent).
+    pub fn overlaps(&self, other: &PortMapping) -> bool {
+        if self.protocol != other.protocol || self.host_port != other.host_port {
+            return false;
+        }
+        match (self.host_ip, other.host_ip) {
+            (None, _) | (_, None) => true,
+            (Some(a), Some(b)) => {
+                a == b || (a.is_ipv4() == b.is_ipv4() && (a.is_unspecified() || b.is_unspecified()))
+            }
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -165,6 +232,8 @@ pub mod codes {
     pub const DATAPLANE_FAILURE: u32 = 102;
     /// CHECK found the attachment differs from what Sepal recorded.
     pub const CHECK_FAILED: u32 = 103;
+    /// A port mapping claims a node port another pod on this node already holds.
+    pub const PORT_CONFLICT: u32 = 104;
 }
 
 #[cfg(test)]
@@ -183,6 +252,33 @@ mod tests {
         assert!(t.starts_with(TOMBSTONE_PREFIX));
         assert_eq!(&t[4..], &a[3..]);
         assert!(!a.starts_with(TOMBSTONE_PREFIX));
+    }
+
+    fn mapping(protocol: Protocol, host_ip: Option<&str>, port: u16) -> PortMapping {
+        PortMapping {
+            protocol,
+            host_ip: host_ip.map(|h| h.parse().unwrap()),
+            host_port: port,
+            container_port: 8080,
+        }
+    }
+
+    #[test]
+    fn port_mappings_overlap_on_the_same_socket_only() {
+        use Protocol::*;
+        let any = mapping(Tcp, None, 80);
+        assert!(any.overlaps(&mapping(Tcp, Some("10.0.0.1"), 80)));
+        assert!(any.overlaps(&mapping(Tcp, Some("fd00::1"), 80)));
+        assert!(!any.overlaps(&mapping(Udp, None, 80)));
+        assert!(!any.overlaps(&mapping(Tcp, None, 81)));
+        let local = mapping(Tcp, Some("127.0.0.1"), 80);
+        assert!(!local.overlaps(&mapping(Tcp, Some("10.0.0.1"), 80)));
+        assert!(local.overlaps(&mapping(Tcp, Some("0.0.0.0"), 80)));
+        assert!(!mapping(Tcp, Some("::"), 80).overlaps(&local));
+        assert!(local.reaches_localhost() && any.reaches_localhost());
+        assert!(!mapping(Tcp, Some("10.0.0.1"), 80).reaches_localhost());
+        assert!(!mapping(Tcp, Some("10.0.0.1"), 80).applies_to("fd00::5".parse().unwrap()));
+        assert!(any.applies_to("fd00::5".parse().unwrap()));
     }
 
     #[test]

@@ -1,7 +1,7 @@
 //! The network configuration on stdin: Sepal's own keys (`socket`, `mtu`) and the spec's standard
 //! fields (cniVersion, name, prevResult, runtimeConfig, args, dns, `cni.dev/valid-attachments`).
 
-use crate::api::{codes, AttachmentKey, DEFAULT_SOCKET};
+use crate::api::{codes, AttachmentKey, PortMapping, DEFAULT_SOCKET};
 use crate::error::CniError;
 use crate::result::{CniResult, Dns};
 use crate::version::CniVersion;
@@ -24,6 +24,8 @@ pub struct NetConf {
     pub prev_result: Option<CniResult>,
     /// GC only: attachments the runtime still knows.
     pub valid_attachments: Vec<AttachmentKey>,
+    /// ADD: the pod's hostPorts (`runtimeConfig.portMappings`).
+    pub port_mappings: Vec<PortMapping>,
 }
 
 /// The raw JSON shape; unknown keys are allowed (the spec lets plugins ignore them).
@@ -121,6 +123,7 @@ impl NetConf {
                 return Err(CniError::config("runtimeConfig must be an object"));
             }
         }
+        let port_mappings = crate::port_mappings::parse(raw.runtime_config.as_ref())?;
         if let Some(args) = &raw.args {
             if !args.is_object() {
                 return Err(CniError::config("args must be an object"));
@@ -176,6 +179,7 @@ impl NetConf {
             dns,
             prev_result,
             valid_attachments,
+            port_mappings,
         })
     }
 }

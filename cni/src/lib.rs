@@ -9,5 +9,6 @@ pub mod error;
 pub mod netlink;
 pub mod plugin;
 pub mod plumbing;
+pub mod port_mappings;
 pub mod result;
 pub mod version;

@@ -240,6 +240,7 @@ fn add_after_veth(
             pod_namespace,
             pod_name,
             host_veth: host_veth.to_string(),
+            port_mappings: conf.port_mappings.clone(),
         }),
     );
     // Only a request that never left (no connection) certainly allocated nothing.
@@ -260,6 +261,14 @@ fn add_after_veth(
     }
     plumbing::set_host_sysctls(host_veth, ips.iter().any(IpAddr::is_ipv6))
         .map_err(netlink_err("cannot set host veth sysctls"))?;
+    if conf
+        .port_mappings
+        .iter()
+        .any(api::PortMapping::reaches_localhost)
+    {
+        plumbing::set_route_localnet(host_veth)
+            .map_err(netlink_err("cannot set route_localnet on the host veth"))?;
+    }
     if conf.mtu.is_none() {
         if let Some(mtu) = mtu {
             plumbing::set_mtu(nl, host_veth, mtu)

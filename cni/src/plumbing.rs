@@ -275,6 +275,16 @@ pub fn set_host_sysctls(host: &str, ipv6: bool) -> io::Result<()> {
     Ok(())
 }
 
+/// `route_localnet` on the host veth, for a pod with a hostPort the node reaches on 127.0.0.1:
+/// the reply to such a connection comes back from the pod with 127.0.0.1 as its source once
+/// conntrack undoes the DNAT, and the kernel drops a loopback source arriving on any other
+/// interface without it. The hostport table drops what a pod itself sends to 127.0.0.0/8, so this
+/// opens nothing to the pod (the hole CVE-2020-8558 describes).
+pub fn set_route_localnet(host: &str) -> io::Result<()> {
+    let path = format!("/proc/sys/net/ipv4/conf/{host}/route_localnet");
+    std::fs::write(&path, "1").map_err(|e| io::Error::new(e.kind(), format!("{path}: {e}")))
+}
+
 /// What the pod side looks like once configured.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PodLink {

@@ -5,6 +5,8 @@
 pub mod conntrack;
 /// Running `nft` and `conntrack`, optionally in another network namespace.
 pub mod exec;
+/// Pods' hostPorts: DNAT from the node's addresses, table `inet sepal-hostports`.
+pub mod hostport;
 /// nft's library, libnftables, loaded at run time (`nft -f -` without a process per change).
 pub mod libnft;
 /// Host-side veth discovery and removal.
@@ -13,6 +15,8 @@ pub mod links;
 pub mod netns;
 /// The nftables dataplane for the compiled policy, table `inet sepal`.
 pub mod nft;
+/// nft batches through libnftables or the `nft` tool.
+pub mod nft_runner;
 /// NetworkPolicy compiler: pure model in, desired ruleset out.
 pub mod policy;
 /// Host routes of Sepal's route protocol number: pod /32s to veths, node-block blackholes,

@@ -538,42 +538,35 @@ fn patch(last: &mut Ruleset, new: &Ruleset, scope: &Scope) {
 /// flushed, the old rules keep enforcing until the first apply replaces them atomically.
 #[derive(Debug)]
 pub struct Dataplane {
-    command: Vec<String>,
-    /// Network namespace (a /run/netns path) nft runs in; `None`: the caller's.
-    netns: Option<std::path::PathBuf>,
+    runner: crate::nft_runner::NftRunner,
     opts: Options,
     last: Option<Ruleset>,
     /// The `Compiler` update `last` came from (see `apply_update`).
     generation: Option<u64>,
-    /// libnftables for batches, once loaded (`nft` runs when it cannot be).
-    lib: Option<crate::libnft::Libnft>,
-    lib_tried: bool,
 }
 
 impl Dataplane {
     /// `nft` in the current network namespace.
     pub fn new(opts: Options) -> Dataplane {
-        Dataplane::with_command(vec!["nft".into()], opts)
+        Dataplane::with_runner(crate::nft_runner::NftRunner::new(), opts)
     }
 
     /// A custom command line running nft (e.g. `ip netns exec NS nft` in tests and benchmarks).
     pub fn with_command(command: Vec<String>, opts: Options) -> Dataplane {
-        Dataplane {
-            command,
-            netns: None,
-            opts,
-            last: None,
-            generation: None,
-            lib: None,
-            lib_tried: false,
-        }
+        Dataplane::with_runner(crate::nft_runner::NftRunner::with_command(command), opts)
     }
 
     /// `nft` run inside the network namespace at `path` (much cheaper than `ip netns exec`).
     pub fn in_netns(path: impl Into<std::path::PathBuf>, opts: Options) -> Dataplane {
+        Dataplane::with_runner(crate::nft_runner::NftRunner::in_netns(path), opts)
+    }
+
+    fn with_runner(runner: crate::nft_runner::NftRunner, opts: Options) -> Dataplane {
         Dataplane {
-            netns: Some(path.into()),
-            ..Dataplane::new(opts)
+            runner,
+            opts,
+            last: None,
+            generation: None,
         }
     }
 
@@ -683,43 +676,12 @@ impl Dataplane {
         parse_counters(&out)
     }
 
-    /// One batch of commands, one transaction: through libnftables when this dataplane runs
-    /// plain `nft` and the library loads, else through the `nft` tool.
     fn run_batch(&mut self, batch: &str) -> Result<(), NftError> {
-        use crate::libnft::Libnft;
-        if !self.lib_tried && self.command == ["nft"] {
-            self.lib_tried = true;
-            self.lib = match &self.netns {
-                None => Libnft::open(),
-                Some(path) => crate::netns::on_thread_in(path, Libnft::open)
-                    .ok()
-                    .flatten(),
-            };
-        }
-        let Some(lib) = self.lib.as_mut() else {
-            return self.run(&["-f", "-"], Some(batch)).map(|_| ());
-        };
-        let ran = match &self.netns {
-            None => lib.run(batch),
-            Some(path) => crate::netns::on_thread_in(path, || lib.run(batch))
-                .map_err(|e| format!("netns {}: {e}", path.display()))
-                .and_then(|r| r),
-        };
-        ran.map(|_| ()).map_err(|stderr| {
-            NftError::Exec(crate::exec::ExecError::Failed {
-                program: "nft".into(),
-                stderr,
-            })
-        })
+        Ok(self.runner.batch(batch)?)
     }
 
     fn run(&self, args: &[&str], stdin: Option<&str>) -> Result<String, NftError> {
-        Ok(crate::exec::run(
-            &self.command,
-            self.netns.as_deref(),
-            args,
-            stdin,
-        )?)
+        Ok(self.runner.run(args, stdin)?)
     }
 }
 

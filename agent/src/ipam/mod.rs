@@ -8,7 +8,7 @@
 pub mod store;
 
 use ipnetwork::IpNetwork;
-use sepal_cni::api::AttachmentKey;
+use sepal_cni::api::{AttachmentKey, PortMapping};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashSet};
 use std::net::IpAddr;
@@ -22,6 +22,9 @@ pub struct Allocation {
     pub pod_namespace: String,
     pub pod_name: String,
     pub host_veth: String,
+    /// The pod's hostPorts, kept with its addresses so a restarted agent maps them again.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub port_mappings: Vec<PortMapping>,
 }
 
 /// What an ADD asks for.
@@ -31,6 +34,7 @@ pub struct Claim {
     pub pod_namespace: String,
     pub pod_name: String,
     pub host_veth: String,
+    pub port_mappings: Vec<PortMapping>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -135,6 +139,7 @@ impl IpamState {
             existing.host_veth.clone_from(&claim.host_veth);
             existing.pod_namespace.clone_from(&claim.pod_namespace);
             existing.pod_name.clone_from(&claim.pod_name);
+            existing.port_mappings.clone_from(&claim.port_mappings);
             return Ok(existing.clone());
         }
         if self.blocks.is_empty() {
@@ -177,6 +182,7 @@ impl IpamState {
             pod_namespace: claim.pod_namespace.clone(),
             pod_name: claim.pod_name.clone(),
             host_veth: claim.host_veth.clone(),
+            port_mappings: claim.port_mappings.clone(),
         };
         self.allocations.push(alloc.clone());
         Ok(alloc)
@@ -236,6 +242,7 @@ mod tests {
             pod_namespace: "default".into(),
             pod_name: id.into(),
             host_veth: format!("sep{id}"),
+            port_mappings: Vec::new(),
         }
     }
 
