@@ -1,5 +1,7 @@
 //! `runtimeConfig.portMappings`, the CNI conventions' capability for a pod's hostPorts:
 //! `[{"hostPort": 8080, "containerPort": 80, "protocol": "tcp", "hostIP": "10.0.0.5"}]`.
+//! Keys match without regard to case, as Go's decoder (and so portmap) matches them: containerd
+//! sends its Go struct's field names, `HostPort`, `ContainerPort`, `Protocol`, `HostIP`.
 //! A runtime passes it only to plugins whose conflist entry declares
 //! `"capabilities": {"portMappings": true}`. Anything malformed is an invalid config (7): a
 //! silently dropped mapping would be a hostPort that never answers.
@@ -32,18 +34,28 @@ pub fn parse(runtime_config: Option<&Value>) -> Result<Vec<PortMapping>, CniErro
         .collect()
 }
 
+/// `object[key]`, the key compared without regard to ASCII case.
+fn field<'a>(object: &'a serde_json::Map<String, Value>, key: &str) -> Option<&'a Value> {
+    object.get(key).or_else(|| {
+        object
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(key))
+            .map(|(_, v)| v)
+    })
+}
+
 fn one(item: &Value) -> Result<PortMapping, String> {
-    if !item.is_object() {
+    let Some(item) = item.as_object() else {
         return Err("not an object".into());
-    }
+    };
     let port = |key: &str| -> Result<u16, String> {
-        let v = item.get(key).ok_or_else(|| format!("no {key}"))?;
+        let v = field(item, key).ok_or_else(|| format!("no {key}"))?;
         v.as_u64()
             .filter(|p| (1..=65535).contains(p))
             .map(|p| p as u16)
             .ok_or_else(|| format!("{key} must be a port from 1 to 65535, not {v}"))
     };
-    let protocol = match item.get("protocol") {
+    let protocol = match field(item, "protocol") {
         None | Some(Value::Null) => Protocol::Tcp,
         Some(Value::String(s)) => match s.to_ascii_lowercase().as_str() {
             "" | "tcp" => Protocol::Tcp,
@@ -53,7 +65,7 @@ fn one(item: &Value) -> Result<PortMapping, String> {
         },
         Some(v) => return Err(format!("protocol must be a string, not {v}")),
     };
-    let host_ip = match item.get("hostIP") {
+    let host_ip = match field(item, "hostIP") {
         None | Some(Value::Null) => None,
         Some(Value::String(s)) if s.is_empty() => None,
         Some(Value::String(s)) => Some(
@@ -80,10 +92,13 @@ mod tests {
         let rc = json!({"portMappings": [
             {"hostPort": 54323, "containerPort": 8080, "protocol": "tcp", "hostIP": "127.0.0.1"},
             {"hostPort": 53, "containerPort": 5353, "protocol": "UDP"},
-            {"hostPort": 80, "containerPort": 80, "hostIP": ""}
+            {"hostPort": 80, "containerPort": 80, "hostIP": ""},
+            // containerd's form: its Go struct's field names.
+            {"ContainerPort": 8080, "HostIP": "127.0.0.1", "HostPort": 54323, "Protocol": "tcp"}
         ]});
         let got = parse(Some(&rc)).unwrap();
-        assert_eq!(got.len(), 3);
+        assert_eq!(got.len(), 4);
+        assert_eq!(got[3], got[0]);
         assert_eq!(got[0].host_ip, Some("127.0.0.1".parse().unwrap()));
         assert_eq!((got[0].host_port, got[0].container_port), (54323, 8080));
         assert_eq!(got[1].protocol, Protocol::Udp);

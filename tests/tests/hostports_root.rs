@@ -94,8 +94,14 @@ fn add(node: &Node, name: &str, mappings: Value) -> Pod {
     }
 }
 
+/// One mapping as the CNI conventions spell it.
 fn mapping(protocol: &str, host_ip: &str) -> Value {
     json!([{ "hostPort": PORT, "containerPort": 8080, "protocol": protocol, "hostIP": host_ip }])
+}
+
+/// One mapping as containerd sends it: its Go struct's field names.
+fn containerd_mapping(protocol: &str, host_ip: &str) -> Value {
+    json!([{ "HostPort": PORT, "ContainerPort": 8080, "Protocol": protocol, "HostIP": host_ip }])
 }
 
 /// `curl` from `from` (extra flags first); the server's answer: "pod client-address".
@@ -116,7 +122,7 @@ fn hostports_reach_their_pods_on_each_address_and_protocol() {
     node.start_agent();
     let pod1 = add(&node, "pod1", mapping("tcp", "127.0.0.1"));
     let pod2 = add(&node, "pod2", mapping("tcp", NODE_IP));
-    let pod3 = add(&node, "pod3", mapping("udp", NODE_IP));
+    let pod3 = add(&node, "pod3", containerd_mapping("udp", NODE_IP));
     let client = add(&node, "client", json!([]));
 
     // The upstream test's three commands, from the node itself.
