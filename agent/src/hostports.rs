@@ -90,7 +90,6 @@ pub fn conflict(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use sepal_cni::api::Protocol;
 
     fn alloc(id: &str, ips: &[&str], mappings: Vec<PortMapping>) -> Allocation {
         Allocation {
@@ -106,13 +105,14 @@ mod tests {
         }
     }
 
-    fn m(protocol: Protocol, host_ip: Option<&str>, port: u16) -> PortMapping {
-        PortMapping {
-            protocol,
-            host_ip: host_ip.map(|h| h.parse().unwrap()),
-            host_port: port,
-            container_port: 8080,
-        }
+    /// One mapping on port 8080 of the pod, parsed as the plugin parses the runtime's.
+    fn m(protocol: &str, host_ip: Option<&str>, port: u16) -> PortMapping {
+        let rc = serde_json::json!({"portMappings": [
+            {"hostPort": port, "containerPort": 8080, "protocol": protocol, "hostIP": host_ip}
+        ]});
+        sepal_cni::port_mappings::parse(Some(&rc))
+            .unwrap()
+            .remove(0)
     }
 
     #[test]
@@ -121,9 +121,9 @@ mod tests {
             "a",
             &["10.1.0.2", "fd00::2"],
             vec![
-                m(Protocol::Tcp, None, 80),
-                m(Protocol::Tcp, Some("10.0.0.5"), 81),
-                m(Protocol::Udp, Some("fd00::10"), 82),
+                m("tcp", None, 80),
+                m("tcp", Some("10.0.0.5"), 81),
+                m("udp", Some("fd00::10"), 82),
             ],
         );
         let got: Vec<(u16, String)> = rules(&[a])
@@ -148,25 +148,16 @@ mod tests {
             alloc(
                 "p1",
                 &["10.1.0.2"],
-                vec![m(Protocol::Tcp, Some("127.0.0.1"), 54323)],
+                vec![m("tcp", Some("127.0.0.1"), 54323)],
             ),
-            alloc(
-                "p2",
-                &["10.1.0.3"],
-                vec![m(Protocol::Tcp, Some("10.0.1.2"), 54323)],
-            ),
+            alloc("p2", &["10.1.0.3"], vec![m("tcp", Some("10.0.1.2"), 54323)]),
         ];
         let key = alloc("p3", &[], vec![]).key;
         assert_eq!(
-            conflict(
-                &held,
-                &key,
-                "ns/p3",
-                &[m(Protocol::Udp, Some("10.0.1.2"), 54323)]
-            ),
+            conflict(&held, &key, "ns/p3", &[m("udp", Some("10.0.1.2"), 54323)]),
             None
         );
-        let c = conflict(&held, &key, "ns/p3", &[m(Protocol::Tcp, None, 54323)]).unwrap();
+        let c = conflict(&held, &key, "ns/p3", &[m("tcp", None, 54323)]).unwrap();
         assert_eq!(c.holder, "ns/p1");
         assert!(c.to_string().contains("127.0.0.1"), "{c}");
         // An ADD again for the same attachment does not conflict with itself.

@@ -316,7 +316,7 @@ impl Agent {
             );
         }
         tracing::info!(
-            pod = %format!("{}/{}", r.pod_namespace, r.pod_name), container = %r.key.container_id,
+            pod = %owner, container = %r.key.container_id,
             ips = ?alloc.ips, veth = %r.host_veth,
             ipam_ms = ipam_done.duration_since(started).as_secs_f64() * 1e3,
             total_ms = started.elapsed().as_secs_f64() * 1e3,

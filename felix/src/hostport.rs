@@ -149,10 +149,6 @@ pub struct HostPorts {
 }
 
 impl HostPorts {
-    pub fn new(runner: NftRunner) -> HostPorts {
-        HostPorts { runner, last: None }
-    }
-
     /// Makes the table hold exactly `mappings`; true when the kernel was changed.
     pub fn apply(&mut self, mut mappings: Vec<HostPort>) -> Result<bool, crate::exec::ExecError> {
         mappings.sort();
