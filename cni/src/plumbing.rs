@@ -10,6 +10,9 @@ use netlink_packet_route::address::{
 use netlink_packet_route::link::{
     InfoData, InfoKind, InfoVeth, LinkAttribute, LinkFlags, LinkInfo, LinkMessage,
 };
+use netlink_packet_route::neighbour::{
+    NeighbourAddress, NeighbourAttribute, NeighbourMessage, NeighbourState,
+};
 use netlink_packet_route::route::{
     RouteAddress, RouteAttribute, RouteHeader, RouteMessage, RouteProtocol, RouteScope, RouteType,
 };
@@ -361,8 +364,43 @@ fn route(index: u32, dst: IpAddr, prefix: u8, gateway: Option<IpAddr>) -> RouteM
     msg
 }
 
+/// A permanent neighbour entry in the pod for its gateway `gw`, at the host veth's fixed MAC.
+///
+/// Without it the pod resolves 169.254.1.1 by ARP, which the host answers by proxy ARP only
+/// while the node itself has a route to 169.254.1.1 out of another interface (its default
+/// route): a node whose routes all come from BGP, with the ToR's default refused, would leave
+/// every pod's gateway FAILED. With it, the pod's connectivity depends on nothing in the node's
+/// routing table. IPv6 gets one too: the host answers NDP for its own link-local anyway, but
+/// the entry spares the pod the solicitation and keeps both families alike.
+fn gateway_neighbour(index: u32, gw: IpAddr) -> NeighbourMessage {
+    let mut msg = NeighbourMessage::default();
+    msg.header.family = family(gw);
+    msg.header.ifindex = index;
+    msg.header.state = NeighbourState::Permanent;
+    msg.header.kind = RouteType::Unicast;
+    msg.attributes
+        .push(NeighbourAttribute::Destination(NeighbourAddress::from(gw)));
+    msg.attributes
+        .push(NeighbourAttribute::LinkLayerAddress(HOST_VETH_MAC.to_vec()));
+    msg
+}
+
+/// The gateways of a pod with addresses `ips`: 169.254.1.1 with IPv4, the host veth's
+/// link-local with IPv6.
+fn gateways(ips: &[IpAddr]) -> Vec<IpAddr> {
+    let mut out = Vec::new();
+    if ips.iter().any(IpAddr::is_ipv4) {
+        out.push(IpAddr::V4(POD_GATEWAY_V4));
+    }
+    if ips.iter().any(IpAddr::is_ipv6) {
+        out.push(IpAddr::V6(POD_GATEWAY_V6));
+    }
+    out
+}
+
 /// Configures the pod side over a socket opened in the pod's namespace, in one batch: MTU and
-/// up, the /32 and /128, a scope-link route to 169.254.1.1 and the default routes.
+/// up, the /32 and /128, a scope-link route to 169.254.1.1, the default routes and a permanent
+/// neighbour entry for each gateway.
 pub fn configure_pod(
     nl: &mut Netlink,
     ifname: &str,
@@ -403,14 +441,19 @@ pub fn configure_pod(
             upsert,
         ));
     }
-    const WHAT: [&str; 2] = ["set link up", "add address or route"];
+    for gw in gateways(ips) {
+        batch.push((
+            RouteNetlinkMessage::NewNeighbour(gateway_neighbour(index, gw)),
+            upsert,
+        ));
+    }
     for (i, result) in nl.batch(batch)?.into_iter().enumerate() {
-        result.map_err(|e| {
-            io::Error::new(
-                e.kind(),
-                format!("{} on {ifname}: {e}", WHAT[usize::from(i > 0)]),
-            )
-        })?;
+        let what = if i == 0 {
+            "set link up"
+        } else {
+            "add address, route or gateway neighbour"
+        };
+        result.map_err(|e| io::Error::new(e.kind(), format!("{what} on {ifname}: {e}")))?;
     }
     Ok(PodLink {
         index,
@@ -501,6 +544,41 @@ pub fn check_pod(
                 let via = gw.map(|g| format!(" via {g}")).unwrap_or_default();
                 return Err(format!("pod lacks route {dst}/{prefix}{via} dev {ifname}"));
             }
+        }
+    }
+    check_gateway_neighbours(nl, ifname, index, ips)
+}
+
+/// The permanent gateway entries ADD writes (see [`gateway_neighbour`]).
+fn check_gateway_neighbours(
+    nl: &mut Netlink,
+    ifname: &str,
+    index: u32,
+    ips: &[IpAddr],
+) -> Result<(), String> {
+    let neighbours = nl
+        .dump(RouteNetlinkMessage::GetNeighbour(
+            NeighbourMessage::default(),
+        ))
+        .map_err(|e| format!("list neighbours: {e}"))?;
+    for gw in gateways(ips) {
+        let want = gateway_neighbour(index, gw);
+        let found = neighbours.iter().any(|m| match m {
+            RouteNetlinkMessage::NewNeighbour(n) => {
+                n.header.ifindex == index
+                    && n.header.state == NeighbourState::Permanent
+                    && want
+                        .attributes
+                        .iter()
+                        .all(|attr| n.attributes.contains(attr))
+            }
+            _ => false,
+        });
+        if !found {
+            return Err(format!(
+                "pod lacks the permanent neighbour {gw} lladdr {} dev {ifname}",
+                format_mac(&HOST_VETH_MAC)
+            ));
         }
     }
     Ok(())

@@ -294,3 +294,70 @@ fn ecmp_when_two_tors_announce_the_same_prefix() {
         std::thread::sleep(Duration::from_millis(100));
     }
 }
+
+/// Nodes with no default route at all (every route they have comes from BGP, and the ToR's
+/// default is refused by the import policy): pods still reach pods on the other node, their own
+/// node and the ToR, over both families. A pod's gateway must not depend on the node's routing
+/// table: the plugin writes it as a permanent neighbour entry, so no proxy ARP (which needs a
+/// node route to 169.254.1.1) is involved.
+#[test]
+fn pods_need_no_default_route_on_their_node() {
+    let (mut c, tor, daemon) = tor_cluster(2, TorKind::Frr, "");
+    for node in &c.nodes {
+        node.netns
+            .run("ip -4 route flush default; ip -6 route flush default");
+    }
+    c.start();
+    let p0 = c.pod(0, "p0");
+    let p1 = c.pod(1, "p1");
+    c.wait_route(0, "10.244.1.0/24", Duration::from_secs(30), |r| {
+        r.contains("via 10.0.0.1")
+    });
+    c.wait_route(1, "10.244.0.0/24", Duration::from_secs(20), |r| {
+        r.contains("via 10.0.1.1")
+    });
+    c.wait_route(0, "fd10:244:1::/64", Duration::from_secs(20), |r| {
+        !r.is_empty()
+    });
+    c.wait_route(1, "fd10:244::/64", Duration::from_secs(20), |r| {
+        !r.is_empty()
+    });
+    for (i, node) in c.nodes.iter().enumerate() {
+        let defaults = node
+            .netns
+            .run("ip -4 route show default; ip -6 route show default");
+        assert_eq!(defaults.trim(), "", "node n{i} has a default route");
+    }
+    for pod in [&p0, &p1] {
+        let neigh = pod.netns.run("ip neigh show 169.254.1.1; ip -6 neigh show");
+        assert!(
+            neigh.contains("169.254.1.1 dev eth0 lladdr ee:ee:ee:ee:ee:ee PERMANENT")
+                && neigh.contains(
+                    "fe80::ecee:eeff:feee:eeee dev eth0 lladdr ee:ee:ee:ee:ee:ee PERMANENT"
+                ),
+            "pod gateway entries: {neigh}"
+        );
+    }
+    let (p0_v6, p1_v6) = (
+        p0.ip6.clone().expect("p0 IPv6"),
+        p1.ip6.clone().expect("p1 IPv6"),
+    );
+    let targets = [
+        ("pod n1", p1.ip.as_str()),
+        ("pod n1 (IPv6)", p1_v6.as_str()),
+        ("its own node", "10.0.0.2"),
+        ("its own node (IPv6)", "fd00:10::2"),
+        ("the ToR", "10.0.0.1"),
+        ("the ToR (IPv6)", "fd00:10::1"),
+    ];
+    for (what, addr) in targets {
+        assert!(
+            pings(&p0.netns, addr),
+            "pod n0 -> {what} ({addr}) on a node without a default route\n{}",
+            daemon.log()
+        );
+    }
+    assert!(pings(&p1.netns, &p0.ip), "pod n1 -> pod n0");
+    assert!(pings(&p1.netns, &p0_v6), "pod n1 -> pod n0 (IPv6)");
+    assert!(pings(&tor, &p1.ip), "ToR -> pod n1");
+}
