@@ -61,6 +61,7 @@ impl std::fmt::Display for Conflict {
 pub fn conflict(
     allocations: &[Allocation],
     key: &AttachmentKey,
+    host_veth: &str,
     owner: &str,
     wanted: &[PortMapping],
 ) -> Option<Conflict> {
@@ -74,7 +75,11 @@ pub fn conflict(
                 });
             }
         }
-        for a in allocations.iter().filter(|a| &a.key != key) {
+        // The attachment itself, and those it supersedes (same host veth), hold nothing.
+        for a in allocations
+            .iter()
+            .filter(|a| &a.key != key && a.host_veth != host_veth)
+        {
             if let Some(held) = a.port_mappings.iter().find(|h| w.overlaps(h)) {
                 return Some(Conflict {
                     wanted: w.clone(),
@@ -154,15 +159,33 @@ mod tests {
         ];
         let key = alloc("p3", &[], vec![]).key;
         assert_eq!(
-            conflict(&held, &key, "ns/p3", &[m("udp", Some("10.0.1.2"), 54323)]),
+            conflict(
+                &held,
+                &key,
+                "sepp3",
+                "ns/p3",
+                &[m("udp", Some("10.0.1.2"), 54323)]
+            ),
             None
         );
-        let c = conflict(&held, &key, "ns/p3", &[m("tcp", None, 54323)]).unwrap();
+        let c = conflict(&held, &key, "sepp3", "ns/p3", &[m("tcp", None, 54323)]).unwrap();
         assert_eq!(c.holder, "ns/p1");
         assert!(c.to_string().contains("127.0.0.1"), "{c}");
         // An ADD again for the same attachment does not conflict with itself.
         assert_eq!(
-            conflict(&held, &held[0].key, "ns/p1", &held[0].port_mappings),
+            conflict(
+                &held,
+                &held[0].key,
+                "sepp1",
+                "ns/p1",
+                &held[0].port_mappings
+            ),
+            None
+        );
+        // Nor does a new sandbox of p1 (same host veth) with the mappings of the one it replaces.
+        let next = alloc("p1-again", &[], vec![]).key;
+        assert_eq!(
+            conflict(&held, &next, "sepp1", "ns/p1", &held[0].port_mappings),
             None
         );
     }

@@ -339,6 +339,12 @@ impl Model {
         }
     }
 
+    /// Whether Pod `namespace/name` exists (on any node).
+    pub fn has_pod(&self, namespace: &str, name: &str) -> bool {
+        let key: PodKey = (namespace.into(), name.into());
+        self.pods.contains_key(&key)
+    }
+
     pub fn pods(&self) -> impl Iterator<Item = &PodInfo> {
         self.pods.values().filter_map(|o| match o {
             Object::Pod(p) => Some(&**p),

@@ -268,7 +268,9 @@ impl Agent {
         let started = std::time::Instant::now();
         let owner = format!("{}/{}", r.pod_namespace, r.pod_name);
         let allocations = &self.ipam.state().allocations;
-        if let Some(c) = crate::hostports::conflict(allocations, &r.key, &owner, &r.port_mappings) {
+        if let Some(c) =
+            crate::hostports::conflict(allocations, &r.key, &r.host_veth, &owner, &r.port_mappings)
+        {
             return error(codes::PORT_CONFLICT, c.to_string());
         }
         let known = self.ipam.state().get(&r.key).is_some();
@@ -279,10 +281,22 @@ impl Agent {
             host_veth: r.host_veth.clone(),
             port_mappings: r.port_mappings.clone(),
         };
-        let alloc = match self.ipam.allocate(&claim) {
+        let (alloc, superseded) = match self.ipam.allocate(&claim) {
             Ok(a) => a,
             Err(e) => return store_error(e),
         };
+        for old in &superseded {
+            for ip in &old.ips {
+                self.endpoints.remove(&host_net(*ip));
+                if let Err(e) = self.routes.withdraw(host_net(*ip)).await {
+                    tracing::warn!("removing the route to {ip}: {e}");
+                }
+            }
+            tracing::info!(
+                container = %old.key.container_id, ips = ?old.ips, by = %r.key.container_id,
+                "endpoint released: a new sandbox of its pod replaced its veth"
+            );
+        }
         let ipam_done = std::time::Instant::now();
         for ip in &alloc.ips {
             let dst = host_net(*ip);
@@ -377,22 +391,74 @@ impl Agent {
     }
 
     async fn release(&mut self, key: &AttachmentKey) -> Result<Option<String>, Response> {
-        let alloc = match self.ipam.release(key) {
-            Ok(Some(a)) => a,
-            Ok(None) => return Ok(None),
-            Err(e) => return Err(store_error(e)),
-        };
-        for ip in &alloc.ips {
-            let dst = host_net(*ip);
-            // Only our own route to the veth: another allocation may hold the address by now
-            // only if this one did not, so the destination is this endpoint's.
-            self.endpoints.remove(&dst);
-            if let Err(e) = self.routes.withdraw(dst).await {
-                tracing::warn!("removing the route to {ip}: {e}");
+        let released = self.release_all(std::slice::from_ref(key)).await?;
+        Ok(released.into_iter().next().map(|a| a.host_veth))
+    }
+
+    /// Releases `keys` in one durable write, then withdraws their host routes.
+    async fn release_all(
+        &mut self,
+        keys: &[AttachmentKey],
+    ) -> Result<Vec<crate::ipam::Allocation>, Response> {
+        let released = self.ipam.release_all(keys).map_err(store_error)?;
+        for alloc in &released {
+            for ip in &alloc.ips {
+                let dst = host_net(*ip);
+                // Only our own route to the veth: another allocation may hold the address by
+                // now only if this one did not, so the destination is this endpoint's.
+                self.endpoints.remove(&dst);
+                if let Err(e) = self.routes.withdraw(dst).await {
+                    tracing::warn!("removing the route to {ip}: {e}");
+                }
+            }
+            tracing::info!(container = %alloc.key.container_id, ips = ?alloc.ips, "endpoint released");
+        }
+        Ok(released)
+    }
+
+    /// Releases the allocations no pod can be using: their host veth is gone (so no traffic
+    /// can flow) and `pod_exists` says their Pod is not in the datastore, which the caller
+    /// consults only once it has synced. This is what CNI GC would do, for runtimes that never
+    /// call it and for ADDs cut short by an agent crash (the plugin then removes the veth but
+    /// cannot reach the agent to undo the allocation). Returns how many were released.
+    pub async fn release_orphans(&mut self, pod_exists: impl Fn(&str, &str) -> bool) -> usize {
+        if self.ipam.state().allocations.is_empty() {
+            return 0;
+        }
+        let live: HashSet<String> =
+            match links::links_with_prefix(&self.handle, HOST_VETH_PREFIX).await {
+                Ok(found) => found.into_iter().map(|l| l.name).collect(),
+                Err(e) => {
+                    tracing::warn!("listing host veths for orphaned allocations: {e}");
+                    return 0;
+                }
+            };
+        let orphans: Vec<AttachmentKey> = self
+            .ipam
+            .state()
+            .allocations
+            .iter()
+            .filter(|a| !live.contains(&a.host_veth) && !pod_exists(&a.pod_namespace, &a.pod_name))
+            .map(|a| a.key.clone())
+            .collect();
+        if orphans.is_empty() {
+            return 0;
+        }
+        match self.release_all(&orphans).await {
+            Ok(released) => {
+                tracing::info!(
+                    released = released.len(),
+                    "released allocations whose host veth and Pod are both gone"
+                );
+                self.apply_policy_logged();
+                self.apply_hostports_logged();
+                released.len()
+            }
+            Err(e) => {
+                tracing::error!("releasing orphaned allocations: {e:?}");
+                0
             }
         }
-        tracing::info!(container = %key.container_id, ips = ?alloc.ips, "endpoint released");
-        Ok(Some(alloc.host_veth))
     }
 
     async fn del(&mut self, r: DelRequest) -> Response {
@@ -472,14 +538,10 @@ impl Agent {
             .filter(|a| !valid.contains(&a.key))
             .map(|a| a.key.clone())
             .collect();
-        let mut released = 0;
-        for key in &stale {
-            match self.release(key).await {
-                Ok(Some(_)) => released += 1,
-                Ok(None) => {}
-                Err(resp) => return resp,
-            }
-        }
+        let released = match self.release_all(&stale).await {
+            Ok(r) => r.len(),
+            Err(resp) => return resp,
+        };
         // Host-side leftovers: every Sepal veth (and tombstone) no remaining allocation uses.
         let keep: HashSet<String> = self
             .ipam
@@ -537,14 +599,30 @@ fn node_blocks(model: &Model, node_name: &str) -> Option<Vec<IpNetwork>> {
     }
 }
 
-/// Applies datastore events to the model and hands node changes to the agent.
+/// Applies datastore events to the model and hands node changes to the agent. Once synced, it
+/// has the agent release orphaned allocations every [`RESYNC`] and after changes that may
+/// have made one (see [`Agent::release_orphans`]).
 async fn follow_datastore(
     mut events: mpsc::Receiver<Event>,
     mut model: Model,
     agent: Arc<Mutex<Agent>>,
     node_name: String,
 ) {
-    while let Some(ev) = events.recv().await {
+    let mut sweep = tokio::time::interval(RESYNC);
+    sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    sweep.tick().await;
+    loop {
+        let ev = tokio::select! {
+            ev = events.recv() => ev,
+            _ = sweep.tick() => {
+                if model.synced() {
+                    agent.lock().await.release_orphans(|ns, name| model.has_pod(ns, name)).await;
+                }
+                continue;
+            }
+        };
+        let Some(ev) = ev else { break };
+        let was_synced = model.synced();
         let mut changed = model.apply(ev);
         // Take every event already queued before touching the agent: one update per burst.
         while let Ok(ev) = events.try_recv() {
@@ -562,6 +640,15 @@ async fn follow_datastore(
             a.set_node_blocks(blocks).await;
             a.policy.update_model(&model);
             a.apply_policy_logged();
+            // A Pod gone from the datastore may leave an orphan; checking costs a link dump,
+            // so only when some allocation's Pod is absent (or on the first sync).
+            let pod_absent = a
+                .allocations()
+                .iter()
+                .any(|al| !model.has_pod(&al.pod_namespace, &al.pod_name));
+            if model.synced() && (pod_absent || !was_synced) {
+                a.release_orphans(|ns, name| model.has_pod(ns, name)).await;
+            }
         }
     }
     tracing::warn!("the datastore stopped sending events");
@@ -638,6 +725,11 @@ pub async fn run(cfg: NodeConfig) -> Result<()> {
     // Adopts the previous run's tables: they keep enforcing until these atomic replaces.
     agent.apply_policy_logged();
     agent.apply_hostports_logged();
+    if model.synced() {
+        agent
+            .release_orphans(|ns, name| model.has_pod(ns, name))
+            .await;
+    }
     let agent = Arc::new(Mutex::new(agent));
     {
         let agent = agent.clone();

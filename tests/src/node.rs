@@ -73,28 +73,40 @@ impl Node {
     /// Starts `sepal node` in the namespace without waiting for it (several nodes start at once).
     pub fn spawn_agent(&mut self) {
         assert!(self.agent.is_none(), "agent already running");
-        let log = fs::File::create(self.state_dir.with_extension("log")).expect("agent log");
-        let child = self
-            .netns
-            .command(&[
-                crate::bin_path("sepal").to_str().expect("utf-8 path"),
-                "node",
-                "--node-name",
-                &self.name,
-                "--datastore",
-                &format!("dir:{}", self.datastore.display()),
-                "--state-dir",
-                self.state_dir.to_str().expect("utf-8 path"),
-                "--socket",
-                self.socket.to_str().expect("utf-8 path"),
-            ])
-            .args(&self.agent_args)
+        fs::File::create(self.log_path()).expect("agent log");
+        let child = self.agent_command().spawn().expect("start sepal node");
+        self.agent = Some(child);
+    }
+
+    /// The `sepal node` command of this node, its output appended to the agent log, for a test
+    /// that runs (and kills) agent processes itself while other threads call the plugin.
+    pub fn agent_command(&self) -> Command {
+        let log = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.log_path())
+            .expect("agent log");
+        let mut cmd = self.netns.command(&[
+            crate::bin_path("sepal").to_str().expect("utf-8 path"),
+            "node",
+            "--node-name",
+            &self.name,
+            "--datastore",
+            &format!("dir:{}", self.datastore.display()),
+            "--state-dir",
+            self.state_dir.to_str().expect("utf-8 path"),
+            "--socket",
+            self.socket.to_str().expect("utf-8 path"),
+        ]);
+        cmd.args(&self.agent_args)
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("dup log"))
-            .stderr(log)
-            .spawn()
-            .expect("start sepal node");
-        self.agent = Some(child);
+            .stderr(log);
+        cmd
+    }
+
+    fn log_path(&self) -> PathBuf {
+        self.state_dir.with_extension("log")
     }
 
     /// Waits until the agent answers STATUS through the plugin; panics with its log if it exits.
@@ -138,7 +150,7 @@ impl Node {
     }
 
     pub fn agent_log(&self) -> String {
-        fs::read_to_string(self.state_dir.with_extension("log")).unwrap_or_default()
+        fs::read_to_string(self.log_path()).unwrap_or_default()
     }
 
     /// The network config the runtime would pass for Sepal.

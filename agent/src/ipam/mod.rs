@@ -222,6 +222,17 @@ impl IpamState {
         None
     }
 
+    /// Removes the other attachments whose host veth is `claim`'s: the plugin makes that veth
+    /// for `claim` before asking for addresses, replacing the pair of a sandbox of the same pod
+    /// that died without a DEL, so those attachments have no host side left. Returns them.
+    pub fn supersede(&mut self, claim: &Claim) -> Vec<Allocation> {
+        let (gone, kept) = std::mem::take(&mut self.allocations)
+            .into_iter()
+            .partition(|a| a.host_veth == claim.host_veth && a.key != claim.key);
+        self.allocations = kept;
+        gone
+    }
+
     /// Releases an attachment; returns what it held (None when unknown: DEL is idempotent).
     pub fn release(&mut self, key: &AttachmentKey) -> Option<Allocation> {
         let pos = self.allocations.iter().position(|a| &a.key == key)?;

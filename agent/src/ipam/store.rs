@@ -36,15 +36,9 @@ pub struct Ipam {
 }
 
 /// Writes `bytes` to `dir/name` so that a crash at any point leaves either the old or the new
-/// content, never a mix (temp file, rename). With `durable` it also fsyncs the file before the
-/// rename and the directory after it, so the change survives a power loss too.
-fn write_replace(
-    dir: &Path,
-    name: &str,
-    temp: &str,
-    bytes: &[u8],
-    durable: bool,
-) -> io::Result<()> {
+/// content, never a mix (temp file, rename), and fsyncs the file before the rename and the
+/// directory after it, so the change survives a power loss too.
+fn write_replace(dir: &Path, name: &str, temp: &str, bytes: &[u8]) -> io::Result<()> {
     let tmp = dir.join(temp);
     {
         let mut f = OpenOptions::new()
@@ -53,14 +47,10 @@ fn write_replace(
             .truncate(true)
             .open(&tmp)?;
         f.write_all(bytes)?;
-        if durable {
-            f.sync_all()?;
-        }
+        f.sync_all()?;
     }
     fs::rename(&tmp, dir.join(name))?;
-    if durable {
-        File::open(dir)?.sync_all()?;
-    }
+    File::open(dir)?.sync_all()?;
     Ok(())
 }
 
@@ -94,22 +84,12 @@ impl Ipam {
         self.dir.join(FILE)
     }
 
-    /// Applies `change` to a copy, persists the copy, then adopts it. When the change fails or
-    /// saving fails, nothing changes.
+    /// Applies `change` to a copy, persists the copy durably, then adopts it. When the change
+    /// fails or saving fails, nothing changes. Releases are durable too: a release lost to a
+    /// power loss would bring back an allocation whose pod is gone, kept until something
+    /// notices.
     fn commit<R>(
         &mut self,
-        change: impl FnOnce(&mut IpamState) -> Result<R, IpamError>,
-    ) -> Result<R, StoreError> {
-        self.commit_with(true, change)
-    }
-
-    /// `durable: false` still replaces the file atomically (a process crash loses nothing) but
-    /// skips the fsyncs: for releases, where losing the change to a power loss only keeps an
-    /// address reserved until the runtime's GC, never hands one out twice. The next durable
-    /// write makes it durable too.
-    fn commit_with<R>(
-        &mut self,
-        durable: bool,
         change: impl FnOnce(&mut IpamState) -> Result<R, IpamError>,
     ) -> Result<R, StoreError> {
         let mut next = self.state.clone();
@@ -119,23 +99,31 @@ impl Ipam {
                 path: self.path(),
                 source: io::Error::other(e),
             })?;
-            write_replace(&self.dir, FILE, TEMP, &bytes, durable).map_err(|source| {
-                StoreError::Save {
-                    path: self.path(),
-                    source,
-                }
+            write_replace(&self.dir, FILE, TEMP, &bytes).map_err(|source| StoreError::Save {
+                path: self.path(),
+                source,
             })?;
             self.state = next;
         }
         Ok(out)
     }
 
-    pub fn allocate(&mut self, claim: &Claim) -> Result<Allocation, StoreError> {
-        self.commit(|s| s.allocate(claim))
+    /// The claim's addresses, and the attachments it supersedes (see
+    /// [`IpamState::supersede`]), released in the same write.
+    pub fn allocate(&mut self, claim: &Claim) -> Result<(Allocation, Vec<Allocation>), StoreError> {
+        self.commit(|s| {
+            let superseded = s.supersede(claim);
+            Ok((s.allocate(claim)?, superseded))
+        })
     }
 
     pub fn release(&mut self, key: &AttachmentKey) -> Result<Option<Allocation>, StoreError> {
-        self.commit_with(false, |s| Ok(s.release(key)))
+        self.commit(|s| Ok(s.release(key)))
+    }
+
+    /// Releases every key in one write; returns the allocations that existed.
+    pub fn release_all(&mut self, keys: &[AttachmentKey]) -> Result<Vec<Allocation>, StoreError> {
+        self.commit(|s| Ok(keys.iter().filter_map(|k| s.release(k)).collect()))
     }
 
     /// Sets the node's blocks; returns the allocations now outside them (kept until released).
@@ -163,19 +151,19 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut ipam = Ipam::load(dir.path()).unwrap();
         ipam.set_blocks(block()).unwrap();
-        let a = ipam.allocate(&claim("a")).unwrap();
-        let b = ipam.allocate(&claim("b")).unwrap();
+        let a = ipam.allocate(&claim("a")).unwrap().0;
+        let b = ipam.allocate(&claim("b")).unwrap().0;
         ipam.release(&claim("b").key).unwrap();
         drop(ipam);
 
         let mut again = Ipam::load(dir.path()).unwrap();
         assert_eq!(again.state().blocks, block());
         assert_eq!(
-            again.allocate(&claim("a")).unwrap().ips,
+            again.allocate(&claim("a")).unwrap().0.ips,
             a.ips,
             "same addresses after restart"
         );
-        let c = again.allocate(&claim("c")).unwrap();
+        let c = again.allocate(&claim("c")).unwrap().0;
         assert!(
             c.ips
                 .iter()
@@ -185,11 +173,35 @@ mod tests {
     }
 
     #[test]
+    fn a_new_sandbox_of_a_pod_supersedes_the_dead_one_in_the_same_write() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut ipam = Ipam::load(dir.path()).unwrap();
+        ipam.set_blocks(block()).unwrap();
+        let (old, none) = ipam.allocate(&claim("a")).unwrap();
+        assert!(none.is_empty());
+        let other = ipam.allocate(&claim("b")).unwrap().0;
+        // The same pod (same host veth) under a new container ID: the old sandbox died.
+        let mut again = claim("a2");
+        again.host_veth.clone_from(&old.host_veth);
+        let (new, superseded) = ipam.allocate(&again).unwrap();
+        assert_eq!(superseded, vec![old.clone()]);
+        assert_ne!(new.ips, old.ips);
+        let reloaded = Ipam::load(dir.path()).unwrap();
+        let keys: Vec<_> = reloaded
+            .state()
+            .allocations
+            .iter()
+            .map(|a| a.key.clone())
+            .collect();
+        assert_eq!(keys, vec![other.key, again.key]);
+    }
+
+    #[test]
     fn crash_leftovers_and_corruption() {
         let dir = tempfile::tempdir().unwrap();
         let mut ipam = Ipam::load(dir.path()).unwrap();
         ipam.set_blocks(block()).unwrap();
-        let a = ipam.allocate(&claim("a")).unwrap();
+        let a = ipam.allocate(&claim("a")).unwrap().0;
         // A crash mid-write leaves a half-written temp file: the committed file wins.
         fs::write(dir.path().join(TEMP), b"{\"allocations\": [").unwrap();
         let again = Ipam::load(dir.path()).unwrap();
@@ -225,7 +237,7 @@ mod tests {
                     (0..20)
                         .map(|i| {
                             let c = claim(&format!("t{t}-{i}"));
-                            let a = ipam.lock().unwrap().allocate(&c).unwrap();
+                            let a = ipam.lock().unwrap().allocate(&c).unwrap().0;
                             if i % 3 == 0 {
                                 ipam.lock().unwrap().release(&c.key).unwrap();
                                 None
