@@ -723,7 +723,13 @@ pub async fn run(cfg: NodeConfig) -> Result<()> {
     agent.resync().await?;
     health.set_routes_programmed();
     // Adopts the previous run's tables: they keep enforcing until these atomic replaces.
+    let adopting = agent.policy.table_exists();
     agent.apply_policy_logged();
+    if adopting {
+        tracing::info!(
+            "adopted the previous run's policy table: it enforced until now and was replaced in one transaction, never flushed"
+        );
+    }
     agent.apply_hostports_logged();
     if model.synced() {
         agent

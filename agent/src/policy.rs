@@ -129,6 +129,11 @@ impl PolicyEngine {
         Ok(applied)
     }
 
+    /// Is there a table `inet sepal` already (left by the previous run)?
+    pub fn table_exists(&self) -> bool {
+        self.dataplane.table_exists().unwrap_or(false)
+    }
+
     /// Per-rule counters of the table this engine programs.
     pub fn counters(
         &self,
