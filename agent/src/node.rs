@@ -783,8 +783,8 @@ pub async fn run(cfg: NodeConfig) -> Result<()> {
     let admin = crate::admin::server::bind(&cfg.admin_socket)?;
     tokio::spawn(crate::admin::server::serve(admin, agent.clone()));
     if let Some(addr) = cfg.metrics_addr {
-        let listener = crate::metrics::http::bind(addr).await?;
-        tokio::spawn(crate::metrics::http::serve(listener, agent.clone()));
+        crate::metrics::http::spawn(addr, agent.clone())?;
+        tokio::spawn(crate::metrics::http::heartbeat());
     }
     let result = server::serve(&cfg.socket, agent.clone()).await;
     let routing = agent.lock().await.routing.take();

@@ -130,3 +130,42 @@ pub fn kill(child: &mut Child) {
     let _ = child.kill();
     let _ = child.wait();
 }
+
+/// A plain HTTP/1.0 GET of `path` from `addr` as seen inside the namespace at `netns` (a path
+/// under /run/netns): the status code and the body. Only this call's thread enters it.
+pub fn http_get(netns: &std::path::Path, addr: &str, path: &str) -> (u16, String) {
+    try_http_get(netns, addr, path).unwrap_or_else(|e| panic!("GET {path} from {addr}: {e}"))
+}
+
+/// [`http_get`], with a failed connection or read as an error.
+pub fn try_http_get(
+    netns: &std::path::Path,
+    addr: &str,
+    path: &str,
+) -> Result<(u16, String), String> {
+    use std::io::{Read, Write};
+    use std::os::fd::AsRawFd;
+    let ns = std::fs::File::open(netns).map_err(|e| format!("open netns: {e}"))?;
+    let (addr, path) = (addr.to_string(), path.to_string());
+    std::thread::spawn(move || {
+        // SAFETY: setns on a valid namespace fd only moves this thread.
+        if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+            return Err(format!("setns: {}", std::io::Error::last_os_error()));
+        }
+        let mut s = std::net::TcpStream::connect(&addr).map_err(|e| e.to_string())?;
+        s.set_read_timeout(Some(std::time::Duration::from_secs(20)))
+            .map_err(|e| e.to_string())?;
+        write!(s, "GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").map_err(|e| e.to_string())?;
+        let mut text = String::new();
+        s.read_to_string(&mut text).map_err(|e| e.to_string())?;
+        let code = text
+            .split_whitespace()
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .unwrap_or(0);
+        let body = text.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or("");
+        Ok((code, body.to_string()))
+    })
+    .join()
+    .map_err(|_| "the request thread panicked".to_string())?
+}

@@ -6,10 +6,7 @@ use sepal_tests::lab::{alive, netns_list, repo_file, sepal_json, strs, wait_for,
 use sepal_tests::require_root;
 use serde_json::Value;
 use std::collections::BTreeSet;
-use std::io::{Read, Write};
-use std::os::fd::AsRawFd;
 use std::process::Command;
-use std::time::Duration;
 
 fn in_netns(netns: &str, cmd: &str) -> String {
     let out = Command::new("ip")
@@ -22,30 +19,11 @@ fn in_netns(netns: &str, cmd: &str) -> String {
 
 /// GET `path` on 127.0.0.1:9099 inside `netns`: (status code, body).
 fn http_get(netns: &str, path: &str) -> (u16, String) {
-    let ns = std::fs::File::open(format!("/run/netns/{netns}")).unwrap();
-    let path = path.to_string();
-    std::thread::spawn(move || {
-        // setns moves only this thread into the node's namespace.
-        assert_eq!(
-            unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) },
-            0,
-            "setns"
-        );
-        let mut s = std::net::TcpStream::connect("127.0.0.1:9099").expect("connect to metrics");
-        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-        write!(s, "GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").unwrap();
-        let mut text = String::new();
-        s.read_to_string(&mut text).unwrap();
-        let code = text
-            .split_whitespace()
-            .nth(1)
-            .and_then(|c| c.parse().ok())
-            .unwrap_or(0);
-        let body = text.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or("");
-        (code, body.to_string())
-    })
-    .join()
-    .unwrap()
+    sepal_tests::netns::http_get(
+        std::path::Path::new(&format!("/run/netns/{netns}")),
+        "127.0.0.1:9099",
+        path,
+    )
 }
 
 fn without_prefix_len(addr: &str) -> &str {

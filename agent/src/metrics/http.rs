@@ -1,5 +1,5 @@
 //! The HTTP endpoint kubelet and Prometheus use: `/metrics` (text exposition), `/healthz` (the
-//! process answers and its agent lock is not stuck), `/readyz` (synced and routes programmed).
+//! agent's event loop runs and its lock is not stuck), `/readyz` (synced and routes programmed).
 
 use super::{metrics, Metrics};
 use crate::admin::{collect, StatusReport};
@@ -14,13 +14,42 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::sync::Mutex;
 
-/// An agent whose lock is held longer than this is stuck: `/healthz` fails and kubelet restarts it.
+/// An agent whose lock is held longer than this, or whose event loop has not run for this long,
+/// is stuck: `/healthz` fails and kubelet restarts it.
 const LIVENESS_TIMEOUT: Duration = Duration::from_secs(5);
+/// How often the agent's event loop proves it runs (see [`heartbeat`]).
+const HEARTBEAT: Duration = Duration::from_millis(500);
 
-pub async fn bind(addr: SocketAddr) -> Result<TcpListener> {
-    TcpListener::bind(addr)
-        .await
-        .with_context(|| format!("binding the metrics address {addr}"))
+/// Runs on the agent's event loop: a loop blocked in a system call (a hung disk under the state
+/// directory, an nft that never returns) stops beating, whether or not it holds the lock.
+pub async fn heartbeat() {
+    loop {
+        metrics().health.beat();
+        tokio::time::sleep(HEARTBEAT).await;
+    }
+}
+
+/// Binds `addr` and serves it on a thread of its own, with a runtime of its own. The agent's
+/// event loop is single-threaded: served there, the probes meant to notice that loop being
+/// stuck would be stuck with it and time out instead of failing with a reason.
+pub fn spawn(addr: SocketAddr, agent: Arc<Mutex<Agent>>) -> Result<()> {
+    let listener = std::net::TcpListener::bind(addr)
+        .with_context(|| format!("binding the metrics address {addr}"))?;
+    listener.set_nonblocking(true)?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    std::thread::Builder::new()
+        .name("sepal-metrics".into())
+        .spawn(move || {
+            runtime.block_on(async move {
+                match TcpListener::from_std(listener) {
+                    Ok(l) => serve(l, agent).await,
+                    Err(e) => tracing::error!("metrics listener: {e}"),
+                }
+            })
+        })?;
+    Ok(())
 }
 
 /// Serves until the process stops.
@@ -79,16 +108,37 @@ async fn respond<B>(req: Request<B>, agent: &Arc<Mutex<Agent>>) -> Response<Full
                 "application/openmetrics-text; version=1.0.0; charset=utf-8",
             )
         }
-        "/healthz" => match tokio::time::timeout(LIVENESS_TIMEOUT, agent.lock()).await {
-            Ok(_) => text(StatusCode::OK, "ok\n".into(), PLAIN),
-            Err(_) => text(
-                StatusCode::SERVICE_UNAVAILABLE,
-                format!("the agent has been busy for over {LIVENESS_TIMEOUT:?}\n"),
-                PLAIN,
-            ),
-        },
+        "/healthz" => {
+            if let Some(age) = metrics()
+                .health
+                .since_beat()
+                .filter(|age| *age > LIVENESS_TIMEOUT)
+            {
+                return text(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    format!("the agent's event loop has not run for {age:.1?}\n"),
+                    PLAIN,
+                );
+            }
+            match tokio::time::timeout(LIVENESS_TIMEOUT, agent.lock()).await {
+                Ok(_) => text(StatusCode::OK, "ok\n".into(), PLAIN),
+                Err(_) => text(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    format!("the agent has been busy for over {LIVENESS_TIMEOUT:?}\n"),
+                    PLAIN,
+                ),
+            }
+        }
         "/readyz" => {
-            let has_blocks = agent.lock().await.has_blocks();
+            let Ok(agent) = tokio::time::timeout(LIVENESS_TIMEOUT, agent.lock()).await else {
+                return text(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    format!("not ready: the agent has been busy for over {LIVENESS_TIMEOUT:?}\n"),
+                    PLAIN,
+                );
+            };
+            let has_blocks = agent.has_blocks();
+            drop(agent);
             let health = &metrics().health;
             if collect::ready(has_blocks) {
                 text(StatusCode::OK, "ok\n".into(), PLAIN)

@@ -24,6 +24,8 @@ pub struct Health {
     objects: AtomicI64,
     /// Resources the API server refuses the agent (403): its RBAC lacks a rule.
     forbidden: std::sync::Mutex<std::collections::BTreeSet<&'static str>>,
+    /// When the agent's event loop last ran its heartbeat task (None before it starts).
+    beat: std::sync::Mutex<Option<std::time::Instant>>,
 }
 
 impl Health {
@@ -62,6 +64,17 @@ impl Health {
     pub fn forbidden(&self) -> Vec<&'static str> {
         let set = self.forbidden.lock().unwrap_or_else(|e| e.into_inner());
         set.iter().copied().collect()
+    }
+
+    /// The agent's event loop is running now.
+    pub fn beat(&self) {
+        *self.beat.lock().unwrap_or_else(|e| e.into_inner()) = Some(std::time::Instant::now());
+    }
+
+    /// How long since the event loop last ran its heartbeat (None before it started).
+    pub fn since_beat(&self) -> Option<std::time::Duration> {
+        let beat = self.beat.lock().unwrap_or_else(|e| e.into_inner());
+        beat.map(|b| b.elapsed())
     }
 
     /// The first full route reconcile is done.
