@@ -461,6 +461,38 @@ impl Cluster {
         rev
     }
 
+    /// The agent's audited requests on `resource` with `verb` (list or watch), one per request.
+    pub fn agent_calls(&self, verb: &str, resource: &str) -> Vec<String> {
+        let mut seen = std::collections::BTreeSet::new();
+        self.agent_requests()
+            .into_iter()
+            .filter(|e| e["verb"] == verb && e["objectRef"]["resource"] == resource)
+            .filter(|e| seen.insert(e["auditID"].as_str().unwrap_or_default().to_string()))
+            .map(|e| e["requestURI"].as_str().unwrap_or_default().to_string())
+            .collect()
+    }
+
+    /// Requests that loaded a resource's whole state: lists, and watches with
+    /// `sendInitialEvents` (a watch list, how the agent loads Pods and, where the server allows,
+    /// everything else).
+    pub fn agent_loads(&self, resource: &str) -> Vec<String> {
+        let mut loads = self.agent_calls("list", resource);
+        loads.extend(
+            self.agent_calls("watch", resource)
+                .into_iter()
+                .filter(|u| u.contains("sendInitialEvents=true")),
+        );
+        loads
+    }
+
+    /// The API server's address, for a relay in front of it.
+    pub fn api_addr(&self) -> std::net::SocketAddr {
+        self.server()
+            .trim_start_matches("https://")
+            .parse()
+            .expect("server address")
+    }
+
     /// The API server's Prometheus metrics (as admin).
     pub fn metrics(&self) -> String {
         self.kubectl(&["get", "--raw", "/metrics"])
@@ -503,6 +535,8 @@ pub struct Cutter {
     stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
     /// While set, new connections are closed as soon as they are accepted (an outage).
     held: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    /// Connections closed that way: how hard clients retry during an outage.
+    refused: std::sync::Arc<std::sync::atomic::AtomicUsize>,
 }
 
 impl Cutter {
@@ -518,8 +552,9 @@ impl Cutter {
         let conns = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
         let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let held = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let refused = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let netns = netns.map(Path::to_path_buf);
-        let (c, s, h) = (conns.clone(), stop.clone(), held.clone());
+        let (c, s, h, r) = (conns.clone(), stop.clone(), held.clone(), refused.clone());
         std::thread::spawn(move || {
             for client in listener.incoming() {
                 if s.load(std::sync::atomic::Ordering::Relaxed) {
@@ -527,6 +562,7 @@ impl Cutter {
                 }
                 let Ok(client) = client else { continue };
                 if h.load(std::sync::atomic::Ordering::Relaxed) {
+                    r.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     let _ = client.shutdown(std::net::Shutdown::Both);
                     continue;
                 }
@@ -554,7 +590,13 @@ impl Cutter {
             conns,
             stop,
             held,
+            refused,
         }
+    }
+
+    /// How many connections were refused while held, so far.
+    pub fn refused(&self) -> usize {
+        self.refused.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Refuses (`true`) or relays again (`false`) new connections.

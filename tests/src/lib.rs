@@ -4,6 +4,7 @@
 pub mod bench;
 pub mod bgpd;
 pub mod kube;
+pub mod kube_agent;
 pub mod kubelet;
 pub mod lab;
 pub mod netns;

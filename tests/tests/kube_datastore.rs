@@ -162,29 +162,6 @@ fn wait_for_model(c: &Cluster, p: &Inspect) {
     );
 }
 
-/// The agent's audited requests on `resource` with `verb` (list or watch), one per request.
-fn agent_calls(c: &Cluster, verb: &str, resource: &str) -> Vec<String> {
-    let mut seen = std::collections::BTreeSet::new();
-    c.agent_requests()
-        .into_iter()
-        .filter(|e| e["verb"] == verb && e["objectRef"]["resource"] == resource)
-        .filter(|e| seen.insert(e["auditID"].as_str().unwrap_or_default().to_string()))
-        .map(|e| e["requestURI"].as_str().unwrap_or_default().to_string())
-        .collect()
-}
-
-/// Requests that loaded a resource's whole state: lists, and watches with `sendInitialEvents`
-/// (a watch list, how the agent loads Pods and, where the server allows, everything else).
-fn agent_loads(c: &Cluster, resource: &str) -> Vec<String> {
-    let mut loads = agent_calls(c, "list", resource);
-    loads.extend(
-        agent_calls(c, "watch", resource)
-            .into_iter()
-            .filter(|u| u.contains("sendInitialEvents=true")),
-    );
-    loads
-}
-
 /// The resourceVersion a request asked for (0 when none).
 fn uri_resource_version(uri: &str) -> u64 {
     uri.split(['?', '&'])
@@ -297,7 +274,7 @@ fn kube_relists_after_410_gone() {
         ..Default::default()
     };
     let (c, _kc) = cluster_with(&cluster(), o);
-    let relay = Cutter::start(api_addr(&c), None);
+    let relay = Cutter::start(c.api_addr(), None);
     let p = watching(&c, Some(&format!("https://{}", relay.addr)));
 
     // An outage: the agent's connections are cut and refused while a pod goes, another comes,
@@ -307,11 +284,11 @@ fn kube_relists_after_410_gone() {
     c.delete("pod", "web", "web-2");
     c.apply(&[pod("web-3", "node-2", "10.244.2.7")]);
     c.compact_etcd();
-    let loads_before = agent_loads(&c, "pods").len();
+    let loads_before = c.agent_loads("pods").len();
     relay.hold(false);
     wait_for_model(&c, &p);
     assert!(
-        agent_loads(&c, "pods").len() > loads_before,
+        c.agent_loads("pods").len() > loads_before,
         "the datastore did not load pods again after 410 Gone"
     );
 }
@@ -319,9 +296,9 @@ fn kube_relists_after_410_gone() {
 #[test]
 fn kube_resumes_from_its_resource_version_and_from_bookmarks() {
     let (c, _kc) = cluster_with(&cluster(), Options::default());
-    let relay = Cutter::start(api_addr(&c), None);
+    let relay = Cutter::start(c.api_addr(), None);
     let p = watching(&c, Some(&format!("https://{}", relay.addr)));
-    let lists = agent_calls(&c, "list", "pods").len();
+    let lists = c.agent_calls("list", "pods").len();
 
     // A dropped connection: the watch resumes from the last resourceVersion it saw, and a pod
     // added meanwhile arrives from the server's history, with no relist.
@@ -345,7 +322,8 @@ fn kube_resumes_from_its_resource_version_and_from_bookmarks() {
     let deadline = std::time::Instant::now() + Duration::from_secs(300);
     let mut last_cut = std::time::Instant::now();
     loop {
-        let resumed = agent_calls(&c, "watch", "pods")
+        let resumed = c
+            .agent_calls("watch", "pods")
             .iter()
             .map(|u| uri_resource_version(u))
             .max()
@@ -367,7 +345,7 @@ fn kube_resumes_from_its_resource_version_and_from_bookmarks() {
     c.delete("pod", "web", "web-9");
     wait_for_model(&c, &p);
     assert_eq!(
-        agent_calls(&c, "list", "pods").len(),
+        c.agent_calls("list", "pods").len(),
         lists,
         "pods were relisted instead of resumed"
     );
@@ -438,10 +416,10 @@ fn kube_pods_stream_in_protobuf_and_match_dir() {
     let p = kube_inspect(&kc, false);
     wait_for_model(&c, &p);
     assert!(
-        agent_calls(&c, "list", "pods").is_empty(),
+        c.agent_calls("list", "pods").is_empty(),
         "pods were listed, not streamed"
     );
-    let streamed = agent_calls(&c, "watch", "pods");
+    let streamed = c.agent_calls("watch", "pods");
     assert!(
         streamed
             .iter()
@@ -449,7 +427,7 @@ fn kube_pods_stream_in_protobuf_and_match_dir() {
         "no watch list of pods: {streamed:?}"
     );
     assert!(
-        agent_calls(&c, "list", "nodes").is_empty(),
+        c.agent_calls("list", "nodes").is_empty(),
         "nodes were listed, not streamed"
     );
 }
@@ -465,27 +443,19 @@ fn kube_without_watch_list_pages_its_initial_lists() {
     let (c, kc) = cluster_with(&with_pods(1100), o);
     let p = kube_inspect(&kc, false);
     wait_for_model(&c, &p);
-    let pages = agent_calls(&c, "list", "pods")
+    let pages = c
+        .agent_calls("list", "pods")
         .iter()
         .filter(|u| u.contains("continue="))
         .count();
     assert!(
         pages >= 1,
         "pods were not listed in pages: {:?} {:?}",
-        agent_calls(&c, "list", "pods"),
-        agent_calls(&c, "watch", "pods")
+        c.agent_calls("list", "pods"),
+        c.agent_calls("watch", "pods")
     );
     assert!(
-        !agent_calls(&c, "list", "nodes").is_empty(),
+        !c.agent_calls("list", "nodes").is_empty(),
         "nodes were not listed after the streamed list was refused"
     );
-}
-
-/// The API server's address, for a relay in front of it.
-fn api_addr(c: &Cluster) -> std::net::SocketAddr {
-    let server = c.server();
-    server
-        .trim_start_matches("https://")
-        .parse()
-        .expect("server address")
 }

@@ -5,37 +5,11 @@
 // API server's audit log of its requests shows.
 
 use sepal_tests::kube::{Cluster, Options};
+use sepal_tests::kube_agent::{cluster_for, KubeAgent};
 use sepal_tests::netns::Netns;
 use sepal_tests::node::{CniCall, Node};
 use serde_json::{json, Value};
-use std::process::Stdio;
-use std::time::{Duration, Instant};
-
-/// Kills the agent (our own child) on drop, even when an assertion fails.
-struct Agent(std::process::Child, std::path::PathBuf);
-
-impl Drop for Agent {
-    fn drop(&mut self) {
-        sepal_tests::netns::kill(&mut self.0);
-    }
-}
-
-fn log(a: &Agent) -> String {
-    std::fs::read_to_string(&a.1).unwrap_or_default()
-}
-
-/// Waits until `f` holds; panics with the agent's log otherwise.
-fn wait_until(agent: &Agent, what: &str, mut f: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while !f() {
-        assert!(
-            Instant::now() < deadline,
-            "{what}: not so; log:\n{}",
-            log(agent)
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
+use std::time::Duration;
 
 /// (API group, resource, verb) the RBAC rules in deploy/10-rbac.yaml grant.
 fn granted() -> std::collections::BTreeSet<(String, String, String)> {
@@ -59,63 +33,6 @@ fn granted() -> std::collections::BTreeSet<(String, String, String)> {
         }
     }
     out
-}
-
-/// The real `sepal node` for `name` in `node`'s namespace, as the agent's ServiceAccount of
-/// `cluster`, with `extra` flags.
-fn start_agent(
-    node: &Node,
-    cluster: &Cluster,
-    name: &str,
-    extra: &[&str],
-) -> (Agent, tempfile::TempDir) {
-    let tmp = tempfile::tempdir().expect("tempdir");
-    let kubeconfig = cluster.agent_kubeconfig(None);
-    let log_path = tmp.path().join("agent.log");
-    let logf = std::fs::File::create(&log_path).expect("log");
-    let sepal = sepal_tests::bin_path("sepal");
-    let mut args = vec![
-        sepal.to_str().expect("utf-8"),
-        "node",
-        "--node-name",
-        name,
-        "--datastore",
-        "kubernetes",
-        "--state-dir",
-        node.state_dir.to_str().expect("utf-8"),
-        "--socket",
-        node.socket.to_str().expect("utf-8"),
-        "--kubeconfig",
-        kubeconfig.to_str().expect("utf-8"),
-    ];
-    args.extend(extra);
-    let child = node
-        .netns
-        .command(&args)
-        .stdin(Stdio::null())
-        .stdout(logf.try_clone().expect("dup"))
-        .stderr(logf)
-        .spawn()
-        .expect("start sepal node");
-    (Agent(child, log_path), tmp)
-}
-
-/// A real control plane in the node's namespace (where the agent reaches it on loopback), with
-/// Sepal installed from deploy/ and the node's Node object.
-fn cluster_for(node: &Node, cidr: &str) -> Cluster {
-    let c = Cluster::start_with(Options {
-        netns: Some(node.netns.path()),
-        ..Default::default()
-    });
-    c.install_sepal();
-    c.apply(&[node_object(&node.name, cidr)]);
-    c
-}
-
-fn node_object(name: &str, cidr: &str) -> Value {
-    json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": name},
-    "spec": {"podCIDR": cidr, "podCIDRs": [cidr]},
-    "status": {"addresses": [{"type": "InternalIP", "address": "10.255.255.2"}]}})
 }
 
 fn sepal_is_up(c: &Cluster, name: &str) -> bool {
@@ -168,7 +85,7 @@ fn kube_datastore_pods_get_addresses_from_the_node_cidr() {
     // The Node helper writes a dir datastore the agent will not read here; the Node object comes
     // from the API server instead, with a different CIDR to prove where it came from.
     let node = Node::new("kn1", &["10.77.0.0/24"]);
-    let c = cluster_for(&node, "10.244.9.0/24");
+    let c = cluster_for(&node, "10.244.9.0/24", Options::default());
     // A BGP peer with a password: the agent reads that Secret, and only that one.
     c.apply(&[
         json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "bgp-passwords", "namespace": "sepal-system"},
@@ -179,16 +96,8 @@ fn kube_datastore_pods_get_addresses_from_the_node_cidr() {
                "spec": {"peerIP": "10.255.255.1", "asNumber": 65000,
                         "password": {"secretKeyRef": {"name": "bgp-passwords", "key": "tor"}}}}),
     ]);
-    let (agent, _tmp) = start_agent(&node, &c, "kn1", &[]);
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while !node.cni("STATUS", &CniCall::status()).status.success() {
-        assert!(
-            Instant::now() < deadline,
-            "agent not ready; log:\n{}",
-            log(&agent)
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let agent = KubeAgent::start(&node, &c, "kn1", None, &[]);
+    agent.wait_ready(&node);
     let sandbox = Netns::new("kp1");
     let out = node.cni("ADD", &CniCall::pod("kc1", &sandbox.path(), "web", "web-1"));
     assert!(
@@ -196,7 +105,7 @@ fn kube_datastore_pods_get_addresses_from_the_node_cidr() {
         "ADD failed: {} {}\nagent log:\n{}",
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr),
-        log(&agent)
+        agent.log()
     );
     let result: Value = serde_json::from_slice(&out.stdout).expect("CNI result JSON");
     let addr = result["ips"][0]["address"]
@@ -211,12 +120,10 @@ fn kube_datastore_pods_get_addresses_from_the_node_cidr() {
     sandbox.run("ping -c1 -W2 10.255.255.2");
 
     // Status back to the cluster: the Node condition once routes are programmed, kubelet's kept.
-    wait_until(
-        &agent,
-        "NetworkUnavailable=False (SepalIsUp) on the Node",
-        || sepal_is_up(&c, "kn1"),
-    );
-    wait_until(&agent, "a SepalNodeStatus for kn1", || {
+    agent.wait_until("NetworkUnavailable=False (SepalIsUp) on the Node", || {
+        sepal_is_up(&c, "kn1")
+    });
+    agent.wait_until("a SepalNodeStatus for kn1", || {
         c.get("sepalnodestatus", "", "kn1")
             .is_some_and(|s| s["status"]["routesProgrammed"] == json!(true))
     });
@@ -295,15 +202,15 @@ fn kube_datastore_pods_get_addresses_from_the_node_cidr() {
 fn a_missing_rbac_rule_fails_visibly_and_keeps_the_node_unavailable() {
     sepal_tests::require_root();
     let node = Node::new("kn2", &["10.77.1.0/24"]);
-    let c = cluster_for(&node, "10.244.8.0/24");
+    let c = cluster_for(&node, "10.244.8.0/24", Options::default());
     c.remove_rbac_rule("endpointslices");
-    let (agent, _tmp) = start_agent(&node, &c, "kn2", &["--sync-timeout", "1s"]);
-    wait_until(&agent, "the forbidden resource in the agent's log", || {
-        let l = log(&agent);
+    let agent = KubeAgent::start(&node, &c, "kn2", None, &["--sync-timeout", "1s"]);
+    agent.wait_until("the forbidden resource in the agent's log", || {
+        let l = agent.log();
         l.contains("forbidden") && l.contains("endpointslices")
     });
-    wait_until(&agent, "the agent serving without its initial sync", || {
-        log(&agent).contains("serving anyway")
+    agent.wait_until("the agent serving without its initial sync", || {
+        agent.log().contains("serving anyway")
     });
     let status = node.netns.output(&[
         sepal_tests::bin_path("sepal").to_str().expect("utf-8"),
@@ -322,7 +229,7 @@ fn a_missing_rbac_rule_fails_visibly_and_keeps_the_node_unavailable() {
         json!(["endpointslices"]),
         "{status}"
     );
-    wait_until(&agent, "a Forbidden Warning Event on the Node", || {
+    agent.wait_until("a Forbidden Warning Event on the Node", || {
         warnings(&c, "Forbidden", "kn2").iter().any(|e| {
             e["note"]
                 .as_str()
@@ -334,12 +241,10 @@ fn a_missing_rbac_rule_fails_visibly_and_keeps_the_node_unavailable() {
     assert!(
         !sepal_is_up(&c, "kn2"),
         "the Node was declared up before the initial sync completed; log:\n{}",
-        log(&agent)
+        agent.log()
     );
     c.restore_rbac();
-    wait_until(
-        &agent,
-        "NetworkUnavailable=False once the sync completed",
-        || sepal_is_up(&c, "kn2"),
-    );
+    agent.wait_until("NetworkUnavailable=False once the sync completed", || {
+        sepal_is_up(&c, "kn2")
+    });
 }

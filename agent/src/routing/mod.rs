@@ -80,6 +80,9 @@ pub struct Routing {
     routes: watch::Receiver<Desired>,
     speaker: Arc<Mutex<Option<Speaker>>>,
     warnings: watch::Receiver<Vec<String>>,
+    /// Inputs left out as invalid, as last logged: each is logged once while it lasts, not on
+    /// every datastore change.
+    left_out: std::sync::Mutex<Vec<String>>,
 }
 
 impl Routing {
@@ -121,6 +124,7 @@ impl Routing {
             routes: routes_rx,
             speaker,
             warnings: warn_rx,
+            left_out: Default::default(),
         })
     }
 
@@ -138,9 +142,13 @@ impl Routing {
     /// Replans from the agent's model (objects that do not parse are logged and left out).
     pub fn update_from_model(&self, model: &crate::model::Model, node: &str) {
         let (inputs, errors) = inputs::from_model(model, node);
-        for e in errors {
+        let errors: Vec<String> = errors.iter().map(ToString::to_string).collect();
+        let mut logged = self.left_out.lock().unwrap_or_else(|e| e.into_inner());
+        for e in errors.iter().filter(|e| !logged.contains(e)) {
             tracing::warn!("BGP input left out: {e}");
         }
+        *logged = errors;
+        drop(logged);
         self.update(inputs);
     }
 
