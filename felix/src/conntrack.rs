@@ -13,7 +13,8 @@ use std::path::PathBuf;
 use crate::exec::{self, ExecError};
 use crate::policy::{Cluster, ExplainPeer, Explainer, Family, Protocol};
 
-/// One conntrack entry, in its original direction (as the first packet went).
+/// One conntrack entry: its original direction (as the first packet went, which names the
+/// entry), and where the flow is really delivered.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
 pub struct Flow {
     pub protocol: Protocol,
@@ -21,6 +22,27 @@ pub struct Flow {
     pub dst: IpAddr,
     pub sport: u16,
     pub dport: u16,
+    /// The reply direction's source address and port: `dst` and `dport` unless DNAT rewrote
+    /// them (kube-proxy for a Service's ClusterIP or NodePort, a hostPort). Policy runs in the
+    /// forward hook, after DNAT, so this is the destination its rules saw, and the one
+    /// revocation judges; the original tuple still names the entry to delete.
+    pub to: IpAddr,
+    pub to_port: u16,
+}
+
+impl Flow {
+    /// A flow no NAT touched.
+    pub fn direct(protocol: Protocol, src: IpAddr, dst: IpAddr, sport: u16, dport: u16) -> Flow {
+        Flow {
+            protocol,
+            src,
+            dst,
+            sport,
+            dport,
+            to: dst,
+            to_port: dport,
+        }
+    }
 }
 
 /// Parses `conntrack -L` output (plain or `-o extended`): TCP, UDP and SCTP entries; anything
@@ -31,32 +53,37 @@ pub fn parse_list(text: &str) -> Vec<Flow> {
 
 fn parse_line(line: &str) -> Option<Flow> {
     let mut protocol = None;
-    let (mut src, mut dst, mut sport, mut dport) = (None, None, None, None);
+    // The first of each key belongs to the original direction, the second to the reply's.
+    let (mut src, mut dst, mut sport, mut dport) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for token in line.split_whitespace() {
         match token.split_once('=') {
-            // The first of each key belongs to the original direction; the reply's come later.
-            Some(("src", v)) if src.is_none() => src = v.parse().ok(),
-            Some(("dst", v)) if dst.is_none() => dst = v.parse().ok(),
-            Some(("sport", v)) if sport.is_none() => sport = v.parse().ok(),
-            Some(("dport", v)) if dport.is_none() => dport = v.parse().ok(),
+            Some(("src", v)) => src.push(v.parse::<IpAddr>().ok()?),
+            Some(("dst", v)) => dst.push(v.parse::<IpAddr>().ok()?),
+            Some(("sport", v)) => sport.push(v.parse::<u16>().ok()?),
+            Some(("dport", v)) => dport.push(v.parse::<u16>().ok()?),
             Some(_) => {}
-            None if protocol.is_none() && src.is_none() => {
+            None if protocol.is_none() && src.is_empty() => {
                 protocol = Protocol::from_api(&token.to_ascii_uppercase())
             }
             None => {}
         }
     }
+    let (src0, dst0) = (*src.first()?, *dst.first()?);
+    let (sport0, dport0) = (*sport.first()?, *dport.first()?);
     Some(Flow {
         protocol: protocol?,
-        src: src?,
-        dst: dst?,
-        sport: sport?,
-        dport: dport?,
+        src: src0,
+        dst: dst0,
+        sport: sport0,
+        dport: dport0,
+        to: src.get(1).copied().unwrap_or(dst0),
+        to_port: sport.get(1).copied().unwrap_or(dport0),
     })
 }
 
 /// The flows among `flows` that the policy in `cluster` no longer allows in a direction this
-/// node enforces (pods with `host_iface` set are this node's). Pure.
+/// node enforces (pods with `host_iface` set are this node's), judged on where each flow is
+/// delivered (after DNAT). Pure.
 pub fn denied(cluster: &Cluster, flows: &[Flow]) -> Vec<Flow> {
     let explainer = Explainer::new(cluster);
     let local = |ip: &IpAddr| {
@@ -67,15 +94,15 @@ pub fn denied(cluster: &Cluster, flows: &[Flow]) -> Vec<Flow> {
     flows
         .iter()
         .filter(|f| {
-            let (src_local, dst_local) = (local(&f.src), local(&f.dst));
+            let (src_local, dst_local) = (local(&f.src), local(&f.to));
             if !src_local && !dst_local {
                 return false;
             }
             match explainer.explain(
                 &ExplainPeer::Ip(f.src),
-                &ExplainPeer::Ip(f.dst),
+                &ExplainPeer::Ip(f.to),
                 f.protocol,
-                f.dport,
+                f.to_port,
             ) {
                 Ok(e) => (src_local && !e.egress.allows()) || (dst_local && !e.ingress.allows()),
                 Err(_) => false,
@@ -205,13 +232,13 @@ garbage
         assert_eq!(flows.len(), 3);
         assert_eq!(
             flows[0],
-            Flow {
-                protocol: Protocol::Tcp,
-                src: "10.244.0.10".parse().unwrap(),
-                dst: "10.244.0.20".parse().unwrap(),
-                sport: 40000,
-                dport: 80
-            }
+            Flow::direct(
+                Protocol::Tcp,
+                "10.244.0.10".parse().unwrap(),
+                "10.244.0.20".parse().unwrap(),
+                40000,
+                80
+            )
         );
         assert_eq!(flows[1].protocol, Protocol::Udp);
         assert_eq!(flows[1].dport, 53);
@@ -219,13 +246,40 @@ garbage
     }
 
     fn flow(src: &str, dst: &str, dport: u16) -> Flow {
-        Flow {
-            protocol: Protocol::Tcp,
-            src: src.parse().unwrap(),
-            dst: dst.parse().unwrap(),
-            sport: 40000,
+        Flow::direct(
+            Protocol::Tcp,
+            src.parse().unwrap(),
+            dst.parse().unwrap(),
+            40000,
             dport,
-        }
+        )
+    }
+
+    #[test]
+    fn a_service_flow_is_judged_where_dnat_delivered_it() {
+        // kube-proxy's DNAT: the client x/a (.10) opened 10.96.0.10:80 (a ClusterIP), delivered
+        // to x/b (.11) on 8080; the reply comes from there. The original tuple names the entry.
+        let text = "tcp      6 431999 ESTABLISHED src=10.244.0.10 dst=10.96.0.10 sport=40000 dport=80 \
+                    src=10.244.0.11 dst=10.244.0.10 sport=8080 dport=40000 [ASSURED] mark=0 use=1\n";
+        let flows = parse_list(text);
+        let service = Flow {
+            to: "10.244.0.11".parse().unwrap(),
+            to_port: 8080,
+            ..flow("10.244.0.10", "10.96.0.10", 80)
+        };
+        assert_eq!(flows, vec![service.clone()]);
+        // x/b admits only port 80 from y: the flow to its 8080 is denied, though neither the
+        // ClusterIP nor its port 80 is anything policy knows. y/a (.13) on the same Service
+        // path to x/b's port 80 stays.
+        let c = crate::policy::tests::cluster(&[
+            "metadata: {name: web, namespace: x}\nspec:\n  podSelector: {matchLabels: {pod: b}}\n  ingress: [{ports: [{port: 80}]}]\n",
+        ]);
+        let allowed = Flow {
+            to: "10.244.0.11".parse().unwrap(),
+            to_port: 80,
+            ..flow("10.244.0.13", "10.96.0.10", 80)
+        };
+        assert_eq!(denied(&c, &[service.clone(), allowed]), vec![service]);
     }
 
     #[test]

@@ -319,3 +319,57 @@ pub fn status_node<'a>(status: &'a Value, name: &str) -> &'a Value {
         .find(|n| n["name"] == name)
         .unwrap_or_else(|| panic!("node {name} not in {status}"))
 }
+
+/// An HTTP/1.1 connection kept open across requests, opened inside a network namespace (the
+/// socket stays in it): one TCP flow, and one conntrack entry, for as long as it lasts.
+pub struct KeepAlive {
+    stream: std::net::TcpStream,
+}
+
+impl KeepAlive {
+    /// Connects to `ip:port` from inside the namespace at `netns`.
+    pub fn open(netns: &Path, ip: &str, port: u16) -> Result<KeepAlive, String> {
+        let addr: std::net::SocketAddr =
+            format!("{ip}:{port}").parse().map_err(|e| format!("{e}"))?;
+        let stream = sepal_felix::netns::on_thread_in(netns, || {
+            std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2))
+        })
+        .map_err(|e| e.to_string())?
+        .map_err(|e| e.to_string())?;
+        stream
+            .set_read_timeout(Some(Duration::from_secs(1)))
+            .map_err(|e| e.to_string())?;
+        Ok(KeepAlive { stream })
+    }
+
+    /// GET `path` on this connection; the body (by Content-Length).
+    pub fn get(&mut self, path: &str) -> Result<String, String> {
+        use std::io::{Read, Write};
+        self.stream
+            .write_all(format!("GET {path} HTTP/1.1\r\nHost: sepal\r\n\r\n").as_bytes())
+            .map_err(|e| e.to_string())?;
+        let mut head = Vec::new();
+        let mut byte = [0u8; 1];
+        while !head.ends_with(b"\r\n\r\n") {
+            match self.stream.read(&mut byte) {
+                Ok(1) => head.push(byte[0]),
+                Ok(_) => return Err("connection closed".into()),
+                Err(e) => return Err(e.to_string()),
+            }
+        }
+        let head = String::from_utf8_lossy(&head);
+        let length: usize = head
+            .lines()
+            .find_map(|l| {
+                let (k, v) = l.split_once(':')?;
+                k.eq_ignore_ascii_case("content-length")
+                    .then(|| v.trim().parse().ok())?
+            })
+            .ok_or("no Content-Length")?;
+        let mut body = vec![0u8; length];
+        self.stream
+            .read_exact(&mut body)
+            .map_err(|e| e.to_string())?;
+        Ok(String::from_utf8_lossy(&body).into_owned())
+    }
+}

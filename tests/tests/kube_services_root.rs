@@ -6,9 +6,14 @@
 //! - an ExternalIP in the BGPConfiguration's `serviceExternalIPs` is advertised to the ToR, and a
 //!   request from the ToR to it reaches a backend;
 //! - a NetworkPolicy that admits only some clients to the backends holds through the ClusterIP
-//!   (kube-proxy DNATs before Sepal's forward hook sees the packet).
+//!   (kube-proxy DNATs before Sepal's forward hook sees the packet), and cuts the flows it now
+//!   denies that were established through the ClusterIP, to a backend on the client's own node
+//!   (whose conntrack entry holds the ClusterIP) and to one on another node;
+//! - egress policy is judged on the backend kube-proxy chose: a flow through the ClusterIP's port
+//!   80 to a backend's allowed 8080 stays, and is cut once 8080 is no longer allowed;
+//! - a node reaches its own isolated pods (kubelet's probes).
 
-use sepal_tests::lab::{http_get_in, status_node, wait_for, Lab};
+use sepal_tests::lab::{http_get_in, status_node, wait_for, KeepAlive, Lab};
 use sepal_tests::require_root;
 use serde_json::Value;
 use std::collections::BTreeSet;
@@ -71,6 +76,41 @@ spec:
     - from: [{podSelector: {matchLabels: {role: friend}}}]
       ports: [{port: 8080}]
 "#;
+
+/// The friend may send to the web backends on `port` only.
+fn friend_egress(port: u16) -> String {
+    format!(
+        "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {{name: friend-egress, namespace: shop}}\n\
+         spec:\n  podSelector: {{matchLabels: {{role: friend}}}}\n  policyTypes: [Egress]\n  \
+         egress: [{{to: [{{podSelector: {{matchLabels: {{app: web}}}}}}], ports: [{{port: {port}}}]}}]\n"
+    )
+}
+
+/// A kept-alive connection from `netns` through `ip:80` that kube-proxy delivered to a backend
+/// `wanted` accepts (new connections until one is), with that backend's name.
+fn keep_alive_to(netns: &Path, ip: &str, wanted: impl Fn(&str) -> bool) -> (String, KeepAlive) {
+    for _ in 0..60 {
+        if let Ok(mut c) = KeepAlive::open(netns, ip, 80) {
+            if let Ok(host) = c.get("/hostname") {
+                let host = host.trim().to_string();
+                if wanted(&host) {
+                    return (host, c);
+                }
+            }
+        }
+    }
+    panic!("no connection through {ip}:80 reached the wanted backend in 60 tries");
+}
+
+fn pod_ip(status: &Value, name: &str) -> String {
+    let pod = status["pods"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["namespace"] == "shop" && p["name"] == name)
+        .unwrap_or_else(|| panic!("shop/{name} not in {status}"));
+    pod["ips"][0].as_str().unwrap().to_string()
+}
 
 fn pod_netns(status: &Value, name: &str) -> PathBuf {
     let pod = status["pods"]
@@ -181,16 +221,75 @@ fn services_with_kube_proxy(mode: &str) {
         "{via_external:?}"
     );
 
-    // A NetworkPolicy admitting only friends holds through the ClusterIP.
+    // Established flows through the ClusterIP before any policy: the client's to a backend on
+    // its own node (web-1, where node1's conntrack entry holds the ClusterIP) and to one on
+    // another node, the friend's to any backend.
+    let friend = pod_netns(&status, "friend");
+    let same_node = keep_alive_to(&client, &cluster_ip, |h| h == "web-1");
+    let cross_node = keep_alive_to(&client, &cluster_ip, |h| h != "web-1");
+    let friends_flow = keep_alive_to(&friend, &cluster_ip, |_| true);
+
+    // A NetworkPolicy admitting only friends holds through the ClusterIP, and revokes the
+    // client's established flows: judged where kube-proxy delivered them, not by the ClusterIP.
     let policy = dir.path().join("only-friends.yaml");
     std::fs::write(&policy, ONLY_FRIENDS).unwrap();
+    let applied = std::time::Instant::now();
     lab.apply(&policy, false);
+    for (what, mut flow) in [("same-node", same_node), ("cross-node", cross_node)] {
+        wait_for(
+            &format!("the client's established {what} flow through the ClusterIP to be cut"),
+            || flow.1.get("/hostname").is_err(),
+            |cut| *cut,
+        );
+        eprintln!(
+            "{mode}: the client's {what} flow to {} cut {:.1} s after the policy",
+            flow.0,
+            applied.elapsed().as_secs_f64()
+        );
+    }
     wait_for(
         "the client to be refused through the ClusterIP",
         || hostnames(&client, &cluster_ip, 80, 6),
         |seen| seen.is_empty(),
     );
-    let friend = pod_netns(&status, "friend");
+    let (friend_backend, mut friends_flow) = friends_flow;
+    assert_eq!(
+        friends_flow.get("/hostname").as_deref().map(str::trim),
+        Ok(friend_backend.as_str()),
+        "the friend's allowed flow was cut"
+    );
+    // A node reaches its own pods whatever their policy (kubelet's probes): node1 -> web-1.
+    let node1 = PathBuf::from(format!(
+        "/run/netns/{}",
+        status_node(&status, "node1")["netns"].as_str().unwrap()
+    ));
+    let web1_ip = pod_ip(&status, "web-1");
+    assert_eq!(
+        http_get_in(&node1, &web1_ip, 8080, "/hostname").map(|h| h.trim().to_string()),
+        Ok("web-1".to_string()),
+        "node1 cannot reach its own isolated pod"
+    );
+
+    // Egress: the friend may reach the backends on 8080 only. Its flow through the ClusterIP's
+    // port 80 is delivered to 8080, so it stays; narrowed to 9999, it is cut.
+    let egress = dir.path().join("friend-egress.yaml");
+    std::fs::write(&egress, friend_egress(8080)).unwrap();
+    lab.apply(&egress, false);
+    std::thread::sleep(std::time::Duration::from_secs(3));
+    assert_eq!(
+        friends_flow.get("/hostname").as_deref().map(str::trim),
+        Ok(friend_backend.as_str()),
+        "an egress policy that allows the backend's port cut the friend's Service flow"
+    );
+    std::fs::write(&egress, friend_egress(9999)).unwrap();
+    lab.apply(&egress, false);
+    wait_for(
+        "the friend's flow to be cut once its egress no longer allows it",
+        || friends_flow.get("/hostname").is_err(),
+        |cut| *cut,
+    );
+    std::fs::write(&egress, friend_egress(8080)).unwrap();
+    lab.apply(&egress, false);
     let friends = wait_for(
         "the friend to reach every backend through the ClusterIP",
         || hostnames(&friend, &cluster_ip, 80, 20),

@@ -147,13 +147,13 @@ fn a_denied_established_flow_stops_after_revocation_root() {
     let client_port = client.local_addr().unwrap().port();
     assert_eq!(
         revoked,
-        vec![Flow {
-            protocol: Protocol::Tcp,
-            src: CLIENT.into(),
-            dst: SERVER.into(),
-            sport: client_port,
-            dport: PORT,
-        }]
+        vec![Flow::direct(
+            Protocol::Tcp,
+            CLIENT.into(),
+            SERVER.into(),
+            client_port,
+            PORT,
+        )]
     );
     assert!(!delivered(&mut client, &mut server, "four"));
 
@@ -273,13 +273,13 @@ fn ipv6_flows_obey_policy_counters_and_revocation_root() {
     let revoked = conntrack.revoke(&deny).unwrap();
     assert_eq!(
         revoked,
-        vec![Flow {
-            protocol: Protocol::Tcp,
-            src: CLIENT6.into(),
-            dst: SERVER6.into(),
-            sport: client.local_addr().unwrap().port(),
-            dport: PORT,
-        }]
+        vec![Flow::direct(
+            Protocol::Tcp,
+            CLIENT6.into(),
+            SERVER6.into(),
+            client.local_addr().unwrap().port(),
+            PORT,
+        )]
     );
     assert!(!delivered(&mut client, &mut server, "three"));
 }
