@@ -399,6 +399,28 @@ impl Rib {
             .collect()
     }
 
+    /// Drops the paths from `source` that `keep` refuses (an import policy made stricter: the
+    /// paths here passed the old one).
+    pub fn retain_source(
+        &mut self,
+        source: Source,
+        mut keep: impl FnMut(&IpNet, &Attrs) -> bool,
+    ) -> Vec<RouteChange> {
+        let refused: Vec<IpNet> = self
+            .entries()
+            .filter(|(k, e)| {
+                e.paths
+                    .iter()
+                    .any(|p| p.source == source && !keep(k, &p.attrs))
+            })
+            .map(|(k, _)| k)
+            .collect();
+        refused
+            .into_iter()
+            .filter_map(|k| self.remove(k, source))
+            .collect()
+    }
+
     /// RFC 4724 receiving speaker: keep the peer's paths but mark them stale.
     pub fn mark_stale(&mut self, source: Source, family: Option<crate::wire::Family>) {
         for (k, i) in self.index.iter() {
@@ -722,6 +744,41 @@ mod tests {
             }]
         );
         assert_eq!(rib.count(a.addr), 1);
+    }
+
+    #[test]
+    fn retain_source_drops_only_what_the_source_may_no_longer_give() {
+        let (default, block) = (net4([0, 0, 0, 0], 0), net4([10, 1, 0, 0], 24));
+        let (a, b) = (
+            peer([10, 0, 0, 1], 65001, false),
+            peer([10, 0, 0, 2], 65002, false),
+        );
+        let mut rib = Rib::new(1);
+        for n in [default, block] {
+            rib.insert(n, path(&a, |_| {}));
+        }
+        rib.insert(default, path(&b, |_| {}));
+        // a may no longer give a default route: b's stays best, a's block stays.
+        let changes = rib.retain_source(Source::Peer(a.addr), |k, _| k.prefix_len() > 0);
+        assert_eq!(rib.count(a.addr), 1);
+        assert_eq!(rib.best(&default).len(), 1);
+        assert_eq!(rib.best(&default)[0].source, Source::Peer(b.addr));
+        assert_eq!(rib.best(&block)[0].source, Source::Peer(a.addr));
+        assert_eq!(
+            changes.iter().map(|c| c.prefix).collect::<Vec<_>>(),
+            vec![default]
+        );
+        // Refused by every path's source: the prefix goes.
+        let changes = rib.retain_source(Source::Peer(b.addr), |_, _| false);
+        assert_eq!(
+            changes,
+            vec![RouteChange {
+                prefix: default,
+                best: None
+            }]
+        );
+        assert!(rib.best_path(&default).is_none());
+        assert_eq!(rib.len(), 1);
     }
 
     #[test]

@@ -426,8 +426,11 @@ struct Peer {
     /// Families the peer has not sent End-of-RIB for since the session came up (only tracked for
     /// peers that announced graceful restart, which promises End-of-RIB).
     eor_pending: Vec<Family>,
-    /// Max-prefix tripped: restart at this time (or never when None and `tripped`).
+    /// Max-prefix tripped: restart at this time (or, when None, on a new limit).
     restart_at: Option<Instant>,
+    /// The session is down because the peer sent more prefixes than its limit: a changed limit
+    /// restarts it at once.
+    prefix_limited: bool,
 }
 
 struct Core {
@@ -584,6 +587,8 @@ impl Core {
                 let reset = old.cfg.session_key() != p.session_key();
                 let export_changed = old.cfg.export.is_some() || p.export.is_some();
                 let import_changed = old.cfg.import.is_some() || p.import.is_some();
+                // Compared before the new configuration replaces the old one.
+                let max_changed = old.cfg.max_prefixes != p.max_prefixes;
                 old.cfg = *p.clone();
                 if reset {
                     let a = p.address;
@@ -592,7 +597,8 @@ impl Core {
                     self.add_peer(*p, now);
                 } else {
                     if let Some(peer) = self.peers.get_mut(&p.address) {
-                        if peer.restart_at.is_some() && p.max_prefixes != old_max(peer) {
+                        // A peer held down by its prefix limit restarts at once on a new one.
+                        if peer.prefix_limited && max_changed {
                             peer.restart_at = Some(now);
                         }
                         if import_changed && peer.session.state == State::Established {
@@ -603,6 +609,15 @@ impl Core {
                                     }
                                 }
                             }
+                        }
+                    }
+                    if let (true, Some(import)) = (import_changed, &p.import) {
+                        // The Adj-RIB-In holds what the old policy let in: what the new one
+                        // refuses goes now, whether or not the peer can send its routes again
+                        // (the route refresh above brings in what it newly allows).
+                        let source = Source::Peer(p.address);
+                        for ch in self.rib.retain_source(source, |k, a| import(k, a)) {
+                            self.changed(ch);
                         }
                     }
                     if export_changed {
@@ -699,6 +714,7 @@ impl Core {
                 gr_families: Vec::new(),
                 eor_pending: Vec::new(),
                 restart_at: None,
+                prefix_limited: false,
             },
         );
         self.session_event(addr, Event::Start);
@@ -810,6 +826,7 @@ impl Core {
             };
             if p.restart_at.is_some_and(|t| t <= now) {
                 p.restart_at = None;
+                p.prefix_limited = false;
                 self.session_event(a, Event::Start);
             }
             let Some(p) = self.peers.get_mut(&a) else {
@@ -1338,6 +1355,7 @@ impl Core {
                 if let Some(p) = self.peers.get_mut(&a) {
                     p.stats.last_error = Some(format!("maximum prefix limit {} exceeded", m.limit));
                     p.restart_at = m.restart_after.map(|d| now + d);
+                    p.prefix_limited = true;
                 }
             }
         }
@@ -1510,10 +1528,6 @@ impl Core {
         dirty.clear();
         self.dirty = dirty;
     }
-}
-
-fn old_max(p: &Peer) -> Option<MaxPrefix> {
-    p.cfg.max_prefixes
 }
 
 fn send(p: &mut Peer, b: Vec<u8>) {

@@ -234,3 +234,97 @@ async fn restarting_speaker_defers_advertisement_until_every_end_of_rib() {
     a.shutdown().await.unwrap();
     b.shutdown().await.unwrap();
 }
+
+/// A stricter import policy takes effect on what the peer already sent, even when the peer
+/// cannot send its routes again (no route refresh capability): the refused default route goes,
+/// the rest stays. The peer is a bare BGP speaker written with the wire module.
+#[tokio::test]
+async fn stricter_import_policy_drops_refused_routes_without_route_refresh() {
+    use sepal_bgp::wire::{self, Attrs, Capabilities, OutRoutes, Segment};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let peer_addr: IpAddr = "127.0.0.21".parse().unwrap();
+    let local: IpAddr = "127.0.0.22".parse().unwrap();
+    let listener = tokio::net::TcpListener::bind(SocketAddr::new(peer_addr, 0))
+        .await
+        .unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let default: ipnet::IpNet = "0.0.0.0/0".parse().unwrap();
+    let block: ipnet::IpNet = "10.9.0.0/24".parse().unwrap();
+    let bare = tokio::spawn(async move {
+        let (mut s, _) = listener.accept().await.unwrap();
+        let caps = Capabilities {
+            families: vec![Family::Ipv4],
+            asn4: Some(65010),
+            route_refresh: false,
+            graceful_restart: None,
+            extended_next_hop_v4: false,
+            extended_message: false,
+        };
+        let attrs = Attrs {
+            as_path: vec![Segment::Sequence(vec![65010])],
+            ..Default::default()
+        };
+        let mut out = wire::encode_open(65010, 90, Ipv4Addr::new(127, 0, 0, 21), &caps);
+        out.extend(wire::encode_keepalive());
+        for m in wire::encode_announce(
+            &OutRoutes {
+                attrs: &attrs,
+                next_hop: peer_addr,
+                next_hop_local: None,
+                prefixes: &[default, block],
+            },
+            true,
+            wire::MAX_MESSAGE,
+        ) {
+            out.extend(m);
+        }
+        out.extend(wire::encode_end_of_rib(Family::Ipv4));
+        s.write_all(&out).await.unwrap();
+        // Whatever the speaker sends (its OPEN, keepalives, a route refresh it must not send)
+        // is read and dropped until it closes the connection.
+        let mut buf = [0u8; 4096];
+        while s.read(&mut buf).await.is_ok_and(|n| n > 0) {}
+    });
+    let (b, mut rx) = Speaker::start(speaker_config(65002, 22, vec![]))
+        .await
+        .unwrap();
+    let mut p = PeerConfig::new(peer_addr, 65010);
+    p.port = port;
+    p.source = Some(local);
+    p.connect_retry = Duration::from_secs(1);
+    p.families = vec![Family::Ipv4];
+    p.import = Some(std::sync::Arc::new(|_: &ipnet::IpNet, _: &Attrs| true));
+    b.add_peer(p.clone()).unwrap();
+    wait_event(&mut rx, |ev| {
+        matches!(
+            ev,
+            RibEvent::EndOfRib {
+                family: Family::Ipv4,
+                ..
+            }
+        )
+        .then_some(())
+    })
+    .await;
+    assert_eq!(b.routes().await.unwrap().len(), 2);
+
+    p.import = Some(std::sync::Arc::new(|n: &ipnet::IpNet, _: &Attrs| {
+        n.prefix_len() > 0
+    }));
+    b.update_peer(p).unwrap();
+    wait_for(&mut rx, |c| c.prefix == default && c.best.is_none()).await;
+    let left: Vec<ipnet::IpNet> = b
+        .routes()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|(k, _)| k)
+        .collect();
+    assert_eq!(left, vec![block]);
+    let peers = b.peers().await.unwrap();
+    assert_eq!(peers[0].state, sepal_bgp::fsm::State::Established);
+    assert_eq!(peers[0].prefixes_accepted, 1);
+    b.shutdown().await.unwrap();
+    bare.await.unwrap();
+}

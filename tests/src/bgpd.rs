@@ -140,6 +140,52 @@ impl Bird {
     pub fn kill9(&mut self) {
         crate::netns::kill(&mut self.child);
     }
+
+    /// The configuration BIRD runs (as last written).
+    pub fn config(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("bird.conf")).unwrap_or_default()
+    }
+
+    /// Replaces the configuration and has BIRD load it (`birdc configure`; protocols whose
+    /// settings changed restart); returns birdc's answer.
+    pub fn reconfigure(&self, config: &str) -> String {
+        std::fs::write(self.dir.path().join("bird.conf"), config).expect("write bird.conf");
+        self.birdc("configure")
+    }
+
+    /// Starts BIRD again in the same namespace with the same configuration, control socket and
+    /// log (appended to), as a router does after a crash ([`Bird::kill9`]); a running BIRD is
+    /// killed first. Returns once the new BIRD answers on its control socket.
+    pub fn restart(&mut self) {
+        crate::netns::kill(&mut self.child);
+        let (conf, ctl) = (self.dir.path().join("bird.conf"), self.ctl_path());
+        // The dead BIRD's socket file is still there: wait for the new one, not for that.
+        let _ = std::fs::remove_file(&ctl);
+        let log = std::fs::OpenOptions::new()
+            .append(true)
+            .open(self.dir.path().join("bird.log"))
+            .expect("log");
+        self.child = std::process::Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &self.ns,
+                "bird",
+                "-f",
+                "-c",
+                &s(&conf),
+                "-s",
+            ])
+            .arg(&ctl)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log)
+            .spawn()
+            .expect("spawn bird");
+        wait_for(Duration::from_secs(10), "restarted bird", || {
+            (ctl.exists() && self.birdc("show status").contains("Daemon is up")).then_some(())
+        });
+    }
 }
 
 impl Drop for Bird {
@@ -153,6 +199,9 @@ impl Drop for Bird {
 pub struct Frr {
     dir: tempfile::TempDir,
     ns: String,
+    /// How it was started, for [`Frr::restart`].
+    listen: String,
+    zebra: bool,
 }
 
 impl Frr {
@@ -171,13 +220,33 @@ impl Frr {
         let dir = workdir("frr");
         let conf = dir.path().join("bgpd.conf");
         std::fs::write(&conf, config).expect("write bgpd.conf");
-        let d = dir.path();
         let chown = std::process::Command::new("chown")
-            .args(["-R", "frr:frr", &s(d)])
+            .args(["-R", "frr:frr", &s(dir.path())])
             .status();
         assert!(chown.is_ok_and(|s| s.success()), "chown frr dir");
+        let f = Frr {
+            dir,
+            ns: ns.name().to_string(),
+            listen: listen.to_string(),
+            zebra,
+        };
+        f.spawn_daemons();
+        f
+    }
+
+    /// Starts zebra (if this FRR has it) and bgpd with the files in the work directory.
+    fn spawn_daemons(&self) {
+        let (ns, listen, zebra, d) = (&self.ns, self.listen.as_str(), self.zebra, self.dir.path());
+        let conf = d.join("bgpd.conf");
+        let in_ns = |args: &[&str]| {
+            std::process::Command::new("ip")
+                .args(["netns", "exec", ns])
+                .args(args)
+                .output()
+                .expect("run ip netns exec")
+        };
         if zebra {
-            let out = ns.output(&[
+            let out = in_ns(&[
                 "/usr/lib/frr/zebra",
                 "-d",
                 "-P",
@@ -225,20 +294,75 @@ impl Frr {
             "--log",
             &log,
         ]);
-        let out = ns.output(&args);
+        let out = in_ns(&args);
         assert!(
             out.status.success(),
             "bgpd: {}",
             String::from_utf8_lossy(&out.stderr)
         );
-        let f = Frr {
-            dir,
-            ns: ns.name().to_string(),
-        };
         wait_for(Duration::from_secs(10), "bgpd vty socket", || {
-            f.dir.path().join("bgpd.vty").exists().then_some(())
+            d.join("bgpd.vty").exists().then_some(())
         });
-        f
+    }
+
+    /// Kills bgpd and zebra with SIGKILL, as a crash of the router's routing stack: what zebra
+    /// installed stays in the kernel. Returns once both are gone (their PID files removed).
+    pub fn kill9(&self) {
+        let pids: Vec<i32> = ["bgpd.pid", "zebra.pid"]
+            .iter()
+            .filter_map(|f| read_pid(&self.dir.path().join(f)))
+            .collect();
+        for pid in &pids {
+            kill_pid(*pid);
+        }
+        // The daemons are not our children (they daemonized): wait until they are no more
+        // (or only a zombie, for whoever reaps them).
+        wait_for(Duration::from_secs(10), "FRR daemons to die", || {
+            pids.iter()
+                .all(|p| {
+                    std::fs::read_to_string(format!("/proc/{p}/stat"))
+                        .map(|st| {
+                            st.rsplit_once(')')
+                                .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z'))
+                        })
+                        .unwrap_or(true)
+                })
+                .then_some(())
+        });
+        // So that nothing (drop included) kills by these PIDs again once they are reused.
+        for f in ["bgpd.pid", "zebra.pid"] {
+            let _ = std::fs::remove_file(self.dir.path().join(f));
+        }
+    }
+
+    /// Starts FRR again in the same namespace with the same configuration and directories (logs
+    /// appended to), as a router does after a crash ([`Frr::kill9`]); running daemons are
+    /// killed first. Returns once bgpd answers on its vty socket.
+    pub fn restart(&self) {
+        self.kill9();
+        // The dead daemons' sockets and PID files are still there: wait for the new ones.
+        for f in ["bgpd.vty", "zebra.vty", "zserv.api"] {
+            let _ = std::fs::remove_file(self.dir.path().join(f));
+        }
+        self.spawn_daemons();
+    }
+
+    /// Runs configuration commands (`configure terminal`, then `lines` in order), e.g.
+    /// `["router bgp 65000", "neighbor 10.0.1.2 shutdown"]`; returns vtysh's output.
+    pub fn configure(&self, lines: &[&str]) -> String {
+        let mut cmd = std::process::Command::new("ip");
+        cmd.args(["netns", "exec", &self.ns, "vtysh", "--vty_socket"])
+            .arg(self.dir.path())
+            .args(["-d", "bgpd", "-c", "configure terminal"]);
+        for l in lines {
+            cmd.args(["-c", l]);
+        }
+        let out = cmd.output().expect("vtysh");
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
     }
 
     pub fn vtysh(&self, cmd: &str) -> String {

@@ -264,6 +264,17 @@ fn bgp_gobgp_ebgp_and_max_prefix() {
         (g.neighbor_state("10.213.0.2") != "established").then_some(())
     });
     assert!(g.rib("ipv4").get("10.244.2.0/24").is_none());
+
+    // A higher limit brings the held-down session back at once, not after its hold-down.
+    let raised = std::time::Instant::now();
+    d.peer(json!({"address": "10.213.0.1", "remote_as": 65001, "connect_retry_ms": 1000, "hold_time": 9, "families": ["ipv4"], "max_prefixes": 10}));
+    established(&mut d, "10.213.0.1");
+    wait_for(T, "GoBGP's four routes back", || d.route("10.244.14.0/24"));
+    assert!(
+        raised.elapsed() < std::time::Duration::from_secs(20),
+        "back only after {:?}",
+        raised.elapsed()
+    );
 }
 
 /// iBGP with GoBGP over an IPv6 session: IPv6 routes both ways (LOCAL_PREF, next hop unchanged)

@@ -311,6 +311,35 @@ impl TorDaemon {
         out
     }
 
+    /// Whether the ToR's session with node `i` (at 10.0.<i>.2) is established.
+    pub fn established(&self, i: usize) -> bool {
+        let addr = format!("10.0.{i}.2");
+        match self {
+            TorDaemon::Bird(b) => b.established(&format!("n{i}")),
+            TorDaemon::Frr(f) => f.neighbor_state(&addr) == "Established",
+            TorDaemon::Gobgp(g, _) => g.neighbor_state(&addr) == "established",
+        }
+    }
+
+    /// Kills the ToR's routing daemon(s) with SIGKILL, as a crash: the routes they installed
+    /// stay in the ToR's kernel. Not for GoBGP.
+    pub fn kill9(&mut self) {
+        match self {
+            TorDaemon::Bird(b) => b.kill9(),
+            TorDaemon::Frr(f) => f.kill9(),
+            TorDaemon::Gobgp(..) => unimplemented!("GoBGP ToR restart"),
+        }
+    }
+
+    /// Starts the ToR's routing daemon(s) again with the same configuration. Not for GoBGP.
+    pub fn restart(&mut self) {
+        match self {
+            TorDaemon::Bird(b) => b.restart(),
+            TorDaemon::Frr(f) => f.restart(),
+            TorDaemon::Gobgp(..) => unimplemented!("GoBGP ToR restart"),
+        }
+    }
+
     /// The daemon's log and its view of sessions and routes, for failure messages.
     pub fn log(&self) -> String {
         match self {
