@@ -94,10 +94,14 @@ fn str_field<'a>(v: &'a Value, path: &[&str]) -> Option<&'a str> {
 
 /// The key of a raw object, checking the fields every Kubernetes object has.
 pub fn key_of(value: &Value) -> Result<ObjectKey, ObjectError> {
+    // Empty counts as missing: the API server refuses both, and an empty kind would make
+    // objects of no kind that differ only by name.
     let api_version = str_field(value, &["apiVersion"])
+        .filter(|v| !v.is_empty())
         .ok_or_else(|| ObjectError::Shape("missing apiVersion".into()))?;
-    let kind =
-        str_field(value, &["kind"]).ok_or_else(|| ObjectError::Shape("missing kind".into()))?;
+    let kind = str_field(value, &["kind"])
+        .filter(|k| !k.is_empty())
+        .ok_or_else(|| ObjectError::Shape("missing kind".into()))?;
     let name = str_field(value, &["metadata", "name"])
         .filter(|n| !n.is_empty())
         .ok_or_else(|| ObjectError::Shape(format!("{kind} without metadata.name")))?;
@@ -427,6 +431,15 @@ mod tests {
     #[test]
     fn bad_objects_are_errors() {
         assert!(Object::from_value(json!({"kind":"Node"})).is_err());
+        // Found by the agent/datastore_file fuzz target: an empty kind or apiVersion was taken
+        // as a kind of its own.
+        for (api, kind) in [("sepal.dev/v1", ""), ("", "Node")] {
+            let v = json!({"apiVersion": api, "kind": kind, "metadata": {"name": "n"}});
+            assert!(
+                matches!(Object::from_value(v), Err(ObjectError::Shape(_))),
+                "{api:?} {kind:?}"
+            );
+        }
         assert!(
             Object::from_value(json!({"apiVersion":"v1","kind":"Node","metadata":{}})).is_err()
         );

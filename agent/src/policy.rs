@@ -36,58 +36,12 @@ impl PolicyEngine {
 
     /// Takes the namespaces, pods and policies of a new model state.
     pub fn update_model(&mut self, model: &Model) {
-        let namespaces = model
-            .namespaces()
-            .filter_map(|ns| {
-                let name = ns.metadata.name.clone()?;
-                let labels = ns.metadata.labels.clone().unwrap_or_default();
-                Some((name.clone(), Namespace { name, labels }))
-            })
-            .collect();
-        let pods = model.pods().map(|p| p.policy.clone()).collect();
-        let policies = model.network_policies().cloned().collect();
-        self.from_model = Cluster {
-            namespaces,
-            pods,
-            policies,
-        };
+        self.from_model = cluster_of(model);
     }
 
-    /// The cluster as policy sees it: this node's endpoints take their addresses and host veth
-    /// from IPAM, which knows them before kubelet writes the Pod's status (CNI ADD waits for the
-    /// rules of a pod whose IPs the datastore does not show yet).
+    /// The cluster as policy sees it, with this node's endpoints (see `with_endpoints`).
     pub fn cluster(&self, endpoints: &[Allocation]) -> Cluster {
-        let mut cluster = self.from_model.clone();
-        // By namespace, then name: looked up by the pods' shared names without copying them.
-        let mut local: BTreeMap<&str, BTreeMap<&str, &Allocation>> = BTreeMap::new();
-        for a in endpoints {
-            local
-                .entry(&a.pod_namespace)
-                .or_default()
-                .insert(&a.pod_name, a);
-        }
-        for pod in &mut cluster.pods {
-            let found = local
-                .get_mut(&*pod.namespace)
-                .and_then(|by_name| by_name.remove(&*pod.name));
-            if let Some(a) = found {
-                let pod = Arc::make_mut(pod);
-                pod.ips = a.ips.clone();
-                pod.host_iface = Some(a.host_veth.clone());
-            }
-        }
-        // Endpoints whose Pod object is not in the datastore (yet): no labels, but their
-        // interface is dispatched, so policies selecting everything already apply.
-        for a in local.into_values().flat_map(BTreeMap::into_values) {
-            cluster.pods.push(Arc::new(Pod {
-                namespace: a.pod_namespace.as_str().into(),
-                name: a.pod_name.as_str().into(),
-                ips: a.ips.clone(),
-                host_iface: Some(a.host_veth.clone()),
-                ..Pod::default()
-            }));
-        }
-        cluster
+        with_endpoints(self.from_model.clone(), endpoints)
     }
 
     /// Invalid policy content the last `apply` left out.
@@ -141,6 +95,61 @@ impl PolicyEngine {
     {
         self.dataplane.counters()
     }
+}
+
+/// The namespaces, pods and policies of a model state, as the compiler takes them.
+pub fn cluster_of(model: &Model) -> Cluster {
+    let namespaces = model
+        .namespaces()
+        .filter_map(|ns| {
+            let name = ns.metadata.name.clone()?;
+            let labels = ns.metadata.labels.clone().unwrap_or_default();
+            Some((name.clone(), Namespace { name, labels }))
+        })
+        .collect();
+    let pods = model.pods().map(|p| p.policy.clone()).collect();
+    let policies = model.network_policies().cloned().collect();
+    Cluster {
+        namespaces,
+        pods,
+        policies,
+    }
+}
+
+/// `cluster` with this node's endpoints: they take their addresses and host veth from IPAM,
+/// which knows them before kubelet writes the Pod's status (CNI ADD waits for the rules of a pod
+/// whose IPs the datastore does not show yet).
+pub fn with_endpoints(mut cluster: Cluster, endpoints: &[Allocation]) -> Cluster {
+    // By namespace, then name: looked up by the pods' shared names without copying them.
+    let mut local: BTreeMap<&str, BTreeMap<&str, &Allocation>> = BTreeMap::new();
+    for a in endpoints {
+        local
+            .entry(&a.pod_namespace)
+            .or_default()
+            .insert(&a.pod_name, a);
+    }
+    for pod in &mut cluster.pods {
+        let found = local
+            .get_mut(&*pod.namespace)
+            .and_then(|by_name| by_name.remove(&*pod.name));
+        if let Some(a) = found {
+            let pod = Arc::make_mut(pod);
+            pod.ips = a.ips.clone();
+            pod.host_iface = Some(a.host_veth.clone());
+        }
+    }
+    // Endpoints whose Pod object is not in the datastore (yet): no labels, but their
+    // interface is dispatched, so policies selecting everything already apply.
+    for a in local.into_values().flat_map(BTreeMap::into_values) {
+        cluster.pods.push(Arc::new(Pod {
+            namespace: a.pod_namespace.as_str().into(),
+            name: a.pod_name.as_str().into(),
+            ips: a.ips.clone(),
+            host_iface: Some(a.host_veth.clone()),
+            ..Pod::default()
+        }));
+    }
+    cluster
 }
 
 /// Removes the conntrack entries of established flows the rules now deny, on a thread of its own

@@ -1,12 +1,14 @@
 //! `sepal policy explain`: the agent answers from its own model and its table's counters (over the
 //! operator socket), the CLI prints the answer.
 
-use crate::admin::{self, AdminRequest, TraceRequest};
+use crate::admin::{self, AdminRequest, Flow, TraceRequest};
 use crate::node::Agent;
 use crate::ops::FlowArgs;
 use anyhow::Result;
-use sepal_felix::policy::{parse_port, ExplainPeer, Explainer};
+use sepal_felix::nft::RuleCounter;
+use sepal_felix::policy::{Cluster, Explainer};
 use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use tokio::sync::Mutex;
 
@@ -29,21 +31,28 @@ pub async fn answer(
     agent: &Arc<Mutex<Agent>>,
     req: &TraceRequest,
 ) -> Result<ExplainReport, String> {
-    let from: ExplainPeer = req.from.parse()?;
-    let to: ExplainPeer = req.to.parse()?;
-    let (port, protocol) = parse_port(req.port.as_deref().unwrap_or("80/TCP"))?;
+    let flow = req.flow()?;
     let a = agent.lock().await;
-    let cluster = a.policy_cluster();
-    let explanation = Explainer::new(&cluster)
-        .explain(&from, &to, protocol, port)
-        .map_err(|e| e.to_string())?;
     // No table yet (nothing isolated, or policy not applied): no counts, the verdict stands.
     let counters = a.policy_counters().unwrap_or_default();
-    let [egress_packets, ingress_packets] = explanation.counted(&counters);
+    report(a.node_name(), &a.policy_cluster(), &counters, &flow)
+}
+
+/// The report for one packet on `cluster`, with the rules' `counters`.
+pub fn report(
+    node: &str,
+    cluster: &Cluster,
+    counters: &BTreeMap<(String, String), RuleCounter>,
+    flow: &Flow,
+) -> Result<ExplainReport, String> {
+    let explanation = Explainer::new(cluster)
+        .explain(&flow.from, &flow.to, flow.protocol, flow.port)
+        .map_err(|e| e.to_string())?;
+    let [egress_packets, ingress_packets] = explanation.counted(counters);
     Ok(ExplainReport {
-        node: a.node_name().to_string(),
+        node: node.to_string(),
         allowed: explanation.allowed,
-        text: explanation.report(&counters),
+        text: explanation.report(counters),
         egress_packets,
         ingress_packets,
     })

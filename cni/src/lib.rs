@@ -11,4 +11,5 @@ pub mod plugin;
 pub mod plumbing;
 pub mod port_mappings;
 pub mod result;
+pub mod testing;
 pub mod version;

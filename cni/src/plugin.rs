@@ -24,31 +24,58 @@ pub struct Outcome {
 
 /// Runs one plugin invocation. `get_env` reads the CNI_* variables, `stdin` is the config.
 pub fn execute(get_env: impl Fn(&str) -> Option<String>, stdin: &[u8]) -> Outcome {
-    match dispatch(get_env, stdin) {
+    match parse(get_env, stdin).and_then(run) {
         Ok(out) => Outcome {
             stdout: out.map(|v| v.to_string()),
             exit_code: 0,
         },
-        Err(err) => {
-            // Errors speak the version the runtime asked for, when we speak it.
-            let version = peek_version(stdin)
-                .and_then(|v| CniVersion::parse(&v).ok())
-                .unwrap_or(CniVersion::LATEST);
-            Outcome {
-                stdout: Some(err.to_json(version.as_str()).to_string()),
-                exit_code: 1,
-            }
-        }
+        Err(err) => failure(&err, stdin),
     }
 }
 
-fn dispatch(
+/// What a failed invocation prints: the spec's error object, in the version the runtime asked
+/// for when we speak it.
+pub fn failure(err: &CniError, stdin: &[u8]) -> Outcome {
+    let version = peek_version(stdin)
+        .and_then(|v| CniVersion::parse(&v).ok())
+        .unwrap_or(CniVersion::LATEST);
+    Outcome {
+        stdout: Some(err.to_json(version.as_str()).to_string()),
+        exit_code: 1,
+    }
+}
+
+/// One invocation, read and checked: the environment and config are valid, the config's version
+/// allows the command. Nothing up to here touches the node (`parse` is a pure function of the
+/// environment and stdin: the cni/invocation fuzz target's input); `run` does the rest.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Invocation {
+    /// VERSION, answered: it needs no config.
+    Version(Value),
+    Add(CniEnv, NetConf),
+    Del(CniEnv, NetConf),
+    Check(CniEnv, NetConf, Expected),
+    Status(NetConf),
+    Gc(NetConf),
+}
+
+/// What CHECK verifies, from prevResult: the sandbox interface's addresses and MAC.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Expected {
+    pub ips: Vec<IpAddr>,
+    pub mac: Option<String>,
+}
+
+/// Reads and checks one invocation, without side effects.
+pub fn parse(
     get_env: impl Fn(&str) -> Option<String>,
     stdin: &[u8],
-) -> Result<Option<Value>, CniError> {
+) -> Result<Invocation, CniError> {
     let env = CniEnv::parse(get_env)?;
     if env.command == Command::Version {
-        return Ok(Some(version_answer(peek_version(stdin).as_deref())));
+        return Ok(Invocation::Version(version_answer(
+            peek_version(stdin).as_deref(),
+        )));
     }
     let conf = NetConf::parse(stdin)?;
     let version = conf.cni_version;
@@ -69,23 +96,36 @@ fn dispatch(
             )))
         }
     };
-    match env.command {
-        Command::Add => add(&env, &conf).map(Some),
-        Command::Del => del(&env, &conf).map(|()| None),
+    Ok(match env.command {
+        Command::Add => Invocation::Add(env, conf),
+        Command::Del => Invocation::Del(env, conf),
         Command::Check => {
             needs(version.has_check(), "0.4.0")?;
-            check(&env, &conf).map(|()| None)
+            let expected = expected(&env, &conf)?;
+            Invocation::Check(env, conf, expected)
         }
         Command::Status => {
             needs(version.has_status_and_gc(), "1.1.0")?;
-            status(&conf).map(|()| None)
+            Invocation::Status(conf)
         }
         Command::Gc => {
             needs(version.has_status_and_gc(), "1.1.0")?;
-            gc(&conf).map(|()| None)
+            Invocation::Gc(conf)
         }
         // Answered above, before the config is parsed (VERSION needs none).
-        Command::Version => Ok(Some(version_answer(Some(version.as_str())))),
+        Command::Version => Invocation::Version(version_answer(Some(version.as_str()))),
+    })
+}
+
+/// Carries out a checked invocation: the result to print, if any.
+pub fn run(invocation: Invocation) -> Result<Option<Value>, CniError> {
+    match invocation {
+        Invocation::Version(answer) => Ok(Some(answer)),
+        Invocation::Add(env, conf) => add(&env, &conf).map(Some),
+        Invocation::Del(env, conf) => del(&env, &conf).map(|()| None),
+        Invocation::Check(env, conf, expected) => check(&env, &conf, &expected).map(|()| None),
+        Invocation::Status(conf) => status(&conf).map(|()| None),
+        Invocation::Gc(conf) => gc(&conf).map(|()| None),
     }
 }
 
@@ -278,7 +318,20 @@ fn add_after_veth(
     let pod = plumbing::configure_pod(pod_nl, &env.ifname, &ips, mtu)
         .map_err(netlink_err("cannot configure the pod interface"))?;
 
-    let ours = add_result(env, host_veth, &pod.mac, mtu, &ips, conf);
+    Ok(add_output(env, conf, host_veth, &pod.mac, mtu, &ips))
+}
+
+/// ADD's result: prevResult (when chained) with this attachment's interfaces, addresses and
+/// routes appended, in the config's version.
+pub fn add_output(
+    env: &CniEnv,
+    conf: &NetConf,
+    host_veth: &str,
+    pod_mac: &str,
+    mtu: Option<u32>,
+    ips: &[IpAddr],
+) -> Value {
+    let ours = add_result(env, host_veth, pod_mac, mtu, ips, conf);
     let result = match conf.prev_result.clone() {
         Some(mut prev) => {
             prev.append(ours);
@@ -286,7 +339,7 @@ fn add_after_veth(
         }
         None => ours,
     };
-    Ok(result.to_json(conf.cni_version))
+    result.to_json(conf.cni_version)
 }
 
 /// The agent must hand out at most one address per family.
@@ -406,7 +459,8 @@ fn del(env: &CniEnv, conf: &NetConf) -> Result<(), CniError> {
     }
 }
 
-fn check(env: &CniEnv, conf: &NetConf) -> Result<(), CniError> {
+/// CHECK's expectations from prevResult: a sandbox interface named CNI_IFNAME with addresses.
+fn expected(env: &CniEnv, conf: &NetConf) -> Result<Expected, CniError> {
     let prev = conf.prev_result.as_ref().ok_or_else(|| {
         CniError::config("CHECK needs prevResult (the result of the ADD being checked)")
     })?;
@@ -433,6 +487,15 @@ fn check(env: &CniEnv, conf: &NetConf) -> Result<(), CniError> {
             env.ifname
         )));
     }
+    Ok(Expected {
+        ips,
+        mac: prev.interfaces[index].mac.clone(),
+    })
+}
+
+fn check(env: &CniEnv, conf: &NetConf, expected: &Expected) -> Result<(), CniError> {
+    let failed = |msg: String| CniError::new(codes::CHECK_FAILED, msg);
+    let ips = expected.ips.clone();
     let netns_path = env
         .netns
         .as_deref()
@@ -442,13 +505,7 @@ fn check(env: &CniEnv, conf: &NetConf) -> Result<(), CniError> {
     let mut pod_nl = host_ns
         .netlink_in(&pod_ns)
         .map_err(netlink_err("cannot open netlink in the pod's netns"))?;
-    plumbing::check_pod(
-        &mut pod_nl,
-        &env.ifname,
-        &ips,
-        prev.interfaces[index].mac.as_deref(),
-    )
-    .map_err(failed)?;
+    plumbing::check_pod(&mut pod_nl, &env.ifname, &ips, expected.mac.as_deref()).map_err(failed)?;
     let host_veth = env.host_veth();
     let mut nl = Netlink::open().map_err(netlink_err("cannot open netlink"))?;
     plumbing::check_host(&mut nl, &host_veth).map_err(failed)?;
@@ -633,6 +690,33 @@ mod tests {
             r#"{"cniVersion":"1.0.0","name":"n","socket":"/nonexistent/s"}"#,
         );
         assert_eq!(error_code(&out), 3);
+    }
+
+    #[test]
+    fn parsing_touches_nothing() {
+        // The netns, socket and agent are not looked at before `run`.
+        let vars: HashMap<&str, &str> = [
+            ("CNI_COMMAND", "CHECK"),
+            ("CNI_CONTAINERID", "c1"),
+            ("CNI_NETNS", "/nonexistent/netns"),
+            ("CNI_IFNAME", "eth0"),
+        ]
+        .into();
+        let conf = r#"{"cniVersion":"1.1.0","name":"n","socket":"/nonexistent/s",
+            "prevResult":{"interfaces":[{"name":"eth0","sandbox":"/x","mac":"02:00:00:00:00:01"}],
+                          "ips":[{"address":"10.0.0.5/32","interface":0}]}}"#;
+        let get = |k: &str| vars.get(k).map(|v| v.to_string());
+        let Ok(Invocation::Check(env, _, expected)) = parse(get, conf.as_bytes()) else {
+            panic!("CHECK parses")
+        };
+        assert_eq!(env.ifname, "eth0");
+        assert_eq!(expected.ips, vec!["10.0.0.5".parse::<IpAddr>().unwrap()]);
+        assert_eq!(expected.mac.as_deref(), Some("02:00:00:00:00:01"));
+        let conf = conf.replace(r#""name":"eth0""#, r#""name":"net1""#);
+        assert_eq!(
+            parse(get, conf.as_bytes()).unwrap_err().code,
+            codes::CHECK_FAILED
+        );
     }
 
     #[test]

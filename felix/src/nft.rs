@@ -101,8 +101,13 @@ fn ip(f: Family) -> &'static str {
 }
 
 fn quote(s: &str) -> String {
-    // Kubernetes names never contain quotes; strip them anyway so a comment cannot break syntax.
-    format!("\"{}\"", s.replace(['"', '\\', '\n'], ""))
+    // Kubernetes names never contain quotes or control characters, but the dir datastore's
+    // may: strip them so a comment cannot break the syntax, nor a NUL the batch (libnftables
+    // takes a C string).
+    format!(
+        "\"{}\"",
+        s.replace(|c: char| c == '"' || c == '\\' || c.is_control(), "")
+    )
 }
 
 /// The nflog prefix of a drop rule: its comment (for a default deny `NS/POD DIRECTION default
@@ -742,6 +747,28 @@ mod tests {
 
     fn ct_expressions(batch: &str) -> Vec<&str> {
         batch.lines().filter(|l| l.contains(" ct ")).collect()
+    }
+
+    #[test]
+    fn names_cannot_break_the_batch() {
+        // Found by the agent/policy fuzz target: control characters in a policy's name (the dir
+        // datastore takes any string) reached the comments; a NUL makes libnftables refuse the
+        // whole batch (it takes a C string), every pod's rules with it.
+        let rule = NftRule {
+            matches: Vec::new(),
+            action: Action::Drop,
+            comment: "x/a\0b\r\n\"c\\ ingress".into(),
+        };
+        let text = render_rule(
+            &rule,
+            &Options {
+                nflog_group: Some(1),
+            },
+        );
+        assert_eq!(
+            text,
+            r#"counter log prefix "sepal x/abc ingress: " group 1 drop comment "x/abc ingress""#
+        );
     }
 
     #[test]

@@ -11,7 +11,7 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::Mutex;
 
-const MAX_REQUEST: u64 = 64 * 1024;
+pub const MAX_REQUEST: u64 = 64 * 1024;
 const READ_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The bound socket; removes its file when dropped (the agent stops).
@@ -64,7 +64,13 @@ async fn read_request(stream: &mut UnixStream) -> Result<AdminRequest, String> {
         Ok(Err(e)) => return Err(format!("reading the request: {e}")),
         Ok(Ok(_)) => {}
     }
-    serde_json::from_slice(&line).map_err(|e| format!("bad request: {e}"))
+    decode_request(&line)
+}
+
+/// Decodes one request line as `read_request` receives it: at most `MAX_REQUEST` bytes, up to
+/// and including the first newline.
+pub fn decode_request(line: &[u8]) -> Result<AdminRequest, String> {
+    serde_json::from_slice(line).map_err(|e| format!("bad request: {e}"))
 }
 
 async fn connection(mut stream: UnixStream, agent: Arc<Mutex<Agent>>) {
@@ -73,10 +79,10 @@ async fn connection(mut stream: UnixStream, agent: Arc<Mutex<Agent>>) {
             tracing::debug!(?req, "operator request");
             match collect::answer(&agent, req).await {
                 Ok(data) => AdminReply::Ok { data },
-                Err(msg) => AdminReply::Error { msg },
+                Err(msg) => AdminReply::error(&msg),
             }
         }
-        Err(msg) => AdminReply::Error { msg },
+        Err(msg) => AdminReply::error(&msg),
     };
     let mut out = serde_json::to_vec(&reply).unwrap_or_else(|e| {
         format!(r#"{{"result":"error","msg":"encoding the reply: {e}"}}"#).into_bytes()

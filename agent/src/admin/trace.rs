@@ -3,12 +3,12 @@
 
 use super::collect::{best_routes, origin};
 use super::lookup::{route_get, Ingress};
-use super::{TraceEndpoint, TraceHop, TraceRequest};
+use super::{Flow, TraceEndpoint, TraceHop, TraceRequest};
 use crate::node::Agent;
 use ipnet::IpNet;
 use sepal_bgp::Source;
 use sepal_felix::policy::Cluster;
-use sepal_felix::policy::{explain, parse_port, DirectionVerdict, ExplainPeer as Peer};
+use sepal_felix::policy::{explain, DirectionVerdict, ExplainPeer as Peer};
 use std::net::IpAddr;
 use std::sync::Arc;
 use tokio::sync::Mutex;
@@ -44,10 +44,19 @@ pub fn verdict_text(v: &DirectionVerdict) -> String {
     }
 }
 
+/// The addresses the packet uses: the ends' own, or the pods' of the same family.
+pub fn addresses(cluster: &Cluster, flow: &Flow) -> Result<(IpAddr, IpAddr), String> {
+    match &flow.to {
+        Peer::Ip(ip) => Ok((address_of(cluster, &flow.from, Some(ip.is_ipv4()))?, *ip)),
+        Peer::Pod { .. } => {
+            let src = address_of(cluster, &flow.from, None)?;
+            Ok((src, address_of(cluster, &flow.to, Some(src.is_ipv4()))?))
+        }
+    }
+}
+
 pub async fn hop(agent: &Arc<Mutex<Agent>>, req: &TraceRequest) -> Result<TraceHop, String> {
-    let from: Peer = req.from.parse()?;
-    let to: Peer = req.to.parse()?;
-    let (port, protocol) = parse_port(req.port.as_deref().unwrap_or("80/TCP"))?;
+    let flow = req.flow()?;
     let (node, cluster, allocations, handle, speaker) = {
         let a = agent.lock().await;
         (
@@ -58,14 +67,9 @@ pub async fn hop(agent: &Arc<Mutex<Agent>>, req: &TraceRequest) -> Result<TraceH
             a.routing().and_then(|r| r.speaker()),
         )
     };
-    let (src_ip, dst_ip) = match &to {
-        Peer::Ip(ip) => (address_of(&cluster, &from, Some(ip.is_ipv4()))?, *ip),
-        Peer::Pod { .. } => {
-            let src = address_of(&cluster, &from, None)?;
-            (src, address_of(&cluster, &to, Some(src.is_ipv4()))?)
-        }
-    };
-    let verdict = explain(&cluster, &from, &to, protocol, port).map_err(|e| e.to_string())?;
+    let (src_ip, dst_ip) = addresses(&cluster, &flow)?;
+    let verdict = explain(&cluster, &flow.from, &flow.to, flow.protocol, flow.port)
+        .map_err(|e| e.to_string())?;
     let local = |ip: IpAddr| {
         allocations
             .iter()

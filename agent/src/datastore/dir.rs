@@ -8,6 +8,7 @@
 use crate::model::{Event, Object, ObjectKey};
 use anyhow::{Context, Result};
 use notify::{RecursiveMode, Watcher};
+use sepal_cni::error::clip;
 use serde_json::Value;
 use std::collections::BTreeMap;
 use std::os::unix::fs::MetadataExt;
@@ -25,6 +26,10 @@ const DEBOUNCE: Duration = Duration::from_millis(10);
 const RESCAN: Duration = Duration::from_secs(30);
 /// Directory depth limit: protects against symlink loops.
 const MAX_DEPTH: usize = 16;
+
+/// Most bytes of a `FileError`'s message: messages quote what they refuse (a whole document,
+/// escaped), and one log line should not carry a file.
+pub const MAX_MESSAGE: usize = 1024;
 
 /// Why a file was not loaded.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -130,7 +135,7 @@ pub fn parse_file(path: &Path, text: &str) -> Result<Vec<Object>, FileError> {
     let err = |line: usize, msg: String| FileError {
         path: path.to_path_buf(),
         line,
-        msg,
+        msg: clip(&msg, MAX_MESSAGE),
     };
     let mut values = Vec::new();
     if path.extension().and_then(|e| e.to_str()) == Some("json") {
@@ -139,7 +144,12 @@ pub fn parse_file(path: &Path, text: &str) -> Result<Vec<Object>, FileError> {
     } else {
         for (start, doc) in yaml_documents(text) {
             let v: Value = serde_norway::from_str(&doc).map_err(|e| {
-                let line = e.location().map(|l| l.line()).unwrap_or(1);
+                // From the byte offset, not the parser's line: YAML also breaks lines at a lone
+                // CR (and NEL, LS, PS), which no editor here shows as one.
+                let line = e.location().map_or(1, |l| {
+                    let before = &doc.as_bytes()[..l.index().min(doc.len())];
+                    1 + before.iter().filter(|b| **b == b'\n').count()
+                });
                 err(start + line, e.to_string())
             })?;
             if !v.is_null() {
@@ -366,6 +376,22 @@ mod tests {
         assert_eq!(e.line, 9, "{e}");
         let e = parse_file(Path::new("z.json"), "{\n\"a\": \n}").unwrap_err();
         assert_eq!(e.line, 3, "{e}");
+        // Found by the agent/datastore_file fuzz target: a lone CR is a line break to YAML, so
+        // the parser's line pointed past the end of this two-line file.
+        let e = parse_file(Path::new("cr.yaml"), "# x\n{\"a\r`").unwrap_err();
+        assert_eq!(e.line, 3, "{e}");
+        let e = parse_file(Path::new("cr.yaml"), "a: 1\r\nb: [\r\n").unwrap_err();
+        assert_eq!(e.line, 3, "{e}");
+    }
+
+    #[test]
+    fn error_messages_are_bounded() {
+        // Caught by the agent/datastore_file fuzz target's 4 KiB bound: "expected an object,
+        // found …" and serde's messages quoted the document whole, escaped (1.5 times its size).
+        let text = format!("- \"{}\"\n", "\\x01".repeat(2000));
+        let e = parse_file(Path::new("big.yaml"), &text).unwrap_err();
+        assert!(e.msg.len() <= MAX_MESSAGE, "{} bytes", e.msg.len());
+        assert!(e.msg.starts_with("expected an object, found [") && e.msg.ends_with('…'));
     }
 
     #[test]

@@ -93,7 +93,25 @@ pub(crate) fn short_hash(s: &str) -> String {
 
 /// Comment of an isolated pod's final drop rule: its counter is the pod's dropped packets.
 pub fn default_deny_comment(namespace: &str, name: &str, direction: Direction) -> String {
-    format!("{namespace}/{name} {direction} default deny")
+    fit_comment(
+        &format!("{namespace}/{name}"),
+        &format!("{direction} default deny"),
+    )
+}
+
+/// `ID WHAT`, within nft's 128 bytes for a comment (longer ones fail the whole batch): a long
+/// `ID` (a pod's or policy's `namespace/name`, up to 317 bytes) keeps its first 70 bytes and
+/// gets a hash of the whole for the rest, so comments stay distinct and readable.
+pub(crate) fn fit_comment(id: &str, what: &str) -> String {
+    let full = format!("{id} {what}");
+    if full.len() <= 120 {
+        return full;
+    }
+    let mut cut = 70.min(id.len());
+    while !id.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    format!("{}~{} {what}", &id[..cut], short_hash(id))
 }
 
 /// Chain name of an endpoint and direction.
@@ -266,16 +284,7 @@ pub(crate) fn group_comment(policy: &Policy, direction: Direction, indices: &[us
     if joined.len() > 24 {
         joined = format!("{},{},…+{}", list[0], list[1], list.len() - 2);
     }
-    let full = format!("{} {direction}[{joined}]", policy.id());
-    if full.len() <= 120 {
-        return full;
-    }
-    let id = policy.id();
-    let mut cut = 70;
-    while !id.is_char_boundary(cut) {
-        cut -= 1;
-    }
-    format!("{}~{} {direction}[{joined}]", &id[..cut], short_hash(&id))
+    fit_comment(&policy.id(), &format!("{direction}[{joined}]"))
 }
 
 /// Name of the chain holding a policy's rules for one direction.

@@ -15,8 +15,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use super::compile::{
-    compile_group, dir_index, endpoint_chain, families_in_use, ns_labels, peer_matches_pod,
-    policy_chain, rule_groups, selects, short_hash, Ctx, NsLabels, PodIndex, DIRECTIONS,
+    compile_group, dir_index, endpoint_chain, families_in_use, fit_comment, ns_labels,
+    peer_matches_pod, policy_chain, rule_groups, selects, short_hash, Ctx, NsLabels, PodIndex,
+    DIRECTIONS,
 };
 use super::validate::{validate, Direction, PortSpec, Problem};
 use super::{
@@ -312,7 +313,7 @@ fn revalidate(cache: &mut HashMap<Key, Validated>, cluster: &Cluster) -> BTreeSe
             let (policy, problems) = validate(np);
             let policy = policy.map(|policy| Named {
                 chain: DIRECTIONS.map(|d| policy_chain(&policy, d)),
-                jump_comment: DIRECTIONS.map(|d| format!("{} {d}", policy.id())),
+                jump_comment: DIRECTIONS.map(|d| fit_comment(&policy.id(), &d.to_string())),
                 policy,
             });
             cache.insert(

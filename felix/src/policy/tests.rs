@@ -382,3 +382,54 @@ fn a_reused_compiler_equals_a_fresh_one() {
         assert_eq!(compiler.compile(&c), compile(&c), "step {i}");
     }
 }
+
+#[test]
+fn comments_of_long_names_fit_nft() {
+    // Found by the agent/policy fuzz target: the default deny comment of a pod with a long
+    // name (Kubernetes allows 253 bytes) passed nft's 128-byte limit, and nft refused the
+    // whole batch, every pod's rules with it.
+    // So did the jump to a policy with a long name (also up to 253 bytes).
+    let long = |end: &str| format!("{}{end}", "p".repeat(250));
+    let long_policy = DENY_X.replace("name: deny", &format!("name: {}", long("-np")));
+    let mut c = cluster(&[DENY_X, &long_policy]);
+    for (i, name) in [long("-a0"), long("-b0")].iter().enumerate() {
+        c.pods.push(std::sync::Arc::new(Pod {
+            namespace: "x".into(),
+            name: name.as_str().into(),
+            ips: vec![format!("10.244.1.{i}").parse().unwrap()],
+            host_iface: Some(format!("seplong{i}")),
+            ..Pod::default()
+        }));
+    }
+    let rs = compile(&c);
+    let comments: Vec<&str> = rs
+        .chains
+        .values()
+        .flat_map(|ch| ch.rules.iter().map(|r| r.comment.as_str()))
+        .collect();
+    assert!(comments.iter().all(|c| c.len() <= 128), "{comments:?}");
+    assert!(comments
+        .iter()
+        .any(|c| c.contains('~') && c.ends_with(" ingress")));
+    let a = default_deny_comment("x", &long("-a0"), Direction::Ingress);
+    let b = default_deny_comment("x", &long("-b0"), Direction::Ingress);
+    assert!(
+        a.len() <= 128 && a != b && a.ends_with("ingress default deny"),
+        "{a}"
+    );
+    assert!(comments.contains(&a.as_str()));
+    assert_eq!(
+        default_deny_comment("x", "a", Direction::Egress),
+        "x/a egress default deny"
+    );
+    // explain finds the shortened comment's counter.
+    let denied = explain(
+        &c,
+        &pod("x/a"),
+        &pod(&format!("x/{}", long("-a0"))),
+        Protocol::Tcp,
+        80,
+    )
+    .unwrap();
+    assert!(!denied.allowed);
+}
