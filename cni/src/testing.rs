@@ -168,6 +168,26 @@ pub fn seeds() -> Vec<&'static [u8]> {
     ]
 }
 
+/// JSON values every decoder must meet: other types, bounds, odd strings.
+pub const VALUE_TOKENS: &[&str] = &[
+    "null",
+    "true",
+    "false",
+    "0",
+    "-1",
+    "1",
+    "65535",
+    "65536",
+    "1e999",
+    "\"\"",
+    "\"x\"",
+    "[]",
+    "{}",
+    "[{}]",
+    "\"\\u0000\"",
+    "\"é\"",
+];
+
 /// A small deterministic mutator of text inputs (JSON, YAML, `KEY=VALUE` lines) for the
 /// crates' mutation tests: byte edits, and replacements of whole values (a quoted string or a
 /// run of word characters) by tokens, which keep the text parseable often enough to get past
@@ -195,11 +215,16 @@ impl Mutator {
         (self.next_u64() % n as u64) as usize
     }
 
-    /// One mutant of `seed`: one to four edits, values replaced by `tokens` among them.
+    /// One mutant of `seed`: one to four edits, values replaced by tokens among them (the
+    /// input's own `tokens`, and [`VALUE_TOKENS`]).
     pub fn mutate(&mut self, seed: &[u8], tokens: &[&str]) -> Vec<u8> {
         let mut m = seed.to_vec();
         for _ in 0..1 + self.below(4) {
-            let token = tokens[self.below(tokens.len())].as_bytes();
+            let k = self.below(VALUE_TOKENS.len() + tokens.len());
+            let token = VALUE_TOKENS
+                .get(k)
+                .unwrap_or_else(|| &tokens[k - VALUE_TOKENS.len()]);
+            let token = token.as_bytes();
             if m.is_empty() {
                 m.extend_from_slice(token);
                 continue;
@@ -263,25 +288,9 @@ fn value_at(text: &[u8], i: usize) -> (usize, usize) {
 mod tests {
     use super::*;
 
-    /// Values that reach the checks: other types, bounds, odd strings, the spec's words.
+    /// The spec's words and values (with the mutator's own value tokens).
     const TOKENS: &[&str] = &[
-        "null",
-        "true",
-        "false",
-        "0",
-        "-1",
-        "1",
-        "65535",
-        "65536",
-        "1e999",
         "4294967296",
-        "\"\"",
-        "\"x\"",
-        "[]",
-        "{}",
-        "[{}]",
-        "\"\\u0000\"",
-        "\"é\"",
         "\"eth0\"",
         "\"1.1.0\"",
         "\"0.4.0\"",

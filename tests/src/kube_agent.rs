@@ -6,14 +6,13 @@ use crate::kube::{Cluster, Options};
 use crate::node::Node;
 use serde_json::{json, Value};
 use std::path::PathBuf;
-use std::process::{Child, Stdio};
+use std::process::Child;
 use std::time::{Duration, Instant};
 
 /// A running agent, our own child: killed (SIGKILL) on drop, even when an assertion fails.
 pub struct KubeAgent {
     child: Child,
     log: PathBuf,
-    _dir: tempfile::TempDir,
 }
 
 impl Drop for KubeAgent {
@@ -23,48 +22,28 @@ impl Drop for KubeAgent {
 }
 
 impl KubeAgent {
-    /// Starts the agent for Node `name` in `node`'s namespace, as the agent's ServiceAccount of
-    /// `cluster`, reaching the API server at `server` (default: the cluster's own address), with
-    /// `extra` flags. Returns at once; see [`KubeAgent::wait_ready`].
+    /// Starts the agent for `node` (its Node object has the same name) in its namespace, as the
+    /// agent's ServiceAccount of `cluster`, reaching the API server at `server` (default: the
+    /// cluster's own address), with `extra` flags; its output goes to the node's agent log.
+    /// Returns at once; see [`KubeAgent::wait_ready`].
     pub fn start(
         node: &Node,
         cluster: &Cluster,
-        name: &str,
         server: Option<&str>,
         extra: &[&str],
     ) -> KubeAgent {
-        let dir = tempfile::tempdir().expect("tempdir");
         let kubeconfig = cluster.agent_kubeconfig(server);
-        let log = dir.path().join("agent.log");
-        let logf = std::fs::File::create(&log).expect("log");
-        let sepal = crate::bin_path("sepal");
-        let mut args = vec![
-            sepal.to_str().expect("utf-8"),
-            "node",
-            "--node-name",
-            name,
-            "--datastore",
-            "kubernetes",
-            "--state-dir",
-            node.state_dir.to_str().expect("utf-8"),
-            "--socket",
-            node.socket.to_str().expect("utf-8"),
-            "--kubeconfig",
-            kubeconfig.to_str().expect("utf-8"),
-        ];
-        args.extend(extra);
+        std::fs::File::create(node.log_path()).expect("agent log");
         let child = node
-            .netns
-            .command(&args)
-            .stdin(Stdio::null())
-            .stdout(logf.try_clone().expect("dup"))
-            .stderr(logf)
+            .agent_command_with("kubernetes")
+            .arg("--kubeconfig")
+            .arg(&kubeconfig)
+            .args(extra)
             .spawn()
             .expect("start sepal node");
         KubeAgent {
             child,
-            log,
-            _dir: dir,
+            log: node.log_path(),
         }
     }
 

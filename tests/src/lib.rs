@@ -66,3 +66,21 @@ pub fn reset_on_close(s: &std::net::TcpStream) {
         );
     }
 }
+
+/// A tiny deterministic PRNG (xorshift64*) for tests and benchmarks: no crypto, only a seed to
+/// print so a failing sequence replays. The seed must not be 0.
+pub struct Rng(pub u64);
+
+impl Rng {
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+
+    /// A value in `0..n`.
+    pub fn below(&mut self, n: usize) -> usize {
+        (self.next_u64() % n as u64) as usize
+    }
+}

@@ -144,20 +144,12 @@ pub fn try_http_get(
     path: &str,
 ) -> Result<(u16, String), String> {
     use std::io::{Read, Write};
-    use std::os::fd::AsRawFd;
-    let ns = std::fs::File::open(netns).map_err(|e| format!("open netns: {e}"))?;
-    let (addr, path) = (addr.to_string(), path.to_string());
-    std::thread::spawn(move || {
-        // SAFETY: setns on a valid namespace fd only moves this thread.
-        if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-            return Err(format!("setns: {}", std::io::Error::last_os_error()));
-        }
-        let mut s = std::net::TcpStream::connect(&addr).map_err(|e| e.to_string())?;
-        s.set_read_timeout(Some(std::time::Duration::from_secs(20)))
-            .map_err(|e| e.to_string())?;
-        write!(s, "GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").map_err(|e| e.to_string())?;
+    let get = || -> std::io::Result<(u16, String)> {
+        let mut s = std::net::TcpStream::connect(addr)?;
+        s.set_read_timeout(Some(std::time::Duration::from_secs(20)))?;
+        write!(s, "GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n")?;
         let mut text = String::new();
-        s.read_to_string(&mut text).map_err(|e| e.to_string())?;
+        s.read_to_string(&mut text)?;
         let code = text
             .split_whitespace()
             .nth(1)
@@ -165,7 +157,8 @@ pub fn try_http_get(
             .unwrap_or(0);
         let body = text.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or("");
         Ok((code, body.to_string()))
-    })
-    .join()
-    .map_err(|_| "the request thread panicked".to_string())?
+    };
+    sepal_felix::netns::on_thread_in(netns, get)
+        .and_then(|r| r)
+        .map_err(|e| e.to_string())
 }

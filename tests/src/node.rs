@@ -81,6 +81,11 @@ impl Node {
     /// The `sepal node` command of this node, its output appended to the agent log, for a test
     /// that runs (and kills) agent processes itself while other threads call the plugin.
     pub fn agent_command(&self) -> Command {
+        self.agent_command_with(&format!("dir:{}", self.datastore.display()))
+    }
+
+    /// [`Node::agent_command`] with another `--datastore` (e.g. `kubernetes`).
+    pub fn agent_command_with(&self, datastore: &str) -> Command {
         let log = fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -92,7 +97,7 @@ impl Node {
             "--node-name",
             &self.name,
             "--datastore",
-            &format!("dir:{}", self.datastore.display()),
+            datastore,
             "--state-dir",
             self.state_dir.to_str().expect("utf-8 path"),
             "--socket",
@@ -105,7 +110,8 @@ impl Node {
         cmd
     }
 
-    fn log_path(&self) -> PathBuf {
+    /// Where the agents this node starts write their output.
+    pub fn log_path(&self) -> PathBuf {
         self.state_dir.with_extension("log")
     }
 

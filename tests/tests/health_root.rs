@@ -63,34 +63,15 @@ fn readyz_names_a_datastore_that_never_synced() {
          users: [{name: u, user: {token: t}}]\ncontexts: [{name: c, context: {cluster: c, user: u}}]\ncurrent-context: c\n",
     )
     .unwrap();
-    // The node's own command reads the dir datastore; this one the unreachable cluster.
-    let own = node.agent_command();
-    let mut args: Vec<String> = own
-        .get_args()
-        .map(|a| a.to_string_lossy().into_owned())
-        .collect();
-    let at = args
-        .iter()
-        .position(|a| a == "--datastore")
-        .expect("--datastore");
-    args[at + 1] = "kubernetes".into();
-    args.extend(
-        [
-            "--kubeconfig",
-            kubeconfig.to_str().unwrap(),
-            "--sync-timeout",
-            "1s",
-            "--metrics-addr",
-            METRICS,
-        ]
-        .map(String::from),
-    );
-    // (`ip netns exec NODE sepal node …`, with the datastore replaced)
-    let mut cmd = std::process::Command::new(own.get_program());
-    cmd.args(args);
-    cmd.stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null());
+    let mut cmd = node.agent_command_with("kubernetes");
+    cmd.args([
+        "--kubeconfig",
+        kubeconfig.to_str().unwrap(),
+        "--sync-timeout",
+        "1s",
+        "--metrics-addr",
+        METRICS,
+    ]);
     let mut agent = cmd.spawn().expect("start sepal node");
     let body = wait_for(&node, "/readyz", 503, Duration::from_secs(20));
     sepal_tests::netns::kill(&mut agent);

@@ -7,6 +7,7 @@
 
 use sepal_tests::netns::{self, Netns};
 use sepal_tests::node::{CniCall, Node};
+use sepal_tests::Rng;
 use serde_json::Value;
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::process::Child;
@@ -17,22 +18,6 @@ use std::time::{Duration, Instant};
 const CALLERS: usize = 8;
 const SLOTS: usize = 3;
 const OPS: usize = 1000;
-
-/// xorshift64*: the test needs no crypto, only a seed it can print.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
 
 /// The agent process the test runs itself (the callers share the node meanwhile).
 struct Agent(Option<Child>);
@@ -98,7 +83,7 @@ fn ips_of(result: &Value) -> Vec<String> {
 
 /// A runtime waits before it tries a failed call again (kubelet backs off per pod).
 fn backoff(rng: &mut Rng) {
-    std::thread::sleep(Duration::from_millis(20 + rng.below(60)));
+    std::thread::sleep(Duration::from_millis(20 + rng.below(60) as u64));
 }
 
 /// One caller's share of the operations on its own slots.
@@ -113,7 +98,7 @@ fn caller(node: &Node, id: usize, ops: usize, seed: u64, counts: &Counts) -> Vec
         .collect();
     let mut next_container = 0;
     for _ in 0..ops {
-        let slot = &mut slots[rng.below(SLOTS as u64) as usize];
+        let slot = &mut slots[rng.below(SLOTS)];
         match slot.state.clone() {
             SlotState::Empty => {
                 next_container += 1;
@@ -302,7 +287,7 @@ fn ipam_survives_agent_crashes_under_concurrent_cni_calls() {
             let mut rng = Rng(seed.rotate_left(17) | 1);
             let (mut kills, mut during_add) = (0, 0);
             while !done.load(Ordering::SeqCst) {
-                std::thread::sleep(Duration::from_millis(100 + rng.below(500)));
+                std::thread::sleep(Duration::from_millis(100 + rng.below(500) as u64));
                 if done.load(Ordering::SeqCst) {
                     break;
                 }
@@ -327,7 +312,7 @@ fn ipam_survives_agent_crashes_under_concurrent_cni_calls() {
                 }
                 a.kill();
                 kills += 1;
-                std::thread::sleep(Duration::from_millis(rng.below(200)));
+                std::thread::sleep(Duration::from_millis(rng.below(200) as u64));
                 *a = Agent::start(&node);
             }
             (kills, during_add)

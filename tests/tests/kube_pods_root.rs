@@ -96,7 +96,7 @@ fn kube_datastore_pods_get_addresses_from_the_node_cidr() {
                "spec": {"peerIP": "10.255.255.1", "asNumber": 65000,
                         "password": {"secretKeyRef": {"name": "bgp-passwords", "key": "tor"}}}}),
     ]);
-    let agent = KubeAgent::start(&node, &c, "kn1", None, &[]);
+    let agent = KubeAgent::start(&node, &c, None, &[]);
     agent.wait_ready(&node);
     let sandbox = Netns::new("kp1");
     let out = node.cni("ADD", &CniCall::pod("kc1", &sandbox.path(), "web", "web-1"));
@@ -204,7 +204,7 @@ fn a_missing_rbac_rule_fails_visibly_and_keeps_the_node_unavailable() {
     let node = Node::new("kn2", &["10.77.1.0/24"]);
     let c = cluster_for(&node, "10.244.8.0/24", Options::default());
     c.remove_rbac_rule("endpointslices");
-    let agent = KubeAgent::start(&node, &c, "kn2", None, &["--sync-timeout", "1s"]);
+    let agent = KubeAgent::start(&node, &c, None, &["--sync-timeout", "1s"]);
     agent.wait_until("the forbidden resource in the agent's log", || {
         let l = agent.log();
         l.contains("forbidden") && l.contains("endpointslices")

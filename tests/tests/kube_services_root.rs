@@ -102,24 +102,22 @@ fn keep_alive_to(netns: &Path, ip: &str, wanted: impl Fn(&str) -> bool) -> (Stri
     panic!("no connection through {ip}:80 reached the wanted backend in 60 tries");
 }
 
-fn pod_ip(status: &Value, name: &str) -> String {
-    let pod = status["pods"]
+/// Pod `shop/NAME`'s entry in a `lab status --json`.
+fn pod<'a>(status: &'a Value, name: &str) -> &'a Value {
+    status["pods"]
         .as_array()
         .unwrap()
         .iter()
         .find(|p| p["namespace"] == "shop" && p["name"] == name)
-        .unwrap_or_else(|| panic!("shop/{name} not in {status}"));
-    pod["ips"][0].as_str().unwrap().to_string()
+        .unwrap_or_else(|| panic!("shop/{name} not in {status}"))
+}
+
+fn pod_ip(status: &Value, name: &str) -> String {
+    pod(status, name)["ips"][0].as_str().unwrap().to_string()
 }
 
 fn pod_netns(status: &Value, name: &str) -> PathBuf {
-    let pod = status["pods"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|p| p["namespace"] == "shop" && p["name"] == name)
-        .unwrap_or_else(|| panic!("shop/{name} not in {status}"));
-    PathBuf::from(pod["netns"].as_str().unwrap())
+    PathBuf::from(pod(status, name)["netns"].as_str().unwrap())
 }
 
 fn node_ip(status: &Value, node: &str) -> String {

@@ -244,20 +244,28 @@ fn a_remote_pods_new_address_reaches_this_nodes_sets_root() {
 
 /// Runs `f` on a thread inside `netns`.
 fn in_netns<T: Send>(netns: &Netns, f: impl FnOnce() -> T + Send) -> T {
-    let path = netns.path();
-    std::thread::scope(|s| {
-        s.spawn(|| {
-            let ns = File::open(&path).expect("netns");
-            // SAFETY: setns on a valid namespace fd only changes this thread's namespace.
-            assert_eq!(
-                unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) },
-                0
-            );
-            f()
-        })
-        .join()
-        .expect("netns thread")
-    })
+    sepal_felix::netns::on_thread_in(&netns.path(), f).expect("enter netns")
+}
+
+/// A TCP connection from `client` to a listener on `server_ip:port` in `server`: both ends.
+fn connected(client: &Netns, server: &Netns, server_ip: &str, port: u16) -> (TcpStream, TcpStream) {
+    let listener = in_netns(server, || {
+        std::net::TcpListener::bind(("0.0.0.0", port)).expect("bind")
+    });
+    let addr: std::net::SocketAddr = format!("{server_ip}:{port}").parse().expect("addr");
+    let client = in_netns(client, || {
+        TcpStream::connect_timeout(&addr, Duration::from_secs(3)).expect("connect")
+    });
+    let (server, _) = listener.accept().expect("accept");
+    (client, server)
+}
+
+/// Runs `f` on a thread of its own inside the namespace at `netns`, in the background.
+fn spawn_in_netns<T: Send + 'static>(
+    netns: std::path::PathBuf,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> std::thread::JoinHandle<T> {
+    std::thread::spawn(move || sepal_felix::netns::on_thread_in(&netns, f).expect("enter netns"))
 }
 
 /// Does `text` arrive at the server within `wait`?
@@ -284,14 +292,7 @@ fn the_agent_revokes_an_established_flow_a_change_denies_root() {
     let (server_ns, server_ip) = add_pod(&node, "pvs", "server");
     let (client_ns, _) = add_pod(&node, "pvc", "client");
 
-    let listener = in_netns(&server_ns, || {
-        std::net::TcpListener::bind(("0.0.0.0", 8080)).expect("bind")
-    });
-    let addr: std::net::SocketAddr = format!("{server_ip}:8080").parse().expect("addr");
-    let mut client = in_netns(&client_ns, || {
-        TcpStream::connect_timeout(&addr, Duration::from_secs(3)).expect("connect")
-    });
-    let (mut server, _) = listener.accept().expect("accept");
+    let (mut client, mut server) = connected(&client_ns, &server_ns, &server_ip, 8080);
     assert!(delivered(
         &mut client,
         &mut server,
@@ -391,14 +392,7 @@ fn policy_holds_across_an_agent_kill_and_restart_root() {
 
     // The stream: the client sends a counter every 5 ms until told to stop; the server checks
     // that every value arrives, in order.
-    let listener = in_netns(&server_ns, || {
-        std::net::TcpListener::bind(("0.0.0.0", 8080)).expect("bind")
-    });
-    let addr: std::net::SocketAddr = format!("{server_ip}:8080").parse().expect("addr");
-    let mut client = in_netns(&client_ns, || {
-        TcpStream::connect_timeout(&addr, Duration::from_secs(3)).expect("connect")
-    });
-    let (mut server, _) = listener.accept().expect("accept");
+    let (mut client, mut server) = connected(&client_ns, &server_ns, &server_ip, 8080);
     let retransmits_before = tcp_retransmits(&client_ns) + tcp_retransmits(&server_ns);
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let sender = {
@@ -430,10 +424,7 @@ fn policy_holds_across_an_agent_kill_and_restart_root() {
     let probes = {
         let (stop, intruder_path) = (stop.clone(), intruder_ns.path());
         let to: std::net::SocketAddr = format!("{server_ip}:8080").parse().expect("addr");
-        std::thread::spawn(move || {
-            let f = File::open(&intruder_path).expect("netns");
-            // SAFETY: setns on a valid namespace fd only changes this thread's namespace.
-            assert_eq!(unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) }, 0);
+        spawn_in_netns(intruder_path, move || {
             let (mut tried, mut answered) = (0, 0);
             while !stop.load(std::sync::atomic::Ordering::SeqCst) {
                 tried += 1;
@@ -449,10 +440,7 @@ fn policy_holds_across_an_agent_kill_and_restart_root() {
     // The table, looked at every 10 ms: it must never be missing.
     let watcher = {
         let (stop, netns_path) = (stop.clone(), node.netns.path());
-        std::thread::spawn(move || {
-            let f = File::open(&netns_path).expect("netns");
-            // SAFETY: as above.
-            assert_eq!(unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) }, 0);
+        spawn_in_netns(netns_path, move || {
             let (mut looks, mut missing) = (0, 0);
             while !stop.load(std::sync::atomic::Ordering::SeqCst) {
                 looks += 1;

@@ -8,6 +8,7 @@ use std::net::IpAddr;
 use sepal_felix::nft::{Applied, Dataplane, Options};
 use sepal_felix::policy::{compile, Cluster, NamedPort, Namespace, NetworkPolicy, Pod, Protocol};
 use sepal_tests::netns::Netns;
+use sepal_tests::Rng;
 
 fn nft(ns: &Netns) -> Dataplane {
     Dataplane::in_netns(
@@ -60,20 +61,6 @@ fn sort_elements(block: &str) -> String {
         items.join(", "),
         &block[body_start + len..]
     )
-}
-
-/// Tiny deterministic PRNG (xorshift64*), so a failing sequence replays.
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n as u64) as usize
-    }
 }
 
 const POLICIES: &[&str] = &[

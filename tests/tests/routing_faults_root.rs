@@ -14,24 +14,12 @@
 #[path = "routing/common.rs"]
 mod common;
 
-use common::{cut_off, pings, tor_cluster, tor_objects, within, Cluster, Pod, TorDaemon, TorKind};
+use common::{
+    assert_reach, blocks, cut_off, pings, routes_via_tor, tor_cluster, tor_objects, within,
+    Cluster, TorDaemon, TorKind,
+};
 use sepal_tests::netns::Netns;
 use std::time::{Duration, Instant};
-
-/// An IPv6 address written the way the kernel and the daemons print it.
-fn v6(addr: &str) -> String {
-    addr.parse::<std::net::Ipv6Addr>()
-        .expect("IPv6 address")
-        .to_string()
-}
-
-/// Node `i`'s pod blocks (IPv4, IPv6) as the kernel and the daemons print them.
-fn blocks(i: usize) -> Vec<String> {
-    vec![
-        format!("10.244.{i}.0/24"),
-        v6(&format!("fd10:244:{i}::")) + "/64",
-    ]
-}
 
 /// The blocks of the nodes `of`, sorted.
 fn blocks_of(of: &[usize]) -> Vec<String> {
@@ -101,31 +89,9 @@ fn routes_are(c: &Cluster, i: usize, want: &[String]) -> bool {
     got == want
 }
 
-/// Node `i` routes node `j`'s blocks via the ToR (over IPv4 and IPv6).
-fn routes_via_tor(c: &Cluster, i: usize, j: usize) -> bool {
-    let [b4, b6] = [&blocks(j)[0], &blocks(j)[1]];
-    c.route(i, b4).contains(&format!("via 10.0.{i}.1"))
-        && c.route(i, b6)
-            .contains(&format!("via {}", v6(&format!("fd00:10:{i}::1"))))
-}
-
 /// Node `i` has no route at all to node `j`'s blocks.
 fn no_route(c: &Cluster, i: usize, j: usize) -> bool {
     blocks(j).iter().all(|b| c.route(i, b).is_empty())
-}
-
-/// Each pod reaches the other over IPv4 and IPv6.
-fn assert_reach(a: &Pod, b: &Pod, what: &str) {
-    for (from, to) in [(a, b), (b, a)] {
-        let to6 = to.ip6.clone().expect("dual-stack pod");
-        assert!(
-            pings(&from.netns, &to.ip),
-            "{what}: {} -> {}",
-            from.ip,
-            to.ip
-        );
-        assert!(pings(&from.netns, &to6), "{what}: {} -> {to6}", from.ip);
-    }
 }
 
 /// Everything in the agents' and the ToR's logs, for failure messages.

@@ -193,6 +193,24 @@ fn dynamic_converter(ar: &ApiResource) -> impl Fn(DynamicObject) -> Option<Objec
     }
 }
 
+/// Watch retries: kube's default (0.8 s doubling, with jitter, reset after 120 s without an
+/// error) but capped at 10 s rather than 30 s. Only an event resets the backoff, and an idle
+/// watch that resumed after an outage receives none: with the default, the next break (a
+/// compaction, a restarted load balancer) left it away 30 s or more before it came back.
+pub(super) fn watch_backoff(
+) -> kube::runtime::utils::ResetTimerBackoff<kube::runtime::watcher::ExponentialBackoff> {
+    let retries = backon::ExponentialBuilder::default()
+        .with_min_delay(std::time::Duration::from_millis(800))
+        .with_max_delay(std::time::Duration::from_secs(10))
+        .with_factor(2.0)
+        .without_max_times()
+        .with_jitter();
+    kube::runtime::utils::ResetTimerBackoff::new(
+        retries.into(),
+        std::time::Duration::from_secs(120),
+    )
+}
+
 /// Runs one watcher until the model's receiver goes away. The kube watcher lists, then watches
 /// from the list's resourceVersion, resumes from the last one seen (bookmarks included) after a
 /// dropped connection, and relists after 410 Gone; errors are retried with backoff.
@@ -209,7 +227,7 @@ pub(super) async fn run_watcher<K, F>(
 {
     let mut streaming = true;
     let mut stream = watcher(api.clone(), list_config(streaming))
-        .default_backoff()
+        .backoff(watch_backoff())
         .boxed();
     let mut synced = false;
     let mut listed = 0usize;
@@ -223,7 +241,7 @@ pub(super) async fn run_watcher<K, F>(
                 );
                 streaming = false;
                 stream = watcher(api.clone(), list_config(streaming))
-                    .default_backoff()
+                    .backoff(watch_backoff())
                     .boxed();
                 continue;
             }

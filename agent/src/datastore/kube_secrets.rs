@@ -96,7 +96,9 @@ async fn watch_one(
 ) {
     let api: Api<Secret> = Api::namespaced(client, &secret.0);
     let cfg = watcher::Config::default().fields(&format!("metadata.name={}", secret.1));
-    let mut stream = watcher(api, cfg).default_backoff().boxed();
+    let mut stream = watcher(api, cfg)
+        .backoff(super::kube::watch_backoff())
+        .boxed();
     let (mut held, mut seen_in_list, mut reported) = (false, false, false);
     let what = "secrets";
     let mut failing = false;
@@ -217,7 +219,7 @@ pub async fn run(client: Client, tx: mpsc::Sender<Event>, gate: Arc<SyncGate>) {
     let ar = ApiResource::erase::<crate::crd::BGPPeer>(&());
     let peers: Api<DynamicObject> = Api::all_with(client.clone(), &ar);
     let mut stream = watcher(peers, watcher::Config::default())
-        .default_backoff()
+        .backoff(super::kube::watch_backoff())
         .boxed();
     let (listed, mut listed_rx) = mpsc::channel::<SecretRef>(16);
     let mut watches = Watches {

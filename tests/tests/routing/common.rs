@@ -477,3 +477,40 @@ pub fn tor_cluster(n: usize, kind: TorKind, extra: &str) -> (Cluster, Netns, Tor
     };
     (c, tor, daemon)
 }
+
+/// An IPv6 address written the way the kernel and the daemons print it.
+pub fn v6(addr: &str) -> String {
+    addr.parse::<std::net::Ipv6Addr>()
+        .expect("IPv6 address")
+        .to_string()
+}
+
+/// Node `i`'s pod blocks (IPv4, IPv6) as the kernel and the daemons print them.
+pub fn blocks(i: usize) -> Vec<String> {
+    vec![
+        format!("10.244.{i}.0/24"),
+        v6(&format!("fd10:244:{i}::")) + "/64",
+    ]
+}
+
+/// Node `i` routes node `j`'s blocks via the ToR (over IPv4 and IPv6).
+pub fn routes_via_tor(c: &Cluster, i: usize, j: usize) -> bool {
+    let [b4, b6] = [&blocks(j)[0], &blocks(j)[1]];
+    c.route(i, b4).contains(&format!("via 10.0.{i}.1"))
+        && c.route(i, b6)
+            .contains(&format!("via {}", v6(&format!("fd00:10:{i}::1"))))
+}
+
+/// Each pod reaches the other over IPv4 and IPv6.
+pub fn assert_reach(a: &Pod, b: &Pod, what: &str) {
+    for (from, to) in [(a, b), (b, a)] {
+        let to6 = to.ip6.clone().expect("dual-stack pod");
+        assert!(
+            pings(&from.netns, &to.ip),
+            "{what}: {} -> {}",
+            from.ip,
+            to.ip
+        );
+        assert!(pings(&from.netns, &to6), "{what}: {} -> {to6}", from.ip);
+    }
+}
