@@ -113,6 +113,7 @@ pub fn cluster_of(model: &Model) -> Cluster {
         namespaces,
         pods,
         policies,
+        ..Cluster::default()
     }
 }
 

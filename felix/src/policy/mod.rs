@@ -23,6 +23,8 @@
 //!    `nft::Dataplane::counters`.
 
 mod addr;
+mod cnp;
+pub mod cnp_api;
 mod compile;
 mod compiler;
 mod explain;
@@ -34,6 +36,8 @@ use std::net::IpAddr;
 use std::sync::Arc;
 
 pub use addr::{AddrRanges, Family};
+pub use cnp::{validate_cluster_policy, ClusterPolicy, Tier};
+pub use cnp_api::ClusterNetworkPolicy;
 pub use compile::{
     compile, default_deny_comment, Action, Chain, Match, NftRule, Ruleset, Set, SetKind,
 };
@@ -59,6 +63,18 @@ pub struct Cluster {
     pub pods: Vec<Arc<Pod>>,
     /// Shared like the pods (the compiler keeps each policy it validated, to see what changed).
     pub policies: Vec<Arc<NetworkPolicy>>,
+    /// ClusterNetworkPolicies of both tiers, shared like the policies.
+    pub cluster_policies: Vec<Arc<ClusterNetworkPolicy>>,
+    /// The cluster's nodes, for ClusterNetworkPolicy `nodes` peers.
+    pub nodes: Vec<Arc<Node>>,
+}
+
+/// A node as ClusterNetworkPolicy sees it: its labels and every IP of its `status.addresses`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Node {
+    pub name: String,
+    pub labels: BTreeMap<String, String>,
+    pub ips: Vec<IpAddr>,
 }
 
 /// A namespace and its labels.

@@ -129,7 +129,9 @@ pub enum ProblemScope {
 /// Invalid policy content, reported as the API server would have (field path and reason).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Problem {
-    /// `namespace/name` of the policy.
+    /// `NetworkPolicy` or `ClusterNetworkPolicy`.
+    pub kind: &'static str,
+    /// `namespace/name` of a NetworkPolicy, the name of a ClusterNetworkPolicy.
     pub policy: String,
     /// Field path, e.g. `spec.ingress[0].ports[1].endPort`.
     pub field: String,
@@ -145,8 +147,8 @@ impl fmt::Display for Problem {
         };
         write!(
             f,
-            "NetworkPolicy {}: {}: {} ({ignored})",
-            self.policy, self.field, self.message
+            "{} {}: {}: {} ({ignored})",
+            self.kind, self.policy, self.field, self.message
         )
     }
 }
@@ -158,6 +160,7 @@ pub fn validate(np: &NetworkPolicy) -> (Option<Policy>, Vec<Problem>) {
     let id = format!("{namespace}/{name}");
     let mut problems = Vec::new();
     let policy_problem = |field: &str, message: String| Problem {
+        kind: "NetworkPolicy",
         policy: id.clone(),
         field: field.to_string(),
         message,
@@ -218,6 +221,7 @@ pub fn validate(np: &NetworkPolicy) -> (Option<Policy>, Vec<Problem>) {
             match rule(index, peers, ports) {
                 Ok(r) => out.push(r),
                 Err((field, message)) => problems.push(Problem {
+                    kind: "NetworkPolicy",
                     policy: id.clone(),
                     field: format!("{list}[{index}].{}", field.replace("PEER", peer_field)),
                     message,
@@ -419,7 +423,7 @@ fn valid_port(n: i32) -> Option<u16> {
 
 /// IANA_SVC_NAME as the API server checks it: 1-15 chars of [a-z0-9-], at least one letter,
 /// no leading, trailing or double hyphen.
-fn port_name(s: &str) -> Result<(), &'static str> {
+pub(crate) fn port_name(s: &str) -> Result<(), &'static str> {
     if s.is_empty() || s.len() > 15 {
         return Err("must be no more than 15 characters");
     }
@@ -438,7 +442,7 @@ fn port_name(s: &str) -> Result<(), &'static str> {
     Ok(())
 }
 
-fn selector(s: &LabelSelector) -> Result<Selector, String> {
+pub(crate) fn selector(s: &LabelSelector) -> Result<Selector, String> {
     let mut reqs = Vec::new();
     for (k, v) in s.match_labels.iter().flatten() {
         label_key(k).map_err(|m| format!("matchLabels: key {k:?}: {m}"))?;
