@@ -6,7 +6,7 @@ use crate::node::Agent;
 use crate::ops::FlowArgs;
 use anyhow::Result;
 use sepal_felix::nft::RuleCounter;
-use sepal_felix::policy::{Cluster, Explainer};
+use sepal_felix::policy::{Cluster, DirectionVerdict, Explainer};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -24,6 +24,16 @@ pub struct ExplainReport {
     /// per direction; none where no rule decides.
     pub egress_packets: Option<u64>,
     pub ingress_packets: Option<u64>,
+    /// The tier that decided each direction (`Admin`, `NetworkPolicy`, `Baseline`; none when
+    /// nothing did) and the deciding rule's comment, as the counters and flow logs name it.
+    #[serde(default)]
+    pub egress_tier: Option<String>,
+    #[serde(default)]
+    pub ingress_tier: Option<String>,
+    #[serde(default)]
+    pub egress_rule: Option<String>,
+    #[serde(default)]
+    pub ingress_rule: Option<String>,
 }
 
 /// The agent's side: explains from the model (with this node's endpoints) and reads the counters.
@@ -49,12 +59,21 @@ pub fn report(
         .explain(&flow.from, &flow.to, flow.protocol, flow.port)
         .map_err(|e| e.to_string())?;
     let [egress_packets, ingress_packets] = explanation.counted(counters);
+    let rule = |v: &DirectionVerdict| match v {
+        DirectionVerdict::Allowed { comment, .. } => Some(comment.clone()),
+        DirectionVerdict::Cluster(rule) => Some(rule.comment.clone()),
+        _ => None,
+    };
     Ok(ExplainReport {
         node: node.to_string(),
         allowed: explanation.allowed,
         text: explanation.report(counters),
         egress_packets,
         ingress_packets,
+        egress_tier: explanation.egress.tier().map(str::to_string),
+        ingress_tier: explanation.ingress.tier().map(str::to_string),
+        egress_rule: rule(&explanation.egress),
+        ingress_rule: rule(&explanation.ingress),
     })
 }
 

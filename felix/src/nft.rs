@@ -30,7 +30,7 @@ use std::fmt::Write as _;
 
 use serde_json::Value;
 
-use crate::policy::{Action, Chain, Family, Match, NftRule, Ruleset, SetKind, Touched};
+use crate::policy::{Action, Chain, Family, Match, NftRule, Ruleset, SetKind, Touched, PASS_MARK};
 
 /// The only table Sepal touches.
 pub const TABLE: &str = "sepal";
@@ -134,6 +134,7 @@ pub fn render_rule(rule: &NftRule, opts: &Options) -> String {
             Match::DstAddrProtoPort(f, set) => {
                 write!(s, "{} daddr . meta l4proto . th dport @{set} ", ip(*f))
             }
+            Match::Passed => write!(s, "meta mark and {PASS_MARK:#010x} != 0 "),
         }
         .ok();
     }
@@ -141,6 +142,13 @@ pub fn render_rule(rule: &NftRule, opts: &Options) -> String {
     match &rule.action {
         Action::Accept => s.push_str("accept"),
         Action::Jump(target) => write!(s, "jump {target}").unwrap_or(()),
+        Action::Pass => {
+            write!(s, "meta mark set meta mark or {PASS_MARK:#010x} return").unwrap_or(())
+        }
+        Action::Return => s.push_str("return"),
+        Action::ClearPass => {
+            write!(s, "meta mark set meta mark and {:#010x}", !PASS_MARK).unwrap_or(())
+        }
         Action::Drop => {
             if let Some(group) = opts.nflog_group {
                 write!(

@@ -41,6 +41,8 @@ pub fn verdict_text(v: &DirectionVerdict) -> String {
             "DENIED: isolated by {} and no rule matches",
             isolated_by.join(", ")
         ),
+        DirectionVerdict::Cluster(rule) if v.allows() => format!("accepted by {rule}"),
+        DirectionVerdict::Cluster(rule) => format!("DENIED by {rule}"),
     }
 }
 

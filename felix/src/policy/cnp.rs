@@ -153,59 +153,61 @@ pub fn validate_cluster_policy(
         scope,
     };
     let whole = |field: &str, message: String| (field.to_string(), message);
-    let checked =
-        (|| -> Result<(Tier, u16, Selector, Selector), FieldError> {
-            if name.is_empty() {
-                return Err(whole("metadata.name", "name is required".into()));
-            }
-            let spec = &cnp.spec;
-            let tier = match spec.tier.as_str() {
-                "Admin" => Tier::Admin,
-                "Baseline" => Tier::Baseline,
-                other => return Err(whole(
+    let checked = (|| -> Result<(Tier, u16, Selector, Selector), FieldError> {
+        if name.is_empty() {
+            return Err(whole("metadata.name", "name is required".into()));
+        }
+        let spec = &cnp.spec;
+        let tier = match spec.tier.as_str() {
+            "Admin" => Tier::Admin,
+            "Baseline" => Tier::Baseline,
+            other => {
+                return Err(whole(
                     "spec.tier",
                     format!(
                         "Unsupported value: {other:?}: supported values: \"Admin\", \"Baseline\""
                     ),
-                )),
-            };
-            if !(0..=MAX_PRIORITY).contains(&spec.priority) {
+                ))
+            }
+        };
+        if !(0..=MAX_PRIORITY).contains(&spec.priority) {
+            return Err(whole(
+                "spec.priority",
+                format!(
+                    "{}: must be between 0 and {MAX_PRIORITY}, inclusive",
+                    spec.priority
+                ),
+            ));
+        }
+        let (namespaces, pods) = match (&spec.subject.namespaces, &spec.subject.pods) {
+            (Some(ns), None) => (
+                selector(ns).map_err(|m| whole("spec.subject.namespaces", m))?,
+                Selector::default(),
+            ),
+            (None, Some(p)) => {
+                namespaced_pod(p).map_err(|(f, m)| whole(&format!("spec.subject.pods{f}"), m))?
+            }
+            _ => {
                 return Err(whole(
-                    "spec.priority",
-                    format!(
-                        "{}: must be between 0 and {MAX_PRIORITY}, inclusive",
-                        spec.priority
-                    ),
+                    "spec.subject",
+                    "exactly one of `namespaces` and `pods` must be set".into(),
+                ))
+            }
+        };
+        for (list, rules) in [
+            ("spec.ingress", &spec.ingress),
+            ("spec.egress", &spec.egress),
+        ] {
+            let n = rules.as_ref().map_or(0, Vec::len);
+            if n > MAX_ITEMS {
+                return Err(whole(
+                    list,
+                    format!("Too many: {n}: must have at most {MAX_ITEMS} items"),
                 ));
             }
-            let (namespaces, pods) = match (&spec.subject.namespaces, &spec.subject.pods) {
-                (Some(ns), None) => (
-                    selector(ns).map_err(|m| whole("spec.subject.namespaces", m))?,
-                    Selector::default(),
-                ),
-                (None, Some(p)) => namespaced_pod(p)
-                    .map_err(|(f, m)| whole(&format!("spec.subject.pods{f}"), m))?,
-                _ => {
-                    return Err(whole(
-                        "spec.subject",
-                        "exactly one of `namespaces` and `pods` must be set".into(),
-                    ))
-                }
-            };
-            for (list, rules) in [
-                ("spec.ingress", &spec.ingress),
-                ("spec.egress", &spec.egress),
-            ] {
-                let n = rules.as_ref().map_or(0, Vec::len);
-                if n > MAX_ITEMS {
-                    return Err(whole(
-                        list,
-                        format!("Too many: {n}: must have at most {MAX_ITEMS} items"),
-                    ));
-                }
-            }
-            Ok((tier, spec.priority as u16, namespaces, pods))
-        })();
+        }
+        Ok((tier, spec.priority as u16, namespaces, pods))
+    })();
     let (tier, priority, namespaces, pods) = match checked {
         Ok(v) => v,
         Err((field, message)) => {
@@ -275,13 +277,15 @@ fn rule(direction: Direction, index: usize, r: &CnpRule) -> Result<ClusterRule, 
         "Accept" => RuleAction::Accept,
         "Deny" => RuleAction::Deny,
         "Pass" => RuleAction::Pass,
-        other => return Err((
-            ".action".into(),
-            format!(
+        other => {
+            return Err((
+                ".action".into(),
+                format!(
                 "Unsupported value: {other:?}: supported values: \"Accept\", \"Deny\", \"Pass\""
             ),
-            None,
-        )),
+                None,
+            ))
+        }
     };
     let fail = |field: String, message: String| (field, message, Some(action));
     if r.name.chars().count() > MAX_RULE_NAME {

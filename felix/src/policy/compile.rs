@@ -43,7 +43,27 @@ pub enum Match {
     ProtoPort(String),
     /// `daddr . meta l4proto . th dport` in a named-port set.
     DstAddrProtoPort(Family, String),
+    /// A ClusterNetworkPolicy `Pass` rule matched in the tier being evaluated (`PASS_MARK`).
+    Passed,
 }
+
+impl Match {
+    /// The named set this match looks up, if any.
+    pub fn set(&self) -> Option<&str> {
+        match self {
+            Match::SrcAddr(_, set)
+            | Match::DstAddr(_, set)
+            | Match::ProtoPort(set)
+            | Match::DstAddrProtoPort(_, set) => Some(set),
+            Match::Passed => None,
+        }
+    }
+}
+
+/// The packet mark bit a `Pass` rule sets to leave its tier: the tier chain returns when it is
+/// set, and the endpoint chain clears it before the next tier (nftables has no multi-level
+/// return). Bits 14 and 15 are kube-proxy's; this one is Sepal's alone.
+pub const PASS_MARK: u32 = 0x0010_0000;
 
 /// What a matching rule does.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
@@ -54,6 +74,12 @@ pub enum Action {
     Drop,
     /// Evaluate a policy's chain (it accepts or returns).
     Jump(String),
+    /// Set `PASS_MARK` and return: the rest of this tier is skipped.
+    Pass,
+    /// Back to the calling chain.
+    Return,
+    /// Clear `PASS_MARK` and go on (no verdict).
+    ClearPass,
 }
 
 /// A rule with its counter; `comment` names the policy rule it came from (for counters and explain).
@@ -194,10 +220,11 @@ impl<'a> PodIndex<'a> {
     }
 
     /// The pods a peer names (for an ipBlock: the pods whose address is in it).
+    /// `namespace`: the policy's own, which a peer without a namespace selector means.
     pub(crate) fn peer_pods(
         &self,
         ns_labels: &NsLabels,
-        policy: &Policy,
+        namespace: &str,
         peer: &PeerSpec,
     ) -> Vec<(usize, &'a Pod)> {
         match peer {
@@ -205,7 +232,7 @@ impl<'a> PodIndex<'a> {
                 namespaces: None,
                 pods,
             } => self
-                .in_namespace(&policy.namespace)
+                .in_namespace(namespace)
                 .iter()
                 .filter(|(_, p)| pods.matches(&p.labels))
                 .copied()
@@ -231,17 +258,17 @@ impl<'a> PodIndex<'a> {
     }
 }
 
-/// Is `pod` one of the pods a selector peer of `policy` names?
+/// Is `pod` one of the pods a selector peer of a policy in `namespace` names?
 pub(crate) fn peer_matches_pod(
     ns_labels: &NsLabels,
-    policy: &Policy,
+    namespace: &str,
     peer: &PeerSpec,
     pod: &Pod,
 ) -> bool {
     match peer {
         PeerSpec::Pods { namespaces, pods } => {
             let ns_ok = match namespaces {
-                None => *pod.namespace == *policy.namespace,
+                None => *pod.namespace == *namespace,
                 Some(sel) => ns_labels
                     .get(&*pod.namespace)
                     .is_some_and(|labels| sel.matches(labels)),
@@ -348,17 +375,44 @@ pub(crate) struct Ctx<'a, 'b> {
     pub sets: &'b mut HashMap<String, Set>,
 }
 
+/// What a rule group compiles for: the policy's namespace (what a peer without a namespace
+/// selector means; empty for cluster policies, whose peers always name namespaces), a key for
+/// what decides the selected pods (ingress named-port sets are named after it), and the rules'
+/// comment and action.
+pub(crate) struct GroupSource<'p> {
+    pub namespace: &'p str,
+    pub selected_key: String,
+    pub comment: String,
+    pub action: Action,
+}
+
+impl GroupSource<'_> {
+    /// A NetworkPolicy's allow rules.
+    pub(crate) fn network_policy<'p>(
+        policy: &'p Policy,
+        direction: Direction,
+        group: &RuleGroup,
+    ) -> GroupSource<'p> {
+        GroupSource {
+            namespace: &policy.namespace,
+            selected_key: format!("{}{:?}", policy.namespace, policy.pod_selector),
+            comment: group_comment(policy, direction, &group.indices),
+            action: Action::Accept,
+        }
+    }
+}
+
 pub(crate) fn compile_group(
     ctx: &mut Ctx,
-    policy: &Policy,
+    src: &GroupSource,
     direction: Direction,
     group: &RuleGroup,
     selected: &[&Pod],
     out: &mut Vec<NftRule>,
 ) {
     let cluster = ctx.cluster;
-    let comment = group_comment(policy, direction, &group.indices);
-    let action = Action::Accept;
+    let comment = src.comment.clone();
+    let action = src.action.clone();
     let ports = &group.rules[0].ports;
     // Any rule of the group without peers allows every peer.
     let peers: Option<Vec<&PeerSpec>> = if group.rules.iter().any(|r| r.peers.is_none()) {
@@ -386,7 +440,7 @@ pub(crate) fn compile_group(
             Some(peers) => {
                 let mut found: BTreeMap<usize, &Pod> = BTreeMap::new();
                 for peer in peers {
-                    found.extend(ctx.index.peer_pods(ctx.ns_labels, policy, peer));
+                    found.extend(ctx.index.peer_pods(ctx.ns_labels, src.namespace, peer));
                 }
                 found.into_values().collect()
             }
@@ -409,7 +463,7 @@ pub(crate) fn compile_group(
                     }
                 )
             }) {
-                key.push_str(&policy.namespace);
+                key.push_str(src.namespace);
             }
             let key = format!("a{}", short_hash(&key));
             let name = |f: Family, wide: bool| {
@@ -441,7 +495,7 @@ pub(crate) fn compile_group(
                         has_pods = true;
                         ips.extend(
                             ctx.index
-                                .peer_pods(ctx.ns_labels, policy, peer)
+                                .peer_pods(ctx.ns_labels, src.namespace, peer)
                                 .into_iter()
                                 .flat_map(|(_, pod)| pod.ips.iter().copied()),
                         )
@@ -576,7 +630,7 @@ pub(crate) fn compile_group(
         // named after what decides its content, so policies resolving the same names on the
         // same pods share it.
         let owners_key = match direction {
-            Direction::Ingress => format!("{}{:?}", policy.namespace, policy.pod_selector),
+            Direction::Ingress => src.selected_key.clone(),
             Direction::Egress => {
                 let mut key = format!("{peers:?}");
                 let this_namespace = peers.as_ref().is_none_or(|peers| {
@@ -591,7 +645,7 @@ pub(crate) fn compile_group(
                     })
                 });
                 if this_namespace {
-                    key.push_str(&policy.namespace);
+                    key.push_str(src.namespace);
                 }
                 key
             }

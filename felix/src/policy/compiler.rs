@@ -14,15 +14,20 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
+use super::cnp::{validate_cluster_policy, Tier};
 use super::compile::{
     compile_group, dir_index, endpoint_chain, families_in_use, fit_comment, ns_labels,
-    peer_matches_pod, policy_chain, rule_groups, selects, short_hash, Ctx, NsLabels, PodIndex,
-    DIRECTIONS,
+    peer_matches_pod, policy_chain, rule_groups, selects, short_hash, Ctx, GroupSource, NsLabels,
+    PodIndex, DIRECTIONS,
+};
+use super::tiers::{
+    clear_pass, cluster_affects, cluster_families, cluster_selects, compile_cluster_policy,
+    tier_jump, CNamed,
 };
 use super::validate::{validate, Direction, PortSpec, Problem};
 use super::{
-    default_deny_comment, Action, Chain, Cluster, Family, Match, Namespace, NetworkPolicy, NftRule,
-    Pod, Policy, Ruleset,
+    default_deny_comment, Action, Chain, Cluster, ClusterNetworkPolicy, Family, Match, Namespace,
+    NetworkPolicy, NftRule, Node, Pod, Policy, Ruleset,
 };
 
 /// A policy's or pod's identity: (namespace, name).
@@ -49,6 +54,8 @@ pub struct Touched {
 pub struct Compiler {
     /// By (namespace, name): the source last seen, and what it validated to.
     cache: HashMap<Key, Validated>,
+    /// The same for ClusterNetworkPolicies, by name.
+    cluster_cache: HashMap<String, ClusterValidated>,
     state: State,
     touched: Touched,
     generation: u64,
@@ -60,6 +67,13 @@ static NEXT_GENERATION: AtomicU64 = AtomicU64::new(1);
 struct Validated {
     source: Arc<NetworkPolicy>,
     policy: Option<Named>,
+    problems: Vec<Problem>,
+}
+
+#[derive(Debug)]
+struct ClusterValidated {
+    source: Arc<ClusterNetworkPolicy>,
+    policy: Option<CNamed>,
     problems: Vec<Problem>,
 }
 
@@ -82,6 +96,10 @@ struct State {
     namespaces: BTreeMap<String, Namespace>,
     families: Vec<Family>,
     policies: HashMap<Key, PolicyPart>,
+    /// What each ClusterNetworkPolicy contributes, by name.
+    cluster_parts: HashMap<String, PolicyPart>,
+    /// The nodes `nodes` peers were resolved against.
+    nodes: Vec<Arc<Node>>,
     endpoints: HashMap<String, EndpointPart>,
     /// Users of each set (policies) and of each shared jump chain (endpoints).
     set_users: HashMap<String, usize>,
@@ -120,11 +138,22 @@ impl Compiler {
     pub fn update(&mut self, cluster: &Cluster) -> (&Ruleset, &Touched) {
         let Compiler {
             cache,
+            cluster_cache,
             state,
             touched,
             generation,
         } = self;
         let changed_policies = revalidate(cache, cluster);
+        let mut changed_cluster = revalidate_cluster(cluster_cache, cluster);
+        let mut cluster_names: Vec<&String> = cluster_cache.keys().collect();
+        cluster_names.sort();
+        let cnamed: BTreeMap<&str, &CNamed> = cluster_names
+            .iter()
+            .filter_map(|&k| cluster_cache[k].policy.as_ref().map(|n| (k.as_str(), n)))
+            .collect();
+        // Evaluation order within each tier.
+        let mut tier_order: Vec<&CNamed> = cnamed.values().copied().collect();
+        tier_order.sort_by(|a, b| a.policy.order_key().cmp(&b.policy.order_key()));
         let mut keys: Vec<&Key> = cache.keys().collect();
         keys.sort();
         let named: BTreeMap<&Key, &Named> = keys
@@ -144,7 +173,10 @@ impl Compiler {
             }
         }
         let duplicates = pods.len() < cluster.pods.len() || local.len() < local_count;
-        let families = families_in_use(cluster, named.values().map(|n| &n.policy));
+        let mut families = families_in_use(cluster, named.values().map(|n| &n.policy));
+        families.extend(cluster_families(cluster, cnamed.values().copied()));
+        families.sort();
+        families.dedup();
         let mut ns_labels = ns_labels(cluster);
 
         *touched = Touched {
@@ -158,11 +190,13 @@ impl Compiler {
             || state.namespaces != cluster.namespaces
             || state.families != families;
         let mut affected: BTreeSet<Key> = BTreeSet::new();
+        let mut affected_cluster: BTreeSet<String> = BTreeSet::new();
         let mut dirty: BTreeSet<String> = BTreeSet::new();
         if full {
             *state = State::default();
             touched.full = true;
             affected.extend(named.keys().map(|k| (*k).clone()));
+            affected_cluster.extend(cnamed.keys().map(|k| k.to_string()));
             dirty.extend(local.keys().map(|i| i.to_string()));
             for pod in &cluster.pods {
                 state.remember(pod);
@@ -205,9 +239,30 @@ impl Compiler {
                         affected.insert((*key).clone());
                     }
                 }
+                for (&name, n) in &cnamed {
+                    if !affected_cluster.contains(name)
+                        && versions().any(|p| cluster_affects(&ns_labels, &n.policy, p))
+                    {
+                        affected_cluster.insert(name.to_string());
+                    }
+                }
             }
             affected.extend(changed_policies.iter().cloned());
+            affected_cluster.extend(changed_cluster.iter().cloned());
+            // `nodes` peers resolve to the nodes' addresses.
+            if state.nodes != cluster.nodes {
+                affected_cluster.extend(
+                    cnamed
+                        .iter()
+                        .filter(|(_, n)| n.uses_nodes)
+                        .map(|(name, _)| name.to_string()),
+                );
+            }
         }
+        if full {
+            changed_cluster.clear();
+        }
+        state.nodes = cluster.nodes.clone();
 
         // Policies: drop what the affected ones built, then build them anew.
         // Endpoints jump to the policies selecting them: only a changed policy (or a changed pod,
@@ -215,6 +270,15 @@ impl Compiler {
         for key in &affected {
             if let Some(part) = state.policies.remove(key) {
                 if changed_policies.contains(key) {
+                    dirty.extend(part.ifaces.iter().cloned());
+                }
+                state.drop_policy(part, touched);
+            }
+        }
+        // Cluster policies, the same way.
+        for name in &affected_cluster {
+            if let Some(part) = state.cluster_parts.remove(name) {
+                if changed_cluster.contains(name) {
                     dirty.extend(part.ifaces.iter().cloned());
                 }
                 state.drop_policy(part, touched);
@@ -235,6 +299,38 @@ impl Compiler {
                 built.push((key, compile_policy(&mut ctx, n)));
             }
         }
+        let mut cluster_built = Vec::new();
+        for name in &affected_cluster {
+            if let Some(n) = cnamed.get(name.as_str()) {
+                let selected: Vec<&Pod> = local
+                    .values()
+                    .copied()
+                    .filter(|pod| cluster_selects(&ns_labels, &n.policy, pod))
+                    .collect();
+                let mut part = PolicyPart {
+                    ifaces: selected
+                        .iter()
+                        .filter_map(|p| p.host_iface.clone())
+                        .collect(),
+                    ..PolicyPart::default()
+                };
+                let mut chains = Vec::new();
+                if !part.ifaces.is_empty() {
+                    chains = compile_cluster_policy(&mut ctx, n, &selected);
+                    for (name, chain) in &chains {
+                        part.chains.push(name.clone());
+                        part.sets.extend(
+                            chain
+                                .rules
+                                .iter()
+                                .flat_map(|r| r.matches.iter().filter_map(Match::set))
+                                .map(str::to_string),
+                        );
+                    }
+                }
+                cluster_built.push((name, part, chains));
+            }
+        }
         for (key, (part, chains)) in built {
             if full || changed_policies.contains(key) {
                 dirty.extend(part.ifaces.iter().cloned());
@@ -252,6 +348,25 @@ impl Compiler {
                 }
             }
             state.policies.insert(key.clone(), part);
+        }
+
+        for (name, part, chains) in cluster_built {
+            if full || changed_cluster.contains(name) {
+                dirty.extend(part.ifaces.iter().cloned());
+            }
+            for (chain_name, chain) in chains {
+                touched.chains.insert(chain_name.clone());
+                state.rs.chains.insert(chain_name, chain);
+            }
+            for set_name in &part.sets {
+                *state.set_users.entry(set_name.clone()).or_default() += 1;
+                let set = &fresh[set_name];
+                if state.rs.sets.get(set_name) != Some(set) {
+                    touched.sets.insert(set_name.clone());
+                    state.rs.sets.insert(set_name.clone(), set.clone());
+                }
+            }
+            state.cluster_parts.insert(name.clone(), part);
         }
 
         // Endpoints whose pod or whose selecting policies changed.
@@ -278,7 +393,9 @@ impl Compiler {
                     .filter(|n| selects(&n.policy, pod))
                     .copied()
                     .collect();
-                let part = state.build_endpoint(&iface, pod, &selecting, &mut jumps_of, touched);
+                let tiers = TierLists::of(&tier_order, &ns_labels, pod);
+                let part =
+                    state.build_endpoint(&iface, pod, &selecting, &tiers, &mut jumps_of, touched);
                 state.endpoints.insert(iface.clone(), part);
                 state.rs.endpoints.insert(iface.clone());
             }
@@ -288,6 +405,11 @@ impl Compiler {
         let mut problems: Vec<Problem> = keys
             .iter()
             .flat_map(|k| cache[*k].problems.iter().cloned())
+            .chain(
+                cluster_names
+                    .iter()
+                    .flat_map(|k| cluster_cache[*k].problems.iter().cloned()),
+            )
             .collect();
         problems.sort_by(|a, b| (&a.policy, &a.field).cmp(&(&b.policy, &b.field)));
         state.rs.problems = problems;
@@ -338,6 +460,65 @@ fn revalidate(cache: &mut HashMap<Key, Validated>, cluster: &Cluster) -> BTreeSe
     changed
 }
 
+/// `revalidate` for ClusterNetworkPolicies: returns the names changed, added or removed.
+fn revalidate_cluster(
+    cache: &mut HashMap<String, ClusterValidated>,
+    cluster: &Cluster,
+) -> BTreeSet<String> {
+    let mut seen: BTreeSet<String> = BTreeSet::new();
+    let mut changed: BTreeSet<String> = BTreeSet::new();
+    for cnp in &cluster.cluster_policies {
+        let name = cnp.name().to_string();
+        if cache
+            .get(&name)
+            .is_none_or(|v| !Arc::ptr_eq(&v.source, cnp) && v.source != *cnp)
+        {
+            let (policy, problems) = validate_cluster_policy(cnp);
+            cache.insert(
+                name.clone(),
+                ClusterValidated {
+                    source: cnp.clone(),
+                    policy: policy.map(CNamed::new),
+                    problems,
+                },
+            );
+            changed.insert(name.clone());
+        }
+        seen.insert(name);
+    }
+    cache.retain(|name, _| {
+        let keep = seen.contains(name);
+        if !keep {
+            changed.insert(name.clone());
+        }
+        keep
+    });
+    changed
+}
+
+/// A local pod's ClusterNetworkPolicies per tier, in evaluation order.
+struct TierLists<'n> {
+    admin: Vec<&'n CNamed>,
+    baseline: Vec<&'n CNamed>,
+}
+
+impl<'n> TierLists<'n> {
+    fn of(ordered: &[&'n CNamed], ns_labels: &NsLabels, pod: &Pod) -> TierLists<'n> {
+        let (admin, baseline) = ordered
+            .iter()
+            .filter(|n| cluster_selects(ns_labels, &n.policy, pod))
+            .partition(|n| n.policy.tier == Tier::Admin);
+        TierLists { admin, baseline }
+    }
+
+    fn in_direction(list: &[&'n CNamed], direction: Direction) -> Vec<&'n CNamed> {
+        list.iter()
+            .filter(|n| n.applies(direction))
+            .copied()
+            .collect()
+    }
+}
+
 /// Can `pod` (one version of it) change what `policy` compiles to? When the policy selects it
 /// (membership, named ports), names it as a peer (peer sets, egress named ports), or resolves
 /// egress named ports on every pod.
@@ -351,7 +532,7 @@ fn affects(ns_labels: &NsLabels, policy: &Policy, pod: &Pod) -> bool {
                 .any(|rule| match &rule.peers {
                     Some(peers) => peers
                         .iter()
-                        .any(|peer| peer_matches_pod(ns_labels, policy, peer, pod)),
+                        .any(|peer| peer_matches_pod(ns_labels, &policy.namespace, peer, pod)),
                     None => {
                         direction == Direction::Egress
                             && rule
@@ -392,16 +573,16 @@ fn compile_policy(ctx: &mut Ctx, named: &Named) -> (PolicyPart, Vec<(String, Cha
         };
         let mut chain = Chain::default();
         for group in rule_groups(rules) {
-            compile_group(ctx, policy, direction, &group, &selected, &mut chain.rules);
+            let src = GroupSource::network_policy(policy, direction, &group);
+            compile_group(ctx, &src, direction, &group, &selected, &mut chain.rules);
         }
         for rule in &chain.rules {
-            for m in &rule.matches {
-                let (Match::SrcAddr(_, set)
-                | Match::DstAddr(_, set)
-                | Match::ProtoPort(set)
-                | Match::DstAddrProtoPort(_, set)) = m;
-                part.sets.insert(set.clone());
-            }
+            part.sets.extend(
+                rule.matches
+                    .iter()
+                    .filter_map(Match::set)
+                    .map(str::to_string),
+            );
         }
         let name = named.chain[dir_index(direction)].clone();
         part.chains.push(name.clone());
@@ -459,6 +640,7 @@ impl State {
         iface: &str,
         pod: &Pod,
         selecting: &[&'n Named],
+        tiers: &TierLists<'_>,
         jumps_of: &mut HashMap<(Vec<&'n str>, usize), Option<NftRule>>,
         touched: &mut Touched,
     ) -> EndpointPart {
@@ -475,33 +657,50 @@ impl State {
                 .entry((key, d))
                 .or_insert_with(|| jump_rule(&policies, direction))
                 .clone();
-            let Some(jump) = jump else {
-                continue;
-            };
-            if policies.len() > 1 {
-                // The shared chain of jumps.
-                let Action::Jump(shared) = &jump.action else {
-                    unreachable!("jump_rule returns jumps");
-                };
-                let users = self.shared_users.entry(shared.clone()).or_default();
-                if *users == 0 {
-                    let rules = policies.iter().map(|n| policy_jump(n, d)).collect();
-                    self.rs.chains.insert(shared.clone(), Chain { rules });
-                    touched.chains.insert(shared.clone());
-                }
-                *users += 1;
-                part.shared.push(shared.clone());
+            let admin = TierLists::in_direction(&tiers.admin, direction);
+            let baseline = TierLists::in_direction(&tiers.baseline, direction);
+            let mut rules = Vec::new();
+            // Admin first, whatever else selects the pod.
+            if !admin.is_empty() {
+                rules.push(self.tier_entry(Tier::Admin, &admin, direction, &mut part, touched));
+                rules.extend(clear_pass(Tier::Admin, &admin, direction));
             }
-            let chain = Chain {
-                rules: vec![
-                    jump,
-                    NftRule {
-                        matches: vec![],
-                        action: Action::Drop,
-                        comment: default_deny_comment(&pod.namespace, &pod.name, direction),
-                    },
-                ],
-            };
+            if let Some(jump) = jump {
+                if policies.len() > 1 {
+                    // The shared chain of jumps.
+                    let Action::Jump(shared) = &jump.action else {
+                        unreachable!("jump_rule returns jumps");
+                    };
+                    let users = self.shared_users.entry(shared.clone()).or_default();
+                    if *users == 0 {
+                        let rules = policies.iter().map(|n| policy_jump(n, d)).collect();
+                        self.rs.chains.insert(shared.clone(), Chain { rules });
+                        touched.chains.insert(shared.clone());
+                    }
+                    *users += 1;
+                    part.shared.push(shared.clone());
+                }
+                // NetworkPolicy isolates the pod: its verdict is final.
+                rules.push(jump);
+                rules.push(NftRule {
+                    matches: vec![],
+                    action: Action::Drop,
+                    comment: default_deny_comment(&pod.namespace, &pod.name, direction),
+                });
+            } else if !baseline.is_empty() {
+                rules.push(self.tier_entry(
+                    Tier::Baseline,
+                    &baseline,
+                    direction,
+                    &mut part,
+                    touched,
+                ));
+                rules.extend(clear_pass(Tier::Baseline, &baseline, direction));
+            }
+            if rules.is_empty() {
+                continue;
+            }
+            let chain = Chain { rules };
             let name = endpoint_chain(iface, direction);
             let dispatch = match direction {
                 Direction::Ingress => &mut self.rs.ingress_dispatch,
@@ -513,6 +712,31 @@ impl State {
             part.chains.push(name);
         }
         part
+    }
+}
+
+impl State {
+    /// The jump into a tier's policies for an endpoint; a shared tier chain is created with
+    /// its first user and counted like the shared NetworkPolicy jump chains.
+    fn tier_entry(
+        &mut self,
+        tier: Tier,
+        policies: &[&CNamed],
+        direction: Direction,
+        part: &mut EndpointPart,
+        touched: &mut Touched,
+    ) -> NftRule {
+        let (jump, shared) = tier_jump(tier, policies, direction);
+        if let Some((name, chain)) = shared {
+            let users = self.shared_users.entry(name.clone()).or_default();
+            if *users == 0 {
+                self.rs.chains.insert(name.clone(), chain);
+                touched.chains.insert(name.clone());
+            }
+            *users += 1;
+            part.shared.push(name);
+        }
+        jump
     }
 }
 

@@ -5,9 +5,13 @@ use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::net::IpAddr;
 
+use super::cnp::{
+    validate_cluster_policy, ClusterPeer, ClusterPolicy, ClusterPort, ClusterRule, RuleAction, Tier,
+};
 use super::compile::{
     group_comment, ns_labels, peer_matches_pod, rule_groups, selects, validated, NsLabels,
 };
+use super::tiers::{cluster_rule_comment, cluster_selects, node_ranges};
 use super::validate::{Direction, PeerSpec, Policy, PortSpec};
 use super::{default_deny_comment, Cluster, Family, Pod, Protocol};
 use crate::nft::{packets_for, RuleCounter};
@@ -76,11 +80,67 @@ pub enum DirectionVerdict {
     },
     /// Isolated by these policies and none of their rules allows the packet.
     Denied { isolated_by: Vec<String> },
+    /// Decided by a ClusterNetworkPolicy rule (`Accept` or `Deny`) in the Admin tier, or in the
+    /// Baseline tier for a pod no NetworkPolicy isolates.
+    Cluster(RuleRef),
 }
 
 impl DirectionVerdict {
     pub fn allows(&self) -> bool {
-        !matches!(self, DirectionVerdict::Denied { .. })
+        match self {
+            DirectionVerdict::Denied { .. } => false,
+            DirectionVerdict::Cluster(rule) => rule.action == RuleAction::Accept,
+            _ => true,
+        }
+    }
+
+    /// The tier that decided: `Admin`, `NetworkPolicy`, `Baseline`, or `None` when nothing did
+    /// (not a pod, or no policy had a say: allowed by default).
+    pub fn tier(&self) -> Option<&'static str> {
+        match self {
+            DirectionVerdict::Allowed { .. } | DirectionVerdict::Denied { .. } => {
+                Some("NetworkPolicy")
+            }
+            DirectionVerdict::Cluster(rule) => Some(match rule.tier {
+                Tier::Admin => "Admin",
+                Tier::Baseline => "Baseline",
+            }),
+            DirectionVerdict::NotAPod | DirectionVerdict::NotIsolated => None,
+        }
+    }
+}
+
+/// A ClusterNetworkPolicy rule that decided or passed a packet.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RuleRef {
+    pub tier: Tier,
+    /// The ClusterNetworkPolicy's name.
+    pub policy: String,
+    pub direction: Direction,
+    /// Index in the policy's `ingress`/`egress` list, and the rule's `name`.
+    pub rule: usize,
+    pub name: String,
+    pub action: RuleAction,
+    /// The rule was invalid and denies everything (fail closed).
+    pub fail_closed: bool,
+    /// The nftables rule comment, for the counters.
+    pub comment: String,
+}
+
+impl fmt::Display for RuleRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{} ClusterNetworkPolicy {} rule {}[{}]",
+            self.tier, self.policy, self.direction, self.rule
+        )?;
+        if !self.name.is_empty() {
+            write!(f, " {:?}", self.name)?;
+        }
+        if self.fail_closed {
+            f.write_str(" (invalid, failing closed)")?;
+        }
+        Ok(())
     }
 }
 
@@ -95,6 +155,8 @@ pub struct Explanation {
     pub loopback: bool,
     pub egress: DirectionVerdict,
     pub ingress: DirectionVerdict,
+    /// `Pass` rules the packet met before the decision, per direction (egress, ingress).
+    pub passed: [Vec<RuleRef>; 2],
 }
 
 impl fmt::Display for Explanation {
@@ -110,8 +172,21 @@ impl fmt::Display for Explanation {
                 "reason: a pod's traffic to itself never reaches the node"
             );
         }
-        for (what, v) in [("egress", &self.egress), ("ingress", &self.ingress)] {
+        for ((what, v), passed) in [("egress", &self.egress), ("ingress", &self.ingress)]
+            .into_iter()
+            .zip(&self.passed)
+        {
+            for rule in passed {
+                writeln!(f, "{what}: passed to the next tier by {rule}")?;
+            }
             match v {
+                DirectionVerdict::Cluster(rule) => {
+                    let verb = match rule.action {
+                        RuleAction::Accept => "accepted",
+                        _ => "denied",
+                    };
+                    writeln!(f, "{what}: {verb} by {rule}")?
+                }
                 DirectionVerdict::NotAPod => writeln!(f, "{what}: not a pod, no policy applies")?,
                 DirectionVerdict::NotIsolated => {
                     writeln!(f, "{what}: no policy selects the pod, allowed")?
@@ -137,6 +212,7 @@ impl Explanation {
     pub fn counted(&self, counters: &BTreeMap<(String, String), RuleCounter>) -> [Option<u64>; 2] {
         let count = |v: &DirectionVerdict, pod: &Option<String>, direction: Direction| match v {
             DirectionVerdict::Allowed { comment, .. } => Some(packets_for(counters, comment)),
+            DirectionVerdict::Cluster(rule) => Some(packets_for(counters, &rule.comment)),
             DirectionVerdict::Denied { .. } => {
                 let (ns, name) = pod.as_deref()?.split_once('/')?;
                 Some(packets_for(
@@ -167,6 +243,12 @@ impl Explanation {
                 DirectionVerdict::Allowed { comment, .. } => {
                     format!("counter {what}: rule \"{comment}\" matched {n} packets\n")
                 }
+                DirectionVerdict::Cluster(rule) => {
+                    format!(
+                        "counter {what}: rule \"{}\" matched {n} packets\n",
+                        rule.comment
+                    )
+                }
                 _ => format!("counter {what}: the pod's default deny dropped {n} packets\n"),
             };
             out.push_str(&line);
@@ -190,11 +272,23 @@ struct End<'a> {
     ip: IpAddr,
 }
 
+/// One direction's question: the far end, the destination pod (named ports), protocol, port.
+#[derive(Clone, Copy)]
+struct Packet<'e, 'a> {
+    direction: Direction,
+    other: &'e End<'a>,
+    dst: Option<&'a Pod>,
+    protocol: Protocol,
+    port: u16,
+}
+
 /// The validated policies and lookup tables of one cluster model, built once and asked about
 /// any number of packets (revocation checks every conntrack entry with one).
 pub struct Explainer<'a> {
     cluster: &'a Cluster,
     policies: Vec<Policy>,
+    /// Valid ClusterNetworkPolicies in evaluation order (tier, priority, name).
+    cluster_policies: Vec<ClusterPolicy>,
     ns_labels: NsLabels,
     pod_by_ip: HashMap<IpAddr, &'a Pod>,
 }
@@ -208,9 +302,16 @@ impl<'a> Explainer<'a> {
                 pod_by_ip.entry(*ip).or_insert(&**pod);
             }
         }
+        let mut cluster_policies: Vec<ClusterPolicy> = cluster
+            .cluster_policies
+            .iter()
+            .filter_map(|c| validate_cluster_policy(c).0)
+            .collect();
+        cluster_policies.sort_by(|a, b| a.order_key().cmp(&b.order_key()));
         Explainer {
             cluster,
             policies,
+            cluster_policies,
             ns_labels: ns_labels(cluster),
             pod_by_ip,
         }
@@ -292,11 +393,12 @@ impl<'a> Explainer<'a> {
                     loopback: true,
                     egress: DirectionVerdict::NotIsolated,
                     ingress: DirectionVerdict::NotIsolated,
+                    passed: Default::default(),
                 });
             }
         }
-        let egress = self.check(Direction::Egress, &src, &dst, protocol, port);
-        let ingress = self.check(Direction::Ingress, &dst, &src, protocol, port);
+        let (egress, egress_passed) = self.check(Direction::Egress, &src, &dst, protocol, port);
+        let (ingress, ingress_passed) = self.check(Direction::Ingress, &dst, &src, protocol, port);
         let id = |end: &End| end.pod.map(|p| format!("{}/{}", p.namespace, p.name));
         Ok(Explanation {
             allowed: egress.allows() && ingress.allows(),
@@ -305,11 +407,13 @@ impl<'a> Explainer<'a> {
             loopback: false,
             egress,
             ingress,
+            passed: [egress_passed, ingress_passed],
         })
     }
 
     /// One direction: `subject` is the pod whose policies apply (the source for egress, the
-    /// destination for ingress), `other` the far end.
+    /// destination for ingress), `other` the far end. Tiers in order: Admin, NetworkPolicy,
+    /// Baseline; also the `Pass` rules met on the way.
     fn check(
         &self,
         direction: Direction,
@@ -317,15 +421,115 @@ impl<'a> Explainer<'a> {
         other: &End,
         protocol: Protocol,
         port: u16,
-    ) -> DirectionVerdict {
+    ) -> (DirectionVerdict, Vec<RuleRef>) {
         let Some(pod) = subject.pod else {
-            return DirectionVerdict::NotAPod;
+            return (DirectionVerdict::NotAPod, Vec::new());
         };
         // Named ports resolve on the destination pod in both directions.
         let dst = match direction {
             Direction::Ingress => subject.pod,
             Direction::Egress => other.pod,
         };
+        let packet = Packet {
+            direction,
+            other,
+            dst,
+            protocol,
+            port,
+        };
+        let mut passed = Vec::new();
+        if let Some(v) = self.tier(Tier::Admin, pod, &packet, &mut passed) {
+            return (v, passed);
+        }
+        let v = self.network_policy_tier(pod, &packet);
+        if v != DirectionVerdict::NotIsolated {
+            return (v, passed);
+        }
+        let v = self.tier(Tier::Baseline, pod, &packet, &mut passed);
+        (v.unwrap_or(DirectionVerdict::NotIsolated), passed)
+    }
+
+    /// The first rule of the tier's policies selecting `pod` that matches decides (`Some`), or
+    /// passes the packet on (recorded in `passed`); `None` when the tier has no say.
+    fn tier(
+        &self,
+        tier: Tier,
+        pod: &Pod,
+        packet: &Packet,
+        passed: &mut Vec<RuleRef>,
+    ) -> Option<DirectionVerdict> {
+        let direction = packet.direction;
+        for policy in self
+            .cluster_policies
+            .iter()
+            .filter(|p| p.tier == tier && cluster_selects(&self.ns_labels, p, pod))
+        {
+            for rule in policy.rules(direction) {
+                if !self.cluster_rule_matches(rule, packet) {
+                    continue;
+                }
+                let found = RuleRef {
+                    tier,
+                    policy: policy.name.clone(),
+                    direction,
+                    rule: rule.index,
+                    name: rule.name.clone(),
+                    action: rule.action,
+                    fail_closed: rule.fail_closed,
+                    comment: cluster_rule_comment(policy, direction, rule),
+                };
+                if rule.action == RuleAction::Pass {
+                    passed.push(found);
+                    return None;
+                }
+                return Some(DirectionVerdict::Cluster(found));
+            }
+        }
+        None
+    }
+
+    fn cluster_rule_matches(&self, rule: &ClusterRule, packet: &Packet) -> bool {
+        let other = packet.other;
+        let peer_ok = match &rule.peers {
+            None => true,
+            Some(peers) => peers.iter().any(|peer| match peer {
+                ClusterPeer::Pods { namespaces, pods } => other.pod.is_some_and(|p| {
+                    pods.matches(&p.labels)
+                        && self
+                            .ns_labels
+                            .get(&*p.namespace)
+                            .is_some_and(|l| namespaces.matches(l))
+                }),
+                ClusterPeer::Networks(ranges) => ranges.contains(other.ip),
+                ClusterPeer::Nodes(sel) => node_ranges(self.cluster, sel).contains(other.ip),
+                ClusterPeer::Nothing => false,
+            }),
+        };
+        let port_ok = match &rule.ports {
+            None => true,
+            Some(ports) => ports.iter().any(|p| match p {
+                ClusterPort::Range {
+                    protocol,
+                    first,
+                    last,
+                } => *protocol == packet.protocol && (*first..=*last).contains(&packet.port),
+                ClusterPort::Named(name) => packet
+                    .dst
+                    .is_some_and(|pod| pod.named_port(name, packet.protocol) == Some(packet.port)),
+            }),
+        };
+        peer_ok && port_ok
+    }
+
+    /// The NetworkPolicy tier: allowed by a rule, denied by isolation, or not isolated.
+    fn network_policy_tier(&self, pod: &Pod, packet: &Packet) -> DirectionVerdict {
+        let Packet {
+            direction,
+            other,
+            dst,
+            protocol,
+            port,
+        } = *packet;
         let mut isolated_by = Vec::new();
         for policy in self.policies.iter().filter(|p| selects(p, pod)) {
             let Some(rules) = policy.rules(direction) else {
@@ -380,7 +584,7 @@ fn peer_allows(ns_labels: &NsLabels, policy: &Policy, peer: &PeerSpec, other: &E
         PeerSpec::IpBlock { ranges } => ranges.contains(other.ip),
         PeerSpec::Pods { .. } => other
             .pod
-            .is_some_and(|pod| peer_matches_pod(ns_labels, policy, peer, pod)),
+            .is_some_and(|pod| peer_matches_pod(ns_labels, &policy.namespace, peer, pod)),
     }
 }
 

@@ -28,6 +28,7 @@ pub mod cnp_api;
 mod compile;
 mod compiler;
 mod explain;
+mod tiers;
 mod validate;
 
 use std::collections::BTreeMap;
@@ -36,10 +37,12 @@ use std::net::IpAddr;
 use std::sync::Arc;
 
 pub use addr::{AddrRanges, Family};
-pub use cnp::{validate_cluster_policy, ClusterPolicy, Tier};
+pub use cnp::{
+    validate_cluster_policy, ClusterPeer, ClusterPolicy, ClusterPort, ClusterRule, RuleAction, Tier,
+};
 pub use cnp_api::ClusterNetworkPolicy;
 pub use compile::{
-    compile, default_deny_comment, Action, Chain, Match, NftRule, Ruleset, Set, SetKind,
+    compile, default_deny_comment, Action, Chain, Match, NftRule, Ruleset, Set, SetKind, PASS_MARK,
 };
 pub use compiler::{Compiler, Touched};
 pub use explain::{
@@ -47,6 +50,7 @@ pub use explain::{
     Peer as ExplainPeer,
 };
 pub use k8s_openapi::api::networking::v1::NetworkPolicy;
+pub use tiers::cluster_rule_comment;
 pub use validate::{
     validate, Direction, PeerSpec, Policy, PolicyRule, PortSpec, Problem, ProblemScope, Selector,
 };
@@ -195,3 +199,5 @@ impl Pod {
 mod proptests;
 #[cfg(test)]
 pub(crate) mod tests;
+#[cfg(test)]
+mod tiers_tests;

@@ -25,6 +25,18 @@ const TEMPLATES: &[&str] = &[
     "spec:\n  podSelector: {}\n  policyTypes: [Ingress, Egress]\n  ingress:\n  - {}\n  egress:\n  - to: [{namespaceSelector: {matchExpressions: [{key: team, operator: DoesNotExist}]}}]",
 ];
 
+/// ClusterNetworkPolicy specs: both tiers, all three actions, every peer kind, named ports,
+/// ranges, equal priorities, and content that fails closed.
+const CLUSTER_TEMPLATES: &[&str] = &[
+    "spec:\n  tier: Admin\n  priority: 10\n  subject: {namespaces: {matchLabels: {team: blue}}}\n  ingress:\n  - {action: Deny, from: [{namespaces: {matchLabels: {team: red}}}]}",
+    "spec:\n  tier: Admin\n  priority: 5\n  subject: {pods: {namespaceSelector: {}, podSelector: {matchLabels: {app: a}}}}\n  ingress:\n  - {action: Pass, from: [{pods: {namespaceSelector: {}, podSelector: {matchLabels: {app: b}}}}], protocols: [{tcp: {destinationPort: {number: 80}}}]}\n  - {action: Deny, from: [{namespaces: {}}]}",
+    "spec:\n  tier: Baseline\n  priority: 5\n  subject: {namespaces: {}}\n  ingress:\n  - {action: Accept, from: [{namespaces: {matchLabels: {team: blue}}}]}\n  - {action: Deny, from: [{namespaces: {}}]}",
+    "spec:\n  tier: Admin\n  priority: 10\n  subject: {namespaces: {}}\n  egress:\n  - {action: Accept, to: [{networks: [10.0.0.0/28, 'fd00::/120']}]}\n  - {action: Deny, to: [{nodes: {matchLabels: {zone: a}}}]}\n  - {action: Pass, to: [{pods: {namespaceSelector: {matchLabels: {team: red}}, podSelector: {matchLabels: {role: db}}}}], protocols: [{destinationNamedPort: http}, {udp: {destinationPort: {range: {start: 1000, end: 2000}}}}]}",
+    "spec:\n  tier: Baseline\n  priority: 1\n  subject: {pods: {namespaceSelector: {matchLabels: {team: red}}, podSelector: {}}}\n  ingress:\n  - {action: Pass, from: [{namespaces: {}}], protocols: [{destinationNamedPort: http}]}\n  egress:\n  - {action: Deny, to: [{nodes: {}}]}",
+    "spec:\n  tier: Admin\n  priority: 10\n  subject: {pods: {namespaceSelector: {}, podSelector: {matchLabels: {role: web}}}}\n  ingress:\n  - {action: Accept, from: [{}]}\n  - {action: Deny, from: [{}]}\n  egress:\n  - {action: Accept, to: [{domainNames: [example.com]}]}",
+    "spec:\n  tier: Admin\n  priority: 1001\n  subject: {namespaces: {}}\n  ingress:\n  - {action: Deny, from: [{namespaces: {}}]}",
+];
+
 const NAMESPACES: [&str; 3] = ["x", "y", "z"];
 
 /// One change to the cluster, with raw numbers picking what it changes.
@@ -55,6 +67,18 @@ enum Change {
         ns: u8,
         team: u8,
     },
+    UpsertClusterPolicy {
+        name: u8,
+        template: u8,
+    },
+    DeleteClusterPolicy {
+        name: u8,
+    },
+    UpsertNode {
+        name: u8,
+        zone: u8,
+        ip: u8,
+    },
 }
 
 fn change() -> impl Strategy<Value = Change> {
@@ -68,6 +92,11 @@ fn change() -> impl Strategy<Value = Change> {
         ),
         1 => (0u8..3, 0u8..3).prop_map(|(ns, name)| Change::DeletePolicy { ns, name }),
         1 => (0u8..3, 0u8..3).prop_map(|(ns, team)| Change::NamespaceLabel { ns, team }),
+        3 => (0u8..4, 0u8..CLUSTER_TEMPLATES.len() as u8).prop_map(
+            |(name, template)| Change::UpsertClusterPolicy { name, template }
+        ),
+        1 => (0u8..4).prop_map(|name| Change::DeleteClusterPolicy { name }),
+        1 => (0u8..3, 0u8..2, 0u8..20).prop_map(|(name, zone, ip)| Change::UpsertNode { name, zone, ip }),
     ]
 }
 
@@ -156,6 +185,40 @@ fn apply(c: &mut Cluster, change: &Change) {
                 !(p.metadata.namespace.as_deref() == Some(NAMESPACES[ns as usize])
                     && p.metadata.name.as_deref() == Some(&name))
             });
+        }
+        Change::UpsertClusterPolicy { name, template } => {
+            let name = format!("cnp{name}");
+            let yaml = format!(
+                "metadata: {{name: {name}}}\n{}\n",
+                CLUSTER_TEMPLATES[template as usize]
+            );
+            let cnp: std::sync::Arc<ClusterNetworkPolicy> =
+                std::sync::Arc::new(serde_norway::from_str(&yaml).unwrap());
+            match c.cluster_policies.iter_mut().find(|p| p.name() == name) {
+                Some(p) => *p = cnp,
+                None => c.cluster_policies.push(cnp),
+            }
+        }
+        Change::DeleteClusterPolicy { name } => {
+            let name = format!("cnp{name}");
+            c.cluster_policies.retain(|p| p.name() != name);
+        }
+        Change::UpsertNode { name, zone, ip } => {
+            let node = std::sync::Arc::new(Node {
+                name: format!("n{name}"),
+                labels: BTreeMap::from([(
+                    "zone".to_string(),
+                    ["a", "b"][zone as usize].to_string(),
+                )]),
+                ips: match ip {
+                    0..=14 => vec![format!("10.0.0.{ip}").parse().unwrap()],
+                    _ => vec![format!("fd00::{ip}").parse().unwrap()],
+                },
+            });
+            match c.nodes.iter_mut().find(|n| n.name == node.name) {
+                Some(n) => *n = node,
+                None => c.nodes.push(node),
+            }
         }
         Change::NamespaceLabel { ns, team } => {
             let ns = NAMESPACES[ns as usize].to_string();
