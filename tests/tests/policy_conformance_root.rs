@@ -428,6 +428,7 @@ impl World {
                         ips: vec![IpAddr::V4(pod_ip(ni, pi))],
                         host_iface: Some(format!("sep{ns}{pod}")),
                         ports: ports.into(),
+                        host_network: false,
                     }
                     .into(),
                 );

@@ -114,6 +114,7 @@ fn cluster(rng: &mut Rng, on: &[bool], extra_pods: usize) -> Cluster {
                 // The first 9 are local; the others live on other nodes.
                 host_iface: (i < 9).then(|| format!("sep{i}")),
                 ports: ports.clone(),
+                host_network: false,
             }
             .into(),
         );

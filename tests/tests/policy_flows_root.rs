@@ -82,6 +82,7 @@ fn cluster(policies: &[&str]) -> Cluster {
         ips: vec![ip.into(), ip6.into()],
         host_iface: Some(iface.into()),
         ports: Default::default(),
+        host_network: false,
     };
     Cluster {
         pods: vec![

@@ -115,6 +115,7 @@ impl PodInfo {
             ips,
             host_iface: None,
             ports,
+            host_network: spec.host_network.unwrap_or(false),
         };
         Some(PodInfo {
             policy: Arc::new(policy),

@@ -384,6 +384,8 @@ pub(crate) struct GroupSource<'p> {
     pub selected_key: String,
     pub comment: String,
     pub action: Action,
+    /// Pod peers leave out host-network pods (ClusterNetworkPolicy: their address is the node's).
+    pub pod_network_only: bool,
 }
 
 impl GroupSource<'_> {
@@ -398,6 +400,7 @@ impl GroupSource<'_> {
             selected_key: format!("{}{:?}", policy.namespace, policy.pod_selector),
             comment: group_comment(policy, direction, &group.indices),
             action: Action::Accept,
+            pod_network_only: false,
         }
     }
 }
@@ -434,17 +437,29 @@ pub(crate) fn compile_group(
             .is_none_or(|ports| ports.iter().any(|p| matches!(p, PortSpec::Range { .. })));
     // Egress named ports resolve on the peer pods: the named-port set holds their addresses
     // (found only when that set is not built yet).
+    let counts = |pod: &Pod| !(src.pod_network_only && pod.host_network);
     let peer_pods = || -> Vec<&Pod> {
         match &peers {
-            None => cluster.pods.iter().map(|p| &**p).collect(),
+            None => cluster
+                .pods
+                .iter()
+                .map(|p| &**p)
+                .filter(|p| counts(p))
+                .collect(),
             Some(peers) => {
                 let mut found: BTreeMap<usize, &Pod> = BTreeMap::new();
                 for peer in peers {
                     found.extend(ctx.index.peer_pods(ctx.ns_labels, src.namespace, peer));
                 }
-                found.into_values().collect()
+                found.into_values().filter(|p| counts(p)).collect()
             }
         }
+    };
+    // Sets built without host-network pods are not the same sets.
+    let pods_only = if src.pod_network_only {
+        "|pod-network"
+    } else {
+        ""
     };
     // Per family, the peer sets a packet's address is looked up in (a rule for each): pod IPs
     // and single-address ipBlocks in a hash set (constant-time lookup, cheap to update), wider
@@ -465,6 +480,7 @@ pub(crate) fn compile_group(
             }) {
                 key.push_str(src.namespace);
             }
+            key.push_str(pods_only);
             let key = format!("a{}", short_hash(&key));
             let name = |f: Family, wide: bool| {
                 format!("{key}-peer{}{}", fam(f), if wide { "r" } else { "" })
@@ -497,6 +513,7 @@ pub(crate) fn compile_group(
                             ctx.index
                                 .peer_pods(ctx.ns_labels, src.namespace, peer)
                                 .into_iter()
+                                .filter(|(_, pod)| counts(pod))
                                 .flat_map(|(_, pod)| pod.ips.iter().copied()),
                         )
                     }
@@ -647,6 +664,7 @@ pub(crate) fn compile_group(
                 if this_namespace {
                     key.push_str(src.namespace);
                 }
+                key.push_str(pods_only);
                 key
             }
         };

@@ -494,7 +494,8 @@ impl<'a> Explainer<'a> {
             None => true,
             Some(peers) => peers.iter().any(|peer| match peer {
                 ClusterPeer::Pods { namespaces, pods } => other.pod.is_some_and(|p| {
-                    pods.matches(&p.labels)
+                    !p.host_network
+                        && pods.matches(&p.labels)
                         && self
                             .ns_labels
                             .get(&*p.namespace)

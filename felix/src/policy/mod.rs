@@ -105,6 +105,9 @@ pub struct Pod {
     pub host_iface: Option<String>,
     /// Named container ports (`containers[].ports[]` with a `name`).
     pub ports: Arc<[NamedPort]>,
+    /// The pod uses its node's network: ClusterNetworkPolicy neither selects it nor names it
+    /// as a peer (its address is the node's).
+    pub host_network: bool,
 }
 
 /// A named container port.

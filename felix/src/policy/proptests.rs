@@ -142,12 +142,14 @@ fn apply(c: &mut Cluster, change: &Change) {
                 }],
             };
             let pod = std::sync::Arc::new(Pod {
-                host_iface: (local > 0).then(|| format!("sep{ns}{name}")),
+                // 3: a host-network pod (no veth of its own).
+                host_iface: (1..=2).contains(&local).then(|| format!("sep{ns}{name}")),
                 namespace: ns.into(),
                 name: name.into(),
                 labels: l.into(),
                 ips,
                 ports: ports.into(),
+                host_network: local == 3,
             });
             match c
                 .pods

@@ -34,6 +34,7 @@ pub(crate) fn cluster(policies: &[&str]) -> Cluster {
                 ips: vec![format!("10.244.0.{}", 10 + ni * 3 + pi).parse().unwrap()],
                 host_iface: Some(format!("sep{ns}{pod}")),
                 ports: ports.into(),
+                host_network: false,
             }));
         }
     }

@@ -93,7 +93,8 @@ pub fn cluster_rule_comment(
 
 /// Does the policy's subject hold `pod`? (Its namespace's labels are in `ns_labels`.)
 pub(crate) fn cluster_selects(ns_labels: &NsLabels, policy: &ClusterPolicy, pod: &Pod) -> bool {
-    policy.pods.matches(&pod.labels)
+    !pod.host_network
+        && policy.pods.matches(&pod.labels)
         && ns_labels
             .get(&*pod.namespace)
             .is_some_and(|labels| policy.namespaces.matches(labels))
@@ -112,7 +113,8 @@ pub(crate) fn cluster_peer_matches_pod(
             .flat_map(|r| r.peers.iter().flatten())
             .any(|peer| match peer {
                 ClusterPeer::Pods { namespaces, pods } => {
-                    pods.matches(&pod.labels)
+                    !pod.host_network
+                        && pods.matches(&pod.labels)
                         && ns_labels
                             .get(&*pod.namespace)
                             .is_some_and(|l| namespaces.matches(l))
@@ -248,6 +250,7 @@ pub(crate) fn compile_cluster_policy(
                     RuleAction::Deny => Action::Drop,
                     RuleAction::Pass => Action::Pass,
                 },
+                pod_network_only: true,
             };
             let group = RuleGroup {
                 indices: vec![rule.index],

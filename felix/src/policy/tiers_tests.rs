@@ -272,3 +272,24 @@ fn endpoint_chains_evaluate_the_tiers_in_order() {
         "{rendered}"
     );
 }
+
+#[test]
+fn host_network_pods_are_neither_subjects_nor_peers() {
+    let mut c = with_cnps(&[], &[ADMIN_DENY_RED_TO_BLUE]);
+    for pod in c.pods.iter_mut().filter(|p| &*p.name == "c") {
+        let pod = Arc::make_mut(pod);
+        pod.host_network = true;
+        pod.host_iface = None;
+    }
+    assert!(!verdict(&c, "y/a", "x/a", "80").allowed);
+    assert!(verdict(&c, "y/c", "x/a", "80").allowed);
+    let rs = compile(&c);
+    let peers: Vec<&Set> = rs
+        .sets
+        .values()
+        .filter(|s| s.kind == SetKind::Addr(Family::V4))
+        .collect();
+    assert_eq!(peers.len(), 1);
+    // y/a, y/b, z/a, z/b: not y/c or z/c.
+    assert_eq!(peers[0].elements.len(), 4, "{peers:?}");
+}

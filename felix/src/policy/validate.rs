@@ -143,6 +143,10 @@ impl fmt::Display for Problem {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let ignored = match &self.scope {
             ProblemScope::Policy => "policy ignored".to_string(),
+            // Cluster policies fail closed: an Accept rule matches nothing, others deny all.
+            ProblemScope::Rule(d, i) if self.kind == super::cnp::CNP_KIND => {
+                format!("rule {d}[{i}] fails closed")
+            }
             ProblemScope::Rule(d, i) => format!("rule {d}[{i}] ignored"),
         };
         write!(

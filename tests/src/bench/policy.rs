@@ -93,6 +93,7 @@ fn pod(ns: &str, name: String, labels: &[(&str, String)], ip: Ipv4Addr, local: b
         ),
         ips: vec![IpAddr::V4(ip)],
         ports: named_ports(),
+        host_network: false,
     })
 }
 
