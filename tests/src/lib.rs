@@ -9,6 +9,7 @@ pub mod kubelet;
 pub mod lab;
 pub mod netns;
 pub mod node;
+pub mod podnet;
 
 use std::path::PathBuf;
 

@@ -7,21 +7,16 @@
 //! kernel has no SCTP sockets). Policy is compiled by felix's compiler and programmed by its
 //! nftables dataplane; each expectation is also checked against `explain` on the same model.
 
-use std::collections::{BTreeMap, HashSet};
-use std::fs::File;
-use std::io::ErrorKind;
-use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
-use std::os::fd::{AsRawFd, RawFd};
-use std::sync::atomic::{AtomicBool, AtomicU16, Ordering};
-use std::sync::{Arc, Mutex};
-use std::thread::JoinHandle;
+use std::collections::BTreeMap;
+use std::net::{IpAddr, Ipv4Addr};
 use std::time::{Duration, Instant};
 
 use sepal_felix::nft::{Dataplane, Options};
 use sepal_felix::policy::{
     compile, explain, Cluster, ExplainPeer, NamedPort, Namespace, NetworkPolicy, Pod, Protocol,
 };
-use sepal_tests::netns::{veth, Netns};
+use sepal_tests::netns::Netns;
+use sepal_tests::podnet::{probe_all, Outcome, PodNode, ProbeSpec, Servers};
 use serde::Deserialize;
 
 const NAMESPACES: [&str; 3] = ["x", "y", "z"];
@@ -101,279 +96,39 @@ fn load_cases(file: &str) -> Vec<Case> {
 // ---------------------------------------------------------------------------------------------
 // Lab
 
-fn enter_netns(name: &str) {
-    let f = File::open(format!("/run/netns/{name}")).expect("open netns");
-    // SAFETY: setns on a valid namespace fd only changes this thread's network namespace.
-    let rc = unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) };
-    assert_eq!(rc, 0, "setns {name}: {}", std::io::Error::last_os_error());
-}
-
-/// SCTP INITs seen by the pods' raw sockets: (source, destination port, initiate tag).
-type SctpSeen = Arc<Mutex<HashSet<(Ipv4Addr, u16, u32)>>>;
-
 struct Lab {
-    // Dropped last (declaration order): servers stop before their namespaces go.
-    servers: Vec<JoinHandle<()>>,
-    stop: Arc<AtomicBool>,
-    sctp: SctpSeen,
+    // Dropped first (declaration order): servers stop before their namespaces go.
+    servers: Servers,
     pods: Vec<Netns>,
-    node: Netns,
-    _uplink: Netns,
-}
-
-impl Drop for Lab {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        for s in self.servers.drain(..) {
-            let _ = s.join();
-        }
-    }
+    node: PodNode,
 }
 
 impl Lab {
     fn new() -> Lab {
-        sepal_tests::require_root();
-        let node = Netns::new("pnode");
-        let uplink = Netns::new("pup");
-        // A node always has an uplink with a default route; proxy ARP needs one.
-        veth(&node, "eth0", &uplink, "eth0");
-        node.run(&format!(
-            "ip addr add {NODE_IP}/24 dev eth0 && ip route add default dev eth0 && sysctl -qw net.ipv4.ip_forward=1"
-        ));
+        let node = PodNode::new("pnode", "pup", NODE_IP.parse().expect("node ip"));
         let mut pods = Vec::new();
         for (ni, ns) in NAMESPACES.iter().enumerate() {
             for (pi, pod) in PODS.iter().enumerate() {
-                let p = Netns::new(&format!("p{ns}{pod}"));
-                let host = format!("sep{ns}{pod}");
-                let ip = pod_ip(ni, pi);
-                veth(&node, &host, &p, "eth0");
-                node.run(&format!(
-                    "ip link set {host} address ee:ee:ee:ee:ee:ee && \
-                     sysctl -qw net.ipv4.conf.{host}.proxy_arp=1 net.ipv4.neigh.{host}.proxy_delay=0 && \
-                     ip route add {ip}/32 dev {host} scope link"
+                pods.push(node.attach_pod(
+                    &format!("p{ns}{pod}"),
+                    &format!("sep{ns}{pod}"),
+                    pod_ip(ni, pi),
                 ));
-                p.run(&format!(
-                    "ip addr add {ip}/32 dev eth0 && ip route add 169.254.1.1 dev eth0 scope link && \
-                     ip route add default via 169.254.1.1 dev eth0"
-                ));
-                pods.push(p);
             }
         }
-        let stop = Arc::new(AtomicBool::new(false));
-        let sctp: SctpSeen = Arc::default();
-        let mut servers = Vec::new();
-        for name in pods
-            .iter()
-            .map(|p| p.name().to_string())
-            .chain([node.name().to_string()])
-        {
-            let (stop, sctp) = (stop.clone(), sctp.clone());
-            let (tx, rx) = std::sync::mpsc::channel();
-            servers.push(std::thread::spawn(move || serve(&name, stop, sctp, tx)));
-            rx.recv().expect("server started");
+        let mut servers = Servers::new();
+        for netns in pods.iter().chain([&node.node]) {
+            servers.start(netns.name(), &PORTS, &PORTS);
         }
         Lab {
             servers,
-            stop,
-            sctp,
             pods,
             node,
-            _uplink: uplink,
         }
     }
 
     fn dataplane(&self) -> Dataplane {
-        Dataplane::in_netns(self.node.path(), Options::default())
-    }
-}
-
-/// Serves TCP and UDP (echo) on 80 and 81 and records SCTP INITs, until `stop`.
-fn serve(netns: &str, stop: Arc<AtomicBool>, sctp: SctpSeen, ready: std::sync::mpsc::Sender<()>) {
-    enter_netns(netns);
-    let tcp: Vec<TcpListener> = PORTS
-        .iter()
-        .map(|p| TcpListener::bind(("0.0.0.0", *p)).expect("bind tcp"))
-        .collect();
-    let udp: Vec<UdpSocket> = PORTS
-        .iter()
-        .map(|p| UdpSocket::bind(("0.0.0.0", *p)).expect("bind udp"))
-        .collect();
-    for l in &tcp {
-        l.set_nonblocking(true).expect("nonblocking");
-    }
-    for u in &udp {
-        u.set_nonblocking(true).expect("nonblocking");
-    }
-    // SAFETY: plain socket(2); the fd is closed below.
-    let raw = unsafe { libc::socket(libc::AF_INET, libc::SOCK_RAW | libc::SOCK_NONBLOCK, 132) };
-    assert!(
-        raw >= 0,
-        "raw sctp socket: {}",
-        std::io::Error::last_os_error()
-    );
-    let _ = ready.send(());
-    let mut fds: Vec<RawFd> = tcp.iter().map(|l| l.as_raw_fd()).collect();
-    fds.extend(udp.iter().map(|u| u.as_raw_fd()));
-    fds.push(raw);
-    let mut buf = [0u8; 2048];
-    while !stop.load(Ordering::Relaxed) {
-        let mut pfds: Vec<libc::pollfd> = fds
-            .iter()
-            .map(|&fd| libc::pollfd {
-                fd,
-                events: libc::POLLIN,
-                revents: 0,
-            })
-            .collect();
-        // SAFETY: pfds is a valid array of pollfd for the duration of the call.
-        let n = unsafe { libc::poll(pfds.as_mut_ptr(), pfds.len() as libc::nfds_t, 100) };
-        if n <= 0 {
-            continue;
-        }
-        for l in &tcp {
-            while let Ok((s, _)) = l.accept() {
-                drop(s);
-            }
-        }
-        for u in &udp {
-            while let Ok((len, from)) = u.recv_from(&mut buf) {
-                let _ = u.send_to(&buf[..len], from);
-            }
-        }
-        loop {
-            // SAFETY: buf is valid for buf.len() bytes.
-            let len = unsafe { libc::recv(raw, buf.as_mut_ptr().cast(), buf.len(), 0) };
-            if len <= 0 {
-                break;
-            }
-            let b = &buf[..len as usize];
-            let ihl = ((b.first().copied().unwrap_or(0) & 0x0f) as usize) * 4;
-            if b.len() < ihl + 32 || b[ihl + 12] != 1 {
-                continue; // not an INIT
-            }
-            let src = Ipv4Addr::new(b[12], b[13], b[14], b[15]);
-            let dport = u16::from_be_bytes([b[ihl + 2], b[ihl + 3]]);
-            let tag = u32::from_be_bytes([b[ihl + 16], b[ihl + 17], b[ihl + 18], b[ihl + 19]]);
-            sctp.lock().expect("lock").insert((src, dport, tag));
-        }
-    }
-    // SAFETY: raw is our own open fd.
-    unsafe { libc::close(raw) };
-}
-
-// ---------------------------------------------------------------------------------------------
-// Probes
-
-static NEXT_PORT: AtomicU16 = AtomicU16::new(20000);
-
-/// A source port no earlier probe of this process used, so an old conntrack entry of an allowed
-/// flow can never make a new probe look established.
-fn fresh_port() -> u16 {
-    let p = NEXT_PORT.fetch_add(1, Ordering::Relaxed);
-    20000 + p % 40000
-}
-
-fn crc32c(data: &[u8]) -> u32 {
-    let mut crc = !0u32;
-    for &byte in data {
-        crc ^= byte as u32;
-        for _ in 0..8 {
-            crc = if crc & 1 != 0 {
-                (crc >> 1) ^ 0x82F6_3B78
-            } else {
-                crc >> 1
-            };
-        }
-    }
-    !crc
-}
-
-fn sctp_init(sport: u16, dport: u16, tag: u32) -> Vec<u8> {
-    let mut p = Vec::with_capacity(32);
-    p.extend_from_slice(&sport.to_be_bytes());
-    p.extend_from_slice(&dport.to_be_bytes());
-    p.extend_from_slice(&0u32.to_be_bytes()); // verification tag 0 in an INIT
-    p.extend_from_slice(&0u32.to_be_bytes()); // checksum, filled below
-    p.extend_from_slice(&[1, 0]); // chunk INIT, flags
-    p.extend_from_slice(&20u16.to_be_bytes());
-    p.extend_from_slice(&tag.to_be_bytes()); // initiate tag
-    p.extend_from_slice(&65535u32.to_be_bytes()); // a_rwnd
-    p.extend_from_slice(&10u16.to_be_bytes()); // outbound streams
-    p.extend_from_slice(&10u16.to_be_bytes()); // inbound streams
-    p.extend_from_slice(&tag.to_be_bytes()); // initial TSN
-    let crc = crc32c(&p);
-    p[8..12].copy_from_slice(&crc.to_le_bytes());
-    p
-}
-
-fn probe_one(
-    client_netns: &str,
-    src: Ipv4Addr,
-    dst: Ipv4Addr,
-    proto: Protocol,
-    port: u16,
-    timeout: Duration,
-    sctp: &SctpSeen,
-) -> bool {
-    enter_netns(client_netns);
-    let addr = SocketAddr::new(IpAddr::V4(dst), port);
-    match proto {
-        Protocol::Tcp => TcpStream::connect_timeout(&addr, timeout).is_ok(),
-        Protocol::Udp => {
-            let sock = loop {
-                match UdpSocket::bind(("0.0.0.0", fresh_port())) {
-                    Ok(s) => break s,
-                    Err(e) if e.kind() == ErrorKind::AddrInUse => continue,
-                    Err(e) => panic!("udp bind: {e}"),
-                }
-            };
-            let nonce = fresh_port().to_be_bytes();
-            if sock.connect(addr).is_err() || sock.send(&nonce).is_err() {
-                return false;
-            }
-            sock.set_read_timeout(Some(timeout)).expect("timeout");
-            let mut buf = [0u8; 16];
-            matches!(sock.recv(&mut buf), Ok(2) if buf[..2] == nonce)
-        }
-        Protocol::Sctp => {
-            let sport = fresh_port();
-            let tag = 0x5e9a_0000 | sport as u32;
-            let pkt = sctp_init(sport, port, tag);
-            // SAFETY: plain socket(2) and sendto(2) with a valid sockaddr_in; fd closed below.
-            let ok = unsafe {
-                let fd = libc::socket(libc::AF_INET, libc::SOCK_RAW, 132);
-                assert!(fd >= 0, "raw socket: {}", std::io::Error::last_os_error());
-                let sa = libc::sockaddr_in {
-                    sin_family: libc::AF_INET as libc::sa_family_t,
-                    sin_port: 0,
-                    sin_addr: libc::in_addr {
-                        s_addr: u32::from(dst).to_be(),
-                    },
-                    sin_zero: [0; 8],
-                };
-                let n = libc::sendto(
-                    fd,
-                    pkt.as_ptr().cast(),
-                    pkt.len(),
-                    0,
-                    (&sa as *const libc::sockaddr_in).cast(),
-                    std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
-                );
-                libc::close(fd);
-                n == pkt.len() as isize
-            };
-            if !ok {
-                return false;
-            }
-            let deadline = Instant::now() + timeout;
-            while Instant::now() < deadline {
-                if sctp.lock().expect("lock").contains(&(src, port, tag)) {
-                    return true;
-                }
-                std::thread::sleep(Duration::from_millis(5));
-            }
-            false
-        }
+        Dataplane::in_netns(self.node.node.path(), Options::default())
     }
 }
 
@@ -491,34 +246,24 @@ fn table(m: &[[Option<bool>; 9]; 9]) -> String {
 fn probe_matrix(
     lab: &Lab,
     pairs: &[(usize, usize)],
-    proto: Protocol,
+    protocol: Protocol,
     port: u16,
     timeout: Duration,
 ) -> Vec<bool> {
-    std::thread::scope(|s| {
-        let handles: Vec<_> = pairs
-            .iter()
-            .map(|&(f, t)| {
-                let client = lab.pods[f].name().to_string();
-                let sctp = lab.sctp.clone();
-                s.spawn(move || {
-                    probe_one(
-                        &client,
-                        pod_ip(f / 3, f % 3),
-                        pod_ip(t / 3, t % 3),
-                        proto,
-                        port,
-                        timeout,
-                        &sctp,
-                    )
-                })
-            })
-            .collect();
-        handles
-            .into_iter()
-            .map(|h| h.join().expect("probe thread"))
-            .collect()
-    })
+    let specs: Vec<ProbeSpec> = pairs
+        .iter()
+        .map(|&(f, t)| ProbeSpec {
+            client_netns: lab.pods[f].name().to_string(),
+            src: pod_ip(f / 3, f % 3),
+            dst: pod_ip(t / 3, t % 3),
+            protocol,
+            port,
+        })
+        .collect();
+    probe_all(&specs, timeout, lab.servers.sctp())
+        .iter()
+        .map(Outcome::connected)
+        .collect()
 }
 
 fn run_cases(file: &str) {
@@ -649,49 +394,31 @@ fn run_cases(file: &str) {
 }
 
 fn check_node_access(lab: &Lab, at: &str, failures: &mut Vec<String>) {
-    let node = lab.node.name().to_string();
     let node_ip: Ipv4Addr = NODE_IP.parse().expect("ip");
-    std::thread::scope(|s| {
-        let mut handles = Vec::new();
-        for i in 0..9 {
-            let (node, pod) = (node.clone(), lab.pods[i].name().to_string());
-            let sctp = lab.sctp.clone();
-            handles.push((
-                format!("node -> {}", pod_name(i)),
-                s.spawn(move || {
-                    probe_one(
-                        &node,
-                        node_ip,
-                        pod_ip(i / 3, i % 3),
-                        Protocol::Tcp,
-                        80,
-                        RETRY_TIMEOUT,
-                        &sctp,
-                    )
-                }),
-            ));
-            let sctp = lab.sctp.clone();
-            handles.push((
-                format!("{} -> node", pod_name(i)),
-                s.spawn(move || {
-                    probe_one(
-                        &pod,
-                        pod_ip(i / 3, i % 3),
-                        node_ip,
-                        Protocol::Tcp,
-                        80,
-                        RETRY_TIMEOUT,
-                        &sctp,
-                    )
-                }),
-            ));
+    let tcp80 = |client: &Netns, src, dst| ProbeSpec {
+        client_netns: client.name().to_string(),
+        src,
+        dst,
+        protocol: Protocol::Tcp,
+        port: 80,
+    };
+    let mut what = Vec::new();
+    let mut specs = Vec::new();
+    for (i, pod) in lab.pods.iter().enumerate() {
+        let ip = pod_ip(i / 3, i % 3);
+        what.push(format!("node -> {}", pod_name(i)));
+        specs.push(tcp80(&lab.node.node, node_ip, ip));
+        what.push(format!("{} -> node", pod_name(i)));
+        specs.push(tcp80(pod, ip, node_ip));
+    }
+    for (what, o) in what
+        .iter()
+        .zip(probe_all(&specs, RETRY_TIMEOUT, lab.servers.sctp()))
+    {
+        if !o.connected() {
+            failures.push(format!("{at}: {what} TCP/80 was blocked ({o})"));
         }
-        for (what, h) in handles {
-            if !h.join().expect("probe thread") {
-                failures.push(format!("{at}: {what} TCP/80 was blocked"));
-            }
-        }
-    });
+    }
 }
 
 #[test]
