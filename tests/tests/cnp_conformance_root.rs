@@ -16,9 +16,11 @@ use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
 use cases::{CaseFile, Poke, World};
-use houses::{Lab, PodDef};
+use houses::{Lab, Placement, PodDef};
 use sepal_felix::nft::{Dataplane, Options};
-use sepal_felix::policy::{compile, Cluster, ExplainPeer, Explainer, Explanation, Protocol};
+use sepal_felix::policy::{
+    compile, Cluster, Compiler, ExplainPeer, Explainer, Explanation, Protocol,
+};
 use sepal_tests::podnet::{probe_all, Outcome, ProbeSpec};
 
 /// First probe timeout; a probe that disagrees is probed again with the longer one (upstream
@@ -145,34 +147,66 @@ fn holds(connect: bool, outcome: &Outcome) -> bool {
 
 #[test]
 fn upstream_cnp_model() {
-    let pods = houses::pods();
+    let pods = houses::pods(Placement::Spread);
     let file = cases::load(&pods);
-    let mut pokes = 0;
+    let (mut pokes, mut agreed) = (0, 0);
     let mut failures = Vec::new();
+    let mut compiler = Compiler::default();
     let (subtests, problems) = walk(&file, &pods, |at, cluster, batch| {
+        let fresh = compile(cluster);
+        failures.extend(fresh.problems.iter().map(|p| format!("{at}: compile: {p}")));
+        if *compiler.update(cluster).0 != fresh {
+            failures.push(format!(
+                "{at}: the incremental ruleset differs from a fresh compile"
+            ));
+        }
         for (p, e) in batch.iter().zip(explain_all(cluster, batch)) {
             pokes += 1;
-            if e.as_ref().map(|e| e.allowed) != Ok(p.connect) {
+            if e.as_ref().map(|e| e.allowed) == Ok(p.connect) {
+                agreed += 1;
+            } else {
                 failures.push(format!("{at}: {p}: explain says\n    {}", verdict(&e)));
             }
         }
     });
     failures.extend(problems);
     eprintln!(
-        "cnp-upstream.yaml (explain only): {} tests, {subtests} subtests, {pokes} pokes: {} passed, {} failed",
+        "cnp-upstream.yaml (explain only): {} tests, {subtests} subtests, {pokes} pokes: {agreed} passed, {} failed",
         file.tests.len(),
-        pokes - failures.len().min(pokes),
-        failures.len()
+        pokes - agreed
     );
     assert!(failures.is_empty(), "{}", failures.join("\n\n"));
 }
 
 #[test]
 fn upstream_cnp_conformance_root() {
+    run_root(Placement::Spread, |_| true);
+}
+
+/// The node-peer tests with centaur-1 on its clients' node, a placement upstream's scheduler may
+/// pick (and must on a one-node cluster). Ignored: felix never filters traffic between a pod and
+/// its own node, so the `nodes` and `networks` Deny rules do not stop it (explain says they do).
+#[test]
+#[ignore = "felix: a pod's traffic to its own node bypasses ClusterNetworkPolicy"]
+fn upstream_cnp_centaur_on_clients_node_root() {
+    run_root(Placement::OnClientsNode, |t| {
+        let steps = t.subtests.iter().flat_map(|s| &s.steps);
+        steps
+            .filter_map(|s| match s {
+                cases::Step::Poke(_, to, ..) => Some(to),
+                _ => None,
+            })
+            .any(|to| to.starts_with("centaur"))
+    });
+}
+
+/// Runs the tests `keep` selects on the house world with that placement.
+fn run_root(placement: Placement, keep: impl Fn(&cases::Test) -> bool) {
     sepal_tests::require_root();
     let started = Instant::now();
-    let pods = houses::pods();
-    let file = cases::load(&pods);
+    let pods = houses::pods(placement);
+    let mut file = cases::load(&pods);
+    file.tests.retain(keep);
     let lab = Lab::new(&pods);
     let mut dp = Dataplane::in_netns(lab.node.node.path(), Options::default());
     let mut failures = Vec::new();
@@ -180,12 +214,21 @@ fn upstream_cnp_conformance_root() {
     let preflight = everything_allowed(&lab, &mut dp, &pods, &mut failures);
 
     let (mut pokes, mut passed, mut explained) = (0, 0, 0);
+    // The agent's path: one incremental compiler for the whole run, its updates applied as
+    // such; each must equal a fresh compile of the same model.
+    let mut compiler = Compiler::default();
     let (subtests, problems) = walk(&file, &pods, |at, cluster, batch| {
-        let rs = compile(cluster);
-        for p in &rs.problems {
+        let fresh = compile(cluster);
+        for p in &fresh.problems {
             failures.push(format!("{at}: compile: {p}"));
         }
-        if let Err(e) = dp.apply(&rs) {
+        let (rs, touched) = compiler.update(cluster);
+        if *rs != fresh {
+            failures.push(format!(
+                "{at}: the incremental ruleset differs from a fresh compile"
+            ));
+        }
+        if let Err(e) = dp.apply_update(rs, touched) {
             failures.push(format!("{at}: apply: {e}"));
             return;
         }
@@ -208,8 +251,8 @@ fn upstream_cnp_conformance_root() {
     failures.extend(problems);
     dp.delete().expect("delete table");
     eprintln!(
-        "cnp-upstream.yaml: {} tests, {subtests} subtests, {pokes} pokes: {passed} passed, {} failed \
-         (explain agreed on {explained}); everything-allowed preflight: {preflight} probes; {:.1} s",
+        "cnp-upstream.yaml ({placement:?}): {} tests, {subtests} subtests, {pokes} pokes: {passed} passed, \
+         {} failed (explain agreed on {explained}); everything-allowed preflight: {preflight} probes; {:.1} s",
         file.tests.len(),
         pokes - passed,
         started.elapsed().as_secs_f64()

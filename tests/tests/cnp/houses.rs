@@ -61,6 +61,8 @@ pub struct PodDef {
     pub index: usize,
     /// Host-network: it has its node's address and no netns of its own.
     pub host_network: bool,
+    /// Index in `NODE_IPS` of the node it runs on.
+    pub node: usize,
     pub ip: Ipv4Addr,
 }
 
@@ -140,9 +142,17 @@ impl PodDef {
     }
 }
 
-/// The eight house pods (10.244.0.10 up, on node-0), then centaur-0 (node-0) and centaur-1
-/// (node-1).
-pub fn pods() -> Vec<PodDef> {
+/// Where upstream's scheduler put the centaurs (the suite probes centaur-1 only).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Placement {
+    /// centaur-N on node-N: centaur-1 on a node of its own, away from every client.
+    Spread,
+    /// centaur-1 on node-0, the clients' node (as on a one-node cluster), centaur-0 on node-1.
+    OnClientsNode,
+}
+
+/// The eight house pods (10.244.0.10 up, on node-0), then centaur-0 and centaur-1.
+pub fn pods(placement: Placement) -> Vec<PodDef> {
     let mut pods = Vec::new();
     for (house, set) in HOUSES {
         for index in 0..2 {
@@ -151,17 +161,23 @@ pub fn pods() -> Vec<PodDef> {
                 name: format!("{set}-{index}"),
                 index,
                 host_network: false,
+                node: 0,
                 ip: Ipv4Addr::new(10, 244, 0, 10 + pods.len() as u8),
             });
         }
     }
-    for (index, ip) in NODE_IPS.into_iter().enumerate() {
+    for index in 0..2 {
+        let node = match placement {
+            Placement::Spread => index,
+            Placement::OnClientsNode => 1 - index,
+        };
         pods.push(PodDef {
             house: FOREST,
             name: format!("centaur-{index}"),
             index,
             host_network: true,
-            ip,
+            node,
+            ip: NODE_IPS[node],
         });
     }
     pods
@@ -234,7 +250,7 @@ impl Lab {
         let mut owned = Vec::new();
         for p in pods {
             if p.host_network {
-                netns.insert(p.name.clone(), node_netns[p.index].clone());
+                netns.insert(p.name.clone(), node_netns[p.node].clone());
                 continue;
             }
             let ns = node.attach_pod(&p.tag(), &p.host_iface(), p.ip);
