@@ -106,6 +106,9 @@ pub struct Ruleset {
     pub ingress_dispatch: BTreeMap<String, String>,
     /// Host veth → chain checking traffic from the pod (dispatch on `iifname`).
     pub egress_dispatch: BTreeMap<String, String>,
+    /// Host veth → chain checking traffic from the pod to its own node (input hook, `iifname`):
+    /// ClusterNetworkPolicy egress rules apply there; NetworkPolicy always allows it.
+    pub local_dispatch: BTreeMap<String, String>,
     /// Every local pod's host veth (invalid conntrack state is dropped on these).
     pub endpoints: BTreeSet<String>,
     /// Invalid policy content that was left out.
@@ -142,20 +145,27 @@ pub(crate) fn fit_comment(id: &str, what: &str) -> String {
 
 /// Chain name of an endpoint and direction.
 pub(crate) fn endpoint_chain(iface: &str, direction: Direction) -> String {
+    match direction {
+        Direction::Ingress => format!("in-{}", chain_safe(iface)),
+        Direction::Egress => format!("eg-{}", chain_safe(iface)),
+    }
+}
+
+/// Chain name of an endpoint's traffic to its own node (`el-`: egress, local).
+pub(crate) fn local_chain(iface: &str) -> String {
+    format!("el-{}", chain_safe(iface))
+}
+
+/// An interface name as it can go into a chain name.
+fn chain_safe(iface: &str) -> std::borrow::Cow<'_, str> {
     // Interface names may hold characters nft identifiers cannot; those get a hashed name.
     let plain = iface
         .bytes()
         .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'));
-    let hashed;
-    let iface = if plain {
-        iface
+    if plain {
+        iface.into()
     } else {
-        hashed = format!("x{}", short_hash(iface));
-        &hashed
-    };
-    match direction {
-        Direction::Ingress => format!("in-{iface}"),
-        Direction::Egress => format!("eg-{iface}"),
+        format!("x{}", short_hash(iface)).into()
     }
 }
 

@@ -16,7 +16,7 @@ use std::sync::Arc;
 
 use super::cnp::{validate_cluster_policy, Tier};
 use super::compile::{
-    compile_group, dir_index, endpoint_chain, families_in_use, fit_comment, ns_labels,
+    compile_group, dir_index, endpoint_chain, families_in_use, fit_comment, local_chain, ns_labels,
     peer_matches_pod, policy_chain, rule_groups, selects, short_hash, Ctx, GroupSource, NsLabels,
     PodIndex, DIRECTIONS,
 };
@@ -383,6 +383,7 @@ impl Compiler {
                 state.drop_endpoint(part, touched);
             }
             state.rs.ingress_dispatch.remove(&iface);
+            state.rs.local_dispatch.remove(&iface);
             state.rs.egress_dispatch.remove(&iface);
             state.rs.endpoints.remove(&iface);
             if let Some(pod) = local.get(iface.as_str()) {
@@ -697,6 +698,10 @@ impl State {
                 ));
                 rules.extend(clear_pass(Tier::Baseline, &baseline, direction));
             }
+            if direction == Direction::Egress {
+                let isolated = !policies.is_empty();
+                self.build_local(iface, &admin, &baseline, isolated, &mut part, touched);
+            }
             if rules.is_empty() {
                 continue;
             }
@@ -716,6 +721,40 @@ impl State {
 }
 
 impl State {
+    /// The chain for a pod's traffic to its own node, which never crosses the forward hook:
+    /// the same Admin tier as its egress, then, unless a NetworkPolicy isolates it (which
+    /// always allows the pod's node, as Kubernetes says), Baseline.
+    fn build_local(
+        &mut self,
+        iface: &str,
+        admin: &[&CNamed],
+        baseline: &[&CNamed],
+        isolated: bool,
+        part: &mut EndpointPart,
+        touched: &mut Touched,
+    ) {
+        let direction = Direction::Egress;
+        let mut rules = Vec::new();
+        if !admin.is_empty() {
+            rules.push(self.tier_entry(Tier::Admin, admin, direction, part, touched));
+            rules.extend(clear_pass(Tier::Admin, admin, direction));
+        }
+        if !isolated && !baseline.is_empty() {
+            rules.push(self.tier_entry(Tier::Baseline, baseline, direction, part, touched));
+            rules.extend(clear_pass(Tier::Baseline, baseline, direction));
+        }
+        if rules.is_empty() {
+            return;
+        }
+        let name = local_chain(iface);
+        self.rs
+            .local_dispatch
+            .insert(iface.to_string(), name.clone());
+        self.rs.chains.insert(name.clone(), Chain { rules });
+        touched.chains.insert(name.clone());
+        part.chains.push(name);
+    }
+
     /// The jump into a tier's policies for an endpoint; a shared tier chain is created with
     /// its first user and counted like the shared NetworkPolicy jump chains.
     fn tier_entry(

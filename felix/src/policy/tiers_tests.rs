@@ -293,3 +293,42 @@ fn host_network_pods_are_neither_subjects_nor_peers() {
     // y/a, y/b, z/a, z/b: not y/c or z/c.
     assert_eq!(peers[0].elements.len(), 4, "{peers:?}");
 }
+
+#[test]
+fn traffic_to_the_own_node_meets_the_cluster_tiers_only() {
+    let admin = r#"
+metadata: {name: no-nodes}
+spec:
+  tier: Admin
+  priority: 1
+  subject: {namespaces: {matchLabels: {team: blue}}}
+  egress:
+  - {action: Deny, to: [{nodes: {}}]}
+"#;
+    let baseline = r#"
+metadata: {name: baseline-no-nodes}
+spec:
+  tier: Baseline
+  priority: 1
+  subject: {namespaces: {matchLabels: {team: red}}}
+  egress:
+  - {action: Deny, to: [{nodes: {}}]}
+"#;
+    let np_egress_y_a = r#"
+metadata: {name: egress, namespace: y}
+spec:
+  podSelector: {matchLabels: {pod: a}}
+  policyTypes: [Egress]
+  egress: [{}]
+"#;
+    let rs = compile(&with_cnps(&[np_egress_y_a], &[admin, baseline]));
+    // x (Admin) and y/b, y/c, z (Baseline) check their traffic to the node; y/a is isolated by
+    // a NetworkPolicy, which always allows the pod's node: Baseline does not apply to it.
+    let local: Vec<&str> = rs.local_dispatch.keys().map(String::as_str).collect();
+    assert_eq!(
+        local,
+        ["sepxa", "sepxb", "sepxc", "sepyb", "sepyc", "sepza", "sepzb", "sepzc"]
+    );
+    assert_eq!(rs.local_dispatch["sepxa"], "el-sepxa");
+    assert_eq!(rs.chains["el-sepxa"].rules.len(), 1);
+}
