@@ -706,6 +706,7 @@ pub async fn run(cfg: NodeConfig) -> Result<()> {
         routing: None,
         policy: crate::policy::PolicyEngine::new(sepal_felix::nft::Options {
             nflog_group: cfg.policy_log_drops,
+            ..Default::default()
         }),
         hostports: Default::default(),
     };

@@ -192,6 +192,7 @@ pub fn policy(data: &[u8]) -> usize {
 
     let opts = Options {
         nflog_group: Some(7),
+        ..Options::default()
     };
     let full = render_full(&fresh, &opts);
     check_nft(&full);

@@ -5,6 +5,8 @@
 pub mod conntrack;
 /// Running `nft` and `conntrack`, optionally in another network namespace.
 pub mod exec;
+/// Flow-log rules: rate-limited nflog copies of what the deciding policy rules take.
+pub mod flow_log;
 /// Pods' hostPorts: DNAT from the node's addresses, table `inet sepal-hostports`.
 pub mod hostport;
 /// nft's library, libnftables, loaded at run time (`nft -f -` without a process per change).
@@ -13,6 +15,8 @@ pub mod libnft;
 pub mod links;
 /// Work inside another network namespace from a thread of its own.
 pub mod netns;
+/// Reading an nflog group: the packets flow-log rules copy, decoded to flows.
+pub mod nflog;
 /// The nftables dataplane for the compiled policy, table `inet sepal`.
 pub mod nft;
 /// nft batches through libnftables or the `nft` tool.

@@ -48,6 +48,8 @@ const BASE_INGRESS: &str = "pod-ingress";
 pub struct Options {
     /// Also log default-deny drops to this nflog group (with the endpoint in the prefix).
     pub nflog_group: Option<u16>,
+    /// Flow logs: rate-limited nflog copies of what deciding rules take (`crate::flow_log`).
+    pub flow_log: Option<crate::flow_log::FlowLog>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -100,7 +102,7 @@ fn ip(f: Family) -> &'static str {
     }
 }
 
-fn quote(s: &str) -> String {
+pub(crate) fn quote(s: &str) -> String {
     // Kubernetes names never contain quotes or control characters, but the dir datastore's
     // may: strip them so a comment cannot break the syntax, nor a NUL the batch (libnftables
     // takes a C string).
@@ -125,19 +127,7 @@ fn log_prefix(comment: &str) -> String {
 
 /// One rule in `add rule` syntax (without the `add rule inet sepal CHAIN` prefix).
 pub fn render_rule(rule: &NftRule, opts: &Options) -> String {
-    let mut s = String::new();
-    for m in &rule.matches {
-        match m {
-            Match::SrcAddr(f, set) => write!(s, "{} saddr @{set} ", ip(*f)),
-            Match::DstAddr(f, set) => write!(s, "{} daddr @{set} ", ip(*f)),
-            Match::ProtoPort(set) => write!(s, "meta l4proto . th dport @{set} "),
-            Match::DstAddrProtoPort(f, set) => {
-                write!(s, "{} daddr . meta l4proto . th dport @{set} ", ip(*f))
-            }
-            Match::Passed => write!(s, "meta mark and {PASS_MARK:#010x} != 0 "),
-        }
-        .ok();
-    }
+    let mut s = render_matches(rule);
     s.push_str("counter ");
     match &rule.action {
         Action::Accept => s.push_str("accept"),
@@ -162,6 +152,24 @@ pub fn render_rule(rule: &NftRule, opts: &Options) -> String {
         }
     }
     write!(s, " comment {}", quote(&rule.comment)).ok();
+    s
+}
+
+/// A rule's matches, each followed by a space (the part a flow-log rule repeats).
+pub(crate) fn render_matches(rule: &NftRule) -> String {
+    let mut s = String::new();
+    for m in &rule.matches {
+        match m {
+            Match::SrcAddr(f, set) => write!(s, "{} saddr @{set} ", ip(*f)),
+            Match::DstAddr(f, set) => write!(s, "{} daddr @{set} ", ip(*f)),
+            Match::ProtoPort(set) => write!(s, "meta l4proto . th dport @{set} "),
+            Match::DstAddrProtoPort(f, set) => {
+                write!(s, "{} daddr . meta l4proto . th dport @{set} ", ip(*f))
+            }
+            Match::Passed => write!(s, "meta mark and {PASS_MARK:#010x} != 0 "),
+        }
+        .ok();
+    }
     s
 }
 
@@ -193,6 +201,9 @@ fn map_element(iface: &str, chain: &str) -> String {
 
 fn add_chain_rules(out: &mut String, name: &str, chain: &Chain, opts: &Options) {
     for rule in &chain.rules {
+        if let Some(log) = crate::flow_log::log_rule(rule, opts.flow_log.as_ref()) {
+            writeln!(out, "add rule {FAMILY_TABLE} {name} {log}").ok();
+        }
         writeln!(
             out,
             "add rule {FAMILY_TABLE} {name} {}",
@@ -210,6 +221,7 @@ pub fn render_full(rs: &Ruleset, opts: &Options) -> String {
     writeln!(out, "table {FAMILY_TABLE} {{}}").ok();
     writeln!(out, "delete table {FAMILY_TABLE}").ok();
     writeln!(out, "add table {FAMILY_TABLE}").ok();
+    crate::flow_log::add_limits(&mut out, FAMILY_TABLE, opts.flow_log.as_ref());
     for (name, set) in &rs.sets {
         writeln!(
             out,
@@ -771,6 +783,7 @@ mod tests {
             &rule,
             &Options {
                 nflog_group: Some(1),
+                ..Options::default()
             },
         );
         assert_eq!(

@@ -15,6 +15,7 @@ fn nft(ns: &Netns) -> Dataplane {
         ns.path(),
         Options {
             nflog_group: Some(7),
+            ..Options::default()
         },
     )
 }

@@ -194,6 +194,7 @@ fn dump_for_manual_check() {
         let b = compile(&cluster(&[ALLOW_B_TO_A]));
         let o = nft::Options {
             nflog_group: Some(5),
+            ..nft::Options::default()
         };
         std::fs::write(format!("{path}.full"), nft::render_full(&a, &o)).unwrap();
         std::fs::write(format!("{path}.diff"), nft::render_diff(&a, &b, &o)).unwrap();
