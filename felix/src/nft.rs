@@ -11,7 +11,9 @@
 //! then the hook.
 //!
 //! Layout: up to two base chains on the forward hook, `pod-egress` (priority filter - 1) and
-//! `pod-ingress` (filter), each present only while some local pod is isolated in its direction.
+//! `pod-ingress` (filter), each present only while some local pod is isolated in its direction,
+//! and `pod-local` on the input hook while a ClusterNetworkPolicy governs some local pod's
+//! egress (a pod's traffic to its own node never crosses forward).
 //! Each accepts established/related first (the only rule a packet of an established flow
 //! meets), drops invalid state on pod interfaces and dispatches with a verdict map on `iifname`
 //! (the source pod's egress chain) or `oifname` (the destination pod's ingress chain). Endpoint
@@ -37,11 +39,13 @@ pub const TABLE: &str = "sepal";
 const FAMILY_TABLE: &str = "inet sepal";
 const MAP_INGRESS: &str = "dispatch-in";
 const MAP_EGRESS: &str = "dispatch-eg";
+const MAP_LOCAL: &str = "dispatch-el";
 /// Every pod's host-side veth (the CNI plugin names them `sep…`). A wildcard rather than a set of
 /// endpoints, so attaching a pod that no policy isolates changes nothing in the kernel.
 const POD_IFACES: &str = "\"sep*\"";
 const BASE_EGRESS: &str = "pod-egress";
 const BASE_INGRESS: &str = "pod-ingress";
+const BASE_LOCAL: &str = "pod-local";
 
 /// Rendering options.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -241,6 +245,7 @@ pub fn render_full(rs: &Ruleset, opts: &Options) -> String {
     for (map, entries) in [
         (MAP_INGRESS, &rs.ingress_dispatch),
         (MAP_EGRESS, &rs.egress_dispatch),
+        (MAP_LOCAL, &rs.local_dispatch),
     ] {
         writeln!(
             out,
@@ -260,25 +265,43 @@ pub fn render_full(rs: &Ruleset, opts: &Options) -> String {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct BaseChain {
     name: &'static str,
+    hook: &'static str,
     priority: &'static str,
     /// The interface that names the pod: `iifname` (egress) or `oifname` (ingress).
     iface: &'static str,
     map: &'static str,
+    /// Drop what conntrack calls invalid on pod interfaces (the forward path only: the node's
+    /// own input is not Sepal's to police beyond ClusterNetworkPolicy).
+    drop_invalid: bool,
 }
 
 // Egress and ingress are two base chains on the forward hook: an egress `accept` ends only the
 // first, the destination's ingress chain still runs; a drop in either is final.
 const EGRESS: BaseChain = BaseChain {
     name: BASE_EGRESS,
+    hook: "forward",
     priority: "filter - 1",
     iface: "iifname",
     map: MAP_EGRESS,
+    drop_invalid: true,
 };
 const INGRESS: BaseChain = BaseChain {
     name: BASE_INGRESS,
+    hook: "forward",
     priority: "filter",
     iface: "oifname",
     map: MAP_INGRESS,
+    drop_invalid: true,
+};
+// A pod's traffic to its own node goes to the input hook, never to forward: ClusterNetworkPolicy
+// egress rules (`nodes`, `networks` peers) must meet it there.
+const LOCAL: BaseChain = BaseChain {
+    name: BASE_LOCAL,
+    hook: "input",
+    priority: "filter",
+    iface: "iifname",
+    map: MAP_LOCAL,
+    drop_invalid: false,
 };
 
 /// The base chains `rs` needs: one per direction in which some local pod is isolated. Without
@@ -287,6 +310,7 @@ fn base_chains(rs: &Ruleset) -> Vec<BaseChain> {
     [
         (EGRESS, &rs.egress_dispatch),
         (INGRESS, &rs.ingress_dispatch),
+        (LOCAL, &rs.local_dispatch),
     ]
     .into_iter()
     .filter(|(_, dispatch)| !dispatch.is_empty())
@@ -297,22 +321,28 @@ fn base_chains(rs: &Ruleset) -> Vec<BaseChain> {
 fn add_base_chain(out: &mut String, base: BaseChain) {
     let BaseChain {
         name,
+        hook,
         priority,
         iface,
         map,
+        drop_invalid,
     } = base;
     writeln!(
         out,
-        "add chain {FAMILY_TABLE} {name} {{ type filter hook forward priority {priority}; policy accept; }}"
+        "add chain {FAMILY_TABLE} {name} {{ type filter hook {hook} priority {priority}; policy accept; }}"
     )
     .ok();
     // Established and related first and without a counter: the only rule on the per-packet
     // path of a flow once it is allowed.
+    let invalid = format!("ct state invalid {iface} {POD_IFACES} counter drop");
     for rule in [
-        "ct state established,related accept".to_string(),
-        format!("ct state invalid {iface} {POD_IFACES} counter drop"),
-        format!("{iface} vmap @{map}"),
-    ] {
+        Some("ct state established,related accept".to_string()),
+        drop_invalid.then_some(invalid),
+        Some(format!("{iface} vmap @{map}")),
+    ]
+    .into_iter()
+    .flatten()
+    {
         writeln!(out, "add rule {FAMILY_TABLE} {name} {rule}").ok();
     }
 }
@@ -347,8 +377,10 @@ impl<'a> Scope<'a> {
             ifaces: [
                 &old.ingress_dispatch,
                 &old.egress_dispatch,
+                &old.local_dispatch,
                 &new.ingress_dispatch,
                 &new.egress_dispatch,
+                &new.local_dispatch,
             ]
             .into_iter()
             .flat_map(|m| m.keys())
@@ -431,6 +463,7 @@ pub fn render_diff_in(old: &Ruleset, new: &Ruleset, scope: &Scope, opts: &Option
     for (map, o, n) in [
         (MAP_INGRESS, &old.ingress_dispatch, &new.ingress_dispatch),
         (MAP_EGRESS, &old.egress_dispatch, &new.egress_dispatch),
+        (MAP_LOCAL, &old.local_dispatch, &new.local_dispatch),
     ] {
         let mut gone_keys: Vec<String> = Vec::new();
         let mut added: Vec<String> = Vec::new();
@@ -510,6 +543,7 @@ pub fn narrows_in(old: &Ruleset, new: &Ruleset, scope: &Scope) -> bool {
     let newly_isolated = [
         (&old.ingress_dispatch, &new.ingress_dispatch),
         (&old.egress_dispatch, &new.egress_dispatch),
+        (&old.local_dispatch, &new.local_dispatch),
     ]
     .into_iter()
     .any(|(o, n)| {
@@ -547,6 +581,7 @@ fn patch(last: &mut Ruleset, new: &Ruleset, scope: &Scope) {
     for name in &scope.ifaces {
         copy(&mut last.ingress_dispatch, &new.ingress_dispatch, name);
         copy(&mut last.egress_dispatch, &new.egress_dispatch, name);
+        copy(&mut last.local_dispatch, &new.local_dispatch, name);
         if new.endpoints.contains(*name) {
             last.endpoints.insert(name.to_string());
         } else {
