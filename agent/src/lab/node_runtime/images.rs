@@ -25,22 +25,27 @@ pub enum Entry {
     },
 }
 
-/// An image to write: its full name (`registry/repo:tag`), entrypoint, default arguments and
-/// its one layer, path by path (paths relative to `/`, parents before children).
+/// An image to write: its full name (`registry/repo:tag`), the other names it is also imported
+/// under (the same manifest), entrypoint, default arguments and its one layer, path by path
+/// (paths relative to `/`, parents before children).
 #[derive(Debug, Clone)]
 pub struct Image {
     pub name: String,
+    pub aliases: Vec<String>,
     pub entrypoint: Vec<String>,
     pub cmd: Vec<String>,
     pub entries: Vec<(String, Entry)>,
 }
 
 /// The images the e2e suites name, as scripts/kube-build found them in the pinned Kubernetes'
-/// test/utils/image/manifest.go (`bin/IMAGES`: one `key name` pair a line).
+/// test/utils/image/manifest.go (`bin/IMAGES`: one `key name` pair a line), and the other names
+/// other pinned suites give agnhost (`agnhost-alias name` lines, any number: the
+/// network-policy-api conformance suite names an older tag).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ImageNames {
     pub pause: String,
     pub agnhost: String,
+    pub agnhost_aliases: Vec<String>,
 }
 
 impl ImageNames {
@@ -63,9 +68,22 @@ impl ImageNames {
                 .map(|(_, v)| v.trim().to_string())
                 .with_context(|| format!("no `{key}` line"))
         };
+        let agnhost = find("agnhost")?;
+        let mut agnhost_aliases: Vec<String> = Vec::new();
+        for (_, name) in text
+            .lines()
+            .filter_map(|l| l.split_once(' '))
+            .filter(|(k, _)| *k == "agnhost-alias")
+        {
+            let name = name.trim().to_string();
+            if name != agnhost && !agnhost_aliases.contains(&name) {
+                agnhost_aliases.push(name);
+            }
+        }
         Ok(ImageNames {
             pause: find("pause")?,
-            agnhost: find("agnhost")?,
+            agnhost,
+            agnhost_aliases,
         })
     }
 }
@@ -94,6 +112,7 @@ pub fn pause(names: &ImageNames, bin: &Path) -> Image {
     ));
     Image {
         name: names.pause.clone(),
+        aliases: vec![],
         entrypoint: vec!["/pause".into()],
         cmd: vec![],
         entries,
@@ -101,10 +120,11 @@ pub fn pause(names: &ImageNames, bin: &Path) -> Image {
 }
 
 /// What the e2e suites run inside agnhost containers besides agnhost itself (`kubectl exec`
-/// with `/bin/sh -c`: curl, wget, OpenBSD nc, ss, grep, seq, tail and the like), taken from
+/// with `/bin/sh -c`; the network-policy-api suite starts its servers with `/bin/bash -c`: curl, wget, OpenBSD nc, ss, grep, seq, tail and the like), taken from
 /// this host as upstream's image takes them from Alpine.
 pub const AGNHOST_USERLAND: &[&str] = &[
     "/bin/sh",
+    "/bin/bash",
     "/bin/cat",
     "/bin/date",
     "/bin/echo",
@@ -157,6 +177,7 @@ pub fn agnhost(names: &ImageNames, bin: &Path) -> Result<Image> {
     entries.push(("uploads".into(), Entry::Dir { mode: 0o755 }));
     Ok(Image {
         name: names.agnhost.clone(),
+        aliases: names.agnhost_aliases.clone(),
         entrypoint: vec!["/agnhost".into()],
         cmd: vec!["pause".into()],
         entries,
@@ -254,8 +275,8 @@ impl Blob {
 /// manifest's digest.
 pub fn write_archive(image: &Image, out: &Path) -> Result<String> {
     let layer = Blob::new(layer(&image.entries)?);
-    let (repo, tag) = match image.name.rsplit_once(':') {
-        Some((r, t)) if !t.contains('/') => (r, t),
+    let repo = match image.name.rsplit_once(':') {
+        Some((r, t)) if !t.contains('/') => r,
         _ => bail!("image name {} has no tag", image.name),
     };
     let config = Blob::new(serde_json::to_vec(&json!({
@@ -277,17 +298,26 @@ pub fn write_archive(image: &Image, out: &Path) -> Result<String> {
         "config": config.descriptor("application/vnd.oci.image.config.v1+json"),
         "layers": [layer.descriptor("application/vnd.oci.image.layer.v1.tar")],
     }))?);
-    let mut desc = manifest.descriptor("application/vnd.oci.image.manifest.v1+json");
-    desc["annotations"] = json!({
-        // containerd names the imported image after this; other tools read the OCI one.
-        "io.containerd.image.name": image.name,
-        "org.opencontainers.image.ref.name": tag,
-    });
-    desc["platform"] = json!({ "architecture": "amd64", "os": "linux" });
+    // One descriptor of the same manifest per name: containerd imports an image for each.
+    let mut descs = Vec::new();
+    for name in std::iter::once(&image.name).chain(&image.aliases) {
+        let tag = match name.rsplit_once(':') {
+            Some((_, t)) if !t.contains('/') => t,
+            _ => bail!("image name {name} has no tag"),
+        };
+        let mut desc = manifest.descriptor("application/vnd.oci.image.manifest.v1+json");
+        desc["annotations"] = json!({
+            // containerd names the imported image after this; other tools read the OCI one.
+            "io.containerd.image.name": name,
+            "org.opencontainers.image.ref.name": tag,
+        });
+        desc["platform"] = json!({ "architecture": "amd64", "os": "linux" });
+        descs.push(desc);
+    }
     let index = serde_json::to_vec(&json!({
         "schemaVersion": 2,
         "mediaType": "application/vnd.oci.image.index.v1+json",
-        "manifests": [desc],
+        "manifests": descs,
     }))?;
 
     // Per process: nodes starting side by side may write the same shared archive.
@@ -318,7 +348,15 @@ pub fn write_archive(image: &Image, out: &Path) -> Result<String> {
 /// share the archives this way.
 pub fn ensure_archive(image: &Image, out: &Path) -> Result<()> {
     let modified = |p: &Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
-    if let Some(written) = modified(out) {
+    // The names it was written with, beside it: a new alias needs a new archive too.
+    let names_file = out.with_extension("names");
+    let names = std::iter::once(&image.name)
+        .chain(&image.aliases)
+        .map(|n| format!("{n}\n"))
+        .collect::<String>();
+    let same_names = std::fs::read_to_string(&names_file).is_ok_and(|n| n == names)
+        || (image.aliases.is_empty() && !names_file.exists());
+    if let Some(written) = modified(out).filter(|_| same_names) {
         let newer = image.entries.iter().all(|(_, e)| match e {
             Entry::File { source, .. } => modified(source).is_some_and(|m| m <= written),
             _ => true,
@@ -327,7 +365,8 @@ pub fn ensure_archive(image: &Image, out: &Path) -> Result<()> {
             return Ok(());
         }
     }
-    write_archive(image, out).map(|_| ())
+    write_archive(image, out)?;
+    std::fs::write(&names_file, names).with_context(|| format!("write {}", names_file.display()))
 }
 
 #[cfg(test)]
@@ -351,7 +390,13 @@ mod tests {
         )
         .unwrap();
         assert_eq!(n.pause, "registry.k8s.io/pause:3.10.2");
+        assert!(n.agnhost_aliases.is_empty());
         assert!(ImageNames::parse("pause x:1\n").is_err());
+        let n = ImageNames::parse(
+            "pause p:1\nagnhost a:2.63.0\nagnhost-alias a:2.45\nagnhost-alias a:2.63.0\nagnhost-alias a:2.45\n",
+        )
+        .unwrap();
+        assert_eq!(n.agnhost_aliases, vec!["a:2.45".to_string()]);
     }
 
     #[test]
@@ -362,6 +407,7 @@ mod tests {
         let names = ImageNames {
             pause: "registry.k8s.io/pause:3.10.2".into(),
             agnhost: "a:1".into(),
+            agnhost_aliases: vec![],
         };
         let image = pause(&names, dir.path());
         let (a, b) = (dir.path().join("a.tar"), dir.path().join("b.tar"));
@@ -372,5 +418,27 @@ mod tests {
         assert_eq!(bytes.len() % 512, 0);
         let text = String::from_utf8_lossy(&bytes);
         assert!(text.contains("\"io.containerd.image.name\":\"registry.k8s.io/pause:3.10.2\""));
+    }
+
+    #[test]
+    fn aliases_name_the_same_manifest_and_rewrite_the_archive() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("pause"), b"#!/bin/true\n").unwrap();
+        let names = ImageNames {
+            pause: "r/pause:3.10.2".into(),
+            agnhost: "a:1".into(),
+            agnhost_aliases: vec![],
+        };
+        let mut image = pause(&names, dir.path());
+        let out = dir.path().join("p.tar");
+        ensure_archive(&image, &out).unwrap();
+        let one = std::fs::read(&out).unwrap();
+        image.aliases = vec!["r/pause:old".into()];
+        ensure_archive(&image, &out).unwrap();
+        let text = String::from_utf8_lossy(&std::fs::read(&out).unwrap()).into_owned();
+        assert_ne!(text.as_bytes(), &one[..]);
+        assert!(text.contains("\"io.containerd.image.name\":\"r/pause:3.10.2\""));
+        assert!(text.contains("\"io.containerd.image.name\":\"r/pause:old\""));
+        assert!(text.contains("\"org.opencontainers.image.ref.name\":\"old\""));
     }
 }

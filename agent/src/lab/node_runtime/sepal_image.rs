@@ -281,6 +281,7 @@ pub fn image(bin: &Path) -> Result<Image> {
     }
     Ok(Image {
         name: name(),
+        aliases: vec![],
         entrypoint: vec!["/usr/local/bin/sepal".into()],
         cmd: vec!["node".into()],
         entries: tree.entries.into_iter().collect(),
