@@ -184,10 +184,9 @@ fn upstream_cnp_conformance_root() {
 }
 
 /// The node-peer tests with centaur-1 on its clients' node, a placement upstream's scheduler may
-/// pick (and must on a one-node cluster). Ignored: felix never filters traffic between a pod and
-/// its own node, so the `nodes` and `networks` Deny rules do not stop it (explain says they do).
+/// pick (and must on a one-node cluster): a pod's traffic to its own node never crosses the
+/// forward hook, and the `nodes` and `networks` Deny rules must hold there too (input hook).
 #[test]
-#[ignore = "felix: a pod's traffic to its own node bypasses ClusterNetworkPolicy"]
 fn upstream_cnp_centaur_on_clients_node_root() {
     run_root(Placement::OnClientsNode, |t| {
         let steps = t.subtests.iter().flat_map(|s| &s.steps);
