@@ -10,6 +10,8 @@ use ipnetwork::IpNetwork;
 use k8s_openapi::api::core::v1::{Namespace, Node, Secret, Service};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 pub use pod::PodInfo;
+use sepal_felix::policy::cnp_api::{CNP_GROUP, CNP_KIND, CNP_VERSIONS};
+use sepal_felix::policy::ClusterNetworkPolicy;
 use serde_json::Value;
 pub use slice::SliceInfo;
 use std::collections::{BTreeMap, BTreeSet};
@@ -47,6 +49,10 @@ pub enum Object {
     Secret(Box<Secret>),
     /// Shared with the policy engine and compiler, which keep the cluster's policies too.
     NetworkPolicy(Arc<NetworkPolicy>),
+    /// policy.networking.k8s.io, cluster-scoped; its key names the version the Kubernetes
+    /// datastore watches (`CNP_API_VERSION`) whichever version it came as, so one policy is one
+    /// object.
+    ClusterNetworkPolicy(Arc<ClusterNetworkPolicy>),
     /// Any other kind (Sepal's own sepal.dev kinds until they get types), kept as it came. Boxed
     /// so that `Object` stays two words: the model holds one per pod.
     Other(Box<ObjectKey>, Box<Value>),
@@ -115,6 +121,18 @@ pub fn key_of(value: &Value) -> Result<ObjectKey, ObjectError> {
     })
 }
 
+/// The apiVersion the model keys ClusterNetworkPolicies by: the one the Kubernetes datastore
+/// watches (v1alpha2 and v1beta1 have the same schema, and the API server serves both).
+pub const CNP_API_VERSION: &str = "policy.networking.k8s.io/v1alpha2";
+
+/// Whether `api_version`/`kind` is a ClusterNetworkPolicy of a version Sepal reads.
+pub fn is_cnp(api_version: &str, kind: &str) -> bool {
+    kind == CNP_KIND
+        && api_version
+            .split_once('/')
+            .is_some_and(|(g, v)| g == CNP_GROUP && CNP_VERSIONS.contains(&v))
+}
+
 /// Whether the kind at this key is one the model types (so its fields are checked on load).
 pub fn is_typed(key: &ObjectKey) -> bool {
     matches!(
@@ -122,7 +140,7 @@ pub fn is_typed(key: &ObjectKey) -> bool {
         ("v1", "Node" | "Namespace" | "Pod" | "Service" | "Secret")
             | ("networking.k8s.io/v1", "NetworkPolicy")
             | ("discovery.k8s.io/v1", "EndpointSlice")
-    )
+    ) || is_cnp(&key.api_version, &key.kind)
 }
 
 impl Object {
@@ -171,6 +189,9 @@ impl Object {
             ("networking.k8s.io/v1", "NetworkPolicy") => {
                 Object::NetworkPolicy(Arc::new(*typed::<NetworkPolicy>(&key, value)?))
             }
+            (api, kind) if is_cnp(api, kind) => {
+                Object::ClusterNetworkPolicy(Arc::new(*typed::<ClusterNetworkPolicy>(&key, value)?))
+            }
             _ => Object::Other(Box::new(key), Box::new(value)),
         })
     }
@@ -206,6 +227,13 @@ impl Object {
             Object::Service(o) => k("v1", "Service", &o.metadata),
             Object::Secret(o) => k("v1", "Secret", &o.metadata),
             Object::NetworkPolicy(o) => k("networking.k8s.io/v1", "NetworkPolicy", &o.metadata),
+            // Cluster-scoped: a namespace in the object means nothing.
+            Object::ClusterNetworkPolicy(o) => ObjectKey {
+                api_version: CNP_API_VERSION.into(),
+                kind: CNP_KIND.into(),
+                namespace: String::new(),
+                name: o.name().to_string(),
+            },
             Object::Other(key, _) => (**key).clone(),
         }
     }
@@ -363,6 +391,21 @@ impl Model {
         })
     }
 
+    /// ClusterNetworkPolicies, by name.
+    pub fn cluster_network_policies(&self) -> impl Iterator<Item = &Arc<ClusterNetworkPolicy>> {
+        self.objects.values().filter_map(|o| match o {
+            Object::ClusterNetworkPolicy(p) => Some(p),
+            _ => None,
+        })
+    }
+
+    pub fn nodes(&self) -> impl Iterator<Item = &Node> {
+        self.objects.values().filter_map(|o| match o {
+            Object::Node(n) => Some(&**n),
+            _ => None,
+        })
+    }
+
     pub fn endpoint_slices(&self) -> impl Iterator<Item = &SliceInfo> {
         self.objects.values().filter_map(|o| match o {
             Object::EndpointSlice(s) => Some(&**s),
@@ -451,6 +494,54 @@ mod tests {
         let n = Object::from_value(node(&["10.0.0.1/24"])).unwrap();
         let Object::Node(n) = n else { panic!() };
         assert!(pod_cidrs(&n).unwrap_err().contains("host bits"));
+    }
+
+    #[test]
+    fn cluster_network_policies_of_both_versions_are_one_cluster_scoped_object() {
+        let cnp = |version: &str, priority: i64| {
+            json!({"apiVersion": format!("policy.networking.k8s.io/{version}"),
+                   "kind": "ClusterNetworkPolicy",
+                   "metadata": {"name": "web", "namespace": "ignored", "generation": 3},
+                   "spec": {"tier": "Baseline", "priority": priority,
+                            "subject": {"pods": {"namespaceSelector": {},
+                                                 "podSelector": {"matchLabels": {"app": "web"}}}},
+                            "egress": [{"action": "Deny", "to": [{"nodes": {}}]}]}})
+        };
+        let mut m = Model::default();
+        for (version, priority) in [("v1alpha2", 5), ("v1beta1", 6)] {
+            let o = Object::from_value(cnp(version, priority)).unwrap();
+            let Object::ClusterNetworkPolicy(ref p) = o else {
+                panic!("{version}: not typed: {o:?}")
+            };
+            assert_eq!(p.spec.priority, priority);
+            assert_eq!(p.metadata.generation, Some(3));
+            let key = o.key();
+            assert_eq!(key.to_string(), "ClusterNetworkPolicy web");
+            assert_eq!(key.api_version, CNP_API_VERSION);
+            assert!(is_typed(&key));
+            m.apply(Event::Upsert(o));
+        }
+        // The v1beta1 copy replaced the v1alpha2 one: one policy, the last seen.
+        let all: Vec<_> = m.cluster_network_policies().collect();
+        assert_eq!(all.len(), 1);
+        assert_eq!(all[0].spec.priority, 6);
+
+        // Other versions and groups stay untyped; content of the wrong type is an error.
+        for api in ["policy.networking.k8s.io/v1", "example.com/v1alpha2"] {
+            let mut v = cnp("v1alpha2", 1);
+            v["apiVersion"] = json!(api);
+            assert!(
+                matches!(Object::from_value(v), Ok(Object::Other(..))),
+                "{api}"
+            );
+        }
+        let mut bad = cnp("v1beta1", 1);
+        bad["spec"]["priority"] = json!("high");
+        let err = Object::from_value(bad).unwrap_err();
+        assert!(
+            matches!(&err, ObjectError::Invalid { key, .. } if key.name == "web"),
+            "{err}"
+        );
     }
 
     #[test]

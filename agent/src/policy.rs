@@ -1,12 +1,15 @@
-//! NetworkPolicy on this node: the model's namespaces, pods and policies, plus this node's
-//! endpoints as IPAM knows them, compiled by felix and applied to the `inet sepal` table.
+//! NetworkPolicy and ClusterNetworkPolicy on this node: the model's namespaces, pods, nodes and
+//! policies, plus this node's endpoints as IPAM knows them, compiled by felix and applied to the
+//! `inet sepal` table.
 
 use crate::ipam::Allocation;
 use crate::model::Model;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use sepal_felix::conntrack::Conntrack;
 use sepal_felix::nft::{Applied, Dataplane, Options};
-use sepal_felix::policy::{Cluster, Compiler, Namespace, Pod};
+use sepal_felix::policy::{Cluster, ClusterNetworkPolicy, Compiler, Namespace, Node, Pod};
 use std::collections::BTreeMap;
+use std::net::IpAddr;
 use std::sync::{Arc, Condvar, Mutex};
 
 /// The compiler's inputs from the datastore, and the dataplane that enforces the result.
@@ -19,6 +22,9 @@ pub struct PolicyEngine {
     reported: Vec<String>,
     /// The last compile's problems (sent to the cluster as Events by the status writer).
     problems: Vec<sepal_felix::policy::Problem>,
+    /// The model's ClusterNetworkPolicies as they came, status included (the compiler gets them
+    /// without): the status writer's input.
+    cluster_network_policies: Vec<Arc<ClusterNetworkPolicy>>,
 }
 
 impl PolicyEngine {
@@ -31,12 +37,19 @@ impl PolicyEngine {
             revoker: Revoker::default(),
             reported: Vec::new(),
             problems: Vec::new(),
+            cluster_network_policies: Vec::new(),
         }
     }
 
-    /// Takes the namespaces, pods and policies of a new model state.
+    /// Takes the namespaces, pods, nodes and policies of a new model state.
     pub fn update_model(&mut self, model: &Model) {
-        self.from_model = cluster_of(model);
+        self.from_model = cluster_reusing(model, &self.from_model);
+        self.cluster_network_policies = model.cluster_network_policies().cloned().collect();
+    }
+
+    /// The ClusterNetworkPolicies as the datastore has them (metadata and status included).
+    pub fn cluster_network_policies(&self) -> &[Arc<ClusterNetworkPolicy>] {
+        &self.cluster_network_policies
     }
 
     /// The cluster as policy sees it, with this node's endpoints (see `with_endpoints`).
@@ -58,7 +71,7 @@ impl PolicyEngine {
         for problem in &ruleset.problems {
             let text = format!("{problem:?}");
             if !self.reported.contains(&text) {
-                tracing::warn!(problem = %text, "NetworkPolicy content ignored");
+                tracing::warn!(problem = %text, "{} content ignored or failing closed", problem.kind);
                 self.reported.push(text);
             }
         }
@@ -97,8 +110,15 @@ impl PolicyEngine {
     }
 }
 
-/// The namespaces, pods and policies of a model state, as the compiler takes them.
+/// The namespaces, pods, nodes and policies of a model state, as the compiler takes them.
 pub fn cluster_of(model: &Model) -> Cluster {
+    cluster_reusing(model, &Cluster::default())
+}
+
+/// `cluster_of`, with the very `Arc` of `previous` for each cluster policy and node that is
+/// unchanged for policy: Nodes change often (addresses, labels of other concerns), and the
+/// compiler then compares pointers, not contents.
+pub fn cluster_reusing(model: &Model, previous: &Cluster) -> Cluster {
     let namespaces = model
         .namespaces()
         .filter_map(|ns| {
@@ -109,12 +129,67 @@ pub fn cluster_of(model: &Model) -> Cluster {
         .collect();
     let pods = model.pods().map(|p| p.policy.clone()).collect();
     let policies = model.network_policies().cloned().collect();
+    // Both in name order (the model's), as `reuse` looks them up.
+    let cluster_policies = model
+        .cluster_network_policies()
+        .map(|p| {
+            let view = policy_view(p);
+            reuse(view, &previous.cluster_policies, |p| p.name())
+        })
+        .collect();
+    let nodes = model
+        .nodes()
+        .filter_map(policy_node)
+        .map(|n| reuse(n, &previous.nodes, |n| &n.name))
+        .collect();
     Cluster {
         namespaces,
         pods,
         policies,
-        ..Cluster::default()
+        cluster_policies,
+        nodes,
     }
+}
+
+/// `value`, or the equal one of `previous` (sorted by `name`) so its `Arc` is shared.
+fn reuse<T: PartialEq>(value: T, previous: &[Arc<T>], name: impl Fn(&T) -> &str) -> Arc<T> {
+    match previous.binary_search_by(|p| name(p).cmp(name(&value))) {
+        Ok(i) if *previous[i] == value => previous[i].clone(),
+        _ => Arc::new(value),
+    }
+}
+
+/// What policy reads of a ClusterNetworkPolicy: its name and spec. The status (which the agents
+/// write, once per change of the spec) and the rest of the metadata are no change for policy.
+fn policy_view(p: &ClusterNetworkPolicy) -> ClusterNetworkPolicy {
+    ClusterNetworkPolicy {
+        metadata: ObjectMeta {
+            name: p.metadata.name.clone(),
+            ..ObjectMeta::default()
+        },
+        spec: p.spec.clone(),
+        ..ClusterNetworkPolicy::default()
+    }
+}
+
+/// A Node as ClusterNetworkPolicy `nodes` peers see it: labels and every address of
+/// `status.addresses` that is an IP (hostnames are not), sorted, so the order kubelet reports
+/// them in is no change.
+fn policy_node(n: &k8s_openapi::api::core::v1::Node) -> Option<Node> {
+    let name = n.metadata.name.clone()?;
+    let mut ips: Vec<IpAddr> = n
+        .status
+        .iter()
+        .flat_map(|s| s.addresses.iter().flatten())
+        .filter_map(|a| a.address.trim().parse().ok())
+        .collect();
+    ips.sort_unstable();
+    ips.dedup();
+    Some(Node {
+        name,
+        labels: n.metadata.labels.clone().unwrap_or_default(),
+        ips,
+    })
 }
 
 /// `cluster` with this node's endpoints: they take their addresses and host veth from IPAM,
@@ -220,5 +295,96 @@ fn revoke_logged(conntrack: &Conntrack, cluster: &Cluster) {
             "NetworkPolicy revoked established flows"
         ),
         Err(e) => tracing::warn!(error = %e, "cannot revoke flows the new NetworkPolicy denies"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{Event, Object};
+    use serde_json::{json, Value};
+
+    fn upsert(m: &mut Model, v: Value) {
+        let obj = crate::datastore::kube::strip(Object::from_value(v).expect("object"));
+        m.apply(Event::Upsert(obj));
+    }
+
+    fn node(labels: Value, addresses: Value, annotations: Value) -> Value {
+        json!({"apiVersion": "v1", "kind": "Node",
+               "metadata": {"name": "n1", "labels": labels, "annotations": annotations},
+               "status": {"addresses": addresses}})
+    }
+
+    fn cnp(priority: i64, status: Value) -> Value {
+        json!({"apiVersion": "policy.networking.k8s.io/v1alpha2", "kind": "ClusterNetworkPolicy",
+               "metadata": {"name": "deny-all", "generation": 2, "resourceVersion": "7"},
+               "spec": {"tier": "Admin", "priority": priority,
+                        "subject": {"namespaces": {}},
+                        "ingress": [{"action": "Deny", "from": [{"namespaces": {}}]}]},
+               "status": status})
+    }
+
+    #[test]
+    fn nodes_carry_labels_and_every_ip_of_their_addresses() {
+        let mut m = Model::default();
+        upsert(
+            &mut m,
+            node(
+                json!({"zone": "a"}),
+                json!([{"type": "Hostname", "address": "n1"},
+                       {"type": "InternalIP", "address": "fd00::1"},
+                       {"type": "InternalIP", "address": "10.0.0.1"},
+                       {"type": "ExternalIP", "address": "10.0.0.1"}]),
+                json!({}),
+            ),
+        );
+        let c = cluster_of(&m);
+        assert_eq!(c.nodes.len(), 1);
+        let n = &c.nodes[0];
+        assert_eq!(n.name, "n1");
+        assert_eq!(n.labels, BTreeMap::from([("zone".into(), "a".into())]));
+        let ips: Vec<IpAddr> = vec!["10.0.0.1".parse().unwrap(), "fd00::1".parse().unwrap()];
+        assert_eq!(n.ips, ips, "IPs only, sorted, each once");
+    }
+
+    #[test]
+    fn unchanged_nodes_and_policies_keep_their_arc() {
+        let mut m = Model::default();
+        let addrs = json!([{"type": "InternalIP", "address": "10.0.0.1"}]);
+        upsert(&mut m, node(json!({"zone": "a"}), addrs.clone(), json!({})));
+        upsert(&mut m, cnp(10, Value::Null));
+        let first = cluster_of(&m);
+        assert_eq!(first.cluster_policies.len(), 1);
+        // What policy reads: name and spec, nothing the agents' status writes change.
+        let view = &first.cluster_policies[0];
+        assert_eq!(view.name(), "deny-all");
+        assert!(view.status.is_none() && view.metadata.resource_version.is_none());
+
+        // An annotation on the Node, the address order, the CNP's status: no change for policy.
+        let swapped = json!([{"type": "Hostname", "address": "n1"},
+                             {"type": "InternalIP", "address": "10.0.0.1"}]);
+        upsert(
+            &mut m,
+            node(json!({"zone": "a"}), swapped, json!({"x": "y"})),
+        );
+        let status = json!({"conditions": [{"type": "Accepted", "status": "True",
+            "reason": "Valid", "message": "", "lastTransitionTime": "2026-01-01T00:00:00Z"}]});
+        let mut with_status = cnp(10, status);
+        with_status["metadata"]["resourceVersion"] = json!("8");
+        upsert(&mut m, with_status);
+        let second = cluster_reusing(&m, &first);
+        assert!(Arc::ptr_eq(&first.nodes[0], &second.nodes[0]));
+        assert!(Arc::ptr_eq(
+            &first.cluster_policies[0],
+            &second.cluster_policies[0]
+        ));
+
+        // A label or a priority: a new value.
+        upsert(&mut m, node(json!({"zone": "b"}), addrs, json!({})));
+        upsert(&mut m, cnp(20, Value::Null));
+        let third = cluster_reusing(&m, &second);
+        assert_eq!(third.nodes[0].labels["zone"], "b");
+        assert_eq!(third.cluster_policies[0].spec.priority, 20);
+        assert!(!Arc::ptr_eq(&second.nodes[0], &third.nodes[0]));
     }
 }

@@ -222,11 +222,13 @@ pub fn policy(data: &[u8]) -> usize {
     full.len()
 }
 
-/// The policy kinds the policy driver takes from its input. NetworkPolicy is the only one
-/// today; ClusterNetworkPolicy (policy.networking.k8s.io) goes here once the model and felix
-/// have it, and from here through the same compile, render and explain checks.
+/// The policy kinds the policy driver takes from its input, each through the same compile,
+/// render and explain checks.
 fn is_policy(obj: &Object) -> bool {
-    matches!(obj, Object::NetworkPolicy(_))
+    matches!(
+        obj,
+        Object::NetworkPolicy(_) | Object::ClusterNetworkPolicy(_)
+    )
 }
 
 /// What nft's parser needs of our text: printable lines, every quoted string closed on its
@@ -315,6 +317,7 @@ pub fn seeds(target: &str) -> Vec<&'static [u8]> {
         "policy" => vec![
             include_bytes!("../fuzz/seeds/policy/policies.json"),
             include_bytes!("../fuzz/seeds/policy/one.json"),
+            include_bytes!("../fuzz/seeds/policy/cluster-policies.json"),
         ],
         "admin_request" => vec![
             include_bytes!("../fuzz/seeds/admin_request/status.json"),
@@ -368,6 +371,14 @@ mod tests {
         "\"trace\"",
         "\"policy_explain\"",
         "\"web/front-0\"",
+        // ClusterNetworkPolicy's own words.
+        "\"Admin\"",
+        "\"Baseline\"",
+        "\"Accept\"",
+        "\"Deny\"",
+        "\"Pass\"",
+        "{\"nodes\":{}}",
+        "{\"destinationNamedPort\":\"http\"}",
     ];
 
     fn run(target: &str, rounds: u32, f: impl Fn(&[u8]) -> bool) -> (u32, u32) {

@@ -360,6 +360,30 @@ mod tests {
     }
 
     #[test]
+    fn cluster_network_policies_are_read_and_stripped() {
+        let text = "apiVersion: policy.networking.k8s.io/v1beta1\nkind: ClusterNetworkPolicy\n\
+            metadata:\n  name: deny-db\n  generation: 4\n  uid: x\n  annotations:\n    \
+            kubectl.kubernetes.io/last-applied-configuration: '{}'\n\
+            spec:\n  tier: Admin\n  priority: 0\n  subject: {namespaces: {}}\n  \
+            egress: [{action: Deny, to: [{networks: [10.0.0.0/8]}]}]\n";
+        let objs = parse_file(Path::new("cnp.yaml"), text).unwrap();
+        let [Object::ClusterNetworkPolicy(p)] = &objs[..] else {
+            panic!("{objs:?}")
+        };
+        assert_eq!(objs[0].key().to_string(), "ClusterNetworkPolicy deny-db");
+        assert_eq!(p.spec.egress.as_ref().map(Vec::len), Some(1));
+        // As the Kubernetes datastore keeps it: the generation (the status writer's), no uid,
+        // no kubectl copy.
+        assert_eq!(p.metadata.generation, Some(4));
+        assert!(p.metadata.uid.is_none() && p.metadata.annotations.is_none());
+        // A field of the wrong type names the file, the line and the policy.
+        let bad = text.replace("priority: 0", "priority: [0]");
+        let e = parse_file(Path::new("cnp.yaml"), &bad).unwrap_err();
+        assert_eq!(e.line, 1, "{e}");
+        assert!(e.msg.contains("ClusterNetworkPolicy deny-db"), "{e}");
+    }
+
+    #[test]
     fn errors_name_file_and_line() {
         let text = format!("{NODE}---\napiVersion: v1\nkind: Pod\nmetadata:\n  name: [unclosed\n");
         let e = parse_file(Path::new("x.yaml"), &text).unwrap_err();

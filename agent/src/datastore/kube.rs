@@ -144,6 +144,19 @@ pub fn strip(obj: Object) -> Object {
             p_mut.metadata = strip_meta(std::mem::take(&mut p_mut.metadata));
             Object::NetworkPolicy(p)
         }
+        Object::ClusterNetworkPolicy(mut p) => {
+            let p_mut = Arc::make_mut(&mut p);
+            let meta = std::mem::take(&mut p_mut.metadata);
+            // The status writer's inputs: the generation its condition observes, and the version
+            // its write is conditional on (so of N agents only the first one writes).
+            let (generation, resource_version) = (meta.generation, meta.resource_version.clone());
+            p_mut.metadata = ObjectMeta {
+                generation,
+                resource_version,
+                ..strip_meta(meta)
+            };
+            Object::ClusterNetworkPolicy(p)
+        }
         Object::Other(key, mut v) => {
             strip_meta_value(&mut v);
             Object::Other(key, v)
@@ -690,6 +703,7 @@ fn object_value(o: &Object) -> Value {
         Object::Service(x) => serde_json::to_value(x),
         Object::Secret(x) => serde_json::to_value(x),
         Object::NetworkPolicy(x) => serde_json::to_value(&**x),
+        Object::ClusterNetworkPolicy(x) => serde_json::to_value(&**x),
         Object::Other(_, v) => return (**v).clone(),
     };
     v.unwrap_or(Value::Null)
