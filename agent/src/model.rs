@@ -190,7 +190,10 @@ impl Object {
                 Object::NetworkPolicy(Arc::new(*typed::<NetworkPolicy>(&key, value)?))
             }
             (api, kind) if is_cnp(api, kind) => {
-                Object::ClusterNetworkPolicy(Arc::new(*typed::<ClusterNetworkPolicy>(&key, value)?))
+                let mut p = typed::<ClusterNetworkPolicy>(&key, value)?;
+                // Either version is the same object (see `CNP_API_VERSION`).
+                p.api_version = Some(CNP_API_VERSION.into());
+                Object::ClusterNetworkPolicy(Arc::new(*p))
             }
             _ => Object::Other(Box::new(key), Box::new(value)),
         })
@@ -521,10 +524,12 @@ mod tests {
             assert!(is_typed(&key));
             m.apply(Event::Upsert(o));
         }
-        // The v1beta1 copy replaced the v1alpha2 one: one policy, the last seen.
+        // The v1beta1 copy replaced the v1alpha2 one: one policy, the last seen, as the
+        // Kubernetes datastore's watch would have it.
         let all: Vec<_> = m.cluster_network_policies().collect();
         assert_eq!(all.len(), 1);
         assert_eq!(all[0].spec.priority, 6);
+        assert_eq!(all[0].api_version.as_deref(), Some(CNP_API_VERSION));
 
         // Other versions and groups stay untyped; content of the wrong type is an error.
         for api in ["policy.networking.k8s.io/v1", "example.com/v1alpha2"] {

@@ -76,6 +76,13 @@ impl Agent {
         self.policy.problems()
     }
 
+    /// The ClusterNetworkPolicies as the datastore has them (status included).
+    pub fn cluster_network_policies(
+        &self,
+    ) -> &[std::sync::Arc<sepal_felix::policy::ClusterNetworkPolicy>] {
+        self.policy.cluster_network_policies()
+    }
+
     /// The cluster as NetworkPolicy sees it, with this node's endpoints.
     pub fn policy_cluster(&self) -> sepal_felix::policy::Cluster {
         self.policy.cluster(self.allocations())

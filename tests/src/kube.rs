@@ -44,6 +44,9 @@ pub struct Options {
     /// Run kube-controller-manager's node lifecycle controller: with real kubelets, it is what
     /// lifts the `node.kubernetes.io/not-ready` taint a new Node is registered with.
     pub node_lifecycle: bool,
+    /// Leave out the ClusterNetworkPolicy CRD the control plane otherwise installs (a cluster
+    /// without it).
+    pub without_cnp_crd: bool,
 }
 
 /// A running control plane, owned by the test.
@@ -134,6 +137,9 @@ impl Cluster {
         }
         if o.node_lifecycle {
             cmd.arg("--node-lifecycle");
+        }
+        if o.without_cnp_crd {
+            cmd.arg("--no-cnp-crd");
         }
         let log_path = dir.path().join("supervisor.log");
         let (supervisor, line) = start_supervisor(cmd, &log_path);

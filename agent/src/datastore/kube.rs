@@ -173,8 +173,19 @@ pub(super) struct SyncGate {
 }
 
 impl SyncGate {
+    /// A gate already passed, for a watcher started after its resource counted as synced (a
+    /// CRD that appeared later): its `done` sends nothing.
+    pub(super) fn spent() -> Arc<SyncGate> {
+        Arc::new(SyncGate {
+            pending: AtomicUsize::new(0),
+        })
+    }
+
     pub(super) async fn done(&self, tx: &mpsc::Sender<Event>) -> bool {
-        if self.pending.fetch_sub(1, Ordering::AcqRel) == 1 {
+        let before = self
+            .pending
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |p| p.checked_sub(1));
+        if before == Ok(1) {
             return tx.send(Event::Synced).await.is_ok();
         }
         true
@@ -238,6 +249,33 @@ pub(super) async fn run_watcher<K, F>(
     K: Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug + Send + 'static,
     F: Fn(K) -> Option<Object>,
 {
+    run_watcher_until(what, kind, api, convert, tx, gate, |_| false).await;
+}
+
+/// Why `run_watcher_until` returned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum WatchEnd {
+    /// The model's receiver went away.
+    ReceiverGone,
+    /// An error `stop` picked (the resource is no longer served, say); `synced`: the initial
+    /// list had been done (the gate was passed).
+    Stopped { synced: bool },
+}
+
+/// `run_watcher`, which also returns on an error that `stop` says no retry will cure.
+pub(super) async fn run_watcher_until<K, F>(
+    what: &'static str,
+    kind: KindKey,
+    api: Api<K>,
+    convert: F,
+    tx: mpsc::Sender<Event>,
+    gate: Arc<SyncGate>,
+    stop: impl Fn(&watcher::Error) -> bool,
+) -> WatchEnd
+where
+    K: Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug + Send + 'static,
+    F: Fn(K) -> Option<Object>,
+{
     let mut streaming = true;
     let mut stream = watcher(api.clone(), list_config(streaming))
         .backoff(watch_backoff())
@@ -258,6 +296,7 @@ pub(super) async fn run_watcher<K, F>(
                     .boxed();
                 continue;
             }
+            Err(err) if stop(&err) => return WatchEnd::Stopped { synced },
             Err(err) => {
                 failures += 1;
                 let (forbidden, text) = classify(&err);
@@ -281,13 +320,13 @@ pub(super) async fn run_watcher<K, F>(
                     }
                     watcher::Event::InitDone => {
                         if tx.send(Event::ListEnd(kind.clone())).await.is_err() {
-                            return;
+                            return WatchEnd::ReceiverGone;
                         }
                         if !synced {
                             synced = true;
                             tracing::info!(resource = what, objects = listed, "initial list done");
                             if !gate.done(&tx).await {
-                                return;
+                                return WatchEnd::ReceiverGone;
                             }
                         }
                         Vec::new()
@@ -302,10 +341,11 @@ pub(super) async fn run_watcher<K, F>(
         };
         for ev in events {
             if tx.send(ev).await.is_err() {
-                return;
+                return WatchEnd::ReceiverGone;
             }
         }
     }
+    WatchEnd::ReceiverGone
 }
 
 /// Objects per page when the initial list is paged: half the round trips of kube's 500, for a
@@ -441,7 +481,7 @@ fn spawn_dynamic(
 /// `Synced`, then live changes.
 pub async fn run(client: Client, tx: mpsc::Sender<Event>) {
     // SepalNodeStatuses are not watched: they are the agents' output, nothing reads them back.
-    const RESOURCES: usize = 9;
+    const RESOURCES: usize = 10;
     let gate = Arc::new(SyncGate {
         pending: AtomicUsize::new(RESOURCES),
     });
@@ -513,6 +553,8 @@ pub async fn run(client: Client, tx: mpsc::Sender<Event>) {
         &tx,
         &gate,
     );
+    // Its CRD is optional: a watcher of its own waits for it (see kube_cnp).
+    tokio::spawn(super::kube_cnp::run(c.clone(), tx.clone(), gate.clone()));
     tx.closed().await;
 }
 
@@ -558,6 +600,11 @@ impl StatusWriter {
             client,
             node: node.into(),
         }
+    }
+
+    /// The client, for writers of other objects' status (`cnp_status`).
+    pub(super) fn client(&self) -> &Client {
+        &self.client
     }
 
     /// Creates or updates the node's SepalNodeStatus (object named after the node) and its status.

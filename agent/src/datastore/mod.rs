@@ -1,8 +1,10 @@
 //! Datastores: where the agent's model comes from. Each one is a stream of model events
 //! (upsert, delete, synced), so the Kubernetes API and a plain directory feed the same model.
 
+mod cnp_status;
 pub mod dir;
 pub mod kube;
+mod kube_cnp;
 mod kube_pods;
 mod kube_secrets;
 mod proto;

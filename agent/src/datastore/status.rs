@@ -1,8 +1,9 @@
 // The node's state back to the cluster (Kubernetes datastore only): the Node condition
 // NetworkUnavailable=False once the node's routes are programmed, a SepalNodeStatus with the BGP
 // sessions, and Events for BGP sessions that fail (on the BGPPeer that makes the session, or the
-// Node for mesh sessions) and for NetworkPolicy content that is rejected; a repeated Event updates
-// the first one's series. Only changes are written; a failed write is retried on the next round.
+// Node for mesh sessions) and for policy content that is rejected, and each ClusterNetworkPolicy's
+// Accepted condition (cnp_status); a repeated Event updates the first one's series. Only changes
+// are written; a failed write is retried on the next round.
 
 use super::kube::StatusWriter;
 use crate::crd::{BgpSessionStatus, NodeStatusReport};
@@ -166,8 +167,16 @@ pub fn session_failures(
     out
 }
 
-/// The NetworkPolicy a problem is about (`namespace/name`).
+/// The policy a problem is about: a NetworkPolicy (`namespace/name`) or a ClusterNetworkPolicy.
 pub fn policy_key(problem: &Problem) -> ObjectKey {
+    if problem.kind == sepal_felix::policy::cnp_api::CNP_KIND {
+        return ObjectKey {
+            api_version: crate::model::CNP_API_VERSION.into(),
+            kind: problem.kind.into(),
+            namespace: String::new(),
+            name: problem.policy.clone(),
+        };
+    }
     let (namespace, name) = problem
         .policy
         .split_once('/')
@@ -190,6 +199,7 @@ struct Written {
     /// Resources the API server forbids the agent, already sent as Events.
     forbidden: BTreeSet<&'static str>,
     events: Recorded,
+    cluster_policies: super::cnp_status::Written,
 }
 
 /// Events recorded so far, by (object, reason, note): a repeat updates the first Event's series.
@@ -304,13 +314,14 @@ async fn round(
             }
         }
     }
-    let (speaker, sources, problems, node) = {
+    let (speaker, sources, problems, node, cluster_policies) = {
         let a = agent.lock().await;
         (
             a.routing().and_then(|r| r.speaker()),
             a.routing().map(|r| r.peer_sources()).unwrap_or_default(),
             a.policy_problems().to_vec(),
             a.node_name().to_string(),
+            a.cluster_network_policies().to_vec(),
         )
     };
     let peers = match speaker {
@@ -378,6 +389,13 @@ async fn round(
     // A fixed policy may break the same way again later: report it again then.
     let current: BTreeSet<String> = problems.iter().map(ToString::to_string).collect();
     written.problems.retain(|t| current.contains(t));
+    ok &= super::cnp_status::round(
+        writer,
+        &cluster_policies,
+        &mut written.cluster_policies,
+        &now_time(),
+    )
+    .await;
     ok
 }
 
@@ -514,6 +532,23 @@ mod tests {
         c.delete("events.events.k8s.io", "default", name);
         assert!(recorded.warn(&w, &peer, "BGPSessionDown", "down").await);
         assert_eq!(c.list("events.events.k8s.io", &["-n", "default"]).len(), 2);
+    }
+
+    #[test]
+    fn problems_are_reported_on_their_policy() {
+        let problem = |kind, policy: &str| Problem {
+            kind,
+            policy: policy.into(),
+            field: "spec.tier".into(),
+            message: "m".into(),
+            scope: sepal_felix::policy::ProblemScope::Policy,
+        };
+        let np = policy_key(&problem("NetworkPolicy", "web/deny"));
+        assert_eq!(np.to_string(), "NetworkPolicy web/deny");
+        // Cluster-scoped: its Events go to `default`, as kubectl looks for them.
+        let cnp = policy_key(&problem("ClusterNetworkPolicy", "deny-all"));
+        assert_eq!(cnp.to_string(), "ClusterNetworkPolicy deny-all");
+        assert_eq!(cnp.api_version, crate::model::CNP_API_VERSION);
     }
 
     #[test]

@@ -22,6 +22,7 @@ const CLUSTER_SCOPED: &[&str] = &[
     "BGPPeer",
     "SepalNodeStatus",
     "CustomResourceDefinition",
+    "ClusterNetworkPolicy",
     "ClusterRole",
     "ClusterRoleBinding",
 ];

@@ -1,6 +1,7 @@
 //! A real Kubernetes control plane on this machine's loopback: etcd, kube-apiserver (RBAC,
 //! ServiceAccount tokens, the default admission plugins), kube-controller-manager (node IPAM on)
-//! and kube-scheduler, built by scripts/kube-build.
+//! and kube-scheduler, built by scripts/kube-build, with the ClusterNetworkPolicy CRD installed
+//! (`crds`).
 //!
 //! `sepal lab control-plane --dir DIR` is its supervisor: one process that makes the credentials,
 //! starts the components in order, waits for each to be ready, writes `DIR/control-plane.json`,
@@ -10,6 +11,7 @@
 //! that names it and its log.
 
 pub mod components;
+pub mod crds;
 pub(crate) mod pki;
 
 use anyhow::{bail, Context, Result};
@@ -36,6 +38,10 @@ pub struct ControlPlaneArgs {
     /// Remove the directory once the control plane has stopped (a test's throwaway cluster).
     #[arg(long)]
     pub remove_on_exit: bool,
+    /// Do not install the ClusterNetworkPolicy CRD (scripts/kube-build's copy of
+    /// network-policy-api's experimental channel), as on a cluster that lacks it.
+    #[arg(long)]
+    pub no_cnp_crd: bool,
     #[command(flatten)]
     pub cluster: ClusterSettings,
 }
@@ -365,6 +371,11 @@ pub fn run(a: ControlPlaneArgs) -> Result<()> {
         .with_writer(std::io::stderr)
         .try_init();
     let bin = bin_dir(a.bin_dir.as_deref())?;
+    let cnp_crd = if a.no_cnp_crd {
+        None
+    } else {
+        Some(crds::cnp_crd(&bin)?)
+    };
     let l = Layout {
         dir: std::path::absolute(&a.dir)?,
     };
@@ -374,7 +385,7 @@ pub fn run(a: ControlPlaneArgs) -> Result<()> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    let result = rt.block_on(supervise(&bin, &l, &a.cluster));
+    let result = rt.block_on(supervise(&bin, &l, &a.cluster, cnp_crd.as_deref()));
     drop(rt);
     if a.remove_on_exit {
         let _ = std::fs::remove_dir_all(&l.dir);
@@ -382,7 +393,12 @@ pub fn run(a: ControlPlaneArgs) -> Result<()> {
     result
 }
 
-async fn supervise(bin: &Path, l: &Layout, s: &ClusterSettings) -> Result<()> {
+async fn supervise(
+    bin: &Path,
+    l: &Layout,
+    s: &ClusterSettings,
+    cnp_crd: Option<&Path>,
+) -> Result<()> {
     use tokio::signal::unix::{signal, SignalKind};
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
@@ -395,6 +411,9 @@ async fn supervise(bin: &Path, l: &Layout, s: &ClusterSettings) -> Result<()> {
     std::fs::write(l.audit_policy(), components::AUDIT_POLICY)?;
 
     let mut running = Vec::new();
+    // The CRD goes in while the controller manager and scheduler start (it needs only the API
+    // server), so it costs a control plane no time.
+    let mut crd_install = None;
     for c in Component::ALL {
         let step = tokio::select! {
             r = start_one(c, bin, l, &ports, s) => r,
@@ -407,6 +426,24 @@ async fn supervise(bin: &Path, l: &Layout, s: &ClusterSettings) -> Result<()> {
                 stop_all(&mut running).await;
                 return Err(e.context("the control plane did not start"));
             }
+        }
+        if let (Component::ApiServer, Some(crd)) = (c, cnp_crd) {
+            let (kubeconfig, crd) = (l.admin_kubeconfig(), crd.to_path_buf());
+            crd_install = Some(tokio::spawn(async move {
+                let client = crate::datastore::kube::client(Some(&kubeconfig)).await?;
+                crds::install(&client, &crd).await
+            }));
+        }
+    }
+    if let Some(task) = crd_install {
+        let step = tokio::select! {
+            r = task => r.unwrap_or_else(|e| Err(anyhow::anyhow!("installing the CRDs: {e}"))),
+            _ = term.recv() => Err(anyhow::anyhow!("stopped while starting")),
+            _ = int.recv() => Err(anyhow::anyhow!("stopped while starting")),
+        };
+        if let Err(e) = step {
+            stop_all(&mut running).await;
+            return Err(e.context("the control plane did not start"));
         }
     }
     let endpoints = Endpoints {
