@@ -196,7 +196,15 @@ fn add(env: &CniEnv, conf: &NetConf) -> Result<Value, CniError> {
 
     let mac = plumbing::pod_mac(&env.container_id, &env.ifname);
     let create = |nl: &mut Netlink| {
-        plumbing::create_veth(nl, &host_veth, &env.ifname, mac, &pod_ns, conf.mtu)
+        plumbing::create_veth(
+            nl,
+            &host_veth,
+            &env.ifname,
+            mac,
+            &pod_ns,
+            conf.mtu,
+            &env.container_id,
+        )
     };
     let mut created = create(&mut nl);
     if matches!(&created, Err(e) if e.raw_os_error() == Some(nix::libc::EEXIST)) {
@@ -432,8 +440,14 @@ fn del_request(env: &CniEnv) -> DelRequest {
 fn del(env: &CniEnv, conf: &NetConf) -> Result<(), CniError> {
     let mut nl = Netlink::open().map_err(netlink_err("cannot open netlink"))?;
     let host_veth = env.host_veth();
-    let retired = plumbing::retire_veth(&mut nl, &host_veth)
-        .map_err(netlink_err("cannot retire the host veth"))?;
+    // The pod's newer sandbox may hold the name by now (a runtime repeats DEL for a dead
+    // sandbox): its pair is not this attachment's to remove.
+    let owner = plumbing::veth_owner(&mut nl, &host_veth)
+        .map_err(netlink_err("cannot look up the host veth"))?;
+    let theirs = owner.is_some_and(|o| o != env.container_id);
+    let retired = !theirs
+        && plumbing::retire_veth(&mut nl, &host_veth)
+            .map_err(netlink_err("cannot retire the host veth"))?;
     if !retired
         && !plumbing::link_exists(&mut nl, &api::tombstone_name(&host_veth))
             .map_err(netlink_err("cannot look up links"))?

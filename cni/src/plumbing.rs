@@ -101,7 +101,8 @@ pub fn pod_mac(container_id: &str, ifname: &str) -> [u8; 6] {
 
 /// Creates the pair in one request: `host` here (MAC ee:ee:ee:ee:ee:ee, up) and its peer
 /// `ifname` (MAC `pod_mac`) directly inside `pod_ns`, so the pod side never exists in the node's
-/// namespace.
+/// namespace. The host side's alias records `owner`, the sandbox's container ID (see
+/// `veth_owner`).
 pub fn create_veth(
     nl: &mut Netlink,
     host: &str,
@@ -109,6 +110,7 @@ pub fn create_veth(
     pod_mac: [u8; 6],
     pod_ns: &File,
     mtu: Option<u32>,
+    owner: &str,
 ) -> io::Result<()> {
     let mut peer = LinkMessage::default();
     peer.attributes
@@ -130,7 +132,29 @@ pub fn create_veth(
         LinkInfo::Kind(InfoKind::Veth),
         LinkInfo::Data(InfoData::Veth(InfoVeth::Peer(peer))),
     ]));
-    nl.request(RouteNetlinkMessage::NewLink(msg), NLM_F_CREATE | NLM_F_EXCL)
+    nl.request(RouteNetlinkMessage::NewLink(msg), NLM_F_CREATE | NLM_F_EXCL)?;
+    // The kernel ignores an alias on creation; set after, and only on the pair just made (a
+    // batch would also run it when the name was taken by another pair).
+    let mut alias = link_by_name(host);
+    alias
+        .attributes
+        .push(LinkAttribute::IfAlias(owner.to_string()));
+    nl.request(RouteNetlinkMessage::SetLink(alias), 0)
+}
+
+/// The container ID a host veth was created for (its alias), `None` when it has none (made by
+/// an older plugin) or does not exist. A host veth is named after the pod, not the sandbox: a
+/// runtime repeating DEL for a dead sandbox after the pod's new sandbox took the name must not
+/// remove the new one's pair.
+pub fn veth_owner(nl: &mut Netlink, host: &str) -> io::Result<Option<String>> {
+    match get_link(nl, host) {
+        Ok(link) => Ok(link.attributes.into_iter().find_map(|a| match a {
+            LinkAttribute::IfAlias(alias) if !alias.is_empty() => Some(alias),
+            _ => None,
+        })),
+        Err(e) if e.raw_os_error() == Some(nix::libc::ENODEV) => Ok(None),
+        Err(e) => Err(e),
+    }
 }
 
 /// Deletes a link by name (a veth takes its peer with it). `Ok(false)` when there was none.

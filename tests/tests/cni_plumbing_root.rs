@@ -430,7 +430,16 @@ fn add_is_idempotent_and_old_versions_render_ip_version() {
     ok_json(&cni(&node, "ADD", &call2, &agent.config("1.1.0")));
     assert!(!links(&pod).contains("eth0"), "{}", links(&pod));
     assert!(links(&pod2).contains("eth0"), "{}", links(&pod2));
+    // The runtime repeats DEL for the dead sandbox after the new one took the veth's name (kubelet
+    // does, seconds later): the new sandbox keeps its pair.
+    ok_empty(&cni(&node, "DEL", &call, &agent.config("1.1.0")));
+    assert!(links(&pod2).contains("eth0"), "{}", links(&pod2));
+    let veth = host_veth_name("default", "idem-0");
+    assert!(node
+        .run(&format!("ip -o link show {veth}"))
+        .contains("alias c-idem2"));
     ok_empty(&cni(&node, "DEL", &call2, &agent.config("1.1.0")));
+    assert!(!links(&node).contains(&veth), "{}", links(&node));
     ok_empty(&cni(&node, "DEL", &call, &agent.config("0.4.0")));
 }
 
