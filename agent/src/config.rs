@@ -79,6 +79,23 @@ pub struct NodeArgs {
     /// prefix `sepal NS/POD DIRECTION default deny: `); without a value, group 0.
     #[arg(long, value_name = "GROUP", num_args = 0..=1, default_missing_value = "0")]
     pub policy_log_drops: Option<u16>,
+    /// Flow logs for `sepal flows`: `denied` (flows a rule denied), `all` (also the first packet
+    /// of flows an allow rule accepted) or `off` [default: denied].
+    #[arg(long, value_enum, value_name = "WHICH")]
+    pub flow_logs: Option<crate::flows::FlowLogMode>,
+    /// The nflog group the agent reads its flow logs from (no other reader may bind it)
+    /// [default: 83].
+    #[arg(long, value_name = "GROUP")]
+    pub flow_log_group: Option<u16>,
+    /// Most packets the kernel logs per second for each verdict, node-wide; beyond it packets
+    /// are still decided and counted, only not recorded [default: 100].
+    #[arg(long, value_name = "PER_SECOND",
+          value_parser = clap::value_parser!(u32).range(1..=crate::flows::MAX_RATE as i64))]
+    pub flow_log_rate: Option<u32>,
+    /// Most series of sepal_policy_rule_packets_total with a rule of their own; the other
+    /// rules' packets add up in one `_overflow` series per verdict [default: 1000].
+    #[arg(long, value_name = "N")]
+    pub policy_rule_series: Option<usize>,
     /// How long start waits for the datastore's full initial state before serving CNI calls
     /// anyway (Go-style duration, e.g. `30s`, `2m`) [default: 30s]. Until that state is complete
     /// the agent is not ready and does not declare its Node's network available.
@@ -124,6 +141,14 @@ struct FileConfig {
     metrics_addr: Option<String>,
     #[serde(alias = "policyLogDrops")]
     policy_log_drops: Option<u16>,
+    #[serde(alias = "flowLogs")]
+    flow_logs: Option<crate::flows::FlowLogMode>,
+    #[serde(alias = "flowLogGroup")]
+    flow_log_group: Option<u16>,
+    #[serde(alias = "flowLogRate")]
+    flow_log_rate: Option<u32>,
+    #[serde(alias = "policyRuleSeries")]
+    policy_rule_series: Option<usize>,
     #[serde(alias = "syncTimeout")]
     sync_timeout: Option<String>,
     #[serde(alias = "procSys")]
@@ -147,6 +172,10 @@ pub struct NodeConfig {
     pub metrics_addr: Option<std::net::SocketAddr>,
     /// nflog group for default-deny drops; None: drops are only counted.
     pub policy_log_drops: Option<u16>,
+    /// Flow logs (`sepal flows`): which, the nflog group, the kernel's rate bound.
+    pub flow_log: crate::flows::Settings,
+    /// Cap on per-rule metric series (see `--policy-rule-series`).
+    pub policy_rule_series: usize,
     /// How long start waits for the datastore's initial state before serving anyway.
     pub sync_timeout: std::time::Duration,
     /// The node's /proc/sys (see `--proc-sys`).
@@ -224,6 +253,9 @@ impl NodeConfig {
                 .unwrap_or(DEFAULT_METRICS_ADDR),
         )
         .map_err(|e| anyhow::anyhow!(e))?;
+        let policy_log_drops = args.policy_log_drops.or(file.policy_log_drops);
+        let from_file = (file.flow_logs, file.flow_log_group, file.flow_log_rate);
+        let flow_log = flow_log_settings(args, from_file, policy_log_drops)?;
         let sync_timeout = match (args.sync_timeout, file.sync_timeout) {
             (Some(t), _) => t,
             (None, Some(s)) => {
@@ -245,7 +277,12 @@ impl NodeConfig {
             mtu,
             admin_socket,
             metrics_addr,
-            policy_log_drops: args.policy_log_drops.or(file.policy_log_drops),
+            policy_log_drops,
+            flow_log,
+            policy_rule_series: args
+                .policy_rule_series
+                .or(file.policy_rule_series)
+                .unwrap_or(crate::metrics::rules::DEFAULT_SERIES),
             sync_timeout,
             proc_sys: args
                 .proc_sys
@@ -255,6 +292,35 @@ impl NodeConfig {
             stop_mode: args.stop_mode.or(file.stop_mode).unwrap_or_default(),
         })
     }
+}
+
+/// The flow-log settings from flags, file and defaults. The agent must be the group's only
+/// reader, so it cannot be the `--policy-log-drops` group meant for another one.
+fn flow_log_settings(
+    args: &NodeArgs,
+    (mode, group, rate): (Option<crate::flows::FlowLogMode>, Option<u16>, Option<u32>),
+    policy_log_drops: Option<u16>,
+) -> Result<crate::flows::Settings> {
+    use crate::flows::{FlowLogMode, Settings, MAX_RATE};
+    let defaults = Settings::default();
+    let settings = Settings {
+        mode: args.flow_logs.or(mode).unwrap_or(defaults.mode),
+        group: args.flow_log_group.or(group).unwrap_or(defaults.group),
+        rate: args.flow_log_rate.or(rate).unwrap_or(defaults.rate),
+    };
+    if !(1..=MAX_RATE).contains(&settings.rate) {
+        bail!(
+            "flow-log-rate {} out of range 1..={MAX_RATE} (use flow-logs: off for none)",
+            settings.rate
+        );
+    }
+    if settings.mode != FlowLogMode::Off && policy_log_drops == Some(settings.group) {
+        bail!(
+            "nflog group {} is both --policy-log-drops (for another reader) and --flow-log-group (the agent's own): pick another for one of them",
+            settings.group
+        );
+    }
+    Ok(settings)
 }
 
 #[cfg(test)]
@@ -370,5 +436,51 @@ mod tests {
         let path = dir.path().join("c.yaml");
         std::fs::write(&path, "policy-log-drops: 3\n").unwrap();
         assert_eq!(parse(&["--config", path.to_str().unwrap()]), Some(3));
+    }
+
+    #[test]
+    fn flow_logs_default_to_denied_and_refuse_a_shared_group() {
+        use crate::flows::FlowLogMode;
+        #[derive(clap::Parser)]
+        struct Cli {
+            #[command(flatten)]
+            node: NodeArgs,
+        }
+        let parse = |extra: &[&str]| -> Result<NodeConfig, String> {
+            let mut argv = vec!["sepal", "--datastore", "dir:/x", "--node-name", "n"];
+            argv.extend(extra);
+            let cli = <Cli as clap::Parser>::try_parse_from(argv).map_err(|e| e.to_string())?;
+            NodeConfig::resolve(&cli.node).map_err(|e| e.to_string())
+        };
+        let cfg = parse(&[]).unwrap();
+        assert_eq!(cfg.flow_log, crate::flows::Settings::default());
+        assert_eq!(cfg.flow_log.mode, FlowLogMode::Denied);
+        assert_eq!(cfg.policy_rule_series, 1000);
+        let all = parse(&["--flow-logs", "all", "--flow-log-rate", "20"]).unwrap();
+        assert_eq!(
+            (all.flow_log.mode, all.flow_log.rate),
+            (FlowLogMode::All, 20)
+        );
+        assert!(parse(&["--flow-log-rate", "0"]).is_err());
+        assert!(parse(&["--flow-logs", "some"]).is_err());
+        let err = parse(&["--policy-log-drops=83"]).unwrap_err();
+        assert!(err.contains("nflog group 83"), "{err}");
+        assert!(parse(&["--policy-log-drops=83", "--flow-logs", "off"]).is_ok());
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.yaml");
+        std::fs::write(
+            &path,
+            "flow-logs: all\nflowLogGroup: 9\nflow-log-rate: 5\npolicy-rule-series: 10\n",
+        )
+        .unwrap();
+        let file = parse(&["--config", path.to_str().unwrap()]).unwrap();
+        assert_eq!(
+            (file.flow_log.mode, file.flow_log.group, file.flow_log.rate),
+            (FlowLogMode::All, 9, 5)
+        );
+        assert_eq!(file.policy_rule_series, 10);
+        std::fs::write(&path, "flow-log-rate: 0\n").unwrap();
+        let err = parse(&["--config", path.to_str().unwrap()]).unwrap_err();
+        assert!(err.contains("out of range"), "{err}");
     }
 }

@@ -7,6 +7,7 @@ mod admin;
 mod config;
 mod crd;
 mod datastore;
+mod flows;
 mod hostports;
 mod ipam;
 mod lab;
@@ -74,6 +75,9 @@ enum Command {
     /// NetworkPolicy: `explain` why a packet is allowed or dropped.
     #[command(subcommand)]
     Policy(PolicyCommand),
+    /// Flow records: each flow a policy rule denied (or allowed, with `sepal node --flow-logs
+    /// all`), its pods and the tier, policy and rule that decided, from the running agent.
+    Flows(flows::cli::FlowsArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -141,6 +145,7 @@ pub fn main() -> ExitCode {
         Command::Endpoints { json, target } => ops::endpoints(&target, json),
         Command::Trace(args) => ops::trace(&args),
         Command::Policy(PolicyCommand::Explain(args)) => policy_explain::run(&args),
+        Command::Flows(args) => flows::cli::run(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

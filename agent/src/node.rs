@@ -50,6 +50,8 @@ pub struct Agent {
     policy: crate::policy::PolicyEngine,
     /// The pods' hostPorts (table `inet sepal-hostports`).
     hostports: sepal_felix::hostport::HostPorts,
+    /// Flow records for `sepal flows`, read from the policy table's log rules.
+    flows: Arc<crate::flows::FlowLogs>,
 }
 
 /// Read-only views for the operator socket and metrics (`crate::admin`).
@@ -100,6 +102,10 @@ impl Agent {
 
     pub fn netlink(&self) -> &Handle {
         &self.handle
+    }
+
+    pub fn flow_logs(&self) -> &Arc<crate::flows::FlowLogs> {
+        &self.flows
     }
 
     /// Serving ADDs: the node's blocks are known.
@@ -385,6 +391,8 @@ impl Agent {
         let endpoints = &self.ipam.state().allocations;
         let started = std::time::Instant::now();
         let applied = self.policy.apply(endpoints).map(|_| ());
+        // Every change of pods passes here: flow records name pods from a fresh index.
+        self.flows.pods_changed();
         crate::metrics::metrics()
             .policy_apply_seconds
             .observe(started.elapsed().as_secs_f64());
@@ -713,10 +721,14 @@ pub async fn run(cfg: NodeConfig) -> Result<()> {
         routing: None,
         policy: crate::policy::PolicyEngine::new(sepal_felix::nft::Options {
             nflog_group: cfg.policy_log_drops,
-            ..Default::default()
+            flow_log: cfg.flow_log.nft(),
         }),
         hostports: Default::default(),
+        flows: crate::flows::FlowLogs::start(&cfg.node_name, cfg.flow_log),
     };
+    crate::metrics::metrics()
+        .policy_rules
+        .set_max_series(cfg.policy_rule_series);
     agent.policy.update_model(&model);
     if let Some(b) = &blocks {
         agent.blocks = Some(b.clone());
@@ -745,6 +757,16 @@ pub async fn run(cfg: NodeConfig) -> Result<()> {
             .await;
     }
     let agent = Arc::new(Mutex::new(agent));
+    {
+        // The flow log's reader thread names pods from the agent's model (weakly: the agent
+        // owns the flow log).
+        let weak = Arc::downgrade(&agent);
+        let flows = agent.lock().await.flows.clone();
+        flows.set_pod_source(Box::new(move || match weak.upgrade() {
+            Some(agent) => agent.blocking_lock().policy_cluster().pods,
+            None => Vec::new(),
+        }));
+    }
     {
         let agent = agent.clone();
         tokio::spawn(async move {

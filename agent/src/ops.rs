@@ -54,7 +54,7 @@ impl AgentTarget {
 
     /// The agents a node-scoped report comes from: one, or every node of a lab given without
     /// --node (with the node's name).
-    fn agents(&self) -> Result<Vec<(Option<String>, PathBuf)>> {
+    pub(crate) fn agents(&self) -> Result<Vec<(Option<String>, PathBuf)>> {
         if self.admin_socket.is_none() && self.node.is_none() {
             if let Some(lab) = self.lab()? {
                 return lab

@@ -324,6 +324,7 @@ pub fn seeds(target: &str) -> Vec<&'static [u8]> {
             include_bytes!("../fuzz/seeds/admin_request/trace.json"),
             include_bytes!("../fuzz/seeds/admin_request/explain.json"),
             include_bytes!("../fuzz/seeds/admin_request/explain-ip.json"),
+            include_bytes!("../fuzz/seeds/admin_request/flows.json"),
         ],
         _ => Vec::new(),
     }

@@ -28,6 +28,10 @@ pub async fn answer(
         AdminRequest::PolicyExplain(t) => {
             serde_json::to_value(crate::policy_explain::answer(agent, &t).await?)
         }
+        AdminRequest::Flows(r) => {
+            let flows = agent.lock().await.flow_logs().clone();
+            serde_json::to_value(flows.report(&r)?)
+        }
     };
     value.map_err(|e| format!("encoding the report: {e}"))
 }

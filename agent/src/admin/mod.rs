@@ -1,4 +1,4 @@
-//! The agent's operator socket: `sepal status|routes|endpoints|trace` ask the running agent over a
+//! The agent's operator socket: `sepal status|routes|endpoints|trace|flows` ask the running agent over a
 //! Unix socket of its own, apart from the CNI plugin's protocol (`sepal_cni::api`).
 //!
 //! Framing as on the plugin's socket: one JSON request line per connection, one JSON reply line
@@ -40,6 +40,8 @@ pub enum AdminRequest {
     /// NetworkPolicy's verdict for one packet, the deciding rules and their counters on this
     /// node: a `policy_explain::ExplainReport`.
     PolicyExplain(TraceRequest),
+    /// Flow records this node's flow log holds: a `flows::FlowsReport`.
+    Flows(crate::flows::FlowsRequest),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

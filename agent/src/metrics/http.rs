@@ -101,6 +101,13 @@ async fn respond<B>(req: Request<B>, agent: &Arc<Mutex<Agent>>) -> Response<Full
                 let a = agent.lock().await;
                 a.routing().map(|r| r.routes().borrow().len()).unwrap_or(0)
             };
+            // The policy table's counters come from an nft process: off this thread's loop.
+            let rules = tokio::task::spawn_blocking(super::rules::read_kernel).await;
+            match rules {
+                Ok(Ok(rules)) => metrics().policy_rules.observe(&rules),
+                Ok(Err(e)) => tracing::debug!("per-rule policy counters not read: {e}"),
+                Err(e) => tracing::debug!("per-rule policy counters not read: {e}"),
+            }
             let body = metrics().render(|m| refresh(m, &status, learned));
             text(
                 StatusCode::OK,

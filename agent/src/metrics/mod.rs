@@ -2,6 +2,7 @@
 //! happen, BGP and IPAM figures refreshed at scrape) and the health flags behind /readyz.
 
 pub mod http;
+pub mod rules;
 
 use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
@@ -109,6 +110,12 @@ pub struct Metrics {
     pub ipam_capacity: Family<Labels, Gauge>,
     pub policy_apply_seconds: Histogram,
     pub cni_request_seconds: Family<Labels, Histogram>,
+    /// Packets per deciding policy rule (read from the kernel at scrape).
+    pub policy_rules: rules::RuleMetrics,
+    /// Flow records read from the nflog group, by verdict.
+    pub flow_log_records: Family<Labels, Counter>,
+    /// Times the kernel had more flow-log packets than the reader's socket could hold.
+    pub flow_log_overruns: Counter,
 }
 
 fn latency_buckets() -> Histogram {
@@ -139,6 +146,9 @@ impl Metrics {
             ipam_capacity: Family::default(),
             policy_apply_seconds: latency_buckets(),
             cni_request_seconds: Family::new_with_constructor(latency_buckets),
+            policy_rules: rules::RuleMetrics::default(),
+            flow_log_records: Family::default(),
+            flow_log_overruns: Counter::default(),
         };
         let r = &mut registry;
         r.register(
@@ -220,6 +230,17 @@ impl Metrics {
             "cni_request_duration_seconds",
             "Time the agent took to answer a CNI plugin request",
             m.cni_request_seconds.clone(),
+        );
+        m.policy_rules.register(r);
+        r.register(
+            "flow_log_packets",
+            "Packets the flow log read from its nflog group (the kernel's rate bound applied)",
+            m.flow_log_records.clone(),
+        );
+        r.register(
+            "flow_log_overruns",
+            "Times the flow log's socket overflowed and the kernel dropped records",
+            m.flow_log_overruns.clone(),
         );
         Metrics { registry, ..m }
     }
