@@ -33,6 +33,12 @@ pub fn kube_bin_dir() -> PathBuf {
     target.join("kube").join("bin")
 }
 
+/// scripts/kube-build's copy of network-policy-api's ClusterNetworkPolicy CRD (experimental
+/// channel), which every control plane installs unless told not to.
+pub fn cnp_crd_file() -> PathBuf {
+    kube_bin_dir().join("crds/experimental/policy.networking.k8s.io_clusternetworkpolicies.yaml")
+}
+
 /// How a test wants its control plane.
 #[derive(Debug, Default, Clone)]
 pub struct Options {
@@ -327,6 +333,18 @@ impl Cluster {
             "--for=condition=Established",
             "crd",
             "--all",
+            "--timeout=60s",
+        ]);
+    }
+
+    /// The ClusterNetworkPolicy CRD, established (for a control plane started without it).
+    pub fn install_cnp_crd(&self) {
+        let crd = cnp_crd_file();
+        self.kubectl(&["apply", "--server-side", "-f", crd.to_str().expect("utf-8")]);
+        self.kubectl(&[
+            "wait",
+            "--for=condition=Established",
+            "crd/clusternetworkpolicies.policy.networking.k8s.io",
             "--timeout=60s",
         ]);
     }

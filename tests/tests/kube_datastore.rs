@@ -105,6 +105,20 @@ fn dump(c: &Cluster) -> Vec<Value> {
         &[],
     );
     all.extend(c.list("secrets", &["-n", "sepal-system"]));
+    // ClusterNetworkPolicies where the CRD is served (the server returns v1beta1, its storage
+    // version; the model reads either).
+    if let Ok(out) = c.try_kubectl(
+        &[
+            "get",
+            "clusternetworkpolicies.policy.networking.k8s.io",
+            "-o",
+            "json",
+        ],
+        None,
+    ) {
+        let v: Value = serde_json::from_str(&out).expect("kubectl get json");
+        all.extend(v["items"].as_array().cloned().unwrap_or_default());
+    }
     all
 }
 
@@ -202,7 +216,21 @@ fn cluster() -> Vec<Value> {
         json!({"apiVersion": "sepal.dev/v1alpha1", "kind": "BGPPeer", "metadata": {"name": "tor"},
                "spec": {"peerIP": "10.0.1.1", "asNumber": 65000,
                         "password": {"secretKeyRef": {"name": "bgp-passwords", "key": "tor"}}}}),
+        cnp("deny-db"),
     ]
+}
+
+/// A ClusterNetworkPolicy touching the experimental channel's fields (nodes peers, named ports).
+fn cnp(name: &str) -> Value {
+    json!({"apiVersion": "policy.networking.k8s.io/v1alpha2", "kind": "ClusterNetworkPolicy",
+           "metadata": {"name": name, "labels": {"owner": "security"}},
+           "spec": {"tier": "Admin", "priority": 10,
+                    "subject": {"pods": {"namespaceSelector": {"matchLabels": {"team": "a"}},
+                                         "podSelector": {}}},
+                    "ingress": [{"name": "from-web", "action": "Accept",
+                                 "from": [{"namespaces": {"matchLabels": {"team": "a"}}}],
+                                 "protocols": [{"destinationNamedPort": "http"}]}],
+                    "egress": [{"action": "Deny", "to": [{"nodes": {}}, {"networks": ["10.0.0.0/8"]}]}]}})
 }
 
 /// Pods need an image to be admitted; no kubelet ever pulls it.
@@ -225,13 +253,18 @@ fn kube_initial_sync_matches_dir_and_strips_server_noise() {
     let p = kube_inspect(&kc, false);
     wait_for_model(&c, &p);
     // Both datastores keep of the metadata only identity, labels and annotations, and not
-    // kubectl's copy of the object.
+    // kubectl's copy of the object; a ClusterNetworkPolicy also its generation and version,
+    // which its status writer reads.
     for item in dir_model(&dump(&c)) {
         let v: Value = serde_json::from_str(&item).expect("json");
         let meta = v["metadata"].as_object().expect("metadata");
+        let mut kept = vec!["name", "namespace", "labels", "annotations"];
+        if v["kind"] == "ClusterNetworkPolicy" {
+            kept.extend(["generation", "resourceVersion"]);
+        }
         for k in meta.keys() {
             assert!(
-                ["name", "namespace", "labels", "annotations"].contains(&k.as_str()),
+                kept.contains(&k.as_str()),
                 "the model kept metadata.{k}: {item}"
             );
         }
@@ -262,7 +295,71 @@ fn kube_changes_match_dir() {
     c.apply(&[conditions]);
     c.apply(&[json!({"apiVersion": "sepal.dev/v1alpha1", "kind": "BGPConfiguration",
                      "metadata": {"name": "default"}, "spec": {"asNumber": 64512, "nodeToNodeMesh": true}})]);
+    let mut reprioritized = cnp("deny-db");
+    reprioritized["spec"]["priority"] = json!(20);
+    c.apply(&[reprioritized, cnp("second")]);
     wait_for_model(&c, &p);
+    c.delete(
+        "clusternetworkpolicies.policy.networking.k8s.io",
+        "",
+        "deny-db",
+    );
+    wait_for_model(&c, &p);
+}
+
+#[test]
+fn kube_without_the_cnp_crd_syncs_and_picks_it_up_later() {
+    // A cluster that never installed network-policy-api's CRD: the datastore syncs (there are
+    // no ClusterNetworkPolicies) and says so once.
+    let objects: Vec<Value> = cluster()
+        .into_iter()
+        .filter(|o| o["kind"] != "ClusterNetworkPolicy")
+        .collect();
+    let o = Options {
+        without_cnp_crd: true,
+        ..Default::default()
+    };
+    let (c, _kc) = cluster_with(&objects, o);
+    let p = watching(&c, None);
+    // The CRD installed later, with a policy: picked up at the next check (every 30 s).
+    c.install_cnp_crd();
+    c.apply(&[cnp("deny-db")]);
+    wait_for_model(&c, &p);
+    // The CRD removed (its policies go with it): the model has none again.
+    c.kubectl(&[
+        "delete",
+        "crd",
+        "clusternetworkpolicies.policy.networking.k8s.io",
+        "--wait=true",
+    ]);
+    wait_for_model(&c, &p);
+    // The watch ends with the CRD; the datastore goes back to checking for it.
+    let absent = "serves no policy.networking.k8s.io/v1alpha2 ClusterNetworkPolicy";
+    let mut log = Vec::new();
+    let deadline = std::time::Instant::now() + WAIT;
+    while log.iter().filter(|l: &&String| l.contains(absent)).count() < 2 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "not logged once at the start and once after the removal:\n{}",
+            log.join("\n")
+        );
+        if let Ok(l) = p.err.recv_timeout(Duration::from_millis(200)) {
+            log.push(l);
+        }
+    }
+    assert!(
+        log.iter()
+            .any(|l| l.contains("the ClusterNetworkPolicy CRD is served now")),
+        "{}",
+        log.join("\n")
+    );
+    // Nothing was refused: the checks are one-object lists, under the same RBAC rule.
+    let refused: Vec<Value> = c
+        .agent_requests()
+        .into_iter()
+        .filter(|e| e["responseStatus"]["code"] == 403)
+        .collect();
+    assert!(refused.is_empty(), "{refused:?}");
 }
 
 #[test]
