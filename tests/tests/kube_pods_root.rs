@@ -95,6 +95,11 @@ fn kube_datastore_pods_get_addresses_from_the_node_cidr() {
         json!({"apiVersion": "sepal.dev/v1alpha1", "kind": "BGPPeer", "metadata": {"name": "tor"},
                "spec": {"peerIP": "10.255.255.1", "asNumber": 65000,
                         "password": {"secretKeyRef": {"name": "bgp-passwords", "key": "tor"}}}}),
+        // Selects nothing here; the agent writes its Accepted condition.
+        json!({"apiVersion": "policy.networking.k8s.io/v1alpha2", "kind": "ClusterNetworkPolicy",
+               "metadata": {"name": "quiet"},
+               "spec": {"tier": "Baseline", "priority": 1,
+                        "subject": {"namespaces": {"matchLabels": {"no-such": "namespace"}}}}}),
     ]);
     let agent = KubeAgent::start(&node, &c, None, &[]);
     agent.wait_ready(&node);
@@ -126,6 +131,14 @@ fn kube_datastore_pods_get_addresses_from_the_node_cidr() {
     agent.wait_until("a SepalNodeStatus for kn1", || {
         c.get("sepalnodestatus", "", "kn1")
             .is_some_and(|s| s["status"]["routesProgrammed"] == json!(true))
+    });
+    agent.wait_until("the ClusterNetworkPolicy's Accepted condition", || {
+        c.get(
+            "clusternetworkpolicies.policy.networking.k8s.io",
+            "",
+            "quiet",
+        )
+        .is_some_and(|p| p["status"]["conditions"][0]["reason"] == "Valid")
     });
     // Invalid policy content never reaches the agent here: the API server refuses it, naming the
     // field Sepal's own validation names for the dir datastore (and the PolicyRejected Event the
