@@ -1,7 +1,8 @@
 //! Flow logs and per-rule metrics on a real node, needs root: `sepal node` with a dir datastore,
 //! pods attached through the real CNI plugin, real nftables and nflog in the node's namespace.
-//! `sepal flows` names a denied flow's pods and the rule that denied it (and, with
-//! `--flow-logs all`, the rule that allowed another), `--follow` streams a new one, and
+//! `sepal flows` names a denied flow's pods and the rule that denied it (a default deny, and a
+//! ClusterNetworkPolicy's named Deny rule with its tier; with `--flow-logs all`, also the rule
+//! that allowed another flow), `--follow` streams a new one, and
 //! `/metrics` counts packets per rule. A flood of denied SYNs with a new source port each is
 //! bounded by the kernel's limit: the figures it prints are the ones docs/policy.md quotes.
 
@@ -27,6 +28,9 @@ fn pod_yaml(name: &str, node: &str) -> String {
 
 /// The server accepts the client on 8080 only: everything else to it meets its default deny.
 const WEB: &str = "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: web, namespace: default}\nspec:\n  podSelector: {matchLabels: {app: server}}\n  ingress: [{from: [{podSelector: {matchLabels: {app: client}}}], ports: [{port: 8080}]}]\n";
+
+/// An Admin-tier Deny rule with a name: the client's UDP to 5353 on the server.
+const GUARDRAILS: &str = "apiVersion: policy.networking.k8s.io/v1alpha2\nkind: ClusterNetworkPolicy\nmetadata: {name: guardrails}\nspec:\n  tier: Admin\n  priority: 10\n  subject: {pods: {namespaceSelector: {}, podSelector: {matchLabels: {app: server}}}}\n  ingress:\n  - name: no-mdns\n    action: Deny\n    from: [{pods: {namespaceSelector: {}, podSelector: {matchLabels: {app: client}}}}]\n    protocols: [{udp: {destinationPort: {number: 5353}}}]\n";
 
 /// Attaches a pod through the real CNI plugin; returns its namespace and IPv4 address.
 fn add_pod(node: &Node, tag: &str, name: &str) -> (Netns, Ipv4Addr) {
@@ -157,6 +161,17 @@ fn is(record: &Value, key: &str, value: &str) -> bool {
 #[test]
 fn flows_name_the_rule_that_denied_and_the_one_that_allowed_root() {
     let w = world("flw", "10.244.12.0/24", &["--flow-logs", "all"]);
+    write(&w.node, "cnp-guardrails.yaml", GUARDRAILS);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !w
+        .node
+        .netns
+        .run("nft list table inet sepal")
+        .contains("Admin/guardrails ingress[0] no-mdns")
+    {
+        assert!(Instant::now() < deadline, "{}", w.node.agent_log());
+        std::thread::sleep(Duration::from_millis(50));
+    }
     let table = w.node.netns.run("nft list table inet sepal");
     assert!(
         table.contains(r#"limit name "flow-log-denied" log prefix "drop default/server ingress default deny" group 83"#),
@@ -222,6 +237,27 @@ fn flows_name_the_rule_that_denied_and_the_one_that_allowed_root() {
     }
     assert_eq!(allowed["dst_port"], 8080, "{allowed:#}");
 
+    // A ClusterNetworkPolicy's Deny rule: its tier, its policy and its rule's name.
+    assert_eq!(w.probe(Protocol::Udp, 5353), Outcome::Timeout);
+    let records = w.records_until(&["--denied"], |r| r.iter().any(|r| r["dst_port"] == 5353));
+    let cnp = records
+        .iter()
+        .find(|r| r["dst_port"] == 5353)
+        .expect("the Deny record");
+    for (key, value) in [
+        ("verdict", "denied"),
+        ("protocol", "UDP"),
+        ("tier", "Admin"),
+        ("policy", "guardrails"),
+        ("direction", "ingress"),
+        ("rule", "ingress[0] no-mdns"),
+        ("comment", "Admin/guardrails ingress[0] no-mdns"),
+        ("src_pod", "default/client"),
+        ("dst_pod", "default/server"),
+    ] {
+        assert!(is(cnp, key, value), "{key} should be {value}: {cnp:#}");
+    }
+
     // The text form: one line per record, the pods beside their addresses, the deciding rule.
     let text = w.flows(&["--denied"]);
     let line = text
@@ -270,7 +306,7 @@ fn flows_name_the_rule_that_denied_and_the_one_that_allowed_root() {
         let line = lines
             .recv_timeout(left)
             .expect("the new UDP record, streamed");
-        if line.contains("\"protocol\":\"UDP\"") {
+        if line.contains("\"dst_port\":9999") {
             break line;
         }
     };
@@ -289,7 +325,14 @@ fn flows_name_the_rule_that_denied_and_the_one_that_allowed_root() {
         &m,
         r#"sepal_policy_rule_packets_total{tier="NetworkPolicy",policy="default/web",rule="default/web ingress[0]",verdict="allowed"}"#,
     );
-    assert!(deny >= 2 && allow >= 1, "deny {deny}, allow {allow}:\n{m}");
+    let admin = series(
+        &m,
+        r#"sepal_policy_rule_packets_total{tier="Admin",policy="guardrails",rule="Admin/guardrails ingress[0] no-mdns",verdict="denied"}"#,
+    );
+    assert!(
+        deny >= 2 && allow >= 1 && admin >= 1,
+        "deny {deny}, allow {allow}, admin {admin}:\n{m}"
+    );
     assert!(
         series(&m, r#"sepal_flow_log_packets_total{verdict="denied"}"#) >= 2,
         "{m}"
