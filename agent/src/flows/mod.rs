@@ -210,7 +210,9 @@ impl FlowLogs {
     /// Records a datagram's packets: merged into their flow's record, or new records.
     fn take(&self, packets: &[nflog::Packet], index: &mut PodIndex) {
         let now = Instant::now();
-        let mut ring = self.ring.lock().unwrap_or_else(|e| e.into_inner());
+        // The ring is locked per step, never across a pod lookup: a rebuild waits for the
+        // agent's lock, and `sepal flows` must not wait for that.
+        let ring = || self.ring.lock().unwrap_or_else(|e| e.into_inner());
         for p in packets {
             let Some(flow) = p.flow else {
                 continue;
@@ -230,7 +232,7 @@ impl FlowLogs {
                 dport: flow.dport,
             };
             let time = p.time.unwrap_or_else(SystemTime::now);
-            if ring.merge(&key, now, time) {
+            if ring().merge(&key, now, time) {
                 continue;
             }
             let pods = index.lookup(&self.pods, [flow.src, flow.dst]);
@@ -242,7 +244,7 @@ impl FlowLogs {
                 pods,
                 time,
             );
-            ring.push(key, record, now);
+            ring().push(key, record, now);
         }
     }
 
