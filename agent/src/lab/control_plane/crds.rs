@@ -74,3 +74,22 @@ pub async fn install(client: &kube::Client, path: &Path) -> Result<()> {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_missing_crd_says_how_to_get_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let err = cnp_crd(dir.path()).unwrap_err().to_string();
+        assert!(
+            err.contains("scripts/kube-build") && err.contains("--no-cnp-crd"),
+            "{err}"
+        );
+        let path = dir.path().join(CNP_CRD);
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(&path, "kind: CustomResourceDefinition\n").unwrap();
+        assert_eq!(cnp_crd(dir.path()).unwrap(), path);
+    }
+}
