@@ -220,10 +220,12 @@ pub enum Outcome {
 pub async fn write(writer: &StatusWriter, name: &str, patch: &Value) -> Result<Outcome> {
     let api: Api<DynamicObject> =
         Api::all_with(writer.client().clone(), &super::kube_cnp::api_resource());
-    match api
-        .patch_status(name, &PatchParams::default(), &Patch::Merge(patch))
-        .await
-    {
+    // Named, so managedFields say who wrote the condition.
+    let params = PatchParams {
+        field_manager: Some(super::kube::FIELD_MANAGER.into()),
+        ..PatchParams::default()
+    };
+    match api.patch_status(name, &params, &Patch::Merge(patch)).await {
         Ok(_) => Ok(Outcome::Written),
         Err(kube::Error::Api(s)) if s.code == 409 => Ok(Outcome::Conflict),
         Err(kube::Error::Api(s)) if s.code == 404 => Ok(Outcome::Gone),
@@ -494,6 +496,15 @@ mod tests {
         let cond = |name: &str| current(by_name(&after, name)).cloned().expect(name);
         let valid = cond("valid");
         assert_eq!((&*valid.status, &*valid.reason), ("True", "Valid"));
+        let managers = c.kubectl(&[
+            "get",
+            "clusternetworkpolicies.policy.networking.k8s.io",
+            "valid",
+            "-o",
+            "jsonpath={.metadata.managedFields[*].manager}",
+            "--show-managed-fields",
+        ]);
+        assert!(managers.contains("sepal-node"), "{managers}");
         assert_eq!(
             valid.observed_generation,
             by_name(&after, "valid").metadata.generation
