@@ -575,6 +575,7 @@ fn a_control_plane_that_cannot_start_takes_the_lab_down() {
         "kube-scheduler",
         "kubectl",
         "VERSION",
+        "crds",
     ] {
         std::os::unix::fs::symlink(kube_bin_dir().join(f), bin.path().join(f)).unwrap();
     }
