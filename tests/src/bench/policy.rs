@@ -1,8 +1,10 @@
 //! `sepal-bench policy`: (1) compile + apply time of a 1000-pod / 500-policy cluster, full and
-//! after one change; (2) datapath cost between two pods behind 10,000 peers' worth of selectors
-//! and ipBlocks: throughput vs no policy, new-connection rate vs a linear iptables ruleset, each
-//! also as CPU per byte and per connection (steady on a loaded machine), and next to a table
-//! that only turns conntrack on (the floor for any conntrack-based policy).
+//! after one change, and again with 500 ClusterNetworkPolicies of both tiers beside the
+//! policies; (2) datapath cost between two pods behind 10,000 peers' worth of selectors and
+//! ipBlocks, with the NetworkPolicy alone and with Admin-tier ClusterNetworkPolicies in front of
+//! it: throughput vs no policy, new-connection rate vs a linear iptables ruleset, each also as
+//! CPU per byte and per connection (steady on a loaded machine), and next to a table that only
+//! turns conntrack on (the floor for any conntrack-based policy).
 
 use std::collections::BTreeMap;
 use std::fs::File;
@@ -15,10 +17,12 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use sepal_felix::nft::{Dataplane, Options};
+use sepal_felix::nft::{render_diff_in, Dataplane, Options, Scope};
 use sepal_felix::policy::{
     compile, Cluster, Compiler, NamedPort, Namespace, NetworkPolicy, Pod, Protocol,
 };
+
+mod cnp;
 
 use super::iperf::{self, IperfRun};
 use crate::netns::{veth, Netns};
@@ -26,6 +30,8 @@ use crate::netns::{veth, Netns};
 struct Args {
     pods: usize,
     policies: usize,
+    /// ClusterNetworkPolicies of the second control-plane run (0: no such run).
+    cluster_policies: usize,
     peers: usize,
     seconds: u64,
     runs: usize,
@@ -35,6 +41,7 @@ fn parse(args: &[String]) -> Result<Args> {
     let mut a = Args {
         pods: 1000,
         policies: 500,
+        cluster_policies: 500,
         peers: 10_000,
         seconds: 2,
         runs: 5,
@@ -49,11 +56,12 @@ fn parse(args: &[String]) -> Result<Args> {
         match flag.as_str() {
             "--pods" => a.pods = value,
             "--policies" => a.policies = value,
+            "--cluster-policies" => a.cluster_policies = value,
             "--peers" => a.peers = value,
             "--seconds" => a.seconds = value as u64,
             "--runs" => a.runs = value.max(1),
             other => {
-                bail!("unknown option {other}; options: --pods --policies --peers --seconds --runs")
+                bail!("unknown option {other}; options: --pods --policies --cluster-policies --peers --seconds --runs")
             }
         }
     }
@@ -180,51 +188,158 @@ fn cpu_time_ms() -> f64 {
     used(libc::RUSAGE_SELF) + used(libc::RUSAGE_CHILDREN)
 }
 
-fn control_plane(a: &Args) -> Result<(f64, f64, f64, f64)> {
+/// One control-plane run's figures (ms; medians).
+struct ControlPlane {
+    full: f64,
+    /// Parts of a full apply: compile, rendering the nft text (timed apart), and the rest of
+    /// `resync` (nft parsing the batch, the kernel's transaction, a copy of the ruleset).
+    full_compile: f64,
+    full_render: f64,
+    full_nft: f64,
+    /// One NetworkPolicy changed, one ClusterNetworkPolicy changed (`None` without them), one
+    /// new pod, one pod relabelled.
+    policy: f64,
+    cluster_policy: Option<f64>,
+    pod: f64,
+    relabel: f64,
+    /// CPU per incremental change (this process and nft), median over every change.
+    cpu: f64,
+}
+
+impl ControlPlane {
+    /// The worst of the incremental medians.
+    fn incremental(&self) -> f64 {
+        [self.policy, self.pod, self.relabel]
+            .into_iter()
+            .chain(self.cluster_policy)
+            .fold(0.0, f64::max)
+    }
+}
+
+/// The incremental changes measured, in order: each iteration makes one of each.
+const CHANGES: [&str; 4] = [
+    "one policy changed",
+    "one cluster policy changed",
+    "one new pod",
+    "one pod relabelled",
+];
+
+/// One incremental change (ms): from model change to kernel ack, and its parts: the compiler's
+/// update, rendering the difference (timed apart, again) and the rest (nft's parsing, the
+/// kernel's transaction).
+#[derive(Debug, Clone, Copy, Default)]
+struct Change {
+    wall: f64,
+    compile: f64,
+    diff: f64,
+    nft: f64,
+    cpu: f64,
+    commands: usize,
+    touched: usize,
+}
+
+/// The big cluster, with `cnps` ClusterNetworkPolicies besides its NetworkPolicies (0: none).
+fn control_plane(a: &Args, cnps: usize) -> Result<ControlPlane> {
     let ns = Netns::new("bpol");
     let mut cluster = big_cluster(a.pods, a.policies)?;
+    if cnps > 0 {
+        cnp::add_to(&mut cluster, cnps)?;
+    }
+    let what = if cnps > 0 {
+        format!(
+            "{} NetworkPolicies + {cnps} ClusterNetworkPolicies",
+            a.policies
+        )
+    } else {
+        format!("{} NetworkPolicies", a.policies)
+    };
     let mut dp = nft_in(&ns);
-    let mut fulls = Vec::new();
+    let (mut fulls, mut compiles, mut renders, mut nfts) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for _ in 0..a.runs {
         dp.delete().ok();
         let t = Instant::now();
         let rs = compile(&cluster);
+        let compiled = t.elapsed().as_secs_f64() * 1000.0;
+        let t_apply = Instant::now();
         dp.resync(&rs)?;
+        let applied = t_apply.elapsed().as_secs_f64() * 1000.0;
         fulls.push(t.elapsed().as_secs_f64() * 1000.0);
+        let t = Instant::now();
+        let text = sepal_felix::nft::render_full(&rs, &Options::default());
+        let rendered = t.elapsed().as_secs_f64() * 1000.0;
+        std::hint::black_box(text);
+        compiles.push(compiled);
+        renders.push(rendered);
+        nfts.push(applied - rendered);
     }
     let t = Instant::now();
     let rs = compile(&cluster);
     let compile_ms = t.elapsed().as_secs_f64() * 1000.0;
+    cnp::check_no_problems(&rs)?;
     if let Ok(path) = std::env::var("SEPAL_BENCH_DUMP") {
+        let path = if cnps > 0 {
+            format!("{path}.cnp")
+        } else {
+            path
+        };
         std::fs::write(
             path,
             sepal_felix::nft::render_full(&rs, &Options::default()),
         )?;
     }
+    let text_bytes = sepal_felix::nft::render_full(&rs, &Options::default()).len();
     println!(
-        "control plane (compile alone {compile_ms:.1} ms): {} pods (all local), {} policies -> {} sets, {} chains, {} rules",
+        "control plane, {what} (compile alone {compile_ms:.1} ms): {} pods (all local) -> {} sets, {} chains, {} rules, {} KiB of nft text",
         a.pods,
-        a.policies,
         rs.sets.len(),
         rs.chains.len(),
-        rs.chains.values().map(|c| c.rules.len()).sum::<usize>()
+        rs.chains.values().map(|c| c.rules.len()).sum::<usize>(),
+        text_bytes / 1024
     );
-    // One policy change, then one new pod, each from model change to kernel ack, as the agent
-    // does it: a long-lived compiler (it remembers validated policies) and the dataplane.
+    if cnps > 0 {
+        println!("  tiers: {}", cnp::tier_shape(&rs));
+        let reach: Vec<(usize, usize)> = cluster
+            .pods
+            .iter()
+            .map(|p| cnp::reached_by(&cluster, p))
+            .collect();
+        let all = median(reach.iter().map(|r| r.0 as f64).collect());
+        let networks = median(reach.iter().map(|r| r.1 as f64).collect());
+        println!("  a pod's change reaches {all:.0} of the {cnps} cluster policies (median over pods; {networks:.0} of them only through a networks CIDR holding its address)");
+    }
+    // One policy change (and one cluster policy change), one new pod, one pod relabelled, each
+    // from model change to kernel ack, as the agent does it: a long-lived compiler (it
+    // remembers validated policies) and the dataplane.
     let mut compiler = Compiler::default();
     let (rs, touched) = compiler.update(&cluster);
     dp.apply_update(rs, touched)?;
-    let (mut pol_ms, mut pod_ms, mut compile_ms) = (Vec::new(), Vec::new(), Vec::new());
-    let mut cpu_ms = Vec::new();
-    let mut timed = |dp: &mut Dataplane, cluster: &Cluster| -> Result<f64> {
+    let mut last = rs.clone();
+    // By kind of change (`CHANGES` order).
+    let mut samples: [Vec<Change>; 4] = Default::default();
+    let mut timed = |dp: &mut Dataplane, cluster: &Cluster| -> Result<Change> {
         let cpu = cpu_time_ms();
         let t = Instant::now();
         let (rs, touched) = compiler.update(cluster);
-        compile_ms.push(t.elapsed().as_secs_f64() * 1000.0);
+        let compile = t.elapsed().as_secs_f64() * 1000.0;
         dp.apply_update(rs, touched)?;
         let wall = t.elapsed().as_secs_f64() * 1000.0;
-        cpu_ms.push(cpu_time_ms() - cpu);
-        Ok(wall)
+        let cpu = cpu_time_ms() - cpu;
+        // Not timed above: the diff the dataplane just rendered, again, for the breakdown.
+        let t = Instant::now();
+        let diff = render_diff_in(&last, rs, &Scope::touched(touched), &Options::default());
+        let diff_ms = t.elapsed().as_secs_f64() * 1000.0;
+        let change = Change {
+            wall,
+            compile,
+            diff: diff_ms,
+            nft: wall - compile - diff_ms,
+            cpu,
+            commands: diff.lines().count(),
+            touched: touched.chains.len() + touched.sets.len(),
+        };
+        last = rs.clone();
+        Ok(change)
     };
     for i in 0..10 {
         let yaml = format!(
@@ -238,7 +353,18 @@ fn control_plane(a: &Args) -> Result<(f64, f64, f64, f64)> {
             .position(|p| p.metadata.name.as_deref() == Some("pol7"))
             .context("pol7")?;
         cluster.policies[idx] = policy(&yaml)?;
-        pol_ms.push(timed(&mut dp, &cluster)?);
+        samples[0].push(timed(&mut dp, &cluster)?);
+
+        if cnps > 11 {
+            // A workload's Admin policy (app1's) gets another port in its Deny rule.
+            let idx = cluster
+                .cluster_policies
+                .iter()
+                .position(|p| p.name() == "cnp11")
+                .context("cnp11")?;
+            cluster.cluster_policies[idx] = cnp::big_cluster_policy(11, i + 1)?;
+            samples[1].push(timed(&mut dp, &cluster)?);
+        }
 
         cluster.pods.push(pod(
             "ns3",
@@ -247,19 +373,68 @@ fn control_plane(a: &Args) -> Result<(f64, f64, f64, f64)> {
             Ipv4Addr::new(10, 245, 0, i as u8 + 1),
             true,
         ));
-        pod_ms.push(timed(&mut dp, &cluster)?);
+        samples[2].push(timed(&mut dp, &cluster)?);
+
+        // An existing pod moves to the next app (a Deployment's label edit reaches each pod).
+        let idx = (i * 97 + 13) % a.pods.max(1);
+        let old = cluster.pods[idx].clone();
+        let app: usize = old
+            .labels
+            .get("app")
+            .and_then(|v| v.strip_prefix("app"))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0);
+        let mut labels = (*old.labels).clone();
+        labels.insert("app".into(), format!("app{}", (app + 1) % 50));
+        cluster.pods[idx] = Arc::new(Pod {
+            labels: Arc::new(labels),
+            ..(*old).clone()
+        });
+        samples[3].push(timed(&mut dp, &cluster)?);
     }
-    let compile_inc = median(compile_ms);
-    let cpu_inc = median(cpu_ms);
-    let full = median(fulls);
-    let (pol, newpod) = (median(pol_ms), median(pod_ms));
+    let kind = |k: usize| -> Option<Change> {
+        let s = &samples[k];
+        let m = |f: fn(&Change) -> f64| median(s.iter().map(f).collect());
+        (!s.is_empty()).then(|| Change {
+            wall: m(|c| c.wall),
+            compile: m(|c| c.compile),
+            diff: m(|c| c.diff),
+            nft: m(|c| c.nft),
+            cpu: m(|c| c.cpu),
+            commands: m(|c| c.commands as f64) as usize,
+            touched: m(|c| c.touched as f64) as usize,
+        })
+    };
+    let all: Vec<f64> = samples.iter().flatten().map(|c| c.cpu).collect();
+    let cpu_count = all.len();
+    let cp = ControlPlane {
+        full: median(fulls),
+        full_compile: median(compiles),
+        full_render: median(renders),
+        full_nft: median(nfts),
+        policy: kind(0).map_or(0.0, |c| c.wall),
+        cluster_policy: kind(1).map(|c| c.wall),
+        pod: kind(2).map_or(0.0, |c| c.wall),
+        relabel: kind(3).map_or(0.0, |c| c.wall),
+        cpu: median(all),
+    };
     println!(
-        "full compile + apply (atomic replace): {full:.1} ms (median of {})",
-        a.runs
+        "  full compile + apply (atomic replace): {:.1} ms (median of {}): compile {:.1}, render {:.1}, nft + kernel {:.1} ms",
+        cp.full, a.runs, cp.full_compile, cp.full_render, cp.full_nft
     );
-    println!("one policy changed -> in the kernel: {pol:.1} ms; one new pod: {newpod:.1} ms (medians of 10; compile {compile_inc:.1} ms of it, the rest is diff + one nft transaction)");
-    println!("CPU per incremental change (this process and nft, user + system): {cpu_inc:.1} ms (median of 20); wall time above includes waiting for a CPU on a busy machine");
-    Ok((full, pol, newpod, cpu_inc))
+    for (k, what) in CHANGES.iter().enumerate() {
+        if let Some(c) = kind(k) {
+            println!(
+                "  {what} -> in the kernel: {:.1} ms (median of 10): compile {:.1}, diff {:.1}, nft + kernel {:.1} ms; {} commands, {} chains and sets touched; CPU {:.1} ms",
+                c.wall, c.compile, c.diff, c.nft, c.commands, c.touched, c.cpu
+            );
+        }
+    }
+    println!(
+        "  CPU per incremental change (this process and nft, user + system): {:.1} ms (median of {cpu_count}); wall time above includes waiting for a CPU on a busy machine",
+        cp.cpu,
+    );
+    Ok(cp)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -563,60 +738,84 @@ fn iptables_flush(lab: &Lab, tool: &str) {
     ));
 }
 
-struct DatapathFigures {
-    tput_none: f64,
-    tput_sepal: f64,
-    /// With connection tracking alone: what no ruleset that needs conntrack can go below.
-    tput_conntrack: f64,
-    /// CPU microseconds per MB moved: none, sepal, conntrack only.
-    tput_cpu_us_per_mb: [f64; 3],
-    /// CPU per byte without policy over with Sepal's (per-run ratios, median): the throughput
-    /// ratio as the machine's load does not move it.
+/// Figures of one Sepal table against the references (medians of per-run ratios: each run
+/// measures every variant back to back, so a ratio within one run cancels the machine's drift
+/// between runs).
+struct SepalFigures {
+    /// Median steady throughput (bit/s) and CPU microseconds per MB moved.
+    tput: f64,
+    tput_cpu_us_per_mb: f64,
+    /// Throughput over no policy: steady rate (see `iperf`) and whole-run means.
+    tput_ratio: f64,
+    tput_mean_ratio: f64,
+    /// CPU per byte without policy over with Sepal's: the throughput ratio as the machine's
+    /// load does not move it.
     tput_cpu_ratio: f64,
-    /// Sepal over conntrack alone (per-run ratios, median): what the policy costs on a node
-    /// that tracks connections anyway (kube-proxy's NAT makes every node do so).
+    /// Over conntrack alone: what the policy costs on a node that tracks connections anyway
+    /// (kube-proxy's NAT makes every node do so).
     tput_ratio_ct: f64,
     rate_ratio_ct: f64,
+    /// Conntrack alone's CPU per MB and per connection over Sepal's: the two ratios above as
+    /// the machine's load barely moves them.
+    tput_cpu_ratio_ct: f64,
+    cpu_ratio_ct: f64,
+    rate_ratio_nft: f64,
+    rate_ratio_legacy: f64,
+    /// Linear iptables' CPU per connection over Sepal's.
+    cpu_ratio_nft: f64,
+    cpu_ratio_legacy: f64,
+}
+
+struct DatapathFigures {
+    /// Sepal's table with the NetworkPolicy alone, and with the Admin tier in front of it.
+    np: SepalFigures,
+    admin: SepalFigures,
+    tput_none: f64,
+    /// With connection tracking alone: what no ruleset that needs conntrack can go below.
+    tput_conntrack: f64,
+    /// CPU microseconds per MB moved: none, conntrack only.
+    tput_cpu_us_per_mb: [f64; 2],
     /// Conntrack alone over no policy (throughput) and over linear iptables (connection rate):
     /// the best any policy that tracks connections can do on this machine.
     ct_tput_ratio: f64,
     ct_rate_ratio_nft: f64,
     /// Medians of each variant's connections per second, in `Variant::ALL` order.
-    rate: [f64; 5],
+    rate: [f64; VARIANTS],
     /// Medians of each variant's CPU microseconds per connection.
-    cpu_us: [f64; 5],
-    /// Medians of the per-run ratios: each run measures every variant back to back, so a
-    /// ratio within one run cancels the machine's drift between runs. Throughput is the steady
-    /// rate (see `iperf`); `tput_mean_ratio` the same from whole-run means.
-    tput_ratio: f64,
-    tput_mean_ratio: f64,
-    rate_ratio_nft: f64,
-    rate_ratio_legacy: f64,
-    /// Linear iptables' CPU per connection over Sepal's (per-run ratios, median).
-    cpu_ratio_nft: f64,
-    cpu_ratio_legacy: f64,
+    cpu_us: [f64; VARIANTS],
     /// Runs in which some variant lost a SYN (its rate then partly measures 1 s timers).
     runs_with_syn_losses: usize,
+    /// Packets the measured traffic sent through the Admin tier's Pass rule, and through the
+    /// tier chain's return on the mark (summed over runs).
+    passed: (u64, u64),
 }
+
+const VARIANTS: usize = 6;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Variant {
     NoPolicy,
+    /// Sepal's table with the server's NetworkPolicy alone.
     Sepal,
     IptablesNft,
     IptablesLegacy,
     /// A table whose only rule is `ct state established,related accept`: the kernel tracks
     /// connections and nothing else happens. The floor for any conntrack-based policy.
     ConntrackOnly,
+    /// Sepal's table with the NetworkPolicy and Admin-tier ClusterNetworkPolicies selecting
+    /// the server (`cnp::datapath_policies`): a shared tier chain and the Pass mark on the
+    /// measured connections' way.
+    SepalAdmin,
 }
 
 impl Variant {
-    const ALL: [Variant; 5] = [
+    const ALL: [Variant; VARIANTS] = [
         Variant::NoPolicy,
         Variant::Sepal,
         Variant::IptablesNft,
         Variant::IptablesLegacy,
         Variant::ConntrackOnly,
+        Variant::SepalAdmin,
     ];
 
     fn label(self) -> &'static str {
@@ -626,7 +825,14 @@ impl Variant {
             Variant::IptablesNft => "iptables-nft linear",
             Variant::IptablesLegacy => "iptables-legacy linear",
             Variant::ConntrackOnly => "conntrack only",
+            Variant::SepalAdmin => "sepal + admin tier",
         }
+    }
+
+    /// Does the variant also measure throughput (the linear iptables ones measure only the
+    /// connection rate, where a linear ruleset's price shows)?
+    fn streams(self) -> bool {
+        !matches!(self, Variant::IptablesNft | Variant::IptablesLegacy)
     }
 }
 
@@ -679,7 +885,7 @@ fn datapath(a: &Args) -> Result<DatapathFigures> {
         .context("run iperf3 (Debian package iperf3)")?;
     std::thread::sleep(Duration::from_millis(300));
 
-    let (cluster, sources) = datapath_cluster(a.peers)?;
+    let (mut cluster, sources) = datapath_cluster(a.peers)?;
     let rs = compile(&cluster);
     let elements: usize = rs.sets.values().map(|s| s.elements.len()).sum();
     println!(
@@ -689,53 +895,87 @@ fn datapath(a: &Args) -> Result<DatapathFigures> {
         rs.chains.get("in-sepsrv").map(|c| c.rules.len()).unwrap_or(0),
         sources.len() + 1
     );
+    cluster
+        .cluster_policies
+        .extend(cnp::datapath_policies(PORT, 5201)?);
+    let rs_admin = compile(&cluster);
+    cnp::check_no_problems(&rs_admin)?;
+    println!(
+        "  with the Admin tier: {} ClusterNetworkPolicies select the server ({}); its chain: {} rules",
+        cluster.cluster_policies.len(),
+        cnp::tier_shape(&rs_admin),
+        rs_admin
+            .chains
+            .get("in-sepsrv")
+            .map(|c| c.rules.len())
+            .unwrap_or(0),
+    );
     let mut dp = nft_in(&lab.node);
     let ipt = iptables_rules(&sources);
 
-    let (mut t_none, mut t_sepal, mut t_ct) = (Vec::new(), Vec::new(), Vec::new());
-    let mut conns: [Vec<ConnRun>; 5] = Default::default();
+    let mut tputs: [Vec<IperfRun>; VARIANTS] = Default::default();
+    let mut conns: [Vec<ConnRun>; VARIANTS] = Default::default();
     let mut runs_with_syn_losses = 0;
+    let mut passed = (0, 0);
     for run in 0..a.runs {
         // Every variant once per run, in a rotating order, so neither drift in the machine's
         // speed nor position in the run favours one.
-        for k in 0..Variant::ALL.len() {
-            let i = (run + k) % Variant::ALL.len();
-            let conn = match Variant::ALL[i] {
-                Variant::NoPolicy => {
-                    t_none.push(iperf(&lab, a.seconds)?);
-                    conn_rate(&lab, a.seconds)?
-                }
+        for k in 0..VARIANTS {
+            let i = (run + k) % VARIANTS;
+            let v = Variant::ALL[i];
+            // Set up the variant.
+            match v {
+                Variant::NoPolicy => {}
                 Variant::Sepal => {
                     dp.resync(&rs)?;
-                    t_sepal.push(iperf(&lab, a.seconds)?);
-                    let conn = conn_rate(&lab, a.seconds)?;
-                    dp.delete()?;
-                    conn
                 }
-                Variant::IptablesNft => {
-                    iptables_load(&lab, "iptables-restore", &ipt)?;
-                    let conn = conn_rate(&lab, a.seconds)?;
-                    iptables_flush(&lab, "iptables-restore");
-                    lab.node.try_run("nft delete table ip filter").ok();
-                    conn
+                Variant::SepalAdmin => {
+                    dp.resync(&rs_admin)?;
                 }
-                Variant::IptablesLegacy => {
-                    iptables_load(&lab, "iptables-legacy-restore", &ipt)?;
-                    let conn = conn_rate(&lab, a.seconds)?;
-                    iptables_flush(&lab, "iptables-legacy-restore");
-                    conn
-                }
+                Variant::IptablesNft => iptables_load(&lab, "iptables-restore", &ipt)?,
+                Variant::IptablesLegacy => iptables_load(&lab, "iptables-legacy-restore", &ipt)?,
                 Variant::ConntrackOnly => {
                     lab.node.run(
                         "nft 'add table inet bench-ct; add chain inet bench-ct f { type filter hook forward priority 0; }; add rule inet bench-ct f ct state established,related accept'",
                     );
-                    t_ct.push(iperf(&lab, a.seconds)?);
-                    let conn = conn_rate(&lab, a.seconds)?;
-                    lab.node.run("nft delete table inet bench-ct");
-                    conn
                 }
-            };
-            conns[i].push(conn);
+            }
+            if v.streams() {
+                tputs[i].push(iperf(&lab, a.seconds)?);
+            }
+            conns[i].push(conn_rate(&lab, a.seconds)?);
+            // Tear it down.
+            match v {
+                Variant::NoPolicy => {}
+                Variant::Sepal => dp.delete()?,
+                Variant::SepalAdmin => {
+                    // The Pass path must be what the measured traffic took.
+                    let counters = dp.counters()?;
+                    let sum = |what: &dyn Fn(&str) -> bool| -> u64 {
+                        counters
+                            .iter()
+                            .filter(|((_, comment), _)| what(comment))
+                            .map(|(_, c)| c.packets)
+                            .sum()
+                    };
+                    let pass = sum(&|c| c.starts_with("Admin/bench-delegate ingress[0]"));
+                    let ret = sum(&|c| c == "Admin/bench-delegate ingress passed");
+                    if pass == 0 || ret == 0 {
+                        bail!("the measured connections did not take the Admin tier's Pass path (Pass rule {pass} packets, tier return {ret}): {counters:?}");
+                    }
+                    passed.0 += pass;
+                    passed.1 += ret;
+                    dp.delete()?
+                }
+                Variant::IptablesNft => {
+                    iptables_flush(&lab, "iptables-restore");
+                    lab.node.try_run("nft delete table ip filter").ok();
+                }
+                Variant::IptablesLegacy => iptables_flush(&lab, "iptables-legacy-restore"),
+                Variant::ConntrackOnly => {
+                    lab.node.run("nft delete table inet bench-ct");
+                }
+            }
         }
         let line: Vec<String> = Variant::ALL
             .iter()
@@ -758,15 +998,23 @@ fn datapath(a: &Args) -> Result<DatapathFigures> {
         if conns.iter().any(|c| c[run].syn_losses > 0) {
             runs_with_syn_losses += 1;
         }
+        let streams: Vec<String> = Variant::ALL
+            .iter()
+            .zip(&tputs)
+            .filter(|(v, _)| v.streams())
+            .map(|(v, t)| {
+                format!(
+                    "{} {:.2} Gbit/s ({:.0} us CPU per MB)",
+                    v.label(),
+                    t[run].steady_bps / 1e9,
+                    t[run].cpu_us_per_mb
+                )
+            })
+            .collect();
         println!(
-            "run {}: throughput none {:.2} / sepal {:.2} / conntrack only {:.2} Gbit/s (CPU {:.0} / {:.0} / {:.0} us per MB); conn/s {}",
+            "run {}: throughput {}; conn/s {}",
             run + 1,
-            t_none[run].steady_bps / 1e9,
-            t_sepal[run].steady_bps / 1e9,
-            t_ct[run].steady_bps / 1e9,
-            t_none[run].cpu_us_per_mb,
-            t_sepal[run].cpu_us_per_mb,
-            t_ct[run].cpu_us_per_mb,
+            streams.join(", "),
             line.join(", ")
         );
     }
@@ -785,97 +1033,166 @@ fn datapath(a: &Args) -> Result<DatapathFigures> {
         .iter()
         .map(|c| c.iter().map(|r| r.cpu_us).collect())
         .collect();
-    let (sepal, nft, legacy) = (1, 2, 3);
-    let bps = |runs: &[IperfRun]| -> Vec<f64> { runs.iter().map(|r| r.steady_bps).collect() };
-    let mean_bps = |runs: &[IperfRun]| -> Vec<f64> { runs.iter().map(|r| r.mean_bps).collect() };
-    let cpu_per_mb =
-        |runs: &[IperfRun]| -> Vec<f64> { runs.iter().map(|r| r.cpu_us_per_mb).collect() };
+    let index = |v: Variant| Variant::ALL.iter().position(|&x| x == v).unwrap_or(0);
+    let (none, nft, legacy, ct) = (
+        index(Variant::NoPolicy),
+        index(Variant::IptablesNft),
+        index(Variant::IptablesLegacy),
+        index(Variant::ConntrackOnly),
+    );
+    let bps = |i: usize| -> Vec<f64> { tputs[i].iter().map(|r| r.steady_bps).collect() };
+    let mean_bps = |i: usize| -> Vec<f64> { tputs[i].iter().map(|r| r.mean_bps).collect() };
+    let cpu_per_mb = |i: usize| -> Vec<f64> { tputs[i].iter().map(|r| r.cpu_us_per_mb).collect() };
+    let sepal = |v: Variant| {
+        let s = index(v);
+        SepalFigures {
+            tput: median(bps(s)),
+            tput_cpu_us_per_mb: median(cpu_per_mb(s)),
+            tput_ratio: ratios(&bps(s), &bps(none)),
+            tput_mean_ratio: ratios(&mean_bps(s), &mean_bps(none)),
+            tput_cpu_ratio: ratios(&cpu_per_mb(none), &cpu_per_mb(s)),
+            tput_ratio_ct: ratios(&bps(s), &bps(ct)),
+            rate_ratio_ct: ratios(&rates[s], &rates[ct]),
+            tput_cpu_ratio_ct: ratios(&cpu_per_mb(ct), &cpu_per_mb(s)),
+            cpu_ratio_ct: ratios(&cpus[ct], &cpus[s]),
+            rate_ratio_nft: ratios(&rates[s], &rates[nft]),
+            rate_ratio_legacy: ratios(&rates[s], &rates[legacy]),
+            cpu_ratio_nft: ratios(&cpus[nft], &cpus[s]),
+            cpu_ratio_legacy: ratios(&cpus[legacy], &cpus[s]),
+        }
+    };
     Ok(DatapathFigures {
-        tput_ratio: ratios(&bps(&t_sepal), &bps(&t_none)),
-        tput_mean_ratio: ratios(&mean_bps(&t_sepal), &mean_bps(&t_none)),
-        tput_cpu_ratio: ratios(&cpu_per_mb(&t_none), &cpu_per_mb(&t_sepal)),
-        rate_ratio_nft: ratios(&rates[sepal], &rates[nft]),
-        tput_ratio_ct: ratios(&bps(&t_sepal), &bps(&t_ct)),
-        rate_ratio_ct: ratios(&rates[sepal], &rates[4]),
-        ct_tput_ratio: ratios(&bps(&t_ct), &bps(&t_none)),
-        ct_rate_ratio_nft: ratios(&rates[4], &rates[nft]),
-        rate_ratio_legacy: ratios(&rates[sepal], &rates[legacy]),
-        cpu_ratio_nft: ratios(&cpus[nft], &cpus[sepal]),
-        cpu_ratio_legacy: ratios(&cpus[legacy], &cpus[sepal]),
-        tput_none: median(bps(&t_none)),
-        tput_sepal: median(bps(&t_sepal)),
-        tput_conntrack: median(bps(&t_ct)),
-        tput_cpu_us_per_mb: [&t_none, &t_sepal, &t_ct].map(|t| median(cpu_per_mb(t))),
-        rate: [0, 1, 2, 3, 4].map(|i| median(rates[i].clone())),
-        cpu_us: [0, 1, 2, 3, 4].map(|i| median(cpus[i].clone())),
+        np: sepal(Variant::Sepal),
+        admin: sepal(Variant::SepalAdmin),
+        tput_none: median(bps(none)),
+        tput_conntrack: median(bps(ct)),
+        tput_cpu_us_per_mb: [none, ct].map(|i| median(cpu_per_mb(i))),
+        ct_tput_ratio: ratios(&bps(ct), &bps(none)),
+        ct_rate_ratio_nft: ratios(&rates[ct], &rates[nft]),
+        rate: std::array::from_fn(|i| median(rates[i].clone())),
+        cpu_us: std::array::from_fn(|i| median(cpus[i].clone())),
         runs_with_syn_losses,
+        passed,
     })
+}
+
+fn round(x: f64, places: i32) -> f64 {
+    let k = 10f64.powi(places);
+    (x * k).round() / k
 }
 
 pub fn run(args: &[String]) -> Result<()> {
     let a = parse(args)?;
     crate::require_root();
-    let (full, pol, newpod, cpu_inc) = control_plane(&a)?;
+    let np = control_plane(&a, 0)?;
+    let with_cnps = if a.cluster_policies > 0 {
+        Some(control_plane(&a, a.cluster_policies)?)
+    } else {
+        None
+    };
     let d = datapath(&a)?;
-    let (tput_ratio, rate_ratio, legacy_ratio) =
-        (d.tput_ratio, d.rate_ratio_nft, d.rate_ratio_legacy);
+    let [none, sepal, ipt, legacy, ct, admin] = d.rate;
     println!(
-        "medians over {} runs (ratios: medians of each run's ratio): steady throughput none {:.2} Gbit/s, sepal {:.2} Gbit/s (ratio {tput_ratio:.3}; whole-run means {:.3}); new connections/s none {:.0}, sepal {:.0}, linear iptables (nf_tables backend, Debian default) {:.0} (ratio {rate_ratio:.2}), linear iptables-legacy {:.0} (ratio {legacy_ratio:.2})",
+        "medians over {} runs (ratios: medians of each run's ratio): steady throughput none {:.2} Gbit/s, sepal {:.2} Gbit/s (ratio {:.3}; whole-run means {:.3}), sepal + admin tier {:.2} Gbit/s (ratio {:.3}); new connections/s none {none:.0}, sepal {sepal:.0}, sepal + admin tier {admin:.0}, linear iptables (nf_tables backend, Debian default) {ipt:.0} (ratio {:.2}; with the admin tier {:.2}), linear iptables-legacy {legacy:.0} (ratio {:.2}; {:.2})",
         a.runs,
         d.tput_none / 1e9,
-        d.tput_sepal / 1e9,
-        d.tput_mean_ratio,
-        d.rate[0],
-        d.rate[1],
-        d.rate[2],
-        d.rate[3]
+        d.np.tput / 1e9,
+        d.np.tput_ratio,
+        d.np.tput_mean_ratio,
+        d.admin.tput / 1e9,
+        d.admin.tput_ratio,
+        d.np.rate_ratio_nft,
+        d.admin.rate_ratio_nft,
+        d.np.rate_ratio_legacy,
+        d.admin.rate_ratio_legacy,
     );
     println!(
-        "conntrack alone (a one-rule table, what any node running kube-proxy has): {:.2} Gbit/s, {:.0} connections/s (throughput {:.3} of none, connection rate {:.2}x linear iptables); sepal over it: throughput {:.3}, connections/s {:.3}",
+        "conntrack alone (a one-rule table, what any node running kube-proxy has): {:.2} Gbit/s, {ct:.0} connections/s (throughput {:.3} of none, connection rate {:.2}x linear iptables); over it: sepal throughput {:.3}, connections/s {:.3}; sepal + admin tier throughput {:.3}, connections/s {:.3}",
         d.tput_conntrack / 1e9,
-        d.rate[4],
         d.ct_tput_ratio,
         d.ct_rate_ratio_nft,
-        d.tput_ratio_ct,
-        d.rate_ratio_ct
+        d.np.tput_ratio_ct,
+        d.np.rate_ratio_ct,
+        d.admin.tput_ratio_ct,
+        d.admin.rate_ratio_ct
     );
     println!(
-        "CPU per MB through the node (iperf3 sender + receiver with their softirq work): none {:.0}, sepal {:.0}, conntrack only {:.0} us; none/sepal {:.3}",
-        d.tput_cpu_us_per_mb[0], d.tput_cpu_us_per_mb[1], d.tput_cpu_us_per_mb[2], d.tput_cpu_ratio
+        "  steadier under load, conntrack alone's CPU over Sepal's: per MB {:.3}, per connection {:.3}; with the admin tier: per MB {:.3}, per connection {:.3} (the admin tier's own cost: {:.1} us CPU per connection)",
+        d.np.tput_cpu_ratio_ct,
+        d.np.cpu_ratio_ct,
+        d.admin.tput_cpu_ratio_ct,
+        d.admin.cpu_ratio_ct,
+        d.cpu_us[5] - d.cpu_us[1]
     );
     println!(
-        "CPU per connection (this process: client and accept threads with their softirq work; steady under load): none {:.1}, conntrack only {:.1}, sepal {:.1}, linear iptables {:.1} (x{:.2} sepal), linear iptables-legacy {:.1} (x{:.2}) us; runs with lost SYNs: {} of {}",
-        d.cpu_us[0],
-        d.cpu_us[4],
-        d.cpu_us[1],
-        d.cpu_us[2],
-        d.cpu_ratio_nft,
-        d.cpu_us[3],
-        d.cpu_ratio_legacy,
+        "admin tier's Pass path on the measured traffic: {} packets met the Pass rule, {} left the tier chain on the mark",
+        d.passed.0, d.passed.1
+    );
+    println!(
+        "CPU per MB through the node (iperf3 sender + receiver with their softirq work): none {:.0}, sepal {:.0}, sepal + admin tier {:.0}, conntrack only {:.0} us; none/sepal {:.3}, none/(sepal + admin tier) {:.3}",
+        d.tput_cpu_us_per_mb[0],
+        d.np.tput_cpu_us_per_mb,
+        d.admin.tput_cpu_us_per_mb,
+        d.tput_cpu_us_per_mb[1],
+        d.np.tput_cpu_ratio,
+        d.admin.tput_cpu_ratio
+    );
+    let [none, sepal, ipt, legacy, ct, admin] = d.cpu_us;
+    println!(
+        "CPU per connection (this process: client and accept threads with their softirq work; steady under load): none {none:.1}, conntrack only {ct:.1}, sepal {sepal:.1}, sepal + admin tier {admin:.1}, linear iptables {ipt:.1} (x{:.2} sepal, x{:.2} with the admin tier), linear iptables-legacy {legacy:.1} (x{:.2}, x{:.2}) us; runs with lost SYNs: {} of {}",
+        d.np.cpu_ratio_nft,
+        d.admin.cpu_ratio_nft,
+        d.np.cpu_ratio_legacy,
+        d.admin.cpu_ratio_legacy,
         d.runs_with_syn_losses,
         a.runs
     );
-    println!(
-        "{}",
-        serde_json::json!({
-            "full_apply_ms": (full * 10.0).round() / 10.0,
-            "incremental_ms": (pol.max(newpod) * 10.0).round() / 10.0,
-            "incremental_policy_ms": (pol * 10.0).round() / 10.0,
-            "incremental_pod_ms": (newpod * 10.0).round() / 10.0,
-            "incremental_cpu_ms": (cpu_inc * 10.0).round() / 10.0,
-            "throughput_ratio_vs_none": (tput_ratio * 1000.0).round() / 1000.0,
-            "throughput_mean_ratio_vs_none": (d.tput_mean_ratio * 1000.0).round() / 1000.0,
-            "throughput_cpu_ratio_vs_none": (d.tput_cpu_ratio * 1000.0).round() / 1000.0,
-            "throughput_ratio_vs_conntrack_only": (d.tput_ratio_ct * 1000.0).round() / 1000.0,
-            "conn_rate_ratio_vs_conntrack_only": (d.rate_ratio_ct * 1000.0).round() / 1000.0,
-            "conntrack_only_throughput_ratio_vs_none": (d.ct_tput_ratio * 1000.0).round() / 1000.0,
-            "conntrack_only_conn_rate_ratio_vs_linear_iptables": (d.ct_rate_ratio_nft * 100.0).round() / 100.0,
-            "conn_rate_ratio_vs_linear_iptables": (rate_ratio * 100.0).round() / 100.0,
-            "conn_rate_ratio_vs_linear_iptables_legacy": (legacy_ratio * 100.0).round() / 100.0,
-            "conn_cpu_ratio_vs_linear_iptables": (d.cpu_ratio_nft * 100.0).round() / 100.0,
-            "conn_cpu_ratio_vs_linear_iptables_legacy": (d.cpu_ratio_legacy * 100.0).round() / 100.0,
-            "conn_runs_with_syn_losses": d.runs_with_syn_losses,
-        })
-    );
+    // Unprefixed keys: Sepal as configured in full, NetworkPolicies and ClusterNetworkPolicies
+    // (the control plane with `--cluster-policies`, the datapath with the Admin tier); `np_only_`
+    // the same without ClusterNetworkPolicies (what the unprefixed keys measured before them);
+    // `cnp_` repeats the with-ClusterNetworkPolicy control-plane figures under their own names.
+    let cp = with_cnps.as_ref().unwrap_or(&np);
+    let s = &d.admin;
+    let mut json = serde_json::json!({
+        "full_apply_ms": round(cp.full, 1),
+        "incremental_ms": round(cp.incremental(), 1),
+        "incremental_policy_ms": round(cp.policy, 1),
+        "incremental_pod_ms": round(cp.pod, 1),
+        "incremental_relabel_ms": round(cp.relabel, 1),
+        "incremental_cpu_ms": round(cp.cpu, 1),
+        "full_apply_compile_ms": round(cp.full_compile, 1),
+        "full_apply_render_ms": round(cp.full_render, 1),
+        "full_apply_nft_ms": round(cp.full_nft, 1),
+        "np_only_full_apply_ms": round(np.full, 1),
+        "np_only_incremental_ms": round(np.incremental(), 1),
+        "np_only_incremental_cpu_ms": round(np.cpu, 1),
+        "throughput_ratio_vs_none": round(s.tput_ratio, 3),
+        "throughput_mean_ratio_vs_none": round(s.tput_mean_ratio, 3),
+        "throughput_cpu_ratio_vs_none": round(s.tput_cpu_ratio, 3),
+        "throughput_ratio_vs_conntrack_only": round(s.tput_ratio_ct, 3),
+        "conn_rate_ratio_vs_conntrack_only": round(s.rate_ratio_ct, 3),
+        "throughput_cpu_ratio_vs_conntrack_only": round(s.tput_cpu_ratio_ct, 3),
+        "conn_cpu_ratio_vs_conntrack_only": round(s.cpu_ratio_ct, 3),
+        "conntrack_only_throughput_ratio_vs_none": round(d.ct_tput_ratio, 3),
+        "conntrack_only_conn_rate_ratio_vs_linear_iptables": round(d.ct_rate_ratio_nft, 2),
+        "conn_rate_ratio_vs_linear_iptables": round(s.rate_ratio_nft, 2),
+        "conn_rate_ratio_vs_linear_iptables_legacy": round(s.rate_ratio_legacy, 2),
+        "conn_cpu_ratio_vs_linear_iptables": round(s.cpu_ratio_nft, 2),
+        "conn_cpu_ratio_vs_linear_iptables_legacy": round(s.cpu_ratio_legacy, 2),
+        "np_only_throughput_ratio_vs_none": round(d.np.tput_ratio, 3),
+        "np_only_throughput_ratio_vs_conntrack_only": round(d.np.tput_ratio_ct, 3),
+        "np_only_conn_rate_ratio_vs_conntrack_only": round(d.np.rate_ratio_ct, 3),
+        "np_only_conn_cpu_ratio_vs_conntrack_only": round(d.np.cpu_ratio_ct, 3),
+        "np_only_conn_rate_ratio_vs_linear_iptables": round(d.np.rate_ratio_nft, 2),
+        "conn_runs_with_syn_losses": d.runs_with_syn_losses,
+    });
+    if let Some(c) = &with_cnps {
+        json["cnp_full_apply_ms"] = round(c.full, 1).into();
+        json["cnp_incremental_ms"] = round(c.incremental(), 1).into();
+        if let Some(ms) = c.cluster_policy {
+            json["incremental_cluster_policy_ms"] = round(ms, 1).into();
+        }
+    }
+    println!("{json}");
     Ok(())
 }
