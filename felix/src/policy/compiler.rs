@@ -335,18 +335,7 @@ impl Compiler {
             if full || changed_policies.contains(key) {
                 dirty.extend(part.ifaces.iter().cloned());
             }
-            for (name, chain) in chains {
-                touched.chains.insert(name.clone());
-                state.rs.chains.insert(name, chain);
-            }
-            for name in &part.sets {
-                *state.set_users.entry(name.clone()).or_default() += 1;
-                let set = &fresh[name];
-                if state.rs.sets.get(name) != Some(set) {
-                    touched.sets.insert(name.clone());
-                    state.rs.sets.insert(name.clone(), set.clone());
-                }
-            }
+            state.install(&part, chains, &fresh, touched);
             state.policies.insert(key.clone(), part);
         }
 
@@ -354,18 +343,7 @@ impl Compiler {
             if full || changed_cluster.contains(name) {
                 dirty.extend(part.ifaces.iter().cloned());
             }
-            for (chain_name, chain) in chains {
-                touched.chains.insert(chain_name.clone());
-                state.rs.chains.insert(chain_name, chain);
-            }
-            for set_name in &part.sets {
-                *state.set_users.entry(set_name.clone()).or_default() += 1;
-                let set = &fresh[set_name];
-                if state.rs.sets.get(set_name) != Some(set) {
-                    touched.sets.insert(set_name.clone());
-                    state.rs.sets.insert(set_name.clone(), set.clone());
-                }
-            }
+            state.install(&part, chains, &fresh, touched);
             state.cluster_parts.insert(name.clone(), part);
         }
 
@@ -609,6 +587,29 @@ impl State {
         for name in names {
             self.rs.chains.remove(&name);
             touched.chains.insert(name);
+        }
+    }
+
+    /// Puts a freshly built policy's chains into the ruleset and counts it as a user of its
+    /// sets (taken from this round's `fresh` sets where their content changed).
+    fn install(
+        &mut self,
+        part: &PolicyPart,
+        chains: Vec<(String, Chain)>,
+        fresh: &HashMap<String, super::Set>,
+        touched: &mut Touched,
+    ) {
+        for (name, chain) in chains {
+            touched.chains.insert(name.clone());
+            self.rs.chains.insert(name, chain);
+        }
+        for name in &part.sets {
+            *self.set_users.entry(name.clone()).or_default() += 1;
+            let set = &fresh[name];
+            if self.rs.sets.get(name) != Some(set) {
+                touched.sets.insert(name.clone());
+                self.rs.sets.insert(name.clone(), set.clone());
+            }
         }
     }
 
