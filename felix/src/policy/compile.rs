@@ -3,12 +3,12 @@
 //! label change only changes set elements and the dataplane diff stays small.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::net::IpAddr;
 
 use sha2::{Digest, Sha256};
 
+use super::recipe::{named_set_name, peer_set_name, Owners, Recipe};
 use super::validate::{validate, Direction, PeerSpec, Policy, PolicyRule, PortSpec, Problem};
-use super::{AddrRanges, Cluster, Compiler, Family, Pod, Protocol};
+use super::{Cluster, Compiler, Family, Pod, Protocol};
 
 /// Type of a named set.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -225,6 +225,11 @@ impl<'a> PodIndex<'a> {
         }
     }
 
+    /// The namespaces that have pods.
+    pub(crate) fn namespaces(&self) -> impl Iterator<Item = &'a str> + '_ {
+        self.by_ns.keys().copied()
+    }
+
     pub(crate) fn in_namespace(&self, ns: &str) -> &[(usize, &'a Pod)] {
         self.by_ns.get(ns).map(Vec::as_slice).unwrap_or(&[])
     }
@@ -383,6 +388,8 @@ pub(crate) struct Ctx<'a, 'b> {
     pub ns_labels: &'b NsLabels,
     pub families: &'b [Family],
     pub sets: &'b mut HashMap<String, Set>,
+    /// How this round's pod-dependent sets were built, by recipe key.
+    pub recipes: &'b mut HashMap<String, Recipe>,
 }
 
 /// What a rule group compiles for: the policy's namespace (what a peer without a namespace
@@ -396,6 +403,8 @@ pub(crate) struct GroupSource<'p> {
     pub action: Action,
     /// Pod peers leave out host-network pods (ClusterNetworkPolicy: their address is the node's).
     pub pod_network_only: bool,
+    /// Whose ports the rules' ingress named ports are: the pods `selected_key` describes.
+    pub owners: Owners,
 }
 
 impl GroupSource<'_> {
@@ -411,6 +420,10 @@ impl GroupSource<'_> {
             comment: group_comment(policy, direction, &group.indices),
             action: Action::Accept,
             pod_network_only: false,
+            owners: Owners::Selected {
+                namespace: policy.namespace.clone(),
+                selector: policy.pod_selector.clone(),
+            },
         }
     }
 }
@@ -423,7 +436,6 @@ pub(crate) fn compile_group(
     selected: &[&Pod],
     out: &mut Vec<NftRule>,
 ) {
-    let cluster = ctx.cluster;
     let comment = src.comment.clone();
     let action = src.action.clone();
     let ports = &group.rules[0].ports;
@@ -445,62 +457,42 @@ pub(crate) fn compile_group(
         || ports
             .as_ref()
             .is_none_or(|ports| ports.iter().any(|p| matches!(p, PortSpec::Range { .. })));
-    // Egress named ports resolve on the peer pods: the named-port set holds their addresses
-    // (found only when that set is not built yet).
-    let counts = |pod: &Pod| !(src.pod_network_only && pod.host_network);
-    let peer_pods = || -> Vec<&Pod> {
-        match &peers {
-            None => cluster
-                .pods
-                .iter()
-                .map(|p| &**p)
-                .filter(|p| counts(p))
-                .collect(),
-            Some(peers) => {
-                let mut found: BTreeMap<usize, &Pod> = BTreeMap::new();
-                for peer in peers {
-                    found.extend(ctx.index.peer_pods(ctx.ns_labels, src.namespace, peer));
-                }
-                found.into_values().filter(|p| counts(p)).collect()
-            }
-        }
-    };
     // Sets built without host-network pods are not the same sets.
     let pods_only = if src.pod_network_only {
         "|pod-network"
     } else {
         ""
     };
-    // Per family, the peer sets a packet's address is looked up in (a rule for each): pod IPs
-    // and single-address ipBlocks in a hash set (constant-time lookup, cheap to update), wider
-    // ipBlock ranges in an interval set beside it. Named after what the peers are (selectors,
-    // blocks, and the policy's namespace when a peer means "this namespace"), so every policy
-    // naming the same peers shares them; `-peerNr` holds only static ipBlock content.
+    // Per family, the peer sets a packet's address is looked up in (a rule for each). Named
+    // after what the peers are (selectors, blocks, and the policy's namespace when a peer means
+    // "this namespace"), so every policy naming the same peers shares them; `-peerNr` holds
+    // only static ipBlock content.
+    let this_namespace = |peers: &[&PeerSpec]| {
+        peers.iter().any(|p| {
+            matches!(
+                p,
+                PeerSpec::Pods {
+                    namespaces: None,
+                    ..
+                }
+            )
+        })
+    };
     let peer_sets: Option<BTreeMap<Family, Vec<String>>> =
         peers.as_ref().filter(|_| needs_peer_set).map(|peers| {
             let mut key = format!("{peers:?}");
-            if peers.iter().any(|p| {
-                matches!(
-                    p,
-                    PeerSpec::Pods {
-                        namespaces: None,
-                        ..
-                    }
-                )
-            }) {
+            if this_namespace(peers) {
                 key.push_str(src.namespace);
             }
             key.push_str(pods_only);
             let key = format!("a{}", short_hash(&key));
-            let name = |f: Family, wide: bool| {
-                format!("{key}-peer{}{}", fam(f), if wide { "r" } else { "" })
-            };
             // Both sets of a family are built together: either one present means both were.
             let built = |sets: &HashMap<String, Set>, f: Family| -> Option<Vec<String>> {
-                let names: Vec<String> = [name(f, false), name(f, true)]
-                    .into_iter()
-                    .filter(|n| sets.contains_key(n))
-                    .collect();
+                let names: Vec<String> =
+                    [peer_set_name(&key, f, false), peer_set_name(&key, f, true)]
+                        .into_iter()
+                        .filter(|n| sets.contains_key(n))
+                        .collect();
                 (!names.is_empty()).then_some(names)
             };
             let cached: Option<BTreeMap<Family, Vec<String>>> = ctx
@@ -511,54 +503,14 @@ pub(crate) fn compile_group(
             if let Some(names) = cached {
                 return names;
             }
-            let mut ips: BTreeSet<IpAddr> = BTreeSet::new();
-            let mut blocks = AddrRanges::new();
-            let mut has_pods = false;
-            for peer in peers {
-                match peer {
-                    PeerSpec::IpBlock { ranges: r } => blocks.union(r),
-                    PeerSpec::Pods { .. } => {
-                        has_pods = true;
-                        ips.extend(
-                            ctx.index
-                                .peer_pods(ctx.ns_labels, src.namespace, peer)
-                                .into_iter()
-                                .filter(|(_, pod)| counts(pod))
-                                .flat_map(|(_, pod)| pod.ips.iter().copied()),
-                        )
-                    }
-                }
-            }
-            let mut names = BTreeMap::new();
-            for &family in ctx.families {
-                let (hosts, wide) = blocks.hosts_and_ranges(family);
-                let mut family_names = Vec::new();
-                // The hash set exists whenever pods could join it, and as the one (empty) set
-                // when the blocks leave nothing of this family: no peer matches then.
-                if has_pods || !hosts.is_empty() || wide.is_empty() {
-                    let elements: BTreeSet<String> = ips
-                        .iter()
-                        .filter(|ip| Family::of(ip) == family)
-                        .map(ip_elem)
-                        .chain(hosts)
-                        .collect();
-                    let set = Set {
-                        kind: SetKind::Addr(family),
-                        elements,
-                    };
-                    family_names.push(name(family, false));
-                    ctx.sets.insert(name(family, false), set);
-                }
-                if !wide.is_empty() {
-                    let set = Set {
-                        kind: SetKind::AddrInterval(family),
-                        elements: wide.into_iter().collect(),
-                    };
-                    family_names.push(name(family, true));
-                    ctx.sets.insert(name(family, true), set);
-                }
-                names.insert(family, family_names);
-            }
+            let recipe = Recipe::Peers {
+                key,
+                peers: peers.iter().map(|&p| p.clone()).collect(),
+                namespace: src.namespace.to_string(),
+                pod_network_only: src.pod_network_only,
+            };
+            let names = recipe.build(ctx, &[]);
+            ctx.recipes.insert(recipe.key().to_string(), recipe);
             names
         });
     // The peer matches of a family, one per peer set (one rule each); `[None]` when every peer
@@ -660,18 +612,7 @@ pub(crate) fn compile_group(
             Direction::Ingress => src.selected_key.clone(),
             Direction::Egress => {
                 let mut key = format!("{peers:?}");
-                let this_namespace = peers.as_ref().is_none_or(|peers| {
-                    peers.iter().any(|p| {
-                        matches!(
-                            p,
-                            PeerSpec::Pods {
-                                namespaces: None,
-                                ..
-                            }
-                        )
-                    })
-                });
-                if this_namespace {
+                if peers.as_deref().is_none_or(this_namespace) {
                     key.push_str(src.namespace);
                 }
                 key.push_str(pods_only);
@@ -682,33 +623,33 @@ pub(crate) fn compile_group(
             "n{}",
             short_hash(&format!("{direction}{owners_key}{named:?}"))
         );
-        let mut owners: Option<Vec<&Pod>> = None;
-        for &family in ctx.families {
-            let name = format!("{key}-named{}", fam(family));
-            if !ctx.sets.contains_key(&name) {
-                let owners = owners.get_or_insert_with(|| match direction {
-                    Direction::Ingress => selected.to_vec(),
-                    Direction::Egress => peer_pods(),
-                });
-                let mut elements = BTreeSet::new();
-                for pod in owners.iter() {
-                    for &(proto, pname) in &named {
-                        let Some(port) = pod.named_port(pname, proto) else {
-                            continue;
-                        };
-                        for ip in pod.ips.iter().filter(|ip| Family::of(ip) == family) {
-                            elements.insert(format!("{} . {} . {port}", ip_elem(ip), proto.nft()));
-                        }
-                    }
-                }
-                ctx.sets.insert(
-                    name.clone(),
-                    Set {
-                        kind: SetKind::AddrProtoPort(family),
-                        elements,
-                    },
-                );
+        if !ctx
+            .families
+            .iter()
+            .all(|&f| ctx.sets.contains_key(&named_set_name(&key, f)))
+        {
+            let owners = match direction {
+                Direction::Ingress => src.owners.clone(),
+                Direction::Egress => Owners::Peers {
+                    peers: peers
+                        .as_ref()
+                        .map(|peers| peers.iter().map(|&p| p.clone()).collect()),
+                    namespace: src.namespace.to_string(),
+                },
+            };
+            let recipe = Recipe::Named {
+                key: key.clone(),
+                owners,
+                named: named.iter().map(|&(p, n)| (p, n.to_string())).collect(),
+                pod_network_only: src.pod_network_only,
+            };
+            recipe.build(ctx, selected);
+            if recipe.kept() {
+                ctx.recipes.insert(key.clone(), recipe);
             }
+        }
+        for &family in ctx.families {
+            let name = named_set_name(&key, family);
             let peers = match direction {
                 Direction::Ingress => peer_matches(family),
                 // The named-port set already holds only the peer pods' addresses.
@@ -721,15 +662,4 @@ pub(crate) fn compile_group(
             );
         }
     }
-}
-
-fn fam(f: Family) -> &'static str {
-    match f {
-        Family::V4 => "4",
-        Family::V6 => "6",
-    }
-}
-
-fn ip_elem(ip: &IpAddr) -> String {
-    ip.to_string()
 }

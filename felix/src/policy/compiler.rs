@@ -2,8 +2,9 @@
 //! look up) and for each local endpoint (its chains and dispatch entries), and on the next cluster
 //! state rebuilds only what the change can reach:
 //! - a changed policy: its own chains and sets, and the endpoints it selected or now selects;
-//! - a changed pod: every policy that selects it or names it as a peer (before or after the
-//!   change), and its own endpoint.
+//! - a changed pod: the sets whose recipe names it (peer sets, named ports), the policies that
+//!   select it when it is on this node (before or after the change), and its own endpoint. A
+//!   policy that only names the pod as a peer keeps its chains: they look the sets up by name.
 //!
 //! Anything broader (namespace labels, the address families in use, duplicate pods or veths)
 //! rebuilds everything. A set's or chain's name determines its content (names derive from what
@@ -17,14 +18,14 @@ use std::sync::Arc;
 use super::cnp::{validate_cluster_policy, Tier};
 use super::compile::{
     compile_group, dir_index, endpoint_chain, families_in_use, fit_comment, local_chain, ns_labels,
-    peer_matches_pod, policy_chain, rule_groups, selects, short_hash, Ctx, GroupSource, NsLabels,
-    PodIndex, DIRECTIONS,
+    policy_chain, rule_groups, selects, short_hash, Ctx, GroupSource, NsLabels, PodIndex,
+    DIRECTIONS,
 };
+use super::recipe::{key_of, Recipe};
 use super::tiers::{
-    clear_pass, cluster_affects, cluster_families, cluster_selects, compile_cluster_policy,
-    tier_jump, CNamed,
+    clear_pass, cluster_families, cluster_selects, compile_cluster_policy, tier_jump, CNamed,
 };
-use super::validate::{validate, Direction, PortSpec, Problem};
+use super::validate::{validate, Direction, Problem};
 use super::{
     default_deny_comment, Action, Chain, Cluster, ClusterNetworkPolicy, Family, Match, Namespace,
     NetworkPolicy, NftRule, Node, Pod, Policy, Ruleset,
@@ -103,6 +104,8 @@ struct State {
     endpoints: HashMap<String, EndpointPart>,
     /// Users of each set (policies) and of each shared jump chain (endpoints).
     set_users: HashMap<String, usize>,
+    /// How each pod-dependent set in use was built, by recipe key (a set name's prefix).
+    recipes: HashMap<String, Recipe>,
     shared_users: HashMap<String, usize>,
     rs: Ruleset,
 }
@@ -192,6 +195,8 @@ impl Compiler {
         let mut affected: BTreeSet<Key> = BTreeSet::new();
         let mut affected_cluster: BTreeSet<String> = BTreeSet::new();
         let mut dirty: BTreeSet<String> = BTreeSet::new();
+        // Pod-dependent sets to rebuild for policies that are not rebuilt themselves.
+        let mut refresh: Vec<Recipe> = Vec::new();
         if full {
             *state = State::default();
             touched.full = true;
@@ -229,24 +234,37 @@ impl Compiler {
                     ns_labels.insert(old.namespace.to_string(), labels);
                 }
             }
+            // A policy's chains depend on pods only through whether it selects a local pod; what
+            // it selects and names as peers is in sets, rebuilt from their recipes.
+            let mut stale: BTreeSet<&str> = BTreeSet::new();
             for (old, new) in &changed {
                 let versions = || old.iter().map(|p| &**p).chain(new.iter().copied());
                 dirty.extend(versions().filter_map(|p| p.host_iface.clone()));
-                for (key, n) in &named {
-                    if !affected.contains(*key)
-                        && versions().any(|p| affects(&ns_labels, &n.policy, p))
+                for (key, recipe) in &state.recipes {
+                    if !stale.contains(key.as_str())
+                        && versions().any(|p| recipe.depends_on(&ns_labels, p))
                     {
+                        stale.insert(key);
+                    }
+                }
+                let local = || versions().filter(|p| p.host_iface.is_some());
+                if local().next().is_none() {
+                    continue;
+                }
+                for (key, n) in &named {
+                    if !affected.contains(*key) && local().any(|p| selects(&n.policy, p)) {
                         affected.insert((*key).clone());
                     }
                 }
                 for (&name, n) in &cnamed {
                     if !affected_cluster.contains(name)
-                        && versions().any(|p| cluster_affects(&ns_labels, &n.policy, p))
+                        && local().any(|p| cluster_selects(&ns_labels, &n.policy, p))
                     {
                         affected_cluster.insert(name.to_string());
                     }
                 }
             }
+            refresh.extend(stale.into_iter().map(|key| state.recipes[key].clone()));
             affected.extend(changed_policies.iter().cloned());
             affected_cluster.extend(changed_cluster.iter().cloned());
             // `nodes` peers resolve to the nodes' addresses.
@@ -286,13 +304,21 @@ impl Compiler {
         }
         let index = PodIndex::new(cluster);
         let mut fresh = HashMap::new();
+        let mut fresh_recipes = HashMap::new();
         let mut ctx = Ctx {
             cluster,
             index: &index,
             ns_labels: &ns_labels,
             families: &families,
             sets: &mut fresh,
+            recipes: &mut fresh_recipes,
         };
+        let mut refreshed: Vec<String> = Vec::new();
+        for recipe in refresh {
+            refreshed.extend(recipe.build(&mut ctx, &[]).into_values().flatten());
+            // Policies rebuilt below find these sets built and keep the recipe from here.
+            ctx.recipes.insert(recipe.key().to_string(), recipe);
+        }
         let mut built = Vec::new();
         for key in &affected {
             if let Some(n) = named.get(key) {
@@ -302,11 +328,7 @@ impl Compiler {
         let mut cluster_built = Vec::new();
         for name in &affected_cluster {
             if let Some(n) = cnamed.get(name.as_str()) {
-                let selected: Vec<&Pod> = local
-                    .values()
-                    .copied()
-                    .filter(|pod| cluster_selects(&ns_labels, &n.policy, pod))
-                    .collect();
+                let selected: Vec<&Pod> = local_subjects(&index, &ns_labels, &n.policy);
                 let mut part = PolicyPart {
                     ifaces: selected
                         .iter()
@@ -335,7 +357,7 @@ impl Compiler {
             if full || changed_policies.contains(key) {
                 dirty.extend(part.ifaces.iter().cloned());
             }
-            state.install(&part, chains, &fresh, touched);
+            state.install(&part, chains, &fresh, &fresh_recipes, touched);
             state.policies.insert(key.clone(), part);
         }
 
@@ -343,8 +365,18 @@ impl Compiler {
             if full || changed_cluster.contains(name) {
                 dirty.extend(part.ifaces.iter().cloned());
             }
-            state.install(&part, chains, &fresh, touched);
+            state.install(&part, chains, &fresh, &fresh_recipes, touched);
             state.cluster_parts.insert(name.clone(), part);
+        }
+        // Sets of policies that were not rebuilt, for the pods they name.
+        for name in refreshed {
+            let set = &fresh[&name];
+            if let Some(old) = state.rs.sets.get_mut(&name) {
+                if old != set {
+                    *old = set.clone();
+                    touched.sets.insert(name);
+                }
+            }
         }
 
         // Endpoints whose pod or whose selecting policies changed.
@@ -498,30 +530,23 @@ impl<'n> TierLists<'n> {
     }
 }
 
-/// Can `pod` (one version of it) change what `policy` compiles to? When the policy selects it
-/// (membership, named ports), names it as a peer (peer sets, egress named ports), or resolves
-/// egress named ports on every pod.
-fn affects(ns_labels: &NsLabels, policy: &Policy, pod: &Pod) -> bool {
-    selects(policy, pod)
-        || DIRECTIONS.into_iter().any(|direction| {
-            policy
-                .rules(direction)
-                .into_iter()
-                .flatten()
-                .any(|rule| match &rule.peers {
-                    Some(peers) => peers
-                        .iter()
-                        .any(|peer| peer_matches_pod(ns_labels, &policy.namespace, peer, pod)),
-                    None => {
-                        direction == Direction::Egress
-                            && rule
-                                .ports
-                                .iter()
-                                .flatten()
-                                .any(|p| matches!(p, PortSpec::Named { .. }))
-                    }
-                })
+/// The local pods a cluster policy's subject holds: its namespaces' pods of this node.
+fn local_subjects<'a>(
+    index: &PodIndex<'a>,
+    ns_labels: &NsLabels,
+    policy: &super::cnp::ClusterPolicy,
+) -> Vec<&'a Pod> {
+    index
+        .namespaces()
+        .filter(|ns| {
+            ns_labels
+                .get(*ns)
+                .is_some_and(|labels| policy.namespaces.matches(labels))
         })
+        .flat_map(|ns| index.in_namespace(ns))
+        .map(|&(_, pod)| pod)
+        .filter(|pod| pod.host_iface.is_some() && cluster_selects(ns_labels, policy, pod))
+        .collect()
 }
 
 /// One policy's chains (when it selects a pod of this node) and the names of the sets they use.
@@ -597,6 +622,7 @@ impl State {
         part: &PolicyPart,
         chains: Vec<(String, Chain)>,
         fresh: &HashMap<String, super::Set>,
+        recipes: &HashMap<String, Recipe>,
         touched: &mut Touched,
     ) {
         for (name, chain) in chains {
@@ -605,6 +631,12 @@ impl State {
         }
         for name in &part.sets {
             *self.set_users.entry(name.clone()).or_default() += 1;
+            let key = key_of(name);
+            if let Some(recipe) = recipes.get(key) {
+                if !self.recipes.contains_key(key) {
+                    self.recipes.insert(key.to_string(), recipe.clone());
+                }
+            }
             let set = &fresh[name];
             if self.rs.sets.get(name) != Some(set) {
                 touched.sets.insert(name.clone());
@@ -618,6 +650,7 @@ impl State {
         for name in part.sets {
             if release(&mut self.set_users, &name) {
                 self.rs.sets.remove(&name);
+                self.recipes.remove(key_of(&name));
                 touched.sets.insert(name);
             }
         }

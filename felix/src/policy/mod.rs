@@ -28,6 +28,7 @@ pub mod cnp_api;
 mod compile;
 mod compiler;
 mod explain;
+mod recipe;
 mod tiers;
 mod validate;
 

@@ -19,6 +19,7 @@ use super::compile::{
     compile_group, dir_index, fit_comment, short_hash, Ctx, GroupSource, NsLabels, RuleGroup,
     DIRECTIONS,
 };
+use super::recipe::Owners;
 use super::validate::{Direction, PeerSpec, PolicyRule, PortSpec};
 use super::{Action, AddrRanges, Chain, Cluster, Family, Match, NftRule, Pod, Protocol};
 
@@ -98,37 +99,6 @@ pub(crate) fn cluster_selects(ns_labels: &NsLabels, policy: &ClusterPolicy, pod:
         && ns_labels
             .get(&*pod.namespace)
             .is_some_and(|labels| policy.namespaces.matches(labels))
-}
-
-/// Is `pod` a pod peer of some rule of `policy`?
-pub(crate) fn cluster_peer_matches_pod(
-    ns_labels: &NsLabels,
-    policy: &ClusterPolicy,
-    pod: &Pod,
-) -> bool {
-    DIRECTIONS.into_iter().any(|d| {
-        policy
-            .rules(d)
-            .iter()
-            .flat_map(|r| r.peers.iter().flatten())
-            .any(|peer| match peer {
-                ClusterPeer::Pods { namespaces, pods } => {
-                    !pod.host_network
-                        && pods.matches(&pod.labels)
-                        && ns_labels
-                            .get(&*pod.namespace)
-                            .is_some_and(|l| namespaces.matches(l))
-                }
-                ClusterPeer::Networks(ranges) => pod.ips.iter().any(|ip| ranges.contains(*ip)),
-                ClusterPeer::Nodes(_) | ClusterPeer::Nothing => false,
-            })
-    })
-}
-
-/// Can `pod` (one version of it) change what `policy` compiles to: it is a subject (membership,
-/// ingress named ports) or a pod peer (peer sets, egress named ports).
-pub(crate) fn cluster_affects(ns_labels: &NsLabels, policy: &ClusterPolicy, pod: &Pod) -> bool {
-    cluster_selects(ns_labels, policy, pod) || cluster_peer_matches_pod(ns_labels, policy, pod)
 }
 
 /// The addresses of the nodes a selector names.
@@ -251,6 +221,7 @@ pub(crate) fn compile_cluster_policy(
                     RuleAction::Pass => Action::Pass,
                 },
                 pod_network_only: true,
+                owners: Owners::Given,
             };
             let group = RuleGroup {
                 indices: vec![rule.index],
