@@ -151,11 +151,6 @@ pub(crate) fn endpoint_chain(iface: &str, direction: Direction) -> String {
     }
 }
 
-/// Chain name of an endpoint's traffic to its own node (`el-`: egress, local).
-pub(crate) fn local_chain(iface: &str) -> String {
-    format!("el-{}", chain_safe(iface))
-}
-
 /// An interface name as it can go into a chain name.
 fn chain_safe(iface: &str) -> std::borrow::Cow<'_, str> {
     // Interface names may hold characters nft identifiers cannot; those get a hashed name.

@@ -17,7 +17,7 @@ use std::sync::Arc;
 
 use super::cnp::{validate_cluster_policy, Tier};
 use super::compile::{
-    compile_group, dir_index, endpoint_chain, families_in_use, fit_comment, local_chain, ns_labels,
+    compile_group, dir_index, endpoint_chain, families_in_use, fit_comment, ns_labels,
     policy_chain, rule_groups, selects, short_hash, Ctx, GroupSource, NsLabels, PodIndex,
     DIRECTIONS,
 };
@@ -732,25 +732,50 @@ impl State {
                 ));
                 rules.extend(clear_pass(Tier::Baseline, &baseline, direction));
             }
+            let isolated = !policies.is_empty();
             if direction == Direction::Egress {
-                let isolated = !policies.is_empty();
                 self.build_local(iface, &admin, &baseline, isolated, &mut part, touched);
             }
             if rules.is_empty() {
                 continue;
             }
-            let chain = Chain { rules };
-            let name = endpoint_chain(iface, direction);
+            // Only an isolated pod's chain is its own (its default deny names it); the others
+            // hold the tiers alone and are shared by every pod with the same ones.
+            let name = if isolated {
+                let name = endpoint_chain(iface, direction);
+                self.rs.chains.insert(name.clone(), Chain { rules });
+                touched.chains.insert(name.clone());
+                part.chains.push(name.clone());
+                name
+            } else {
+                let name = shared_endpoint_chain(&endpoint_chain("", direction)[..1], &rules);
+                self.share(name, rules, &mut part, touched)
+            };
             let dispatch = match direction {
                 Direction::Ingress => &mut self.rs.ingress_dispatch,
                 Direction::Egress => &mut self.rs.egress_dispatch,
             };
-            dispatch.insert(iface.to_string(), name.clone());
-            self.rs.chains.insert(name.clone(), chain);
-            touched.chains.insert(name.clone());
-            part.chains.push(name);
+            dispatch.insert(iface.to_string(), name);
         }
         part
+    }
+
+    /// Counts `part` as a user of the shared chain `name`, creating it with its first user.
+    fn share(
+        &mut self,
+        name: String,
+        rules: Vec<NftRule>,
+        part: &mut EndpointPart,
+        touched: &mut Touched,
+    ) -> String {
+        let users = self.shared_users.entry(name.clone()).or_default();
+        if *users == 0 {
+            self.rs.chains.insert(name.clone(), Chain { rules });
+            touched.chains.insert(name.clone());
+        }
+        *users += 1;
+        part.shared.push(name.clone());
+        name
     }
 }
 
@@ -780,13 +805,10 @@ impl State {
         if rules.is_empty() {
             return;
         }
-        let name = local_chain(iface);
-        self.rs
-            .local_dispatch
-            .insert(iface.to_string(), name.clone());
-        self.rs.chains.insert(name.clone(), Chain { rules });
-        touched.chains.insert(name.clone());
-        part.chains.push(name);
+        // Nothing in it is the pod's own: shared by every pod with the same tiers.
+        let name = shared_endpoint_chain("l", &rules);
+        let name = self.share(name, rules, part, touched);
+        self.rs.local_dispatch.insert(iface.to_string(), name);
     }
 
     /// The jump into a tier's policies for an endpoint; a shared tier chain is created with
@@ -811,6 +833,12 @@ impl State {
         }
         jump
     }
+}
+
+/// The name of an endpoint chain shared by the pods whose chain would hold `rules` (`kind`:
+/// `i`ngress, `e`gress, `l`ocal): `si-`, `se-` or `sl-` and a hash of the rules.
+fn shared_endpoint_chain(kind: &str, rules: &[NftRule]) -> String {
+    format!("s{kind}-{}", short_hash(&format!("{rules:?}")))
 }
 
 fn policy_jump(named: &Named, d: usize) -> NftRule {

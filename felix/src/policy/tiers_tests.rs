@@ -236,13 +236,17 @@ fn endpoint_chains_evaluate_the_tiers_in_order() {
         xa[3].ends_with("drop comment \"x/a ingress default deny\""),
         "{xa:#?}"
     );
-    // x/b: Admin, clear, then Baseline (no Pass there: nothing to clear after it).
-    let xb = chain("in-sepxb");
+    // x/b: Admin, clear, then Baseline (no Pass there: nothing to clear after it). Nothing in
+    // it is the pod's own: a chain shared by the pods with the same tiers.
+    let xb_name = &rs.ingress_dispatch["sepxb"];
+    assert!(xb_name.starts_with("si-"), "{xb_name}");
+    let xb = chain(xb_name);
     assert_eq!(xb.len(), 3, "{xb:#?}");
     assert!(xb[2].contains("jump bi-"), "{xb:#?}");
-    // y/b: Baseline only.
-    let yb = chain("in-sepyb");
+    // y/b: Baseline only, like y/a.
+    let yb = chain(&rs.ingress_dispatch["sepyb"]);
     assert_eq!(yb.len(), 1, "{yb:#?}");
+    assert_eq!(rs.ingress_dispatch["sepyb"], rs.ingress_dispatch["sepya"]);
     // The shared Admin chain: pass-y (priority 10) first, its mark checked, then deny-red.
     let Action::Jump(tier) = &rs.chains["in-sepxa"].rules[0].action else {
         panic!()
@@ -329,6 +333,17 @@ spec:
         local,
         ["sepxa", "sepxb", "sepxc", "sepyb", "sepyc", "sepza", "sepzb", "sepzc"]
     );
-    assert_eq!(rs.local_dispatch["sepxa"], "el-sepxa");
-    assert_eq!(rs.chains["el-sepxa"].rules.len(), 1);
+    // One chain per set of tiers, shared: x's pods meet the Admin policy, the others Baseline.
+    let xa = &rs.local_dispatch["sepxa"];
+    assert!(xa.starts_with("sl-"), "{xa}");
+    assert_eq!(rs.chains[xa].rules.len(), 1);
+    for (iface, chain) in &rs.local_dispatch {
+        let expected = if iface.starts_with("sepx") {
+            xa
+        } else {
+            &rs.local_dispatch["sepyb"]
+        };
+        assert_eq!(chain, expected, "{iface}");
+    }
+    assert_ne!(xa, &rs.local_dispatch["sepyb"]);
 }
