@@ -12,6 +12,7 @@
 //! last user is gone. `Touched` names what changed, so the dataplane only compares those.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
@@ -21,7 +22,7 @@ use super::compile::{
     policy_chain, rule_groups, selects, short_hash, Ctx, GroupSource, NsLabels, PodIndex,
     DIRECTIONS,
 };
-use super::recipe::{key_of, Recipe};
+use super::recipe::{key_of, PodChange, Recipe};
 use super::tiers::{
     clear_pass, cluster_families, cluster_selects, compile_cluster_policy, tier_jump, CNamed,
 };
@@ -195,8 +196,10 @@ impl Compiler {
         let mut affected: BTreeSet<Key> = BTreeSet::new();
         let mut affected_cluster: BTreeSet<String> = BTreeSet::new();
         let mut dirty: BTreeSet<String> = BTreeSet::new();
-        // Pod-dependent sets to rebuild for policies that are not rebuilt themselves.
+        // Pod-dependent sets to patch for policies that are not rebuilt themselves, and the pods
+        // that changed (before, after).
         let mut refresh: Vec<Recipe> = Vec::new();
+        let mut changed: Vec<(Option<Arc<Pod>>, Option<&Pod>)> = Vec::new();
         if full {
             *state = State::default();
             touched.full = true;
@@ -209,7 +212,6 @@ impl Compiler {
             state.namespaces = cluster.namespaces.clone();
             state.families = families.clone();
         } else {
-            let mut changed: Vec<(Option<Arc<Pod>>, Option<&Pod>)> = Vec::new();
             for pod in &cluster.pods {
                 let old = state.pod(&pod.namespace, &pod.name);
                 // The caller's unchanged pods are usually the very ones remembered.
@@ -313,12 +315,7 @@ impl Compiler {
             sets: &mut fresh,
             recipes: &mut fresh_recipes,
         };
-        let mut refreshed: Vec<String> = Vec::new();
-        for recipe in refresh {
-            refreshed.extend(recipe.build(&mut ctx, &[]).into_values().flatten());
-            // Policies rebuilt below find these sets built and keep the recipe from here.
-            ctx.recipes.insert(recipe.key().to_string(), recipe);
-        }
+
         let mut built = Vec::new();
         for key in &affected {
             if let Some(n) = named.get(key) {
@@ -369,13 +366,18 @@ impl Compiler {
             state.cluster_parts.insert(name.clone(), part);
         }
         // Sets of policies that were not rebuilt, for the pods they name.
-        for name in refreshed {
-            let set = &fresh[&name];
-            if let Some(old) = state.rs.sets.get_mut(&name) {
-                if old != set {
-                    *old = set.clone();
-                    touched.sets.insert(name);
+        if !refresh.is_empty() {
+            let mut by_ip: HashMap<IpAddr, Vec<&Pod>> = HashMap::new();
+            for pod in &cluster.pods {
+                for ip in &pod.ips {
+                    by_ip.entry(*ip).or_default().push(pod);
                 }
+            }
+            let holders = |ip: &IpAddr| by_ip.get(ip).cloned().unwrap_or_default();
+            let changes: Vec<PodChange> = changed.iter().map(|(o, n)| (o.as_deref(), *n)).collect();
+            for recipe in &refresh {
+                let patched = recipe.patch(&mut state.rs.sets, &changes, &ns_labels, &holders);
+                touched.sets.extend(patched);
             }
         }
 

@@ -162,6 +162,118 @@ impl Recipe {
     }
 }
 
+/// A pod that changed: its version before and after (`None`: absent).
+pub(crate) type PodChange<'a> = (Option<&'a Pod>, Option<&'a Pod>);
+
+impl Recipe {
+    /// The elements `pod` puts into the recipe's pod-dependent sets (when it depends on it).
+    fn elements_of(&self, ns_labels: &NsLabels, pod: &Pod) -> Vec<(String, String)> {
+        if !self.depends_on(ns_labels, pod) {
+            return Vec::new();
+        }
+        match self {
+            Recipe::Peers { key, .. } => pod
+                .ips
+                .iter()
+                .map(|ip| (peer_set_name(key, Family::of(ip), false), ip.to_string()))
+                .collect(),
+            Recipe::Named { key, named, .. } => {
+                let mut out = Vec::new();
+                for (proto, pname) in named {
+                    let Some(port) = pod.named_port(pname, *proto) else {
+                        continue;
+                    };
+                    for ip in &pod.ips {
+                        let element = format!("{ip} . {} . {port}", proto.nft());
+                        out.push((named_set_name(key, Family::of(ip)), element));
+                    }
+                }
+                out
+            }
+        }
+    }
+
+    /// Updates the recipe's sets in `sets` for the pods in `changed`, as `build` would make
+    /// them from the pods now in the cluster: a new version's elements join; an old version's
+    /// leave unless another pod (`holders`: the pods now holding an address) or an ipBlock
+    /// still puts them there. Returns the names of the sets that changed.
+    pub(crate) fn patch<'p>(
+        &self,
+        sets: &mut BTreeMap<String, Set>,
+        changed: &[PodChange],
+        ns_labels: &NsLabels,
+        holders: &dyn Fn(&IpAddr) -> Vec<&'p Pod>,
+    ) -> BTreeSet<String> {
+        let mut touched = BTreeSet::new();
+        let mut leaving: BTreeSet<(String, String)> = BTreeSet::new();
+        for (old, new) in changed {
+            let joining = new
+                .map(|p| self.elements_of(ns_labels, p))
+                .unwrap_or_default();
+            if let Some(old) = old {
+                leaving.extend(
+                    self.elements_of(ns_labels, old)
+                        .into_iter()
+                        .filter(|e| !joining.contains(e)),
+                );
+            }
+            for (name, element) in joining {
+                if let Some(set) = sets.get_mut(&name) {
+                    if set.elements.insert(element) {
+                        touched.insert(name);
+                    }
+                }
+            }
+        }
+        for (name, element) in leaving {
+            let Some(set) = sets.get_mut(&name) else {
+                continue;
+            };
+            if !set.elements.contains(&element) || self.still_held(ns_labels, &element, holders) {
+                continue;
+            }
+            set.elements.remove(&element);
+            touched.insert(name);
+        }
+        touched
+    }
+
+    /// Does some pod now in the cluster, or an ipBlock of the peers, put `element` in a set?
+    fn still_held<'p>(
+        &self,
+        ns_labels: &NsLabels,
+        element: &str,
+        holders: &dyn Fn(&IpAddr) -> Vec<&'p Pod>,
+    ) -> bool {
+        let addr = element.split(' ').next().unwrap_or(element);
+        let Ok(ip) = addr.parse::<IpAddr>() else {
+            return true;
+        };
+        let by_pod = holders(&ip).into_iter().any(|pod| {
+            self.elements_of(ns_labels, pod)
+                .iter()
+                .any(|(_, e)| e == element)
+        });
+        by_pod
+            || match self {
+                Recipe::Peers { peers, .. } => {
+                    let mut blocks = AddrRanges::new();
+                    for peer in peers {
+                        if let PeerSpec::IpBlock { ranges } = peer {
+                            blocks.union(ranges);
+                        }
+                    }
+                    blocks
+                        .hosts_and_ranges(Family::of(&ip))
+                        .0
+                        .iter()
+                        .any(|host| host == element)
+                }
+                Recipe::Named { .. } => false,
+            }
+    }
+}
+
 /// The pods the peers name (`None`: every pod), each once.
 fn peer_pods<'a>(
     ctx: &Ctx<'a, '_>,
