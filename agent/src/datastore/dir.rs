@@ -61,6 +61,8 @@ pub struct DirSource {
     root: PathBuf,
     files: BTreeMap<PathBuf, FileState>,
     merged: BTreeMap<ObjectKey, Object>,
+    /// Rescans so far (shared, so a test can watch a running source).
+    rescans: std::sync::Arc<std::sync::atomic::AtomicU64>,
 }
 
 fn is_manifest(path: &Path) -> bool {
@@ -198,6 +200,7 @@ impl DirSource {
             root,
             files: BTreeMap::new(),
             merged: BTreeMap::new(),
+            rescans: Default::default(),
         })
     }
 
@@ -208,6 +211,8 @@ impl DirSource {
     /// Rereads what changed on disk and returns the events that turn the previous state into the
     /// new one. Files that fail to parse are logged and keep their last good objects.
     pub fn rescan(&mut self) -> Vec<Event> {
+        self.rescans
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let mut found = Vec::new();
         walk(&self.root, 0, &mut found);
         let mut files = BTreeMap::new();
@@ -278,8 +283,12 @@ pub async fn run(mut source: DirSource, tx: mpsc::Sender<Event>) {
     let (wake_tx, mut wake_rx) = mpsc::unbounded_channel::<()>();
     // The watcher lives as long as this task; its callback runs on notify's own thread.
     let watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
-        if let Err(e) = &res {
-            tracing::warn!("datastore watch: {e}");
+        match &res {
+            // Reads change nothing, and a rescan's own reads would wake the next rescan: the
+            // loop would rescan at rest, one debounce apart.
+            Ok(event) if event.kind.is_access() => return,
+            Ok(_) => {}
+            Err(e) => tracing::warn!("datastore watch: {e}"),
         }
         let _ = wake_tx.send(());
     });
@@ -466,6 +475,41 @@ mod tests {
             .unwrap();
         assert_eq!(names(&[ev]), vec!["+Node n1"]);
         drop(rx);
+        task.abort();
+    }
+
+    /// A rescan reads every file; those reads must not wake the next one (it used to rescan
+    /// about 80 times a second at rest).
+    #[tokio::test]
+    async fn rests_when_nothing_changes() {
+        let dir = tempfile::tempdir().unwrap();
+        fs::write(dir.path().join("n.yaml"), NODE).unwrap();
+        let src = DirSource::new(dir.path().to_path_buf()).unwrap();
+        let rescans = src.rescans.clone();
+        let (tx, mut rx) = mpsc::channel(16);
+        let task = tokio::spawn(run(src, tx));
+        while rx.recv().await != Some(Event::Synced) {}
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let before = rescans.load(std::sync::atomic::Ordering::Relaxed);
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let after = rescans.load(std::sync::atomic::Ordering::Relaxed);
+        assert!(
+            after - before <= 1,
+            "{} rescans in a second at rest",
+            after - before
+        );
+        // And a change is still seen.
+        fs::write(dir.path().join("n.yaml"), NODE.replace("n1", "n2")).unwrap();
+        let mut seen = Vec::new();
+        while seen.len() < 2 {
+            let ev = tokio::time::timeout(Duration::from_secs(10), rx.recv())
+                .await
+                .unwrap()
+                .unwrap();
+            seen.extend(names(&[ev]));
+        }
+        seen.sort();
+        assert_eq!(seen, vec!["+Node n2", "-Node n1"]);
         task.abort();
     }
 }
