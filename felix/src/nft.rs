@@ -732,7 +732,8 @@ impl Dataplane {
 
     /// Counters of every rule in the endpoint chains, summed per (chain, comment).
     pub fn counters(&self) -> Result<BTreeMap<(String, String), RuleCounter>, NftError> {
-        let out = self.run(&["-j", "list", "table", "inet", TABLE], None)?;
+        // Terse: the rules without the sets' elements, which can be tens of thousands.
+        let out = self.run(&["-t", "-j", "list", "table", "inet", TABLE], None)?;
         parse_counters(&out)
     }
 
