@@ -385,6 +385,34 @@ pub(crate) struct Ctx<'a, 'b> {
     pub sets: &'b mut HashMap<String, Set>,
     /// How this round's pod-dependent sets were built, by recipe key.
     pub recipes: &'b mut HashMap<String, Recipe>,
+    /// The sets in use, current for this cluster state, and the recipes of the pod-dependent
+    /// ones: a policy being rebuilt reuses them instead of building them again.
+    pub current: &'b BTreeMap<String, Set>,
+    pub kept: &'b HashMap<String, Recipe>,
+}
+
+impl Ctx<'_, '_> {
+    /// The names of a kept recipe's sets in use, by family, as `names` lists them for a family;
+    /// `None` unless every family has one.
+    pub(crate) fn reuse(
+        &self,
+        key: &str,
+        names: impl Fn(Family) -> Vec<String>,
+    ) -> Option<BTreeMap<Family, Vec<String>>> {
+        if !self.kept.contains_key(key) {
+            return None;
+        }
+        self.families
+            .iter()
+            .map(|&f| {
+                let present: Vec<String> = names(f)
+                    .into_iter()
+                    .filter(|n| self.current.contains_key(n))
+                    .collect();
+                (!present.is_empty()).then_some((f, present))
+            })
+            .collect()
+    }
 }
 
 /// What a rule group compiles for: the policy's namespace (what a peer without a namespace
@@ -496,6 +524,10 @@ pub(crate) fn compile_group(
                 .map(|&f| built(ctx.sets, f).map(|names| (f, names)))
                 .collect();
             if let Some(names) = cached {
+                return names;
+            }
+            let pair = |f| vec![peer_set_name(&key, f, false), peer_set_name(&key, f, true)];
+            if let Some(names) = ctx.reuse(&key, pair) {
                 return names;
             }
             let recipe = Recipe::Peers {
@@ -618,11 +650,12 @@ pub(crate) fn compile_group(
             "n{}",
             short_hash(&format!("{direction}{owners_key}{named:?}"))
         );
-        if !ctx
+        let built = ctx
             .families
             .iter()
-            .all(|&f| ctx.sets.contains_key(&named_set_name(&key, f)))
-        {
+            .all(|&f| ctx.sets.contains_key(&named_set_name(&key, f)));
+        let reused = ctx.reuse(&key, |f| vec![named_set_name(&key, f)]).is_some();
+        if !built && !reused {
             let owners = match direction {
                 Direction::Ingress => src.owners.clone(),
                 Direction::Egress => Owners::Peers {

@@ -304,6 +304,23 @@ impl Compiler {
                 state.drop_policy(part, touched);
             }
         }
+        // Sets in use that name a changed pod, patched; the policies rebuilt below reuse them
+        // and every set in use they find unchanged.
+        if !refresh.is_empty() {
+            let mut by_ip: HashMap<IpAddr, Vec<&Pod>> = HashMap::new();
+            for pod in &cluster.pods {
+                for ip in &pod.ips {
+                    by_ip.entry(*ip).or_default().push(pod);
+                }
+            }
+            let holders = |ip: &IpAddr| by_ip.get(ip).cloned().unwrap_or_default();
+            let changes: Vec<PodChange> = changed.iter().map(|(o, n)| (o.as_deref(), *n)).collect();
+            for recipe in &refresh {
+                let patched = recipe.patch(&mut state.rs.sets, &changes, &ns_labels, &holders);
+                touched.sets.extend(patched);
+            }
+        }
+
         let index = PodIndex::new(cluster);
         let mut fresh = HashMap::new();
         let mut fresh_recipes = HashMap::new();
@@ -314,6 +331,8 @@ impl Compiler {
             families: &families,
             sets: &mut fresh,
             recipes: &mut fresh_recipes,
+            current: &state.rs.sets,
+            kept: &state.recipes,
         };
 
         let mut built = Vec::new();
@@ -365,22 +384,6 @@ impl Compiler {
             state.install(&part, chains, &fresh, &fresh_recipes, touched);
             state.cluster_parts.insert(name.clone(), part);
         }
-        // Sets of policies that were not rebuilt, for the pods they name.
-        if !refresh.is_empty() {
-            let mut by_ip: HashMap<IpAddr, Vec<&Pod>> = HashMap::new();
-            for pod in &cluster.pods {
-                for ip in &pod.ips {
-                    by_ip.entry(*ip).or_default().push(pod);
-                }
-            }
-            let holders = |ip: &IpAddr| by_ip.get(ip).cloned().unwrap_or_default();
-            let changes: Vec<PodChange> = changed.iter().map(|(o, n)| (o.as_deref(), *n)).collect();
-            for recipe in &refresh {
-                let patched = recipe.patch(&mut state.rs.sets, &changes, &ns_labels, &holders);
-                touched.sets.extend(patched);
-            }
-        }
-
         // Endpoints whose pod or whose selecting policies changed.
         let mut by_namespace: BTreeMap<&str, Vec<&Named>> = BTreeMap::new();
         for n in named.values() {
@@ -639,7 +642,14 @@ impl State {
                     self.recipes.insert(key.to_string(), recipe.clone());
                 }
             }
-            let set = &fresh[name];
+            // Not built this round: a set in use, current, that the policy reuses.
+            let Some(set) = fresh.get(name) else {
+                debug_assert!(
+                    self.rs.sets.contains_key(name),
+                    "{name} neither built nor in use"
+                );
+                continue;
+            };
             if self.rs.sets.get(name) != Some(set) {
                 touched.sets.insert(name.clone());
                 self.rs.sets.insert(name.clone(), set.clone());
