@@ -55,9 +55,9 @@ pub struct Touched {
 #[derive(Debug, Default)]
 pub struct Compiler {
     /// By (namespace, name): the source last seen, and what it validated to.
-    cache: HashMap<Key, Validated>,
+    cache: BTreeMap<Key, Validated>,
     /// The same for ClusterNetworkPolicies, by name.
-    cluster_cache: HashMap<String, ClusterValidated>,
+    cluster_cache: BTreeMap<String, ClusterValidated>,
     state: State,
     touched: Touched,
     generation: u64,
@@ -149,8 +149,8 @@ impl Compiler {
         } = self;
         let changed_policies = revalidate(cache, cluster);
         let mut changed_cluster = revalidate_cluster(cluster_cache, cluster);
-        let mut cluster_names: Vec<&String> = cluster_cache.keys().collect();
-        cluster_names.sort();
+        // The caches are ordered maps: iterating them gives the sorted order.
+        let cluster_names: Vec<&String> = cluster_cache.keys().collect();
         let cnamed: BTreeMap<&str, &CNamed> = cluster_names
             .iter()
             .filter_map(|&k| cluster_cache[k].policy.as_ref().map(|n| (k.as_str(), n)))
@@ -158,8 +158,7 @@ impl Compiler {
         // Evaluation order within each tier.
         let mut tier_order: Vec<&CNamed> = cnamed.values().copied().collect();
         tier_order.sort_by(|a, b| a.policy.order_key().cmp(&b.policy.order_key()));
-        let mut keys: Vec<&Key> = cache.keys().collect();
-        keys.sort();
+        let keys: Vec<&Key> = cache.keys().collect();
         let named: BTreeMap<&Key, &Named> = keys
             .iter()
             .filter_map(|&k| cache[k].policy.as_ref().map(|n| (k, n)))
@@ -436,7 +435,7 @@ impl Compiler {
 
 /// Validates the policies whose source changed (the cache keeps the rest); returns the keys of
 /// policies changed, added or removed.
-fn revalidate(cache: &mut HashMap<Key, Validated>, cluster: &Cluster) -> BTreeSet<Key> {
+fn revalidate(cache: &mut BTreeMap<Key, Validated>, cluster: &Cluster) -> BTreeSet<Key> {
     let mut seen: BTreeSet<Key> = BTreeSet::new();
     let mut changed: BTreeSet<Key> = BTreeSet::new();
     for np in &cluster.policies {
@@ -478,7 +477,7 @@ fn revalidate(cache: &mut HashMap<Key, Validated>, cluster: &Cluster) -> BTreeSe
 
 /// `revalidate` for ClusterNetworkPolicies: returns the names changed, added or removed.
 fn revalidate_cluster(
-    cache: &mut HashMap<String, ClusterValidated>,
+    cache: &mut BTreeMap<String, ClusterValidated>,
     cluster: &Cluster,
 ) -> BTreeSet<String> {
     let mut seen: BTreeSet<String> = BTreeSet::new();
