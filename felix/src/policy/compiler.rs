@@ -236,7 +236,7 @@ impl Compiler {
                 }
             }
             // A policy's chains depend on pods only through whether it selects a local pod; what
-            // it selects and names as peers is in sets, rebuilt from their recipes.
+            // it selects and names as peers is in sets, patched from their recipes.
             let mut stale: BTreeSet<&str> = BTreeSet::new();
             for (old, new) in &changed {
                 let versions = || old.iter().map(|p| &**p).chain(new.iter().copied());
