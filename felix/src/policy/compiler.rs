@@ -717,14 +717,8 @@ impl State {
                     let Action::Jump(shared) = &jump.action else {
                         unreachable!("jump_rule returns jumps");
                     };
-                    let users = self.shared_users.entry(shared.clone()).or_default();
-                    if *users == 0 {
-                        let rules = policies.iter().map(|n| policy_jump(n, d)).collect();
-                        self.rs.chains.insert(shared.clone(), Chain { rules });
-                        touched.chains.insert(shared.clone());
-                    }
-                    *users += 1;
-                    part.shared.push(shared.clone());
+                    let rules = policies.iter().map(|n| policy_jump(n, d)).collect();
+                    self.share(shared.clone(), rules, &mut part, touched);
                 }
                 // NetworkPolicy isolates the pod: its verdict is final.
                 rules.push(jump);
@@ -834,13 +828,7 @@ impl State {
     ) -> NftRule {
         let (jump, shared) = tier_jump(tier, policies, direction);
         if let Some((name, chain)) = shared {
-            let users = self.shared_users.entry(name.clone()).or_default();
-            if *users == 0 {
-                self.rs.chains.insert(name.clone(), chain);
-                touched.chains.insert(name.clone());
-            }
-            *users += 1;
-            part.shared.push(name);
+            self.share(name, chain.rules, part, touched);
         }
         jump
     }

@@ -85,7 +85,6 @@ impl Recipe {
 
     /// Can `pod` (one version of it) change what this recipe builds?
     pub(crate) fn depends_on(&self, ns_labels: &NsLabels, pod: &Pod) -> bool {
-        let counts = |pod_network_only: bool| !(pod_network_only && pod.host_network);
         match self {
             // Only pod peers: an ipBlock's addresses are the block's, whoever holds them.
             Recipe::Peers {
@@ -94,7 +93,7 @@ impl Recipe {
                 pod_network_only,
                 ..
             } => {
-                counts(*pod_network_only)
+                counted(pod, *pod_network_only)
                     && peers.iter().any(|peer| {
                         matches!(peer, PeerSpec::Pods { .. })
                             && peer_matches_pod(ns_labels, namespace, peer, pod)
@@ -105,7 +104,7 @@ impl Recipe {
                 pod_network_only,
                 ..
             } => {
-                counts(*pod_network_only)
+                counted(pod, *pod_network_only)
                     && match owners {
                         Owners::Peers { peers: None, .. } => true,
                         Owners::Peers {
@@ -274,6 +273,11 @@ impl Recipe {
     }
 }
 
+/// Does `pod` count as a pod at all (`pod_network_only`: host-network pods do not)?
+fn counted(pod: &Pod, pod_network_only: bool) -> bool {
+    !(pod_network_only && pod.host_network)
+}
+
 /// The pods the peers name (`None`: every pod), each once.
 fn peer_pods<'a>(
     ctx: &Ctx<'a, '_>,
@@ -281,7 +285,7 @@ fn peer_pods<'a>(
     namespace: &str,
     pod_network_only: bool,
 ) -> Vec<&'a Pod> {
-    let counts = |pod: &Pod| !(pod_network_only && pod.host_network);
+    let counts = |pod: &Pod| counted(pod, pod_network_only);
     match peers {
         None => ctx
             .cluster
@@ -309,7 +313,7 @@ fn build_peers(
     namespace: &str,
     pod_network_only: bool,
 ) -> BTreeMap<Family, Vec<String>> {
-    let counts = |pod: &Pod| !(pod_network_only && pod.host_network);
+    let counts = |pod: &Pod| counted(pod, pod_network_only);
     let mut ips: BTreeSet<IpAddr> = BTreeSet::new();
     let mut blocks = AddrRanges::new();
     let mut has_pods = false;
