@@ -456,7 +456,6 @@ pub(crate) fn compile_group(
     src: &GroupSource,
     direction: Direction,
     group: &RuleGroup,
-    selected: &[&Pod],
     out: &mut Vec<NftRule>,
 ) {
     let comment = src.comment.clone();
@@ -536,7 +535,7 @@ pub(crate) fn compile_group(
                 namespace: src.namespace.to_string(),
                 pod_network_only: src.pod_network_only,
             };
-            let names = recipe.build(ctx, &[]);
+            let names = recipe.build(ctx);
             ctx.recipes.insert(recipe.key().to_string(), recipe);
             names
         });
@@ -671,10 +670,8 @@ pub(crate) fn compile_group(
                 named: named.iter().map(|&(p, n)| (p, n.to_string())).collect(),
                 pod_network_only: src.pod_network_only,
             };
-            recipe.build(ctx, selected);
-            if recipe.kept() {
-                ctx.recipes.insert(key.clone(), recipe);
-            }
+            recipe.build(ctx);
+            ctx.recipes.insert(key.clone(), recipe);
         }
         for &family in ctx.families {
             let name = named_set_name(&key, family);

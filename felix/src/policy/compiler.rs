@@ -24,7 +24,8 @@ use super::compile::{
 };
 use super::recipe::{key_of, PodChange, Recipe};
 use super::tiers::{
-    clear_pass, cluster_families, cluster_selects, compile_cluster_policy, tier_jump, CNamed,
+    clear_pass, cluster_families, cluster_selects, compile_cluster_policy, local_subjects,
+    tier_jump, CNamed,
 };
 use super::validate::{validate, Direction, Problem};
 use super::{
@@ -195,6 +196,9 @@ impl Compiler {
         let mut affected: BTreeSet<Key> = BTreeSet::new();
         let mut affected_cluster: BTreeSet<String> = BTreeSet::new();
         let mut dirty: BTreeSet<String> = BTreeSet::new();
+        // Unchanged policies selecting a local pod that changed: whom they select here changes.
+        let mut retarget: BTreeSet<Key> = BTreeSet::new();
+        let mut retarget_cluster: BTreeSet<String> = BTreeSet::new();
         // Pod-dependent sets to patch for policies that are not rebuilt themselves, and the pods
         // that changed (before, after).
         let mut refresh: Vec<Recipe> = Vec::new();
@@ -253,15 +257,15 @@ impl Compiler {
                     continue;
                 }
                 for (key, n) in &named {
-                    if !affected.contains(*key) && local().any(|p| selects(&n.policy, p)) {
-                        affected.insert((*key).clone());
+                    if !retarget.contains(*key) && local().any(|p| selects(&n.policy, p)) {
+                        retarget.insert((*key).clone());
                     }
                 }
                 for (&name, n) in &cnamed {
-                    if !affected_cluster.contains(name)
+                    if !retarget_cluster.contains(name)
                         && local().any(|p| cluster_selects(&ns_labels, &n.policy, p))
                     {
-                        affected_cluster.insert(name.to_string());
+                        retarget_cluster.insert(name.to_string());
                     }
                 }
             }
@@ -282,6 +286,39 @@ impl Compiler {
             changed_cluster.clear();
         }
         state.nodes = cluster.nodes.clone();
+
+        // A policy's chains depend on this node's pods only through whether it selects one of
+        // them: while that holds, a retargeted policy keeps its chains and only its endpoints
+        // change (its pod-dependent sets were patched above).
+        let index = PodIndex::new(cluster);
+        for key in &retarget {
+            if affected.contains(key) {
+                continue;
+            }
+            let Some(n) = named.get(key) else { continue };
+            let ifaces = local_ifaces(&index, &n.policy);
+            match state.policies.get_mut(key) {
+                Some(part) if part.ifaces.is_empty() == ifaces.is_empty() => part.ifaces = ifaces,
+                _ => {
+                    affected.insert(key.clone());
+                }
+            }
+        }
+        for name in &retarget_cluster {
+            if affected_cluster.contains(name) {
+                continue;
+            }
+            let Some(n) = cnamed.get(name.as_str()) else {
+                continue;
+            };
+            let ifaces = cluster_local_ifaces(&index, &ns_labels, &n.policy);
+            match state.cluster_parts.get_mut(name) {
+                Some(part) if part.ifaces.is_empty() == ifaces.is_empty() => part.ifaces = ifaces,
+                _ => {
+                    affected_cluster.insert(name.clone());
+                }
+            }
+        }
 
         // Policies: drop what the affected ones built, then build them anew.
         // Endpoints jump to the policies selecting them: only a changed policy (or a changed pod,
@@ -320,7 +357,6 @@ impl Compiler {
             }
         }
 
-        let index = PodIndex::new(cluster);
         let mut fresh = HashMap::new();
         let mut fresh_recipes = HashMap::new();
         let mut ctx = Ctx {
@@ -343,17 +379,13 @@ impl Compiler {
         let mut cluster_built = Vec::new();
         for name in &affected_cluster {
             if let Some(n) = cnamed.get(name.as_str()) {
-                let selected: Vec<&Pod> = local_subjects(&index, &ns_labels, &n.policy);
                 let mut part = PolicyPart {
-                    ifaces: selected
-                        .iter()
-                        .filter_map(|p| p.host_iface.clone())
-                        .collect(),
+                    ifaces: cluster_local_ifaces(&index, &ns_labels, &n.policy),
                     ..PolicyPart::default()
                 };
                 let mut chains = Vec::new();
                 if !part.ifaces.is_empty() {
-                    chains = compile_cluster_policy(&mut ctx, n, &selected);
+                    chains = compile_cluster_policy(&mut ctx, n);
                     for (name, chain) in &chains {
                         part.chains.push(name.clone());
                         part.sets.extend(
@@ -534,40 +566,33 @@ impl<'n> TierLists<'n> {
     }
 }
 
-/// The local pods a cluster policy's subject holds: its namespaces' pods of this node.
-fn local_subjects<'a>(
-    index: &PodIndex<'a>,
+/// The veths of the local pods a cluster policy's subject holds.
+fn cluster_local_ifaces(
+    index: &PodIndex,
     ns_labels: &NsLabels,
     policy: &super::cnp::ClusterPolicy,
-) -> Vec<&'a Pod> {
+) -> Vec<String> {
+    local_subjects(index, ns_labels, &policy.namespaces, &policy.pods)
+        .iter()
+        .filter_map(|p| p.host_iface.clone())
+        .collect()
+}
+
+/// The veths of the local pods a NetworkPolicy selects.
+fn local_ifaces(index: &PodIndex, policy: &Policy) -> Vec<String> {
     index
-        .namespaces()
-        .filter(|ns| {
-            ns_labels
-                .get(*ns)
-                .is_some_and(|labels| policy.namespaces.matches(labels))
-        })
-        .flat_map(|ns| index.in_namespace(ns))
-        .map(|&(_, pod)| pod)
-        .filter(|pod| pod.host_iface.is_some() && cluster_selects(ns_labels, policy, pod))
+        .in_namespace(&policy.namespace)
+        .iter()
+        .filter(|(_, pod)| selects(policy, pod))
+        .filter_map(|(_, pod)| pod.host_iface.clone())
         .collect()
 }
 
 /// One policy's chains (when it selects a pod of this node) and the names of the sets they use.
 fn compile_policy(ctx: &mut Ctx, named: &Named) -> (PolicyPart, Vec<(String, Chain)>) {
     let policy = &named.policy;
-    let selected: Vec<&Pod> = ctx
-        .index
-        .in_namespace(&policy.namespace)
-        .iter()
-        .map(|&(_, pod)| pod)
-        .filter(|pod| selects(policy, pod))
-        .collect();
     let mut part = PolicyPart {
-        ifaces: selected
-            .iter()
-            .filter_map(|p| p.host_iface.clone())
-            .collect(),
+        ifaces: local_ifaces(ctx.index, policy),
         ..PolicyPart::default()
     };
     let mut chains = Vec::new();
@@ -582,7 +607,7 @@ fn compile_policy(ctx: &mut Ctx, named: &Named) -> (PolicyPart, Vec<(String, Cha
         let mut chain = Chain::default();
         for group in rule_groups(rules) {
             let src = GroupSource::network_policy(policy, direction, &group);
-            compile_group(ctx, &src, direction, &group, &selected, &mut chain.rules);
+            compile_group(ctx, &src, direction, &group, &mut chain.rules);
         }
         for rule in &chain.rules {
             part.sets.extend(

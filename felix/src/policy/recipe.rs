@@ -7,6 +7,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 
 use super::compile::{peer_matches_pod, Ctx, NsLabels, Set, SetKind};
+use super::tiers::{local_subjects, subject_holds};
 use super::validate::PeerSpec;
 use super::{AddrRanges, Family, Pod, Protocol, Selector};
 
@@ -45,9 +46,12 @@ pub(crate) enum Owners {
         namespace: String,
         selector: Selector,
     },
-    /// Pods the caller lists (a ClusterNetworkPolicy's local subjects). Such a set changes only
-    /// with its policy's selection, which recompiles the policy, so the recipe is not kept.
-    Given,
+    /// The pods of this node a ClusterNetworkPolicy's subject holds (its ingress rules only
+    /// ever decide traffic to them, so remote subjects would be dead elements).
+    LocalSubjects {
+        namespaces: Selector,
+        pods: Selector,
+    },
 }
 
 /// The name of a peer group's set of one family (`wide`: its interval set).
@@ -70,17 +74,6 @@ impl Recipe {
         match self {
             Recipe::Peers { key, .. } | Recipe::Named { key, .. } => key,
         }
-    }
-
-    /// Whether the recipe is worth keeping: it can be rebuilt without its policy.
-    pub(crate) fn kept(&self) -> bool {
-        !matches!(
-            self,
-            Recipe::Named {
-                owners: Owners::Given,
-                ..
-            }
-        )
     }
 
     /// Can `pod` (one version of it) change what this recipe builds?
@@ -117,15 +110,17 @@ impl Recipe {
                             namespace,
                             selector,
                         } => *pod.namespace == **namespace && selector.matches(&pod.labels),
-                        Owners::Given => false,
+                        Owners::LocalSubjects { namespaces, pods } => {
+                            pod.host_iface.is_some()
+                                && subject_holds(ns_labels, namespaces, pods, pod)
+                        }
                     }
             }
         }
     }
 
-    /// Builds the recipe's sets into `ctx.sets` (`given`: the owners of `Owners::Given`).
-    /// Returns the names built, by family.
-    pub(crate) fn build(&self, ctx: &mut Ctx, given: &[&Pod]) -> BTreeMap<Family, Vec<String>> {
+    /// Builds the recipe's sets into `ctx.sets`. Returns the names built, by family.
+    pub(crate) fn build(&self, ctx: &mut Ctx) -> BTreeMap<Family, Vec<String>> {
         match self {
             Recipe::Peers {
                 key,
@@ -140,7 +135,9 @@ impl Recipe {
                 pod_network_only,
             } => {
                 let owners: Vec<&Pod> = match owners {
-                    Owners::Given => given.to_vec(),
+                    Owners::LocalSubjects { namespaces, pods } => {
+                        local_subjects(ctx.index, ctx.ns_labels, namespaces, pods)
+                    }
                     Owners::Selected {
                         namespace,
                         selector,

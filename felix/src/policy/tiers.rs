@@ -16,12 +16,12 @@
 
 use super::cnp::{ClusterPeer, ClusterPolicy, ClusterPort, ClusterRule, RuleAction, Tier};
 use super::compile::{
-    compile_group, dir_index, fit_comment, short_hash, Ctx, GroupSource, NsLabels, RuleGroup,
-    DIRECTIONS,
+    compile_group, dir_index, fit_comment, short_hash, Ctx, GroupSource, NsLabels, PodIndex,
+    RuleGroup, DIRECTIONS,
 };
 use super::recipe::Owners;
 use super::validate::{Direction, PeerSpec, PolicyRule, PortSpec};
-use super::{Action, AddrRanges, Chain, Cluster, Family, Match, NftRule, Pod, Protocol};
+use super::{Action, AddrRanges, Chain, Cluster, Family, Match, NftRule, Pod, Protocol, Selector};
 
 /// A validated ClusterNetworkPolicy and the names derived from it, computed once.
 #[derive(Debug)]
@@ -94,11 +94,37 @@ pub fn cluster_rule_comment(
 
 /// Does the policy's subject hold `pod`? (Its namespace's labels are in `ns_labels`.)
 pub(crate) fn cluster_selects(ns_labels: &NsLabels, policy: &ClusterPolicy, pod: &Pod) -> bool {
+    subject_holds(ns_labels, &policy.namespaces, &policy.pods, pod)
+}
+
+/// Does a subject (pods matching `pods` in namespaces matching `namespaces`) hold `pod`?
+pub(crate) fn subject_holds(
+    ns_labels: &NsLabels,
+    namespaces: &Selector,
+    pods: &Selector,
+    pod: &Pod,
+) -> bool {
     !pod.host_network
-        && policy.pods.matches(&pod.labels)
+        && pods.matches(&pod.labels)
         && ns_labels
             .get(&*pod.namespace)
-            .is_some_and(|labels| policy.namespaces.matches(labels))
+            .is_some_and(|labels| namespaces.matches(labels))
+}
+
+/// The pods of this node a subject holds, namespace by namespace.
+pub(crate) fn local_subjects<'a>(
+    index: &PodIndex<'a>,
+    ns_labels: &NsLabels,
+    namespaces: &Selector,
+    pods: &Selector,
+) -> Vec<&'a Pod> {
+    index
+        .namespaces()
+        .filter(|ns| ns_labels.get(*ns).is_some_and(|l| namespaces.matches(l)))
+        .flat_map(|ns| index.in_namespace(ns))
+        .map(|&(_, pod)| pod)
+        .filter(|pod| pod.host_iface.is_some() && subject_holds(ns_labels, namespaces, pods, pod))
+        .collect()
 }
 
 /// The addresses of the nodes a selector names.
@@ -193,12 +219,8 @@ fn as_policy_rule(cluster: &Cluster, rule: &ClusterRule) -> Option<PolicyRule> {
     })
 }
 
-/// One cluster policy's chains, given the local pods it selects.
-pub(crate) fn compile_cluster_policy(
-    ctx: &mut Ctx,
-    named: &CNamed,
-    selected: &[&Pod],
-) -> Vec<(String, Chain)> {
+/// One cluster policy's chains (for a node where it selects some pod).
+pub(crate) fn compile_cluster_policy(ctx: &mut Ctx, named: &CNamed) -> Vec<(String, Chain)> {
     let policy = &named.policy;
     let selected_key = format!("cnp{:?}{:?}", policy.namespaces, policy.pods);
     let mut chains = Vec::new();
@@ -221,13 +243,16 @@ pub(crate) fn compile_cluster_policy(
                     RuleAction::Pass => Action::Pass,
                 },
                 pod_network_only: true,
-                owners: Owners::Given,
+                owners: Owners::LocalSubjects {
+                    namespaces: policy.namespaces.clone(),
+                    pods: policy.pods.clone(),
+                },
             };
             let group = RuleGroup {
                 indices: vec![rule.index],
                 rules: vec![&converted],
             };
-            compile_group(ctx, &src, direction, &group, selected, &mut chain.rules);
+            compile_group(ctx, &src, direction, &group, &mut chain.rules);
         }
         chains.push((named.chain[dir_index(direction)].clone(), chain));
     }

@@ -329,6 +329,14 @@ fn control_plane(a: &Args, cnps: usize) -> Result<ControlPlane> {
         let t = Instant::now();
         let diff = render_diff_in(&last, rs, &Scope::touched(touched), &Options::default());
         let diff_ms = t.elapsed().as_secs_f64() * 1000.0;
+        if let Ok(path) = std::env::var("SEPAL_BENCH_DUMP_DIFFS") {
+            use std::io::Write;
+            let mut f = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)?;
+            writeln!(f, "# --- change (cluster policies: {cnps})\n{diff}")?;
+        }
         let change = Change {
             wall,
             compile,
