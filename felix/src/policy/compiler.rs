@@ -196,7 +196,8 @@ impl Compiler {
         let mut affected: BTreeSet<Key> = BTreeSet::new();
         let mut affected_cluster: BTreeSet<String> = BTreeSet::new();
         let mut dirty: BTreeSet<String> = BTreeSet::new();
-        // Unchanged policies selecting a local pod that changed: whom they select here changes.
+        // Policies selecting a local pod that changed (before or after): whom they select here
+        // changes, and their chains only if they gain their first local pod or lose their last.
         let mut retarget: BTreeSet<Key> = BTreeSet::new();
         let mut retarget_cluster: BTreeSet<String> = BTreeSet::new();
         // Pod-dependent sets to patch for policies that are not rebuilt themselves, and the pods
@@ -292,29 +293,17 @@ impl Compiler {
         // change (its pod-dependent sets were patched above).
         let index = PodIndex::new(cluster);
         for key in &retarget {
-            if affected.contains(key) {
-                continue;
-            }
-            let Some(n) = named.get(key) else { continue };
-            let ifaces = local_ifaces(&index, &n.policy);
-            match state.policies.get_mut(key) {
-                Some(part) if part.ifaces.is_empty() == ifaces.is_empty() => part.ifaces = ifaces,
-                _ => {
+            if let (false, Some(n)) = (affected.contains(key), named.get(key)) {
+                let ifaces = local_ifaces(&index, &n.policy);
+                if !retargeted(state.policies.get_mut(key), ifaces) {
                     affected.insert(key.clone());
                 }
             }
         }
         for name in &retarget_cluster {
-            if affected_cluster.contains(name) {
-                continue;
-            }
-            let Some(n) = cnamed.get(name.as_str()) else {
-                continue;
-            };
-            let ifaces = cluster_local_ifaces(&index, &ns_labels, &n.policy);
-            match state.cluster_parts.get_mut(name) {
-                Some(part) if part.ifaces.is_empty() == ifaces.is_empty() => part.ifaces = ifaces,
-                _ => {
+            if let (false, Some(n)) = (affected_cluster.contains(name), cnamed.get(name.as_str())) {
+                let ifaces = cluster_local_ifaces(&index, &ns_labels, &n.policy);
+                if !retargeted(state.cluster_parts.get_mut(name), ifaces) {
                     affected_cluster.insert(name.clone());
                 }
             }
@@ -563,6 +552,19 @@ impl<'n> TierLists<'n> {
             .filter(|n| n.applies(direction))
             .copied()
             .collect()
+    }
+}
+
+/// Points an unchanged policy's part at the local pods it selects now (`ifaces`). False when
+/// its chains must be built instead: it has no part yet, or it gained its first local pod or
+/// lost its last.
+fn retargeted(part: Option<&mut PolicyPart>, ifaces: Vec<String>) -> bool {
+    match part {
+        Some(part) if part.ifaces.is_empty() == ifaces.is_empty() => {
+            part.ifaces = ifaces;
+            true
+        }
+        _ => false,
     }
 }
 

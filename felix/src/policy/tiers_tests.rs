@@ -347,3 +347,53 @@ spec:
     }
     assert_ne!(xa, &rs.local_dispatch["sepyb"]);
 }
+
+#[test]
+fn a_new_pod_leaves_the_chains_of_the_policies_selecting_it() {
+    let cnp = r#"
+metadata: {name: web}
+spec:
+  tier: Admin
+  priority: 1
+  subject: {namespaces: {matchLabels: {team: blue}}}
+  ingress:
+  - {action: Accept, from: [{namespaces: {}}], protocols: [{destinationNamedPort: web}]}
+"#;
+    let np = "metadata: {name: a, namespace: x}\nspec:\n  podSelector: {matchLabels: {pod: a}}\n  ingress: [{from: [{podSelector: {}}]}]\n";
+    let mut c = with_cnps(&[np], &[cnp]);
+    let mut compiler = Compiler::default();
+    compiler.update(&c);
+    // A second pod like x/a, on this node, with a port the cluster policy names.
+    c.pods.push(Arc::new(Pod {
+        namespace: "x".into(),
+        name: "a2".into(),
+        labels: Arc::new([("pod".to_string(), "a".to_string())].into()),
+        ips: vec!["10.244.2.1".parse().unwrap()],
+        host_iface: Some("sepxa2".into()),
+        ports: vec![NamedPort {
+            name: "web".into(),
+            protocol: Protocol::Tcp,
+            port: 8080,
+        }]
+        .into(),
+        host_network: false,
+    }));
+    let (rs, touched) = compiler.update(&c);
+    // The policies' own chains (`pi-`, `ai-`, ...) are left as they were.
+    let policy_chain = |name: &&String| {
+        ["pi-", "pe-", "ai-", "ae-", "bi-", "be-"]
+            .iter()
+            .any(|p| name.starts_with(p))
+    };
+    let rebuilt: Vec<&String> = touched.chains.iter().filter(policy_chain).collect();
+    assert!(rebuilt.is_empty(), "{rebuilt:?}");
+    assert!(touched.ifaces.contains("sepxa2"));
+    // The cluster policy's named-port set of its local subjects was patched instead.
+    let named: Vec<&String> = touched
+        .sets
+        .iter()
+        .filter(|s| rs.sets[*s].elements.contains("10.244.2.1 . tcp . 8080"))
+        .collect();
+    assert_eq!(named.len(), 1, "{:?}", touched.sets);
+    assert_eq!(rs, &compile(&c));
+}
