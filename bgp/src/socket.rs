@@ -61,21 +61,68 @@ pub fn set_md5(fd: RawFd, peer: IpAddr, key: &[u8]) -> io::Result<()> {
     setsockopt(fd, libc::IPPROTO_TCP, libc::TCP_MD5SIG, &sig)
 }
 
-/// Sends with TTL/hop limit 255 and, when `min_ttl` is set, drops packets arriving with less (GTSM).
+/// Sends with TTL/hop limit 255 and drops segments arriving with less than `256 - hops` (GTSM).
 pub fn set_ttl_security(fd: RawFd, v6: bool, hops: u8) -> io::Result<()> {
-    let min = 256 - (hops.max(1) as libc::c_int);
-    if v6 {
-        setsockopt(
+    set_gtsm(fd, v6, Gtsm::Hops(hops))
+}
+
+/// What a socket does about GTSM (RFC 5082).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Gtsm {
+    /// The kernel's default TTL, no minimum: a socket with no GTSM peer.
+    Off,
+    /// TTL 255 out, no minimum in: a listener shared by GTSM and other peers, whose SYN-ACKs
+    /// must reach a GTSM peer (which drops anything below its own minimum) while still
+    /// accepting the others; each accepted socket then gets its own peer's setting.
+    Send,
+    /// TTL 255 out, at least `256 - hops` in.
+    Hops(u8),
+}
+
+/// Applies `g` to a TCP socket. An IPv6 socket carries IPv4-mapped peers too, so it gets the
+/// IPv4 options as well (best effort: a v6-only socket may refuse them).
+pub fn set_gtsm(fd: RawFd, v6: bool, g: Gtsm) -> io::Result<()> {
+    // -1 restores the kernel's default TTL / hop limit; a minimum of 0 turns the check off.
+    let (ttl, min): (libc::c_int, libc::c_int) = match g {
+        Gtsm::Off => (-1, 0),
+        Gtsm::Send => (255, 0),
+        Gtsm::Hops(h) => (255, 256 - h.max(1) as libc::c_int),
+    };
+    let v4 = setsockopt(fd, libc::IPPROTO_IP, libc::IP_TTL, &ttl)
+        .and_then(|()| setsockopt(fd, libc::IPPROTO_IP, libc::IP_MINTTL, &min));
+    if !v6 {
+        return v4;
+    }
+    setsockopt(fd, libc::IPPROTO_IPV6, libc::IPV6_UNICAST_HOPS, &ttl)?;
+    // IPV6_MINHOPCOUNT (73) is missing from some libc versions.
+    setsockopt(fd, libc::IPPROTO_IPV6, 73, &min)
+}
+
+/// Reads back a socket's IPv4 TTL and minimum TTL (for tests and status).
+pub fn ttl_and_min_ttl(fd: RawFd) -> io::Result<(i32, i32)> {
+    Ok((
+        getsockopt(fd, libc::IPPROTO_IP, libc::IP_TTL)?,
+        getsockopt(fd, libc::IPPROTO_IP, libc::IP_MINTTL)?,
+    ))
+}
+
+fn getsockopt(fd: RawFd, level: libc::c_int, name: libc::c_int) -> io::Result<libc::c_int> {
+    let mut v: libc::c_int = 0;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: `v` and `len` are live and sized for an int option; the kernel writes at most `len`.
+    let rc = unsafe {
+        libc::getsockopt(
             fd,
-            libc::IPPROTO_IPV6,
-            libc::IPV6_UNICAST_HOPS,
-            &255 as &libc::c_int,
-        )?;
-        // IPV6_MINHOPCOUNT (73) is missing from some libc versions.
-        setsockopt(fd, libc::IPPROTO_IPV6, 73, &min)
+            level,
+            name,
+            &mut v as *mut libc::c_int as *mut libc::c_void,
+            &mut len,
+        )
+    };
+    if rc == 0 {
+        Ok(v)
     } else {
-        setsockopt(fd, libc::IPPROTO_IP, libc::IP_TTL, &255 as &libc::c_int)?;
-        setsockopt(fd, libc::IPPROTO_IP, libc::IP_MINTTL, &min)
+        Err(io::Error::last_os_error())
     }
 }
 
@@ -114,5 +161,22 @@ mod tests {
         set_md5(l.as_raw_fd(), "127.0.0.2".parse().unwrap(), b"").unwrap();
         assert!(set_md5(l.as_raw_fd(), "127.0.0.2".parse().unwrap(), &[0; 81]).is_err());
         set_ttl_security(l.as_raw_fd(), false, 1).unwrap();
+    }
+
+    #[test]
+    fn gtsm_settings_read_back() {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let fd = l.as_raw_fd();
+        let (default_ttl, _) = ttl_and_min_ttl(fd).unwrap();
+        set_gtsm(fd, false, Gtsm::Hops(2)).unwrap();
+        assert_eq!(ttl_and_min_ttl(fd).unwrap(), (255, 254));
+        set_gtsm(fd, false, Gtsm::Send).unwrap();
+        assert_eq!(ttl_and_min_ttl(fd).unwrap(), (255, 0));
+        set_gtsm(fd, false, Gtsm::Off).unwrap();
+        assert_eq!(ttl_and_min_ttl(fd).unwrap(), (default_ttl, 0));
+
+        let l6 = std::net::TcpListener::bind("[::1]:0").unwrap();
+        set_gtsm(l6.as_raw_fd(), true, Gtsm::Hops(1)).unwrap();
+        assert_eq!(ttl_and_min_ttl(l6.as_raw_fd()).unwrap(), (255, 255));
     }
 }

@@ -457,6 +457,29 @@ struct Core {
     tasks: Vec<JoinHandle<()>>,
 }
 
+/// A listener's GTSM for the `ttl_security` of the peers it may accept. The kernel checks the
+/// minimum TTL before it knows which peer a SYN is for, so the listener filters only when every
+/// peer uses GTSM (at the loosest of their hop counts); with a mix it only sends TTL 255, and each
+/// accepted GTSM socket filters on its own (a distant host can then finish a handshake, but
+/// nothing it sends after reaches the session).
+fn listener_gtsm(peers: impl Iterator<Item = Option<u8>>) -> socket::Gtsm {
+    let (mut any, mut all, mut widest) = (false, true, 0u8);
+    for hops in peers {
+        match hops {
+            Some(h) => {
+                any = true;
+                widest = widest.max(h.max(1));
+            }
+            None => all = false,
+        }
+    }
+    match (any, all) {
+        (false, _) => socket::Gtsm::Off,
+        (true, true) => socket::Gtsm::Hops(widest),
+        (true, false) => socket::Gtsm::Send,
+    }
+}
+
 fn unmap(a: IpAddr) -> IpAddr {
     match a {
         IpAddr::V6(v) => v.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(a),
@@ -567,6 +590,22 @@ impl Core {
                 if !key.is_empty() {
                     tracing::warn!(peer = %addr, error = %e, "setting TCP MD5 key on listener");
                 }
+            }
+        }
+    }
+
+    /// Sets each listener's GTSM for the peers it may accept (RFC 5082 §3: the SYN-ACK to a
+    /// GTSM peer must leave with TTL 255, or the peer drops it).
+    fn set_listener_gtsm(&self) {
+        for (fd, v4) in &self.listeners {
+            let hops = self
+                .peers
+                .values()
+                .filter(|p| !*v4 || p.cfg.address.is_ipv4())
+                .map(|p| p.cfg.ttl_security);
+            let g = listener_gtsm(hops);
+            if let Err(e) = socket::set_gtsm(*fd, !*v4, g) {
+                tracing::warn!(error = %e, setting = ?g, "setting GTSM on listener");
             }
         }
     }
@@ -717,6 +756,7 @@ impl Core {
                 prefix_limited: false,
             },
         );
+        self.set_listener_gtsm();
         self.session_event(addr, Event::Start);
     }
 
@@ -725,6 +765,7 @@ impl Core {
             if p.cfg.password.is_some() {
                 self.set_listener_md5(a, b"");
             }
+            self.set_listener_gtsm();
         }
         for ch in self.rib.remove_source(Source::Peer(a)) {
             self.changed(ch);
@@ -1031,11 +1072,15 @@ impl Core {
         let id = self.next_id;
         self.next_id += 1;
         let _ = stream.set_nodelay(true);
-        if let Some(hops) = self.peers.get(&peer).and_then(|p| p.cfg.ttl_security) {
-            let v6 = stream.local_addr().map(|a| a.is_ipv6()).unwrap_or(false);
-            if let Err(e) = socket::set_ttl_security(stream.as_raw_fd(), v6, hops) {
-                tracing::warn!(%peer, error = %e, "GTSM");
-            }
+        // An accepted socket inherits its listener's setting, which serves every peer at once;
+        // from here on it serves one, so it takes that peer's own.
+        let gtsm = match self.peers.get(&peer).and_then(|p| p.cfg.ttl_security) {
+            Some(hops) => socket::Gtsm::Hops(hops),
+            None => socket::Gtsm::Off,
+        };
+        let v6 = stream.local_addr().map(|a| a.is_ipv6()).unwrap_or(false);
+        if let Err(e) = socket::set_gtsm(stream.as_raw_fd(), v6, gtsm) {
+            tracing::warn!(%peer, error = %e, "GTSM");
         }
         let local = stream
             .local_addr()

@@ -328,3 +328,99 @@ async fn stricter_import_policy_drops_refused_routes_without_route_refresh() {
     b.shutdown().await.unwrap();
     bare.await.unwrap();
 }
+
+/// Waits until `s` reports its session with `peer` Established.
+async fn established(s: &Speaker, peer: IpAddr) {
+    tokio::time::timeout(Duration::from_secs(20), async {
+        loop {
+            let up = s
+                .peers()
+                .await
+                .unwrap()
+                .iter()
+                .any(|p| p.address == peer && p.state == sepal_bgp::fsm::State::Established);
+            if up {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("no session with {peer}"));
+}
+
+/// Opens a TCP connection from `src` whose packets leave with `ttl` (loopback keeps it as sent,
+/// so this stands in for a peer `255 - ttl` hops away). `None` if the handshake never completes.
+async fn connect_with_ttl(src: IpAddr, dst: SocketAddr, ttl: i32) -> Option<tokio::net::TcpStream> {
+    use std::os::fd::AsRawFd;
+    let sock = tokio::net::TcpSocket::new_v4().unwrap();
+    // SAFETY: setsockopt on a socket this function owns, with an int of the size passed.
+    let rc = unsafe {
+        libc::setsockopt(
+            sock.as_raw_fd(),
+            libc::IPPROTO_IP,
+            libc::IP_TTL,
+            &ttl as *const i32 as *const libc::c_void,
+            std::mem::size_of::<i32>() as libc::socklen_t,
+        )
+    };
+    assert_eq!(rc, 0);
+    sock.bind(SocketAddr::new(src, 0)).unwrap();
+    tokio::time::timeout(Duration::from_secs(2), sock.connect(dst))
+        .await
+        .ok()
+        .map(|r| r.unwrap())
+}
+
+/// GTSM (RFC 5082) on the passive side. A peer with `ttl_security` drops every segment below
+/// TTL 255, the SYN-ACK included, so the listener must send with 255: the GTSM session here
+/// comes up only through A's listener. While every peer of A uses GTSM, the listener also drops
+/// a SYN that arrives with less; once a peer without GTSM is added, that peer is accepted (and
+/// the GTSM session stays up).
+#[tokio::test]
+async fn gtsm_on_the_listening_side() {
+    let port = free_port();
+    let a_addr: IpAddr = "127.0.0.1".parse().unwrap();
+    let (b_addr, c_addr): (IpAddr, IpAddr) =
+        ("127.0.0.2".parse().unwrap(), "127.0.0.3".parse().unwrap());
+    let listen = SocketAddr::new(a_addr, port);
+    let (a, _arx) = Speaker::start(speaker_config(65001, 21, vec![listen]))
+        .await
+        .unwrap();
+    let (b, _brx) = Speaker::start(speaker_config(65002, 22, vec![]))
+        .await
+        .unwrap();
+    let mut pa = PeerConfig::new(b_addr, 65002);
+    pa.passive = true;
+    pa.ttl_security = Some(1);
+    a.add_peer(pa).unwrap();
+    let mut pb = PeerConfig::new(a_addr, 65001);
+    pb.port = port;
+    pb.source = Some(b_addr);
+    pb.connect_retry = Duration::from_secs(1);
+    pb.ttl_security = Some(1);
+    b.add_peer(pb).unwrap();
+    established(&a, b_addr).await;
+
+    assert!(
+        connect_with_ttl(c_addr, listen, 200).await.is_none(),
+        "a SYN with TTL 200 got an answer from a listener whose peers all use GTSM"
+    );
+
+    let mut pc = PeerConfig::new(c_addr, 65003);
+    pc.passive = true;
+    a.add_peer(pc).unwrap();
+    let (c, _crx) = Speaker::start(speaker_config(65003, 23, vec![]))
+        .await
+        .unwrap();
+    let mut pca = PeerConfig::new(a_addr, 65001);
+    pca.port = port;
+    pca.source = Some(c_addr);
+    pca.connect_retry = Duration::from_secs(1);
+    c.add_peer(pca).unwrap();
+    established(&a, c_addr).await;
+    established(&a, b_addr).await;
+    for s in [a, b, c] {
+        s.shutdown().await.unwrap();
+    }
+}
