@@ -207,7 +207,11 @@ pub struct BGPPeerSpec {
     pub hold_time: Option<String>,
     /// Which learned routes are installed; by default all but a default route.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub import_policy: Option<ImportPolicySpec>,
+    pub import_policy: Option<RoutePolicySpec>,
+    /// Which routes this peer is sent, on top of the leak guards (an eBGP peer of a node that is
+    /// not a route reflector gets only the node's own announcements); by default all of them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub export_policy: Option<RoutePolicySpec>,
 }
 
 /// A label selector (the shape of Kubernetes' LabelSelector).
@@ -283,17 +287,17 @@ impl SecretKeyRef {
     }
 }
 
-/// Import policy as written: `action: Accept|Reject|AllowList`, `cidrs` for AllowList.
+/// Import or export policy as written: `action: Accept|Reject|AllowList`, `cidrs` for AllowList.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
-pub struct ImportPolicySpec {
-    pub action: ImportAction,
-    /// With AllowList: learned prefixes inside one of these are accepted.
+pub struct RoutePolicySpec {
+    pub action: RouteAction,
+    /// With AllowList: prefixes inside one of these pass.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub cidrs: Vec<String>,
 }
 
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
-pub enum ImportAction {
+pub enum RouteAction {
     Accept,
     Reject,
     AllowList,
@@ -553,9 +557,9 @@ impl BGPConfigurationSpec {
     }
 }
 
-/// Which learned routes a peer may install.
+/// Which routes pass a peer's import or export policy.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub enum ImportPolicy {
+pub enum RoutePolicy {
     /// Everything except a default route.
     Accept,
     Reject,
@@ -579,7 +583,9 @@ pub struct BgpPeer {
     pub passive: bool,
     pub keepalive_time: Option<Duration>,
     pub hold_time: Option<Duration>,
-    pub import_policy: ImportPolicy,
+    pub import_policy: RoutePolicy,
+    /// None: no policy of its own (the leak guards alone decide).
+    pub export_policy: Option<RoutePolicy>,
 }
 
 impl BgpPeer {
@@ -618,19 +624,14 @@ impl BGPPeerSpec {
             return Err(field_err("spec.ttlSecurity", "0", "a hop count (1..255)"));
         }
         let import_policy = match &self.import_policy {
-            None => ImportPolicy::Accept,
-            Some(p) => match p.action {
-                ImportAction::Accept => ImportPolicy::Accept,
-                ImportAction::Reject => ImportPolicy::Reject,
-                ImportAction::AllowList => ImportPolicy::Allow(
-                    p.cidrs
-                        .iter()
-                        .enumerate()
-                        .map(|(i, c)| cidr(&format!("spec.importPolicy.cidrs[{i}]"), c))
-                        .collect::<Result<_, _>>()?,
-                ),
-            },
+            None => RoutePolicy::Accept,
+            Some(p) => p.validate("spec.importPolicy")?,
         };
+        let export_policy = self
+            .export_policy
+            .as_ref()
+            .map(|p| p.validate("spec.exportPolicy"))
+            .transpose()?;
         Ok(BgpPeer {
             name: name.to_string(),
             peer_ip: ip("spec.peerIP", &self.peer_ip)?,
@@ -650,6 +651,23 @@ impl BGPPeerSpec {
             keepalive_time: duration_field("spec.keepaliveTime", &self.keepalive_time)?,
             hold_time: duration_field("spec.holdTime", &self.hold_time)?,
             import_policy,
+            export_policy,
+        })
+    }
+}
+
+impl RoutePolicySpec {
+    fn validate(&self, field: &str) -> Result<RoutePolicy, CrdError> {
+        Ok(match self.action {
+            RouteAction::Accept => RoutePolicy::Accept,
+            RouteAction::Reject => RoutePolicy::Reject,
+            RouteAction::AllowList => RoutePolicy::Allow(
+                self.cidrs
+                    .iter()
+                    .enumerate()
+                    .map(|(i, c)| cidr(&format!("{field}.cidrs[{i}]"), c))
+                    .collect::<Result<_, _>>()?,
+            ),
         })
     }
 }
@@ -929,7 +947,7 @@ mod tests {
         );
         assert_eq!(
             peer.import_policy,
-            ImportPolicy::Allow(vec!["0.0.0.0/0".parse().unwrap()])
+            RoutePolicy::Allow(vec!["0.0.0.0/0".parse().unwrap()])
         );
         let labels = |kv: &[(&str, &str)]| {
             kv.iter()

@@ -576,6 +576,13 @@ pub fn export(
         a.local_pref = None;
         a.originator_id = None;
         a.cluster_list.clear();
+        if !a.carried.is_empty() {
+            a.carried = a
+                .carried
+                .iter()
+                .filter_map(crate::wire::CarriedAttr::across_as_boundary)
+                .collect();
+        }
         if best.peer.is_some() {
             a.med = None;
         }
@@ -875,6 +882,33 @@ mod tests {
         // An IPv4 route keeps next-hop-self towards eBGP.
         let (_, nh) = export(&ctx(), &ebgp, &net4([10, 1, 0, 0], 24), &own("10.9.9.9")).unwrap();
         assert_eq!(nh, IpAddr::from([10, 0, 0, 9]));
+    }
+
+    #[test]
+    fn reflection_keeps_communities_and_carried_attributes_ebgp_loses_local_ones() {
+        let n = net4([192, 0, 2, 0], 24);
+        let ib = peer([10, 0, 0, 1], 65000, true);
+        let carried = |code, value: &[u8]| crate::wire::CarriedAttr {
+            code,
+            partial: code != crate::wire::EXTENDED_COMMUNITIES,
+            value: value.into(),
+        };
+        // One transitive extended community (route target) and one non-transitive (0x43).
+        let ext = [0, 2, 0xfd, 0xe9, 0, 0, 0, 100, 0x43, 0x0b, 0, 0, 0, 0, 0, 1];
+        let p = path(&ib, |x| {
+            x.large_communities = vec![(65000, 1, 2)];
+            x.carried = vec![carried(16, &ext), carried(240, &[1, 2, 3])];
+        });
+        let (a, _) = export(&ctx(), &target([10, 0, 0, 2], 65000, true, true), &n, &p).unwrap();
+        assert_eq!(a.large_communities, p.attrs.large_communities);
+        assert_eq!(a.carried, p.attrs.carried, "reflected as received");
+        let (a, _) = export(&ctx(), &target([10, 0, 1, 1], 65100, false, false), &n, &p).unwrap();
+        assert_eq!(a.large_communities, p.attrs.large_communities);
+        assert_eq!(
+            a.carried,
+            vec![carried(16, &ext[..8]), carried(240, &[1, 2, 3])],
+            "the non-transitive extended community stays in the AS"
+        );
     }
 
     #[test]

@@ -165,6 +165,8 @@ pub struct LocalRoute {
     /// None: the session's own address (next-hop-self).
     pub next_hop: Option<IpAddr>,
     pub communities: Vec<u32>,
+    /// RFC 8092 large communities.
+    pub large_communities: Vec<(u32, u32, u32)>,
     pub local_pref: Option<u32>,
     pub med: Option<u32>,
 }
@@ -672,6 +674,7 @@ impl Core {
             Cmd::Announce(prefix, r) => {
                 let attrs = Attrs {
                     communities: r.communities,
+                    large_communities: r.large_communities,
                     local_pref: r.local_pref,
                     med: r.med,
                     ..Default::default()

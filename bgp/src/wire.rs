@@ -10,7 +10,7 @@ use netgauze_bgp_pkt::capabilities::{
     FourOctetAsCapability, GracefulRestartAddressFamily, GracefulRestartCapability,
     MultiProtocolExtensionsCapability,
 };
-use netgauze_bgp_pkt::community::Community;
+use netgauze_bgp_pkt::community::{Community, LargeCommunity};
 use netgauze_bgp_pkt::nlri::{Ipv4Unicast, Ipv4UnicastAddress, Ipv6Unicast, Ipv6UnicastAddress};
 use netgauze_bgp_pkt::notification::{
     BgpNotificationMessage, CeaseError, FiniteStateMachineError, HoldTimerExpiredError,
@@ -19,8 +19,8 @@ use netgauze_bgp_pkt::notification::{
 use netgauze_bgp_pkt::open::{BgpOpenMessage, BgpOpenMessageParameter};
 use netgauze_bgp_pkt::path_attribute::{
     As2PathSegment, As4PathSegment, AsPath, AsPathSegmentType, ClusterId, ClusterList, Communities,
-    LocalPreference, MpReach, MpUnreach, MultiExitDiscriminator, NextHop, Origin, Originator,
-    PathAttribute, PathAttributeValue,
+    LargeCommunities, LocalPreference, MpReach, MpUnreach, MultiExitDiscriminator, NextHop, Origin,
+    Originator, PathAttribute, PathAttributeValue, UnknownAttribute,
 };
 use netgauze_bgp_pkt::update::BgpUpdateMessage;
 use netgauze_bgp_pkt::wire::deserializer::path_attribute::PathAttributeParsingError;
@@ -188,6 +188,57 @@ pub struct Attrs {
     pub originator_id: Option<Ipv4Addr>,
     pub cluster_list: Vec<Ipv4Addr>,
     pub atomic_aggregate: bool,
+    /// RFC 8092 large communities: (global administrator, local data 1, local data 2).
+    pub large_communities: Vec<(u32, u32, u32)>,
+    /// Optional transitive attributes carried on as received (extended communities, and those
+    /// Sepal does not know), in the order they came.
+    pub carried: Vec<CarriedAttr>,
+}
+
+/// An optional transitive path attribute Sepal passes on without interpreting it (RFC 4271 §5).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, serde::Serialize)]
+pub struct CarriedAttr {
+    pub code: u8,
+    /// Set on every attribute Sepal does not recognize (RFC 4271 §5: "the Partial bit ... is
+    /// set to 1"), kept as received on those it does (extended communities).
+    pub partial: bool,
+    #[serde(serialize_with = "hex")]
+    pub value: Box<[u8]>,
+}
+
+/// Extended communities (RFC 4360) and IPv6 address specific ones (RFC 5701): carried, not read.
+pub const EXTENDED_COMMUNITIES: u8 = 16;
+pub const IPV6_EXTENDED_COMMUNITIES: u8 = 25;
+
+fn hex<S: serde::Serializer>(v: &[u8], s: S) -> Result<S::Ok, S::Error> {
+    s.collect_str(&format_args!(
+        "{}",
+        v.iter().map(|b| format!("{b:02x}")).collect::<String>()
+    ))
+}
+
+impl CarriedAttr {
+    /// The attribute as sent across an AS boundary: extended communities lose their
+    /// non-transitive members (RFC 4360 §6, RFC 5701 §2), the attribute goes when none is left.
+    pub fn across_as_boundary(&self) -> Option<CarriedAttr> {
+        let size = match self.code {
+            EXTENDED_COMMUNITIES => 8,
+            IPV6_EXTENDED_COMMUNITIES => 20,
+            _ => return Some(self.clone()),
+        };
+        // The type's high octet: bit 0x40 set means non-transitive.
+        let kept: Vec<u8> = self
+            .value
+            .chunks(size)
+            .filter(|c| c.len() == size && c[0] & 0x40 == 0)
+            .flatten()
+            .copied()
+            .collect();
+        (!kept.is_empty()).then(|| CarriedAttr {
+            value: kept.into(),
+            ..self.clone()
+        })
+    }
 }
 
 impl Default for Attrs {
@@ -201,6 +252,8 @@ impl Default for Attrs {
             originator_id: None,
             cluster_list: Vec::new(),
             atomic_aggregate: false,
+            large_communities: Vec::new(),
+            carried: Vec::new(),
         }
     }
 }
@@ -564,6 +617,22 @@ fn decode_update(frame: &[u8], ctx: DecodeCtx) -> Result<Update, Notification> {
             PathAttributeValue::Communities(c) => {
                 attrs.communities = c.communities().iter().map(|c| c.value()).collect()
             }
+            PathAttributeValue::LargeCommunities(c) => {
+                attrs.large_communities = c
+                    .communities()
+                    .iter()
+                    .map(|c| (c.global_admin(), c.local_data1(), c.local_data2()))
+                    .collect()
+            }
+            PathAttributeValue::ExtendedCommunities(_)
+            | PathAttributeValue::ExtendedCommunitiesIpv6(_)
+            | PathAttributeValue::OnlyToCustomer(_)
+            | PathAttributeValue::PrefixSegmentIdentifier(_)
+            | PathAttributeValue::UnknownAttribute(_)
+                if pa.optional() && pa.transitive() =>
+            {
+                attrs.carried.extend(carried(pa));
+            }
             PathAttributeValue::Originator(o) => attrs.originator_id = Some(o.id()),
             PathAttributeValue::ClusterList(c) => {
                 attrs.cluster_list = c.cluster_list().iter().map(|c| c.id()).collect()
@@ -846,6 +915,29 @@ pub struct OutRoutes<'a> {
     pub prefixes: &'a [IpNet],
 }
 
+/// The raw form of an optional transitive attribute to carry on. Besides extended communities,
+/// this takes the attributes Sepal does not act on even where the parser knows them (RFC 9234's
+/// ONLY_TO_CUSTOMER, RFC 8669's prefix SID): for Sepal they are unrecognized, so Partial is set.
+/// AGGREGATOR is not carried: its length depends on the session's AS number size.
+fn carried(pa: &PathAttribute) -> Option<CarriedAttr> {
+    let mut raw = Vec::new();
+    pa.write(&mut raw).ok()?;
+    let flags = *raw.first()?;
+    let code = *raw.get(1)?;
+    let start = if flags & 0x10 != 0 { 4 } else { 3 };
+    let recognized = matches!(code, EXTENDED_COMMUNITIES | IPV6_EXTENDED_COMMUNITIES);
+    Some(CarriedAttr {
+        code,
+        partial: pa.partial() || !recognized,
+        value: raw.get(start..)?.into(),
+    })
+}
+
+/// Orders attributes by type code (RFC 4271 §5: "SHOULD ... in ascending order").
+fn sort_attrs(v: &mut [PathAttribute]) {
+    v.sort_by_key(|a| a.path_attribute_type().map(u8::from).unwrap_or_else(|c| c));
+}
+
 fn attr(optional: bool, transitive: bool, v: PathAttributeValue) -> Option<PathAttribute> {
     PathAttribute::from(optional, transitive, false, false, v).ok()
 }
@@ -915,6 +1007,38 @@ fn base_attrs(a: &Attrs, asn4: bool) -> Vec<PathAttribute> {
                 false,
                 true,
                 PathAttributeValue::Communities(Communities::new(c)),
+            )
+            .ok(),
+        );
+    }
+    if !a.large_communities.is_empty() {
+        let c: Vec<LargeCommunity> = a
+            .large_communities
+            .iter()
+            .map(|&(g, l1, l2)| LargeCommunity::new(g, l1, l2))
+            .collect();
+        v.extend(
+            PathAttribute::from(
+                true,
+                true,
+                false,
+                true,
+                PathAttributeValue::LargeCommunities(LargeCommunities::new(c)),
+            )
+            .ok(),
+        );
+    }
+    for c in &a.carried {
+        v.extend(
+            PathAttribute::from(
+                true,
+                true,
+                c.partial,
+                c.value.len() > 255,
+                PathAttributeValue::UnknownAttribute(UnknownAttribute::new(
+                    c.code,
+                    c.value.clone(),
+                )),
             )
             .ok(),
         );
@@ -995,7 +1119,7 @@ pub fn encode_announce(r: &OutRoutes<'_>, asn4: bool, max: usize) -> Vec<Vec<u8>
                     PathAttributeValue::NextHop(NextHop::new(nh)),
                 ));
             }
-            attrs.sort_by_key(|a| a.path_attribute_type().map(u8::from).unwrap_or(255));
+            sort_attrs(&mut attrs);
             BgpUpdateMessage::new(
                 vec![],
                 attrs,
@@ -1025,6 +1149,7 @@ pub fn encode_announce(r: &OutRoutes<'_>, asn4: bool, max: usize) -> Vec<Vec<u8>
                 PathAttribute::from(true, false, false, true, PathAttributeValue::MpReach(reach))
                     .ok(),
             );
+            sort_attrs(&mut attrs);
             BgpUpdateMessage::new(vec![], attrs, vec![])
         };
         out.push(write_msg(&BgpMessage::Update(msg)));
@@ -1293,6 +1418,78 @@ mod tests {
             };
             assert_eq!(u.end_of_rib, Some(f));
         }
+    }
+
+    /// An UPDATE for 10.1.2.0/24 with the well-known attributes plus `extra` (raw attributes).
+    fn update_with(extra: &[u8]) -> Vec<u8> {
+        let mut attrs = vec![0x40, 1, 1, 0, 0x40, 2, 4, 2, 1, 0xfd, 0xe9];
+        attrs.extend_from_slice(&[0x40, 3, 4, 10, 0, 0, 1]);
+        attrs.extend_from_slice(extra);
+        let mut b = header(2, 4 + attrs.len() + 4);
+        b.extend_from_slice(&[0, 0]);
+        b.extend_from_slice(&(attrs.len() as u16).to_be_bytes());
+        b.extend_from_slice(&attrs);
+        b.extend_from_slice(&[24, 10, 1, 2]);
+        b
+    }
+
+    #[test]
+    fn optional_transitive_attributes_are_carried_and_large_communities_read() {
+        let ext = [0, 2, 0xfd, 0xe9, 0, 0, 0, 100, 0x43, 0x0b, 0, 0, 0, 0, 0, 1];
+        let mut extra = vec![0xc0, 16, 16];
+        extra.extend_from_slice(&ext);
+        // Large community 65001:1:2.
+        extra.extend_from_slice(&[0xc0, 32, 12, 0, 0, 0xfd, 0xe9, 0, 0, 0, 1, 0, 0, 0, 2]);
+        // Unknown optional transitive (240) and optional non-transitive (241).
+        extra.extend_from_slice(&[0xc0, 240, 3, 1, 2, 3, 0x80, 241, 2, 9, 9]);
+        let (Message::Update(u), _) = decode(&update_with(&extra), DecodeCtx::default())
+            .unwrap()
+            .unwrap()
+        else {
+            panic!()
+        };
+        let a = u.attrs.unwrap();
+        assert_eq!(a.large_communities, vec![(65001, 1, 2)]);
+        let codes: Vec<(u8, bool)> = a.carried.iter().map(|c| (c.code, c.partial)).collect();
+        // Extended communities as received; the unknown transitive one marked Partial; the
+        // unknown non-transitive one dropped (RFC 4271 §5).
+        assert_eq!(codes, vec![(16, false), (240, true)]);
+        assert_eq!(&*a.carried[0].value, &ext[..]);
+        assert_eq!(&*a.carried[1].value, &[1, 2, 3][..]);
+
+        // Sent on: the same attributes, 240 with flags optional|transitive|partial, in type order.
+        let msgs = encode_announce(
+            &OutRoutes {
+                attrs: &a,
+                next_hop: "10.0.0.2".parse().unwrap(),
+                next_hop_local: None,
+                prefixes: &[net4([10, 1, 2, 0], 24)],
+            },
+            false,
+            MAX_MESSAGE,
+        );
+        let raw = &msgs[0];
+        assert!(
+            raw.windows(3).any(|w| w == [0xe0, 240, 3]),
+            "no partial attribute 240 in {raw:02x?}"
+        );
+        let (Message::Update(back), _) = decode(raw, DecodeCtx::default()).unwrap().unwrap() else {
+            panic!()
+        };
+        assert_eq!(back.attrs.as_ref(), Some(&a));
+
+        // Across an AS boundary the non-transitive extended community (type 0x43) goes.
+        let out = a.carried[0].across_as_boundary().unwrap();
+        assert_eq!(&*out.value, &ext[..8]);
+        let only_local = CarriedAttr {
+            value: ext[8..].into(),
+            ..a.carried[0].clone()
+        };
+        assert_eq!(only_local.across_as_boundary(), None);
+        assert_eq!(
+            a.carried[1].across_as_boundary().as_ref(),
+            Some(&a.carried[1])
+        );
     }
 
     #[test]

@@ -69,8 +69,8 @@ pub fn peer_config(p: &plan::PeerPlan) -> PeerConfig {
     c.source = p.source;
     let import = p.clone();
     c.import = Some(Arc::new(move |prefix, _| import.imports(prefix)));
-    let export = p.export.clone();
-    c.export = Some(Arc::new(move |prefix, _| export.allows(prefix)));
+    let export = p.clone();
+    c.export = Some(Arc::new(move |prefix, _| export.exports(prefix)));
     c
 }
 
@@ -433,6 +433,7 @@ impl Task {
             let a = &desired.announcements[p];
             let route = LocalRoute {
                 communities: a.communities.clone(),
+                large_communities: a.large_communities.clone(),
                 next_hop: a.next_hop,
                 ..LocalRoute::default()
             };

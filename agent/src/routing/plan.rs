@@ -8,7 +8,7 @@ use std::time::Duration;
 use ipnet::IpNet;
 
 use super::inputs::{to_ipnet, NodeInfo, ServiceInfo};
-use crate::crd::{BgpConfig, BgpPeer, Community, ImportPolicy, SecretKeyRef};
+use crate::crd::{BgpConfig, BgpPeer, Community, RoutePolicy, SecretKeyRef};
 
 /// Everything `plan` reads.
 #[derive(Debug, Clone, Default)]
@@ -54,7 +54,7 @@ pub enum ImportFilter {
     /// Only prefixes inside these ranges (the cluster's pod and service ranges), never a default.
     Within(Vec<IpNet>),
     /// A BGPPeer's import policy.
-    Policy(ImportPolicy),
+    Policy(RoutePolicy),
 }
 
 /// Which of our routes a peer gets.
@@ -64,6 +64,9 @@ pub enum ExportFilter {
     Within(Vec<IpNet>),
     /// Exactly this node's own announcements (an eBGP peer of a node that is not a reflector).
     Own(BTreeSet<IpNet>),
+    /// Whatever RFC 4456 lets a route reflector send an iBGP BGPPeer: its clients' routes
+    /// whatever their prefix (the speaker applies the reflection rules themselves).
+    Reflect,
 }
 
 /// One desired session.
@@ -86,6 +89,8 @@ pub struct PeerPlan {
     /// Prefixes that are never accepted whatever the policy: this node's own blocks.
     pub import_never: Vec<IpNet>,
     pub export: ExportFilter,
+    /// The BGPPeer's own export policy, applied after `export`.
+    pub export_policy: Option<RoutePolicy>,
 }
 
 /// One of this node's announcements.
@@ -93,6 +98,8 @@ pub struct PeerPlan {
 pub struct Announcement {
     /// RFC 1997 communities, (high << 16) | low.
     pub communities: Vec<u32>,
+    /// RFC 8092 large communities.
+    pub large_communities: Vec<(u32, u32, u32)>,
     /// The next hop peers must use; None: the session's own address. Set on IPv6 routes to the
     /// node's IPv6 address, because over an IPv4 session the session address would reach peers
     /// as an IPv4-mapped IPv6 address, which no kernel can route to.
@@ -144,13 +151,6 @@ fn inside(prefix: &IpNet, ranges: &[IpNet]) -> bool {
     ranges.iter().any(|r| r.contains(prefix))
 }
 
-fn community_value(c: &Community) -> Option<u32> {
-    match c {
-        Community::Standard(a, b) => Some((u32::from(*a) << 16) | u32::from(*b)),
-        Community::Large(..) => None,
-    }
-}
-
 /// The session address to use towards `peer`: same family as one of ours, IPv4 preferred. One
 /// session carries both families (MP-BGP).
 fn pair(local: &[IpAddr], peer: &[IpAddr]) -> Option<(IpAddr, IpAddr)> {
@@ -170,11 +170,18 @@ impl ImportFilter {
         let default = prefix.prefix_len() == 0;
         match self {
             ImportFilter::Within(ranges) => !default && inside(prefix, ranges),
-            ImportFilter::Policy(ImportPolicy::Accept) => !default,
-            ImportFilter::Policy(ImportPolicy::Reject) => false,
-            ImportFilter::Policy(ImportPolicy::Allow(list)) => {
-                list.iter().any(|r| to_ipnet(*r).contains(prefix))
-            }
+            ImportFilter::Policy(p) => p.allows(prefix),
+        }
+    }
+}
+
+impl RoutePolicy {
+    /// Whether a prefix passes the policy (a default route only through an AllowList entry).
+    pub fn allows(&self, prefix: &IpNet) -> bool {
+        match self {
+            RoutePolicy::Accept => prefix.prefix_len() != 0,
+            RoutePolicy::Reject => false,
+            RoutePolicy::Allow(list) => list.iter().any(|r| to_ipnet(*r).contains(prefix)),
         }
     }
 }
@@ -190,7 +197,15 @@ impl ExportFilter {
         match self {
             ExportFilter::Within(ranges) => inside(prefix, ranges),
             ExportFilter::Own(set) => set.contains(prefix),
+            ExportFilter::Reflect => true,
         }
+    }
+}
+
+impl PeerPlan {
+    /// Whether a route to `prefix` may be sent to this peer.
+    pub fn exports(&self, prefix: &IpNet) -> bool {
+        self.export.allows(prefix) && self.export_policy.as_ref().is_none_or(|p| p.allows(prefix))
     }
 }
 
@@ -285,16 +300,22 @@ pub fn plan(inp: &Inputs) -> Result<Plan, String> {
     }
     let mut announcements = BTreeMap::new();
     for p in prefixes {
-        let mut communities = Vec::new();
+        let (mut communities, mut large_communities) = (Vec::new(), Vec::new());
         for (range, cs) in &cfg.communities {
             if to_ipnet(*range).contains(&p) {
                 for c in cs {
-                    match community_value(c) {
-                        Some(v) if !communities.contains(&v) => communities.push(v),
-                        Some(_) => {}
-                        None => warnings.push(format!(
-                            "large community {c:?} on {p}: not supported by the speaker, left out"
-                        )),
+                    match *c {
+                        Community::Standard(a, b) => {
+                            let v = (u32::from(a) << 16) | u32::from(b);
+                            if !communities.contains(&v) {
+                                communities.push(v);
+                            }
+                        }
+                        Community::Large(g, l1, l2) => {
+                            if !large_communities.contains(&(g, l1, l2)) {
+                                large_communities.push((g, l1, l2));
+                            }
+                        }
                     }
                 }
             }
@@ -307,6 +328,7 @@ pub fn plan(inp: &Inputs) -> Result<Plan, String> {
             p,
             Announcement {
                 communities,
+                large_communities,
                 next_hop,
             },
         );
@@ -360,6 +382,7 @@ pub fn plan(inp: &Inputs) -> Result<Plan, String> {
                 import: ImportFilter::Within(cluster.clone()),
                 import_never: own_blocks.clone(),
                 export: ExportFilter::Within(cluster.clone()),
+                export_policy: None,
             },
         );
     }
@@ -415,12 +438,16 @@ pub fn plan(inp: &Inputs) -> Result<Plan, String> {
                 source,
                 import: ImportFilter::Policy(p.import_policy.clone()),
                 import_never: own_blocks.clone(),
-                // Another node's blocks go to an eBGP peer only from a route reflector.
-                export: if ebgp && !is_rr {
-                    ExportFilter::Own(own.clone())
-                } else {
-                    ExportFilter::Within(cluster.clone())
+                // Another node's blocks go to an eBGP peer only from a route reflector, and
+                // nothing from outside the cluster's ranges (the node is no transit between
+                // its eBGP peers). A reflector's iBGP peers get what RFC 4456 reflects.
+                export: match (ebgp, is_rr) {
+                    (true, false) => ExportFilter::Own(own.clone()),
+                    (true, true) => ExportFilter::Within(cluster.clone()),
+                    (false, true) => ExportFilter::Reflect,
+                    (false, false) => ExportFilter::Within(cluster.clone()),
                 },
+                export_policy: p.export_policy.clone(),
             },
         );
     }
@@ -636,6 +663,62 @@ mod tests {
     }
 
     #[test]
+    fn reflector_reflects_ibgp_peers_routes_whatever_the_prefix() {
+        let mut i = three();
+        i.local = "a".into();
+        i.nodes[0].rr_cluster_id = Some(Ipv4Addr::new(244, 0, 0, 1));
+        let asn = i.config.as_number;
+        i.peers.push(bgp_peer(
+            serde_json::json!({"peerIP":"10.0.0.5","asNumber":asn,
+            "routeReflectorClient":true}),
+        ));
+        i.peers.push(bgp_peer(
+            serde_json::json!({"peerIP":"10.0.0.6","asNumber":asn,
+            "routeReflectorClient":true,
+            "exportPolicy":{"action":"AllowList","cidrs":["192.0.2.0/24","10.244.0.0/16"]}}),
+        ));
+        i.peers.push(bgp_peer(
+            serde_json::json!({"peerIP":"10.0.0.1","asNumber":65000}),
+        ));
+        let p = plan(&i).unwrap();
+        let client = &p.peers[&ip("10.0.0.5")];
+        assert_eq!(client.export, ExportFilter::Reflect);
+        assert!(
+            client.exports(&net("198.51.100.0/24")),
+            "outside the cluster's ranges"
+        );
+        assert!(client.exports(&net("10.244.2.0/24")));
+        // An export policy narrows what the peer gets.
+        let narrowed = &p.peers[&ip("10.0.0.6")];
+        assert!(narrowed.exports(&net("192.0.2.0/24")) && narrowed.exports(&net("10.244.2.0/24")));
+        assert!(!narrowed.exports(&net("198.51.100.0/24")));
+        // The reflector is no transit between its eBGP peers: nothing outside the cluster's ranges.
+        let tor = &p.peers[&ip("10.0.0.1")];
+        assert!(tor.exports(&net("10.244.2.0/24")));
+        assert!(!tor.exports(&net("198.51.100.0/24")) && !tor.exports(&net("0.0.0.0/0")));
+        // A node that is not a reflector keeps its iBGP peers to the cluster's ranges.
+        i.nodes[0].rr_cluster_id = None;
+        let p = plan(&i).unwrap();
+        assert!(!p.peers[&ip("10.0.0.5")].exports(&net("198.51.100.0/24")));
+    }
+
+    #[test]
+    fn export_policy_narrows_the_leak_guard_and_is_validated() {
+        let mut i = three();
+        i.peers.push(bgp_peer(
+            serde_json::json!({"peerIP":"10.0.0.1","asNumber":65000,
+            "exportPolicy":{"action":"Reject"}}),
+        ));
+        let tor = &plan(&i).unwrap().peers[&ip("10.0.0.1")];
+        assert!(!tor.exports(&net("10.244.1.0/24")), "Reject sends nothing");
+        let spec: BGPPeerSpec = serde_json::from_value(serde_json::json!({"peerIP":"10.0.0.1",
+            "asNumber":65000,"exportPolicy":{"action":"AllowList","cidrs":["10.0.0.0/33"]}}))
+        .unwrap();
+        let e = spec.validate("tor").unwrap_err().to_string();
+        assert!(e.contains("spec.exportPolicy.cidrs[0]"), "{e}");
+    }
+
+    #[test]
     fn ebgp_peer_gets_only_own_routes_and_policy_imports() {
         let mut i = three();
         i.peers.push(bgp_peer(
@@ -752,14 +835,20 @@ mod tests {
             "outside the ranges"
         );
         assert!(p.warnings.iter().any(|w| w.contains("198.51.100.1")));
-        assert!(p.warnings.iter().any(|w| w.contains("large community")));
         assert_eq!(
             p.announcements[&net("10.96.0.0/12")].communities,
             vec![(65000 << 16) | 100]
         );
+        assert!(p.announcements[&net("10.96.0.0/12")]
+            .large_communities
+            .is_empty());
         assert_eq!(
             p.announcements[&net("203.0.113.5/32")].communities,
             vec![(65000 << 16) | 200]
+        );
+        assert_eq!(
+            p.announcements[&net("203.0.113.5/32")].large_communities,
+            vec![(1, 2, 3)]
         );
         i.services = vec![svc("local", true, false)];
         let without = plan(&i).unwrap();

@@ -37,6 +37,8 @@ enum Cmd {
         next_hop: Option<IpAddr>,
         #[serde(default)]
         communities: Vec<u32>,
+        #[serde(default)]
+        large_communities: Vec<(u32, u32, u32)>,
         local_pref: Option<u32>,
         med: Option<u32>,
     },
@@ -259,6 +261,7 @@ async fn handle(speaker: &mut Option<Speaker>, cmd: Cmd) -> Result<Value, String
             prefix,
             next_hop,
             communities,
+            large_communities,
             local_pref,
             med,
         } => {
@@ -267,6 +270,7 @@ async fn handle(speaker: &mut Option<Speaker>, cmd: Cmd) -> Result<Value, String
                 LocalRoute {
                     next_hop,
                     communities,
+                    large_communities,
                     local_pref,
                     med,
                 },
