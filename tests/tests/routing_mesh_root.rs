@@ -6,7 +6,11 @@
 mod common;
 
 use common::{bgp_configuration, cut_off, pings, within, Cluster, HOLD};
+use sepal_tests::bgpd::{wait_for, Bird};
+use sepal_tests::netns::{veth, Netns};
 use std::time::{Duration, Instant};
+
+const T: Duration = Duration::from_secs(30);
 
 #[test]
 fn mesh_routes_pods_across_nodes_and_survives_agent_restart() {
@@ -168,4 +172,113 @@ fn ipv6_pods_across_nodes_over_one_ipv4_session() {
         .run("ss -Htn state established '( dport = :179 or sport = :179 )'");
     assert_eq!(sessions.lines().count(), 1, "{sessions}");
     assert!(sessions.contains("192.168.100.2"), "{sessions}");
+}
+
+/// BIRD on the underlay as an iBGP route-reflector client of node n0 (AS 64512): `i` picks its
+/// address 192.168.100.1<i>; it announces `routes` (BIRD static route lines).
+fn bird_client(c: &Cluster, i: usize, routes: &str) -> (Netns, Bird) {
+    let ns = Netns::new(&format!("rc{i}"));
+    veth(&ns, "e0", &c.fabric, &format!("pb{i}"));
+    c.fabric.run(&format!(
+        "ip link set pb{i} master br0 && ip link set pb{i} up"
+    ));
+    ns.run(&format!(
+        "ip addr add 192.168.100.1{i}/24 dev e0 && ip link set e0 up"
+    ));
+    let conf = format!(
+        r#"router id 192.168.100.1{i};
+protocol device {{ }}
+protocol direct {{ ipv4; interface "e0"; }}
+protocol static st4 {{ ipv4; {routes} }}
+protocol bgp refl {{
+  local 192.168.100.1{i} as 64512; neighbor 192.168.100.1 as 64512;
+  connect delay time 1; connect retry time 1; error wait time 1, 2;
+  ipv4 {{ import all; export where proto = "st4"; }};
+}}
+"#
+    );
+    let bird = Bird::start(&ns, &conf);
+    (ns, bird)
+}
+
+/// A node as route reflector (RFC 4456) for two BIRD clients given as BGPPeers: what one client
+/// sends reaches the other whatever the prefix (not only the cluster's ranges), with
+/// ORIGINATOR_ID, CLUSTER_LIST, its large and extended communities as sent; an `exportPolicy`
+/// narrows what a client gets; and the node's own block reaches the clients with the standard
+/// and large communities of the BGPConfiguration.
+#[test]
+fn route_reflector_reflects_what_its_bird_clients_send() {
+    let peer = |i: usize, extra: &str| {
+        format!(
+            "---\napiVersion: sepal.dev/v1alpha1\nkind: BGPPeer\nmetadata:\n  name: client{i}\nspec:\n  \
+             peerIP: 192.168.100.1{i}\n  asNumber: 64512\n  routeReflectorClient: true\n  \
+             keepaliveTime: 1s\n  holdTime: 3s\n{extra}"
+        )
+    };
+    let objects = bgp_configuration(
+        false,
+        "  communities: [{cidr: 10.244.0.0/16, communities: [\"64512:100\", \"64512:1:2\"]}]\n",
+    ) + &peer(1, "")
+        + &peer(
+            2,
+            "  exportPolicy: {action: AllowList, cidrs: [192.0.2.0/24, 10.244.0.0/16]}\n",
+        );
+    let mut c = Cluster::segment(1, &objects);
+    c.write_all(
+        "node-n0.yaml",
+        &common::node_yaml(
+            0,
+            "192.168.100.1",
+            "sepal.dev/route-reflector-cluster-id: \"244.0.0.1\"",
+        ),
+    );
+    let (_n1, b1) = bird_client(
+        &c,
+        1,
+        "route 192.0.2.0/24 blackhole { bgp_large_community.add((64512, 7, 8)); \
+         bgp_ext_community.add((rt, 64512, 100)); }; route 198.51.100.0/24 blackhole;",
+    );
+    let (_n2, b2) = bird_client(&c, 2, "route 203.0.113.0/24 blackhole;");
+    c.start();
+
+    // The node installs both clients' routes (as before) ...
+    c.wait_route(0, "192.0.2.0/24", Duration::from_secs(20), |r| {
+        r.contains("via 192.168.100.11")
+    });
+    c.wait_route(0, "203.0.113.0/24", Duration::from_secs(20), |r| {
+        r.contains("via 192.168.100.12")
+    });
+    // ... and reflects them, though they are outside every cluster range.
+    let r = wait_for(T, "client 1's route at client 2", || {
+        Some(b2.route("192.0.2.0/24")).filter(|r| !r.is_empty())
+    });
+    assert!(r.contains("BGP.originator_id: 192.168.100.11"), "{r}");
+    assert!(r.contains("BGP.cluster_list: 244.0.0.1"), "{r}");
+    assert!(r.contains("(64512, 7, 8)"), "large community carried: {r}");
+    assert!(
+        r.contains("(rt, 64512, 100)"),
+        "extended community carried: {r}"
+    );
+    let r = wait_for(T, "client 2's route at client 1", || {
+        Some(b1.route("203.0.113.0/24")).filter(|r| !r.is_empty())
+    });
+    assert!(r.contains("BGP.originator_id: 192.168.100.12"), "{r}");
+    // The node's own block, with the configured communities.
+    let own = wait_for(T, "the node's block at client 1", || {
+        Some(b1.route("10.244.0.0/24")).filter(|r| !r.is_empty())
+    });
+    assert!(own.contains("(64512,100)"), "standard community: {own}");
+    assert!(own.contains("(64512, 1, 2)"), "large community: {own}");
+    assert!(!own.contains("originator_id"), "{own}");
+    // Client 2's exportPolicy lets 192.0.2.0/24 and the cluster through, not 198.51.100.0/24
+    // (which client 1's session shows the node has had all along).
+    wait_for(T, "the node's block at client 2", || {
+        Some(b2.route("10.244.0.0/24")).filter(|r| !r.is_empty())
+    });
+    c.wait_route(0, "198.51.100.0/24", Duration::from_secs(5), |r| {
+        !r.is_empty()
+    });
+    std::thread::sleep(Duration::from_secs(2));
+    let r = b2.route("198.51.100.0/24");
+    assert!(r.is_empty(), "exportPolicy let through: {r}");
 }
