@@ -87,7 +87,7 @@ pub enum Action {
     SendKeepalive,
     SendNotification(Notification),
     Established(Negotiated),
-    Update(Update),
+    Update(Box<Update>),
     RouteRefresh(Family),
     /// The session left Established (or never got there) for this reason.
     Down(DownReason),

@@ -1217,7 +1217,7 @@ impl Core {
                     send(p, wire::encode_notification(&n));
                 }
                 Action::Established(n) => self.established(a, n, now),
-                Action::Update(u) => self.update(a, u, now),
+                Action::Update(u) => self.update(a, *u, now),
                 Action::RouteRefresh(f) => {
                     p.adj_out.retain(|k, _| Family::of(k) != f);
                     let all: Vec<_> = self

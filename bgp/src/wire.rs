@@ -307,7 +307,7 @@ pub struct Update {
 #[derive(Debug, Clone, PartialEq)]
 pub enum Message {
     Open(Open),
-    Update(Update),
+    Update(Box<Update>),
     Notification(Notification),
     Keepalive,
     RouteRefresh(Family),
@@ -354,7 +354,7 @@ pub fn decode(buf: &[u8], ctx: DecodeCtx) -> Result<Option<(Message, usize)>, No
     let frame = &buf[..len];
     let msg = match ty {
         1 => Message::Open(decode_open(frame)?),
-        2 => Message::Update(decode_update(frame, ctx)?),
+        2 => Message::Update(Box::new(decode_update(frame, ctx)?)),
         3 => Message::Notification(Notification::new(frame[19], frame[20], &frame[21..])),
         4 => Message::Keepalive,
         _ => {
