@@ -418,6 +418,99 @@ impl Drop for Frr {
     }
 }
 
+/// FRR's bfdd on its own (no zebra: its peers name their local address), queried with vtysh.
+pub struct FrrBfdd {
+    dir: tempfile::TempDir,
+    ns: String,
+}
+
+impl FrrBfdd {
+    /// Starts bfdd in `ns` with `config` (bfdd.conf, a `bfd` block with `peer` entries).
+    pub fn start(ns: &Netns, config: &str) -> FrrBfdd {
+        let dir = workdir("bfdd");
+        let d = dir.path();
+        std::fs::write(d.join("bfdd.conf"), config).expect("write bfdd.conf");
+        let chown = std::process::Command::new("chown")
+            .args(["-R", "frr:frr", &s(d)])
+            .status();
+        assert!(chown.is_ok_and(|s| s.success()), "chown frr dir");
+        let out = std::process::Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                ns.name(),
+                "/usr/lib/frr/bfdd",
+                "-d",
+                "-P",
+                "0",
+            ])
+            .args(["-f", &s(&d.join("bfdd.conf"))])
+            .args(["-i", &s(&d.join("bfdd.pid"))])
+            .args(["-z", &s(&d.join("zserv.api"))])
+            .args(["--bfdctl", &s(&d.join("bfdd.sock"))])
+            .args(["--vty_socket", &s(d)])
+            .args(["--log", &format!("file:{}", s(&d.join("bfdd.log")))])
+            .output()
+            .expect("run bfdd");
+        assert!(
+            out.status.success(),
+            "bfdd: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        wait_for(Duration::from_secs(10), "bfdd vty socket", || {
+            d.join("bfdd.vty").exists().then_some(())
+        });
+        FrrBfdd {
+            dir,
+            ns: ns.name().to_string(),
+        }
+    }
+
+    pub fn vtysh(&self, cmd: &str) -> String {
+        let out = std::process::Command::new("ip")
+            .args(["netns", "exec", &self.ns, "vtysh", "--vty_socket"])
+            .arg(self.dir.path())
+            .args(["-d", "bfdd", "-c", cmd])
+            .output()
+            .expect("vtysh");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// Runs configuration commands (`configure terminal`, then `lines` in order).
+    pub fn configure(&self, lines: &[&str]) -> String {
+        let mut cmd = std::process::Command::new("ip");
+        cmd.args(["netns", "exec", &self.ns, "vtysh", "--vty_socket"])
+            .arg(self.dir.path())
+            .args(["-d", "bfdd", "-c", "configure terminal"]);
+        for l in lines {
+            cmd.args(["-c", l]);
+        }
+        let out = cmd.output().expect("vtysh");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// The `show bfd peers json` entry for `peer`.
+    pub fn peer(&self, peer: &str) -> Value {
+        let all: Value =
+            serde_json::from_str(&self.vtysh("show bfd peers json")).unwrap_or_default();
+        all.as_array()
+            .and_then(|v| v.iter().find(|p| p["peer"] == peer).cloned())
+            .unwrap_or_default()
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("bfdd.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for FrrBfdd {
+    fn drop(&mut self) {
+        if let Some(pid) = read_pid(&self.dir.path().join("bfdd.pid")) {
+            kill_pid(pid);
+        }
+    }
+}
+
 /// GoBGP; its gRPC API listens on the namespace's own 127.0.0.1:50051.
 pub struct Gobgp {
     ns: String,
@@ -507,29 +600,68 @@ impl Drop for Gobgp {
     }
 }
 
-/// Sepal's speaker (`sepal-bgpd`) driven over stdin/stdout JSON lines.
-pub struct SepalBgpd {
+/// One of Sepal's test processes (`sepal-bgpd`, `sepal-bfdd`) in a namespace, driven by JSON
+/// lines: one command per line on stdin, one reply per line on stdout. Killed on drop.
+struct JsonLines {
+    name: &'static str,
     child: Child,
     stdin: ChildStdin,
     stdout: BufReader<ChildStdout>,
 }
 
-impl SepalBgpd {
-    /// Starts the process in `ns` and sends `start` (fields of the `start` command).
-    pub fn start(ns: &Netns, start: Value) -> SepalBgpd {
-        let bin = crate::bin_path("sepal-bgpd");
+impl JsonLines {
+    fn spawn(ns: &Netns, name: &'static str) -> JsonLines {
+        let bin = crate::bin_path(name);
         let mut child = ns
             .command(&[&s(&bin)])
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .spawn()
-            .expect("spawn sepal-bgpd");
+            .unwrap_or_else(|e| panic!("spawn {name}: {e}"));
         let stdin = child.stdin.take().expect("stdin");
         let stdout = BufReader::new(child.stdout.take().expect("stdout"));
-        let mut d = SepalBgpd {
+        JsonLines {
+            name,
             child,
             stdin,
             stdout,
+        }
+    }
+
+    /// Sends one command object and returns the reply; panics on an error reply.
+    fn cmd(&mut self, cmd: Value) -> Value {
+        let name = self.name;
+        writeln!(self.stdin, "{cmd}").unwrap_or_else(|e| panic!("write to {name}: {e}"));
+        self.stdin.flush().expect("flush");
+        let mut line = String::new();
+        self.stdout
+            .read_line(&mut line)
+            .unwrap_or_else(|e| panic!("read from {name}: {e}"));
+        let v: Value =
+            serde_json::from_str(&line).unwrap_or_else(|e| panic!("{name} reply {line:?}: {e}"));
+        if let Some(e) = v.get("error") {
+            panic!("{name}: {cmd}: {e}");
+        }
+        v
+    }
+}
+
+impl Drop for JsonLines {
+    fn drop(&mut self) {
+        crate::netns::kill(&mut self.child);
+    }
+}
+
+/// Sepal's speaker (`sepal-bgpd`) driven over stdin/stdout JSON lines.
+pub struct SepalBgpd {
+    proc: JsonLines,
+}
+
+impl SepalBgpd {
+    /// Starts the process in `ns` and sends `start` (fields of the `start` command).
+    pub fn start(ns: &Netns, start: Value) -> SepalBgpd {
+        let mut d = SepalBgpd {
+            proc: JsonLines::spawn(ns, "sepal-bgpd"),
         };
         let mut cmd = start;
         cmd["cmd"] = "start".into();
@@ -539,18 +671,7 @@ impl SepalBgpd {
 
     /// Sends one command object and returns the reply; panics on an error reply.
     pub fn cmd(&mut self, cmd: Value) -> Value {
-        writeln!(self.stdin, "{cmd}").expect("write to sepal-bgpd");
-        self.stdin.flush().expect("flush");
-        let mut line = String::new();
-        self.stdout
-            .read_line(&mut line)
-            .expect("read from sepal-bgpd");
-        let v: Value = serde_json::from_str(&line)
-            .unwrap_or_else(|e| panic!("sepal-bgpd reply {line:?}: {e}"));
-        if let Some(e) = v.get("error") {
-            panic!("sepal-bgpd: {cmd}: {e}");
-        }
-        v
+        self.proc.cmd(cmd)
     }
 
     pub fn peer(&mut self, mut p: Value) {
@@ -601,18 +722,57 @@ impl SepalBgpd {
     }
 
     pub fn pid(&self) -> u32 {
-        self.child.id()
+        self.proc.child.id()
     }
 
     /// SIGKILL, as a crash (graceful restart tests).
     pub fn kill9(&mut self) {
-        crate::netns::kill(&mut self.child);
+        crate::netns::kill(&mut self.proc.child);
     }
 }
 
-impl Drop for SepalBgpd {
-    fn drop(&mut self) {
-        crate::netns::kill(&mut self.child);
+/// Sepal's BFD (`sepal-bfdd`) driven over stdin/stdout JSON lines.
+pub struct SepalBfdd {
+    proc: JsonLines,
+}
+
+impl SepalBfdd {
+    /// Starts the process in `ns`; `control_plane_independent` is its C bit.
+    pub fn start(ns: &Netns, control_plane_independent: bool) -> SepalBfdd {
+        let mut d = SepalBfdd {
+            proc: JsonLines::spawn(ns, "sepal-bfdd"),
+        };
+        d.proc.cmd(serde_json::json!({"cmd": "start",
+            "control_plane_independent": control_plane_independent}));
+        d
+    }
+
+    /// Adds a session (fields of the `peer` command: address, local, min_tx_ms, ...).
+    pub fn peer(&mut self, mut p: Value) {
+        p["cmd"] = "peer".into();
+        self.proc.cmd(p);
+    }
+
+    pub fn admin_down(&mut self, addr: &str, down: bool) {
+        self.proc
+            .cmd(serde_json::json!({"cmd": "admin_down", "address": addr, "down": down}));
+    }
+
+    /// The session with `addr`, as the library's status object (state, diag, intervals...).
+    pub fn session(&mut self, addr: &str) -> Option<Value> {
+        let all = self.proc.cmd(serde_json::json!({"cmd": "sessions"}));
+        all.as_array()?.iter().find(|s| s["peer"] == addr).cloned()
+    }
+
+    pub fn state(&mut self, addr: &str) -> String {
+        self.session(addr)
+            .and_then(|s| s["state"].as_str().map(str::to_string))
+            .unwrap_or_default()
+    }
+
+    /// SIGKILL, as a crash.
+    pub fn kill9(&mut self) {
+        crate::netns::kill(&mut self.proc.child);
     }
 }
 
