@@ -130,6 +130,67 @@ pub struct BGPConfigurationSpec {
     /// BGP communities attached to advertised prefixes inside a CIDR.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub communities: Vec<PrefixCommunities>,
+    /// BFD on the node mesh's sessions (and automatic route reflection's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bfd: Option<BfdSpec>,
+}
+
+/// BFD (RFC 5880, single hop) for a BGP session: when it goes down, so does the session, and
+/// its routes leave the kernel at once.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct BfdSpec {
+    pub enabled: bool,
+    /// The fastest the peer may send at, as a duration; default 300ms.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^([0-9]+(\.[0-9]+)?(ms|s|m|h))+$"))]
+    pub min_rx_interval: Option<String>,
+    /// The fastest this node sends at, as a duration; default 300ms.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^([0-9]+(\.[0-9]+)?(ms|s|m|h))+$"))]
+    pub min_tx_interval: Option<String>,
+    /// Packets missed in a row before the session is declared down; default 3.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 255))]
+    pub multiplier: Option<u8>,
+}
+
+/// Shortest BFD interval accepted: below it a busy node would flap sessions.
+const BFD_MIN_INTERVAL: Duration = Duration::from_millis(10);
+
+impl BfdSpec {
+    /// The session timers, or None when BFD is off.
+    pub fn validate(&self, field: &str) -> Result<Option<sepal_bgp::bfd::Timers>, CrdError> {
+        if !self.enabled {
+            return Ok(None);
+        }
+        let d = sepal_bgp::bfd::Timers::default();
+        let interval = |name: &str, v: &Option<String>, default: Duration| {
+            let f = format!("{field}.{name}");
+            let got = duration_field(&f, v)?.unwrap_or(default);
+            if got < BFD_MIN_INTERVAL || got > Duration::from_secs(60) {
+                return Err(field_err(
+                    f,
+                    v.as_deref().unwrap_or_default(),
+                    "an interval from 10ms to 60s",
+                ));
+            }
+            Ok(got)
+        };
+        let multiplier = self.multiplier.unwrap_or(d.multiplier);
+        if multiplier == 0 {
+            return Err(field_err(
+                format!("{field}.multiplier"),
+                "0",
+                "a multiplier (1..255)",
+            ));
+        }
+        Ok(Some(sepal_bgp::bfd::Timers {
+            min_rx: interval("minRxInterval", &self.min_rx_interval, d.min_rx)?,
+            min_tx: interval("minTxInterval", &self.min_tx_interval, d.min_tx)?,
+            multiplier,
+        }))
+    }
 }
 
 /// One CIDR in a list of ranges to advertise.
@@ -212,6 +273,9 @@ pub struct BGPPeerSpec {
     /// not a route reflector gets only the node's own announcements); by default all of them.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub export_policy: Option<RoutePolicySpec>,
+    /// BFD on this session.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bfd: Option<BfdSpec>,
 }
 
 /// A label selector (the shape of Kubernetes' LabelSelector).
@@ -387,6 +451,8 @@ pub struct BgpConfig {
     pub service_external_ips: Vec<IpNetwork>,
     pub service_load_balancer_ips: Vec<IpNetwork>,
     pub communities: Vec<(IpNetwork, Vec<Community>)>,
+    /// BFD timers of the mesh sessions; None: no BFD.
+    pub bfd: Option<sepal_bgp::bfd::Timers>,
 }
 
 impl Default for BgpConfig {
@@ -411,6 +477,7 @@ impl Default for BGPConfigurationSpec {
             service_external_ips: Vec::new(),
             service_load_balancer_ips: Vec::new(),
             communities: Vec::new(),
+            bfd: None,
         }
     }
 }
@@ -553,6 +620,10 @@ impl BGPConfigurationSpec {
                 &self.service_load_balancer_ips,
             )?,
             communities,
+            bfd: match &self.bfd {
+                Some(b) => b.validate("spec.bfd")?,
+                None => None,
+            },
         })
     }
 }
@@ -586,6 +657,8 @@ pub struct BgpPeer {
     pub import_policy: RoutePolicy,
     /// None: no policy of its own (the leak guards alone decide).
     pub export_policy: Option<RoutePolicy>,
+    /// BFD timers; None: no BFD.
+    pub bfd: Option<sepal_bgp::bfd::Timers>,
 }
 
 impl BgpPeer {
@@ -652,6 +725,10 @@ impl BGPPeerSpec {
             hold_time: duration_field("spec.holdTime", &self.hold_time)?,
             import_policy,
             export_policy,
+            bfd: match &self.bfd {
+                Some(b) => b.validate("spec.bfd")?,
+                None => None,
+            },
         })
     }
 }

@@ -197,6 +197,7 @@ enum Cmd {
     AddPeer(Box<PeerConfig>),
     UpdatePeer(Box<PeerConfig>),
     RemovePeer(IpAddr),
+    PathDown(IpAddr),
     Announce(IpNet, LocalRoute),
     Withdraw(IpNet),
     Peers(oneshot::Sender<Vec<PeerStatus>>),
@@ -329,6 +330,12 @@ impl Speaker {
         let (tx, rx) = oneshot::channel();
         self.send(Cmd::Peers(tx))?;
         rx.await.map_err(|_| Error::Stopped)
+    }
+    /// BFD found the path to `peer` down (RFC 5882 §4.3): the session closes at once, and its
+    /// routes go with it, stale ones kept for a graceful restart too; it is retried after the
+    /// connect-retry time.
+    pub fn path_down(&self, peer: IpAddr) -> Result<(), Error> {
+        self.send(Cmd::PathDown(peer))
     }
     /// The Loc-RIB: every prefix with its best route.
     pub async fn routes(&self) -> Result<Vec<(IpNet, rib::BestRoute)>, Error> {
@@ -670,6 +677,22 @@ impl Core {
             Cmd::RemovePeer(a) => {
                 self.session_event(a, Event::Stop(Notification::new(6, 3, vec![])));
                 self.remove_peer_state(a);
+            }
+            Cmd::PathDown(a) => {
+                let Some(retry) = self.peers.get(&a).map(|p| p.cfg.connect_retry) else {
+                    return;
+                };
+                // Cease / BFD Down (RFC 9384); the peer will rarely hear it over a dead path.
+                self.session_event(a, Event::Stop(Notification::new(6, 10, vec![])));
+                if let Some(p) = self.peers.get_mut(&a) {
+                    p.gr_until = None;
+                    p.gr_families.clear();
+                    p.stats.last_error = Some("BFD: path down".into());
+                    p.restart_at = Some(now + retry);
+                }
+                for ch in self.rib.remove_source(Source::Peer(a)) {
+                    self.changed(ch);
+                }
             }
             Cmd::Announce(prefix, r) => {
                 let attrs = Attrs {

@@ -202,21 +202,28 @@ pub struct Frr {
     /// How it was started, for [`Frr::restart`].
     listen: String,
     zebra: bool,
+    /// bfdd runs too (with zebra, through which bgpd asks it for sessions).
+    bfd: bool,
 }
 
 impl Frr {
     /// Starts bgpd in `ns` listening on `listen` with `config` (bgpd.conf; include
     /// `no bgp ebgp-requires-policy` and `no bgp network import-check`).
     pub fn start(ns: &Netns, listen: &str, config: &str) -> Frr {
-        Frr::launch(ns, listen, config, false)
+        Frr::launch(ns, listen, config, false, false)
     }
 
     /// As [`Frr::start`], with zebra: learned routes go into the kernel as a router's would.
     pub fn start_with_zebra(ns: &Netns, listen: &str, config: &str) -> Frr {
-        Frr::launch(ns, listen, config, true)
+        Frr::launch(ns, listen, config, true, false)
     }
 
-    fn launch(ns: &Netns, listen: &str, config: &str, zebra: bool) -> Frr {
+    /// As [`Frr::start_with_zebra`], with bfdd: `neighbor ... bfd` lines in `config` work.
+    pub fn start_with_bfd(ns: &Netns, listen: &str, config: &str) -> Frr {
+        Frr::launch(ns, listen, config, true, true)
+    }
+
+    fn launch(ns: &Netns, listen: &str, config: &str, zebra: bool, bfd: bool) -> Frr {
         let dir = workdir("frr");
         let conf = dir.path().join("bgpd.conf");
         std::fs::write(&conf, config).expect("write bgpd.conf");
@@ -229,6 +236,7 @@ impl Frr {
             ns: ns.name().to_string(),
             listen: listen.to_string(),
             zebra,
+            bfd,
         };
         f.spawn_daemons();
         f
@@ -271,6 +279,9 @@ impl Frr {
                 d.join("zserv.api").exists().then_some(())
             });
         }
+        if self.bfd {
+            spawn_bfdd(ns, d, None);
+        }
         let (pid, zserv, vty, log) = (
             s(&d.join("bgpd.pid")),
             s(&d.join("zserv.api")),
@@ -308,7 +319,7 @@ impl Frr {
     /// Kills bgpd and zebra with SIGKILL, as a crash of the router's routing stack: what zebra
     /// installed stays in the kernel. Returns once both are gone (their PID files removed).
     pub fn kill9(&self) {
-        let pids: Vec<i32> = ["bgpd.pid", "zebra.pid"]
+        let pids: Vec<i32> = ["bgpd.pid", "zebra.pid", "bfdd.pid"]
             .iter()
             .filter_map(|f| read_pid(&self.dir.path().join(f)))
             .collect();
@@ -330,7 +341,7 @@ impl Frr {
                 .then_some(())
         });
         // So that nothing (drop included) kills by these PIDs again once they are reused.
-        for f in ["bgpd.pid", "zebra.pid"] {
+        for f in ["bgpd.pid", "zebra.pid", "bfdd.pid"] {
             let _ = std::fs::remove_file(self.dir.path().join(f));
         }
     }
@@ -341,7 +352,7 @@ impl Frr {
     pub fn restart(&self) {
         self.kill9();
         // The dead daemons' sockets and PID files are still there: wait for the new ones.
-        for f in ["bgpd.vty", "zebra.vty", "zserv.api"] {
+        for f in ["bgpd.vty", "zebra.vty", "bfdd.vty", "zserv.api"] {
             let _ = std::fs::remove_file(self.dir.path().join(f));
         }
         self.spawn_daemons();
@@ -366,6 +377,11 @@ impl Frr {
     }
 
     pub fn vtysh(&self, cmd: &str) -> String {
+        self.vtysh_daemon("bgpd", cmd)
+    }
+
+    /// A vtysh command for one of the daemons (`bgpd`, `zebra`, `bfdd`).
+    pub fn vtysh_daemon(&self, daemon: &str, cmd: &str) -> String {
         let out = std::process::Command::new("ip")
             .args([
                 "netns",
@@ -375,7 +391,7 @@ impl Frr {
                 "--vty_socket",
                 &s(self.dir.path()),
                 "-d",
-                "bgpd",
+                daemon,
                 "-c",
                 cmd,
             ])
@@ -410,12 +426,45 @@ impl Frr {
 
 impl Drop for Frr {
     fn drop(&mut self) {
-        for daemon in ["bgpd.pid", "zebra.pid"] {
+        for daemon in ["bgpd.pid", "zebra.pid", "bfdd.pid"] {
             if let Some(pid) = read_pid(&self.dir.path().join(daemon)) {
                 kill_pid(pid);
             }
         }
     }
+}
+
+/// Starts bfdd in `ns` with its files in `d` (bfdd.conf from `config`, or empty), talking to
+/// the zebra of the same directory if there is one; returns once its vty socket is up.
+fn spawn_bfdd(ns: &str, d: &Path, config: Option<&str>) {
+    let conf = d.join("bfdd.conf");
+    if let Some(c) = config {
+        std::fs::write(&conf, c).expect("write bfdd.conf");
+    } else if !conf.exists() {
+        std::fs::write(&conf, "").expect("write bfdd.conf");
+    }
+    let chown = std::process::Command::new("chown")
+        .args(["-R", "frr:frr", &s(d)])
+        .status();
+    assert!(chown.is_ok_and(|s| s.success()), "chown frr dir");
+    let out = std::process::Command::new("ip")
+        .args(["netns", "exec", ns, "/usr/lib/frr/bfdd", "-d", "-P", "0"])
+        .args(["-f", &s(&conf)])
+        .args(["-i", &s(&d.join("bfdd.pid"))])
+        .args(["-z", &s(&d.join("zserv.api"))])
+        .args(["--bfdctl", &s(&d.join("bfdd.sock"))])
+        .args(["--vty_socket", &s(d)])
+        .args(["--log", &format!("file:{}", s(&d.join("bfdd.log")))])
+        .output()
+        .expect("run bfdd");
+    assert!(
+        out.status.success(),
+        "bfdd: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    wait_for(Duration::from_secs(10), "bfdd vty socket", || {
+        d.join("bfdd.vty").exists().then_some(())
+    });
 }
 
 /// FRR's bfdd on its own (no zebra: its peers name their local address), queried with vtysh.
@@ -428,38 +477,7 @@ impl FrrBfdd {
     /// Starts bfdd in `ns` with `config` (bfdd.conf, a `bfd` block with `peer` entries).
     pub fn start(ns: &Netns, config: &str) -> FrrBfdd {
         let dir = workdir("bfdd");
-        let d = dir.path();
-        std::fs::write(d.join("bfdd.conf"), config).expect("write bfdd.conf");
-        let chown = std::process::Command::new("chown")
-            .args(["-R", "frr:frr", &s(d)])
-            .status();
-        assert!(chown.is_ok_and(|s| s.success()), "chown frr dir");
-        let out = std::process::Command::new("ip")
-            .args([
-                "netns",
-                "exec",
-                ns.name(),
-                "/usr/lib/frr/bfdd",
-                "-d",
-                "-P",
-                "0",
-            ])
-            .args(["-f", &s(&d.join("bfdd.conf"))])
-            .args(["-i", &s(&d.join("bfdd.pid"))])
-            .args(["-z", &s(&d.join("zserv.api"))])
-            .args(["--bfdctl", &s(&d.join("bfdd.sock"))])
-            .args(["--vty_socket", &s(d)])
-            .args(["--log", &format!("file:{}", s(&d.join("bfdd.log")))])
-            .output()
-            .expect("run bfdd");
-        assert!(
-            out.status.success(),
-            "bfdd: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        wait_for(Duration::from_secs(10), "bfdd vty socket", || {
-            d.join("bfdd.vty").exists().then_some(())
-        });
+        spawn_bfdd(ns.name(), dir.path(), Some(config));
         FrrBfdd {
             dir,
             ns: ns.name().to_string(),

@@ -271,3 +271,65 @@ fn md5_key_corrected_in_the_secret_without_an_agent_restart() {
         .count();
     assert_eq!(starts, 1, "the agent restarted");
 }
+
+/// BFD (`spec.bfd` on the BGPPeer) with FRR running `neighbor ... bfd` (bgpd with bfdd): the
+/// BGP timers are slow (hold 30 s) and graceful restart is on, yet when the node goes silent
+/// (every packet in or out dropped, links up) each side drops the other's routes within a
+/// second, FRR's BFD and the node's. Once the path is back, so are the session and the routes.
+#[test]
+fn bfd_takes_a_silent_path_down_within_a_second() {
+    let objects = bgp_configuration(false, "")
+        + "---\napiVersion: sepal.dev/v1alpha1\nkind: BGPPeer\nmetadata:\n  name: router\nspec:\n  \
+           peerIP: 10.0.0.1\n  asNumber: 65000\n  keepaliveTime: 10s\n  holdTime: 30s\n  \
+           bfd: {enabled: true, minRxInterval: 300ms, minTxInterval: 300ms, multiplier: 3}\n";
+    let (mut c, router) = node_and_router(&objects, "");
+    let frr = Frr::start_with_bfd(
+        &router,
+        "10.0.0.1",
+        "router bgp 65000\n bgp router-id 10.0.0.1\n no bgp ebgp-requires-policy\n no bgp network import-check\n \
+         neighbor 10.0.0.2 remote-as 64512\n neighbor 10.0.0.2 timers connect 1\n neighbor 10.0.0.2 timers 10 30\n \
+         neighbor 10.0.0.2 bfd\n \
+         address-family ipv4 unicast\n  network 192.0.2.0/24\n exit-address-family\n",
+    );
+    c.start();
+    c.wait_route(0, "192.0.2.0/24", T, |r| r.contains("via 10.0.0.1"));
+    wait_for(T, "FRR learns the node's block", || frr_block(&frr));
+    let bfd_up = || {
+        let peers = frr.vtysh_daemon("bfdd", "show bfd peers json");
+        peers.contains("\"status\":\"up\"")
+    };
+    wait_for(T, "FRR's BFD session with the node up", || {
+        bfd_up().then_some(())
+    });
+    // Both ends' BFD must be up before the cut, or the node's would have nothing to lose.
+    std::thread::sleep(Duration::from_secs(2));
+
+    common::cut_off(&c.nodes[0].netns);
+    let cut = Instant::now();
+    let node_gone = wait_for(
+        Duration::from_secs(10),
+        "the node drops FRR's route",
+        || c.route(0, "192.0.2.0/24").is_empty().then(|| cut.elapsed()),
+    );
+    let frr_gone = wait_for(
+        Duration::from_secs(10),
+        "FRR drops the node's block",
+        || frr_block(&frr).is_none().then(|| cut.elapsed()),
+    );
+    eprintln!("silent node: its routes gone at FRR after {frr_gone:?}, FRR's at the node after {node_gone:?}");
+    assert!(
+        node_gone < Duration::from_millis(1500),
+        "node: {node_gone:?}"
+    );
+    assert!(frr_gone < Duration::from_millis(1500), "FRR: {frr_gone:?}");
+
+    c.nodes[0].netns.run("nft delete table inet cut");
+    c.wait_route(0, "192.0.2.0/24", Duration::from_secs(60), |r| {
+        r.contains("via 10.0.0.1")
+    });
+    wait_for(
+        Duration::from_secs(60),
+        "FRR relearns the node's block",
+        || frr_block(&frr),
+    );
+}

@@ -15,11 +15,13 @@ use futures::TryStreamExt;
 use ipnetwork::IpNetwork;
 use k8s_openapi::api::core::v1::Node;
 use rtnetlink::packet_route::address::AddressAttribute;
+use sepal_bgp::bfd::{self, Bfd};
 use sepal_bgp::{
     Family, GracefulRestartConfig, LocalRoute, MaxPrefix, PeerConfig, PeerStatus, RibEvent,
     Speaker, SpeakerConfig,
 };
 use sepal_felix::routes::{Desired, RouteReconciler};
+use std::net::IpAddr;
 use tokio::sync::{mpsc, watch};
 
 pub use fib::Fib;
@@ -79,6 +81,7 @@ pub struct Routing {
     inputs: watch::Sender<Option<Inputs>>,
     routes: watch::Receiver<Desired>,
     speaker: Arc<Mutex<Option<Speaker>>>,
+    bfd: Arc<Mutex<Option<Bfd>>>,
     warnings: watch::Receiver<Vec<String>>,
     /// Inputs left out as invalid, as last logged: each is logged once while it lasts, not on
     /// every datastore change.
@@ -106,7 +109,14 @@ impl Routing {
         let (routes_tx, routes_rx) = watch::channel(fib.desired());
         let (warn_tx, warn_rx) = watch::channel(Vec::new());
         let speaker = Arc::new(Mutex::new(None));
+        let bfd = Arc::new(Mutex::new(None));
         let task = Task {
+            bfd: BfdSessions {
+                running: None,
+                shared: bfd.clone(),
+                changes: None,
+                peers: BTreeMap::new(),
+            },
             handle,
             fib,
             restarting,
@@ -123,6 +133,7 @@ impl Routing {
             inputs: inputs_tx,
             routes: routes_rx,
             speaker,
+            bfd,
             warnings: warn_rx,
             left_out: Default::default(),
         })
@@ -213,6 +224,15 @@ impl Routing {
             .collect()
     }
 
+    /// Every BFD session, by peer address (empty while no session has BFD).
+    pub async fn bfd_sessions(&self) -> Vec<sepal_bgp::bfd::PeerStatus> {
+        let bfd = self.bfd.lock().ok().and_then(|s| s.clone());
+        match bfd {
+            Some(b) => b.sessions().await.unwrap_or_default(),
+            None => Vec::new(),
+        }
+    }
+
     /// Session state of every peer.
     pub async fn peers(&self) -> Vec<PeerStatus> {
         let speaker = self.speaker.lock().ok().and_then(|s| s.clone());
@@ -266,7 +286,70 @@ async fn connected(handle: &rtnetlink::Handle) -> Result<Vec<(String, IpNetwork)
     Ok(out)
 }
 
+/// The BFD sessions of the planned BGP sessions that ask for one.
+struct BfdSessions {
+    running: Option<Bfd>,
+    shared: Arc<Mutex<Option<Bfd>>>,
+    changes: Option<mpsc::UnboundedReceiver<bfd::Change>>,
+    /// What each running session was given: source address and timers.
+    peers: BTreeMap<IpAddr, (Option<IpAddr>, bfd::Timers)>,
+}
+
+impl BfdSessions {
+    /// Starts, changes and stops sessions to match the plan. BFD's port is bound only once a
+    /// session asks for it; if that fails, the next replan tries again.
+    async fn sync(&mut self, p: &Plan) {
+        let want: BTreeMap<IpAddr, (Option<IpAddr>, bfd::Timers)> = p
+            .peers
+            .iter()
+            .filter_map(|(a, pp)| pp.bfd.map(|t| (*a, (pp.source, t))))
+            .collect();
+        if want == self.peers {
+            return;
+        }
+        if self.running.is_none() {
+            match Bfd::start(false).await {
+                Ok((b, rx)) => {
+                    if let Ok(mut s) = self.shared.lock() {
+                        *s = Some(b.clone());
+                    }
+                    self.running = Some(b);
+                    self.changes = Some(rx);
+                }
+                Err(e) => {
+                    tracing::warn!("starting BFD: {e}");
+                    return;
+                }
+            }
+        }
+        let Some(b) = &self.running else {
+            return;
+        };
+        for a in self.peers.keys().filter(|a| !want.contains_key(a)) {
+            let _ = b.remove_peer(*a);
+        }
+        for (a, (local, timers)) in &want {
+            if self.peers.get(a) != Some(&(*local, *timers)) {
+                let _ = b.set_peer(bfd::PeerConfig {
+                    peer: *a,
+                    local: *local,
+                    timers: *timers,
+                });
+            }
+        }
+        self.peers = want;
+    }
+
+    async fn next_change(&mut self) -> Option<bfd::Change> {
+        match &mut self.changes {
+            Some(rx) => rx.recv().await,
+            None => std::future::pending().await,
+        }
+    }
+}
+
 struct Task {
+    bfd: BfdSessions,
     handle: rtnetlink::Handle,
     fib: Fib,
     restarting: bool,
@@ -301,6 +384,7 @@ impl Task {
                         self.reconfigure(i).await;
                     }
                 }
+                Some(c) = self.bfd.next_change() => self.bfd_change(c),
                 change = next_change(&mut self.route_rx) => match change {
                     Some(ev) => self.rib_event(ev),
                     None => {
@@ -332,6 +416,18 @@ impl Task {
 
     fn publish(&self) {
         self.routes_tx.send_replace(self.fib.desired());
+    }
+
+    /// A BFD session that leaves Up takes its BGP session and routes down with it, unless the
+    /// peer only took BFD down on purpose (RFC 5882 §3.2).
+    fn bfd_change(&mut self, c: bfd::Change) {
+        if c.from != bfd::State::Up || c.to == bfd::State::Up || c.peer_admin_down {
+            return;
+        }
+        tracing::warn!(peer = %c.peer, diag = ?c.diag, "BFD down: closing the BGP session");
+        if let Some(s) = &self.speaker {
+            let _ = s.path_down(c.peer);
+        }
     }
 
     fn rib_event(&mut self, ev: RibEvent) {
@@ -395,6 +491,7 @@ impl Task {
         self.warn_tx.send_replace(desired.warnings.clone());
         let d = diff(self.running.as_ref(), &desired);
         if d.is_empty() {
+            self.bfd.sync(&desired).await;
             self.running = Some(desired);
             return;
         }
@@ -439,6 +536,7 @@ impl Task {
             };
             ok &= s.announce(*p, route).is_ok();
         }
+        self.bfd.sync(&desired).await;
         self.running = ok.then_some(desired);
     }
 

@@ -91,6 +91,8 @@ pub struct PeerPlan {
     pub export: ExportFilter,
     /// The BGPPeer's own export policy, applied after `export`.
     pub export_policy: Option<RoutePolicy>,
+    /// BFD on this session (RFC 5882: the session goes down with it).
+    pub bfd: Option<sepal_bgp::bfd::Timers>,
 }
 
 /// One of this node's announcements.
@@ -383,6 +385,7 @@ pub fn plan(inp: &Inputs) -> Result<Plan, String> {
                 import_never: own_blocks.clone(),
                 export: ExportFilter::Within(cluster.clone()),
                 export_policy: None,
+                bfd: cfg.bfd,
             },
         );
     }
@@ -448,6 +451,7 @@ pub fn plan(inp: &Inputs) -> Result<Plan, String> {
                     (false, false) => ExportFilter::Within(cluster.clone()),
                 },
                 export_policy: p.export_policy.clone(),
+                bfd: p.bfd,
             },
         );
     }

@@ -39,6 +39,9 @@ pub struct Change {
     pub from: State,
     pub to: State,
     pub diag: Diag,
+    /// The peer took the session down on purpose (AdminDown): not a failure of the path, so
+    /// the BGP session stays (RFC 5882 §3.2).
+    pub peer_admin_down: bool,
 }
 
 /// One session's status with its peer.
@@ -403,6 +406,7 @@ impl Core {
                         from,
                         to,
                         diag,
+                        peer_admin_down: e.session.status().remote_state == State::AdminDown,
                     });
                 }
             }
