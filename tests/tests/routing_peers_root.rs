@@ -7,7 +7,7 @@
 #[path = "routing/common.rs"]
 mod common;
 
-use common::{bgp_configuration, node_yaml, Cluster};
+use common::{bgp_configuration, node_yaml, Cluster, TorKind};
 use sepal_tests::bgpd::{wait_for, Bird, Frr, Gobgp};
 use sepal_tests::netns::{veth, Netns};
 use sepal_tests::node::Node;
@@ -272,33 +272,70 @@ fn md5_key_corrected_in_the_secret_without_an_agent_restart() {
     assert_eq!(starts, 1, "the agent restarted");
 }
 
-/// BFD (`spec.bfd` on the BGPPeer) with FRR running `neighbor ... bfd` (bgpd with bfdd): the
-/// BGP timers are slow (hold 30 s) and graceful restart is on, yet when the node goes silent
-/// (every packet in or out dropped, links up) each side drops the other's routes within a
-/// second, FRR's BFD and the node's. Once the path is back, so are the session and the routes.
-#[test]
-fn bfd_takes_a_silent_path_down_within_a_second() {
+/// BFD (`spec.bfd` on the BGPPeer) against a router whose BGP uses BFD too: FRR with
+/// `neighbor ... bfd` (bgpd with bfdd), BIRD with `bfd on` and a `bfd` protocol. The BGP timers
+/// are slow (hold 30 s) and graceful restart is on, yet when the node goes silent (every packet
+/// in or out dropped, links up) each side drops the other's routes within a second: the
+/// router's BFD and the node's. Once the path is back, so are the session and the routes.
+fn bfd_takes_a_silent_path_down_within_a_second(kind: TorKind) {
     let objects = bgp_configuration(false, "")
         + "---\napiVersion: sepal.dev/v1alpha1\nkind: BGPPeer\nmetadata:\n  name: router\nspec:\n  \
            peerIP: 10.0.0.1\n  asNumber: 65000\n  keepaliveTime: 10s\n  holdTime: 30s\n  \
            bfd: {enabled: true, minRxInterval: 300ms, minTxInterval: 300ms, multiplier: 3}\n";
     let (mut c, router) = node_and_router(&objects, "");
-    let frr = Frr::start_with_bfd(
-        &router,
-        "10.0.0.1",
-        "router bgp 65000\n bgp router-id 10.0.0.1\n no bgp ebgp-requires-policy\n no bgp network import-check\n \
-         neighbor 10.0.0.2 remote-as 64512\n neighbor 10.0.0.2 timers connect 1\n neighbor 10.0.0.2 timers 10 30\n \
-         neighbor 10.0.0.2 bfd\n \
-         address-family ipv4 unicast\n  network 192.0.2.0/24\n exit-address-family\n",
-    );
+    // The router's view: whether it has the node's block, and whether its BFD session is up.
+    let (has_block, bfd_up): (Box<dyn Fn() -> bool>, Box<dyn Fn() -> bool>) = match kind {
+        TorKind::Frr => {
+            let frr = std::rc::Rc::new(Frr::start_with_bfd(
+                &router,
+                "10.0.0.1",
+                "router bgp 65000\n bgp router-id 10.0.0.1\n no bgp ebgp-requires-policy\n no bgp network import-check\n \
+                 neighbor 10.0.0.2 remote-as 64512\n neighbor 10.0.0.2 timers connect 1\n neighbor 10.0.0.2 timers 10 30\n \
+                 neighbor 10.0.0.2 bfd\n \
+                 address-family ipv4 unicast\n  network 192.0.2.0/24\n exit-address-family\n",
+            ));
+            let f2 = frr.clone();
+            (
+                Box::new(move || frr_block(&frr).is_some()),
+                Box::new(move || {
+                    f2.vtysh_daemon("bfdd", "show bfd peers json")
+                        .contains("\"status\":\"up\"")
+                }),
+            )
+        }
+        TorKind::Bird => {
+            let bird = std::rc::Rc::new(Bird::start(
+                &router,
+                r#"router id 10.0.0.1;
+protocol device { }
+protocol static st4 { ipv4; route 192.0.2.0/24 blackhole; }
+protocol bfd { interface "n0" { min rx interval 300 ms; min tx interval 300 ms; multiplier 3; }; }
+protocol bgp n0 {
+  local 10.0.0.1 as 65000; neighbor 10.0.0.2 as 64512;
+  connect delay time 1; connect retry time 1; error wait time 1, 2; hold time 30;
+  bfd on;
+  ipv4 { import all; export where proto = "st4"; };
+}
+"#,
+            ));
+            let b2 = bird.clone();
+            (
+                Box::new(move || !bird.route("10.244.0.0/24").is_empty()),
+                Box::new(move || {
+                    b2.birdc("show bfd sessions")
+                        .lines()
+                        .any(|l| l.starts_with("10.0.0.2") && l.contains(" Up "))
+                }),
+            )
+        }
+        TorKind::Gobgp => unreachable!("GoBGP has no BFD"),
+    };
     c.start();
     c.wait_route(0, "192.0.2.0/24", T, |r| r.contains("via 10.0.0.1"));
-    wait_for(T, "FRR learns the node's block", || frr_block(&frr));
-    let bfd_up = || {
-        let peers = frr.vtysh_daemon("bfdd", "show bfd peers json");
-        peers.contains("\"status\":\"up\"")
-    };
-    wait_for(T, "FRR's BFD session with the node up", || {
+    wait_for(T, "the router learns the node's block", || {
+        has_block().then_some(())
+    });
+    wait_for(T, "the router's BFD session with the node up", || {
         bfd_up().then_some(())
     });
     // Both ends' BFD must be up before the cut, or the node's would have nothing to lose.
@@ -308,20 +345,26 @@ fn bfd_takes_a_silent_path_down_within_a_second() {
     let cut = Instant::now();
     let node_gone = wait_for(
         Duration::from_secs(10),
-        "the node drops FRR's route",
+        "the node drops the router's route",
         || c.route(0, "192.0.2.0/24").is_empty().then(|| cut.elapsed()),
     );
-    let frr_gone = wait_for(
+    let router_gone = wait_for(
         Duration::from_secs(10),
-        "FRR drops the node's block",
-        || frr_block(&frr).is_none().then(|| cut.elapsed()),
+        "the router drops the node's block",
+        || (!has_block()).then(|| cut.elapsed()),
     );
-    eprintln!("silent node: its routes gone at FRR after {frr_gone:?}, FRR's at the node after {node_gone:?}");
+    eprintln!(
+        "{kind:?}, silent node: its block gone at the router after {router_gone:?}, the router's \
+         route gone at the node after {node_gone:?}"
+    );
     assert!(
         node_gone < Duration::from_millis(1500),
         "node: {node_gone:?}"
     );
-    assert!(frr_gone < Duration::from_millis(1500), "FRR: {frr_gone:?}");
+    assert!(
+        router_gone < Duration::from_millis(1500),
+        "router: {router_gone:?}"
+    );
 
     c.nodes[0].netns.run("nft delete table inet cut");
     c.wait_route(0, "192.0.2.0/24", Duration::from_secs(60), |r| {
@@ -329,7 +372,17 @@ fn bfd_takes_a_silent_path_down_within_a_second() {
     });
     wait_for(
         Duration::from_secs(60),
-        "FRR relearns the node's block",
-        || frr_block(&frr),
+        "the router relearns the node's block",
+        || has_block().then_some(()),
     );
+}
+
+#[test]
+fn bfd_with_frr_takes_a_silent_path_down_within_a_second() {
+    bfd_takes_a_silent_path_down_within_a_second(TorKind::Frr);
+}
+
+#[test]
+fn bfd_with_bird_takes_a_silent_path_down_within_a_second() {
+    bfd_takes_a_silent_path_down_within_a_second(TorKind::Bird);
 }
