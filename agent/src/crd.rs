@@ -433,6 +433,21 @@ pub struct BgpSessionStatus {
     pub prefixes_advertised: u32,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_error: Option<String>,
+    /// The session's BFD, when it has one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bfd: Option<BfdSessionStatus>,
+}
+
+/// A BGP session's BFD session (RFC 5880).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct BfdSessionStatus {
+    /// AdminDown, Down, Init or Up.
+    pub state: String,
+    /// RFC 5880 diagnostic code of the last change (1: detection time expired, 3: neighbor
+    /// signaled session down, 7: administratively down).
+    pub diagnostic: u8,
+    pub detection_time_ms: u64,
 }
 
 // ---------------------------------------------------------------------------------------------

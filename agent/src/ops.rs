@@ -227,6 +227,31 @@ fn print_status(s: &StatusReport) {
             );
         }
     }
+    if !s.bgp.bfd.is_empty() {
+        println!();
+        println!(
+            "{:<26} {:<10} {:<10} {:>8} {:>8} {:>9}  LAST DIAGNOSTIC",
+            "BFD PEER", "STATE", "REMOTE", "TX ms", "DETECT", "SINCE"
+        );
+        for b in &s.bgp.bfd {
+            println!(
+                "{:<26} {:<10} {:<10} {:>8} {:>8} {:>9}  {} ({}){}",
+                b.peer,
+                b.state,
+                b.remote_state,
+                b.tx_interval_ms,
+                b.detection_time_ms,
+                duration(b.since_change_secs),
+                b.diag,
+                b.diag_code,
+                if b.remote_control_plane_independent {
+                    "   peer: control-plane independent"
+                } else {
+                    ""
+                }
+            );
+        }
+    }
     for w in &s.bgp.warnings {
         println!("BGP warning: {w}");
     }

@@ -34,6 +34,26 @@ fn node_and_router(objects: &str, annotations: &str) -> (Cluster, Netns) {
     (c, router)
 }
 
+/// `sepal ARGS` against the node's operator socket: stdout.
+fn admin(node: &Node, args: &[&str]) -> String {
+    let sock = node.socket.with_file_name("admin.sock");
+    let out = std::process::Command::new(sepal_tests::bin_path("sepal"))
+        .args(args)
+        .args(["--admin-socket", sock.to_str().expect("utf-8")])
+        .output()
+        .expect("run sepal");
+    assert!(
+        out.status.success(),
+        "sepal {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn status_json(node: &Node) -> serde_json::Value {
+    serde_json::from_str(&admin(node, &["status", "--json"])).expect("status JSON")
+}
+
 fn bgp_peer(asn: u32, extra: &str) -> String {
     format!(
         "---\napiVersion: sepal.dev/v1alpha1\nkind: BGPPeer\nmetadata:\n  name: router\nspec:\n  \
@@ -338,6 +358,20 @@ protocol bgp n0 {
     wait_for(T, "the router's BFD session with the node up", || {
         bfd_up().then_some(())
     });
+    // The node shows its BFD session Up with the intervals in force.
+    let bfd = wait_for(T, "the node's BFD session Up in `sepal status`", || {
+        let st = status_json(&c.nodes[0]);
+        let b = st["bgp"]["bfd"].as_array()?.first()?.clone();
+        (b["state"] == "Up").then_some(b)
+    });
+    assert_eq!(bfd["peer"], "10.0.0.1", "{bfd}");
+    assert_eq!(bfd["tx_interval_ms"], 300, "{bfd}");
+    assert_eq!(bfd["detection_time_ms"], 900, "{bfd}");
+    let text = admin(&c.nodes[0], &["status"]);
+    assert!(
+        text.contains("BFD PEER") && text.contains("10.0.0.1"),
+        "{text}"
+    );
     // Both ends' BFD must be up before the cut, or the node's would have nothing to lose.
     std::thread::sleep(Duration::from_secs(2));
 
@@ -365,6 +399,12 @@ protocol bgp n0 {
         router_gone < Duration::from_millis(1500),
         "router: {router_gone:?}"
     );
+
+    let st = status_json(&c.nodes[0]);
+    let b = &st["bgp"]["bfd"][0];
+    assert_eq!(b["state"], "Down", "{st}");
+    assert_eq!(b["diag"], "ControlDetectionTimeExpired", "{st}");
+    assert_eq!(b["diag_code"], 1, "{st}");
 
     c.nodes[0].netns.run("nft delete table inet cut");
     c.wait_route(0, "192.0.2.0/24", Duration::from_secs(60), |r| {

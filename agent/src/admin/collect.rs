@@ -2,8 +2,8 @@
 //! the agent's lock, then asks the BGP speaker and netlink without holding it.
 
 use super::{
-    AdminRequest, BgpOrigin, BgpReport, DatastoreReport, EndpointReport, IpamReport, PeerReport,
-    RouteReport, StatusReport,
+    AdminRequest, BfdReport, BgpOrigin, BgpReport, DatastoreReport, EndpointReport, IpamReport,
+    PeerReport, RouteReport, StatusReport,
 };
 use crate::metrics::metrics;
 use crate::node::Agent;
@@ -43,7 +43,7 @@ pub fn ready(has_blocks: bool) -> bool {
 }
 
 pub async fn status(agent: &Arc<Mutex<Agent>>) -> StatusReport {
-    let (node, blocks, allocated, has_blocks, speaker, warnings) = {
+    let (node, blocks, allocated, has_blocks, speaker, bfd, warnings) = {
         let a = agent.lock().await;
         (
             a.node_name().to_string(),
@@ -51,11 +51,16 @@ pub async fn status(agent: &Arc<Mutex<Agent>>) -> StatusReport {
             a.allocations().len(),
             a.has_blocks(),
             a.routing().and_then(|r| r.speaker()),
+            a.routing().and_then(|r| r.bfd()),
             a.routing().map(|r| r.warnings()).unwrap_or_default(),
         )
     };
     let peers = match &speaker {
         Some(s) => s.peers().await.unwrap_or_default(),
+        None => Vec::new(),
+    };
+    let bfd = match &bfd {
+        Some(b) => b.sessions().await.unwrap_or_default(),
         None => Vec::new(),
     };
     let health = &metrics().health;
@@ -81,7 +86,24 @@ pub async fn status(agent: &Arc<Mutex<Agent>>) -> StatusReport {
             running: speaker.is_some(),
             peers: peers.iter().map(peer_report).collect(),
             warnings,
+            bfd: bfd.iter().map(bfd_report).collect(),
         },
+    }
+}
+
+pub fn bfd_report(b: &sepal_bgp::bfd::PeerStatus) -> BfdReport {
+    let s = &b.status;
+    BfdReport {
+        peer: b.peer,
+        state: format!("{:?}", s.state),
+        remote_state: format!("{:?}", s.remote_state),
+        diag: format!("{:?}", s.diag),
+        remote_diag: format!("{:?}", s.remote_diag),
+        diag_code: s.diag.code(),
+        tx_interval_ms: s.tx_interval_ms,
+        detection_time_ms: s.detection_time_ms,
+        since_change_secs: b.since_change_s,
+        remote_control_plane_independent: s.remote_control_plane_independent,
     }
 }
 

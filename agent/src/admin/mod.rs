@@ -103,6 +103,29 @@ pub struct BgpReport {
     pub peers: Vec<PeerReport>,
     /// Inputs the BGP plan left out, with the reason.
     pub warnings: Vec<String>,
+    /// BFD sessions of the BGP sessions that have one.
+    #[serde(default)]
+    pub bfd: Vec<BfdReport>,
+}
+
+/// One BFD session (RFC 5880), as `show bfd peers` would describe it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct BfdReport {
+    pub peer: IpAddr,
+    /// AdminDown, Down, Init or Up.
+    pub state: String,
+    pub remote_state: String,
+    /// Why the session last went down (RFC 5880 diagnostic), and the peer's.
+    pub diag: String,
+    pub remote_diag: String,
+    /// Diagnostic code as on the wire (0-8).
+    pub diag_code: u8,
+    /// The interval this node sends at and the detection time, both in force now.
+    pub tx_interval_ms: u64,
+    pub detection_time_ms: u64,
+    pub since_change_secs: u64,
+    /// The peer's BFD runs apart from its control plane (the C bit).
+    pub remote_control_plane_independent: bool,
 }
 
 /// One BGP session, as `birdc show protocols all` would describe it.

@@ -58,6 +58,7 @@ pub fn now_micro_time() -> String {
 /// now (for a session already Established when first seen: when it came up).
 pub fn report_of(
     peers: &[PeerStatus],
+    bfd: &[sepal_bgp::bfd::PeerStatus],
     sources: &BTreeMap<IpAddr, String>,
     previous: Option<&NodeStatusReport>,
     now: Timestamp,
@@ -87,6 +88,13 @@ pub fn report_of(
                 prefixes_received: u32::try_from(p.prefixes_received).unwrap_or(u32::MAX),
                 prefixes_advertised: u32::try_from(p.prefixes_advertised).unwrap_or(u32::MAX),
                 last_error: p.last_error.clone(),
+                bfd: bfd.iter().find(|b| b.peer == p.address).map(|b| {
+                    crate::crd::BfdSessionStatus {
+                        state: format!("{:?}", b.status.state),
+                        diagnostic: b.status.diag.code(),
+                        detection_time_ms: b.status.detection_time_ms,
+                    }
+                }),
             }
         })
         .collect();
@@ -314,10 +322,11 @@ async fn round(
             }
         }
     }
-    let (speaker, sources, problems, node, cluster_policies) = {
+    let (speaker, bfd, sources, problems, node, cluster_policies) = {
         let a = agent.lock().await;
         (
             a.routing().and_then(|r| r.speaker()),
+            a.routing().and_then(|r| r.bfd()),
             a.routing().map(|r| r.peer_sources()).unwrap_or_default(),
             a.policy_problems().to_vec(),
             a.node_name().to_string(),
@@ -328,8 +337,13 @@ async fn round(
         Some(s) => s.peers().await.unwrap_or_default(),
         None => Vec::new(),
     };
+    let bfd = match bfd {
+        Some(b) => b.sessions().await.unwrap_or_default(),
+        None => Vec::new(),
+    };
     let report = report_of(
         &peers,
+        &bfd,
         &sources,
         written.report.as_ref(),
         Timestamp::now(),
@@ -472,6 +486,7 @@ mod tests {
         // Already up when first seen: since it came up.
         let r1 = report_of(
             &[peer(State::Established, Some(60))],
+            &[],
             &sources,
             None,
             t0,
@@ -485,6 +500,7 @@ mod tests {
         // Same state later: the same time, so the report is unchanged and not rewritten.
         let r2 = report_of(
             &[peer(State::Established, Some(360))],
+            &[],
             &sources,
             Some(&r1),
             later,
@@ -494,6 +510,7 @@ mod tests {
         // A change of state: now.
         let r3 = report_of(
             &[peer(State::Active, None)],
+            &[],
             &sources,
             Some(&r2),
             later,

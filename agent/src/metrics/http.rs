@@ -206,6 +206,25 @@ fn refresh(m: &Metrics, status: &StatusReport, bgp_routes: usize) {
     }
     m.bgp_updates_received.clear();
     m.bgp_updates_sent.clear();
+    for family in [
+        &m.bfd_session_up,
+        &m.bfd_detection_time,
+        &m.bfd_last_diagnostic,
+    ] {
+        family.clear();
+    }
+    for b in &status.bgp.bfd {
+        let peer = vec![("peer", b.peer.to_string())];
+        m.bfd_session_up
+            .get_or_create(&peer)
+            .set((b.state == "Up") as i64);
+        m.bfd_detection_time
+            .get_or_create(&peer)
+            .set(b.detection_time_ms as i64);
+        m.bfd_last_diagnostic
+            .get_or_create(&peer)
+            .set(i64::from(b.diag_code));
+    }
     for p in &status.bgp.peers {
         let peer = vec![
             ("peer", p.address.to_string()),

@@ -105,6 +105,9 @@ pub struct Metrics {
     pub bgp_updates_received: Family<Labels, Counter>,
     pub bgp_updates_sent: Family<Labels, Counter>,
     pub bgp_routes_installed: Gauge,
+    pub bfd_session_up: Family<Labels, Gauge>,
+    pub bfd_detection_time: Family<Labels, Gauge>,
+    pub bfd_last_diagnostic: Family<Labels, Gauge>,
     pub endpoints: Gauge,
     pub ipam_allocated: Gauge,
     pub ipam_capacity: Family<Labels, Gauge>,
@@ -141,6 +144,9 @@ impl Metrics {
             bgp_updates_received: Family::default(),
             bgp_updates_sent: Family::default(),
             bgp_routes_installed: Gauge::default(),
+            bfd_session_up: Family::default(),
+            bfd_detection_time: Family::default(),
+            bfd_last_diagnostic: Family::default(),
             endpoints: Gauge::default(),
             ipam_allocated: Gauge::default(),
             ipam_capacity: Family::default(),
@@ -165,6 +171,21 @@ impl Metrics {
             "bgp_session_up",
             "1 when the BGP session is Established",
             m.bgp_session_up.clone(),
+        );
+        r.register(
+            "bfd_session_up",
+            "1 when the BFD session with the peer is Up",
+            m.bfd_session_up.clone(),
+        );
+        r.register(
+            "bfd_detection_time_milliseconds",
+            "The BFD detection time in force with the peer",
+            m.bfd_detection_time.clone(),
+        );
+        r.register(
+            "bfd_last_diagnostic",
+            "The RFC 5880 diagnostic code of the session's last change (1: detection time expired, 3: neighbor signaled down, 7: administratively down)",
+            m.bfd_last_diagnostic.clone(),
         );
         r.register(
             "bgp_session_state",

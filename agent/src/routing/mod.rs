@@ -224,13 +224,10 @@ impl Routing {
             .collect()
     }
 
-    /// Every BFD session, by peer address (empty while no session has BFD).
-    pub async fn bfd_sessions(&self) -> Vec<sepal_bgp::bfd::PeerStatus> {
-        let bfd = self.bfd.lock().ok().and_then(|s| s.clone());
-        match bfd {
-            Some(b) => b.sessions().await.unwrap_or_default(),
-            None => Vec::new(),
-        }
+    /// The running BFD task, for the operator socket, status and metrics to query without the
+    /// agent's lock; None while no session has BFD.
+    pub fn bfd(&self) -> Option<Bfd> {
+        self.bfd.lock().ok().and_then(|s| s.clone())
     }
 
     /// Session state of every peer.
