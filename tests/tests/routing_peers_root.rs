@@ -297,6 +297,9 @@ fn md5_key_corrected_in_the_secret_without_an_agent_restart() {
 /// are slow (hold 30 s) and graceful restart is on, yet when the node goes silent (every packet
 /// in or out dropped, links up) each side drops the other's routes within a second: the
 /// router's BFD and the node's. Once the path is back, so are the session and the routes.
+/// A yes/no question to the router.
+type Check = Box<dyn Fn() -> bool>;
+
 fn bfd_takes_a_silent_path_down_within_a_second(kind: TorKind) {
     let objects = bgp_configuration(false, "")
         + "---\napiVersion: sepal.dev/v1alpha1\nkind: BGPPeer\nmetadata:\n  name: router\nspec:\n  \
@@ -304,7 +307,7 @@ fn bfd_takes_a_silent_path_down_within_a_second(kind: TorKind) {
            bfd: {enabled: true, minRxInterval: 300ms, minTxInterval: 300ms, multiplier: 3}\n";
     let (mut c, router) = node_and_router(&objects, "");
     // The router's view: whether it has the node's block, and whether its BFD session is up.
-    let (has_block, bfd_up): (Box<dyn Fn() -> bool>, Box<dyn Fn() -> bool>) = match kind {
+    let (has_block, bfd_up): (Check, Check) = match kind {
         TorKind::Frr => {
             let frr = std::rc::Rc::new(Frr::start_with_bfd(
                 &router,
