@@ -292,14 +292,14 @@ fn md5_key_corrected_in_the_secret_without_an_agent_restart() {
     assert_eq!(starts, 1, "the agent restarted");
 }
 
+/// A yes/no question to the router.
+type Check = Box<dyn Fn() -> bool>;
+
 /// BFD (`spec.bfd` on the BGPPeer) against a router whose BGP uses BFD too: FRR with
 /// `neighbor ... bfd` (bgpd with bfdd), BIRD with `bfd on` and a `bfd` protocol. The BGP timers
 /// are slow (hold 30 s) and graceful restart is on, yet when the node goes silent (every packet
 /// in or out dropped, links up) each side drops the other's routes within a second: the
 /// router's BFD and the node's. Once the path is back, so are the session and the routes.
-/// A yes/no question to the router.
-type Check = Box<dyn Fn() -> bool>;
-
 fn bfd_takes_a_silent_path_down_within_a_second(kind: TorKind) {
     let objects = bgp_configuration(false, "")
         + "---\napiVersion: sepal.dev/v1alpha1\nkind: BGPPeer\nmetadata:\n  name: router\nspec:\n  \
