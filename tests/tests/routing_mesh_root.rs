@@ -282,3 +282,39 @@ fn route_reflector_reflects_what_its_bird_clients_send() {
     let r = b2.route("198.51.100.0/24");
     assert!(r.is_empty(), "exportPolicy let through: {r}");
 }
+
+/// BFD on the mesh (`spec.bfd` of the BGPConfiguration): a node that goes silent is withdrawn
+/// from the others within the BFD detection time (3 x 300 ms), well before the 3 s hold timer.
+#[test]
+fn bfd_on_the_mesh_withdraws_a_silent_node_within_a_second() {
+    let mut c = Cluster::segment(3, &bgp_configuration(true, "  bfd: {enabled: true}\n"));
+    c.start();
+    for (i, j) in [(0, 1), (0, 2), (2, 1)] {
+        c.wait_route(i, &format!("10.244.{j}.0/24"), T, |r| !r.is_empty());
+    }
+    // Every node's BFD sessions with the other two are Up (both ends, so a cut is seen).
+    let admin = c.nodes[0].socket.with_file_name("admin.sock");
+    wait_for(T, "n0's BFD sessions Up", || {
+        let out = std::process::Command::new(sepal_tests::bin_path("sepal"))
+            .args(["status", "--json", "--admin-socket", admin.to_str()?])
+            .output()
+            .ok()?;
+        let st: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+        let bfd = st["bgp"]["bfd"].as_array()?.clone();
+        (bfd.len() == 2 && bfd.iter().all(|b| b["state"] == "Up")).then_some(())
+    });
+    std::thread::sleep(Duration::from_secs(2));
+    cut_off(&c.nodes[1].netns);
+    let cut = Instant::now();
+    let took = within(Duration::from_secs(5), || {
+        c.route(0, "10.244.1.0/24").is_empty() && c.route(2, "10.244.1.0/24").is_empty()
+    });
+    eprintln!("silent n1 withdrawn from n0 and n2 after {took:?}");
+    let took = took.unwrap_or_else(|| cut.elapsed());
+    assert!(
+        took < Duration::from_millis(1500),
+        "withdrawn after {took:?}"
+    );
+    // The others still route each other.
+    assert!(!c.route(0, "10.244.2.0/24").is_empty());
+}
