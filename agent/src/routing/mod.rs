@@ -415,10 +415,11 @@ impl Task {
         self.routes_tx.send_replace(self.fib.desired());
     }
 
-    /// A BFD session that leaves Up takes its BGP session and routes down with it, unless the
-    /// peer only took BFD down on purpose (RFC 5882 §3.2).
+    /// A BFD session that goes from Up to Down takes its BGP session and routes down with it,
+    /// unless the peer only took BFD down on purpose (RFC 5882 §3.2); this side's own AdminDown
+    /// is no path failure either.
     fn bfd_change(&mut self, c: bfd::Change) {
-        if c.from != bfd::State::Up || c.to == bfd::State::Up || c.peer_admin_down {
+        if c.from != bfd::State::Up || c.to != bfd::State::Down || c.peer_admin_down {
             return;
         }
         tracing::warn!(peer = %c.peer, diag = ?c.diag, "BFD down: closing the BGP session");
