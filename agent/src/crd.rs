@@ -942,6 +942,37 @@ mod tests {
     }
 
     #[test]
+    fn bfd_spec_defaults_and_limits() {
+        let peer = |bfd: serde_json::Value| {
+            serde_json::from_value::<BGPPeerSpec>(json!({
+                "peerIP": "10.0.0.1", "asNumber": 65000, "bfd": bfd
+            }))
+            .unwrap()
+            .validate("tor")
+        };
+        let t = peer(json!({"enabled": true})).unwrap().bfd.unwrap();
+        assert_eq!(t, sepal_bgp::bfd::Timers::default());
+        assert_eq!(
+            (t.min_rx, t.min_tx, t.multiplier),
+            (Duration::from_millis(300), Duration::from_millis(300), 3)
+        );
+        let t = peer(json!({"enabled": true, "minTxInterval": "50ms", "multiplier": 5}))
+            .unwrap()
+            .bfd
+            .unwrap();
+        assert_eq!((t.min_tx, t.multiplier), (Duration::from_millis(50), 5));
+        assert_eq!(peer(json!({"enabled": false})).unwrap().bfd, None);
+        let e = peer(json!({"enabled": true, "minRxInterval": "5ms"})).unwrap_err();
+        assert!(e.to_string().contains("spec.bfd.minRxInterval"), "{e}");
+        let e = peer(json!({"enabled": true, "multiplier": 0})).unwrap_err();
+        assert!(e.to_string().contains("spec.bfd.multiplier"), "{e}");
+        // The mesh's BFD comes from the BGPConfiguration.
+        let cfg: BGPConfigurationSpec =
+            serde_json::from_value(json!({"bfd": {"enabled": true}})).unwrap();
+        assert!(cfg.validate().unwrap().bfd.is_some());
+    }
+
+    #[test]
     fn bgp_configuration_defaults() {
         let obj = SepalObject::from_json(&json!({
             "apiVersion": "sepal.dev/v1alpha1", "kind": "BGPConfiguration",

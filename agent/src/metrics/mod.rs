@@ -309,11 +309,17 @@ mod tests {
             let peer = vec![("peer", "10.0.0.1".to_string())];
             m.bgp_session_up.get_or_create(&peer).set(1);
             m.bgp_updates_received.get_or_create(&peer).inc_by(7);
+            m.bfd_session_up.get_or_create(&peer).set(1);
+            m.bfd_detection_time.get_or_create(&peer).set(900);
+            m.bfd_last_diagnostic.get_or_create(&peer).set(1);
         });
         for series in [
             "sepal_endpoints 2",
             "sepal_bgp_session_up{peer=\"10.0.0.1\"} 1",
             "sepal_bgp_updates_received_total{peer=\"10.0.0.1\"} 7",
+            "sepal_bfd_session_up{peer=\"10.0.0.1\"} 1",
+            "sepal_bfd_detection_time_milliseconds{peer=\"10.0.0.1\"} 900",
+            "sepal_bfd_last_diagnostic{peer=\"10.0.0.1\"} 1",
             "sepal_cni_request_duration_seconds_count{op=\"add\",result=\"ok\"} 1",
             "sepal_policy_apply_duration_seconds_count 1",
             "sepal_ready 0",
