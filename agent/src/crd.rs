@@ -447,7 +447,7 @@ pub struct BfdSessionStatus {
     /// RFC 5880 diagnostic code of the last change (1: detection time expired, 3: neighbor
     /// signaled session down, 7: administratively down).
     pub diagnostic: u8,
-    pub detection_time_ms: u64,
+    pub detection_time_ms: u32,
 }
 
 // ---------------------------------------------------------------------------------------------

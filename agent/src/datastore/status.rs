@@ -92,7 +92,8 @@ pub fn report_of(
                     crate::crd::BfdSessionStatus {
                         state: format!("{:?}", b.status.state),
                         diagnostic: b.status.diag.code(),
-                        detection_time_ms: b.status.detection_time_ms,
+                        detection_time_ms: u32::try_from(b.status.detection_time_ms)
+                            .unwrap_or(u32::MAX),
                     }
                 }),
             }
