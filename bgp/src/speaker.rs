@@ -469,8 +469,8 @@ struct Core {
 /// A listener's GTSM for the `ttl_security` of the peers it may accept. The kernel checks the
 /// minimum TTL before it knows which peer a SYN is for, so the listener filters only when every
 /// peer uses GTSM (at the loosest of their hop counts); with a mix it only sends TTL 255, and each
-/// accepted GTSM socket filters on its own (a distant host can then finish a handshake, but
-/// nothing it sends after reaches the session).
+/// accepted GTSM socket filters on its own (a distant host can then finish a handshake, but what
+/// it sends once the connection is accepted is dropped).
 fn listener_gtsm(peers: impl Iterator<Item = Option<u8>>) -> socket::Gtsm {
     let (mut any, mut all, mut widest) = (false, true, 0u8);
     for hops in peers {
@@ -1104,9 +1104,12 @@ impl Core {
             Some(hops) => socket::Gtsm::Hops(hops),
             None => socket::Gtsm::Off,
         };
-        let v6 = stream.local_addr().map(|a| a.is_ipv6()).unwrap_or(false);
-        if let Err(e) = socket::set_gtsm(stream.as_raw_fd(), v6, gtsm) {
-            tracing::warn!(%peer, error = %e, "GTSM");
+        // An outgoing socket without GTSM has the kernel's defaults already.
+        if inbound || gtsm != socket::Gtsm::Off {
+            let v6 = stream.local_addr().map(|a| a.is_ipv6()).unwrap_or(false);
+            if let Err(e) = socket::set_gtsm(stream.as_raw_fd(), v6, gtsm) {
+                tracing::warn!(%peer, error = %e, "GTSM");
+            }
         }
         let local = stream
             .local_addr()
