@@ -98,7 +98,7 @@ pub fn set_gtsm(fd: RawFd, v6: bool, g: Gtsm) -> io::Result<()> {
     setsockopt(fd, libc::IPPROTO_IPV6, 73, &min)
 }
 
-/// Reads back a socket's IPv4 TTL and minimum TTL (for tests and status).
+/// Reads back a socket's IPv4 TTL and minimum TTL (for tests).
 pub fn ttl_and_min_ttl(fd: RawFd) -> io::Result<(i32, i32)> {
     Ok((
         getsockopt(fd, libc::IPPROTO_IP, libc::IP_TTL)?,

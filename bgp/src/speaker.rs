@@ -1615,7 +1615,8 @@ fn send_conn(c: &Conn, b: Vec<u8>) {
     let _ = c.tx.send(b);
 }
 
-async fn sleep_until(t: Option<Instant>) {
+/// Sleeps until `t`, or for ever when there is no deadline.
+pub(crate) async fn sleep_until(t: Option<Instant>) {
     match t {
         Some(t) => tokio::time::sleep_until(t.into()).await,
         None => std::future::pending().await,

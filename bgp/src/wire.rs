@@ -938,6 +938,12 @@ fn sort_attrs(v: &mut [PathAttribute]) {
     v.sort_by_key(|a| a.path_attribute_type().map(u8::from).unwrap_or_else(|c| c));
 }
 
+/// An optional transitive list attribute (communities): extended length, since a long list
+/// passes 255 bytes.
+fn list_attr(v: PathAttributeValue) -> Option<PathAttribute> {
+    PathAttribute::from(true, true, false, true, v).ok()
+}
+
 fn attr(optional: bool, transitive: bool, v: PathAttributeValue) -> Option<PathAttribute> {
     PathAttribute::from(optional, transitive, false, false, v).ok()
 }
@@ -1000,16 +1006,9 @@ fn base_attrs(a: &Attrs, asn4: bool) -> Vec<PathAttribute> {
     }
     if !a.communities.is_empty() {
         let c: Vec<Community> = a.communities.iter().map(|c| Community::new(*c)).collect();
-        v.extend(
-            PathAttribute::from(
-                true,
-                true,
-                false,
-                true,
-                PathAttributeValue::Communities(Communities::new(c)),
-            )
-            .ok(),
-        );
+        v.extend(list_attr(PathAttributeValue::Communities(
+            Communities::new(c),
+        )));
     }
     if !a.large_communities.is_empty() {
         let c: Vec<LargeCommunity> = a
@@ -1017,16 +1016,9 @@ fn base_attrs(a: &Attrs, asn4: bool) -> Vec<PathAttribute> {
             .iter()
             .map(|&(g, l1, l2)| LargeCommunity::new(g, l1, l2))
             .collect();
-        v.extend(
-            PathAttribute::from(
-                true,
-                true,
-                false,
-                true,
-                PathAttributeValue::LargeCommunities(LargeCommunities::new(c)),
-            )
-            .ok(),
-        );
+        v.extend(list_attr(PathAttributeValue::LargeCommunities(
+            LargeCommunities::new(c),
+        )));
     }
     for c in &a.carried {
         v.extend(

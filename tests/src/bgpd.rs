@@ -361,14 +361,12 @@ impl Frr {
     /// Runs configuration commands (`configure terminal`, then `lines` in order), e.g.
     /// `["router bgp 65000", "neighbor 10.0.1.2 shutdown"]`; returns vtysh's output.
     pub fn configure(&self, lines: &[&str]) -> String {
-        let mut cmd = std::process::Command::new("ip");
-        cmd.args(["netns", "exec", &self.ns, "vtysh", "--vty_socket"])
-            .arg(self.dir.path())
-            .args(["-d", "bgpd", "-c", "configure terminal"]);
-        for l in lines {
-            cmd.args(["-c", l]);
-        }
-        let out = cmd.output().expect("vtysh");
+        let out = vtysh(
+            &self.ns,
+            self.dir.path(),
+            "bgpd",
+            &configure_terminal(lines),
+        );
         format!(
             "{}{}",
             String::from_utf8_lossy(&out.stdout),
@@ -382,21 +380,7 @@ impl Frr {
 
     /// A vtysh command for one of the daemons (`bgpd`, `zebra`, `bfdd`).
     pub fn vtysh_daemon(&self, daemon: &str, cmd: &str) -> String {
-        let out = std::process::Command::new("ip")
-            .args([
-                "netns",
-                "exec",
-                &self.ns,
-                "vtysh",
-                "--vty_socket",
-                &s(self.dir.path()),
-                "-d",
-                daemon,
-                "-c",
-                cmd,
-            ])
-            .output()
-            .expect("vtysh");
+        let out = vtysh(&self.ns, self.dir.path(), daemon, &[cmd]);
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
@@ -432,6 +416,26 @@ impl Drop for Frr {
             }
         }
     }
+}
+
+/// Runs vtysh in `ns` against the daemon `daemon` whose sockets are in `dir`, one `-c` per
+/// command, in order.
+fn vtysh(ns: &str, dir: &Path, daemon: &str, commands: &[&str]) -> std::process::Output {
+    let mut cmd = std::process::Command::new("ip");
+    cmd.args(["netns", "exec", ns, "vtysh", "--vty_socket"])
+        .arg(dir)
+        .args(["-d", daemon]);
+    for c in commands {
+        cmd.args(["-c", c]);
+    }
+    cmd.output().expect("vtysh")
+}
+
+/// `configure terminal` followed by `lines`.
+fn configure_terminal<'a>(lines: &[&'a str]) -> Vec<&'a str> {
+    std::iter::once("configure terminal")
+        .chain(lines.iter().copied())
+        .collect()
 }
 
 /// Starts bfdd in `ns` with its files in `d` (bfdd.conf from `config`, or empty), talking to
@@ -485,25 +489,18 @@ impl FrrBfdd {
     }
 
     pub fn vtysh(&self, cmd: &str) -> String {
-        let out = std::process::Command::new("ip")
-            .args(["netns", "exec", &self.ns, "vtysh", "--vty_socket"])
-            .arg(self.dir.path())
-            .args(["-d", "bfdd", "-c", cmd])
-            .output()
-            .expect("vtysh");
+        let out = vtysh(&self.ns, self.dir.path(), "bfdd", &[cmd]);
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
     /// Runs configuration commands (`configure terminal`, then `lines` in order).
     pub fn configure(&self, lines: &[&str]) -> String {
-        let mut cmd = std::process::Command::new("ip");
-        cmd.args(["netns", "exec", &self.ns, "vtysh", "--vty_socket"])
-            .arg(self.dir.path())
-            .args(["-d", "bfdd", "-c", "configure terminal"]);
-        for l in lines {
-            cmd.args(["-c", l]);
-        }
-        let out = cmd.output().expect("vtysh");
+        let out = vtysh(
+            &self.ns,
+            self.dir.path(),
+            "bfdd",
+            &configure_terminal(lines),
+        );
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 

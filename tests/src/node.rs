@@ -159,6 +159,28 @@ impl Node {
         fs::read_to_string(self.log_path()).unwrap_or_default()
     }
 
+    /// `sepal ARGS` against the agent's operator socket: its stdout; panics if it fails.
+    pub fn admin(&self, args: &[&str]) -> String {
+        let sock = self.socket.with_file_name("admin.sock");
+        let out = Command::new(crate::bin_path("sepal"))
+            .args(args)
+            .arg("--admin-socket")
+            .arg(&sock)
+            .output()
+            .expect("run sepal");
+        assert!(
+            out.status.success(),
+            "sepal {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// `sepal status --json`.
+    pub fn status_json(&self) -> serde_json::Value {
+        serde_json::from_str(&self.admin(&["status", "--json"])).expect("status JSON")
+    }
+
     /// The network config the runtime would pass for Sepal.
     pub fn cni_config(&self, cni_version: &str) -> String {
         format!(

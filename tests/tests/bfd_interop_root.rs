@@ -133,7 +133,11 @@ fn bfd_with_frr_bfdd_ipv4_and_ipv6() {
         "{seen}"
     );
     exercise(&mut d, &s, "fd00:213::1", "FRR IPv6", &|| up("fd00:213::2"));
-    // FRR's own administrative down reaches Sepal as the peer's AdminDown.
+    // FRR's own administrative down reaches Sepal as the peer's AdminDown. The IPv6 checks
+    // silenced IPv4's session too: it must be back Up first.
+    wait_for(T, "the IPv4 session Up again", || {
+        (d.state("10.213.0.1") == "Up" && up("10.213.0.2")).then_some(())
+    });
     let peer_cfg = ["bfd", "peer 10.213.0.2 local-address 10.213.0.1"];
     frr.configure(&[peer_cfg[0], peer_cfg[1], "shutdown"]);
     wait_for(T, "Sepal follows FRR's shutdown", || {

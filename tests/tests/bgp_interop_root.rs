@@ -358,7 +358,8 @@ fn bgp_frr_ibgp() {
 }
 
 /// GTSM (RFC 5082) against real peers: BIRD `ttl security on` and FRR `ttl-security hops 1`
-/// establish with Sepal's `ttl_security: 1`; a peer that sends TTL 1 (BIRD without GTSM, as
+/// establish with Sepal's `ttl_security: 1` (FRR also with Sepal passive, so through its
+/// listener); a peer that sends TTL 1 (BIRD without GTSM, as
 /// eBGP does by default) never gets a session.
 #[test]
 fn bgp_gtsm_bird_frr_and_a_peer_without_it() {
@@ -384,49 +385,33 @@ fn bgp_gtsm_bird_frr_and_a_peer_without_it() {
         d1.route("10.244.1.0/24")
     });
 
-    let (s2, p2) = pair("gf");
-    let frr = Frr::start(
-        &p2,
-        "10.213.0.1",
-        "router bgp 65001\n bgp router-id 10.213.0.1\n no bgp ebgp-requires-policy\n no bgp network import-check\n \
+    // FRR with `ttl-security hops 1`, with Sepal connecting and then with Sepal passive (the
+    // issue's case: FRR drops anything below TTL 255, so the session needs the listener to
+    // answer with 255).
+    let frr_gtsm = "router bgp 65001\n bgp router-id 10.213.0.1\n no bgp ebgp-requires-policy\n no bgp network import-check\n \
          neighbor 10.213.0.2 remote-as 65002\n neighbor 10.213.0.2 timers connect 1\n neighbor 10.213.0.2 timers 3 9\n \
          neighbor 10.213.0.2 ttl-security hops 1\n \
-         address-family ipv4 unicast\n  network 10.244.1.0/24\n exit-address-family\n",
-    );
-    let mut d2 = sepal(&s2, 65002, &["0.0.0.0:179"], json!({}));
-    d2.peer(peer.clone());
-    d2.announce("10.244.2.0/24");
-    established(&mut d2, "10.213.0.1");
-    wait_for(T, "FRR's route in Sepal over GTSM", || {
-        d2.route("10.244.1.0/24")
-    });
-    wait_for(T, "our route in FRR over GTSM", || {
-        frr.routes("ipv4").get("10.244.2.0/24").map(|_| ())
-    });
-
-    // The issue's case: Sepal passive, FRR with `ttl-security hops 1` connecting in. FRR drops
-    // anything below TTL 255, so the session needs the listener to answer with 255.
-    let (s4, p4) = pair("gp");
-    let frr_active = Frr::start(
-        &p4,
-        "10.213.0.1",
-        "router bgp 65001\n bgp router-id 10.213.0.1\n no bgp ebgp-requires-policy\n no bgp network import-check\n \
-         neighbor 10.213.0.2 remote-as 65002\n neighbor 10.213.0.2 timers connect 1\n neighbor 10.213.0.2 timers 3 9\n \
-         neighbor 10.213.0.2 ttl-security hops 1\n \
-         address-family ipv4 unicast\n  network 10.244.1.0/24\n exit-address-family\n",
-    );
-    let mut d4 = sepal(&s4, 65002, &["0.0.0.0:179"], json!({}));
-    let mut passive = peer.clone();
-    passive["passive"] = json!(true);
-    d4.peer(passive);
-    d4.announce("10.244.2.0/24");
-    established(&mut d4, "10.213.0.1");
-    wait_for(T, "FRR's route in a passive Sepal over GTSM", || {
-        d4.route("10.244.1.0/24")
-    });
-    wait_for(T, "our route in FRR over GTSM, FRR connecting", || {
-        frr_active.routes("ipv4").get("10.244.2.0/24").map(|_| ())
-    });
+         address-family ipv4 unicast\n  network 10.244.1.0/24\n exit-address-family\n";
+    for (tag, passive) in [("gf", false), ("gp", true)] {
+        let (s, p) = pair(tag);
+        let frr = Frr::start(&p, "10.213.0.1", frr_gtsm);
+        let mut d = sepal(&s, 65002, &["0.0.0.0:179"], json!({}));
+        let mut cfg = peer.clone();
+        cfg["passive"] = json!(passive);
+        d.peer(cfg);
+        d.announce("10.244.2.0/24");
+        established(&mut d, "10.213.0.1");
+        wait_for(
+            T,
+            &format!("FRR's route in Sepal over GTSM, passive {passive}"),
+            || d.route("10.244.1.0/24"),
+        );
+        wait_for(
+            T,
+            &format!("our route in FRR over GTSM, passive {passive}"),
+            || frr.routes("ipv4").get("10.244.2.0/24").map(|_| ()),
+        );
+    }
 
     // BIRD without GTSM sends with TTL 1: the kernel drops its segments below IP_MINTTL 255.
     let (s3, p3) = pair("gn");

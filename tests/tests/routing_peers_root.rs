@@ -34,26 +34,6 @@ fn node_and_router(objects: &str, annotations: &str) -> (Cluster, Netns) {
     (c, router)
 }
 
-/// `sepal ARGS` against the node's operator socket: stdout.
-fn admin(node: &Node, args: &[&str]) -> String {
-    let sock = node.socket.with_file_name("admin.sock");
-    let out = std::process::Command::new(sepal_tests::bin_path("sepal"))
-        .args(args)
-        .args(["--admin-socket", sock.to_str().expect("utf-8")])
-        .output()
-        .expect("run sepal");
-    assert!(
-        out.status.success(),
-        "sepal {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-fn status_json(node: &Node) -> serde_json::Value {
-    serde_json::from_str(&admin(node, &["status", "--json"])).expect("status JSON")
-}
-
 fn bgp_peer(asn: u32, extra: &str) -> String {
     format!(
         "---\napiVersion: sepal.dev/v1alpha1\nkind: BGPPeer\nmetadata:\n  name: router\nspec:\n  \
@@ -363,14 +343,14 @@ protocol bgp n0 {
     });
     // The node shows its BFD session Up with the intervals in force.
     let bfd = wait_for(T, "the node's BFD session Up in `sepal status`", || {
-        let st = status_json(&c.nodes[0]);
+        let st = c.nodes[0].status_json();
         let b = st["bgp"]["bfd"].as_array()?.first()?.clone();
         (b["state"] == "Up").then_some(b)
     });
     assert_eq!(bfd["peer"], "10.0.0.1", "{bfd}");
     assert_eq!(bfd["tx_interval_ms"], 300, "{bfd}");
     assert_eq!(bfd["detection_time_ms"], 900, "{bfd}");
-    let text = admin(&c.nodes[0], &["status"]);
+    let text = c.nodes[0].admin(&["status"]);
     assert!(
         text.contains("BFD PEER") && text.contains("10.0.0.1"),
         "{text}"
@@ -407,7 +387,7 @@ protocol bgp n0 {
         "router: {router_gone:?}"
     );
 
-    let st = status_json(&c.nodes[0]);
+    let st = c.nodes[0].status_json();
     let b = &st["bgp"]["bfd"][0];
     assert_eq!(b["state"], "Down", "{st}");
     assert_eq!(b["diag"], "ControlDetectionTimeExpired", "{st}");

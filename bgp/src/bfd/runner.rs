@@ -6,7 +6,6 @@ use std::collections::HashMap;
 use std::io::IoSliceMut;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::os::fd::AsRawFd;
-use std::sync::Arc;
 use std::time::Instant;
 
 use nix::sys::socket::{self, sockopt, ControlMessageOwned, MsgFlags, SockaddrStorage};
@@ -17,6 +16,7 @@ use tokio::sync::{mpsc, oneshot};
 use super::packet::{Diag, Packet, State};
 use super::session::{Output, Session, Status, Timers};
 use crate::socket::{set_gtsm, Gtsm};
+use crate::speaker::sleep_until;
 
 /// Control packets go to this port (RFC 5881 §4).
 pub const CONTROL_PORT: u16 = 3784;
@@ -81,7 +81,7 @@ pub enum Error {
 struct Entry {
     cfg: PeerConfig,
     session: Session,
-    sock: Arc<UdpSocket>,
+    sock: UdpSocket,
     since: Instant,
 }
 
@@ -153,9 +153,7 @@ impl Bfd {
 /// The receiving socket on port 3784, reporting each packet's TTL (RFC 5881 §5: only 255).
 fn listener(addr: SocketAddr) -> std::io::Result<UdpSocket> {
     let std_sock = if addr.is_ipv6() {
-        let s = socket2_v6()?;
-        s.bind(&addr.into())?;
-        std::net::UdpSocket::from(s)
+        bind_ipv6_only(addr)?
     } else {
         std::net::UdpSocket::bind(addr)?
     };
@@ -168,8 +166,8 @@ fn listener(addr: SocketAddr) -> std::io::Result<UdpSocket> {
     UdpSocket::from_std(std_sock)
 }
 
-/// An IPv6-only UDP socket (IPv4 has its own listener on the same port).
-fn socket2_v6() -> std::io::Result<std::os::fd::OwnedFd> {
+/// An IPv6-only UDP socket bound to `addr` (IPv4 has its own listener on the same port).
+fn bind_ipv6_only(addr: SocketAddr) -> std::io::Result<std::net::UdpSocket> {
     use nix::sys::socket::{AddressFamily, SockFlag, SockType};
     let fd = socket::socket(
         AddressFamily::Inet6,
@@ -178,18 +176,8 @@ fn socket2_v6() -> std::io::Result<std::os::fd::OwnedFd> {
         None,
     )?;
     socket::setsockopt(&fd, sockopt::Ipv6V6Only, &true)?;
-    socket::setsockopt(&fd, sockopt::ReuseAddr, &true)?;
-    Ok(fd)
-}
-
-trait BindOwned {
-    fn bind(&self, addr: &SockaddrStorage) -> std::io::Result<()>;
-}
-
-impl BindOwned for std::os::fd::OwnedFd {
-    fn bind(&self, addr: &SockaddrStorage) -> std::io::Result<()> {
-        Ok(socket::bind(self.as_raw_fd(), addr)?)
-    }
+    socket::bind(fd.as_raw_fd(), &SockaddrStorage::from(addr))?;
+    Ok(std::net::UdpSocket::from(fd))
 }
 
 /// Reads one datagram; `None` for one to drop (TTL below 255, not a valid Control packet).
@@ -300,13 +288,17 @@ impl Core {
                 // Never 0 (RFC 5880 §6.8.1), unique among the sessions.
                 self.next_discr = self.next_discr.checked_add(1).unwrap_or(1);
                 let sock = match sender(&cfg, discr) {
-                    Ok(s) => Arc::new(s),
+                    Ok(s) => s,
                     Err(e) => {
                         tracing::warn!(peer = %cfg.peer, error = %e, "BFD: no socket for the session");
                         return;
                     }
                 };
-                let seed = u64::from(discr) ^ (now.elapsed().as_nanos() as u64) ^ 0x9e37_79b9;
+                // Jitter differs between sessions and between runs.
+                let clock = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_nanos() as u64);
+                let seed = u64::from(discr) ^ clock;
                 let session = Session::new(cfg.timers, self.cpi, discr, now, seed);
                 self.by_discr.insert(discr, cfg.peer);
                 self.peers.insert(
@@ -411,12 +403,5 @@ impl Core {
                 }
             }
         }
-    }
-}
-
-async fn sleep_until(t: Option<Instant>) {
-    match t {
-        Some(t) => tokio::time::sleep_until(t.into()).await,
-        None => std::future::pending().await,
     }
 }

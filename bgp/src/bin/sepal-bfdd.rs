@@ -6,13 +6,15 @@
 //   {"cmd":"admin_down","address":"10.0.0.1","down":true}
 //   {"cmd":"sessions"}   {"cmd":"changes"} (state changes since the last call)   {"cmd":"shutdown"}
 
-use std::io::BufRead;
 use std::net::IpAddr;
 use std::time::Duration;
 
 use sepal_bgp::bfd::{Bfd, Change, PeerConfig, Timers};
 use serde::Deserialize;
 use serde_json::{json, Value};
+
+#[path = "common/json_lines.rs"]
+mod json_lines;
 
 #[derive(Deserialize)]
 #[serde(tag = "cmd", rename_all = "snake_case")]
@@ -41,50 +43,12 @@ enum Cmd {
 }
 
 fn main() {
-    let rt = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("sepal-bfdd: runtime: {e}");
-            std::process::exit(1);
-        }
-    };
-    rt.block_on(run());
+    json_lines::run("sepal-bfdd", None, handle);
 }
 
 struct Running {
     bfd: Bfd,
     changes: tokio::sync::mpsc::UnboundedReceiver<Change>,
-}
-
-async fn run() {
-    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<String>();
-    std::thread::spawn(move || {
-        for line in std::io::stdin().lock().lines() {
-            let Ok(line) = line else { break };
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
-    let mut running: Option<Running> = None;
-    while let Some(line) = rx.recv().await {
-        if line.trim().is_empty() {
-            continue;
-        }
-        let reply = match serde_json::from_str::<Cmd>(&line) {
-            Err(e) => json!({ "error": format!("bad command: {e}") }),
-            Ok(cmd) => handle(&mut running, cmd)
-                .await
-                .unwrap_or_else(|e| json!({ "error": e })),
-        };
-        println!("{reply}");
-        if reply.get("bye").is_some() {
-            return;
-        }
-    }
 }
 
 async fn handle(running: &mut Option<Running>, cmd: Cmd) -> Result<Value, String> {

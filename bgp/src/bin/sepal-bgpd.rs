@@ -1,7 +1,6 @@
 // A small BGP speaker process driven by JSON lines on stdin, one JSON reply per line on stdout.
 // Used by interop tests and benchmarks to run the library inside a network namespace.
 
-use std::io::BufRead;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
@@ -12,6 +11,9 @@ use sepal_bgp::{
 };
 use serde::Deserialize;
 use serde_json::{json, Value};
+
+#[path = "common/json_lines.rs"]
+mod json_lines;
 
 #[derive(Deserialize)]
 #[serde(tag = "cmd", rename_all = "snake_case")]
@@ -118,102 +120,7 @@ impl PeerArgs {
 }
 
 fn main() {
-    let rt = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("sepal-bgpd: runtime: {e}");
-            std::process::exit(1);
-        }
-    };
-    rt.block_on(run());
-}
-
-/// Feeds stdin's lines into `tx`: on the runtime's own thread when stdin can be polled (a pipe),
-/// so the process is one thread like the daemons it is compared with; else from a thread.
-fn read_commands(tx: tokio::sync::mpsc::UnboundedSender<String>) {
-    // SAFETY: fcntl on fd 0 only changes its file status flags.
-    let nonblocking = unsafe {
-        let fl = libc::fcntl(0, libc::F_GETFL);
-        fl >= 0 && libc::fcntl(0, libc::F_SETFL, fl | libc::O_NONBLOCK) == 0
-    };
-    // SAFETY: fd 0 stays open, and is fd 0, for the life of the process.
-    let polled = nonblocking
-        .then(|| unsafe { tokio::io::unix::AsyncFd::register(std::io::stdin()) }.ok())
-        .flatten();
-    let Some(fd) = polled else {
-        if nonblocking {
-            // SAFETY: as above.
-            unsafe {
-                let fl = libc::fcntl(0, libc::F_GETFL);
-                libc::fcntl(0, libc::F_SETFL, fl & !libc::O_NONBLOCK);
-            }
-        }
-        std::thread::spawn(move || {
-            for line in std::io::stdin().lock().lines() {
-                let Ok(line) = line else { break };
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        return;
-    };
-    tokio::spawn(async move {
-        let mut pending = Vec::new();
-        let mut chunk = [0u8; 4096];
-        loop {
-            let Ok(mut ready) = fd.readable().await else {
-                return;
-            };
-            // SAFETY: reads into a buffer of the given length.
-            let r = ready.try_io(|_| {
-                let n = unsafe { libc::read(0, chunk.as_mut_ptr().cast(), chunk.len()) };
-                if n < 0 {
-                    Err(std::io::Error::last_os_error())
-                } else {
-                    Ok(n as usize)
-                }
-            });
-            match r {
-                Err(_would_block) => continue,
-                Ok(Ok(0)) | Ok(Err(_)) => return,
-                Ok(Ok(n)) => pending.extend_from_slice(&chunk[..n]),
-            }
-            while let Some(i) = pending.iter().position(|b| *b == b'\n') {
-                let line: Vec<u8> = pending.drain(..=i).collect();
-                if tx
-                    .send(String::from_utf8_lossy(&line[..i]).into_owned())
-                    .is_err()
-                {
-                    return;
-                }
-            }
-        }
-    });
-}
-
-async fn run() {
-    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<String>();
-    read_commands(tx);
-    let mut speaker: Option<Speaker> = None;
-    while let Some(line) = rx.recv().await {
-        if line.trim().is_empty() {
-            continue;
-        }
-        let reply = match serde_json::from_str::<Cmd>(&line) {
-            Err(e) => json!({ "error": format!("bad command: {e}") }),
-            Ok(cmd) => handle(&mut speaker, cmd)
-                .await
-                .unwrap_or_else(|e| json!({ "error": e })),
-        };
-        println!("{reply}");
-        if reply.get("bye").is_some() {
-            return;
-        }
-    }
+    json_lines::run("sepal-bgpd", None, handle);
 }
 
 async fn handle(speaker: &mut Option<Speaker>, cmd: Cmd) -> Result<Value, String> {
