@@ -111,6 +111,11 @@ pub struct NodeArgs {
     /// [default: withdraw].
     #[arg(long, value_enum)]
     pub stop_mode: Option<StopMode>,
+    /// Run BFD through the `sepal bfd` daemon listening on this socket (e.g.
+    /// /run/sepal/bfd.sock), whose sessions outlive agent restarts; without it BFD runs inside
+    /// the agent and goes down with it.
+    #[arg(long, value_name = "PATH")]
+    pub bfd_socket: Option<PathBuf>,
 }
 
 pub const DEFAULT_SYNC_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
@@ -155,6 +160,8 @@ struct FileConfig {
     proc_sys: Option<PathBuf>,
     #[serde(alias = "stopMode")]
     stop_mode: Option<StopMode>,
+    #[serde(alias = "bfdSocket")]
+    bfd_socket: Option<PathBuf>,
 }
 
 /// The settings the agent runs with.
@@ -182,6 +189,8 @@ pub struct NodeConfig {
     pub proc_sys: PathBuf,
     /// What a stop tells BGP peers (see `--stop-mode`).
     pub stop_mode: StopMode,
+    /// The `sepal bfd` daemon's socket; None: BFD in the agent (see `--bfd-socket`).
+    pub bfd_socket: Option<PathBuf>,
 }
 
 fn read_file(path: &Path) -> Result<FileConfig> {
@@ -290,6 +299,7 @@ impl NodeConfig {
                 .or(file.proc_sys)
                 .unwrap_or_else(|| PathBuf::from("/proc/sys")),
             stop_mode: args.stop_mode.or(file.stop_mode).unwrap_or_default(),
+            bfd_socket: args.bfd_socket.clone().or(file.bfd_socket),
         })
     }
 }

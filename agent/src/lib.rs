@@ -4,6 +4,7 @@
 //! `testing` are public.
 
 mod admin;
+mod bfd;
 mod config;
 mod crd;
 mod datastore;
@@ -40,6 +41,9 @@ struct Cli {
 enum Command {
     /// Run the node agent: IPAM, the CNI plugin's socket, host routes.
     Node(NodeArgs),
+    /// Run BFD apart from the agent, for its `--bfd-socket`: the sessions outlive agent
+    /// restarts, so peers keep the node's routes through them (graceful restart).
+    Bfd(bfd::daemon::BfdArgs),
     /// A whole cluster on one Linux box, in network namespaces.
     Lab(lab::LabArgs),
     /// Print the model a datastore yields (once synced; with --watch after every change).
@@ -92,7 +96,7 @@ impl Command {
     /// lab's API relay and control-plane supervisor.
     fn has_sockets(&self) -> bool {
         match self {
-            Command::Node(_) | Command::Datastore(_) => true,
+            Command::Node(_) | Command::Bfd(_) | Command::Datastore(_) => true,
             Command::Lab(lab) => lab.command.has_sockets(),
             _ => false,
         }
@@ -135,6 +139,7 @@ pub fn main() -> ExitCode {
     }
     let result = match cli.command {
         Command::Node(args) => run_node(args),
+        Command::Bfd(args) => bfd::daemon::run(args),
         Command::Lab(args) => lab::run(args),
         Command::Datastore(args) => datastore::kube::run_inspect(args),
         Command::Crds { out } => crd::write_crds(&out)

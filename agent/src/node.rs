@@ -736,7 +736,7 @@ pub async fn run(cfg: NodeConfig) -> Result<()> {
     }
     // Routing reads the kernel's BGP routes before the first reconcile, which then keeps them
     // (graceful restart: stale until relearned or swept).
-    let routing = crate::routing::Routing::start(handle.clone()).await?;
+    let routing = crate::routing::Routing::start(handle.clone(), cfg.bfd_socket.clone()).await?;
     routing.update_from_model(&model, &cfg.node_name);
     let mut bgp_routes = routing.routes();
     agent.routing = Some(routing);

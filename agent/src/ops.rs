@@ -230,27 +230,29 @@ fn print_status(s: &StatusReport) {
     if !s.bgp.bfd.is_empty() {
         println!();
         println!(
-            "{:<26} {:<10} {:<10} {:>8} {:>8} {:>9}  LAST DIAGNOSTIC",
-            "BFD PEER", "STATE", "REMOTE", "TX ms", "DETECT", "SINCE"
+            "{:<26} {:<10} {:<10} {:>8} {:>8} {:>9} {:>6}  LAST DIAGNOSTIC",
+            "BFD PEER", "STATE", "REMOTE", "TX ms", "DETECT", "SINCE", "C BIT"
         );
+        let bit = |b: bool| if b { '1' } else { '0' };
         for b in &s.bgp.bfd {
             println!(
-                "{:<26} {:<10} {:<10} {:>8} {:>8} {:>9}  {} ({}){}",
+                "{:<26} {:<10} {:<10} {:>8} {:>8} {:>9} {:>6}  {} ({})",
                 b.peer,
                 b.state,
                 b.remote_state,
                 b.tx_interval_ms,
                 b.detection_time_ms,
                 duration(b.since_change_secs),
+                format!(
+                    "{}/{}",
+                    bit(b.control_plane_independent),
+                    bit(b.remote_control_plane_independent)
+                ),
                 b.diag,
                 b.diag_code,
-                if b.remote_control_plane_independent {
-                    "   peer: control-plane independent"
-                } else {
-                    ""
-                }
             );
         }
+        println!("(C BIT: this node's / the peer's; 1 = BFD runs apart from BGP and survives its restarts)");
     }
     for w in &s.bgp.warnings {
         println!("BGP warning: {w}");

@@ -20,6 +20,8 @@ pub struct Node {
     /// Extra `sepal node` flags for the next start.
     pub agent_args: Vec<String>,
     agent: Option<Child>,
+    /// `sepal bfd`, when [`Node::start_bfd_daemon`] started one.
+    bfd_daemon: Option<Child>,
     _dir: tempfile::TempDir,
 }
 
@@ -60,6 +62,7 @@ impl Node {
             socket,
             agent_args: Vec::new(),
             agent: None,
+            bfd_daemon: None,
             _dir: dir,
         }
     }
@@ -141,6 +144,44 @@ impl Node {
         }
     }
 
+    /// Starts `sepal bfd` in the namespace (its log beside the agent's) and points the agent's
+    /// next starts at it with `--bfd-socket`; returns once the daemon listens.
+    pub fn start_bfd_daemon(&mut self) {
+        assert!(self.bfd_daemon.is_none(), "BFD daemon already running");
+        let socket = self.socket.with_file_name("bfd.sock");
+        let log = fs::File::create(self.state_dir.with_extension("bfd.log")).expect("bfd log");
+        let child = self
+            .netns
+            .command(&[
+                crate::bin_path("sepal").to_str().expect("utf-8 path"),
+                "bfd",
+                "--socket",
+                socket.to_str().expect("utf-8 path"),
+            ])
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("dup log"))
+            .stderr(log)
+            .spawn()
+            .expect("start sepal bfd");
+        self.bfd_daemon = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::os::unix::net::UnixStream::connect(&socket).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "sepal bfd not listening in 10 s; log:\n{}",
+                self.bfd_daemon_log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        self.agent_args.push("--bfd-socket".into());
+        self.agent_args
+            .push(socket.to_str().expect("utf-8 path").into());
+    }
+
+    pub fn bfd_daemon_log(&self) -> String {
+        fs::read_to_string(self.state_dir.with_extension("bfd.log")).unwrap_or_default()
+    }
+
     /// Kills the agent with SIGKILL (no cleanup on its side), as a crash would.
     pub fn kill_agent(&mut self) {
         if let Some(mut child) = self.agent.take() {
@@ -204,6 +245,9 @@ impl Node {
 impl Drop for Node {
     fn drop(&mut self) {
         self.kill_agent();
+        if let Some(mut d) = self.bfd_daemon.take() {
+            crate::netns::kill(&mut d);
+        }
     }
 }
 

@@ -103,6 +103,7 @@ pub fn bfd_report(b: &sepal_bgp::bfd::PeerStatus) -> BfdReport {
         tx_interval_ms: s.tx_interval_ms,
         detection_time_ms: s.detection_time_ms,
         since_change_secs: b.since_change_s,
+        control_plane_independent: s.control_plane_independent,
         remote_control_plane_independent: s.remote_control_plane_independent,
     }
 }

@@ -124,6 +124,9 @@ pub struct BfdReport {
     pub tx_interval_ms: u64,
     pub detection_time_ms: u64,
     pub since_change_secs: u64,
+    /// This node's BFD runs apart from the agent (`sepal bfd`), and says so with the C bit.
+    #[serde(default)]
+    pub control_plane_independent: bool,
     /// The peer's BFD runs apart from its control plane (the C bit).
     pub remote_control_plane_independent: bool,
 }

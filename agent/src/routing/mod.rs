@@ -7,9 +7,11 @@ pub mod inputs;
 pub mod plan;
 
 use std::collections::BTreeMap;
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use crate::bfd::{client::DaemonClient, Backend};
 use anyhow::{Context, Result};
 use futures::TryStreamExt;
 use ipnetwork::IpNetwork;
@@ -81,7 +83,7 @@ pub struct Routing {
     inputs: watch::Sender<Option<Inputs>>,
     routes: watch::Receiver<Desired>,
     speaker: Arc<Mutex<Option<Speaker>>>,
-    bfd: Arc<Mutex<Option<Bfd>>>,
+    bfd: Arc<Mutex<Option<Backend>>>,
     warnings: watch::Receiver<Vec<String>>,
     /// Inputs left out as invalid, as last logged: each is logged once while it lasts, not on
     /// every datastore change.
@@ -92,7 +94,8 @@ impl Routing {
     /// Starts routing in the current network namespace. Gateway routes of protocol 83 already in
     /// the kernel (a previous agent's) are kept as stale and the speaker announces a graceful
     /// restart, so peers keep our routes and we keep theirs until the tables are relearned.
-    pub async fn start(handle: rtnetlink::Handle) -> Result<Routing> {
+    /// BFD runs in the agent, or in the `sepal bfd` daemon at `bfd_socket`.
+    pub async fn start(handle: rtnetlink::Handle, bfd_socket: Option<PathBuf>) -> Result<Routing> {
         let kernel = RouteReconciler::new(handle.clone())
             .kernel_routes()
             .await
@@ -112,6 +115,7 @@ impl Routing {
         let bfd = Arc::new(Mutex::new(None));
         let task = Task {
             bfd: BfdSessions {
+                daemon: bfd_socket,
                 running: None,
                 shared: bfd.clone(),
                 changes: None,
@@ -226,7 +230,7 @@ impl Routing {
 
     /// The running BFD task, for the operator socket, status and metrics to query without the
     /// agent's lock; None while no session has BFD.
-    pub fn bfd(&self) -> Option<Bfd> {
+    pub fn bfd(&self) -> Option<Backend> {
         self.bfd.lock().ok().and_then(|s| s.clone())
     }
 
@@ -285,54 +289,62 @@ async fn connected(handle: &rtnetlink::Handle) -> Result<Vec<(String, IpNetwork)
 
 /// The BFD sessions of the planned BGP sessions that ask for one.
 struct BfdSessions {
-    running: Option<Bfd>,
-    shared: Arc<Mutex<Option<Bfd>>>,
+    /// The `sepal bfd` daemon's socket; None: BFD in this process.
+    daemon: Option<PathBuf>,
+    running: Option<Backend>,
+    shared: Arc<Mutex<Option<Backend>>>,
     changes: Option<mpsc::UnboundedReceiver<bfd::Change>>,
-    /// What each running session was given: source address and timers.
-    peers: BTreeMap<IpAddr, (Option<IpAddr>, bfd::Timers)>,
+    /// What each running session was given.
+    peers: BTreeMap<IpAddr, bfd::PeerConfig>,
 }
 
 impl BfdSessions {
-    /// Starts, changes and stops sessions to match the plan. BFD's port is bound only once a
-    /// session asks for it; if that fails, the next replan tries again.
+    /// Starts, changes and stops sessions to match the plan. BFD starts only once a session
+    /// asks for it; if binding its port fails, the next replan tries again.
     async fn sync(&mut self, p: &Plan) {
-        let want: BTreeMap<IpAddr, (Option<IpAddr>, bfd::Timers)> = p
+        let want: BTreeMap<IpAddr, bfd::PeerConfig> = p
             .peers
             .iter()
-            .filter_map(|(a, pp)| pp.bfd.map(|t| (*a, (pp.source, t))))
+            .filter_map(|(a, pp)| {
+                pp.bfd.map(|timers| {
+                    let cfg = bfd::PeerConfig {
+                        peer: *a,
+                        local: pp.source,
+                        timers,
+                    };
+                    (*a, cfg)
+                })
+            })
             .collect();
         if want == self.peers {
             return;
         }
         if self.running.is_none() {
-            match Bfd::start(false).await {
-                Ok((b, rx)) => {
-                    if let Ok(mut s) = self.shared.lock() {
-                        *s = Some(b.clone());
+            let (backend, rx) = match &self.daemon {
+                Some(socket) => {
+                    let (c, rx) = DaemonClient::start(socket.clone());
+                    (Backend::Daemon(c), rx)
+                }
+                None => match Bfd::start(false).await {
+                    Ok((b, rx)) => (Backend::InProcess(b), rx),
+                    Err(e) => {
+                        tracing::warn!("starting BFD: {e}");
+                        return;
                     }
-                    self.running = Some(b);
-                    self.changes = Some(rx);
-                }
-                Err(e) => {
-                    tracing::warn!("starting BFD: {e}");
-                    return;
-                }
+                },
+            };
+            if let Ok(mut s) = self.shared.lock() {
+                *s = Some(backend.clone());
             }
+            self.running = Some(backend);
+            self.changes = Some(rx);
         }
-        let Some(b) = &self.running else {
-            return;
-        };
-        for a in self.peers.keys().filter(|a| !want.contains_key(a)) {
-            let _ = b.remove_peer(*a);
-        }
-        for (a, (local, timers)) in &want {
-            if self.peers.get(a) != Some(&(*local, *timers)) {
-                let _ = b.set_peer(bfd::PeerConfig {
-                    peer: *a,
-                    local: *local,
-                    timers: *timers,
-                });
+        match &self.running {
+            Some(Backend::InProcess(b)) => {
+                let _ = crate::bfd::apply(b, &self.peers, &want);
             }
+            Some(Backend::Daemon(d)) => d.set_peers(want.values().cloned().collect()),
+            None => return,
         }
         self.peers = want;
     }

@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 /// Session states as carried in the Sta field (RFC 5880 §4.1).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 pub enum State {
     AdminDown = 0,
     Down = 1,
@@ -24,7 +24,7 @@ impl State {
 }
 
 /// Diagnostic codes (RFC 5880 §4.1): why the session last left Up.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 pub enum Diag {
     None,
     /// 1: the peer's packets stopped for the detection time.

@@ -24,7 +24,7 @@ pub const CONTROL_PORT: u16 = 3784;
 const SOURCE_PORTS: std::ops::RangeInclusive<u16> = 49152..=65535;
 
 /// One session to run.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct PeerConfig {
     pub peer: IpAddr,
     /// Source address; by default the kernel's choice towards the peer.
@@ -33,7 +33,7 @@ pub struct PeerConfig {
 }
 
 /// A session's state change, for the BGP sessions over the same path.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Change {
     pub peer: IpAddr,
     pub from: State,
@@ -45,7 +45,7 @@ pub struct Change {
 }
 
 /// One session's status with its peer.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct PeerStatus {
     pub peer: IpAddr,
     #[serde(flatten)]

@@ -8,7 +8,7 @@ use super::packet::{Diag, Packet, State};
 
 /// The intervals one end asks for (RFC 5880 §6.8.1 bfd.DesiredMinTxInterval,
 /// bfd.RequiredMinRxInterval, bfd.DetectMult).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Timers {
     pub min_tx: Duration,
     pub min_rx: Duration,
@@ -33,7 +33,7 @@ pub enum Output {
 }
 
 /// A session's state as shown to operators.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Status {
     pub state: State,
     pub remote_state: State,
@@ -45,6 +45,8 @@ pub struct Status {
     /// The interval this end transmits at (before jitter), and the detection time, in force now.
     pub tx_interval_ms: u64,
     pub detection_time_ms: u64,
+    /// The C bit this end sends: BFD runs apart from the BGP it serves (RFC 5880 §4.1).
+    pub control_plane_independent: bool,
     pub remote_control_plane_independent: bool,
 }
 
@@ -324,6 +326,7 @@ impl Session {
             remote_discriminator: self.remote_discr,
             tx_interval_ms: self.tx_interval().as_millis() as u64,
             detection_time_ms: self.detection_time().as_millis() as u64,
+            control_plane_independent: self.control_plane_independent,
             remote_control_plane_independent: self.remote_cpi,
         }
     }

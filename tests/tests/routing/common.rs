@@ -369,6 +369,11 @@ impl TorDaemon {
 /// The cluster's routing objects for [`tor_cluster`]: the BGPConfiguration (mesh off, fast
 /// timers, `extra`), the MD5 Secret and one BGPPeer per node naming the ToR on its link.
 pub fn tor_objects(n: usize, extra: &str) -> String {
+    tor_objects_with(n, extra, "")
+}
+
+/// [`tor_objects`] with `peer_extra` in every BGPPeer's spec.
+pub fn tor_objects_with(n: usize, extra: &str, peer_extra: &str) -> String {
     let mut objects = bgp_configuration(false, extra);
     objects.push_str(&format!(
         "---\napiVersion: v1\nkind: Secret\nmetadata:\n  name: tor-md5\n  namespace: sepal-system\nstringData:\n  password: {MD5}\n"
@@ -377,7 +382,7 @@ pub fn tor_objects(n: usize, extra: &str) -> String {
         objects.push_str(&format!(
             "---\napiVersion: sepal.dev/v1alpha1\nkind: BGPPeer\nmetadata:\n  name: tor-n{i}\nspec:\n  \
              peerIP: 10.0.{i}.1\n  asNumber: {TOR_AS}\n  node: n{i}\n  keepaliveTime: 1s\n  holdTime: 3s\n  \
-             password: {{secretKeyRef: {{name: tor-md5, key: password}}}}\n"
+             password: {{secretKeyRef: {{name: tor-md5, key: password}}}}\n{peer_extra}"
         ));
     }
     objects
@@ -389,7 +394,19 @@ pub fn tor_objects(n: usize, extra: &str) -> String {
 /// also announces a default route (which the nodes must refuse). `extra` goes into the
 /// BGPConfiguration.
 pub fn tor_cluster(n: usize, kind: TorKind, extra: &str) -> (Cluster, Netns, TorDaemon) {
+    tor_cluster_with(n, kind, extra, false)
+}
+
+/// [`tor_cluster`], with `bfd`: BFD (default timers: 300 ms, 3) on every BGPPeer and, on the
+/// ToR, FRR's bfdd with `neighbor ... bfd` for each node (FRR only).
+pub fn tor_cluster_with(
+    n: usize,
+    kind: TorKind,
+    extra: &str,
+    bfd: bool,
+) -> (Cluster, Netns, TorDaemon) {
     sepal_tests::require_root();
+    assert!(!bfd || kind == TorKind::Frr, "BFD on the ToR: FRR only");
     let tor = Netns::new("tor");
     tor.run("sysctl -qw net.ipv4.ip_forward=1 net.ipv6.conf.all.forwarding=1");
     settled_link_local(&tor);
@@ -425,7 +442,8 @@ pub fn tor_cluster(n: usize, kind: TorKind, extra: &str) -> (Cluster, Netns, Tor
             ),
         );
     }
-    let objects = tor_objects(n, extra);
+    let peer_extra = if bfd { "  bfd: {enabled: true}\n" } else { "" };
+    let objects = tor_objects_with(n, extra, peer_extra);
     c.write_all("routing.yaml", &objects);
     // The ToR runs the configuration of the peering guide (docs/peering/), filled in here.
     let global = peering::values([
@@ -457,6 +475,17 @@ pub fn tor_cluster(n: usize, kind: TorKind, extra: &str) -> (Cluster, Netns, Tor
     let daemon = match kind {
         TorKind::Bird => {
             TorDaemon::Bird(sepal_tests::bgpd::Bird::start(&tor, &conf(peering::BIRD)))
+        }
+        TorKind::Frr if bfd => {
+            // The guide's configuration, then BFD on each node's session (bfdd's defaults).
+            let mut text = conf(peering::FRR);
+            text.push_str(&format!("router bgp {TOR_AS}\n"));
+            for i in 0..n {
+                text.push_str(&format!(" neighbor 10.0.{i}.2 bfd\n"));
+            }
+            TorDaemon::Frr(sepal_tests::bgpd::Frr::start_with_bfd(
+                &tor, "0.0.0.0", &text,
+            ))
         }
         TorKind::Frr => TorDaemon::Frr(sepal_tests::bgpd::Frr::start_with_zebra(
             &tor,
