@@ -10,6 +10,7 @@ pub mod lab;
 pub mod netns;
 pub mod node;
 pub mod podnet;
+pub mod routing;
 
 use std::path::PathBuf;
 

@@ -7,8 +7,7 @@
 //! instead (every packet in or out dropped, links up) loses its BFD session, and its block is
 //! gone from the ToR's kernel and from the other node's within a second.
 
-#[path = "routing/common.rs"]
-mod common;
+use sepal_tests::routing as common;
 
 use common::{cut_off, routes_via_tor, tor_cluster_with, TorDaemon, TorKind};
 use sepal_tests::bgpd::wait_for;

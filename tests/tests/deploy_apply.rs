@@ -28,6 +28,7 @@ fn deploy_applies_server_side_and_again_without_conflicts() {
         "serviceaccount/sepal-node",
         "clusterrole.rbac.authorization.k8s.io/sepal-node",
         "daemonset.apps/sepal-node",
+        "daemonset.apps/sepal-bfd",
     ] {
         assert!(out.contains(object), "{object} not applied:\n{out}");
     }
@@ -47,6 +48,11 @@ fn deploy_applies_server_side_and_again_without_conflicts() {
         "sepal-node"
     );
     assert_eq!(ds["spec"]["revisionHistoryLimit"], 10);
+    // BFD is replaced only when an operator deletes its pods, never by a rollout of the agent.
+    let bfd = c
+        .get("daemonset", "sepal-system", "sepal-bfd")
+        .expect("BFD DaemonSet");
+    assert_eq!(bfd["spec"]["updateStrategy"]["type"], "OnDelete");
 }
 
 #[test]

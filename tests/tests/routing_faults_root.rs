@@ -11,8 +11,7 @@
 //! - The ToR's default route is installed only where a BGPPeer's import policy allows it, and
 //!   goes from the kernel when the policy is changed back, without a restart.
 
-#[path = "routing/common.rs"]
-mod common;
+use sepal_tests::routing as common;
 
 use common::{
     assert_reach, blocks, cut_off, pings, routes_via_tor, tor_cluster, tor_objects, within,

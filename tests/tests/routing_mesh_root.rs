@@ -2,8 +2,7 @@
 //! underlay, pods through sepal-cni, learned routes in the kernel, no encapsulation, graceful
 //! restart under a continuous ping, withdrawal when a node stops.
 
-#[path = "routing/common.rs"]
-mod common;
+use sepal_tests::routing as common;
 
 use common::{bgp_configuration, cut_off, pings, within, Cluster, HOLD};
 use sepal_tests::bgpd::{wait_for, Bird};

@@ -4,8 +4,7 @@
 //! MD5 key corrected in its Secret without an agent restart. The BGP library's own tests cover
 //! the same options against the speaker alone; these check what the docs promise of the agent.
 
-#[path = "routing/common.rs"]
-mod common;
+use sepal_tests::routing as common;
 
 use common::{bgp_configuration, node_yaml, Cluster, TorKind};
 use sepal_tests::bgpd::{wait_for, Bird, Frr, Gobgp};

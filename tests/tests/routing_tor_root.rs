@@ -5,8 +5,7 @@
 //! without graceful restart is withdrawn within the hold time, and an agent killed and restarted
 //! costs no packet (GoBGP: on a cluster of its own, see tor_gobgp_agent_restart).
 
-#[path = "routing/common.rs"]
-mod common;
+use sepal_tests::routing as common;
 
 use common::{
     assert_reach, cut_off, pings, routes_via_tor, tor_cluster, v6, within, TorDaemon, TorKind, HOLD,

@@ -49,6 +49,10 @@ const DEPLOY: &[(&str, &str)] = &[
         "30-daemonset.yaml",
         include_str!("../../../deploy/30-daemonset.yaml"),
     ),
+    (
+        "31-bfd-daemonset.yaml",
+        include_str!("../../../deploy/31-bfd-daemonset.yaml"),
+    ),
 ];
 
 pub fn cp_netns(lab: &LabState) -> String {
@@ -323,22 +327,25 @@ pub fn install_sepal(lab: &LabState) -> Result<()> {
     Ok(())
 }
 
-/// Waits until the DaemonSet runs a Ready agent on every node and every Node is Ready.
+/// Waits until the DaemonSets run a Ready agent and BFD daemon on every node and every Node is
+/// Ready.
 pub fn wait_sepal_ready(lab: &LabState) -> Result<()> {
     let timeout = format!("--timeout={}s", READY_TIMEOUT.as_secs());
-    kubectl(
-        lab,
-        &[
-            "-n",
-            "sepal-system",
-            "rollout",
-            "status",
-            "daemonset/sepal-node",
-            &timeout,
-        ],
-        None,
-    )
-    .map_err(|e| e.context(agent_logs_hint(lab)))?;
+    for ds in ["sepal-node", "sepal-bfd"] {
+        kubectl(
+            lab,
+            &[
+                "-n",
+                "sepal-system",
+                "rollout",
+                "status",
+                &format!("daemonset/{ds}"),
+                &timeout,
+            ],
+            None,
+        )
+        .map_err(|e| e.context(agent_logs_hint(lab, ds)))?;
+    }
     kubectl(
         lab,
         &["wait", "--for=condition=Ready", &timeout, "node", "--all"],
@@ -347,10 +354,10 @@ pub fn wait_sepal_ready(lab: &LabState) -> Result<()> {
     Ok(())
 }
 
-fn agent_logs_hint(lab: &LabState) -> String {
+fn agent_logs_hint(lab: &LabState, ds: &str) -> String {
     format!(
-        "the sepal-node DaemonSet is not Ready (see `sepal lab kubectl --name {} -- -n \
-         sepal-system get pods -o wide` and `... logs ds/sepal-node`; kubelet logs are in {})",
+        "the {ds} DaemonSet is not Ready (see `sepal lab kubectl --name {} -- -n \
+         sepal-system get pods -o wide` and `... logs ds/{ds}`; kubelet logs are in {})",
         lab.name,
         lab.dir().join("nodes/NODE/logs/kubelet.log").display()
     )

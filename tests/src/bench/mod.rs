@@ -4,12 +4,21 @@ pub mod bgp;
 pub mod cni;
 pub mod datapath;
 pub mod datastore;
+pub mod failover;
 pub mod iperf;
 pub mod podstart;
 pub mod policy;
 
 /// Subcommand names, for the usage line.
-pub const NAMES: &[&str] = &["bgp", "cni", "datapath", "datastore", "podstart", "policy"];
+pub const NAMES: &[&str] = &[
+    "bgp",
+    "cni",
+    "datapath",
+    "datastore",
+    "failover",
+    "podstart",
+    "policy",
+];
 
 pub fn run(what: &str, args: &[String]) -> anyhow::Result<()> {
     match what {
@@ -17,6 +26,7 @@ pub fn run(what: &str, args: &[String]) -> anyhow::Result<()> {
         "cni" => cni::run(args),
         "datapath" => datapath::run(args),
         "datastore" => datastore::run(args),
+        "failover" => failover::run(args),
         "podstart" => podstart::run(args),
         "policy" => policy::run(args),
         other => anyhow::bail!("unknown benchmark {other:?}; one of {}", NAMES.join(", ")),

@@ -1,12 +1,13 @@
-// Shared topology for the routing end-to-end tests: nodes running the real `sepal node` on an
-// underlay (one L2 segment, or links to top-of-rack routers), pods attached through `sepal-cni`.
-#![allow(dead_code)]
+//! Shared topology for the routing end-to-end tests and the failover bench: nodes running the
+//! real `sepal node` on an underlay (one L2 segment, or links to top-of-rack routers), pods
+//! attached through `sepal-cni`.
 
-#[path = "../../../agent/src/lab/peering.rs"]
-mod peering;
+/// The ToR configurations of the peering guide (the agent's lab uses the same file).
+#[path = "../../agent/src/lab/peering.rs"]
+pub mod peering;
 
-use sepal_tests::netns::{veth, Netns};
-use sepal_tests::node::{CniCall, Node};
+use crate::netns::{veth, Netns};
+use crate::node::{CniCall, Node};
 use serde_json::Value;
 use std::time::{Duration, Instant};
 
@@ -47,7 +48,7 @@ impl Cluster {
     }
 
     fn on_segment(n: usize, dual_stack: bool, objects: &str) -> Cluster {
-        sepal_tests::require_root();
+        crate::require_root();
         let fabric = Netns::new("fab");
         fabric.run("ip link add br0 type bridge && ip link set br0 up");
         let mut nodes = Vec::new();
@@ -267,10 +268,10 @@ pub const MD5: &str = "s3cret-md5";
 
 /// A running ToR daemon (stopped on drop).
 pub enum TorDaemon {
-    Bird(sepal_tests::bgpd::Bird),
-    Frr(sepal_tests::bgpd::Frr),
+    Bird(crate::bgpd::Bird),
+    Frr(crate::bgpd::Frr),
     /// gobgpd and the loop that copies its best paths into the ToR's kernel.
-    Gobgp(sepal_tests::bgpd::Gobgp, KillOnDrop),
+    Gobgp(crate::bgpd::Gobgp, KillOnDrop),
 }
 
 /// A helper process of the test, killed when dropped.
@@ -278,7 +279,7 @@ pub struct KillOnDrop(pub std::process::Child);
 
 impl Drop for KillOnDrop {
     fn drop(&mut self) {
-        sepal_tests::netns::kill(&mut self.0);
+        crate::netns::kill(&mut self.0);
     }
 }
 
@@ -405,7 +406,7 @@ pub fn tor_cluster_with(
     extra: &str,
     bfd: bool,
 ) -> (Cluster, Netns, TorDaemon) {
-    sepal_tests::require_root();
+    crate::require_root();
     assert!(!bfd || kind == TorKind::Frr, "BFD on the ToR: FRR only");
     let tor = Netns::new("tor");
     tor.run("sysctl -qw net.ipv4.ip_forward=1 net.ipv6.conf.all.forwarding=1");
@@ -473,9 +474,7 @@ pub fn tor_cluster_with(
         .collect();
     let conf = |template| peering::render(template, &global, &per_node).expect("peering template");
     let daemon = match kind {
-        TorKind::Bird => {
-            TorDaemon::Bird(sepal_tests::bgpd::Bird::start(&tor, &conf(peering::BIRD)))
-        }
+        TorKind::Bird => TorDaemon::Bird(crate::bgpd::Bird::start(&tor, &conf(peering::BIRD))),
         TorKind::Frr if bfd => {
             // The guide's configuration, then BFD on each node's session (bfdd's defaults).
             let mut text = conf(peering::FRR);
@@ -483,17 +482,15 @@ pub fn tor_cluster_with(
             for i in 0..n {
                 text.push_str(&format!(" neighbor 10.0.{i}.2 bfd\n"));
             }
-            TorDaemon::Frr(sepal_tests::bgpd::Frr::start_with_bfd(
-                &tor, "0.0.0.0", &text,
-            ))
+            TorDaemon::Frr(crate::bgpd::Frr::start_with_bfd(&tor, "0.0.0.0", &text))
         }
-        TorKind::Frr => TorDaemon::Frr(sepal_tests::bgpd::Frr::start_with_zebra(
+        TorKind::Frr => TorDaemon::Frr(crate::bgpd::Frr::start_with_zebra(
             &tor,
             "0.0.0.0",
             &conf(peering::FRR),
         )),
         TorKind::Gobgp => {
-            let g = sepal_tests::bgpd::Gobgp::start(&tor, &conf(peering::GOBGP));
+            let g = crate::bgpd::Gobgp::start(&tor, &conf(peering::GOBGP));
             g.cli(&["global", "rib", "add", "0.0.0.0/0", "-a", "ipv4"]);
             let fib = tor
                 .command(&["sh", "-c", peering::GOBGP_FIB])

@@ -1,0 +1,167 @@
+//! `sepal-bench failover [--runs N]`: how fast a dead node leaves the fabric, and what an agent
+//! restart costs, on two nodes peering with an FRR ToR (the peering guide's configuration, hold
+//! time 3 s) through the real agents.
+//!
+//! - A node goes silent (every packet on its uplink dropped, links up): the time until its block
+//!   is gone from the ToR's kernel and from the other node's, with BFD (300 ms × 3, in
+//!   `sepal bfd`) and without (the hold timer). The later of the two is the figure.
+//! - An agent is killed (SIGKILL) and started again 1.5 s later under a ping of 100 packets a
+//!   second between pods on the two nodes: packets lost with BFD in `sepal bfd`, and, as the
+//!   reference, with BFD inside the agent (where the peer takes the restart for a failure).
+
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use serde_json::json;
+
+use crate::bgpd::wait_for;
+use crate::routing::{cut_off, routes_via_tor, tor_cluster_with, Cluster, TorDaemon, TorKind};
+
+const T: Duration = Duration::from_secs(60);
+
+/// How BFD runs in one setup.
+#[derive(Clone, Copy, PartialEq)]
+enum Bfd {
+    Off,
+    InAgent,
+    Daemon,
+}
+
+pub fn run(args: &[String]) -> anyhow::Result<()> {
+    let mut runs = 3usize;
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        match a.as_str() {
+            "--runs" => runs = it.next().context("--runs N")?.parse()?,
+            other => bail!("unknown option {other:?} (usage: sepal-bench failover [--runs N])"),
+        }
+    }
+    crate::require_root();
+    let (mut bfd_ms, mut no_bfd_ms, mut loss, mut loss_in_agent) = (vec![], vec![], vec![], vec![]);
+    for run in 1..=runs {
+        let (restart, silent) = scenario(Bfd::Daemon);
+        println!("run {run}, BFD in sepal bfd: restart lost {restart} packets, silent node gone in {silent} ms");
+        loss.push(restart);
+        bfd_ms.push(silent);
+        let (restart, _) = scenario(Bfd::InAgent);
+        println!("run {run}, BFD in the agent: restart lost {restart} packets");
+        loss_in_agent.push(restart);
+        let (_, silent) = scenario(Bfd::Off);
+        println!("run {run}, no BFD: silent node gone in {silent} ms (hold time 3 s)");
+        no_bfd_ms.push(silent);
+    }
+    let median = |v: &[u64]| {
+        let mut v = v.to_vec();
+        v.sort_unstable();
+        v[v.len() / 2]
+    };
+    let spread = |v: &[u64]| format!("{}-{}", v.iter().min().unwrap(), v.iter().max().unwrap());
+    println!(
+        "silent node withdrawn: BFD {} ms (runs {}), no BFD {} ms (runs {}); agent restart lost {} \
+         packets with sepal bfd (runs {}), {} with BFD in the agent (runs {})",
+        median(&bfd_ms),
+        spread(&bfd_ms),
+        median(&no_bfd_ms),
+        spread(&no_bfd_ms),
+        median(&loss),
+        spread(&loss),
+        median(&loss_in_agent),
+        spread(&loss_in_agent),
+    );
+    let result = json!({
+        "bfd_ms": median(&bfd_ms),
+        "no_bfd_ms": median(&no_bfd_ms),
+        "bfd_ratio": median(&bfd_ms) as f64 / median(&no_bfd_ms) as f64,
+        "agent_restart_loss": loss.iter().max(),
+        "agent_restart_loss_bfd_in_agent": median(&loss_in_agent),
+        "hold_time_s": crate::routing::HOLD.as_secs(),
+        "runs": runs,
+    });
+    println!("{result}");
+    Ok(())
+}
+
+/// One cluster: packets lost across an agent restart, then ms until a silent node is gone.
+fn scenario(bfd: Bfd) -> (u64, u64) {
+    let (mut c, tor, daemon) = tor_cluster_with(2, TorKind::Frr, "", bfd != Bfd::Off);
+    if bfd == Bfd::Daemon {
+        for n in &mut c.nodes {
+            n.start_bfd_daemon();
+        }
+    }
+    c.start();
+    let p0 = c.pod(0, "p0");
+    let p1 = c.pod(1, "p1");
+    wait_for(T, "each node routes the other's block via the ToR", || {
+        (routes_via_tor(&c, 0, 1) && routes_via_tor(&c, 1, 0)).then_some(())
+    });
+    if bfd != Bfd::Off {
+        wait_for(T, "both BFD sessions Up", || bfd_up(&daemon).then_some(()));
+    }
+    let lost = restart_loss(&mut c, &p1.netns, &p0.ip);
+    wait_for(T, "the ToR's session with n0 back", || {
+        daemon.established(0).then_some(())
+    });
+    wait_for(T, "n1 routes n0's block again", || {
+        routes_via_tor(&c, 1, 0).then_some(())
+    });
+    if bfd != Bfd::Off {
+        wait_for(T, "both BFD sessions Up again", || {
+            bfd_up(&daemon).then_some(())
+        });
+    }
+    // Sessions settled, so the silence is the only event.
+    std::thread::sleep(Duration::from_secs(2));
+    cut_off(&c.nodes[0].netns);
+    let cut = Instant::now();
+    let (mut tor_gone, mut n1_gone) = (None, None);
+    while (tor_gone.is_none() || n1_gone.is_none()) && cut.elapsed() < Duration::from_secs(30) {
+        if tor_gone.is_none() && tor.run("ip route show 10.244.0.0/24").trim().is_empty() {
+            tor_gone = Some(cut.elapsed());
+        }
+        if n1_gone.is_none() && c.route(1, "10.244.0.0/24").is_empty() {
+            n1_gone = Some(cut.elapsed());
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let gone = tor_gone
+        .max(n1_gone)
+        .expect("n0's block still routed 30 s after it went silent");
+    (lost, gone.as_millis() as u64)
+}
+
+fn bfd_up(daemon: &TorDaemon) -> bool {
+    let TorDaemon::Frr(f) = daemon else {
+        return false;
+    };
+    let peers: serde_json::Value =
+        serde_json::from_str(&f.vtysh_daemon("bfdd", "show bfd peers json")).unwrap_or_default();
+    peers
+        .as_array()
+        .is_some_and(|v| v.len() == 2 && v.iter().all(|p| p["status"] == "up"))
+}
+
+/// Packets lost by a 100-a-second ping from `from` to `to` while node 0's agent is killed and,
+/// 1.5 s later, started again.
+fn restart_loss(c: &mut Cluster, from: &crate::netns::Netns, to: &str) -> u64 {
+    let ping = from
+        .command(&["ping", "-q", "-i", "0.01", "-c", "600", "-W", "1", to])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("ping");
+    std::thread::sleep(Duration::from_secs(1));
+    c.nodes[0].kill_agent();
+    std::thread::sleep(Duration::from_millis(1500));
+    c.nodes[0].start_agent();
+    let out = ping.wait_with_output().expect("ping output");
+    let text = String::from_utf8_lossy(&out.stdout);
+    // "600 packets transmitted, 598 received, ..."
+    let field = |word: &str| -> u64 {
+        text.split(',')
+            .find(|p| p.contains(word))
+            .and_then(|p| p.split_whitespace().next())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(0)
+    };
+    field("transmitted") - field("received")
+}
