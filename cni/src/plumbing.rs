@@ -193,6 +193,9 @@ pub fn retire_veth(nl: &mut Netlink, host: &str) -> io::Result<bool> {
         .unwrap_or_else(|| Err(io::Error::other("no ack")));
     match renamed {
         Ok(()) => Ok(true),
+        // Gone since the lookup: the kernel removes a pair with its pod's network namespace,
+        // and that namespace may have just been torn down (DEL after the sandbox is gone).
+        Err(e) if e.raw_os_error() == Some(nix::libc::ENODEV) => Ok(false),
         Err(e) if e.raw_os_error() == Some(nix::libc::EEXIST) => delete_link(nl, host),
         Err(e) => Err(e),
     }

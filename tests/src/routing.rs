@@ -322,6 +322,26 @@ impl TorDaemon {
         }
     }
 
+    /// How many of the ToR's BFD sessions are Up.
+    pub fn bfd_sessions_up(&self) -> usize {
+        match self {
+            TorDaemon::Bird(b) => b
+                .birdc("show bfd sessions")
+                .lines()
+                .filter(|l| l.split_whitespace().nth(2) == Some("Up"))
+                .count(),
+            TorDaemon::Frr(f) => {
+                let peers: Value =
+                    serde_json::from_str(&f.vtysh_daemon("bfdd", "show bfd peers json"))
+                        .unwrap_or_default();
+                peers
+                    .as_array()
+                    .map_or(0, |v| v.iter().filter(|p| p["status"] == "up").count())
+            }
+            TorDaemon::Gobgp(..) => 0,
+        }
+    }
+
     /// Kills the ToR's routing daemon(s) with SIGKILL, as a crash: the routes they installed
     /// stay in the ToR's kernel. Not for GoBGP.
     pub fn kill9(&mut self) {
@@ -398,8 +418,9 @@ pub fn tor_cluster(n: usize, kind: TorKind, extra: &str) -> (Cluster, Netns, Tor
     tor_cluster_with(n, kind, extra, false)
 }
 
-/// [`tor_cluster`], with `bfd`: BFD (default timers: 300 ms, 3) on every BGPPeer and, on the
-/// ToR, FRR's bfdd with `neighbor ... bfd` for each node (FRR only).
+/// [`tor_cluster`], with `bfd`: BFD (default timers: 300 ms, 3) on every BGPPeer and on the
+/// ToR: FRR's bfdd with `neighbor ... bfd` for each node, or BIRD's `bfd` protocol with
+/// `bfd on` in the sessions (not GoBGP, which has no BFD).
 pub fn tor_cluster_with(
     n: usize,
     kind: TorKind,
@@ -407,7 +428,7 @@ pub fn tor_cluster_with(
     bfd: bool,
 ) -> (Cluster, Netns, TorDaemon) {
     crate::require_root();
-    assert!(!bfd || kind == TorKind::Frr, "BFD on the ToR: FRR only");
+    assert!(!bfd || kind != TorKind::Gobgp, "GoBGP has no BFD");
     let tor = Netns::new("tor");
     tor.run("sysctl -qw net.ipv4.ip_forward=1 net.ipv6.conf.all.forwarding=1");
     settled_link_local(&tor);
@@ -474,6 +495,17 @@ pub fn tor_cluster_with(
         .collect();
     let conf = |template| peering::render(template, &global, &per_node).expect("peering template");
     let daemon = match kind {
+        TorKind::Bird if bfd => {
+            // The guide's configuration, then a `bfd` protocol and `bfd on` in every session.
+            let text = conf(peering::BIRD)
+                .replace(
+                    "protocol device { }\n",
+                    "protocol device { }\nprotocol bfd { interface \"n*\" { min rx interval 300 ms; \
+                     min tx interval 300 ms; multiplier 3; }; }\n",
+                )
+                .replace("  graceful restart on;\n", "  graceful restart on;\n  bfd on;\n");
+            TorDaemon::Bird(crate::bgpd::Bird::start(&tor, &text))
+        }
         TorKind::Bird => TorDaemon::Bird(crate::bgpd::Bird::start(&tor, &conf(peering::BIRD))),
         TorKind::Frr if bfd => {
             // The guide's configuration, then BFD on each node's session (bfdd's defaults).

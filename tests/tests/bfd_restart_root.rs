@@ -1,9 +1,9 @@
 //! BFD and graceful restart together, through the real agent and `sepal bfd`: two nodes, each
-//! with its own AS on a link to an FRR ToR (bgpd, bfdd, zebra; the peering guide's
-//! configuration with `neighbor ... bfd`), BFD on every BGPPeer and run by `sepal bfd` beside
-//! each agent. An agent killed with SIGKILL and started again costs no packet between pods on
-//! the two nodes: BFD stays Up (the daemon lives on, and says so with the C bit), so FRR treats
-//! the lost BGP session as a restart and keeps the node's routes. A node that goes silent
+//! with its own AS on a link to a ToR (the peering guide's configuration plus BFD: FRR's bgpd,
+//! bfdd and zebra with `neighbor ... bfd`, or BIRD with a `bfd` protocol and `bfd on`), BFD on
+//! every BGPPeer and run by `sepal bfd` beside each agent. An agent killed with SIGKILL and started again costs no packet between pods on
+//! the two nodes: BFD stays Up (the daemon lives on, and says so with the C bit), so the ToR
+//! treats the lost BGP session as a restart and keeps the node's routes. A node that goes silent
 //! instead (every packet in or out dropped, links up) loses its BFD session, and its block is
 //! gone from the ToR's kernel and from the other node's within a second.
 
@@ -16,21 +16,82 @@ use std::time::{Duration, Instant};
 
 const T: Duration = Duration::from_secs(30);
 
-/// FRR's bfdd view of its session with `peer`.
-fn frr_bfd_peer(tor: &TorDaemon, peer: &str) -> Value {
-    let TorDaemon::Frr(f) = tor else {
-        unreachable!("FRR ToR")
-    };
-    let all: Value =
-        serde_json::from_str(&f.vtysh_daemon("bfdd", "show bfd peers json")).unwrap_or_default();
-    all.as_array()
-        .and_then(|v| v.iter().find(|p| p["peer"] == peer).cloned())
-        .unwrap_or_default()
+/// The ToR's BFD session with `peer`, as FRR's bfdd (JSON) or BIRD (its table line) shows it.
+fn tor_bfd_session(tor: &TorDaemon, peer: &str) -> Value {
+    match tor {
+        TorDaemon::Frr(f) => {
+            let all: Value = serde_json::from_str(&f.vtysh_daemon("bfdd", "show bfd peers json"))
+                .unwrap_or_default();
+            all.as_array()
+                .and_then(|v| v.iter().find(|p| p["peer"] == peer).cloned())
+                .unwrap_or_default()
+        }
+        TorDaemon::Bird(b) => b
+            .birdc("show bfd sessions")
+            .lines()
+            .find(|l| l.split_whitespace().next() == Some(peer))
+            .map(|l| Value::String(l.to_string()))
+            .unwrap_or_default(),
+        TorDaemon::Gobgp(..) => unreachable!("GoBGP has no BFD"),
+    }
 }
 
-#[test]
-fn agent_restart_costs_no_packet_and_a_silent_node_goes_within_a_second() {
-    let (mut c, tor, daemon) = tor_cluster_with(2, TorKind::Frr, "", true);
+/// Whether the ToR's BFD session is the same one after as before, and Up.
+fn same_session_up(before: &Value, after: &Value) -> bool {
+    match (before, after) {
+        // FRR: the node's discriminator unchanged, up since before the restart (8 s of ping).
+        (Value::Object(_), Value::Object(_)) => {
+            after["status"] == "up"
+                && after["remote-id"] == before["remote-id"]
+                && after["uptime"].as_u64().unwrap_or(0) >= 8
+        }
+        // BIRD: `IP  Interface  State  Since ...`: Up, and Since unchanged.
+        (Value::String(b), Value::String(a)) => {
+            let f = |l: &str| {
+                l.split_whitespace()
+                    .skip(2)
+                    .take(2)
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            };
+            a.split_whitespace().nth(2) == Some("Up") && f(a) == f(b)
+        }
+        _ => false,
+    }
+}
+
+/// The ToR's BFD sessions and log, for failure messages.
+fn tor_bfd_log(tor: &TorDaemon) -> String {
+    match tor {
+        TorDaemon::Frr(f) => f.vtysh_daemon("bfdd", "show bfd peers"),
+        TorDaemon::Bird(b) => format!(
+            "{}\n{}\n{}",
+            b.birdc("show bfd sessions"),
+            b.birdc("show protocols all n0"),
+            b.log()
+        ),
+        TorDaemon::Gobgp(..) => unreachable!("GoBGP has no BFD"),
+    }
+}
+
+/// Why the ToR last took its session with n0 down.
+fn tor_reset_reason(tor: &TorDaemon) -> String {
+    match tor {
+        TorDaemon::Frr(f) => {
+            let n: Value = serde_json::from_str(&f.vtysh("show bgp neighbors 10.0.0.2 json"))
+                .unwrap_or_default();
+            n["10.0.0.2"]["lastNotificationReason"]
+                .as_str()
+                .unwrap_or("")
+                .to_string()
+        }
+        TorDaemon::Bird(b) => b.birdc("show protocols all n0"),
+        TorDaemon::Gobgp(..) => unreachable!("GoBGP has no BFD"),
+    }
+}
+
+fn scenario(kind: TorKind) {
+    let (mut c, tor, daemon) = tor_cluster_with(2, kind, "", true);
     for n in &mut c.nodes {
         n.start_bfd_daemon();
     }
@@ -40,11 +101,12 @@ fn agent_restart_costs_no_packet_and_a_silent_node_goes_within_a_second() {
     wait_for(T, "each node routes the other's block via the ToR", || {
         (routes_via_tor(&c, 0, 1) && routes_via_tor(&c, 1, 0)).then_some(())
     });
-    for i in 0..2 {
-        let addr = format!("10.0.{i}.2");
-        wait_for(T, "FRR's BFD session with each node Up", || {
-            (frr_bfd_peer(&daemon, &addr)["status"] == "up").then_some(())
-        });
+    if common::within(T, || daemon.bfd_sessions_up() == 2).is_none() {
+        panic!(
+            "the ToR's BFD sessions with both nodes not Up in {T:?}:\n{}\nsepal bfd on n0:\n{}",
+            tor_bfd_log(&daemon),
+            c.nodes[0].bfd_daemon_log()
+        );
     }
     // The node's side: Up, and control-plane independent on its end.
     let st = wait_for(T, "n0's BFD session Up in `sepal status`", || {
@@ -59,7 +121,7 @@ fn agent_restart_costs_no_packet_and_a_silent_node_goes_within_a_second() {
 
     // Killed and restarted under a ping from a pod on the other node: BGP drops for 1.5 s,
     // longer than BFD's detection time (0.9 s), and no packet is lost.
-    let before = frr_bfd_peer(&daemon, "10.0.0.2");
+    let before = tor_bfd_session(&daemon, "10.0.0.2");
     let summary = c.restart_agent_under_ping(0, &p1.netns, &p0.ip);
     assert!(
         summary.contains(" 0% packet loss"),
@@ -67,21 +129,13 @@ fn agent_restart_costs_no_packet_and_a_silent_node_goes_within_a_second() {
         daemon.log(),
         c.nodes[0].agent_log()
     );
-    let after = frr_bfd_peer(&daemon, "10.0.0.2");
-    assert_eq!(after["status"], "up", "{after}");
-    // The same session all along: same discriminators, up longer than the restart took.
-    assert_eq!(
-        after["remote-id"],
-        before["remote-id"],
-        "{before} {after}\nsepal bfd:\n{}\nn0:\n{}",
-        c.nodes[0].bfd_daemon_log(),
-        c.nodes[0].agent_log()
-    );
+    let after = tor_bfd_session(&daemon, "10.0.0.2");
     assert!(
-        after["uptime"].as_u64().unwrap_or(0) >= 8,
-        "FRR's BFD session with n0 restarted: {before} -> {after}"
+        same_session_up(&before, &after),
+        "the ToR's BFD session with n0 went down: {before} -> {after}\nsepal bfd:\n{}",
+        c.nodes[0].bfd_daemon_log()
     );
-    eprintln!("agent kill -9 and restart with BFD in sepal bfd: {summary}");
+    eprintln!("{kind:?}: agent kill -9 and restart with BFD in sepal bfd: {summary}");
     wait_for(T, "n0's BGP session back", || {
         daemon.established(0).then_some(())
     });
@@ -106,17 +160,23 @@ fn agent_restart_costs_no_packet_and_a_silent_node_goes_within_a_second() {
     }
     let tor_gone = tor_gone.expect("the ToR kept n0's block for 10 s");
     let n1_gone = n1_gone.expect("n1 kept n0's block for 10 s");
-    eprintln!("silent node: its block gone from the ToR's kernel after {tor_gone:?}, from n1's after {n1_gone:?}");
+    eprintln!("{kind:?}, silent node: its block gone from the ToR's kernel after {tor_gone:?}, from n1's after {n1_gone:?}");
     assert!(tor_gone < Duration::from_millis(1500), "ToR: {tor_gone:?}");
     assert!(n1_gone < Duration::from_millis(1500), "n1: {n1_gone:?}");
-    let TorDaemon::Frr(f) = &daemon else {
-        unreachable!()
-    };
-    let n: Value =
-        serde_json::from_str(&f.vtysh("show bgp neighbors 10.0.0.2 json")).unwrap_or_default();
     // BFD, not the hold timer (3 s), took the session down.
-    let reason = n["10.0.0.2"]["lastNotificationReason"]
-        .as_str()
-        .unwrap_or("");
-    assert_eq!(reason, "Cease/BFD Down", "{n}");
+    let reason = tor_reset_reason(&daemon);
+    assert!(
+        reason == "Cease/BFD Down" || reason.contains("BFD session down"),
+        "{reason}"
+    );
+}
+
+#[test]
+fn with_frr_an_agent_restart_costs_no_packet_and_a_silent_node_goes_within_a_second() {
+    scenario(TorKind::Frr);
+}
+
+#[test]
+fn with_bird_an_agent_restart_costs_no_packet_and_a_silent_node_goes_within_a_second() {
+    scenario(TorKind::Bird);
 }
