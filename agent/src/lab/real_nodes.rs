@@ -331,27 +331,53 @@ pub fn install_sepal(lab: &LabState) -> Result<()> {
 /// Ready.
 pub fn wait_sepal_ready(lab: &LabState) -> Result<()> {
     let timeout = format!("--timeout={}s", READY_TIMEOUT.as_secs());
-    for ds in ["sepal-node", "sepal-bfd"] {
-        kubectl(
-            lab,
-            &[
-                "-n",
-                "sepal-system",
-                "rollout",
-                "status",
-                &format!("daemonset/{ds}"),
-                &timeout,
-            ],
-            None,
-        )
-        .map_err(|e| e.context(agent_logs_hint(lab, ds)))?;
-    }
+    kubectl(
+        lab,
+        &[
+            "-n",
+            "sepal-system",
+            "rollout",
+            "status",
+            "daemonset/sepal-node",
+            &timeout,
+        ],
+        None,
+    )
+    .map_err(|e| e.context(agent_logs_hint(lab, "sepal-node")))?;
+    // `rollout status` knows only RollingUpdate; sepal-bfd is OnDelete.
+    wait_daemonset_ready(lab, "sepal-bfd")
+        .map_err(|e| e.context(agent_logs_hint(lab, "sepal-bfd")))?;
     kubectl(
         lab,
         &["wait", "--for=condition=Ready", &timeout, "node", "--all"],
         None,
     )?;
     Ok(())
+}
+
+/// Waits until DaemonSet `name` has a Ready pod on every node it schedules to.
+fn wait_daemonset_ready(lab: &LabState, name: &str) -> Result<()> {
+    let deadline = std::time::Instant::now() + READY_TIMEOUT;
+    loop {
+        let ds: serde_json::Value = serde_json::from_str(&kubectl(
+            lab,
+            &["-n", "sepal-system", "get", "daemonset", name, "-o", "json"],
+            None,
+        )?)?;
+        let status = &ds["status"];
+        let want = status["desiredNumberScheduled"].as_u64().unwrap_or(0);
+        if want > 0 && status["numberReady"].as_u64() == Some(want) {
+            return Ok(());
+        }
+        if std::time::Instant::now() > deadline {
+            bail!(
+                "{name}: {} of {want} pods Ready after {} s",
+                status["numberReady"].as_u64().unwrap_or(0),
+                READY_TIMEOUT.as_secs()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
 }
 
 fn agent_logs_hint(lab: &LabState, ds: &str) -> String {
