@@ -226,9 +226,14 @@ pub struct PrefixCommunities {
 #[kube(printcolumn = r#"{"name":"Node","type":"string","jsonPath":".spec.node"}"#)]
 #[serde(rename_all = "camelCase")]
 pub struct BGPPeerSpec {
-    /// The peer's address (IPv4 or IPv6).
-    #[serde(rename = "peerIP")]
+    /// The peer's address (IPv4 or IPv6). With `interface`: the peer's IPv6 link-local address
+    /// on it, or nothing to learn it from the peer's IPv6 router advertisements.
+    #[serde(rename = "peerIP", default, skip_serializing_if = "String::is_empty")]
     pub peer_ip: String,
+    /// Unnumbered peering: the session runs over this interface's IPv6 link-local addresses
+    /// and carries IPv4 routes with IPv6 next hops (RFC 8950).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub interface: Option<String>,
     /// The peer's AS number.
     #[schemars(range(min = 1))]
     pub as_number: u32,
@@ -657,7 +662,10 @@ pub enum RoutePolicy {
 #[derive(Clone, Debug, PartialEq)]
 pub struct BgpPeer {
     pub name: String,
-    pub peer_ip: IpAddr,
+    /// None with `interface`: learned from router advertisements.
+    pub peer_ip: Option<IpAddr>,
+    /// Unnumbered: the interface whose link-local addresses the session runs between.
+    pub interface: Option<String>,
     pub as_number: u32,
     pub node: Option<String>,
     pub node_selector: Option<NodeSelector>,
@@ -711,6 +719,7 @@ impl BGPPeerSpec {
         if self.ttl_security == Some(0) {
             return Err(field_err("spec.ttlSecurity", "0", "a hop count (1..255)"));
         }
+        let (peer_ip, interface) = self.peer_address()?;
         let import_policy = match &self.import_policy {
             None => RoutePolicy::Accept,
             Some(p) => p.validate("spec.importPolicy")?,
@@ -722,7 +731,8 @@ impl BGPPeerSpec {
             .transpose()?;
         Ok(BgpPeer {
             name: name.to_string(),
-            peer_ip: ip("spec.peerIP", &self.peer_ip)?,
+            peer_ip,
+            interface,
             as_number: self.as_number,
             node: self.node.clone(),
             node_selector: self.node_selector.clone(),
@@ -745,6 +755,39 @@ impl BGPPeerSpec {
                 None => None,
             },
         })
+    }
+}
+
+impl BGPPeerSpec {
+    /// `peerIP` and `interface`: an address, or an interface with a link-local address or none.
+    fn peer_address(&self) -> Result<(Option<IpAddr>, Option<String>), CrdError> {
+        let Some(iface) = &self.interface else {
+            return Ok((Some(ip("spec.peerIP", &self.peer_ip)?), None));
+        };
+        // Linux interface names: 1-15 bytes, no '/', no whitespace, not "." or "..".
+        if iface.is_empty()
+            || iface.len() > 15
+            || iface == "."
+            || iface == ".."
+            || iface
+                .chars()
+                .any(|c| c == '/' || c == ':' || c.is_whitespace())
+        {
+            return Err(field_err("spec.interface", iface, "an interface name"));
+        }
+        if self.peer_ip.is_empty() {
+            return Ok((None, Some(iface.clone())));
+        }
+        match self.peer_ip.parse::<IpAddr>() {
+            Ok(IpAddr::V6(v6)) if v6.is_unicast_link_local() => {
+                Ok((Some(IpAddr::V6(v6)), Some(iface.clone())))
+            }
+            _ => Err(field_err(
+                "spec.peerIP",
+                &self.peer_ip,
+                "with spec.interface, an IPv6 link-local address (fe80::/10) or nothing",
+            )),
+        }
     }
 }
 
@@ -1039,13 +1082,10 @@ mod tests {
                 .unwrap_err()
                 .to_string();
         assert!(err.contains("IPPool"), "{err}");
-        let err = SepalObject::from_json(&json!({
-            "apiVersion": "sepal.dev/v1alpha1", "kind": "BGPPeer", "metadata": {"name": "tor"},
-            "spec": {"asNumber": 65000}
-        }))
-        .unwrap_err()
-        .to_string();
-        assert!(err.contains("peerIP") && err.contains("tor"), "{err}");
+        // A BGPPeer without peerIP (and no interface) reads, but does not validate.
+        let spec: BGPPeerSpec = serde_json::from_value(json!({"asNumber": 65000})).unwrap();
+        let err = spec.validate("tor").unwrap_err().to_string();
+        assert!(err.contains("spec.peerIP"), "{err}");
     }
 
     #[test]
@@ -1063,7 +1103,7 @@ mod tests {
             panic!("wrong kind")
         };
         let peer = p.spec.validate("tor-a").expect("valid");
-        assert_eq!(peer.peer_ip, "10.0.1.1".parse::<IpAddr>().unwrap());
+        assert_eq!(peer.peer_ip, Some("10.0.1.1".parse::<IpAddr>().unwrap()));
         assert_eq!(
             peer.password.as_ref().map(|r| r.namespace()),
             Some("sepal-system")
@@ -1102,5 +1142,32 @@ mod tests {
         assert_eq!(parse_duration(""), None);
         assert_eq!(parse_duration("10"), None);
         assert_eq!(parse_duration("s"), None);
+    }
+
+    #[test]
+    fn an_unnumbered_peer_names_an_interface_and_a_link_local_address_or_none() {
+        let spec = |v: serde_json::Value| serde_json::from_value::<BGPPeerSpec>(v).unwrap();
+        let p = spec(serde_json::json!({"interface": "eth1", "asNumber": 65000}))
+            .validate("tor")
+            .unwrap();
+        assert_eq!((p.peer_ip, p.interface.as_deref()), (None, Some("eth1")));
+        let p =
+            spec(serde_json::json!({"interface": "eth1", "peerIP": "fe80::1", "asNumber": 65000}))
+                .validate("tor")
+                .unwrap();
+        assert_eq!(p.peer_ip, Some("fe80::1".parse().unwrap()));
+        let e =
+            spec(serde_json::json!({"interface": "eth1", "peerIP": "10.0.0.1", "asNumber": 65000}))
+                .validate("tor")
+                .unwrap_err();
+        assert!(e.to_string().contains("link-local"), "{e}");
+        let e = spec(serde_json::json!({"interface": "a/b", "asNumber": 65000}))
+            .validate("tor")
+            .unwrap_err();
+        assert!(e.to_string().contains("spec.interface"), "{e}");
+        // Without an interface the address is required.
+        assert!(spec(serde_json::json!({"asNumber": 65000}))
+            .validate("tor")
+            .is_err());
     }
 }

@@ -106,6 +106,8 @@ pub struct PeerConfig {
     pub source: Option<IpAddr>,
     /// RFC 8950: offer IPv4 routes with IPv6 next hops.
     pub extended_next_hop: bool,
+    /// The interface (index) a link-local peer address is on: the session's scope.
+    pub scope_id: Option<u32>,
 }
 
 impl std::fmt::Debug for PeerConfig {
@@ -138,6 +140,7 @@ impl PeerConfig {
             export: None,
             source: None,
             extended_next_hop: false,
+            scope_id: None,
         }
     }
 
@@ -155,6 +158,7 @@ impl PeerConfig {
             self.families.clone(),
             self.source,
             self.extended_next_hop,
+            self.scope_id,
         )
     }
 }
@@ -1623,6 +1627,16 @@ pub(crate) async fn sleep_until(t: Option<Instant>) {
     }
 }
 
+/// A socket address; a link-local IPv6 one takes the interface it is on as its scope.
+fn scoped(addr: IpAddr, port: u16, scope_id: Option<u32>) -> SocketAddr {
+    match (addr, scope_id) {
+        (IpAddr::V6(v6), Some(scope)) if v6.is_unicast_link_local() => {
+            SocketAddr::V6(std::net::SocketAddrV6::new(v6, port, 0, scope))
+        }
+        _ => SocketAddr::new(addr, port),
+    }
+}
+
 /// Active open with MD5, GTSM and source address applied before the SYN.
 async fn connect(cfg: &PeerConfig) -> std::io::Result<TcpStream> {
     let sock = if cfg.address.is_ipv4() {
@@ -1637,12 +1651,12 @@ async fn connect(cfg: &PeerConfig) -> std::io::Result<TcpStream> {
         socket::set_ttl_security(sock.as_raw_fd(), cfg.address.is_ipv6(), h)?;
     }
     if let Some(src) = cfg.source {
-        sock.bind(SocketAddr::new(src, 0))?;
+        sock.bind(scoped(src, 0, cfg.scope_id))?;
     }
     let timeout = cfg.connect_retry.max(Duration::from_secs(1));
     match tokio::time::timeout(
         timeout,
-        sock.connect(SocketAddr::new(cfg.address, cfg.port)),
+        sock.connect(scoped(cfg.address, cfg.port, cfg.scope_id)),
     )
     .await
     {

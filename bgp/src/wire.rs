@@ -32,6 +32,15 @@ use netgauze_parse_utils::reader::SliceReader;
 use netgauze_parse_utils::traits::ParseFromWithOneInput;
 use netgauze_parse_utils::WritablePdu;
 
+/// The IPv6 next hop to forward to: the global one, or the link-local one when the global
+/// field is empty (`::`), as unnumbered peers send it (RFC 2545 §3, RFC 8950).
+fn usable_v6(global: Ipv6Addr, link_local: Option<Ipv6Addr>) -> IpAddr {
+    match link_local {
+        Some(ll) if global.is_unspecified() => IpAddr::V6(ll),
+        _ => IpAddr::V6(global),
+    }
+}
+
 /// RFC 4271 maximum message size; RFC 8654 raises it to 65535 once negotiated.
 pub const MAX_MESSAGE: usize = 4096;
 pub const MAX_EXTENDED_MESSAGE: usize = 65535;
@@ -644,17 +653,24 @@ fn decode_update(frame: &[u8], ctx: DecodeCtx) -> Result<Update, Notification> {
                 }
                 seen_mp_reach = true;
                 match r {
-                    MpReach::Ipv4Unicast { next_hop, nlri, .. } => {
-                        out.next_hop_v4 = Some(*next_hop);
+                    MpReach::Ipv4Unicast {
+                        next_hop,
+                        next_hop_local,
+                        nlri,
+                    } => {
+                        out.next_hop_v4 = Some(match next_hop {
+                            IpAddr::V6(g) => usable_v6(*g, *next_hop_local),
+                            v4 => *v4,
+                        });
                         out.announced
                             .extend(nlri.iter().map(|r| IpNet::V4(r.network().address())));
                     }
                     MpReach::Ipv6Unicast {
                         next_hop_global,
+                        next_hop_local,
                         nlri,
-                        ..
                     } => {
-                        out.next_hop_v6 = Some(IpAddr::V6(*next_hop_global));
+                        out.next_hop_v6 = Some(usable_v6(*next_hop_global, *next_hop_local));
                         out.announced
                             .extend(nlri.iter().map(|r| IpNet::V6(r.network().address())));
                     }
@@ -1248,6 +1264,15 @@ fn mp_unreach_update(u: MpUnreach) -> BgpUpdateMessage {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_empty_global_next_hop_falls_back_to_the_link_local_one() {
+        let ll: Ipv6Addr = "fe80::1".parse().unwrap();
+        let global: Ipv6Addr = "fd00::1".parse().unwrap();
+        assert_eq!(usable_v6(Ipv6Addr::UNSPECIFIED, Some(ll)), IpAddr::V6(ll));
+        assert_eq!(usable_v6(global, Some(ll)), IpAddr::V6(global));
+        assert_eq!(usable_v6(ll, None), IpAddr::V6(ll));
+    }
 
     fn caps() -> Capabilities {
         Capabilities {

@@ -21,6 +21,13 @@ pub struct Fib {
     learned: BTreeMap<IpNet, Target>,
     /// Gateway routes found in the kernel at start (a previous agent's), kept until `sweep`.
     stale: BTreeMap<IpNet, Target>,
+    /// Unnumbered sessions: peer address to the interface the session runs on. A link-local
+    /// next hop is only usable through the interface of the session it came from.
+    link_peers: BTreeMap<IpAddr, String>,
+}
+
+fn is_link_local(a: IpAddr) -> bool {
+    matches!(a, IpAddr::V6(v6) if v6.is_unicast_link_local())
 }
 
 impl Fib {
@@ -40,11 +47,21 @@ impl Fib {
         let learned = std::mem::take(&mut self.learned);
         for (p, t) in learned {
             if let Target::Via(hops) = t {
+                // Link-local hops keep their session's interface.
+                let dev = hops
+                    .iter()
+                    .find(|h| is_link_local(h.gateway))
+                    .and_then(|h| h.dev.clone());
                 let gws: Vec<IpAddr> = hops.iter().map(|h| h.gateway).collect();
-                self.learned.insert(p, self.target(&gws));
+                self.learned.insert(p, self.target(&gws, dev.as_deref()));
             }
         }
         true
+    }
+
+    /// The interfaces of the unnumbered sessions, by peer address.
+    pub fn set_link_peers(&mut self, link_peers: BTreeMap<IpAddr, String>) {
+        self.link_peers = link_peers;
     }
 
     /// Takes over the gateway routes of protocol 83 a previous agent left: BGP routes (pod and
@@ -80,10 +97,18 @@ impl Fib {
         gone
     }
 
-    fn target(&self, gateways: &[IpAddr]) -> Target {
+    /// Next hops for `gateways`; a link-local one goes out `link_dev`, its session's interface.
+    fn target(&self, gateways: &[IpAddr], link_dev: Option<&str>) -> Target {
         let mut hops: Vec<NextHop> = gateways
             .iter()
             .map(|gw| {
+                if is_link_local(*gw) {
+                    return NextHop {
+                        gateway: *gw,
+                        dev: link_dev.map(str::to_string),
+                        onlink: true,
+                    };
+                }
                 // Directly connected: name the interface and set onlink, so the route does not
                 // depend on how the kernel resolves the gateway.
                 match self
@@ -117,14 +142,20 @@ impl Fib {
             if b.source == Source::Local {
                 return None;
             }
+            let link_dev = match b.source {
+                Source::Peer(peer) => self.link_peers.get(&peer).map(String::as_str),
+                Source::Local => None,
+            };
             let gws: Vec<IpAddr> = b
                 .next_hops
                 .iter()
                 .filter(|gw| gw.is_ipv4() == prefix.addr().is_ipv4() || gw.is_ipv6())
                 .filter(|gw| !gw.is_unspecified())
+                // A link-local next hop from a numbered session names no interface: unusable.
+                .filter(|gw| !is_link_local(**gw) || link_dev.is_some())
                 .copied()
                 .collect();
-            (!gws.is_empty()).then(|| self.target(&gws))
+            (!gws.is_empty()).then(|| self.target(&gws, link_dev))
         });
         match want {
             Some(t) => self.learned.insert(prefix, t.clone()) != Some(t),

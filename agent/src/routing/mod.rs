@@ -5,6 +5,7 @@
 pub mod fib;
 pub mod inputs;
 pub mod plan;
+mod ra;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -71,6 +72,14 @@ pub fn peer_config(p: &plan::PeerPlan) -> PeerConfig {
     // One session carries both families (MP-BGP), whichever family its addresses are.
     c.families = vec![Family::Ipv4, Family::Ipv6];
     c.source = p.source;
+    if let Some(iface) = &p.interface {
+        // Unnumbered: IPv4 routes ride the link-local session with IPv6 next hops (RFC 8950).
+        c.extended_next_hop = true;
+        c.scope_id = nix::net::if_::if_nametoindex(iface.as_str()).ok();
+        if c.scope_id.is_none() {
+            tracing::warn!(interface = %iface, "BGPPeer interface not found");
+        }
+    }
     let import = p.clone();
     c.import = Some(Arc::new(move |prefix, _| import.imports(prefix)));
     let export = p.clone();
@@ -121,6 +130,9 @@ impl Routing {
                 changes: None,
                 peers: BTreeMap::new(),
             },
+            adverts: None,
+            heard: None,
+            link_neighbors: BTreeMap::new(),
             handle,
             fib,
             restarting,
@@ -359,6 +371,11 @@ impl BfdSessions {
 
 struct Task {
     bfd: BfdSessions,
+    /// Router advertisements on the unnumbered peers' interfaces, once there are any.
+    adverts: Option<ra::RouterAdverts>,
+    heard: Option<mpsc::UnboundedReceiver<ra::Heard>>,
+    /// The router last heard on each interface.
+    link_neighbors: BTreeMap<String, std::net::Ipv6Addr>,
     handle: rtnetlink::Handle,
     fib: Fib,
     restarting: bool,
@@ -369,6 +386,13 @@ struct Task {
     routes_tx: watch::Sender<Desired>,
     warn_tx: watch::Sender<Vec<String>>,
     sweep_deadline: Option<Instant>,
+}
+
+async fn next_heard(rx: &mut Option<mpsc::UnboundedReceiver<ra::Heard>>) -> Option<ra::Heard> {
+    match rx {
+        Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
+    }
 }
 
 async fn next_change(rx: &mut Option<mpsc::UnboundedReceiver<RibEvent>>) -> Option<RibEvent> {
@@ -394,6 +418,13 @@ impl Task {
                     }
                 }
                 Some(c) = self.bfd.next_change() => self.bfd_change(c),
+                Some((iface, router)) = next_heard(&mut self.heard) => {
+                    if self.link_neighbors.insert(iface, router) != Some(router) {
+                        if let Some(i) = &current {
+                            self.reconfigure(i).await;
+                        }
+                    }
+                }
                 change = next_change(&mut self.route_rx) => match change {
                     Some(ev) => self.rib_event(ev),
                     None => {
@@ -420,6 +451,18 @@ impl Task {
         }
         if let Some(s) = self.speaker.take() {
             let _ = s.shutdown().await;
+        }
+    }
+
+    /// Router advertisements on `ifaces`; started with the first unnumbered BGPPeer.
+    fn advertise_on(&mut self, ifaces: &std::collections::BTreeSet<String>) {
+        if self.adverts.is_none() && !ifaces.is_empty() {
+            let (adverts, heard) = ra::RouterAdverts::start();
+            self.adverts = Some(adverts);
+            self.heard = Some(heard);
+        }
+        if let Some(a) = &self.adverts {
+            a.set_interfaces(ifaces.clone());
         }
     }
 
@@ -482,13 +525,23 @@ impl Task {
     }
 
     async fn reconfigure(&mut self, inputs: &Inputs) {
-        let desired = match plan(inputs) {
+        let mut inputs = inputs.clone();
+        inputs.link_neighbors = self.link_neighbors.clone();
+        let desired = match plan(&inputs) {
             Ok(p) => p,
             Err(e) => {
                 tracing::warn!("BGP plan: {e}");
                 return;
             }
         };
+        self.advertise_on(&desired.link_interfaces);
+        self.fib.set_link_peers(
+            desired
+                .peers
+                .values()
+                .filter_map(|p| Some((p.address, p.interface.clone()?)))
+                .collect(),
+        );
         for w in &desired.warnings {
             if self
                 .running

@@ -27,6 +27,9 @@ pub struct Inputs {
     pub cluster_cidrs: Vec<IpNet>,
     /// This node's pod blocks from IPAM when they differ from spec.podCIDRs.
     pub local_blocks: Option<Vec<IpNet>>,
+    /// Link-local addresses of the routers heard on each interface (IPv6 router
+    /// advertisements), for unnumbered BGPPeers without a `peerIP`.
+    pub link_neighbors: BTreeMap<String, std::net::Ipv6Addr>,
 }
 
 /// Speaker-wide settings; a change needs a new speaker (every session restarts).
@@ -93,6 +96,8 @@ pub struct PeerPlan {
     pub export_policy: Option<RoutePolicy>,
     /// BFD on this session (RFC 5882: the session goes down with it).
     pub bfd: Option<sepal_bgp::bfd::Timers>,
+    /// Unnumbered: the interface a link-local `address` is on.
+    pub interface: Option<String>,
 }
 
 /// One of this node's announcements.
@@ -116,6 +121,9 @@ pub struct Plan {
     pub announcements: BTreeMap<IpNet, Announcement>,
     /// Inputs that were left out, with the reason (shown in status and logs).
     pub warnings: Vec<String>,
+    /// Interfaces of this node's unnumbered BGPPeers: router advertisements go out on them
+    /// and are listened for.
+    pub link_interfaces: std::collections::BTreeSet<String>,
 }
 
 /// Hold time used when neither the BGPConfiguration nor the BGPPeer sets one.
@@ -221,6 +229,7 @@ pub fn plan(inp: &Inputs) -> Result<Plan, String> {
         .ok_or_else(|| format!("this node ({}) is not in the model yet", inp.local))?;
     let cfg = &inp.config;
     let mut warnings = Vec::new();
+    let mut link_interfaces = std::collections::BTreeSet::new();
     let local_as = me.as_number.unwrap_or(cfg.as_number);
     let router_id = me
         .addresses
@@ -386,6 +395,7 @@ pub fn plan(inp: &Inputs) -> Result<Plan, String> {
                 export: ExportFilter::Within(cluster.clone()),
                 export_policy: None,
                 bfd: cfg.bfd,
+                interface: None,
             },
         );
     }
@@ -393,7 +403,24 @@ pub fn plan(inp: &Inputs) -> Result<Plan, String> {
         if !p.selects(&me.name, &me.labels) {
             continue;
         }
-        if me.addresses.contains(&p.peer_ip) {
+        if let Some(iface) = &p.interface {
+            link_interfaces.insert(iface.clone());
+        }
+        let address = match (p.peer_ip, &p.interface) {
+            (Some(a), _) => a,
+            (None, Some(iface)) => match inp.link_neighbors.get(iface) {
+                Some(a) => IpAddr::V6(*a),
+                None => {
+                    warnings.push(format!(
+                        "BGPPeer {}: no IPv6 router advertisement heard on {iface} yet: no session",
+                        p.name
+                    ));
+                    continue;
+                }
+            },
+            (None, None) => continue, // refused by validation
+        };
+        if me.addresses.contains(&address) {
             continue; // a BGPPeer for every node that names this node itself
         }
         let password = match &p.password {
@@ -424,10 +451,10 @@ pub fn plan(inp: &Inputs) -> Result<Plan, String> {
         // link than the node's BGP address must see the address of that link.
         let source = p.source_address;
         peers.insert(
-            p.peer_ip,
+            address,
             PeerPlan {
                 kind: PeerKind::Global(p.name.clone()),
-                address: p.peer_ip,
+                address,
                 port: 179,
                 remote_as: p.as_number,
                 passive: p.passive,
@@ -452,12 +479,14 @@ pub fn plan(inp: &Inputs) -> Result<Plan, String> {
                 },
                 export_policy: p.export_policy.clone(),
                 bfd: p.bfd,
+                interface: p.interface.clone(),
             },
         );
     }
     Ok(Plan {
         speaker,
         peers,
+        link_interfaces,
         announcements,
         warnings,
     })
@@ -555,6 +584,32 @@ mod tests {
     fn bgp_peer(json: serde_json::Value) -> BgpPeer {
         let spec: BGPPeerSpec = serde_json::from_value(json).unwrap();
         spec.validate("tor").unwrap()
+    }
+
+    #[test]
+    fn an_unnumbered_peer_waits_for_a_router_advertisement_then_peers_on_its_interface() {
+        let mut i = three();
+        i.peers = vec![bgp_peer(
+            serde_json::json!({"interface": "eth1", "asNumber": 65000}),
+        )];
+        let p = plan(&i).unwrap();
+        assert!(p.peers.values().all(|p| p.interface.is_none()));
+        assert!(
+            p.link_interfaces.contains("eth1"),
+            "advertised while waiting"
+        );
+        assert!(
+            p.warnings.iter().any(|w| w.contains("eth1")),
+            "{:?}",
+            p.warnings
+        );
+        i.link_neighbors
+            .insert("eth1".into(), "fe80::1".parse().unwrap());
+        let p = plan(&i).unwrap();
+        let tor = &p.peers[&ip("fe80::1")];
+        assert_eq!(tor.interface.as_deref(), Some("eth1"));
+        assert_eq!(tor.remote_as, 65000);
+        assert!(p.warnings.is_empty(), "{:?}", p.warnings);
     }
 
     #[test]
