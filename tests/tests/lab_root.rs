@@ -342,3 +342,49 @@ fn dual_stack_lab_routes_ipv6_across_nodes() {
     assert!(reached.iter().any(|(ip, _)| ip == "fd10:246:0:2::1"));
     lab.down_cleanly();
 }
+
+#[test]
+fn unnumbered_lab_routes_ipv4_via_link_local_next_hops() {
+    require_root();
+    let name = format!("lu{}", std::process::id());
+    // The example in the docs, as a user would bring it up (its own name replaced by --name).
+    let topology = repo_file("docs/examples/unnumbered-lab.yaml");
+    let lab = Lab::up(&name, Some(&topology));
+    let status = lab.status();
+    // Each ToR (FRR, BIRD) routes each node's block via the node's link-local address on the
+    // ToR's interface to that node.
+    for (r, proto) in [(0, "bgp"), (1, "bird")] {
+        let tor = status["routers"][r]["netns"].as_str().unwrap().to_string();
+        let routes = in_netns(&tor, &format!("ip -4 route show proto {proto}"));
+        for n in 1..=2 {
+            let want = format!("10.244.{n}.0/24 ");
+            assert!(
+                routes.lines().any(|l| l.starts_with(&want)
+                    && l.contains("via inet6 fe80:")
+                    && l.contains(&format!("dev n{n} "))),
+                "{tor}: no {want}via inet6 fe80:... dev n{n} in\n{routes}"
+            );
+        }
+    }
+    // Each node has the other's block over both ToRs (ECMP), each hop on its own interface.
+    let n1 = status["nodes"][0]["netns"].as_str().unwrap().to_string();
+    let route = in_netns(&n1, "ip -4 route show proto 83 10.244.2.0/24");
+    for dev in ["eth0", "eth1"] {
+        assert!(
+            route
+                .lines()
+                .any(|l| l.contains("via inet6 fe80:") && l.contains(&format!("dev {dev} "))),
+            "{route}"
+        );
+    }
+    wait_for(
+        "pods reaching each other across the unnumbered fabric",
+        || sepal_json(&["lab", "ping", "--name", &name, "--json"]),
+        |m| {
+            m["results"]
+                .as_array()
+                .is_some_and(|r| r.len() == 2 && r.iter().all(|r| r["ok"] == true))
+        },
+    );
+    lab.down_cleanly();
+}

@@ -82,14 +82,17 @@ fn routes_and_reach(c: &Cluster, router: &Netns, router_ll: &str) {
 
 #[test]
 fn unnumbered_with_frr_found_by_router_advertisements() {
-    let (mut c, router, _node_ll, router_ll) = link_local_pair();
-    // FRR's own unnumbered configuration: the interface as the neighbor, its RAs every 3 s.
-    let frr = Frr::start_with_zebra(
+    let (mut c, router, node_ll, router_ll) = link_local_pair();
+    c.write_all("routing.yaml", &routing("  bfd: {enabled: true}\n"));
+    // FRR's own unnumbered configuration: the interface as the neighbor, its RAs every 3 s;
+    // BFD on the session too.
+    let frr = Frr::start_with_bfd(
         &router,
         "::",
         "interface n0\n ipv6 nd ra-interval 3\n no ipv6 nd suppress-ra\nexit\n\
          router bgp 65000\n bgp router-id 10.0.0.1\n no bgp ebgp-requires-policy\n no bgp network import-check\n \
          neighbor n0 interface remote-as external\n neighbor n0 timers connect 1\n neighbor n0 timers 1 3\n \
+         neighbor n0 bfd\n \
          address-family ipv4 unicast\n  network 192.0.2.0/24\n exit-address-family\n",
     );
     c.start();
@@ -108,6 +111,15 @@ fn unnumbered_with_frr_found_by_router_advertisements() {
     let st = c.nodes[0].status_json();
     assert_eq!(st["bgp"]["peers"][0]["state"], "Established", "{st}");
     assert_eq!(st["bgp"]["peers"][0]["address"], router_ll.as_str(), "{st}");
+    // BFD between the link-local addresses, Up on both ends.
+    wait_for(T, "BFD Up on the node", || {
+        (c.nodes[0].status_json()["bgp"]["bfd"][0]["state"] == "Up").then_some(())
+    });
+    wait_for(T, "BFD Up at FRR", || {
+        let peers = frr.vtysh_daemon("bfdd", "show bfd peers json");
+        (peers.contains(&format!("\"peer\":\"{node_ll}\"")) && peers.contains("\"status\":\"up\""))
+            .then_some(())
+    });
 }
 
 #[test]

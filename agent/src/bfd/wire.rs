@@ -46,6 +46,7 @@ mod tests {
             peers: vec![PeerConfig {
                 peer: "10.0.0.1".parse().unwrap(),
                 local: None,
+                scope_id: None,
                 timers: Timers {
                     min_tx: Duration::from_millis(100),
                     ..Timers::default()

@@ -296,6 +296,7 @@ fn plan(name: &str, topo: Topology, node_ipam: bool) -> Result<LabState> {
             netns: format!("{name}-{}", r.name),
             as_number: r.as_number,
             pids: Vec::new(),
+            unnumbered: r.unnumbered,
         })
         .collect();
     Ok(LabState {
@@ -554,11 +555,18 @@ fn bgp_objects(lab: &LabState) -> Vec<Value> {
             continue;
         }
         for (n, node) in lab.nodes.iter().enumerate() {
+            let mut spec = json!({"asNumber": router.as_number, "node": node.name,
+                                  "keepaliveTime": "3s", "holdTime": "9s"});
+            if router.unnumbered {
+                // The node's end of the link; the router's address comes from its RAs.
+                spec["interface"] = json!(format!("eth{r}"));
+            } else {
+                spec["peerIP"] = json!(router::router_addr(r, n));
+            }
             objects.push(json!({
                 "apiVersion": "sepal.dev/v1alpha1", "kind": "BGPPeer",
                 "metadata": {"name": format!("{}-{}", node.name, router.name)},
-                "spec": {"peerIP": router::router_addr(r, n), "asNumber": router.as_number, "node": node.name,
-                         "keepaliveTime": "3s", "holdTime": "9s"},
+                "spec": spec,
             }));
         }
     }

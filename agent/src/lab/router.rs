@@ -185,6 +185,82 @@ pub fn config(
         .map_err(|e| anyhow::anyhow!("ToR config template: {e}"))
 }
 
+/// The router's interface on its link to node `node_index`.
+fn router_if(node_index: usize) -> String {
+    format!("n{}", node_index + 1)
+}
+
+/// The guide's FRR configuration turned unnumbered: each node's neighbor is the router's
+/// interface to it (`neighbor IFACE interface`), found by router advertisements, sent every 3 s
+/// so the lab comes up fast.
+fn unnumbered_frr(config: &str, index: usize, nodes: &[NodeState]) -> String {
+    let mut out = String::new();
+    for n in 0..nodes.len() {
+        out.push_str(&format!(
+            "interface {}\n ipv6 nd ra-interval 3\n no ipv6 nd suppress-ra\nexit\n",
+            router_if(n)
+        ));
+    }
+    let mut text = config.to_string();
+    for n in 0..nodes.len() {
+        let (addr, iface) = (node_addr(index, n), router_if(n));
+        text = text
+            .replace(
+                &format!("neighbor {addr} remote-as"),
+                &format!("neighbor {iface} interface remote-as"),
+            )
+            .replace(&format!("neighbor {addr} "), &format!("neighbor {iface} "));
+    }
+    out.push_str(&text);
+    out
+}
+
+/// The guide's BIRD configuration turned unnumbered: each session goes to the node's
+/// link-local address on the router's interface to it, carries IPv4 with IPv6 next hops, and
+/// BIRD advertises itself on those interfaces so the nodes find it.
+fn unnumbered_bird(config: &str, index: usize, nodes: &[NodeState]) -> Result<String> {
+    let mut text = config.replace(
+        "ipv4 { import filter sepal_pods;",
+        "ipv4 { extended next hop on; import filter sepal_pods;",
+    );
+    let mut radv = String::from("protocol radv {\n");
+    for (n, node) in nodes.iter().enumerate() {
+        let node_if = format!("eth{index}");
+        let ll = link_local(&node.netns, &node_if)?;
+        // The session's source is the router's link-local address, not its IPv4 one.
+        text = text.replace(&format!("local {} as", router_addr(index, n)), "local as");
+        text = text.replace(
+            &format!("neighbor {} as", node_addr(index, n)),
+            &format!("interface \"{}\"; neighbor {ll} as", router_if(n)),
+        );
+        radv.push_str(&format!(
+            "  interface \"{}\" {{ min ra interval 3; max ra interval 4; default lifetime 0; }};\n",
+            router_if(n)
+        ));
+    }
+    radv.push_str("}\n");
+    Ok(text + &radv)
+}
+
+/// The link-local address of `iface` in namespace `ns`, once duplicate address detection is over.
+fn link_local(ns: &str, iface: &str) -> Result<String> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let out = net::sh(ns, &format!("ip -6 -o addr show dev {iface} scope link"))?;
+        let addr = out
+            .split_whitespace()
+            .nth(3)
+            .and_then(|a| a.split('/').next());
+        match addr {
+            Some(a) if !out.contains("tentative") => return Ok(a.to_string()),
+            _ if std::time::Instant::now() > deadline => {
+                bail!("{ns}: no link-local address on {iface} after 10 s")
+            }
+            _ => std::thread::sleep(std::time::Duration::from_millis(100)),
+        }
+    }
+}
+
 /// BIRD protocol names are identifiers; node names may hold '-'.
 fn bird_name(node: &str) -> String {
     format!("n_{}", node.replace('-', "_"))
@@ -199,7 +275,11 @@ fn start_bird(
     dir: &Path,
 ) -> Result<Vec<u32>> {
     let conf = dir.join("bird.conf");
-    std::fs::write(&conf, config(peering::BIRD, router, index, nodes, ranges)?)?;
+    let mut text = config(peering::BIRD, router, index, nodes, ranges)?;
+    if router.unnumbered {
+        text = unnumbered_bird(&text, index, nodes)?;
+    }
+    std::fs::write(&conf, text)?;
     let (ctl, log) = (dir.join("bird.ctl"), dir.join("bird.log"));
     let pid = net::spawn_daemon(
         &router.netns,
@@ -218,7 +298,10 @@ fn start_frr(
     dir: &Path,
 ) -> Result<Vec<u32>> {
     let zebra = start_frr_daemon(router, dir, "zebra", "")?;
-    let config = config(peering::FRR, router, index, nodes, ranges)?;
+    let mut config = config(peering::FRR, router, index, nodes, ranges)?;
+    if router.unnumbered {
+        config = unnumbered_frr(&config, index, nodes);
+    }
     let bgpd = start_frr_daemon(router, dir, "bgpd", &config)?;
     Ok(vec![zebra, bgpd])
 }

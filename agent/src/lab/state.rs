@@ -83,6 +83,9 @@ pub struct RouterState {
     pub netns: String,
     pub as_number: u32,
     pub pids: Vec<u32>,
+    /// Sessions over IPv6 link-local addresses (see the topology's `unnumbered`).
+    #[serde(default)]
+    pub unnumbered: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

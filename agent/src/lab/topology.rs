@@ -79,6 +79,11 @@ pub struct RouterSpec {
     pub kind: RouterKind,
     #[serde(default = "default_router_as")]
     pub as_number: u32,
+    /// BGP with each node over the link's IPv6 link-local addresses (BGPPeer `interface`, IPv4
+    /// routes with IPv6 next hops); the links keep their IPv4 addresses for everything else.
+    /// BIRD and FRR.
+    #[serde(default)]
+    pub unnumbered: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -175,6 +180,13 @@ impl Topology {
             if !names.insert(name.as_str()) {
                 bail!("node/router name {name:?} is used twice");
             }
+        }
+        if let Some(r) = self
+            .routers
+            .iter()
+            .find(|r| r.unnumbered && !matches!(r.kind, RouterKind::Bird | RouterKind::Frr))
+        {
+            bail!("router {}: unnumbered needs kind bird or frr", r.name);
         }
         if self.routers.len() > 1 && self.routers.iter().any(|r| r.kind == RouterKind::None) {
             bail!("a static router (kind none) must be the only router");

@@ -97,15 +97,18 @@ impl Fib {
         gone
     }
 
-    /// Next hops for `gateways`; a link-local one goes out `link_dev`, its session's interface.
+    /// Next hops for `gateways`. A link-local one goes out the interface of the unnumbered
+    /// session with that peer (ECMP over several: each its own), else `link_dev`, the
+    /// interface of the session the route came from.
     fn target(&self, gateways: &[IpAddr], link_dev: Option<&str>) -> Target {
         let mut hops: Vec<NextHop> = gateways
             .iter()
             .map(|gw| {
                 if is_link_local(*gw) {
+                    let dev = self.link_peers.get(gw).map(String::as_str).or(link_dev);
                     return NextHop {
                         gateway: *gw,
-                        dev: link_dev.map(str::to_string),
+                        dev: dev.map(str::to_string),
                         onlink: true,
                     };
                 }
@@ -152,7 +155,9 @@ impl Fib {
                 .filter(|gw| gw.is_ipv4() == prefix.addr().is_ipv4() || gw.is_ipv6())
                 .filter(|gw| !gw.is_unspecified())
                 // A link-local next hop from a numbered session names no interface: unusable.
-                .filter(|gw| !is_link_local(**gw) || link_dev.is_some())
+                .filter(|gw| {
+                    !is_link_local(**gw) || link_dev.is_some() || self.link_peers.contains_key(gw)
+                })
                 .copied()
                 .collect();
             (!gws.is_empty()).then(|| self.target(&gws, link_dev))

@@ -323,6 +323,10 @@ impl BfdSessions {
                         peer: *a,
                         local: pp.source,
                         timers,
+                        scope_id: pp
+                            .interface
+                            .as_deref()
+                            .and_then(|i| nix::net::if_::if_nametoindex(i).ok()),
                     };
                     (*a, cfg)
                 })

@@ -58,9 +58,9 @@ async fn run(
             keep
         });
         for iface in want {
-            if !running.contains_key(&iface) {
-                let task = tokio::spawn(interface(iface.clone(), heard.clone()));
-                running.insert(iface, task);
+            if let std::collections::btree_map::Entry::Vacant(slot) = running.entry(iface) {
+                let task = tokio::spawn(interface(slot.key().clone(), heard.clone()));
+                slot.insert(task);
             }
         }
     }

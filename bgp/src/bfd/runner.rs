@@ -30,6 +30,9 @@ pub struct PeerConfig {
     /// Source address; by default the kernel's choice towards the peer.
     pub local: Option<IpAddr>,
     pub timers: Timers,
+    /// The interface (index) a link-local peer address is on.
+    #[serde(default)]
+    pub scope_id: Option<u32>,
 }
 
 /// A session's state change, for the BGP sessions over the same path.
@@ -219,6 +222,17 @@ async fn receive(sock: &UdpSocket) -> std::io::Result<Option<Received>> {
         .map(|packet| Received { from, packet }))
 }
 
+/// A socket address; a link-local IPv6 one (or the unspecified one of a link-local session)
+/// takes the session's interface as its scope.
+fn scoped(addr: IpAddr, port: u16, scope_id: Option<u32>) -> SocketAddr {
+    match (addr, scope_id) {
+        (IpAddr::V6(v6), Some(scope)) if v6.is_unicast_link_local() || v6.is_unspecified() => {
+            SocketAddr::V6(std::net::SocketAddrV6::new(v6, port, 0, scope))
+        }
+        _ => SocketAddr::new(addr, port),
+    }
+}
+
 /// A sending socket for one session: TTL 255, a source port of its own from 49152-65535.
 fn sender(cfg: &PeerConfig, hint: u32) -> std::io::Result<UdpSocket> {
     let local = cfg.local.unwrap_or(match cfg.peer {
@@ -229,11 +243,11 @@ fn sender(cfg: &PeerConfig, hint: u32) -> std::io::Result<UdpSocket> {
     let mut last = None;
     for i in 0..span {
         let port = SOURCE_PORTS.start() + ((hint + i) % span) as u16;
-        match std::net::UdpSocket::bind(SocketAddr::new(local, port)) {
+        match std::net::UdpSocket::bind(scoped(local, port, cfg.scope_id)) {
             Ok(s) => {
                 set_gtsm(s.as_raw_fd(), cfg.peer.is_ipv6(), Gtsm::Send)?;
                 s.set_nonblocking(true)?;
-                s.connect(SocketAddr::new(cfg.peer, CONTROL_PORT))?;
+                s.connect(scoped(cfg.peer, CONTROL_PORT, cfg.scope_id))?;
                 return UdpSocket::from_std(s);
             }
             Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => last = Some(e),

@@ -78,6 +78,7 @@ async fn handle(running: &mut Option<Running>, cmd: Cmd) -> Result<Value, String
                 .set_peer(PeerConfig {
                     peer: address,
                     local,
+                    scope_id: None,
                     timers: Timers {
                         min_tx: min_tx_ms.map_or(d.min_tx, Duration::from_millis),
                         min_rx: min_rx_ms.map_or(d.min_rx, Duration::from_millis),
