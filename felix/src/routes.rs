@@ -121,13 +121,22 @@ pub struct RouteReconciler {
     handle: Handle,
     /// What this reconciler last saw in or wrote to the kernel.
     installed: Desired,
+    /// Interface indexes looked up during one reconcile or update: a burst of BGP routes out
+    /// one interface costs one lookup, not one per route. Cleared at the start of each, so an
+    /// interface recreated between them is looked up again.
+    ifindexes: std::sync::Mutex<HashMap<String, u32>>,
 }
+
+/// Route writes in flight at once on the netlink socket: the kernel answers them in order, so
+/// a burst costs a fraction of one round trip per route.
+const PIPELINE: usize = 128;
 
 impl RouteReconciler {
     pub fn new(handle: Handle) -> RouteReconciler {
         RouteReconciler {
             handle,
             installed: Desired::new(),
+            ifindexes: Default::default(),
         }
     }
 
@@ -145,7 +154,24 @@ impl RouteReconciler {
             .collect())
     }
 
+    fn forget_ifindexes(&self) {
+        if let Ok(mut m) = self.ifindexes.lock() {
+            m.clear();
+        }
+    }
+
     async fn ifindex(&self, dst: IpNetwork, dev: &str) -> Result<u32, RouteError> {
+        if let Some(i) = self.ifindexes.lock().ok().and_then(|m| m.get(dev).copied()) {
+            return Ok(i);
+        }
+        let index = self.lookup_ifindex(dst, dev).await?;
+        if let Ok(mut m) = self.ifindexes.lock() {
+            m.insert(dev.to_string(), index);
+        }
+        Ok(index)
+    }
+
+    async fn lookup_ifindex(&self, dst: IpNetwork, dev: &str) -> Result<u32, RouteError> {
         match links::link_by_name(&self.handle, dev)
             .await
             .map_err(nl(format!("looking up {dev}")))?
@@ -182,6 +208,7 @@ impl RouteReconciler {
     /// differs, deletes what is not desired, leaves correct routes alone. Routes whose interface
     /// is missing are reported in `Report::errors` and skipped; the rest still goes ahead.
     pub async fn reconcile(&mut self, desired: &Desired) -> Result<Report, RouteError> {
+        self.forget_ifindexes();
         let kernel = self.kernel_routes().await?;
         let in_kernel: std::collections::HashSet<IpNetwork> =
             kernel.iter().map(|r| r.dst).collect();
@@ -229,6 +256,8 @@ impl RouteReconciler {
     /// Applies the difference between `desired` and what this reconciler last installed, without
     /// dumping the kernel.
     pub async fn update(&mut self, desired: &Desired) -> Result<Report, RouteError> {
+        use futures::StreamExt;
+        self.forget_ifindexes();
         let mut report = Report::default();
         let stale: Vec<IpNetwork> = self
             .installed
@@ -236,29 +265,80 @@ impl RouteReconciler {
             .filter(|k| !desired.contains_key(k))
             .copied()
             .collect();
-        for dst in stale {
-            self.withdraw(dst).await?;
+        let mut gone = Vec::new();
+        let mut fatal = None;
+        {
+            let mut pending = futures::stream::FuturesUnordered::new();
+            let mut todo = stale.into_iter();
+            loop {
+                while pending.len() < PIPELINE {
+                    let Some(dst) = todo.next() else { break };
+                    pending.push(self.delete_tagged(dst));
+                }
+                let Some((dst, r)) = pending.next().await else {
+                    break;
+                };
+                match r {
+                    Ok(()) => gone.push(dst),
+                    Err(e) => fatal = fatal.or(Some(e)),
+                }
+            }
+        }
+        for dst in gone {
+            self.installed.remove(&dst);
             report.removed += 1;
         }
+        if let Some(e) = fatal {
+            return Err(e);
+        }
+        let mut writes = Vec::new();
         for (dst, target) in desired {
             if self.installed.get(dst) == Some(target) {
                 report.adopted += 1;
-                continue;
+            } else {
+                let dst = canonical(*dst);
+                writes.push((dst, target, self.installed.contains_key(&dst)));
             }
-            let existed = self.installed.contains_key(dst);
-            match self.install(*dst, target.clone()).await {
-                Ok(()) if existed => report.replaced += 1,
-                Ok(()) => report.added += 1,
+        }
+        let mut written = Vec::with_capacity(writes.len());
+        {
+            let mut pending = futures::stream::FuturesUnordered::new();
+            let mut todo = writes.into_iter();
+            loop {
+                while pending.len() < PIPELINE {
+                    let Some((dst, target, existed)) = todo.next() else {
+                        break;
+                    };
+                    pending.push(self.write_tagged(dst, target, existed));
+                }
+                let Some(w) = pending.next().await else {
+                    break;
+                };
+                written.push(w);
+            }
+        }
+        for (dst, target, existed, r) in written {
+            match r {
+                Ok(()) => {
+                    self.installed.insert(dst, target.clone());
+                    if existed {
+                        report.replaced += 1
+                    } else {
+                        report.added += 1
+                    }
+                }
                 Err(e @ (RouteError::NoSuchLink { .. } | RouteError::Foreign { .. })) => {
                     report.errors.push(e.to_string())
                 }
-                Err(e) => return Err(e),
+                Err(e) => fatal = fatal.or(Some(e)),
             }
         }
-        Ok(report)
+        match fatal {
+            Some(e) => Err(e),
+            None => Ok(report),
+        }
     }
 
-    /// Writes one route now, whatever the cache says (the interface may have been recreated).
     pub async fn install(&mut self, dst: IpNetwork, target: Target) -> Result<(), RouteError> {
         let dst = canonical(dst);
         let ours = self.installed.contains_key(&dst);
@@ -271,16 +351,34 @@ impl RouteReconciler {
     /// protocol's route to the same destination.
     pub async fn withdraw(&mut self, dst: IpNetwork) -> Result<(), RouteError> {
         let dst = canonical(dst);
+        self.delete_dst(dst).await?;
+        self.installed.remove(&dst);
+        Ok(())
+    }
+
+    async fn delete_tagged(&self, dst: IpNetwork) -> (IpNetwork, Result<(), RouteError>) {
+        (dst, self.delete_dst(dst).await)
+    }
+
+    async fn write_tagged<'t>(
+        &self,
+        dst: IpNetwork,
+        target: &'t Target,
+        existed: bool,
+    ) -> (IpNetwork, &'t Target, bool, Result<(), RouteError>) {
+        (dst, target, existed, self.write(dst, target, existed).await)
+    }
+
+    /// Deletes Sepal's route to `dst` from the kernel; already gone is fine.
+    async fn delete_dst(&self, dst: IpNetwork) -> Result<(), RouteError> {
         let mut msg = header(dst);
         msg.header.scope = RouteScope::NoWhere;
         msg.header.kind = RouteType::Unspec;
         match self.handle.route().del(msg).execute().await {
-            Ok(()) => {}
-            Err(e) if matches!(errno(&e), Some(libc::ESRCH | libc::ENOENT)) => {}
-            Err(e) => return Err(nl(format!("deleting route to {dst}"))(e)),
+            Ok(()) => Ok(()),
+            Err(e) if matches!(errno(&e), Some(libc::ESRCH | libc::ENOENT)) => Ok(()),
+            Err(e) => Err(nl(format!("deleting route to {dst}"))(e)),
         }
-        self.installed.remove(&dst);
-        Ok(())
     }
 
     async fn kernel_has(&self, dst: IpNetwork) -> Result<bool, RouteError> {

@@ -182,6 +182,11 @@ impl Node {
         fs::read_to_string(self.state_dir.with_extension("bfd.log")).unwrap_or_default()
     }
 
+    /// The running agent's process id.
+    pub fn agent_pid(&self) -> Option<u32> {
+        self.agent.as_ref().map(Child::id)
+    }
+
     /// Kills the agent with SIGKILL (no cleanup on its side), as a crash would.
     pub fn kill_agent(&mut self) {
         if let Some(mut child) = self.agent.take() {

@@ -182,6 +182,14 @@ impl Cluster {
     }
 }
 
+/// A Node object named `name` with one InternalIP and one pod block, for a datastore.
+pub fn node_yaml_named(name: &str, address: &str, block: &str) -> String {
+    format!(
+        "apiVersion: v1\nkind: Node\nmetadata:\n  name: {name}\nspec:\n  podCIDR: {block}\n  podCIDRs: [{block}]\n\
+         status:\n  addresses:\n  - {{type: InternalIP, address: {address}}}\n"
+    )
+}
+
 pub fn node_yaml(i: usize, address: &str, annotations: &str) -> String {
     format!(
         "apiVersion: v1\nkind: Node\nmetadata:\n  name: n{i}\n  labels: {{rack: r1}}\n  annotations: {{{annotations}}}\n\

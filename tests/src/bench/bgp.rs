@@ -1,5 +1,7 @@
 //! `sepal-bench bgp`: one pre-encoded stream of 100,000 IPv4 prefixes (UPDATEs of ≤ 4096 bytes)
 //! sent unpaced into Sepal's speaker and into BIRD in the same run; time to a full Loc-RIB, peak RSS.
+//! Then the same stream through the whole agent (`sepal node`) and through BIRD with its kernel
+//! protocol: time until the kernel's FIB holds every prefix.
 //!
 //! Both receivers are watched the same way: a route count over an already open control channel
 //! (Sepal's stdin/stdout, BIRD's control socket), polled every millisecond; spawning `birdc` per
@@ -301,6 +303,79 @@ fn run_bird(run: usize, n: u32, stream: &[u8]) -> anyhow::Result<(Ingest, u64)> 
     Ok((b, rss))
 }
 
+/// Prefixes in the main IPv4 table of the namespace process `pid` runs in (the kernel's own
+/// count, /proc/PID/net/fib_triestat: cheap at any table size, unlike a route dump).
+fn fib_prefixes(pid: u32) -> usize {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/net/fib_triestat")).unwrap_or_default();
+    let main = text.split("Main:").nth(1).unwrap_or("");
+    main.lines()
+        .find_map(|l| l.trim().strip_prefix("Prefixes:"))
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// The same stream through the whole agent: `sepal node` (dir datastore, a passive BGPPeer for
+/// the sender) until the kernel's main table holds every prefix.
+fn run_sepal_fib(run: usize, n: u32, stream: &[u8]) -> anyhow::Result<Ingest> {
+    let mut node = crate::node::Node::new(&format!("bff{run}"), &["10.244.0.0/24"]);
+    let snd = Netns::new(&format!("bff{run}s"));
+    veth(&snd, "b0", &node.netns, "b1");
+    snd.run(&format!("ip addr add {SENDER}/24 dev b0"));
+    node.netns.run(&format!("ip addr add {RECEIVER}/24 dev b1"));
+    let name = node.name.clone();
+    std::fs::write(
+        node.datastore.join(format!("node-{name}.yaml")),
+        crate::routing::node_yaml_named(&name, RECEIVER, "10.244.0.0/24"),
+    )?;
+    std::fs::write(
+        node.datastore.join("routing.yaml"),
+        crate::routing::bgp_configuration(false, "")
+            + &format!(
+                "---\napiVersion: sepal.dev/v1alpha1\nkind: BGPPeer\nmetadata:\n  name: blast\nspec:\n  \
+                 peerIP: {SENDER}\n  asNumber: 65001\n  passive: true\n  keepaliveTime: 80s\n  holdTime: 240s\n"
+            ),
+    )?;
+    node.start_agent();
+    let pid = node.agent_pid().context("agent pid")?;
+    let base = fib_prefixes(pid);
+    let s = ingest(
+        &snd,
+        stream,
+        pid,
+        base + n as usize,
+        "sepal node FIB",
+        || fib_prefixes(pid),
+    )?;
+    println!(
+        "sepal node: {n} prefixes in the kernel FIB after {:.0} ms ({:.0} ms CPU, {:.0} ms runnable without a CPU)",
+        s.wall_ms, s.cpu_ms, s.wait_ms
+    );
+    Ok(s)
+}
+
+/// BIRD with its kernel protocol exporting what it learns, until the kernel has every prefix.
+fn run_bird_fib(run: usize, n: u32, stream: &[u8]) -> anyhow::Result<Ingest> {
+    let (snd, rcv) = pair(&format!("bfb{run}"));
+    let bird = Bird::start(
+        &rcv,
+        &format!(
+            "router id {RECEIVER};\nprotocol device {{ }}\nprotocol kernel {{ ipv4 {{ import none; export all; }}; }}\n\
+             protocol bgp blast {{\n  local {RECEIVER} as 65000; neighbor {SENDER} as 65001;\n  passive on; hold time 240;\n  \
+             ipv4 {{ import all; export none; }};\n}}\n"
+        ),
+    );
+    let pid = bird.pid();
+    let base = fib_prefixes(pid);
+    let b = ingest(&snd, stream, pid, base + n as usize, "bird FIB", || {
+        fib_prefixes(pid)
+    })?;
+    println!(
+        "bird: {n} prefixes in the kernel FIB after {:.0} ms ({:.0} ms CPU, {:.0} ms runnable without a CPU)",
+        b.wall_ms, b.cpu_ms, b.wait_ms
+    );
+    Ok(b)
+}
+
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
     v.get(v.len() / 2).copied().unwrap_or(0.0)
@@ -328,7 +403,15 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
     );
 
     let (mut sepal, mut bird) = (Vec::new(), Vec::new());
+    let (mut sepal_fib, mut bird_fib) = (Vec::new(), Vec::new());
     for run in 0..runs {
+        if run % 2 == 0 {
+            sepal_fib.push(run_sepal_fib(run, n, &stream)?.wall_ms);
+            bird_fib.push(run_bird_fib(run, n, &stream)?.wall_ms);
+        } else {
+            bird_fib.push(run_bird_fib(run, n, &stream)?.wall_ms);
+            sepal_fib.push(run_sepal_fib(run, n, &stream)?.wall_ms);
+        }
         // Alternate who goes first: each run's namespaces are torn down by the kernel in the
         // background while the next ingest runs.
         if run % 2 == 0 {
@@ -343,6 +426,20 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
         |v: &[(Ingest, u64)], f: fn(&Ingest) -> f64| median(v.iter().map(|(i, _)| f(i)).collect());
     let rss = |v: &[(Ingest, u64)]| v.iter().map(|x| x.1).max().unwrap_or(0) as f64 / 1024.0;
     let (s_ms, b_ms) = (med(&sepal, |i| i.wall_ms), med(&bird, |i| i.wall_ms));
+    let spread = |v: &[f64]| {
+        let (lo, hi) = v
+            .iter()
+            .fold((f64::MAX, 0f64), |(l, h), x| (l.min(*x), h.max(*x)));
+        format!("{lo:.0}-{hi:.0}")
+    };
+    println!(
+        "kernel FIB: sepal node runs {} ms, bird runs {} ms; Loc-RIB: sepal runs {} ms, bird runs {} ms",
+        spread(&sepal_fib),
+        spread(&bird_fib),
+        spread(&sepal.iter().map(|(i, _)| i.wall_ms).collect::<Vec<_>>()),
+        spread(&bird.iter().map(|(i, _)| i.wall_ms).collect::<Vec<_>>()),
+    );
+    let (f_ms, bf_ms) = (median(sepal_fib), median(bird_fib));
     let (s_cpu, b_cpu) = (med(&sepal, |i| i.cpu_ms), med(&bird, |i| i.cpu_ms));
 
     let r1 = |x: f64| (x * 10.0).round() / 10.0;
@@ -358,6 +455,9 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
         "cpu_ratio": r3(s_cpu / b_cpu.max(0.001)),
         "rss_mib": r1(rss(&sepal)),
         "bird_rss_mib": r1(rss(&bird)),
+        "fib_ms": r1(f_ms),
+        "bird_fib_ms": r1(bf_ms),
+        "fib_ratio": r3(f_ms / bf_ms.max(0.001)),
     });
     println!("{result}");
     Ok(())
