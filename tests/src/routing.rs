@@ -216,6 +216,28 @@ pub fn cut_off(ns: &Netns) {
     );
 }
 
+/// Cuts node 0 off (see [`cut_off`]) and watches, in one loop, its block 10.244.0.0/24 leave
+/// the ToR's kernel and node 1's: how long each took, `None` for one still there after `limit`.
+pub fn silence_node0(
+    c: &Cluster,
+    tor: &Netns,
+    limit: Duration,
+) -> (Option<Duration>, Option<Duration>) {
+    cut_off(&c.nodes[0].netns);
+    let cut = Instant::now();
+    let (mut tor_gone, mut n1_gone) = (None, None);
+    while (tor_gone.is_none() || n1_gone.is_none()) && cut.elapsed() < limit {
+        if tor_gone.is_none() && tor.run("ip route show 10.244.0.0/24").trim().is_empty() {
+            tor_gone = Some(cut.elapsed());
+        }
+        if n1_gone.is_none() && c.route(1, "10.244.0.0/24").is_empty() {
+            n1_gone = Some(cut.elapsed());
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    (tor_gone, n1_gone)
+}
+
 /// What tcpdump on `iface` in `ns` sees of ICMP from pod `from` to `to` while `from` pings it
 /// (one line per packet, the first one only).
 pub fn underlay_sees(ns: &Netns, iface: &str, from: &Pod, to: &str) -> String {

@@ -9,10 +9,10 @@
 
 use sepal_tests::routing as common;
 
-use common::{cut_off, routes_via_tor, tor_cluster_with, TorDaemon, TorKind};
+use common::{routes_via_tor, tor_cluster_with, TorDaemon, TorKind};
 use sepal_tests::bgpd::wait_for;
 use serde_json::Value;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 const T: Duration = Duration::from_secs(30);
 
@@ -146,18 +146,7 @@ fn scenario(kind: TorKind) {
 
     // Silent: the ToR's BFD takes the session down, the ToR withdraws the block from its
     // kernel and from n1. Both watched in one loop, so each time is off by one query at most.
-    cut_off(&c.nodes[0].netns);
-    let cut = Instant::now();
-    let (mut tor_gone, mut n1_gone) = (None, None);
-    while (tor_gone.is_none() || n1_gone.is_none()) && cut.elapsed() < Duration::from_secs(10) {
-        if tor_gone.is_none() && tor.run("ip route show 10.244.0.0/24").trim().is_empty() {
-            tor_gone = Some(cut.elapsed());
-        }
-        if n1_gone.is_none() && c.route(1, "10.244.0.0/24").is_empty() {
-            n1_gone = Some(cut.elapsed());
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    let (tor_gone, n1_gone) = common::silence_node0(&c, &tor, Duration::from_secs(10));
     let tor_gone = tor_gone.expect("the ToR kept n0's block for 10 s");
     let n1_gone = n1_gone.expect("n1 kept n0's block for 10 s");
     eprintln!("{kind:?}, silent node: its block gone from the ToR's kernel after {tor_gone:?}, from n1's after {n1_gone:?}");

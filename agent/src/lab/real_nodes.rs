@@ -683,7 +683,8 @@ mod tests {
     fn deploy_is_applied_with_only_the_image_changed() {
         let text = deploy_manifests("sepal.dev/sepal:lab").unwrap();
         assert!(!text.contains("ghcr.io/"), "{text}");
-        assert_eq!(text.matches("image: sepal.dev/sepal:lab").count(), 2);
+        // install-cni and the agent in sepal-node, the daemon in sepal-bfd.
+        assert_eq!(text.matches("image: sepal.dev/sepal:lab").count(), 3);
         let released = DEPLOY[6]
             .1
             .lines()

@@ -9,13 +9,15 @@
 //!   second between pods on the two nodes: packets lost with BFD in `sepal bfd`, and, as the
 //!   reference, with BFD inside the agent (where the peer takes the restart for a failure).
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{bail, Context};
 use serde_json::json;
 
 use crate::bgpd::wait_for;
-use crate::routing::{cut_off, routes_via_tor, tor_cluster_with, Cluster, TorDaemon, TorKind};
+use crate::routing::{
+    routes_via_tor, silence_node0, tor_cluster_with, Cluster, TorDaemon, TorKind,
+};
 
 const T: Duration = Duration::from_secs(60);
 
@@ -137,18 +139,7 @@ fn scenario(kind: TorKind, bfd: Bfd) -> (u64, u64) {
     }
     // Sessions settled, so the silence is the only event.
     std::thread::sleep(Duration::from_secs(2));
-    cut_off(&c.nodes[0].netns);
-    let cut = Instant::now();
-    let (mut tor_gone, mut n1_gone) = (None, None);
-    while (tor_gone.is_none() || n1_gone.is_none()) && cut.elapsed() < Duration::from_secs(30) {
-        if tor_gone.is_none() && tor.run("ip route show 10.244.0.0/24").trim().is_empty() {
-            tor_gone = Some(cut.elapsed());
-        }
-        if n1_gone.is_none() && c.route(1, "10.244.0.0/24").is_empty() {
-            n1_gone = Some(cut.elapsed());
-        }
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    let (tor_gone, n1_gone) = silence_node0(&c, &tor, Duration::from_secs(30));
     let gone = tor_gone
         .max(n1_gone)
         .expect("n0's block still routed 30 s after it went silent");
