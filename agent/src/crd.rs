@@ -225,6 +225,10 @@ pub struct PrefixCommunities {
 #[kube(printcolumn = r#"{"name":"AS","type":"integer","jsonPath":".spec.asNumber"}"#)]
 #[kube(printcolumn = r#"{"name":"Node","type":"string","jsonPath":".spec.node"}"#)]
 #[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-validations" = [{
+    "rule": "has(self.peerIP) || has(self.interface)",
+    "message": "spec.peerIP is required unless spec.interface names the link (unnumbered)"
+}]))]
 pub struct BGPPeerSpec {
     /// The peer's address (IPv4 or IPv6). With `interface`: the peer's IPv6 link-local address
     /// on it, or nothing to learn it from the peer's IPv6 router advertisements.
