@@ -344,6 +344,12 @@ fn rolling_update_loses_no_ping(lab: &Lab, a: &Value, b: &Value) {
         );
     }
     let before: BTreeSet<String> = agents(lab);
+    let bfd_before = pods_of(lab, "bfd");
+    assert_eq!(
+        bfd_before.len(),
+        3,
+        "a sepal-bfd pod per node: {bfd_before:?}"
+    );
     let from = a["netns"].as_str().unwrap();
     let to = b["ips"][0].as_str().unwrap();
     let ping = std::process::Command::new("nsenter")
@@ -397,6 +403,12 @@ fn rolling_update_loses_no_ping(lab: &Lab, a: &Value, b: &Value) {
         before.is_disjoint(&after),
         "agents not replaced: {before:?} {after:?}"
     );
+    // BFD runs apart from the agents: a rollout of sepal-node leaves sepal-bfd's pods alone.
+    assert_eq!(
+        pods_of(lab, "bfd"),
+        bfd_before,
+        "sepal-bfd restarted with the agents"
+    );
     let (sent, received) = ping_counts(&summary);
     eprintln!(
         "rolling update of 3 agents in {:.1} s: {received}/{sent} pings answered",
@@ -405,9 +417,15 @@ fn rolling_update_loses_no_ping(lab: &Lab, a: &Value, b: &Value) {
     assert!(sent > 0 && received == sent, "lost pings: {summary}");
 }
 
-/// The agents' Pod names, once each runs the DaemonSet's current template.
+/// The agents' Pod names (sepal-node's; sepal-bfd's stay through its rollouts).
 fn agents(lab: &Lab) -> BTreeSet<String> {
-    items(lab.kubectl_json(&["-n", "sepal-system", "get", "pods"]))
+    pods_of(lab, "node")
+}
+
+/// The Pod names of one of Sepal's DaemonSets, by its component label.
+fn pods_of(lab: &Lab, component: &str) -> BTreeSet<String> {
+    let selector = format!("app.kubernetes.io/component={component}");
+    items(lab.kubectl_json(&["-n", "sepal-system", "get", "pods", "-l", &selector]))
         .iter()
         .map(|p| p["metadata"]["name"].as_str().unwrap().to_string())
         .collect()
