@@ -355,28 +355,34 @@ fn unnumbered_lab_routes_ipv4_via_link_local_next_hops() {
     // ToR's interface to that node.
     for (r, proto) in [(0, "bgp"), (1, "bird")] {
         let tor = status["routers"][r]["netns"].as_str().unwrap().to_string();
-        let routes = in_netns(&tor, &format!("ip -4 route show proto {proto}"));
-        for n in 1..=2 {
-            let want = format!("10.244.{n}.0/24 ");
-            assert!(
-                routes.lines().any(|l| l.starts_with(&want)
-                    && l.contains("via inet6 fe80:")
-                    && l.contains(&format!("dev n{n} "))),
-                "{tor}: no {want}via inet6 fe80:... dev n{n} in\n{routes}"
-            );
-        }
+        wait_for(
+            "each ToR's routes to the blocks via link-local next hops",
+            || in_netns(&tor, &format!("ip -4 route show proto {proto}")),
+            |routes| {
+                (1..=2).all(|n| {
+                    routes.lines().any(|l| {
+                        l.starts_with(&format!("10.244.{n}.0/24 "))
+                            && l.contains("via inet6 fe80:")
+                            && l.contains(&format!("dev n{n} "))
+                    })
+                })
+            },
+        );
     }
     // Each node has the other's block over both ToRs (ECMP), each hop on its own interface.
     let n1 = status["nodes"][0]["netns"].as_str().unwrap().to_string();
-    let route = in_netns(&n1, "ip -4 route show proto 83 10.244.2.0/24");
-    for dev in ["eth0", "eth1"] {
-        assert!(
-            route
-                .lines()
-                .any(|l| l.contains("via inet6 fe80:") && l.contains(&format!("dev {dev} "))),
-            "{route}"
-        );
-    }
+    // (The second ToR's session may come up after `lab up` reports the first routes.)
+    wait_for(
+        "n1's route to n2's block over both ToRs",
+        || in_netns(&n1, "ip -4 route show proto 83 10.244.2.0/24"),
+        |route| {
+            ["eth0", "eth1"].iter().all(|dev| {
+                route
+                    .lines()
+                    .any(|l| l.contains("via inet6 fe80:") && l.contains(&format!("dev {dev} ")))
+            })
+        },
+    );
     wait_for(
         "pods reaching each other across the unnumbered fabric",
         || sepal_json(&["lab", "ping", "--name", &name, "--json"]),
