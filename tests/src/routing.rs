@@ -129,8 +129,31 @@ impl Cluster {
     /// Kills node `i`'s agent (SIGKILL) and starts it again under a continuous ping (20 a second
     /// for 8 s) from `from` to `to`; returns ping's summary.
     pub fn restart_agent_under_ping(&mut self, i: usize, from: &Netns, to: &str) -> String {
+        self.restart_agent_under_ping_every(i, from, to, "0.05", 160)
+    }
+
+    /// [`Cluster::restart_agent_under_ping`] with `count` pings `interval` seconds apart: the
+    /// agent is killed 1 s in and started 1.5 s later.
+    pub fn restart_agent_under_ping_every(
+        &mut self,
+        i: usize,
+        from: &Netns,
+        to: &str,
+        interval: &str,
+        count: u32,
+    ) -> String {
         let ping = from
-            .command(&["ping", "-q", "-i", "0.05", "-c", "160", "-W", "1", to])
+            .command(&[
+                "ping",
+                "-q",
+                "-i",
+                interval,
+                "-c",
+                &count.to_string(),
+                "-W",
+                "1",
+                to,
+            ])
             .stdout(std::process::Stdio::piped())
             .spawn()
             .expect("ping");

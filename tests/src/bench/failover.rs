@@ -153,17 +153,7 @@ fn bfd_up(daemon: &TorDaemon) -> bool {
 /// Packets lost by a 100-a-second ping from `from` to `to` while node 0's agent is killed and,
 /// 1.5 s later, started again.
 fn restart_loss(c: &mut Cluster, from: &crate::netns::Netns, to: &str) -> u64 {
-    let ping = from
-        .command(&["ping", "-q", "-i", "0.01", "-c", "600", "-W", "1", to])
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .expect("ping");
-    std::thread::sleep(Duration::from_secs(1));
-    c.nodes[0].kill_agent();
-    std::thread::sleep(Duration::from_millis(1500));
-    c.nodes[0].start_agent();
-    let out = ping.wait_with_output().expect("ping output");
-    let text = String::from_utf8_lossy(&out.stdout);
+    let text = c.restart_agent_under_ping_every(0, from, to, "0.01", 600);
     // "600 packets transmitted, 598 received, ..."
     let summary = text
         .lines()
