@@ -1,8 +1,10 @@
 //! `sepal lab`: a whole cluster on one Linux box — node namespaces running the real agent, pods
 //! attached by the real CNI plugin, a real BGP router — plus the commands to inspect and change it.
 
+mod cabling;
 mod cluster;
 pub mod control_plane;
+mod fabric;
 mod kubeapi;
 mod kubectl;
 mod net;
@@ -270,11 +272,11 @@ fn plan(name: &str, topo: Topology, node_ipam: bool) -> Result<LabState> {
             name: spec.name.clone(),
             netns: format!("{name}-{}", spec.name),
             as_number: spec.as_number.unwrap_or(64512 + 1 + i as u32),
-            uplinks: (0..topo.routers.len().max(1))
+            uplinks: uplink_routers(&topo, i)
                 .map(|r| router::node_addr(r, i))
                 .collect(),
             uplinks6: match topo.pod_range6() {
-                Some(_) => (0..topo.routers.len().max(1))
+                Some(_) => uplink_routers(&topo, i)
                     .map(|r| router::node_addr6(r, i))
                     .collect(),
                 None => Vec::new(),
@@ -309,6 +311,16 @@ fn plan(name: &str, topo: Topology, node_ipam: bool) -> Result<LabState> {
         relay_pid: None,
         proxy_mode: None,
     })
+}
+
+/// The routers node `node` has a link to; a lab without routers still gives each node the
+/// address it would have on router 0's link.
+fn uplink_routers(topo: &Topology, node: usize) -> impl Iterator<Item = usize> {
+    match topo.routers.is_empty() {
+        true => vec![0],
+        false => topo.routers_of(node),
+    }
+    .into_iter()
 }
 
 fn build(lab: LabState) -> Result<LabState> {
@@ -403,15 +415,19 @@ fn build_with_own_agents(mut lab: LabState) -> Result<LabState> {
     Ok(lab)
 }
 
-/// Namespaces and the underlay: every node has one link to every router, and a default route
-/// across them. A real node's agent turns forwarding on itself (`forwarding` false).
+/// Namespaces and the underlay: every node has one link to each router cabled to it (every
+/// router, or its rack's ToRs), and a default route across them; spines are cabled to every
+/// ToR. A real node's agent turns forwarding on itself (`forwarding` false).
 fn underlay(lab: &LabState, forwarding: bool) -> Result<()> {
     for r in &lab.routers {
         net::add_netns(&r.netns, true)?;
     }
+    fabric::cable(lab)?;
+    fabric::route_uplinks(lab)?;
     for (n, node) in lab.nodes.iter().enumerate() {
         net::add_netns(&node.netns, forwarding)?;
-        for (r, router) in lab.routers.iter().enumerate() {
+        let routers = lab.topology.routers_of(n);
+        for (r, router) in routers.iter().map(|&r| (r, &lab.routers[r])) {
             let node_if = format!("eth{r}");
             let router_if = format!("n{}", n + 1);
             net::veth(&node.netns, &node_if, &router.netns, &router_if)?;
@@ -426,6 +442,7 @@ fn underlay(lab: &LabState, forwarding: bool) -> Result<()> {
                     router::router_addr(r, n)
                 ),
             )?;
+            fabric::route_subnet(lab, &router::link_subnet(r, n), r)?;
             if lab.dual_stack() {
                 // Without duplicate address detection: the addresses are usable at once.
                 net::sh(
@@ -444,8 +461,9 @@ fn underlay(lab: &LabState, forwarding: bool) -> Result<()> {
                 )?;
             }
         }
-        let gateways: Vec<String> = (0..lab.routers.len())
-            .map(|r| format!("nexthop via {}", router::router_addr(r, n)))
+        let gateways: Vec<String> = routers
+            .iter()
+            .map(|&r| format!("nexthop via {}", router::router_addr(r, n)))
             .collect();
         if !gateways.is_empty() {
             net::sh(
@@ -453,9 +471,10 @@ fn underlay(lab: &LabState, forwarding: bool) -> Result<()> {
                 &format!("ip route add default {}", gateways.join(" ")),
             )?;
         }
-        if lab.dual_stack() && !lab.routers.is_empty() {
-            let gateways6: Vec<String> = (0..lab.routers.len())
-                .map(|r| format!("nexthop via {}", router::router_addr6(r, n)))
+        if lab.dual_stack() && !routers.is_empty() {
+            let gateways6: Vec<String> = routers
+                .iter()
+                .map(|&r| format!("nexthop via {}", router::router_addr6(r, n)))
                 .collect();
             net::sh(
                 &node.netns,
@@ -555,8 +574,14 @@ fn bgp_objects(lab: &LabState) -> Vec<Value> {
             continue;
         }
         for (n, node) in lab.nodes.iter().enumerate() {
+            if !lab.topology.cabled(r, n) {
+                continue;
+            }
             let mut spec = json!({"asNumber": router.as_number, "node": node.name,
                                   "keepaliveTime": "3s", "holdTime": "9s"});
+            if lab.topology.routers[r].bfd {
+                spec["bfd"] = json!({"enabled": true});
+            }
             if router.unnumbered {
                 // The node's end of the link; the router's address comes from its RAs.
                 spec["interface"] = json!(format!("eth{r}"));
@@ -706,15 +731,20 @@ fn status_json(lab: &LabState) -> Value {
     json!({"name": lab.name, "datastore": datastore,
            "kubeconfig": api.map(|k| &k.admin_kubeconfig),
            "kubernetesVersion": api.and_then(|k| k.version.as_ref()),
-           "nodes": nodes, "routers": routers, "pods": pods})
+           "nodes": nodes, "routers": routers, "links": cabling::links(lab), "pods": pods})
 }
 
+/// The routers, each with its role, rack and BGP sessions as its daemon reports them.
 fn routers_json(lab: &LabState) -> Vec<Value> {
     lab.routers
         .iter()
-        .map(|r| {
+        .enumerate()
+        .map(|(i, r)| {
+            let spec = &lab.topology.routers[i];
             json!({"name": r.name, "kind": r.kind, "netns": r.netns,
-                   "addresses": net::addresses(&r.netns, |dev| dev != "lo")})
+                   "role": spec.role, "rack": spec.rack, "asNumber": r.as_number,
+                   "addresses": net::addresses(&r.netns, |dev| dev != "lo"),
+                   "sessions": cabling::sessions(lab, i)})
         })
         .collect()
 }
@@ -735,7 +765,8 @@ fn real_status_json(lab: &LabState) -> Value {
            "kubeconfig": api.map(|k| &k.admin_kubeconfig),
            "kubernetesVersion": api.and_then(|k| k.version.as_ref()),
            "proxyMode": lab.proxy_mode,
-           "nodes": nodes, "routers": routers, "pods": pods, "images": images});
+           "nodes": nodes, "routers": routers, "links": cabling::links(lab), "pods": pods,
+           "images": images});
     if let Some(e) = error {
         s["error"] = json!(e);
     }
@@ -794,22 +825,7 @@ fn status(lab: &LabState, as_json: bool) -> Result<()> {
         );
     }
     if !lab.routers.is_empty() {
-        println!("\n{:<12} {:<22} {:<8} ADDRESSES", "ROUTER", "NETNS", "KIND");
-        for r in &lab.routers {
-            let kind = match r.kind {
-                RouterKind::Bird => "bird",
-                RouterKind::Frr => "frr",
-                RouterKind::Gobgp => "gobgp",
-                RouterKind::None => "static",
-            };
-            println!(
-                "{:<12} {:<22} {:<8} {}",
-                r.name,
-                r.netns,
-                kind,
-                net::addresses(&r.netns, |dev| dev != "lo").join(", ")
-            );
-        }
+        print_fabric(&s);
     }
     println!(
         "\n{:<24} {:<8} {:<16} {:<34} LABELS",
@@ -859,6 +875,56 @@ fn status(lab: &LabState, as_json: bool) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// The routers, the cables and every router's sessions, from `status --json`'s values.
+fn print_fabric(s: &Value) {
+    let text = |v: &Value| v.as_str().unwrap_or("").to_string();
+    println!(
+        "\n{:<12} {:<22} {:<8} {:<6} {:<6} {:<7} ADDRESSES",
+        "ROUTER", "NETNS", "KIND", "ROLE", "RACK", "AS"
+    );
+    let routers = s["routers"].as_array().cloned().unwrap_or_default();
+    for r in &routers {
+        let kind = match r["kind"].as_str() {
+            Some("none") => "static".to_string(),
+            _ => text(&r["kind"]),
+        };
+        println!(
+            "{:<12} {:<22} {:<8} {:<6} {:<6} {:<7} {}",
+            text(&r["name"]),
+            text(&r["netns"]),
+            kind,
+            text(&r["role"]),
+            r["rack"].as_str().unwrap_or("-"),
+            r["asNumber"].to_string(),
+            join(&r["addresses"])
+        );
+    }
+    println!("\n{:<36} CABLED TO", "LINK");
+    for l in s["links"].as_array().into_iter().flatten() {
+        let end = |e: &Value| {
+            format!(
+                "{} {} {}",
+                text(&e["name"]),
+                text(&e["interface"]),
+                text(&e["address"])
+            )
+        };
+        println!("{:<36} {}", end(&l["a"]), end(&l["b"]));
+    }
+    println!("\n{:<12} {:<12} {:<26} STATE", "ROUTER", "PEER", "ADDRESS");
+    for r in &routers {
+        for session in r["sessions"].as_array().into_iter().flatten() {
+            println!(
+                "{:<12} {:<12} {:<26} {}",
+                text(&r["name"]),
+                text(&session["peer"]),
+                text(&session["address"]),
+                text(&session["state"])
+            );
+        }
+    }
 }
 
 fn join(v: &Value) -> String {

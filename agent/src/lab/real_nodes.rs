@@ -7,7 +7,7 @@
 use super::control_plane::Endpoints;
 use super::node_runtime::{self, images, kube_proxy::ProxyMode, sepal_image};
 use super::state::{LabState, PodState};
-use super::{kubeapi, net, router};
+use super::{fabric, kubeapi, net, router};
 use anyhow::{bail, Context, Result};
 use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
@@ -17,6 +17,8 @@ use std::time::{Duration, Instant};
 /// (node n's link to router r is 10.r.(n+1).0/24).
 pub const CP_ADDR: &str = "10.0.0.2";
 const CP_GATEWAY: &str = "10.0.0.1";
+/// The control plane's link.
+const CP_SUBNET: &str = "10.0.0.0/24";
 
 /// How long nodes, the DaemonSet and the Pods each may take.
 const NODE_TIMEOUT: Duration = Duration::from_secs(180);
@@ -76,14 +78,19 @@ pub fn link_control_plane(lab: &LabState) -> Result<()> {
         &router0.netns,
         &format!("ip addr add {CP_GATEWAY}/24 dev cp"),
     )?;
+    // Nodes on the first router's links go straight to it; in a leaf-spine lab the others
+    // reach it through their own ToRs and the spines.
+    fabric::route_subnet(lab, CP_SUBNET, 0)?;
     for (n, node) in lab.nodes.iter().enumerate() {
-        net::sh(
-            &node.netns,
-            &format!(
-                "ip route add {CP_ADDR}/32 via {}",
-                router::router_addr(0, n)
-            ),
-        )?;
+        if lab.topology.cabled(0, n) {
+            net::sh(
+                &node.netns,
+                &format!(
+                    "ip route add {CP_ADDR}/32 via {}",
+                    router::router_addr(0, n)
+                ),
+            )?;
+        }
     }
     Ok(())
 }

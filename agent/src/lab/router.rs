@@ -1,10 +1,11 @@
 //! The lab's top-of-rack routers: BIRD 2, FRR or GoBGP peering with every node (eBGP), or a plain
 //! L3 switch with static routes (`none`). Configs use fast timers so a lab converges in seconds.
 
+use super::fabric;
 use super::net;
 use super::peering;
 use super::state::{LabState, NodeState, RouterState};
-use super::topology::RouterKind;
+use super::topology::{RouterKind, RouterRole};
 use anyhow::{bail, Context, Result};
 use ipnetwork::IpNetwork;
 use std::path::Path;
@@ -37,6 +38,11 @@ pub fn node_addr(index: usize, node_index: usize) -> String {
     format!("10.{index}.{}.2", node_index + 1)
 }
 
+/// The IPv4 subnet of that link.
+pub fn link_subnet(index: usize, node_index: usize) -> String {
+    format!("10.{index}.{}.0/24", node_index + 1)
+}
+
 /// The router's IPv6 address on that link, in a dual-stack lab (a /64 per link).
 pub fn router_addr6(index: usize, node_index: usize) -> String {
     format!("fd00:{index}:{}::1", node_index + 1)
@@ -65,15 +71,43 @@ pub fn start(lab: &LabState, index: usize) -> Result<Vec<u32>> {
         v6: lab.topology.pod_range6().map(IpNetwork::V6),
         services: service_range(&lab.topology.manifests),
     };
+    let spec = &lab.topology.routers[index];
+    if spec.role == RouterRole::Spine {
+        return fabric::start_spine(lab, index, &ranges, &dir);
+    }
+    // The nodes on this router's links, with their positions (addresses derive from them).
+    let nodes: Vec<(usize, &NodeState)> = lab
+        .nodes
+        .iter()
+        .enumerate()
+        .filter(|(n, _)| lab.topology.cabled(index, *n))
+        .collect();
+    let tor = Tor {
+        router,
+        index,
+        nodes: &nodes,
+        ranges: &ranges,
+        bfd: spec.bfd,
+    };
     match router.kind {
         RouterKind::None => {
-            static_routes(router, index, &lab.nodes, ranges.v6.is_some())?;
+            static_routes(&tor, ranges.v6.is_some())?;
             Ok(Vec::new())
         }
-        RouterKind::Bird => start_bird(router, index, &lab.nodes, &ranges, &dir),
-        RouterKind::Frr => start_frr(router, index, &lab.nodes, &ranges, &dir),
-        RouterKind::Gobgp => start_gobgp(router, index, &lab.nodes, &ranges, &dir),
+        RouterKind::Bird => start_bird(lab, &tor, &dir),
+        RouterKind::Frr => start_frr(lab, &tor, &dir),
+        RouterKind::Gobgp => start_gobgp(lab, &tor, &dir),
     }
+}
+
+/// A top-of-rack router as its configuration sees it: the nodes it is cabled to.
+pub struct Tor<'a> {
+    pub router: &'a RouterState,
+    pub index: usize,
+    pub nodes: &'a [(usize, &'a NodeState)],
+    pub ranges: &'a PodRanges,
+    /// BFD on its sessions (BIRD, FRR).
+    pub bfd: bool,
 }
 
 /// The cluster's pod ranges the ToR accepts routes in; `v6` only in a dual-stack lab.
@@ -101,13 +135,9 @@ pub fn service_range(manifests: &[serde_json::Value]) -> Option<IpNetwork> {
 
 /// A plain L3 switch: a route to every node block via the node's address on its link (IPv6
 /// blocks only where the link has IPv6, in a dual-stack lab).
-fn static_routes(
-    router: &RouterState,
-    index: usize,
-    nodes: &[NodeState],
-    dual_stack: bool,
-) -> Result<()> {
-    for (n, node) in nodes.iter().enumerate() {
+fn static_routes(tor: &Tor, dual_stack: bool) -> Result<()> {
+    let (router, index) = (tor.router, tor.index);
+    for &(n, node) in tor.nodes {
         for block in &node.pod_cidrs {
             let via = match block.contains(':') {
                 false => node_addr(index, n),
@@ -124,18 +154,14 @@ fn static_routes(
 }
 
 /// Hold and keepalive times of the lab's ToR sessions (the nodes' BGPPeers use the same).
-const HOLD: &str = "9";
-const KEEPALIVE: &str = "3";
+pub const HOLD: &str = "9";
+pub const KEEPALIVE: &str = "3";
 
 /// The values the peering templates (docs/peering/) take for router `index`: no password and
 /// no default route in the lab; the cluster's pod ranges as the import filter (the templates'
 /// IPv6 sections only in a dual-stack lab).
-fn template_values(
-    router: &RouterState,
-    index: usize,
-    nodes: &[NodeState],
-    ranges: &PodRanges,
-) -> (peering::Values, Vec<peering::Values>) {
+fn template_values(tor: &Tor) -> (peering::Values, Vec<peering::Values>) {
+    let (router, index, ranges) = (tor.router, tor.index, tor.ranges);
     let pod_range = &ranges.v4;
     let mut global = peering::values([
         ("ROUTER_ID", Some(router_addr(index, 0))),
@@ -156,10 +182,10 @@ fn template_values(
         ("POD_RANGE6", ranges.v6.map(|r| r.to_string())),
         ("POD_RANGE6_LEN", ranges.v6.map(|r| r.prefix().to_string())),
     ]));
-    let per_node = nodes
+    let per_node = tor
+        .nodes
         .iter()
-        .enumerate()
-        .map(|(n, node)| {
+        .map(|&(n, node)| {
             peering::values([
                 ("NAME", Some(bird_name(&node.name))),
                 ("TOR_ADDR", Some(router_addr(index, n))),
@@ -172,38 +198,32 @@ fn template_values(
     (global, per_node)
 }
 
-/// One of the peering templates filled for router `index`.
-pub fn config(
-    template: &str,
-    router: &RouterState,
-    index: usize,
-    nodes: &[NodeState],
-    ranges: &PodRanges,
-) -> Result<String> {
-    let (global, per_node) = template_values(router, index, nodes, ranges);
+/// One of the peering templates filled for a ToR.
+pub fn config(template: &str, tor: &Tor) -> Result<String> {
+    let (global, per_node) = template_values(tor);
     peering::render(template, &global, &per_node)
         .map_err(|e| anyhow::anyhow!("ToR config template: {e}"))
 }
 
 /// The router's interface on its link to node `node_index`.
-fn router_if(node_index: usize) -> String {
+pub fn router_if(node_index: usize) -> String {
     format!("n{}", node_index + 1)
 }
 
 /// The guide's FRR configuration turned unnumbered: each node's neighbor is the router's
 /// interface to it (`neighbor IFACE interface`), found by router advertisements, sent every 3 s
 /// so the lab comes up fast.
-fn unnumbered_frr(config: &str, index: usize, nodes: &[NodeState]) -> String {
+fn unnumbered_frr(config: &str, tor: &Tor) -> String {
     let mut out = String::new();
-    for n in 0..nodes.len() {
+    for &(n, _) in tor.nodes {
         out.push_str(&format!(
             "interface {}\n ipv6 nd ra-interval 3\n no ipv6 nd suppress-ra\nexit\n",
             router_if(n)
         ));
     }
     let mut text = config.to_string();
-    for n in 0..nodes.len() {
-        let (addr, iface) = (node_addr(index, n), router_if(n));
+    for &(n, _) in tor.nodes {
+        let (addr, iface) = (node_addr(tor.index, n), router_if(n));
         text = text
             .replace(
                 &format!("neighbor {addr} remote-as"),
@@ -218,13 +238,14 @@ fn unnumbered_frr(config: &str, index: usize, nodes: &[NodeState]) -> String {
 /// The guide's BIRD configuration turned unnumbered: each session goes to the node's
 /// link-local address on the router's interface to it, carries IPv4 with IPv6 next hops, and
 /// BIRD advertises itself on those interfaces so the nodes find it.
-fn unnumbered_bird(config: &str, index: usize, nodes: &[NodeState]) -> Result<String> {
+fn unnumbered_bird(config: &str, tor: &Tor) -> Result<String> {
+    let index = tor.index;
     let mut text = config.replace(
         "ipv4 { import filter sepal_pods;",
         "ipv4 { extended next hop on; import filter sepal_pods;",
     );
     let mut radv = String::from("protocol radv {\n");
-    for (n, node) in nodes.iter().enumerate() {
+    for &(n, node) in tor.nodes {
         let node_if = format!("eth{index}");
         let ll = link_local(&node.netns, &node_if)?;
         // The session's source is the router's link-local address, not its IPv4 one.
@@ -266,20 +287,39 @@ fn bird_name(node: &str) -> String {
     format!("n_{}", node.replace('-', "_"))
 }
 
-/// BIRD 2: one eBGP session per node, routes learned go to the router's kernel (ECMP merged).
-fn start_bird(
-    router: &RouterState,
-    index: usize,
-    nodes: &[NodeState],
-    ranges: &PodRanges,
-    dir: &Path,
-) -> Result<Vec<u32>> {
-    let conf = dir.join("bird.conf");
-    let mut text = config(peering::BIRD, router, index, nodes, ranges)?;
-    if router.unnumbered {
-        text = unnumbered_bird(&text, index, nodes)?;
+/// BIRD 2: one eBGP session per node (and per spine above it), routes learned go to the
+/// router's kernel (ECMP merged).
+fn start_bird(lab: &LabState, tor: &Tor, dir: &Path) -> Result<Vec<u32>> {
+    let mut text = config(peering::BIRD, tor)?;
+    if tor.bfd {
+        text = bird_bfd(&text);
     }
-    std::fs::write(&conf, text)?;
+    if tor.router.unnumbered {
+        text = unnumbered_bird(&text, tor)?;
+    }
+    text.push_str(&fabric::tor_uplinks(lab, tor.index, RouterKind::Bird));
+    spawn_bird(tor.router, &text, dir)
+}
+
+/// The guide's BIRD configuration with BFD: a `bfd` protocol on every interface, and `bfd on`
+/// in the node sessions' template.
+pub fn bird_bfd(config: &str) -> String {
+    config
+        .replace(
+            "protocol device { }\n",
+            "protocol device { }\nprotocol bfd { interface \"*\" { min rx interval 300 ms; \
+             min tx interval 300 ms; multiplier 3; }; }\n",
+        )
+        .replace(
+            "  graceful restart on;\n",
+            "  graceful restart on;\n  bfd on;\n",
+        )
+}
+
+/// Starts BIRD in the router's namespace with `config`.
+pub fn spawn_bird(router: &RouterState, config: &str, dir: &Path) -> Result<Vec<u32>> {
+    let conf = dir.join("bird.conf");
+    std::fs::write(&conf, config)?;
     let (ctl, log) = (dir.join("bird.ctl"), dir.join("bird.log"));
     let pid = net::spawn_daemon(
         &router.netns,
@@ -289,21 +329,32 @@ fn start_bird(
     Ok(vec![pid])
 }
 
-/// FRR: zebra (kernel routes) + bgpd, run as the `frr` user with sockets in the lab directory.
-fn start_frr(
-    router: &RouterState,
-    index: usize,
-    nodes: &[NodeState],
-    ranges: &PodRanges,
-    dir: &Path,
-) -> Result<Vec<u32>> {
-    let zebra = start_frr_daemon(router, dir, "zebra", "")?;
-    let mut config = config(peering::FRR, router, index, nodes, ranges)?;
-    if router.unnumbered {
-        config = unnumbered_frr(&config, index, nodes);
+/// FRR: zebra (kernel routes) + bgpd (+ bfdd with BFD), run as the `frr` user with sockets in
+/// the lab directory.
+fn start_frr(lab: &LabState, tor: &Tor, dir: &Path) -> Result<Vec<u32>> {
+    let mut config = config(peering::FRR, tor)?;
+    if tor.bfd {
+        // Before the unnumbered rewrite, which turns these addresses into interfaces too.
+        config.push_str(&format!("router bgp {}\n", tor.router.as_number));
+        for &(n, _) in tor.nodes {
+            config.push_str(&format!(" neighbor {} bfd\n", node_addr(tor.index, n)));
+        }
     }
-    let bgpd = start_frr_daemon(router, dir, "bgpd", &config)?;
-    Ok(vec![zebra, bgpd])
+    if tor.router.unnumbered {
+        config = unnumbered_frr(&config, tor);
+    }
+    config.push_str(&fabric::tor_uplinks(lab, tor.index, RouterKind::Frr));
+    spawn_frr(tor.router, &config, tor.bfd, dir)
+}
+
+/// Starts zebra, bfdd (with `bfd`) and bgpd with `config`; their pids.
+pub fn spawn_frr(router: &RouterState, config: &str, bfd: bool, dir: &Path) -> Result<Vec<u32>> {
+    let mut pids = vec![start_frr_daemon(router, dir, "zebra", "")?];
+    if bfd {
+        pids.push(start_frr_daemon(router, dir, "bfdd", "")?);
+    }
+    pids.push(start_frr_daemon(router, dir, "bgpd", config)?);
+    Ok(pids)
 }
 
 /// Where FRR's daemons of one router keep their sockets and pid files; zebra's API socket is
@@ -312,7 +363,7 @@ fn frr_run_dir(dir: &Path) -> std::path::PathBuf {
     dir.join("frr")
 }
 
-/// Starts one FRR daemon (`zebra` or `bgpd`) with `config`, as the `frr` user it drops to, with
+/// Starts one FRR daemon (`zebra`, `bfdd` or `bgpd`) with `config`, as the `frr` user it drops to, with
 /// its sockets in the router's directory; waits for zebra's API socket before returning.
 fn start_frr_daemon(router: &RouterState, dir: &Path, daemon: &str, config: &str) -> Result<u32> {
     let run = frr_run_dir(dir);
@@ -333,7 +384,8 @@ fn start_frr_daemon(router: &RouterState, dir: &Path, daemon: &str, config: &str
         run.join(format!("{daemon}.pid")),
         run.join("zserv.api"),
     );
-    let args = [
+    let bfdctl = run.join("bfdd.sock");
+    let mut args = vec![
         binary.as_str(),
         "-P",
         "0",
@@ -346,6 +398,9 @@ fn start_frr_daemon(router: &RouterState, dir: &Path, daemon: &str, config: &str
         "--vty_socket",
         path(&run)?,
     ];
+    if daemon == "bfdd" {
+        args.extend(["--bfdctl", path(&bfdctl)?]);
+    }
     let pid = net::spawn_daemon(&router.netns, &args, &dir.join(format!("{daemon}.log")))?;
     if daemon == "zebra" {
         wait_for(&zserv)?;
@@ -356,15 +411,16 @@ fn start_frr_daemon(router: &RouterState, dir: &Path, daemon: &str, config: &str
 /// GoBGP: gobgpd peering with every node, and the loop from docs/peering/ that copies its best
 /// paths into the router's kernel (gobgpd has no FIB of its own, and its zebra client does not
 /// speak the zebra API of the FRR release Debian ships).
-fn start_gobgp(
-    router: &RouterState,
-    index: usize,
-    nodes: &[NodeState],
-    ranges: &PodRanges,
-    dir: &Path,
-) -> Result<Vec<u32>> {
+fn start_gobgp(lab: &LabState, tor: &Tor, dir: &Path) -> Result<Vec<u32>> {
+    let mut text = config(peering::GOBGP, tor)?;
+    text.push_str(&fabric::tor_uplinks(lab, tor.index, RouterKind::Gobgp));
+    spawn_gobgp(tor.router, &text, dir)
+}
+
+/// Starts gobgpd with `config` and the kernel sync loop beside it; their pids.
+pub fn spawn_gobgp(router: &RouterState, config: &str, dir: &Path) -> Result<Vec<u32>> {
     let conf = dir.join("gobgpd.toml");
-    std::fs::write(&conf, config(peering::GOBGP, router, index, nodes, ranges)?)?;
+    std::fs::write(&conf, config)?;
     let gobgpd = net::spawn_daemon(
         &router.netns,
         &["gobgpd", "-f", path(&conf)?, "--pprof-disable", "-p"],
@@ -390,7 +446,7 @@ fn wait_for(socket: &Path) -> Result<()> {
     bail!("{} did not appear", socket.display())
 }
 
-fn path(p: &Path) -> Result<&str> {
+pub fn path(p: &Path) -> Result<&str> {
     p.to_str()
         .with_context(|| format!("non-UTF-8 path {}", p.display()))
 }

@@ -84,6 +84,24 @@ pub struct RouterSpec {
     /// BIRD and FRR.
     #[serde(default)]
     pub unnumbered: bool,
+    /// The rack whose nodes this router serves (a top-of-rack router); None: every node.
+    #[serde(default)]
+    pub rack: Option<String>,
+    /// `tor` (the default) peers with nodes; `spine` peers with every rack's ToRs.
+    #[serde(default)]
+    pub role: RouterRole,
+    /// BFD (RFC 5880, 300 ms and 3) on every session of this router, and on the nodes' BGPPeers
+    /// towards it. BIRD and FRR; GoBGP has none.
+    #[serde(default)]
+    pub bfd: bool,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RouterRole {
+    #[default]
+    Tor,
+    Spine,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -191,6 +209,17 @@ impl Topology {
         if self.routers.len() > 1 && self.routers.iter().any(|r| r.kind == RouterKind::None) {
             bail!("a static router (kind none) must be the only router");
         }
+        if let Some(r) = self
+            .routers
+            .iter()
+            .find(|r| r.bfd && !matches!(r.kind, RouterKind::Bird | RouterKind::Frr))
+        {
+            bail!(
+                "router {}: bfd needs kind bird or frr (GoBGP has no BFD)",
+                r.name
+            );
+        }
+        self.validate_fabric()?;
         let namespaces: BTreeSet<&str> = self.namespaces.iter().map(|n| n.name.as_str()).collect();
         let mut pods = BTreeSet::new();
         for pod in &self.pods {
@@ -218,6 +247,83 @@ impl Topology {
             self.node_blocks(i)?;
         }
         Ok(())
+    }
+
+    /// Racks and spines: a spine has no rack, ToRs under spines each have one, every node is
+    /// cabled to some router, and the fabric carries IPv4 only.
+    fn validate_fabric(&self) -> Result<()> {
+        if !self.routers.is_empty() {
+            for (n, node) in self.nodes.iter().enumerate() {
+                if !(0..self.routers.len()).any(|r| self.cabled(r, n)) {
+                    bail!(
+                        "node {} (rack {:?}) is cabled to no router: no ToR serves its rack",
+                        node.name,
+                        node.rack.as_deref().unwrap_or("")
+                    );
+                }
+            }
+        }
+        if self.spines().next().is_none() {
+            return Ok(());
+        }
+        for r in &self.routers {
+            match r.role {
+                RouterRole::Spine if r.rack.is_some() => {
+                    bail!("spine {} cannot be in a rack", r.name)
+                }
+                RouterRole::Tor if r.rack.is_none() => {
+                    bail!("router {}: under spines every ToR needs a rack", r.name)
+                }
+                _ if r.kind == RouterKind::None => {
+                    bail!("router {}: a fabric with spines needs BGP routers", r.name)
+                }
+                _ => {}
+            }
+        }
+        for spine in self.spines().map(|s| &self.routers[s]) {
+            if spine.unnumbered {
+                bail!("spine {}: unnumbered is for the links to nodes", spine.name);
+            }
+            if let Some(tor) = self
+                .routers
+                .iter()
+                .find(|r| r.role == RouterRole::Tor && r.as_number == spine.as_number)
+            {
+                bail!(
+                    "spine {} and ToR {} share AS {}: the fabric is eBGP (RFC 7938), give the \
+                     spines an asNumber of their own",
+                    spine.name,
+                    tor.name,
+                    spine.as_number
+                );
+            }
+        }
+        if self.spines().count() > 15 {
+            bail!("at most 15 spines");
+        }
+        if self.pod_range6().is_some() {
+            bail!("a fabric with spines carries IPv4 only: drop the IPv6 podCIDR");
+        }
+        Ok(())
+    }
+
+    /// Whether router `router` has a link to node `node`: a ToR without a rack serves every
+    /// node, one with a rack only that rack's; spines serve none.
+    pub fn cabled(&self, router: usize, node: usize) -> bool {
+        let r = &self.routers[router];
+        r.role == RouterRole::Tor && (r.rack.is_none() || r.rack == self.nodes[node].rack)
+    }
+
+    /// Indices of the spine routers, in topology order.
+    pub fn spines(&self) -> impl Iterator<Item = usize> + '_ {
+        (0..self.routers.len()).filter(|&r| self.routers[r].role == RouterRole::Spine)
+    }
+
+    /// Indices of the routers with a link to node `node`, in topology order.
+    pub fn routers_of(&self, node: usize) -> Vec<usize> {
+        (0..self.routers.len())
+            .filter(|&r| self.cabled(r, node))
+            .collect()
     }
 
     /// The pod blocks of node `index`: explicit ones, or the (index+1)-th block of the cluster's
