@@ -19,7 +19,7 @@ use sepal_cni::api::{
 };
 use sepal_felix::links;
 use sepal_felix::routes::{host_net, Desired, RouteReconciler, Target};
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{mpsc, Mutex, Notify};
@@ -114,6 +114,36 @@ impl Agent {
     }
 }
 
+/// Installs the BGP routes as they change: every batch waiting is taken at once, the agent's own
+/// routes (pod routes, block blackholes) win on the same destination, and only the changed
+/// destinations are written, so a table of 100,000 routes costs nothing per change but the
+/// change itself.
+async fn install_bgp_routes(
+    agent: Arc<Mutex<Agent>>,
+    mut changes: tokio::sync::mpsc::UnboundedReceiver<Vec<crate::routing::RouteDelta>>,
+) {
+    while let Some(first) = changes.recv().await {
+        let mut batch: HashMap<IpNetwork, Option<Target>> = first.into_iter().collect();
+        while let Ok(more) = changes.try_recv() {
+            batch.extend(more);
+        }
+        let mut a = agent.lock().await;
+        let own = a.own_routes();
+        let wanted: Vec<(IpNetwork, Option<&Target>)> = batch
+            .iter()
+            .filter(|(dst, _)| !own.contains_key(dst))
+            .map(|(dst, t)| (*dst, t.as_ref()))
+            .collect();
+        match a.routes.apply_changes(&wanted).await {
+            Ok(r) => r
+                .errors
+                .iter()
+                .for_each(|e| tracing::warn!("BGP route not programmed: {e}")),
+            Err(e) => tracing::warn!("installing BGP routes: {e}"),
+        }
+    }
+}
+
 fn error(code: u32, msg: impl Into<String>) -> Response {
     Response::Error(ErrorReply {
         code,
@@ -143,13 +173,19 @@ impl Agent {
             .unwrap_or_else(|| self.ipam.state().blocks.clone())
     }
 
-    fn desired(&self) -> Desired {
+    /// The agent's own routes: block blackholes and pod routes.
+    fn own_routes(&self) -> Desired {
         let mut d: Desired = self
             .blocks()
             .into_iter()
             .map(|b| (b, Target::Blackhole))
             .collect();
         d.extend(self.endpoints.iter().map(|(k, v)| (*k, v.clone())));
+        d
+    }
+
+    fn desired(&self) -> Desired {
+        let mut d = self.own_routes();
         if let Some(r) = &self.routing {
             r.merge_into(&mut d);
         }
@@ -738,7 +774,7 @@ pub async fn run(cfg: NodeConfig) -> Result<()> {
     // (graceful restart: stale until relearned or swept).
     let routing = crate::routing::Routing::start(handle.clone(), cfg.bfd_socket.clone()).await?;
     routing.update_from_model(&model, &cfg.node_name);
-    let mut bgp_routes = routing.routes();
+    let bgp_routes = routing.take_route_changes();
     agent.routing = Some(routing);
     agent.resync().await?;
     health.set_routes_programmed();
@@ -767,17 +803,8 @@ pub async fn run(cfg: NodeConfig) -> Result<()> {
             None => Vec::new(),
         }));
     }
-    {
-        let agent = agent.clone();
-        tokio::spawn(async move {
-            while bgp_routes.changed().await.is_ok() {
-                let mut a = agent.lock().await;
-                let desired = a.desired();
-                if let Err(e) = a.routes.update(&desired).await {
-                    tracing::warn!("installing BGP routes: {e}");
-                }
-            }
-        });
+    if let Some(bgp_routes) = bgp_routes {
+        tokio::spawn(install_bgp_routes(agent.clone(), bgp_routes));
     }
 
     tokio::spawn(follow_datastore(

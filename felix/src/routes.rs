@@ -256,20 +256,65 @@ impl RouteReconciler {
     /// Applies the difference between `desired` and what this reconciler last installed, without
     /// dumping the kernel.
     pub async fn update(&mut self, desired: &Desired) -> Result<Report, RouteError> {
-        use futures::StreamExt;
-        self.forget_ifindexes();
-        let mut report = Report::default();
         let stale: Vec<IpNetwork> = self
             .installed
             .keys()
             .filter(|k| !desired.contains_key(k))
             .copied()
             .collect();
+        let mut adopted = 0;
+        let mut writes = Vec::new();
+        for (dst, target) in desired {
+            if self.installed.get(dst) == Some(target) {
+                adopted += 1;
+            } else {
+                writes.push((canonical(*dst), target));
+            }
+        }
+        let mut report = self.execute(stale, writes).await?;
+        report.adopted = adopted;
+        Ok(report)
+    }
+
+    /// Applies `changes` (a destination's new target, or None to remove Sepal's route to it)
+    /// on top of what this reconciler installed, touching nothing else: the incremental form
+    /// of [`RouteReconciler::update`], for a stream of changes to a large table.
+    pub async fn apply_changes(
+        &mut self,
+        changes: &[(IpNetwork, Option<&Target>)],
+    ) -> Result<Report, RouteError> {
+        let mut deletes = Vec::new();
+        let mut writes = Vec::new();
+        let mut adopted = 0;
+        for (dst, target) in changes {
+            let dst = canonical(*dst);
+            match target {
+                None if self.installed.contains_key(&dst) => deletes.push(dst),
+                None => {}
+                Some(t) if self.installed.get(&dst) == Some(*t) => adopted += 1,
+                Some(t) => writes.push((dst, *t)),
+            }
+        }
+        let mut report = self.execute(deletes, writes).await?;
+        report.adopted = adopted;
+        Ok(report)
+    }
+
+    /// Deletes, then writes, up to PIPELINE netlink requests in flight at a time; `installed`
+    /// follows what succeeded.
+    async fn execute(
+        &mut self,
+        deletes: Vec<IpNetwork>,
+        writes: Vec<(IpNetwork, &Target)>,
+    ) -> Result<Report, RouteError> {
+        use futures::StreamExt;
+        self.forget_ifindexes();
+        let mut report = Report::default();
         let mut gone = Vec::new();
         let mut fatal = None;
         {
             let mut pending = futures::stream::FuturesUnordered::new();
-            let mut todo = stale.into_iter();
+            let mut todo = deletes.into_iter();
             loop {
                 while pending.len() < PIPELINE {
                     let Some(dst) = todo.next() else { break };
@@ -291,15 +336,10 @@ impl RouteReconciler {
         if let Some(e) = fatal {
             return Err(e);
         }
-        let mut writes = Vec::new();
-        for (dst, target) in desired {
-            if self.installed.get(dst) == Some(target) {
-                report.adopted += 1;
-            } else {
-                let dst = canonical(*dst);
-                writes.push((dst, target, self.installed.contains_key(&dst)));
-            }
-        }
+        let writes: Vec<(IpNetwork, &Target, bool)> = writes
+            .into_iter()
+            .map(|(dst, target)| (dst, target, self.installed.contains_key(&dst)))
+            .collect();
         let mut written = Vec::with_capacity(writes.len());
         {
             let mut pending = futures::stream::FuturesUnordered::new();

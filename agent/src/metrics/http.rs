@@ -99,7 +99,7 @@ async fn respond<B>(req: Request<B>, agent: &Arc<Mutex<Agent>>) -> Response<Full
             let status = collect::status(agent).await;
             let learned = {
                 let a = agent.lock().await;
-                a.routing().map(|r| r.routes().borrow().len()).unwrap_or(0)
+                a.routing().map(|r| r.route_count()).unwrap_or(0)
             };
             // The policy table's counters come from an nft process: off this thread's loop.
             let rules = tokio::task::spawn_blocking(super::rules::read_kernel).await;

@@ -1,7 +1,7 @@
 // Learned best routes to kernel routes: the BGP part of felix's protocol-83 table (gateway routes
 // only), with the routes a previous agent left kept as stale until graceful restart sweeps them.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 
 use felix::routes::{Desired, KernelRoute, NextHop, Target};
@@ -24,6 +24,8 @@ pub struct Fib {
     /// Unnumbered sessions: peer address to the interface the session runs on. A link-local
     /// next hop is only usable through the interface of the session it came from.
     link_peers: BTreeMap<IpAddr, String>,
+    /// Destinations whose route may have changed since the last `take_changes`.
+    changed: BTreeSet<IpNet>,
 }
 
 fn is_link_local(a: IpAddr) -> bool {
@@ -45,6 +47,7 @@ impl Fib {
         self.connected = connected;
         // Re-derive the targets: a next hop may have become (or stopped being) directly connected.
         let learned = std::mem::take(&mut self.learned);
+        self.changed.extend(learned.keys().copied());
         for (p, t) in learned {
             if let Target::Via(hops) = t {
                 // Link-local hops keep their session's interface.
@@ -70,6 +73,7 @@ impl Fib {
         for r in kernel {
             if matches!(r.target, Target::Via(_)) {
                 self.stale.insert(to_ipnet(r.dst), r.target.clone());
+                self.changed.insert(to_ipnet(r.dst));
             }
         }
         self.stale.len()
@@ -94,6 +98,7 @@ impl Fib {
             .copied()
             .collect();
         self.stale.clear();
+        self.changed.extend(gone.iter().copied());
         gone
     }
 
@@ -162,10 +167,26 @@ impl Fib {
                 .collect();
             (!gws.is_empty()).then(|| self.target(&gws, link_dev))
         });
-        match want {
+        let changed = match want {
             Some(t) => self.learned.insert(prefix, t.clone()) != Some(t),
             None => self.learned.remove(&prefix).is_some(),
+        };
+        if changed {
+            self.changed.insert(prefix);
         }
+        changed
+    }
+
+    /// The routes changed since the last call: each destination with its target now (a
+    /// learned route, else a stale one), None where it has none.
+    pub fn take_changes(&mut self) -> Vec<(IpNetwork, Option<Target>)> {
+        std::mem::take(&mut self.changed)
+            .into_iter()
+            .map(|p| {
+                let target = self.learned.get(&p).or_else(|| self.stale.get(&p));
+                (to_ipnetwork(p), target.cloned())
+            })
+            .collect()
     }
 
     /// The gateway routes for felix's reconciler: learned routes, and stale ones not relearned.
@@ -253,6 +274,46 @@ mod tests {
             best: None
         }));
         assert_eq!(f.desired().len(), 1);
+    }
+
+    #[test]
+    fn changes_name_each_destination_once_with_its_target_now() {
+        let mut f = fib();
+        f.apply(&change(
+            "10.244.1.0/24",
+            &["192.168.0.1"],
+            peer("192.168.0.1"),
+        ));
+        f.apply(&change(
+            "10.244.2.0/24",
+            &["192.168.0.1"],
+            peer("192.168.0.1"),
+        ));
+        f.apply(&change(
+            "10.244.1.0/24",
+            &["192.168.0.2"],
+            peer("192.168.0.2"),
+        ));
+        let changes = f.take_changes();
+        assert_eq!(changes.len(), 2);
+        let Some(Target::Via(hops)) = &changes[0].1 else {
+            panic!("{changes:?}")
+        };
+        assert_eq!(hops[0].gateway.to_string(), "192.168.0.2");
+        assert!(f.take_changes().is_empty(), "taken once");
+        // A withdrawal is a change to nothing; one that changes nothing is no change.
+        f.apply(&RouteChange {
+            prefix: "10.244.2.0/24".parse().unwrap(),
+            best: None,
+        });
+        f.apply(&RouteChange {
+            prefix: "10.244.9.0/24".parse().unwrap(),
+            best: None,
+        });
+        assert_eq!(
+            f.take_changes(),
+            vec![("10.244.2.0/24".parse().unwrap(), None)]
+        );
     }
 
     #[test]

@@ -9,7 +9,7 @@ mod ra;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use crate::bfd::{client::DaemonClient, Backend};
@@ -23,7 +23,7 @@ use sepal_bgp::{
     Family, GracefulRestartConfig, LocalRoute, MaxPrefix, PeerConfig, PeerStatus, RibEvent,
     Speaker, SpeakerConfig,
 };
-use sepal_felix::routes::{Desired, RouteReconciler};
+use sepal_felix::routes::{Desired, RouteReconciler, Target};
 use std::net::IpAddr;
 use tokio::sync::{mpsc, watch};
 
@@ -87,10 +87,17 @@ pub fn peer_config(p: &plan::PeerPlan) -> PeerConfig {
     c
 }
 
+/// One change to the BGP routes the kernel should have: the destination's new target, or None
+/// for none.
+pub type RouteDelta = (IpNetwork, Option<Target>);
+
 /// Handle to the running routing task.
 pub struct Routing {
     inputs: watch::Sender<Option<Inputs>>,
-    routes: watch::Receiver<Desired>,
+    /// The BGP routes the kernel should have, kept up to date change by change.
+    routes: Arc<RwLock<Desired>>,
+    /// The same changes as they happen, in batches, for the one consumer that installs them.
+    route_changes: Mutex<Option<mpsc::UnboundedReceiver<Vec<RouteDelta>>>>,
     speaker: Arc<Mutex<Option<Speaker>>>,
     bfd: Arc<Mutex<Option<Backend>>>,
     warnings: watch::Receiver<Vec<String>>,
@@ -118,7 +125,11 @@ impl Routing {
             );
         }
         let (inputs_tx, inputs_rx) = watch::channel(None);
-        let (routes_tx, routes_rx) = watch::channel(fib.desired());
+        // The previous agent's routes are in the kernel already: the snapshot starts with them
+        // and the change stream without.
+        let routes = Arc::new(RwLock::new(fib.desired()));
+        fib.take_changes();
+        let (changes_tx, changes_rx) = mpsc::unbounded_channel();
         let (warn_tx, warn_rx) = watch::channel(Vec::new());
         let speaker = Arc::new(Mutex::new(None));
         let bfd = Arc::new(Mutex::new(None));
@@ -140,14 +151,16 @@ impl Routing {
             speaker: None,
             shared: speaker.clone(),
             route_rx: None,
-            routes_tx,
+            routes: routes.clone(),
+            changes_tx,
             warn_tx,
             sweep_deadline: None,
         };
         tokio::spawn(task.run(inputs_rx));
         Ok(Routing {
             inputs: inputs_tx,
-            routes: routes_rx,
+            routes,
+            route_changes: Mutex::new(Some(changes_rx)),
             speaker,
             bfd,
             warnings: warn_rx,
@@ -158,12 +171,6 @@ impl Routing {
     /// New facts from the model; routing replans and applies only the difference.
     pub fn update(&self, inputs: Inputs) {
         self.inputs.send_replace(Some(inputs));
-    }
-
-    /// The BGP routes the kernel should have (gateway routes of protocol 83). The agent's route
-    /// reconciler merges them with the pod routes, or `install_routes` applies them alone.
-    pub fn routes(&self) -> watch::Receiver<Desired> {
-        self.routes.clone()
     }
 
     /// Replans from the agent's model (objects that do not parse are logged and left out).
@@ -179,10 +186,25 @@ impl Routing {
         self.update(inputs);
     }
 
+    /// How many BGP routes the kernel should have (gateway routes of protocol 83).
+    pub fn route_count(&self) -> usize {
+        self.routes.read().unwrap_or_else(|e| e.into_inner()).len()
+    }
+
+    /// The stream of changes to those routes, batch by batch; the first caller gets it (the
+    /// agent's route reconciler), later ones None.
+    pub fn take_route_changes(&self) -> Option<mpsc::UnboundedReceiver<Vec<RouteDelta>>> {
+        self.route_changes
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+    }
+
     /// Adds the BGP routes to the agent's desired protocol-83 table; the agent's own routes (pod
     /// routes, block blackholes) win on the same destination.
     pub fn merge_into(&self, desired: &mut Desired) {
-        for (dst, target) in self.routes.borrow().iter() {
+        let routes = self.routes.read().unwrap_or_else(|e| e.into_inner());
+        for (dst, target) in routes.iter() {
             desired.entry(*dst).or_insert_with(|| target.clone());
         }
     }
@@ -252,23 +274,6 @@ impl Routing {
         match speaker {
             Some(s) => s.peers().await.unwrap_or_default(),
             None => Vec::new(),
-        }
-    }
-}
-
-/// Keeps the kernel's BGP routes equal to `routes` with a reconciler of its own. It only ever
-/// touches the destinations it is given or installed, so pod routes of protocol 83 stay.
-pub async fn install_routes(handle: rtnetlink::Handle, mut routes: watch::Receiver<Desired>) {
-    let mut rec = RouteReconciler::new(handle);
-    loop {
-        let want = routes.borrow_and_update().clone();
-        match rec.update(&want).await {
-            Ok(r) if !r.errors.is_empty() => tracing::warn!(errors = ?r.errors, "BGP routes"),
-            Ok(_) => {}
-            Err(e) => tracing::warn!("installing BGP routes: {e}"),
-        }
-        if routes.changed().await.is_err() {
-            break;
         }
     }
 }
@@ -387,7 +392,8 @@ struct Task {
     speaker: Option<Speaker>,
     shared: Arc<Mutex<Option<Speaker>>>,
     route_rx: Option<mpsc::UnboundedReceiver<RibEvent>>,
-    routes_tx: watch::Sender<Desired>,
+    routes: Arc<RwLock<Desired>>,
+    changes_tx: mpsc::UnboundedSender<Vec<RouteDelta>>,
     warn_tx: watch::Sender<Vec<String>>,
     sweep_deadline: Option<Instant>,
 }
@@ -470,8 +476,22 @@ impl Task {
         }
     }
 
-    fn publish(&self) {
-        self.routes_tx.send_replace(self.fib.desired());
+    /// Brings the shared table up to date with the FIB's changes and passes them on.
+    fn publish(&mut self) {
+        let changes = self.fib.take_changes();
+        if changes.is_empty() {
+            return;
+        }
+        {
+            let mut routes = self.routes.write().unwrap_or_else(|e| e.into_inner());
+            for (dst, target) in &changes {
+                match target {
+                    Some(t) => routes.insert(*dst, t.clone()),
+                    None => routes.remove(dst),
+                };
+            }
+        }
+        let _ = self.changes_tx.send(changes);
     }
 
     /// A BFD session that goes from Up to Down takes its BGP session and routes down with it,
