@@ -276,6 +276,16 @@ pub fn wait_for<T: std::fmt::Debug>(
     }
 }
 
+/// Runs `sh -c CMD` in namespace `netns`; panics with its output if it fails.
+pub fn in_netns(netns: &str, cmd: &str) -> String {
+    let out = Command::new("ip")
+        .args(["netns", "exec", netns, "sh", "-c", cmd])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{netns}: {cmd}: {out:?}");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
 pub fn strs(v: &Value) -> Vec<String> {
     v.as_array()
         .into_iter()

@@ -2,20 +2,10 @@
 //! checked with `lab status --json`, `sepal status|routes|endpoints|trace`, the metrics and health
 //! endpoints, apply/delete of pods and labels, a second lab beside it, and a clean `down`.
 
-use sepal_tests::lab::{alive, netns_list, repo_file, sepal_json, strs, wait_for, Lab};
+use sepal_tests::lab::{alive, in_netns, netns_list, repo_file, sepal_json, strs, wait_for, Lab};
 use sepal_tests::require_root;
 use serde_json::Value;
 use std::collections::BTreeSet;
-use std::process::Command;
-
-fn in_netns(netns: &str, cmd: &str) -> String {
-    let out = Command::new("ip")
-        .args(["netns", "exec", netns, "sh", "-c", cmd])
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{netns}: {cmd}: {out:?}");
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
 
 /// GET `path` on 127.0.0.1:9099 inside `netns`: (status code, body).
 fn http_get(netns: &str, path: &str) -> (u16, String) {

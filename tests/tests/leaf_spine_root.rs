@@ -5,7 +5,7 @@
 //! other blocks over both its ToRs (ECMP), a ToR gone silent is routed around and a node gone
 //! silent is withdrawn everywhere within BFD's detection time, with no more loss than that.
 
-use sepal_tests::lab::{repo_file, sepal_json, sepal_ok, wait_for, Lab};
+use sepal_tests::lab::{in_netns, repo_file, sepal_json, sepal_ok, wait_for, Lab};
 use sepal_tests::require_root;
 use serde_json::Value;
 use std::process::Command;
@@ -14,15 +14,6 @@ use std::time::{Duration, Instant};
 /// BFD's detection time in the lab (300 ms × 3) plus what it takes to reprogram the kernels
 /// along the way, on a loaded 2-core machine.
 const WITHIN: Duration = Duration::from_millis(1500);
-
-fn in_netns(netns: &str, cmd: &str) -> String {
-    let out = Command::new("ip")
-        .args(["netns", "exec", netns, "sh", "-c", cmd])
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{netns}: {cmd}: {out:?}");
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
 
 /// The gateways of `prefix` in `netns`'s kernel, through FRR's nexthop objects where zebra
 /// installed the route with one (`nhid N`) instead of inline next hops.
