@@ -456,7 +456,20 @@ pub struct BfdSessionStatus {
     /// RFC 5880 diagnostic code of the last change (1: detection time expired, 3: neighbor
     /// signaled session down, 7: administratively down).
     pub diagnostic: u8,
+    /// The interval this node transmits at and the detection time, as negotiated and in force.
+    #[serde(default)]
+    pub tx_interval_ms: u32,
     pub detection_time_ms: u32,
+    /// When the session last changed state.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_change: Option<String>,
+    /// The C bit this node sends: its BFD runs in `sepal bfd`, apart from the agent, so it stays
+    /// Up across an agent restart and a peer should keep the routes (RFC 5880 §4.1, RFC 5882 §4.3).
+    #[serde(default)]
+    pub control_plane_independent: bool,
+    /// The C bit the peer sends.
+    #[serde(default)]
+    pub remote_control_plane_independent: bool,
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -79,6 +79,10 @@ pub fn report_of(
                 .and_then(|u| k8s_openapi::jiff::SignedDuration::try_from(u).ok())
                 .and_then(|u| now.checked_sub(u).ok());
             let since = kept.unwrap_or_else(|| time(up_at.unwrap_or(now)));
+            let bfd = bfd
+                .iter()
+                .find(|b| b.peer == p.address)
+                .map(|b| bfd_status(b, previous_bfd(previous, &peer_ip), now));
             BgpSessionStatus {
                 peer_ip,
                 peer_as: p.remote_as,
@@ -88,14 +92,7 @@ pub fn report_of(
                 prefixes_received: u32::try_from(p.prefixes_received).unwrap_or(u32::MAX),
                 prefixes_advertised: u32::try_from(p.prefixes_advertised).unwrap_or(u32::MAX),
                 last_error: p.last_error.clone(),
-                bfd: bfd.iter().find(|b| b.peer == p.address).map(|b| {
-                    crate::crd::BfdSessionStatus {
-                        state: format!("{:?}", b.status.state),
-                        diagnostic: b.status.diag.code(),
-                        detection_time_ms: u32::try_from(b.status.detection_time_ms)
-                            .unwrap_or(u32::MAX),
-                    }
-                }),
+                bfd,
             }
         })
         .collect();
@@ -105,6 +102,46 @@ pub fn report_of(
         total_sessions: sessions.len() as u32,
         last_updated: None,
         sessions,
+    }
+}
+
+/// The BFD status last reported for the session with `peer_ip`.
+fn previous_bfd<'a>(
+    previous: Option<&'a NodeStatusReport>,
+    peer_ip: &str,
+) -> Option<&'a crate::crd::BfdSessionStatus> {
+    previous?
+        .sessions
+        .iter()
+        .find(|s| s.peer_ip == peer_ip)?
+        .bfd
+        .as_ref()
+}
+
+/// A BFD session as SepalNodeStatus shows it. `lastChange` is kept from `previous` while the
+/// state holds, so a report rewritten every few seconds does not drift by a rounding second.
+fn bfd_status(
+    b: &sepal_bgp::bfd::PeerStatus,
+    previous: Option<&crate::crd::BfdSessionStatus>,
+    now: Timestamp,
+) -> crate::crd::BfdSessionStatus {
+    let state = format!("{:?}", b.status.state);
+    let kept = previous
+        .filter(|p| p.state == state)
+        .and_then(|p| p.last_change.clone());
+    let changed_at =
+        k8s_openapi::jiff::SignedDuration::try_from(Duration::from_secs(b.since_change_s))
+            .ok()
+            .and_then(|d| now.checked_sub(d).ok())
+            .unwrap_or(now);
+    crate::crd::BfdSessionStatus {
+        state,
+        diagnostic: b.status.diag.code(),
+        tx_interval_ms: u32::try_from(b.status.tx_interval_ms).unwrap_or(u32::MAX),
+        detection_time_ms: u32::try_from(b.status.detection_time_ms).unwrap_or(u32::MAX),
+        last_change: Some(kept.unwrap_or_else(|| time(changed_at))),
+        control_plane_independent: b.status.control_plane_independent,
+        remote_control_plane_independent: b.status.remote_control_plane_independent,
     }
 }
 
@@ -522,6 +559,40 @@ mod tests {
             Some("2026-01-01T00:05:00Z")
         );
         assert_eq!(r3.established_sessions, 0);
+    }
+
+    #[test]
+    fn bfd_shows_intervals_c_bits_and_a_stable_last_change() {
+        use sepal_bgp::bfd::{Diag, PeerStatus as BfdPeer, State, Status};
+        let t0: Timestamp = "2026-01-01T00:00:00Z".parse().unwrap();
+        let later: Timestamp = "2026-01-01T00:05:00Z".parse().unwrap();
+        let bfd = |state, since_change_s| BfdPeer {
+            peer: "10.0.0.1".parse().unwrap(),
+            status: Status {
+                state,
+                remote_state: state,
+                diag: Diag::None,
+                remote_diag: Diag::None,
+                local_discriminator: 1,
+                remote_discriminator: 2,
+                tx_interval_ms: 300,
+                detection_time_ms: 900,
+                control_plane_independent: true,
+                remote_control_plane_independent: false,
+            },
+            since_change_s,
+        };
+        let r1 = bfd_status(&bfd(State::Up, 30), None, t0);
+        assert_eq!(r1.state, "Up");
+        assert_eq!((r1.tx_interval_ms, r1.detection_time_ms), (300, 900));
+        assert!(r1.control_plane_independent && !r1.remote_control_plane_independent);
+        assert_eq!(r1.last_change.as_deref(), Some("2025-12-31T23:59:30Z"));
+        // Same state five minutes on (since_change_s rounds): the time first reported stays.
+        let r2 = bfd_status(&bfd(State::Up, 331), Some(&r1), later);
+        assert_eq!(r2, r1);
+        // Down: the time of the change.
+        let r3 = bfd_status(&bfd(State::Down, 0), Some(&r2), later);
+        assert_eq!(r3.last_change.as_deref(), Some("2026-01-01T00:05:00Z"));
     }
 
     /// Against a real API server, as the agent's ServiceAccount under the shipped RBAC.
