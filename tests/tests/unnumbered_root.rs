@@ -151,3 +151,40 @@ protocol bgp n0 {{
     });
     routes_and_reach(&c, &router, &router_ll);
 }
+
+/// Sends one router advertisement on `dev` in `ns` from `src` with IPv6 hop limit `hops` (the
+/// kernel fills in the ICMPv6 checksum of raw sockets).
+fn send_advertisement(ns: &Netns, dev: &str, src: &str, hops: u8) {
+    ns.run(&format!(
+        "python3 -c 'import socket; i = socket.if_nametoindex(\"{dev}\"); \
+         s = socket.socket(socket.AF_INET6, socket.SOCK_RAW, socket.IPPROTO_ICMPV6); \
+         s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_MULTICAST_HOPS, {hops}); \
+         s.bind((\"{src}\", 0, 0, i)); \
+         s.sendto(bytes([134, 0, 0, 0, 64] + [0] * 11), (\"ff02::1\", 0, 0, i))'"
+    ));
+}
+
+/// RFC 4861 §6.1.2: an advertisement with a hop limit below 255 may have been routed from off the
+/// link, so the node must not take its sender for the peer; the same advertisement at 255 is.
+#[test]
+fn router_advertisements_routed_from_off_link_are_ignored() {
+    let (mut c, router, _node_ll, _router_ll) = link_local_pair();
+    router.run("ip addr add fe80::bad/64 dev n0 nodad");
+    c.start();
+    let peers_at = |c: &Cluster| c.nodes[0].status_json()["bgp"]["peers"].to_string();
+    for _ in 0..5 {
+        send_advertisement(&router, "n0", "fe80::bad", 64);
+        std::thread::sleep(Duration::from_millis(400));
+    }
+    assert!(
+        !peers_at(&c).contains("fe80::bad"),
+        "an advertisement with hop limit 64 was taken: {}",
+        peers_at(&c)
+    );
+    let peers = wait_for(T, "the on-link advertisement taken", || {
+        send_advertisement(&router, "n0", "fe80::bad", 255);
+        let p = peers_at(&c);
+        p.contains("fe80::bad").then_some(p)
+    });
+    assert!(peers.contains("fe80::bad"), "{peers}");
+}

@@ -8,7 +8,14 @@ use std::net::{Ipv6Addr, SocketAddr, SocketAddrV6};
 use std::os::fd::{FromRawFd, OwnedFd};
 use std::time::Duration;
 
-use nix::sys::socket::{self, sockopt, AddressFamily, SockFlag, SockProtocol, SockType};
+use std::io::IoSliceMut;
+use std::os::fd::AsRawFd;
+
+use nix::sys::socket::{
+    self, sockopt, AddressFamily, ControlMessageOwned, MsgFlags, SockFlag, SockProtocol, SockType,
+    SockaddrIn6,
+};
+use tokio::io::Interest;
 use tokio::net::UdpSocket;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
@@ -96,18 +103,11 @@ async fn interface(iface: String, heard: mpsc::UnboundedSender<Heard>) {
                         break e;
                     }
                 }
-                r = sock.recv_from(&mut buf) => match r {
-                    Ok((n, SocketAddr::V6(from))) => {
-                        let src = *from.ip();
-                        // The filter passes only advertisements; a router's source is its
-                        // link-local address (RFC 4861 §6.1.2).
-                        if n >= 16 && buf[0] == ROUTER_ADVERTISEMENT && src.is_unicast_link_local()
-                            && last != Some(src)
-                        {
-                            tracing::info!(interface = %iface, router = %src, "router advertisement");
-                            last = Some(src);
-                            let _ = heard.send((iface.clone(), src));
-                        }
+                r = sock.async_io(Interest::READABLE, || receive(&sock, &mut buf)) => match r {
+                    Ok(Some(src)) if last != Some(src) => {
+                        tracing::info!(interface = %iface, router = %src, "router advertisement");
+                        last = Some(src);
+                        let _ = heard.send((iface.clone(), src));
                     }
                     Ok(_) => {}
                     Err(e) => break e,
@@ -117,6 +117,39 @@ async fn interface(iface: String, heard: mpsc::UnboundedSender<Heard>) {
         tracing::warn!(interface = %iface, "router advertisements: {failed}; reopening");
         tokio::time::sleep(RETRY).await;
     }
+}
+
+/// One ICMPv6 message off the socket: the sender, when it is a router advertisement that RFC 4861
+/// §6.1.2 lets a host accept.
+fn receive(sock: &UdpSocket, buf: &mut [u8]) -> std::io::Result<Option<Ipv6Addr>> {
+    let mut iov = [IoSliceMut::new(buf)];
+    let mut cmsgs = nix::cmsg_space!(libc::c_int);
+    let msg = socket::recvmsg::<SockaddrIn6>(
+        sock.as_raw_fd(),
+        &mut iov,
+        Some(&mut cmsgs),
+        MsgFlags::MSG_DONTWAIT,
+    )?;
+    let hop_limit = msg.cmsgs()?.find_map(|c| match c {
+        ControlMessageOwned::Ipv6HopLimit(h) => Some(h),
+        _ => None,
+    });
+    let (Some(from), Some(hop_limit)) = (msg.address, hop_limit) else {
+        return Ok(None);
+    };
+    let bytes = msg.bytes;
+    Ok(acceptable(&buf[..bytes], hop_limit, from.ip()).then(|| from.ip()))
+}
+
+/// RFC 4861 §6.1.2: an advertisement counts only with hop limit 255 (so it was sent on this
+/// link, not routed here from afar), ICMP code 0, at least its 16 bytes, from a link-local
+/// address. The kernel has checked the checksum; the socket's filter passes only type 134.
+fn acceptable(message: &[u8], hop_limit: libc::c_int, src: Ipv6Addr) -> bool {
+    hop_limit == 255
+        && message.len() >= 16
+        && message[0] == ROUTER_ADVERTISEMENT
+        && message[1] == 0
+        && src.is_unicast_link_local()
 }
 
 /// A router advertisement that announces no default route, prefix or option (RFC 4861 §4.2);
@@ -148,6 +181,8 @@ fn open(iface: &str) -> std::io::Result<(UdpSocket, u32)> {
         index as libc::c_int,
     )?;
     set_int(&fd, libc::IPPROTO_IPV6, libc::IPV6_MULTICAST_LOOP, 0)?;
+    // Each message's hop limit comes with it, to check (RFC 4861 §6.1.2).
+    socket::setsockopt(&fd, sockopt::Ipv6RecvHopLimit, &true)?;
     // ICMP6_FILTER: a bit set blocks its type; every type but router advertisements.
     let mut filter = [u32::MAX; 8];
     filter[usize::from(ROUTER_ADVERTISEMENT >> 5)] &= !(1u32 << (ROUTER_ADVERTISEMENT & 31));
@@ -173,7 +208,6 @@ fn setsockopt_raw<T>(
     name: libc::c_int,
     v: &T,
 ) -> std::io::Result<()> {
-    use std::os::fd::AsRawFd;
     // SAFETY: `v` points to a live T of the size given.
     let r = unsafe {
         libc::setsockopt(
@@ -188,5 +222,26 @@ fn setsockopt_raw<T>(
         Ok(())
     } else {
         Err(std::io::Error::last_os_error())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_on_link_advertisements_count() {
+        let ll: Ipv6Addr = "fe80::1".parse().unwrap();
+        let ra = advertisement();
+        assert!(acceptable(&ra, 255, ll));
+        // Routed here (hop limit below 255), from a global address, too short, or a nonzero
+        // code: dropped silently.
+        assert!(!acceptable(&ra, 64, ll));
+        assert!(!acceptable(&ra, 254, ll));
+        assert!(!acceptable(&ra, 255, "2001:db8::1".parse().unwrap()));
+        assert!(!acceptable(&ra[..15], 255, ll));
+        let mut coded = ra;
+        coded[1] = 1;
+        assert!(!acceptable(&coded, 255, ll));
     }
 }
