@@ -23,6 +23,8 @@ pub mod nft;
 pub mod nft_runner;
 /// NetworkPolicy compiler: pure model in, desired ruleset out.
 pub mod policy;
+/// Many route writes to one sendmsg, for large BGP tables.
+pub mod route_batch;
 /// Host routes of Sepal's route protocol number: pod /32s to veths, node-block blackholes,
 /// BGP-learned routes.
 pub mod routes;

@@ -7,6 +7,7 @@
 //! fast path. A route of any other protocol or table is never added over, replaced or deleted.
 
 use crate::links::{self, errno};
+use crate::route_batch::{BatchSocket, Op, Outcome, BATCH};
 use crate::ROUTE_PROTO;
 use futures::TryStreamExt;
 use ipnetwork::IpNetwork;
@@ -66,6 +67,19 @@ pub enum RouteError {
     Foreign { dst: IpNetwork },
     #[error("route to {dst}: {msg}")]
     Invalid { dst: IpNetwork, msg: String },
+    #[error("netlink: {context}: {source}")]
+    Io {
+        context: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+fn io(context: &'static str) -> impl FnOnce(std::io::Error) -> RouteError {
+    move |source| RouteError::Io {
+        context: context.into(),
+        source,
+    }
 }
 
 fn nl(context: impl Into<String>) -> impl FnOnce(rtnetlink::Error) -> RouteError {
@@ -125,11 +139,9 @@ pub struct RouteReconciler {
     /// one interface costs one lookup, not one per route. Cleared at the start of each, so an
     /// interface recreated between them is looked up again.
     ifindexes: std::sync::Mutex<HashMap<String, u32>>,
+    /// The socket batched writes go through, once one has been made.
+    batch: Option<BatchSocket>,
 }
-
-/// Route writes in flight at once on the netlink socket: the kernel answers them in order, so
-/// a burst costs a fraction of one round trip per route.
-const PIPELINE: usize = 128;
 
 impl RouteReconciler {
     pub fn new(handle: Handle) -> RouteReconciler {
@@ -137,6 +149,7 @@ impl RouteReconciler {
             handle,
             installed: Desired::new(),
             ifindexes: Default::default(),
+            batch: None,
         }
     }
 
@@ -300,83 +313,95 @@ impl RouteReconciler {
         Ok(report)
     }
 
-    /// Deletes, then writes, up to PIPELINE netlink requests in flight at a time; `installed`
-    /// follows what succeeded.
+    /// Deletes, then writes, BATCH messages to a sendmsg on the batch socket; `installed` follows
+    /// what succeeded. A write the kernel refuses as existing, or whose answer was lost, takes
+    /// the one-at-a-time path, which finds out whose route is in the way.
     async fn execute(
         &mut self,
         deletes: Vec<IpNetwork>,
         writes: Vec<(IpNetwork, &Target)>,
     ) -> Result<Report, RouteError> {
-        use futures::StreamExt;
         self.forget_ifindexes();
         let mut report = Report::default();
-        let mut gone = Vec::new();
         let mut fatal = None;
-        {
-            let mut pending = futures::stream::FuturesUnordered::new();
-            let mut todo = deletes.into_iter();
-            loop {
-                while pending.len() < PIPELINE {
-                    let Some(dst) = todo.next() else { break };
-                    pending.push(self.delete_tagged(dst));
+        // (destination, target to write or None to delete, whether a route of ours was there)
+        let mut jobs: Vec<(IpNetwork, Option<&Target>, bool)> =
+            deletes.into_iter().map(|d| (d, None, true)).collect();
+        let mut ops = Vec::with_capacity(jobs.len() + writes.len());
+        for dst in jobs.iter().map(|j| j.0) {
+            ops.push(Op::Delete(delete_message(dst, None)));
+        }
+        for (dst, target) in writes {
+            let existed = self.installed.contains_key(&dst);
+            match self.build(dst, target).await {
+                Ok(msg) => {
+                    ops.push(if existed {
+                        Op::Replace(msg)
+                    } else {
+                        Op::Add(msg)
+                    });
+                    jobs.push((dst, Some(target), existed));
                 }
-                let Some((dst, r)) = pending.next().await else {
-                    break;
-                };
-                match r {
-                    Ok(()) => gone.push(dst),
-                    Err(e) => fatal = fatal.or(Some(e)),
+                Err(e @ (RouteError::NoSuchLink { .. } | RouteError::Invalid { .. })) => {
+                    report.errors.push(e.to_string())
                 }
+                Err(e) => return Err(e),
             }
         }
-        for dst in gone {
-            self.installed.remove(&dst);
-            report.removed += 1;
-        }
-        if let Some(e) = fatal {
-            return Err(e);
-        }
-        let writes: Vec<(IpNetwork, &Target, bool)> = writes
-            .into_iter()
-            .map(|(dst, target)| (dst, target, self.installed.contains_key(&dst)))
-            .collect();
-        let mut written = Vec::with_capacity(writes.len());
-        {
-            let mut pending = futures::stream::FuturesUnordered::new();
-            let mut todo = writes.into_iter();
-            loop {
-                while pending.len() < PIPELINE {
-                    let Some((dst, target, existed)) = todo.next() else {
-                        break;
-                    };
-                    pending.push(self.write_tagged(dst, target, existed));
-                }
-                let Some(w) = pending.next().await else {
-                    break;
-                };
-                written.push(w);
+        let mut outcomes = Vec::with_capacity(ops.len());
+        if !ops.is_empty() {
+            let socket = self.batch_socket()?;
+            let mut ops = ops.into_iter().peekable();
+            while ops.peek().is_some() {
+                let chunk: Vec<Op> = ops.by_ref().take(BATCH).collect();
+                outcomes.extend(socket.run(chunk).map_err(io("writing routes"))?);
             }
         }
-        for (dst, target, existed, r) in written {
-            match r {
-                Ok(()) => {
-                    self.installed.insert(dst, target.clone());
+        for ((dst, target, existed), outcome) in jobs.into_iter().zip(outcomes) {
+            let result = match (target, outcome) {
+                (None, Outcome::Done) => Ok(()),
+                (None, Outcome::Failed(libc::ESRCH | libc::ENOENT)) => Ok(()),
+                (None, Outcome::Unknown) => self.delete_dst(dst).await,
+                (Some(_), Outcome::Done) => Ok(()),
+                (Some(t), Outcome::Failed(libc::EEXIST) | Outcome::Unknown) => {
+                    self.write(dst, t, existed).await
+                }
+                (_, Outcome::Failed(e)) => Err(RouteError::Io {
+                    context: format!("route to {dst}"),
+                    source: std::io::Error::from_raw_os_error(e),
+                }),
+            };
+            match (result, target) {
+                (Ok(()), None) => {
+                    self.installed.remove(&dst);
+                    report.removed += 1;
+                }
+                (Ok(()), Some(t)) => {
+                    self.installed.insert(dst, t.clone());
                     if existed {
                         report.replaced += 1
                     } else {
                         report.added += 1
                     }
                 }
-                Err(e @ (RouteError::NoSuchLink { .. } | RouteError::Foreign { .. })) => {
+                (Err(e @ (RouteError::NoSuchLink { .. } | RouteError::Foreign { .. })), _) => {
                     report.errors.push(e.to_string())
                 }
-                Err(e) => fatal = fatal.or(Some(e)),
+                (Err(e), _) => fatal = fatal.or(Some(e)),
             }
         }
         match fatal {
             Some(e) => Err(e),
             None => Ok(report),
         }
+    }
+
+    /// The batch socket, opened on first use (in the namespace the reconciler works in).
+    fn batch_socket(&mut self) -> Result<&mut BatchSocket, RouteError> {
+        if self.batch.is_none() {
+            self.batch = Some(BatchSocket::open().map_err(io("opening a netlink socket"))?);
+        }
+        Ok(self.batch.as_mut().expect("just opened"))
     }
 
     pub async fn install(&mut self, dst: IpNetwork, target: Target) -> Result<(), RouteError> {
@@ -396,24 +421,9 @@ impl RouteReconciler {
         Ok(())
     }
 
-    async fn delete_tagged(&self, dst: IpNetwork) -> (IpNetwork, Result<(), RouteError>) {
-        (dst, self.delete_dst(dst).await)
-    }
-
-    async fn write_tagged<'t>(
-        &self,
-        dst: IpNetwork,
-        target: &'t Target,
-        existed: bool,
-    ) -> (IpNetwork, &'t Target, bool, Result<(), RouteError>) {
-        (dst, target, existed, self.write(dst, target, existed).await)
-    }
-
     /// Deletes Sepal's route to `dst` from the kernel; already gone is fine.
     async fn delete_dst(&self, dst: IpNetwork) -> Result<(), RouteError> {
-        let mut msg = header(dst);
-        msg.header.scope = RouteScope::NoWhere;
-        msg.header.kind = RouteType::Unspec;
+        let msg = delete_message(dst, None);
         match self.handle.route().del(msg).execute().await {
             Ok(()) => Ok(()),
             Err(e) if matches!(errno(&e), Some(libc::ESRCH | libc::ENOENT)) => Ok(()),
@@ -508,18 +518,24 @@ impl RouteReconciler {
     }
 
     async fn delete(&self, route: &KernelRoute) -> Result<(), RouteError> {
-        let mut msg = header(route.dst);
-        msg.header.scope = RouteScope::NoWhere;
-        msg.header.kind = RouteType::Unspec;
-        if let Some(p) = route.priority {
-            msg.attributes.push(RouteAttribute::Priority(p));
-        }
+        let msg = delete_message(route.dst, route.priority);
         match self.handle.route().del(msg).execute().await {
             Ok(()) => Ok(()),
             Err(e) if matches!(errno(&e), Some(libc::ESRCH | libc::ENOENT)) => Ok(()),
             Err(e) => Err(nl(format!("deleting route to {}", route.dst))(e)),
         }
     }
+}
+
+/// The message that deletes Sepal's route to `dst` (of that metric, when given).
+fn delete_message(dst: IpNetwork, priority: Option<u32>) -> RouteMessage {
+    let mut msg = header(dst);
+    msg.header.scope = RouteScope::NoWhere;
+    msg.header.kind = RouteType::Unspec;
+    if let Some(p) = priority {
+        msg.attributes.push(RouteAttribute::Priority(p));
+    }
+    msg
 }
 
 /// A route message for `dst` in the main table with Sepal's protocol.

@@ -160,3 +160,56 @@ fn reconciler_adopts_diffs_and_leaves_foreign_routes_alone() {
     assert!(!ours.contains("10.1.0.7 "), "{ours}");
     assert_eq!(foreign(&ns), foreign_before, "a foreign route changed");
 }
+
+/// BGP-sized changes go to the kernel in batches of many messages to one sendmsg: more than one
+/// batch's worth lands whole, a route whose destination another protocol holds is reported
+/// (the kernel's EEXIST, checked one at a time) without failing the rest, a replace and a
+/// withdrawal of everything follow, and the foreign route is never touched.
+#[test]
+fn changes_in_batches_land_whole_and_leave_foreign_routes_alone() {
+    sepal_tests::require_root();
+    let ns = Netns::new("routesb");
+    ns.run(
+        "ip link add va type veth peer name vb && ip link set va up && ip link set vb up \
+         && ip addr add 192.0.2.1/24 dev va \
+         && ip route add 10.50.1.0/24 via 192.0.2.7 dev va proto static",
+    );
+    let foreign_before = foreign(&ns);
+    const N: u32 = 1000;
+    let dsts: Vec<IpNetwork> = (0..N)
+        .map(|i| net(&format!("10.{}.{}.0/24", 50 + i / 256, i % 256)))
+        .collect();
+    let (added, replaced, removed) = in_netns(&ns, move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        rt.block_on(async move {
+            let handle = sepal_felix::links::connect().expect("netlink");
+            let mut rec = RouteReconciler::new(handle);
+            let via = |gw: &str| Target::Via(vec![hop(gw, true)]);
+            let (a, b) = (via("192.0.2.2"), via("192.0.2.3"));
+            let add: Vec<_> = dsts.iter().map(|d| (*d, Some(&a))).collect();
+            let added = rec.apply_changes(&add).await.expect("add");
+            // Half move to another next hop.
+            let moved: Vec<_> = dsts.iter().step_by(2).map(|d| (*d, Some(&b))).collect();
+            let replaced = rec.apply_changes(&moved).await.expect("replace");
+            let gone: Vec<_> = dsts.iter().map(|d| (*d, None)).collect();
+            let removed = rec.apply_changes(&gone).await.expect("remove");
+            (added, replaced, removed)
+        })
+    });
+    assert_eq!(added.added, N as usize - 1, "{added:?}");
+    assert_eq!(added.errors.len(), 1, "{added:?}");
+    assert!(added.errors[0].contains("10.50.1.0/24"), "{added:?}");
+    // Every even index (10.50.1.0/24, the foreign one, is odd).
+    assert_eq!(replaced.replaced, N as usize / 2, "{replaced:?}");
+    assert!(replaced.errors.is_empty(), "{replaced:?}");
+    assert_eq!(removed.removed, N as usize - 1, "{removed:?}");
+    assert_eq!(
+        ns.run("ip -4 route show proto 83"),
+        "",
+        "routes left behind"
+    );
+    assert_eq!(foreign(&ns), foreign_before, "a foreign route changed");
+}
