@@ -158,6 +158,41 @@ fn scenario(kind: TorKind) {
         reason == "Cease/BFD Down" || reason.contains("BFD session down"),
         "{reason}"
     );
+
+    // BFD turned off while n1's agent is down: the agent that starts tells `sepal bfd` so,
+    // though it wants no BFD session at all, and the daemon ends the one the previous agent
+    // asked for (AdminDown) instead of keeping it Up at the ToR.
+    assert!(
+        tor_bfd_up(&tor_bfd_session(&daemon, "10.0.1.2")),
+        "{}",
+        tor_bfd_log(&daemon)
+    );
+    c.nodes[1].kill_agent();
+    std::fs::write(
+        c.nodes[1].datastore.join("routing.yaml"),
+        common::tor_objects_with(2, "", ""),
+    )
+    .unwrap();
+    c.nodes[1].start_agent();
+    if common::within(T, || !tor_bfd_up(&tor_bfd_session(&daemon, "10.0.1.2"))).is_none() {
+        panic!(
+            "the ToR's BFD session with n1 still Up after its agent restarted without BFD:
+{}
+sepal bfd on n1:
+{}",
+            tor_bfd_log(&daemon),
+            c.nodes[1].bfd_daemon_log()
+        );
+    }
+}
+
+/// Whether the ToR shows its BFD session Up.
+fn tor_bfd_up(session: &Value) -> bool {
+    match session {
+        Value::Object(_) => session["status"] == "up",
+        Value::String(l) => l.split_whitespace().nth(2) == Some("Up"),
+        _ => false,
+    }
 }
 
 #[test]

@@ -140,6 +140,7 @@ impl Routing {
                 shared: bfd.clone(),
                 changes: None,
                 peers: BTreeMap::new(),
+                told_daemon: false,
             },
             adverts: None,
             heard: None,
@@ -313,6 +314,10 @@ struct BfdSessions {
     changes: Option<mpsc::UnboundedReceiver<bfd::Change>>,
     /// What each running session was given.
     peers: BTreeMap<IpAddr, bfd::PeerConfig>,
+    /// Whether the daemon has had this agent's set. A restarted agent must tell it even an
+    /// empty one: the sessions the previous agent asked for would otherwise run on, Up at any
+    /// peer that still has BFD configured, after the configuration turned them off.
+    told_daemon: bool,
 }
 
 impl BfdSessions {
@@ -337,7 +342,9 @@ impl BfdSessions {
                 })
             })
             .collect();
-        if want == self.peers {
+        // A daemon that has a socket may hold a previous agent's sessions; one without has none.
+        let daemon_to_tell = !self.told_daemon && self.daemon.as_ref().is_some_and(|s| s.exists());
+        if want == self.peers && !daemon_to_tell {
             return;
         }
         if self.running.is_none() {
@@ -364,7 +371,10 @@ impl BfdSessions {
             Some(Backend::InProcess(b)) => {
                 let _ = crate::bfd::apply(b, &self.peers, &want);
             }
-            Some(Backend::Daemon(d)) => d.set_peers(want.values().cloned().collect()),
+            Some(Backend::Daemon(d)) => {
+                d.set_peers(want.values().cloned().collect());
+                self.told_daemon = true;
+            }
             None => return,
         }
         self.peers = want;
