@@ -51,18 +51,25 @@ fn desired() -> Desired {
     ])
 }
 
+/// A test namespace with a veth pair va/vb, both up, 192.0.2.1/24 on va.
+fn veth_in(name: &str) -> Netns {
+    sepal_tests::require_root();
+    let ns = Netns::new(name);
+    ns.run(
+        "ip link add va type veth peer name vb && ip link set va up && ip link set vb up \
+         && ip addr add 192.0.2.1/24 dev va",
+    );
+    ns
+}
+
 fn foreign(ns: &Netns) -> String {
     ns.run("ip -o -4 route show table all | grep -v 'proto 83' | sort; ip -o -6 route show table all | grep -v 'proto 83' | sort")
 }
 
 #[test]
 fn reconciler_adopts_diffs_and_leaves_foreign_routes_alone() {
-    sepal_tests::require_root();
-    let ns = Netns::new("routes");
-    ns.run(
-        "ip link add va type veth peer name vb && ip link set va up && ip link set vb up \
-         && ip addr add 192.0.2.1/24 dev va && ip -6 addr add fd00:9::1/64 dev va nodad",
-    );
+    let ns = veth_in("routes");
+    ns.run("ip -6 addr add fd00:9::1/64 dev va nodad");
     // Foreign routes, one to a destination Sepal also wants (other metric), one in another table.
     ns.run(
         "ip route add 10.9.0.0/24 dev va proto static \
@@ -167,13 +174,8 @@ fn reconciler_adopts_diffs_and_leaves_foreign_routes_alone() {
 /// withdrawal of everything follow, and the foreign route is never touched.
 #[test]
 fn changes_in_batches_land_whole_and_leave_foreign_routes_alone() {
-    sepal_tests::require_root();
-    let ns = Netns::new("routesb");
-    ns.run(
-        "ip link add va type veth peer name vb && ip link set va up && ip link set vb up \
-         && ip addr add 192.0.2.1/24 dev va \
-         && ip route add 10.50.1.0/24 via 192.0.2.7 dev va proto static",
-    );
+    let ns = veth_in("routesb");
+    ns.run("ip route add 10.50.1.0/24 via 192.0.2.7 dev va proto static");
     let foreign_before = foreign(&ns);
     const N: u32 = 1000;
     let dsts: Vec<IpNetwork> = (0..N)
