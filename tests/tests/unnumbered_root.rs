@@ -4,7 +4,8 @@
 //! (RFC 8950 extended next hop) and land in both kernels as IPv4 routes via an IPv6 next hop.
 //! FRR (`neighbor n0 interface remote-as external`) finds the node by its router
 //! advertisements and the node finds FRR by FRR's; BIRD is given the node's address and the
-//! node BIRD's (`peerIP` with `interface`).
+//! node BIRD's (`peerIP` with `interface`); GoBGP (`neighbor-interface`) finds the node in its
+//! kernel's neighbor table.
 
 use sepal_tests::bgpd::{wait_for, Bird, Frr};
 use sepal_tests::netns::{veth, Netns};
@@ -187,4 +188,38 @@ fn router_advertisements_routed_from_off_link_are_ignored() {
         p.contains("fe80::bad").then_some(p)
     });
     assert!(peers.contains("fe80::bad"), "{peers}");
+}
+
+/// GoBGP's own unnumbered form (`neighbor-interface`): it takes the peer's address from the
+/// kernel's neighbor table and offers extended next hop for IPv4. GoBGP programs no kernel
+/// routes, so its side is checked in its RIB; the node's kernel routes IPv4 via GoBGP's
+/// link-local address.
+#[test]
+fn unnumbered_with_gobgp_neighbor_interface() {
+    let (mut c, router, node_ll, router_ll) = link_local_pair();
+    c.write_all(
+        "routing.yaml",
+        &routing(&format!("  peerIP: {router_ll}\n")),
+    );
+    // GoBGP wants exactly one link-local neighbor on the interface: the node, once pinged.
+    router.run(&format!("ping -6 -c 1 -W 2 {node_ll}%n0 >/dev/null"));
+    let g = sepal_tests::bgpd::Gobgp::start(
+        &router,
+        "[global.config]\n  as = 65000\n  router-id = \"10.0.0.1\"\n\
+         [[neighbors]]\n  [neighbors.config]\n    neighbor-interface = \"n0\"\n    peer-as = 64512\n\
+         [neighbors.timers.config]\n    connect-retry = 1\n    hold-time = 3\n    keepalive-interval = 1\n\
+         [[neighbors.afi-safis]]\n  [neighbors.afi-safis.config]\n    afi-safi-name = \"ipv4-unicast\"\n\
+         [[neighbors.afi-safis]]\n  [neighbors.afi-safis.config]\n    afi-safi-name = \"ipv6-unicast\"\n",
+    );
+    g.cli(&["global", "rib", "add", "192.0.2.0/24", "-a", "ipv4"]);
+    c.start();
+    let r = wait_for(T, "GoBGP learns the node's block", || {
+        g.rib("ipv4").get("10.244.0.0/24").map(|p| p.to_string())
+    });
+    assert!(
+        r.contains(&node_ll),
+        "IPv4 route via the node's link-local address: {r}"
+    );
+    let r = c.wait_route(0, "192.0.2.0/24", T, |r| r.contains("via inet6"));
+    assert!(r.contains(&format!("via inet6 {router_ll} dev ul")), "{r}");
 }
