@@ -405,6 +405,9 @@ impl RouteReconciler {
     }
 
     pub async fn install(&mut self, dst: IpNetwork, target: Target) -> Result<(), RouteError> {
+        // The interface is looked up afresh: a pod's veth may be new under the name of one that
+        // an earlier batch cached (a sandbox recreated with the same container ID).
+        self.forget_ifindexes();
         let dst = canonical(dst);
         let ours = self.installed.contains_key(&dst);
         self.write(dst, &target, ours).await?;

@@ -215,3 +215,38 @@ fn changes_in_batches_land_whole_and_leave_foreign_routes_alone() {
     );
     assert_eq!(foreign(&ns), foreign_before, "a foreign route changed");
 }
+
+/// A pod's veth made again under the same name (a sandbox recreated with the same container ID)
+/// has a new interface index: a route installed to it must not use the index an earlier batch
+/// looked up for the old one.
+#[test]
+fn install_looks_up_a_recreated_interface_again() {
+    let ns = veth_in("routesr");
+    let err = in_netns(&ns, || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        rt.block_on(async {
+            let handle = sepal_felix::links::connect().expect("netlink");
+            let mut rec = RouteReconciler::new(handle);
+            let first = Desired::from([(net("10.1.0.5/32"), Target::Dev("va".into()))]);
+            rec.update(&first).await.expect("update");
+            let sh = |c: &str| {
+                std::process::Command::new("sh")
+                    .args(["-c", c])
+                    .status()
+                    .unwrap()
+            };
+            assert!(sh("ip link del va && ip link add va type veth peer name vb && ip link set va up && ip link set vb up").success());
+            rec.install(net("10.1.0.6/32"), Target::Dev("va".into()))
+                .await
+                .err()
+                .map(|e| e.to_string())
+        })
+    });
+    assert_eq!(err, None, "install to the recreated va");
+    assert!(ns
+        .run("ip -4 route show proto 83")
+        .contains("10.1.0.6 dev va"));
+}
