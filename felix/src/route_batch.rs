@@ -142,16 +142,15 @@ impl BatchSocket {
                 };
                 done |= i == last;
             }
-            if done && !overrun {
-                // No reply but the last one's ack: every earlier message went through.
-                for (o, a) in outcomes.iter_mut().zip(&answered) {
-                    if !a {
-                        *o = Outcome::Done;
+            if done {
+                // The last one's ack, and no reply lost: every message not answered went through.
+                if !overrun {
+                    for (o, a) in outcomes.iter_mut().zip(&answered) {
+                        if !a {
+                            *o = Outcome::Done;
+                        }
                     }
                 }
-                return Ok(outcomes);
-            }
-            if done {
                 return Ok(outcomes);
             }
         }

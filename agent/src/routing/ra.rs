@@ -4,12 +4,10 @@
 // "not a default router" (router lifetime 0): they only make the address known.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::net::{Ipv6Addr, SocketAddr, SocketAddrV6};
-use std::os::fd::{FromRawFd, OwnedFd};
-use std::time::Duration;
-
 use std::io::IoSliceMut;
-use std::os::fd::AsRawFd;
+use std::net::{Ipv6Addr, SocketAddr, SocketAddrV6};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::time::Duration;
 
 use nix::sys::socket::{
     self, sockopt, AddressFamily, ControlMessageOwned, MsgFlags, SockFlag, SockProtocol, SockType,
