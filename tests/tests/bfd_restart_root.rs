@@ -176,10 +176,7 @@ fn scenario(kind: TorKind) {
     c.nodes[1].start_agent();
     if common::within(T, || !tor_bfd_up(&tor_bfd_session(&daemon, "10.0.1.2"))).is_none() {
         panic!(
-            "the ToR's BFD session with n1 still Up after its agent restarted without BFD:
-{}
-sepal bfd on n1:
-{}",
+            "the ToR's BFD session with n1 still Up after its agent restarted without BFD:\n{}\nsepal bfd on n1:\n{}",
             tor_bfd_log(&daemon),
             c.nodes[1].bfd_daemon_log()
         );
