@@ -20,6 +20,15 @@ fn in_netns<T: Send + 'static>(ns: &Netns, f: impl FnOnce() -> T + Send + 'stati
     .expect("netns thread panicked")
 }
 
+/// Runs `f` to completion on a current-thread runtime of the calling (namespaced) thread.
+fn block_on<F: std::future::Future>(f: F) -> F::Output {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime")
+        .block_on(f)
+}
+
 fn net(s: &str) -> IpNetwork {
     s.parse().expect("network")
 }
@@ -86,11 +95,7 @@ fn reconciler_adopts_diffs_and_leaves_foreign_routes_alone() {
     let foreign_before = foreign(&ns);
 
     let (first, second) = in_netns(&ns, || {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .expect("runtime");
-        rt.block_on(async {
+        block_on(async {
             let handle = sepal_felix::links::connect().expect("netlink");
             let mut rec = RouteReconciler::new(handle);
             let first = rec.reconcile(&desired()).await.expect("reconcile");
@@ -135,11 +140,7 @@ fn reconciler_adopts_diffs_and_leaves_foreign_routes_alone() {
     // Incremental update: only the difference, still no foreign route touched; a route whose
     // interface is missing is reported and the rest goes ahead.
     let report = in_netns(&ns, || {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .expect("runtime");
-        rt.block_on(async {
+        block_on(async {
             let handle = sepal_felix::links::connect().expect("netlink");
             let mut rec = RouteReconciler::new(handle);
             rec.reconcile(&desired()).await.expect("adopt");
@@ -182,11 +183,7 @@ fn changes_in_batches_land_whole_and_leave_foreign_routes_alone() {
         .map(|i| net(&format!("10.{}.{}.0/24", 50 + i / 256, i % 256)))
         .collect();
     let (added, replaced, removed) = in_netns(&ns, move || {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .expect("runtime");
-        rt.block_on(async move {
+        block_on(async move {
             let handle = sepal_felix::links::connect().expect("netlink");
             let mut rec = RouteReconciler::new(handle);
             let via = |gw: &str| Target::Via(vec![hop(gw, true)]);
@@ -223,11 +220,7 @@ fn changes_in_batches_land_whole_and_leave_foreign_routes_alone() {
 fn install_looks_up_a_recreated_interface_again() {
     let ns = veth_in("routesr");
     let err = in_netns(&ns, || {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .expect("runtime");
-        rt.block_on(async {
+        block_on(async {
             let handle = sepal_felix::links::connect().expect("netlink");
             let mut rec = RouteReconciler::new(handle);
             let first = Desired::from([(net("10.1.0.5/32"), Target::Dev("va".into()))]);
