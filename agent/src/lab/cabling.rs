@@ -15,9 +15,14 @@ pub fn links(lab: &LabState) -> Vec<Value> {
     let mut out = Vec::new();
     for (n, node) in lab.nodes.iter().enumerate() {
         for r in lab.topology.routers_of(n) {
+            // A switch's port has no address of its own.
+            let router_addr = match lab.routers[r].kind {
+                RouterKind::Switch => String::new(),
+                _ => router::router_addr(r, n),
+            };
             out.push(json!({
                 "a": end(&node.name, format!("eth{r}"), router::node_addr(r, n)),
-                "b": end(&lab.routers[r].name, router::router_if(n), router::router_addr(r, n)),
+                "b": end(&lab.routers[r].name, router::router_if(n), router_addr),
             }));
         }
     }
@@ -104,7 +109,7 @@ pub fn sessions(lab: &LabState, index: usize) -> Vec<Value> {
                 })
                 .collect()
         }
-        RouterKind::None => Vec::new(),
+        RouterKind::None | RouterKind::Switch => Vec::new(),
     }
 }
 

@@ -34,6 +34,17 @@ pub fn cluster_args(topo: &Topology, bin_dir: &Path) -> Result<Vec<String>> {
 
 /// Node IPAM plans the blocks here: a node's own podCIDRs in the topology would be a second plan.
 pub fn check_topology(topo: &Topology) -> Result<()> {
+    if let Some(n) = topo
+        .nodes
+        .iter()
+        .find(|n| n.route_reflector_cluster_id.is_some())
+    {
+        bail!(
+            "node {}: routeReflectorClusterID is for labs on a dir datastore; with --kubernetes \
+             annotate the Node with sepal.dev/route-reflector-cluster-id instead",
+            n.name
+        );
+    }
     if let Some(n) = topo.nodes.iter().find(|n| !n.pod_cidrs.is_empty()) {
         bail!(
             "node {} gives its own podCIDRs; with --kubernetes, kube-controller-manager hands \

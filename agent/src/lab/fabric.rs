@@ -204,7 +204,7 @@ impl Session {
                  keepalive-interval = {KEEPALIVE}\n  [[neighbors.afi-safis]]\n    \
                  [neighbors.afi-safis.config]\n      afi-safi-name = \"ipv4-unicast\"\n"
             ),
-            RouterKind::None => String::new(),
+            RouterKind::None | RouterKind::Switch => String::new(),
         }
     }
 }
@@ -306,7 +306,7 @@ pub fn start_spine(
             text.push_str(&render(RouterKind::Gobgp));
             router::spawn_gobgp(state, &text, dir)
         }
-        RouterKind::None => Ok(Vec::new()),
+        RouterKind::None | RouterKind::Switch => Ok(Vec::new()),
     }
 }
 

@@ -1,6 +1,7 @@
 //! `sepal lab`: a whole cluster on one Linux box — node namespaces running the real agent, pods
 //! attached by the real CNI plugin, a real BGP router — plus the commands to inspect and change it.
 
+mod agents;
 mod cabling;
 mod cluster;
 pub mod control_plane;
@@ -25,6 +26,9 @@ use state::{lab_dir, ApiServer, LabState, NodeState, RouterState};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 use topology::{check_lab_name, RouterKind, Topology, DEFAULT_LAB};
+
+/// The nodes' AS in the lab's own BGPConfiguration, and on a switch each node's.
+const CLUSTER_AS: u32 = 64512;
 
 #[derive(Debug, Args)]
 pub struct LabArgs {
@@ -57,6 +61,21 @@ pub enum LabCommand {
     },
     /// Remove everything the lab created: its processes, namespaces and files. Idempotent.
     Down {
+        #[arg(long, default_value = DEFAULT_LAB)]
+        name: String,
+    },
+    /// Stop one node's agent: SIGTERM (it ends its BGP sessions with a Cease), or with `--kill`
+    /// SIGKILL, as a crash would. The node keeps the kernel state the agent left.
+    StopAgent {
+        node: String,
+        #[arg(long)]
+        kill: bool,
+        #[arg(long, default_value = DEFAULT_LAB)]
+        name: String,
+    },
+    /// Start a stopped node's agent again and wait until it answers CNI STATUS.
+    StartAgent {
+        node: String,
         #[arg(long, default_value = DEFAULT_LAB)]
         name: String,
     },
@@ -172,6 +191,10 @@ pub fn run(args: LabArgs) -> Result<()> {
             up(topology, name, store, proxy_mode)
         }
         LabCommand::Down { name } => down(&name),
+        LabCommand::StopAgent { node, kill, name } => {
+            agents::stop(&mut LabState::load(&name)?, &node, kill)
+        }
+        LabCommand::StartAgent { node, name } => agents::start(&mut LabState::load(&name)?, &node),
         LabCommand::Status { name, json } => status(&LabState::load(&name)?, json),
         LabCommand::Apply { file, name } => apply(&mut LabState::load(&name)?, &file, false),
         LabCommand::Delete { file, name } => apply(&mut LabState::load(&name)?, &file, true),
@@ -271,7 +294,12 @@ fn plan(name: &str, topo: Topology, node_ipam: bool) -> Result<LabState> {
         nodes.push(NodeState {
             name: spec.name.clone(),
             netns: format!("{name}-{}", spec.name),
-            as_number: spec.as_number.unwrap_or(64512 + 1 + i as u32),
+            // On a switch the nodes mesh over iBGP in the cluster's AS; behind ToRs each node
+            // has an AS of its own.
+            as_number: spec.as_number.unwrap_or(match topo.switched() {
+                true => CLUSTER_AS,
+                false => 64512 + 1 + i as u32,
+            }),
             uplinks: uplink_routers(&topo, i)
                 .map(|r| router::node_addr(r, i))
                 .collect(),
@@ -342,8 +370,8 @@ fn build_with_own_agents(mut lab: LabState) -> Result<LabState> {
         &lab,
         &objects::namespace_object("default", &Default::default()),
     )?;
-    for node in &lab.nodes {
-        objects::write_object(&lab, &node_object(node))?;
+    for (node, spec) in lab.nodes.iter().zip(&lab.topology.nodes) {
+        objects::write_object(&lab, &node_object(node, spec))?;
     }
     for obj in bgp_objects(&lab)
         .into_iter()
@@ -351,38 +379,12 @@ fn build_with_own_agents(mut lab: LabState) -> Result<LabState> {
     {
         objects::write_object(&lab, &obj)?;
     }
-    let sepal = std::env::current_exe()?;
-    let datastore = match lab.kubeconfig.clone() {
-        Some(api) => {
-            lab.relay_pid = Some(relay::start(&lab)?);
-            lab.save()?;
-            let kc = api.agent_kubeconfig;
-            vec![
-                "kubernetes".to_string(),
-                "--kubeconfig".to_string(),
-                kc.to_str().context("kubeconfig path")?.to_string(),
-            ]
-        }
-        None => vec![format!("dir:{}", lab.datastore().display())],
-    };
+    if lab.kubeconfig.is_some() {
+        lab.relay_pid = Some(relay::start(&lab)?);
+        lab.save()?;
+    }
     for i in 0..lab.nodes.len() {
-        let node = &lab.nodes[i];
-        let dir = lab.node_dir(&node.name);
-        std::fs::create_dir_all(&dir)?;
-        let (state_dir, socket) = (dir.join("state"), lab.socket(&node.name));
-        let mut args = vec![
-            sepal.to_str().context("sepal path")?,
-            "node",
-            "--node-name",
-            &node.name,
-            "--state-dir",
-            state_dir.to_str().context("state path")?,
-            "--socket",
-            socket.to_str().context("socket path")?,
-            "--datastore",
-        ];
-        args.extend(datastore.iter().map(String::as_str));
-        let pid = net::spawn_daemon(&node.netns, &args, &dir.join("agent.log"))?;
+        let pid = agents::spawn(&lab, i, false)?;
         lab.nodes[i].pid = Some(pid);
         lab.save()?;
     }
@@ -421,6 +423,12 @@ fn build_with_own_agents(mut lab: LabState) -> Result<LabState> {
 fn underlay(lab: &LabState, forwarding: bool) -> Result<()> {
     for r in &lab.routers {
         net::add_netns(&r.netns, true)?;
+        if r.kind == RouterKind::Switch {
+            net::sh(
+                &r.netns,
+                "ip link add br0 type bridge && ip link set br0 up",
+            )?;
+        }
     }
     fabric::cable(lab)?;
     fabric::route_uplinks(lab)?;
@@ -431,6 +439,10 @@ fn underlay(lab: &LabState, forwarding: bool) -> Result<()> {
             let node_if = format!("eth{r}");
             let router_if = format!("n{}", n + 1);
             net::veth(&node.netns, &node_if, &router.netns, &router_if)?;
+            if router.kind == RouterKind::Switch {
+                switch_port(lab, n, r, &node_if, &router_if)?;
+                continue;
+            }
             net::sh(
                 &node.netns,
                 &format!("ip addr add {}/24 dev {node_if}", router::node_addr(r, n)),
@@ -461,6 +473,11 @@ fn underlay(lab: &LabState, forwarding: bool) -> Result<()> {
                 )?;
             }
         }
+        // A switch is no gateway: off its segment there is nothing to reach.
+        let routers: Vec<usize> = routers
+            .into_iter()
+            .filter(|&r| lab.routers[r].kind != RouterKind::Switch)
+            .collect();
         let gateways: Vec<String> = routers
             .iter()
             .map(|&r| format!("nexthop via {}", router::router_addr(r, n)))
@@ -485,32 +502,50 @@ fn underlay(lab: &LabState, forwarding: bool) -> Result<()> {
     Ok(())
 }
 
+/// A node's link to switch `r`: a bridge port on the switch, and on the node an address in the
+/// one subnet all the switch's nodes share (10.r.0.0/16, fd00:r::/32), so every node is on-link
+/// for every other and BGP next hops need no router.
+fn switch_port(lab: &LabState, n: usize, r: usize, node_if: &str, port: &str) -> Result<()> {
+    let (node, switch) = (&lab.nodes[n], &lab.routers[r]);
+    net::sh(
+        &switch.netns,
+        &format!("ip link set {port} master br0 && ip link set {port} up"),
+    )?;
+    net::sh(
+        &node.netns,
+        &format!("ip addr add {}/16 dev {node_if}", router::node_addr(r, n)),
+    )?;
+    if lab.dual_stack() {
+        net::sh(
+            &node.netns,
+            &format!(
+                "ip addr add {}/32 dev {node_if} nodad",
+                router::node_addr6(r, n)
+            ),
+        )?;
+    }
+    Ok(())
+}
+
 /// Waits until every router can forward to every pod, i.e. has the nodes' blocks from BGP in its
-/// kernel, and every agent knows every pod (other nodes learn a pod from its Pod object, written
-/// after its CNI ADD), so the first `lab ping` or `sepal trace` after `up` sees the network as it
-/// will stay. A lab that has not converged in time stays up, with a warning naming what is
-/// missing, for the operator to inspect with `sepal status` and the router's own tools.
+/// kernel (on a switch: every node has every other node's blocks), and every agent knows every
+/// pod (other nodes learn a pod from its Pod object, written after its CNI ADD), so the first
+/// `lab ping` or `sepal trace` after `up` sees the network as it will stay. A lab that has not
+/// converged in time stays up, with a warning naming what is missing, for the operator to
+/// inspect with `sepal status` and the router's own tools.
 fn wait_routes(lab: &LabState) {
     let started = Instant::now();
     let deadline = started + Duration::from_secs(60);
     // IPv6 pod addresses count only where the underlay carries IPv6.
-    let routed: Vec<&str> = lab
+    let routed: Vec<std::net::IpAddr> = lab
         .pods
         .iter()
         .flat_map(|p| p.ips.iter())
-        .map(|ip| ip.split('/').next().unwrap_or(ip))
-        .filter(|ip| lab.dual_stack() || !ip.contains(':'))
+        .filter_map(|ip| ip.split('/').next()?.parse().ok())
+        .filter(|ip: &std::net::IpAddr| lab.dual_stack() || ip.is_ipv4())
         .collect();
     loop {
-        let mut missing: Vec<String> = lab
-            .routers
-            .iter()
-            .flat_map(|r| routed.iter().map(move |ip| (r, ip)))
-            .filter(|(r, ip)| net::sh(&r.netns, &format!("ip route get {ip}")).is_err())
-            .map(|(r, ip)| format!("{} has no route to {ip}", r.name))
-            .collect();
-        missing.extend(pods_unknown(lab));
-        if missing.is_empty() {
+        if unconverged(lab, &routed, false).is_empty() {
             if !lab.routers.is_empty() {
                 eprintln!(
                     "routes and pods converged in {:.1} s",
@@ -522,7 +557,7 @@ fn wait_routes(lab: &LabState) {
         if Instant::now() > deadline {
             eprintln!(
                 "warning: the lab has not converged after 60 s: {}",
-                missing.join(", ")
+                unconverged(lab, &routed, true).join(", ")
             );
             return;
         }
@@ -530,9 +565,53 @@ fn wait_routes(lab: &LabState) {
     }
 }
 
-/// "node does not know pod" for every agent that cannot yet resolve a lab pod to its addresses,
-/// asked as `sepal trace` asks each node on a packet's path.
-fn pods_unknown(lab: &LabState) -> Vec<String> {
+/// What keeps the lab from having converged: a router (or, on a switch, a node) without a route
+/// to a pod's address, an agent that does not know a pod. Without `all`, the first thing found.
+fn unconverged(lab: &LabState, routed: &[std::net::IpAddr], all: bool) -> Vec<String> {
+    let mut missing = Vec::new();
+    for r in lab.routers.iter().filter(|r| r.kind != RouterKind::Switch) {
+        for ip in routed {
+            if net::sh(&r.netns, &format!("ip route get {ip}")).is_err() {
+                missing.push(format!("{} has no route to {ip}", r.name));
+                if !all {
+                    return missing;
+                }
+            }
+        }
+    }
+    if lab.topology.switched() {
+        for node in &lab.nodes {
+            let table = route_destinations(&node.netns);
+            for ip in routed
+                .iter()
+                .filter(|ip| !table.iter().any(|d| d.contains(**ip)))
+            {
+                missing.push(format!("{} has no route to {ip}", node.name));
+                if !all {
+                    return missing;
+                }
+            }
+        }
+    }
+    missing.extend(pods_unknown(lab, all));
+    missing
+}
+
+/// The destinations of the namespace's main routing tables (IPv4 and IPv6), default routes left
+/// out: on a switch's segment a node reaches what these cover, and nothing else.
+fn route_destinations(netns: &str) -> Vec<ipnetwork::IpNetwork> {
+    ["ip -j -4 route show", "ip -j -6 route show"]
+        .iter()
+        .filter_map(|cmd| net::sh(netns, cmd).ok())
+        .filter_map(|text| serde_json::from_str::<Vec<Value>>(&text).ok())
+        .flatten()
+        .filter_map(|r| r["dst"].as_str()?.parse().ok())
+        .collect()
+}
+
+/// "node does not know pod" for every agent that cannot yet resolve a lab pod to its addresses
+/// (without `all`, the first one), asked as `sepal trace` asks each node on a packet's path.
+fn pods_unknown(lab: &LabState, all: bool) -> Vec<String> {
     let mut unknown = Vec::new();
     for node in &lab.nodes {
         let socket = crate::admin::admin_socket_beside(&lab.socket(&node.name));
@@ -545,6 +624,9 @@ fn pods_unknown(lab: &LabState) -> Vec<String> {
             });
             if crate::admin::call::<Value>(&socket, &request).is_err() {
                 unknown.push(format!("{} does not know {name}", node.name));
+                if !all {
+                    return unknown;
+                }
             }
         }
     }
@@ -553,8 +635,9 @@ fn pods_unknown(lab: &LabState) -> Vec<String> {
 
 /// The lab's BGP design, as an operator would apply it: with BGP routers, every node peers (eBGP,
 /// fast timers) with each router on its link and the node mesh is off; with a static router the
-/// mesh is off too, as the router already carries every block. A BGPConfiguration among the
-/// topology's manifests replaces the default one written here.
+/// mesh is off too, as the router already carries every block; on a switch the nodes run the
+/// iBGP mesh. A BGPConfiguration among the topology's manifests replaces the default one written
+/// here (e.g. the mesh off, for route reflectors).
 fn bgp_objects(lab: &LabState) -> Vec<Value> {
     let own_config = lab
         .topology
@@ -566,11 +649,12 @@ fn bgp_objects(lab: &LabState) -> Vec<Value> {
         objects.push(json!({
             "apiVersion": "sepal.dev/v1alpha1", "kind": "BGPConfiguration",
             "metadata": {"name": "default"},
-            "spec": {"asNumber": 64512, "nodeToNodeMesh": false, "keepaliveTime": "3s", "holdTime": "9s"},
+            "spec": {"asNumber": CLUSTER_AS, "nodeToNodeMesh": lab.topology.switched(),
+                     "keepaliveTime": "3s", "holdTime": "9s"},
         }));
     }
     for (r, router) in lab.routers.iter().enumerate() {
-        if router.kind == RouterKind::None {
+        if !router.kind.speaks_bgp() {
             continue;
         }
         for (n, node) in lab.nodes.iter().enumerate() {
@@ -599,7 +683,7 @@ fn bgp_objects(lab: &LabState) -> Vec<Value> {
 }
 
 /// The Node as the lab registers it; without podCIDRs when node IPAM is to give them.
-fn node_object(node: &NodeState) -> Value {
+fn node_object(node: &NodeState, spec: &topology::NodeSpec) -> Value {
     // IPv4 first: the agent peers from its first address. Its first IPv6 address is the next hop
     // of its IPv6 blocks towards mesh peers; a ToR session gives the address on its own link.
     let addresses: Vec<Value> = node
@@ -619,6 +703,10 @@ fn node_object(node: &NodeState) -> Value {
     });
     if !node.pod_cidrs.is_empty() {
         object["spec"] = json!({"podCIDR": node.pod_cidrs.first(), "podCIDRs": node.pod_cidrs});
+    }
+    if let Some(id) = spec.route_reflector_cluster_id {
+        object["metadata"]["annotations"]["sepal.dev/route-reflector-cluster-id"] =
+            json!(id.to_string());
     }
     object
 }

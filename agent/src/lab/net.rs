@@ -83,6 +83,11 @@ pub fn command_in(ns: &str, args: &[&str]) -> Command {
 /// Starts a long-running program detached in `ns` (own session, output to `log`), returns its PID.
 pub fn spawn_daemon(ns: &str, args: &[&str], log: &std::path::Path) -> Result<u32> {
     let file = std::fs::File::create(log).with_context(|| format!("create {}", log.display()))?;
+    spawn_daemon_to(ns, args, file)
+}
+
+/// [`spawn_daemon`] with its output to an open file.
+pub fn spawn_daemon_to(ns: &str, args: &[&str], file: std::fs::File) -> Result<u32> {
     let mut cmd = command_in(ns, &["setsid"]);
     cmd.args(args)
         .stdin(Stdio::null())

@@ -94,6 +94,8 @@ pub fn start(lab: &LabState, index: usize) -> Result<Vec<u32>> {
             static_routes(&tor, ranges.v6.is_some())?;
             Ok(Vec::new())
         }
+        // The bridge forwards as soon as its ports exist (see the lab's underlay).
+        RouterKind::Switch => Ok(Vec::new()),
         RouterKind::Bird => start_bird(lab, &tor, &dir),
         RouterKind::Frr => start_frr(lab, &tor, &dir),
         RouterKind::Gobgp => start_gobgp(lab, &tor, &dir),

@@ -10,6 +10,9 @@ use std::net::{Ipv4Addr, Ipv6Addr};
 /// Name of the lab when neither the topology nor `--name` gives one.
 pub const DEFAULT_LAB: &str = "sepal";
 
+/// The most nodes a lab holds.
+pub const MAX_NODES: usize = 254;
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Topology {
@@ -48,6 +51,11 @@ pub struct NodeSpec {
     /// Explicit blocks; carved from the cluster pod CIDR when empty.
     #[serde(default, rename = "podCIDRs")]
     pub pod_cidrs: Vec<IpNetwork>,
+    /// Makes the node a route reflector with this cluster ID (its
+    /// `sepal.dev/route-reflector-cluster-id` annotation); with the mesh off in the
+    /// BGPConfiguration, the other nodes peer only with the reflectors.
+    #[serde(default, rename = "routeReflectorClusterID")]
+    pub route_reflector_cluster_id: Option<Ipv4Addr>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -58,6 +66,9 @@ pub enum RouterKind {
     Gobgp,
     /// A plain L3 switch with static routes to each node's blocks.
     None,
+    /// One L2 segment (a Linux bridge) joining the nodes it serves, routing nothing: the nodes'
+    /// own BGP carries the blocks, the iBGP node mesh by default or route reflectors.
+    Switch,
 }
 
 impl RouterKind {
@@ -67,8 +78,13 @@ impl RouterKind {
             RouterKind::Bird => Some(("bird", "bird2")),
             RouterKind::Frr => Some(("/usr/lib/frr/bgpd", "frr")),
             RouterKind::Gobgp => Some(("gobgpd", "gobgpd")),
-            RouterKind::None => None,
+            RouterKind::None | RouterKind::Switch => None,
         }
+    }
+
+    /// Whether the router speaks BGP with the nodes (a static router or a switch does not).
+    pub fn speaks_bgp(self) -> bool {
+        !matches!(self, RouterKind::None | RouterKind::Switch)
     }
 }
 
@@ -187,6 +203,13 @@ impl Topology {
         if self.nodes.is_empty() {
             bail!("a topology needs at least one node");
         }
+        // Node n's link addresses are 10.<router>.<n+1>.2: one octet numbers the nodes.
+        if self.nodes.len() > MAX_NODES {
+            bail!(
+                "{} nodes: a lab has at most {MAX_NODES} (its link addresses number nodes in one octet)",
+                self.nodes.len()
+            );
+        }
         let mut names = BTreeSet::new();
         for name in self
             .nodes
@@ -208,6 +231,9 @@ impl Topology {
         }
         if self.routers.len() > 1 && self.routers.iter().any(|r| r.kind == RouterKind::None) {
             bail!("a static router (kind none) must be the only router");
+        }
+        if self.routers.len() > 1 && self.routers.iter().any(|r| r.kind == RouterKind::Switch) {
+            bail!("a switch must be the only router: it is the lab's one L2 segment");
         }
         if let Some(r) = self
             .routers
@@ -274,7 +300,7 @@ impl Topology {
                 RouterRole::Tor if r.rack.is_none() => {
                     bail!("router {}: under spines every ToR needs a rack", r.name)
                 }
-                _ if r.kind == RouterKind::None => {
+                _ if !r.kind.speaks_bgp() => {
                     bail!("router {}: a fabric with spines needs BGP routers", r.name)
                 }
                 _ => {}
@@ -377,6 +403,11 @@ impl Topology {
         Ok(blocks)
     }
 
+    /// Whether the nodes share one L2 segment (a switch) and peer among themselves.
+    pub fn switched(&self) -> bool {
+        self.routers.iter().any(|r| r.kind == RouterKind::Switch)
+    }
+
     /// The cluster's IPv6 pod CIDR: the lab is dual-stack when there is one.
     pub fn pod_range6(&self) -> Option<Ipv6Network> {
         self.pod_cidr.iter().find_map(|c| match c {
@@ -470,6 +501,59 @@ mod tests {
         let full = "podCIDR: [10.246.0.0/16, 'fd10:246::/63']\nnodes: [{name: n1}, {name: n2}]\n";
         let err = format!("{:#}", Topology::parse(full).unwrap_err());
         assert!(err.contains("no room"), "{err}");
+    }
+
+    /// A switch lab of `n` nodes with a pod each, nodes 1 and 2 reflectors when `rr`.
+    fn switch_lab(n: usize, rr: bool) -> String {
+        let mut text = String::from("routers: [{name: sw, kind: switch}]\nnodes:\n");
+        for i in 1..=n {
+            let id = match rr && i <= 2 {
+                true => ", routeReflectorClusterID: 244.0.0.1",
+                false => "",
+            };
+            text.push_str(&format!("  - {{name: n{i}{id}}}\n"));
+        }
+        text.push_str("pods:\n");
+        for i in 1..=n {
+            text.push_str(&format!(
+                "  - {{namespace: default, name: p{i}, node: n{i}}}\n"
+            ));
+        }
+        text
+    }
+
+    #[test]
+    fn fifty_switched_nodes_with_reflectors() {
+        let topo = Topology::parse(&switch_lab(50, true)).unwrap();
+        assert!(topo.switched());
+        assert_eq!((topo.nodes.len(), topo.pods.len()), (50, 50));
+        let reflectors: Vec<&str> = topo
+            .nodes
+            .iter()
+            .filter(|n| n.route_reflector_cluster_id.is_some())
+            .map(|n| n.name.as_str())
+            .collect();
+        assert_eq!(reflectors, ["n1", "n2"]);
+        let blocks: BTreeSet<IpNetwork> =
+            (0..50).flat_map(|i| topo.node_blocks(i).unwrap()).collect();
+        assert_eq!(blocks.len(), 50);
+        assert!(blocks.contains(&"10.244.50.0/24".parse().unwrap()));
+        assert!((0..50).all(|n| topo.routers_of(n) == [0]));
+    }
+
+    #[test]
+    fn rejects_too_many_nodes_a_second_switch_and_a_bad_cluster_id() {
+        let err = Topology::parse(&switch_lab(255, false))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("at most 254"), "{err}");
+        assert!(Topology::parse(&switch_lab(254, false)).is_ok());
+        let two =
+            "routers: [{name: sw, kind: switch}, {name: tor, kind: bird}]\nnodes: [{name: n1}]\n";
+        let err = Topology::parse(two).unwrap_err().to_string();
+        assert!(err.contains("only router"), "{err}");
+        let bad = "nodes: [{name: n1, routeReflectorClusterID: 244.0.0}]\n";
+        assert!(Topology::parse(bad).is_err());
     }
 
     #[test]
