@@ -4,10 +4,12 @@ pub mod bgp;
 pub mod cni;
 pub mod datapath;
 pub mod datastore;
+pub mod fabric;
 pub mod failover;
 pub mod iperf;
 pub mod podstart;
 pub mod policy;
+pub mod procstat;
 
 /// Subcommand names, for the usage line.
 pub const NAMES: &[&str] = &[
@@ -15,6 +17,7 @@ pub const NAMES: &[&str] = &[
     "cni",
     "datapath",
     "datastore",
+    "fabric",
     "failover",
     "podstart",
     "policy",
@@ -26,6 +29,7 @@ pub fn run(what: &str, args: &[String]) -> anyhow::Result<()> {
         "cni" => cni::run(args),
         "datapath" => datapath::run(args),
         "datastore" => datastore::run(args),
+        "fabric" => fabric::run(args),
         "failover" => failover::run(args),
         "podstart" => podstart::run(args),
         "policy" => policy::run(args),
