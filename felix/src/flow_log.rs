@@ -75,18 +75,26 @@ pub(crate) fn add_limits(out: &mut String, table: &str, flow: Option<&FlowLog>) 
 /// The log rule that goes before `rule` (without the `add rule TABLE CHAIN` prefix), if `rule`
 /// decides a flow that is logged.
 pub(crate) fn log_rule(rule: &NftRule, flow: Option<&FlowLog>) -> Option<String> {
-    let flow = flow?;
-    let (limit, verb) = match rule.action {
-        Action::Drop => (LIMIT_DENIED, VERB_DENIED),
-        Action::Accept if flow.allowed => (LIMIT_ALLOWED, VERB_ALLOWED),
-        _ => return None,
-    };
+    let (limit, verb) = log_rule_parts(rule, flow)?;
     Some(format!(
         "{}limit name \"{limit}\" log prefix {} group {}",
         render_matches(rule),
         quote(&prefix(verb, &rule.comment)),
-        flow.group
+        flow?.group
     ))
+}
+
+/// The limit and the verb of `rule`'s flow-log rule, if it has one.
+pub(crate) fn log_rule_parts(
+    rule: &NftRule,
+    flow: Option<&FlowLog>,
+) -> Option<(&'static str, &'static str)> {
+    let flow = flow?;
+    match rule.action {
+        Action::Drop => Some((LIMIT_DENIED, VERB_DENIED)),
+        Action::Accept if flow.allowed => Some((LIMIT_ALLOWED, VERB_ALLOWED)),
+        _ => None,
+    }
 }
 
 #[cfg(test)]

@@ -21,6 +21,8 @@ pub mod nflog;
 pub mod nft;
 /// nft batches through libnftables or the `nft` tool.
 pub mod nft_runner;
+/// Incremental policy changes in nf_tables' netlink protocol, without libnftables' cache.
+pub mod nft_wire;
 /// NetworkPolicy compiler: pure model in, desired ruleset out.
 pub mod policy;
 /// Many route writes to one sendmsg, for large BGP tables.

@@ -107,18 +107,20 @@ fn ip(f: Family) -> &'static str {
 }
 
 pub(crate) fn quote(s: &str) -> String {
+    format!("\"{}\"", unquoted(s))
+}
+
+/// `s` as `quote` puts it between the quotes (the netlink path sends the same bytes).
+pub(crate) fn unquoted(s: &str) -> String {
     // Kubernetes names never contain quotes or control characters, but the dir datastore's
     // may: strip them so a comment cannot break the syntax, nor a NUL the batch (libnftables
     // takes a C string).
-    format!(
-        "\"{}\"",
-        s.replace(|c: char| c == '"' || c == '\\' || c.is_control(), "")
-    )
+    s.replace(|c: char| c == '"' || c == '\\' || c.is_control(), "")
 }
 
 /// The nflog prefix of a drop rule: its comment (for a default deny `NS/POD DIRECTION default
 /// deny`), cut to what the kernel keeps (127 bytes) at a character boundary.
-fn log_prefix(comment: &str) -> String {
+pub(crate) fn log_prefix(comment: &str) -> String {
     let mut prefix = format!("sepal {comment}");
     let mut end = prefix.len().min(125);
     while !prefix.is_char_boundary(end) {
@@ -263,7 +265,7 @@ pub fn render_full(rs: &Ruleset, opts: &Options) -> String {
 
 /// A base chain on the forward hook, for one direction.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct BaseChain {
+pub(crate) struct BaseChain {
     name: &'static str,
     hook: &'static str,
     priority: &'static str,
@@ -358,9 +360,9 @@ pub fn render_diff(old: &Ruleset, new: &Ruleset, opts: &Options) -> String {
 /// touched (everything else is equal by construction).
 #[derive(Debug, Default)]
 pub struct Scope<'a> {
-    sets: BTreeSet<&'a str>,
-    chains: BTreeSet<&'a str>,
-    ifaces: BTreeSet<&'a str>,
+    pub(crate) sets: BTreeSet<&'a str>,
+    pub(crate) chains: BTreeSet<&'a str>,
+    pub(crate) ifaces: BTreeSet<&'a str>,
 }
 
 impl<'a> Scope<'a> {
@@ -403,48 +405,66 @@ impl<'a> Scope<'a> {
 
 /// `render_diff` over the names in `scope` only.
 pub fn render_diff_in(old: &Ruleset, new: &Ruleset, scope: &Scope, opts: &Options) -> String {
-    let mut out = String::new();
+    render_ops(&diff_ops(old, new, scope), opts)
+}
+
+/// One step of a difference between two rulesets. Both the nft text (`render_ops`) and the
+/// netlink encoding (`crate::nft_wire`) are written from the same list, in its order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Op<'a> {
+    AddSet(&'a str, SetKind),
+    AddElements(&'a str, Vec<&'a String>),
+    DeleteElements(&'a str, Vec<&'a String>),
+    AddChain(&'a str),
+    FlushChain(&'a str),
+    /// The chain's rules, appended (to a new or just flushed chain).
+    AddRules(&'a str, &'a Chain),
+    /// Verdict-map entries `iface : jump chain`.
+    AddMapEntries(&'static str, Vec<(&'a str, &'a str)>),
+    /// Verdict-map keys removed (deleting an entry names the key only).
+    DeleteMapKeys(&'static str, Vec<&'a str>),
+    AddBaseChain(BaseChain),
+    DeleteChain(&'a str),
+    DeleteSet(&'a str),
+}
+
+/// What changed from `old` to `new` at the names in `scope`, ordered so that nothing is used
+/// before it exists nor deleted while still referenced: new sets, element changes, new and
+/// changed chains, map entries, base chains, then removals.
+pub(crate) fn diff_ops<'a>(old: &'a Ruleset, new: &'a Ruleset, scope: &Scope<'a>) -> Vec<Op<'a>> {
+    let mut ops = Vec::new();
     for &name in &scope.sets {
         let Some(set) = new.sets.get(name) else {
             continue;
         };
         match old.sets.get(name) {
             None => {
-                writeln!(
-                    out,
-                    "add set {FAMILY_TABLE} {name} {{ {} }}",
-                    set_type(set.kind)
-                )
-                .ok();
-                add_elements(&mut out, name, &set.elements);
+                ops.push(Op::AddSet(name, set.kind));
+                ops.push(Op::AddElements(name, set.elements.iter().collect()));
             }
             Some(o) if o.kind != set.kind => {
                 // Cannot happen with identity-derived names; replace to stay correct anyway.
-                writeln!(out, "delete set {FAMILY_TABLE} {name}").ok();
-                writeln!(
-                    out,
-                    "add set {FAMILY_TABLE} {name} {{ {} }}",
-                    set_type(set.kind)
-                )
-                .ok();
-                add_elements(&mut out, name, &set.elements);
+                ops.push(Op::DeleteSet(name));
+                ops.push(Op::AddSet(name, set.kind));
+                ops.push(Op::AddElements(name, set.elements.iter().collect()));
             }
             Some(o) if o.elements != set.elements => {
-                add_or_delete_elements(
-                    &mut out,
-                    "delete",
+                ops.push(Op::DeleteElements(
                     name,
-                    o.elements.difference(&set.elements),
-                );
-                add_elements(&mut out, name, set.elements.difference(&o.elements));
+                    o.elements.difference(&set.elements).collect(),
+                ));
+                ops.push(Op::AddElements(
+                    name,
+                    set.elements.difference(&o.elements).collect(),
+                ));
             }
             Some(_) => {}
         }
     }
     let in_new = |name: &str| new.chains.contains_key(name);
     let in_old = |name: &str| old.chains.contains_key(name);
-    for name in scope.chains.iter().filter(|n| in_new(n) && !in_old(n)) {
-        writeln!(out, "add chain {FAMILY_TABLE} {name}").ok();
+    for &name in scope.chains.iter().filter(|n| in_new(n) && !in_old(n)) {
+        ops.push(Op::AddChain(name));
     }
     for (&name, chain) in scope
         .chains
@@ -452,10 +472,10 @@ pub fn render_diff_in(old: &Ruleset, new: &Ruleset, scope: &Scope, opts: &Option
         .filter_map(|n| new.chains.get(*n).map(|c| (n, c)))
     {
         match old.chains.get(name) {
-            None => add_chain_rules(&mut out, name, chain, opts),
+            None => ops.push(Op::AddRules(name, chain)),
             Some(o) if o != chain => {
-                writeln!(out, "flush chain {FAMILY_TABLE} {name}").ok();
-                add_chain_rules(&mut out, name, chain, opts);
+                ops.push(Op::FlushChain(name));
+                ops.push(Op::AddRules(name, chain));
             }
             Some(_) => {}
         }
@@ -465,52 +485,101 @@ pub fn render_diff_in(old: &Ruleset, new: &Ruleset, scope: &Scope, opts: &Option
         (MAP_EGRESS, &old.egress_dispatch, &new.egress_dispatch),
         (MAP_LOCAL, &old.local_dispatch, &new.local_dispatch),
     ] {
-        let mut gone_keys: Vec<String> = Vec::new();
-        let mut added: Vec<String> = Vec::new();
+        let mut gone_keys = Vec::new();
+        let mut added = Vec::new();
         for &iface in &scope.ifaces {
             let (before, after) = (o.get(iface), n.get(iface));
             if before == after {
                 continue;
             }
-            // Deleting a verdict-map element names the key only.
             if before.is_some() {
-                gone_keys.push(quote(iface));
+                gone_keys.push(iface);
             }
             if let Some(chain) = after {
-                added.push(map_element(iface, chain));
+                added.push((iface, chain.as_str()));
             }
         }
-        add_or_delete_elements(&mut out, "delete", map, &gone_keys);
-        add_elements(&mut out, map, &added);
+        ops.push(Op::DeleteMapKeys(map, gone_keys));
+        ops.push(Op::AddMapEntries(map, added));
     }
     // Base chains come and go with isolation in their direction (after the map entries they
     // dispatch to, before the chains those entries named are deleted).
     let (old_bases, new_bases) = (base_chains(old), base_chains(new));
     for base in new_bases.iter().filter(|b| !old_bases.contains(b)) {
-        add_base_chain(&mut out, *base);
+        ops.push(Op::AddBaseChain(*base));
     }
     for base in old_bases.iter().filter(|b| !new_bases.contains(b)) {
-        writeln!(out, "flush chain {FAMILY_TABLE} {}", base.name).ok();
-        writeln!(out, "delete chain {FAMILY_TABLE} {}", base.name).ok();
+        ops.push(Op::FlushChain(base.name));
+        ops.push(Op::DeleteChain(base.name));
     }
     // Flush every removed chain before deleting any: one may still jump to another.
-    let removed: Vec<&&str> = scope
+    let removed: Vec<&str> = scope
         .chains
         .iter()
+        .copied()
         .filter(|n| in_old(n) && !in_new(n))
         .collect();
-    for name in &removed {
-        writeln!(out, "flush chain {FAMILY_TABLE} {name}").ok();
-    }
-    for name in &removed {
-        writeln!(out, "delete chain {FAMILY_TABLE} {name}").ok();
-    }
-    for name in scope
+    ops.extend(removed.iter().map(|name| Op::FlushChain(name)));
+    ops.extend(removed.iter().map(|name| Op::DeleteChain(name)));
+    for &name in scope
         .sets
         .iter()
         .filter(|n| old.sets.contains_key(**n) && !new.sets.contains_key(**n))
     {
-        writeln!(out, "delete set {FAMILY_TABLE} {name}").ok();
+        ops.push(Op::DeleteSet(name));
+    }
+    // Empty element and map lists are no step at all.
+    ops.retain(|op| match op {
+        Op::AddElements(_, e) | Op::DeleteElements(_, e) => !e.is_empty(),
+        Op::AddMapEntries(_, e) => !e.is_empty(),
+        Op::DeleteMapKeys(_, k) => !k.is_empty(),
+        _ => true,
+    });
+    ops
+}
+
+/// `ops` in nft's command language, one batch.
+pub(crate) fn render_ops(ops: &[Op], opts: &Options) -> String {
+    let mut out = String::new();
+    for op in ops {
+        match op {
+            Op::AddSet(name, kind) => {
+                writeln!(
+                    out,
+                    "add set {FAMILY_TABLE} {name} {{ {} }}",
+                    set_type(*kind)
+                )
+                .ok();
+            }
+            Op::AddElements(name, elements) => {
+                add_elements(&mut out, name, elements.iter().copied())
+            }
+            Op::DeleteElements(name, elements) => {
+                add_or_delete_elements(&mut out, "delete", name, elements.iter().copied())
+            }
+            Op::AddChain(name) => {
+                writeln!(out, "add chain {FAMILY_TABLE} {name}").ok();
+            }
+            Op::FlushChain(name) => {
+                writeln!(out, "flush chain {FAMILY_TABLE} {name}").ok();
+            }
+            Op::AddRules(name, chain) => add_chain_rules(&mut out, name, chain, opts),
+            Op::AddMapEntries(map, entries) => {
+                let elems: Vec<String> = entries.iter().map(|(i, c)| map_element(i, c)).collect();
+                add_elements(&mut out, map, &elems);
+            }
+            Op::DeleteMapKeys(map, keys) => {
+                let keys: Vec<String> = keys.iter().map(|k| quote(k)).collect();
+                add_or_delete_elements(&mut out, "delete", map, &keys);
+            }
+            Op::AddBaseChain(base) => add_base_chain(&mut out, *base),
+            Op::DeleteChain(name) => {
+                writeln!(out, "delete chain {FAMILY_TABLE} {name}").ok();
+            }
+            Op::DeleteSet(name) => {
+                writeln!(out, "delete set {FAMILY_TABLE} {name}").ok();
+            }
+        }
     }
     out
 }
@@ -603,6 +672,13 @@ pub struct Dataplane {
     last: Option<Ruleset>,
     /// The `Compiler` update `last` came from (see `apply_update`).
     generation: Option<u64>,
+    /// Incremental changes go over netlink (`crate::nft_wire`) once this socket is open;
+    /// `None` with `wire_tried`: the text path only.
+    wire: Option<crate::nft_wire::WireSocket>,
+    wire_tried: bool,
+    /// Differences the kernel took over netlink, and those sent as text instead.
+    netlink_diffs: u64,
+    text_diffs: u64,
 }
 
 impl Dataplane {
@@ -627,7 +703,72 @@ impl Dataplane {
             opts,
             last: None,
             generation: None,
+            wire: None,
+            wire_tried: false,
+            netlink_diffs: 0,
+            text_diffs: 0,
         }
+    }
+
+    /// Every change as nft text through libnftables (or the tool), never over netlink
+    /// directly: the reference the netlink path is compared with.
+    pub fn text_only(mut self) -> Dataplane {
+        self.wire = None;
+        self.wire_tried = true;
+        self
+    }
+
+    /// Is the netlink path open (opening it on first use, where nft itself would run: the
+    /// plain `nft` command, in this or the runner's namespace)?
+    fn wire_ready(&mut self) -> bool {
+        if !self.wire_tried {
+            self.wire_tried = true;
+            let opened = match (self.runner.is_plain_nft(), self.runner.netns()) {
+                (false, _) => None,
+                (true, None) => Some(crate::nft_wire::WireSocket::open()),
+                (true, Some(path)) => Some(crate::nft_wire::WireSocket::open_in(path)),
+            };
+            self.wire = match opened {
+                Some(Ok(socket)) => Some(socket),
+                Some(Err(err)) => {
+                    tracing::warn!(error = %err, "no netlink socket for nftables, changes go as nft text");
+                    None
+                }
+                None => None,
+            };
+        }
+        self.wire.is_some()
+    }
+
+    /// Sends one difference: the netlink batch when there is one and the kernel takes it, else
+    /// the same difference as nft text.
+    fn run_diff(
+        &mut self,
+        wire: Option<Result<crate::nft_wire::Batch, crate::nft_wire::Unsupported>>,
+        text: &str,
+    ) -> Result<(), NftError> {
+        match (wire, self.wire.as_mut()) {
+            (Some(Ok(batch)), Some(socket)) => match socket.commit(&batch) {
+                Ok(()) => {
+                    self.netlink_diffs += 1;
+                    return Ok(());
+                }
+                Err(err) => {
+                    tracing::warn!(error = %err, "netlink nftables update failed, sending it as nft text")
+                }
+            },
+            (Some(Err(why)), _) => {
+                tracing::debug!(reason = why.0, "nftables update goes as nft text")
+            }
+            _ => {}
+        }
+        self.text_diffs += 1;
+        self.run_batch(text)
+    }
+
+    /// How many incremental differences went over netlink, and how many as nft text.
+    pub fn diffs_sent(&self) -> (u64, u64) {
+        (self.netlink_diffs, self.text_diffs)
     }
 
     /// Applies `rs`: the difference to the last applied ruleset, or the whole table atomically
@@ -640,20 +781,24 @@ impl Dataplane {
     /// only the names it touched are compared and sent; otherwise as `apply`.
     pub fn apply_update(&mut self, rs: &Ruleset, touched: &Touched) -> Result<Applied, NftError> {
         let follows = !touched.full && self.generation == Some(touched.since);
+        let use_wire = follows && self.wire_ready();
         let Some(last) = self.last.as_mut().filter(|_| follows) else {
             let applied = self.apply(rs);
             self.generation = applied.is_ok().then_some(touched.generation);
             return applied;
         };
         let scope = Scope::touched(touched);
-        let diff = render_diff_in(last, rs, &scope, &self.opts);
-        if diff.is_empty() {
+        let ops = diff_ops(last, rs, &scope);
+        if ops.is_empty() {
             patch(last, rs, &scope);
             self.generation = Some(touched.generation);
             return Ok(Applied::Unchanged);
         }
+        let diff = render_ops(&ops, &self.opts);
+        let wire = use_wire.then(|| crate::nft_wire::encode(&ops, last, rs, &self.opts));
+        drop(ops);
         let narrowed = narrows_in(last, rs, &scope);
-        match self.run_batch(&diff) {
+        match self.run_diff(wire, &diff) {
             Ok(_) => {
                 if let Some(last) = self.last.as_mut() {
                     patch(last, rs, &scope);
@@ -678,13 +823,17 @@ impl Dataplane {
     /// `apply`, keeping `rs` as the last applied state without copying it.
     pub fn apply_owned(&mut self, rs: Ruleset) -> Result<Applied, NftError> {
         self.generation = None;
+        let use_wire = self.last.is_some() && self.wire_ready();
         if let Some(last) = &self.last {
-            let diff = render_diff(last, &rs, &self.opts);
-            if diff.is_empty() {
+            let ops = diff_ops(last, &rs, &Scope::all(last, &rs));
+            if ops.is_empty() {
                 return Ok(Applied::Unchanged);
             }
+            let diff = render_ops(&ops, &self.opts);
+            let wire = use_wire.then(|| crate::nft_wire::encode(&ops, last, &rs, &self.opts));
+            drop(ops);
             let narrowed = narrows(last, &rs);
-            match self.run_batch(&diff) {
+            match self.run_diff(wire, &diff) {
                 Ok(_) => {
                     self.last = Some(rs);
                     return Ok(Applied::Incremental {

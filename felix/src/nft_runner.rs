@@ -46,6 +46,16 @@ impl NftRunner {
         }
     }
 
+    /// Is this the `nft` command itself (not a wrapper such as `ip netns exec NS nft`)?
+    pub fn is_plain_nft(&self) -> bool {
+        self.command == ["nft"]
+    }
+
+    /// The network namespace nft runs in, when not the caller's.
+    pub fn netns(&self) -> Option<&std::path::Path> {
+        self.netns.as_deref()
+    }
+
     /// Runs `batch` (nft's command language) as one transaction.
     pub fn batch(&mut self, batch: &str) -> Result<(), ExecError> {
         if !self.lib_tried && self.command == ["nft"] {

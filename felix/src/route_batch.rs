@@ -159,7 +159,7 @@ impl BatchSocket {
 }
 
 /// The (sequence number, errno) of each NLMSG_ERROR message in a datagram; errno 0 is an ack.
-fn replies(mut b: &[u8]) -> Vec<(u32, i32)> {
+pub(crate) fn replies(mut b: &[u8]) -> Vec<(u32, i32)> {
     let mut out = Vec::new();
     while b.len() >= NLMSG_HDRLEN {
         let len = u32::from_ne_bytes([b[0], b[1], b[2], b[3]]) as usize;

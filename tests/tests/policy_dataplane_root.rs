@@ -1,12 +1,16 @@
-//! The nftables dataplane against the kernel, needs root: incremental updates leave exactly the
-//! state a full replace builds (random change sequences), a restarted agent adopts the table,
-//! and no other table is ever touched.
+//! The nftables dataplane against the kernel, needs root: incremental updates, sent over netlink
+//! directly (`sepal_felix::nft_wire`), leave exactly the state a full replace through nft builds
+//! (random change sequences with NetworkPolicies, ClusterNetworkPolicies of both tiers and flow
+//! logs), a restarted agent adopts the table, and no other table is ever touched.
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 
+use sepal_felix::flow_log::FlowLog;
 use sepal_felix::nft::{Applied, Dataplane, Options};
-use sepal_felix::policy::{compile, Cluster, NamedPort, Namespace, NetworkPolicy, Pod, Protocol};
+use sepal_felix::policy::{
+    compile, Cluster, ClusterNetworkPolicy, NamedPort, Namespace, NetworkPolicy, Pod, Protocol,
+};
 use sepal_tests::netns::Netns;
 use sepal_tests::Rng;
 
@@ -15,7 +19,12 @@ fn nft(ns: &Netns) -> Dataplane {
         ns.path(),
         Options {
             nflog_group: Some(7),
-            ..Options::default()
+            // Flow-log rules (limit and log) before every deciding rule, allowed ones too.
+            flow_log: Some(FlowLog {
+                group: 9,
+                allowed: true,
+                rate: 20,
+            }),
         },
     )
 }
@@ -74,6 +83,32 @@ const POLICIES: &[&str] = &[
     "metadata: {name: allow-all, namespace: z}\nspec: {podSelector: {matchLabels: {pod: b}}, ingress: [{}], egress: [{}], policyTypes: [Ingress, Egress]}",
 ];
 
+/// Both tiers, every action, every peer kind, ports single, ranged and named, both families.
+const CLUSTER_POLICIES: &[&str] = &[
+    r#"{"metadata": {"name": "admin"}, "spec": {"tier": "Admin", "priority": 5,
+        "subject": {"namespaces": {"matchLabels": {"team": "red"}}},
+        "ingress": [
+          {"name": "pass-x", "action": "Pass", "from": [{"namespaces": {"matchLabels": {"kubernetes.io/metadata.name": "x"}}}]},
+          {"name": "deny-c", "action": "Deny", "from": [{"pods": {"namespaceSelector": {}, "podSelector": {"matchLabels": {"pod": "c"}}}}],
+           "protocols": [{"tcp": {"destinationPort": {"number": 80}}}, {"udp": {"destinationPort": {"range": {"start": 1000, "end": 2000}}}}]},
+          {"name": "web", "action": "Accept", "from": [{"namespaces": {}}], "protocols": [{"destinationNamedPort": "serve-81-tcp"}]}],
+        "egress": [
+          {"name": "nets", "action": "Accept", "to": [{"networks": ["10.96.0.0/12", "192.168.0.0/16", "fd00:1::/64", "0.0.0.0/0"]}],
+           "protocols": [{"sctp": {"destinationPort": {"number": 5}}}]},
+          {"name": "pass-b", "action": "Pass", "to": [{"pods": {"namespaceSelector": {}, "podSelector": {"matchLabels": {"pod": "b"}}}}]}]}}"#,
+    r#"{"metadata": {"name": "baseline"}, "spec": {"tier": "Baseline", "priority": 1,
+        "subject": {"pods": {"namespaceSelector": {}, "podSelector": {"matchLabels": {"pod": "a"}}}},
+        "ingress": [{"name": "deny-all", "action": "Deny", "from": [{"namespaces": {}}]}],
+        "egress": [{"name": "deny-far", "action": "Deny", "to": [{"networks": ["11.0.0.0/8"]}], "protocols": [{"tcp": {"destinationPort": {"range": {"start": 1, "end": 1024}}}}]}]}}"#,
+];
+
+fn cluster_policy(json: &str) -> std::sync::Arc<ClusterNetworkPolicy> {
+    let mut v: serde_json::Value = serde_json::from_str(json).expect("test policy JSON");
+    v["apiVersion"] = "policy.networking.k8s.io/v1alpha2".into();
+    v["kind"] = "ClusterNetworkPolicy".into();
+    std::sync::Arc::new(serde_json::from_value(v).expect("test cluster policy"))
+}
+
 fn cluster(rng: &mut Rng, on: &[bool], extra_pods: usize) -> Cluster {
     let mut c = Cluster::default();
     for ns in ["x", "y", "z"] {
@@ -126,6 +161,11 @@ fn cluster(rng: &mut Rng, on: &[bool], extra_pods: usize) -> Cluster {
             c.policies.push(np.into());
         }
     }
+    for (p, enabled) in CLUSTER_POLICIES.iter().zip(&on[POLICIES.len()..]) {
+        if *enabled {
+            c.cluster_policies.push(cluster_policy(p));
+        }
+    }
     c
 }
 
@@ -140,11 +180,11 @@ fn incremental_updates_equal_a_full_replace_root() {
     }
     let mut dp_inc = nft(&inc);
     let mut rng = Rng(0x5e9a1);
-    let mut on = vec![false; POLICIES.len()];
+    let mut on = vec![false; POLICIES.len() + CLUSTER_POLICIES.len()];
     let mut kinds = BTreeMap::new();
     let mut last = None;
     for step in 0..40 {
-        let i = rng.below(POLICIES.len());
+        let i = rng.below(on.len());
         on[i] = !on[i];
         let extra = rng.below(20);
         let c = cluster(&mut rng, &on, extra);
@@ -177,7 +217,13 @@ fn incremental_updates_equal_a_full_replace_root() {
         );
         last = Some(rs);
     }
-    eprintln!("applies: {kinds:?}");
+    let (netlink, text) = dp_inc.diffs_sent();
+    eprintln!("applies: {kinds:?}; differences over netlink {netlink}, as nft text {text}");
+    // Text only where a base chain comes or goes (first isolation in a direction).
+    assert!(
+        netlink >= 25 && text <= 10,
+        "netlink {netlink}, text {text}"
+    );
 
     // A restarted agent adopts the table: nothing flushed before its first apply, which then
     // replaces the table in one transaction.
@@ -235,4 +281,56 @@ fn libnftables_runs_batches_in_its_namespace_root() {
     assert!(!ns
         .run("nft list table inet sepal-libtest")
         .contains("chain d"));
+}
+
+/// A netlink batch the kernel refuses changes nothing (one transaction), and the dataplane then
+/// restores the desired state: here someone removed, behind Sepal's back, an element the next
+/// difference deletes, so the batch fails at that step.
+#[test]
+fn a_refused_netlink_batch_leaves_nothing_half_done_root() {
+    use sepal_felix::nft_wire::{self, WireError, WireSocket};
+    sepal_tests::require_root();
+    let ns = Netns::new("prej");
+    let reference = Netns::new("pref");
+    let on = vec![true; POLICIES.len() + CLUSTER_POLICIES.len()];
+    let before = compile(&cluster(&mut Rng(1), &on, 6));
+    let after = compile(&cluster(&mut Rng(1), &on, 5));
+    let (set, gone) = before
+        .sets
+        .iter()
+        .find_map(|(name, set)| {
+            let kept = &after.sets.get(name)?.elements;
+            let gone = set.elements.difference(kept).next()?;
+            Some((name.clone(), gone.clone()))
+        })
+        .expect("the removed pod leaves some set");
+    let mut dp = nft(&ns);
+    assert_eq!(dp.apply(&before).unwrap(), Applied::Full);
+    ns.run(&format!(
+        "nft delete element inet sepal {set} '{{ {gone} }}'"
+    ));
+    let tampered = normalized(&ns);
+
+    // The difference alone, over netlink: refused at that step, and nothing of it applied.
+    let mut socket = WireSocket::open_in(&ns.path()).expect("netlink socket in the namespace");
+    let opts = Options::default();
+    match nft_wire::send_diff(&mut socket, &before, &after, &opts) {
+        Err(WireError::Refused { step, errno }) => {
+            assert_eq!(errno, libc::ENOENT, "{step}");
+            assert!(step.contains(&set), "{step}");
+        }
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+    assert_eq!(
+        normalized(&ns),
+        tampered,
+        "a refused batch changed the table"
+    );
+
+    // The dataplane: the netlink batch and the text difference fail, the full replace restores.
+    assert_eq!(dp.apply(&after).unwrap(), Applied::Full);
+    assert_eq!(dp.diffs_sent(), (0, 1));
+    let mut fresh = nft(&reference);
+    assert_eq!(fresh.apply(&after).unwrap(), Applied::Full);
+    assert_eq!(normalized(&ns), normalized(&reference));
 }
