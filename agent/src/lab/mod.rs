@@ -250,6 +250,7 @@ fn up(
     if node_ipam {
         cluster::check_topology(&topo)?;
     }
+    net::ensure_neighbour_room(neighbours(&topo))?;
     let mut lab = plan(&name, topo, node_ipam)?;
     match store {
         Store::OwnControlPlane => {
@@ -283,6 +284,16 @@ fn up(
             Err(e)
         }
     }
+}
+
+/// About how many neighbour entries a family's table needs for the lab: on a switch every node
+/// has every other as a neighbour; behind routers each link has two ends; each pod and its node
+/// are neighbours of each other.
+fn neighbours(topo: &Topology) -> usize {
+    let n = topo.nodes.len();
+    let links: usize = (0..n).map(|i| topo.routers_of(i).len()).sum();
+    let segment = if topo.switched() { n * n } else { 2 * links };
+    segment + 2 * topo.pods.len() + 4 * topo.routers.len()
 }
 
 /// Derives every name and address from the topology before anything is created, so `down`
@@ -985,7 +996,10 @@ fn print_fabric(s: &Value) {
             kind,
             text(&r["role"]),
             r["rack"].as_str().unwrap_or("-"),
-            r["asNumber"].to_string(),
+            match kind.as_str() {
+                "switch" => "-".to_string(),
+                _ => r["asNumber"].to_string(),
+            },
             join(&r["addresses"])
         );
     }

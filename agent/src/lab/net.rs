@@ -152,3 +152,42 @@ pub fn is_zombie(pid: u32) -> bool {
         })
         .unwrap_or(true)
 }
+
+/// Makes room for `more` neighbour (ARP and NDP) entries on top of those in use: the kernel
+/// keeps every namespace's entries in one table per family, limited by the initial namespace's
+/// `gc_thresh3` (1024 by default), and drops packets to a neighbour it cannot add. Raises the
+/// thresholds, never lowers them, and says so.
+pub fn ensure_neighbour_room(more: usize) -> Result<()> {
+    for (family, stat) in [("ipv4", "arp_cache"), ("ipv6", "ndisc_cache")] {
+        let in_use = std::fs::read_to_string(format!("/proc/net/stat/{stat}"))
+            .ok()
+            .and_then(|t| {
+                let line = t.lines().nth(1)?.split_whitespace().next()?.to_string();
+                usize::from_str_radix(&line, 16).ok()
+            })
+            .unwrap_or(0);
+        let need = in_use + more;
+        let key = |n: u8| format!("/proc/sys/net/{family}/neigh/default/gc_thresh{n}");
+        let read = |n: u8| -> Result<usize> {
+            let path = key(n);
+            let text = std::fs::read_to_string(&path).with_context(|| format!("read {path}"))?;
+            Ok(text.trim().parse()?)
+        };
+        let hard = read(3)?;
+        if hard >= need * 2 {
+            continue;
+        }
+        // Past gc_thresh2 the kernel collects entries within seconds; keep the lab below it.
+        let (soft, hard_new) = (read(2)?.max(need * 2), need * 4);
+        eprintln!(
+            "lab: raising net.{family}.neigh.default.gc_thresh2/3 to {soft}/{hard_new} (from \
+             {}/{hard}): the lab needs about {more} neighbour entries, and every namespace's \
+             count against the host's one limit",
+            read(2)?
+        );
+        std::fs::write(key(2), soft.to_string()).with_context(|| format!("write {}", key(2)))?;
+        std::fs::write(key(3), hard_new.to_string())
+            .with_context(|| format!("write {}", key(3)))?;
+    }
+    Ok(())
+}
