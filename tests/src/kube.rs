@@ -53,6 +53,9 @@ pub struct Options {
     /// Leave out the ClusterNetworkPolicy CRD the control plane otherwise installs (a cluster
     /// without it).
     pub without_cnp_crd: bool,
+    /// Node IPAM's pod range and each node's share of it (mask length), instead of the control
+    /// plane's default 10.244.0.0/16 in /24s.
+    pub cluster_cidr: Option<(String, u8)>,
 }
 
 /// A running control plane, owned by the test.
@@ -146,6 +149,10 @@ impl Cluster {
         }
         if o.without_cnp_crd {
             cmd.arg("--no-cnp-crd");
+        }
+        if let Some((cidr, mask)) = &o.cluster_cidr {
+            cmd.arg(format!("--cluster-cidr={cidr}"))
+                .arg(format!("--node-cidr-mask-size={mask}"));
         }
         let log_path = dir.path().join("supervisor.log");
         let (supervisor, line) = start_supervisor(cmd, &log_path);

@@ -26,7 +26,7 @@ pub struct Run {
     /// From exec to the first status round written (None: not seen in time).
     pub status_ms: Option<f64>,
     pub cpu_total_ms: f64,
-    /// Peak RSS over the whole run (VmHWM), and RSS when ready.
+    /// Peak RSS over the whole run, churn included (VmHWM), and RSS when ready.
     pub hwm_kib: u64,
     pub rss_ready_kib: u64,
     /// At the end: anonymous memory (heap, stacks) and file pages (the binary's code and data).
@@ -77,8 +77,15 @@ impl Agent {
     }
 }
 
-/// Runs the agent once as `node`, in a fresh state directory, until its first status round.
-pub fn run(cluster: &Cluster, netns: &Netns, kubeconfig: &Path, node: &str) -> Result<Run> {
+/// Runs the agent once as `node`, in a fresh state directory, until its first status round, then
+/// calls `during` with its PID and operator socket (the churn), then stops it.
+pub fn run<T>(
+    cluster: &Cluster,
+    netns: &Netns,
+    kubeconfig: &Path,
+    node: &str,
+    during: impl FnOnce(u32, &Path) -> Result<T>,
+) -> Result<(Run, T)> {
     let dir = tempfile::Builder::new()
         .prefix("sepal-bench-agent-")
         .tempdir()?;
@@ -139,19 +146,27 @@ pub fn run(cluster: &Cluster, netns: &Netns, kubeconfig: &Path, node: &str) -> R
     let hwm_kib = status_kib(pid, "VmHWM").context("the agent's peak RSS")?;
     let anon_kib = status_kib(pid, "RssAnon").unwrap_or_default();
     let file_kib = status_kib(pid, "RssFile").unwrap_or_default();
+    let admin_socket = dir.path().join("admin.sock");
+    let during =
+        during(pid, &admin_socket).with_context(|| format!("agent log:\n{}", agent.log_tail()))?;
+    // The churn may have raised the peak.
+    let hwm_kib = status_kib(pid, "VmHWM").unwrap_or(hwm_kib);
     agent.stop();
     let log = std::fs::read_to_string(&agent.log).unwrap_or_default();
-    Ok(Run {
-        milestones: super::timeline::milestones(&log, started_at),
-        ready_ms: ready.as_secs_f64() * 1000.0,
-        cpu_ready_ms,
-        status_ms,
-        cpu_total_ms,
-        hwm_kib,
-        rss_ready_kib,
-        anon_kib,
-        file_kib,
-    })
+    Ok((
+        Run {
+            milestones: super::timeline::milestones(&log, started_at),
+            ready_ms: ready.as_secs_f64() * 1000.0,
+            cpu_ready_ms,
+            status_ms,
+            cpu_total_ms,
+            hwm_kib,
+            rss_ready_kib,
+            anon_kib,
+            file_kib,
+        },
+        during,
+    ))
 }
 
 /// Polls /readyz (in the agent's namespace) until it answers 200; the agent exiting or the

@@ -50,10 +50,15 @@ pub fn create(cluster: &Cluster, netns: &std::path::Path, s: &Sizes) -> Result<L
     .context("entering the control plane's network namespace")?
 }
 
-async fn load(kubeconfig: &std::path::Path, s: &Sizes) -> Result<LoadTimes> {
+/// A client of the API server with the kubeconfig's credentials.
+pub(super) async fn client(kubeconfig: &std::path::Path) -> Result<Client> {
     let kc = Kubeconfig::read_from(kubeconfig)?;
     let config = Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default()).await?;
-    let client = Client::try_from(config)?;
+    Ok(Client::try_from(config)?)
+}
+
+async fn load(kubeconfig: &std::path::Path, s: &Sizes) -> Result<LoadTimes> {
+    let client = client(kubeconfig).await?;
     let mut steps = Vec::new();
     let mut step = |name, started: Instant| steps.push((name, started.elapsed()));
 
@@ -130,7 +135,7 @@ async fn create_all(client: &Client, objects: impl Iterator<Item = Value>) -> Re
         .await
 }
 
-async fn create_one(client: &Client, obj: &Value) -> Result<()> {
+pub(super) async fn create_one(client: &Client, obj: &Value) -> Result<()> {
     let (api, name) = api_for(client, obj)?;
     let body: DynamicObject = serde_json::from_value(obj.clone())?;
     let pp = PostParams::default();
@@ -144,7 +149,7 @@ async fn create_one(client: &Client, obj: &Value) -> Result<()> {
 }
 
 /// The status as kubelet writes it: a strategic merge patch of the status subresource.
-async fn write_status(client: &Client, obj: &Value, status: Value) -> Result<()> {
+pub(super) async fn write_status(client: &Client, obj: &Value, status: Value) -> Result<()> {
     let (api, name) = api_for(client, obj)?;
     let patch = Patch::Strategic(serde_json::json!({ "status": status }));
     let pp = PatchParams::default();
@@ -155,7 +160,7 @@ async fn write_status(client: &Client, obj: &Value, status: Value) -> Result<()>
 }
 
 /// Retries what a busy server or a not-yet-made ServiceAccount refuses; other errors are final.
-async fn retrying<T, F, Fut>(mut request: F) -> kube::Result<T>
+pub(super) async fn retrying<T, F, Fut>(mut request: F) -> kube::Result<T>
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = kube::Result<T>>,

@@ -2,9 +2,10 @@
 // shaped as kubelet and users write them. Pure functions of the sizes, so every run loads the
 // same cluster.
 //
-// Addressing: the control plane's node IPAM splits 10.244.0.0/16 (its default cluster CIDR);
-// with 1,000 Nodes a /24 each would not fit, so each Node brings its own /26 in that range (IPAM
-// then only marks it used) and its Pods take addresses from it, as a real cluster's would.
+// Addressing: the bench's control plane runs node IPAM over CLUSTER_CIDR, a /10 split into
+// /26s (65,536 of them, IPAM's most); each Node brings its own /26 there (IPAM then only marks
+// it used) and its Pods take addresses from it, as a real cluster's would. 5,000 Nodes at 30
+// Pods each fit with room to spare; a /16 would hold 1,024 Nodes.
 //
 // Selection: Pod p carries app-(p mod services), in that app's namespace, so each Service selects
 // its own Pods (every Pod is behind exactly one Service, 15 each at the default sizes) and the
@@ -15,8 +16,11 @@ use serde_json::{json, Value};
 pub const NAMESPACES: usize = 50;
 /// The Node the measured agent runs as.
 pub const AGENT_NODE: &str = "node-0";
-/// Nodes that fit in 10.244.0.0/16 at a /26 each.
-pub const MAX_NODES: usize = 1024;
+/// The pod range the control plane's node IPAM splits, and the size of each Node's share.
+pub const CLUSTER_CIDR: &str = "10.128.0.0/10";
+pub const NODE_MASK: u8 = 26;
+/// Nodes that fit in CLUSTER_CIDR at a /26 each (node addresses 172.16.0.0/16 hold as many).
+pub const MAX_NODES: usize = 65_536;
 /// Addresses of a /26 a Pod gets: .2 to .62 (not the network, the first host, the broadcast).
 pub const MAX_PODS_PER_NODE: usize = 61;
 
@@ -40,9 +44,10 @@ fn node_name(n: usize) -> String {
     format!("node-{n}")
 }
 
-/// The first address of node n's /26.
+/// The first address of node n's /26 in CLUSTER_CIDR.
 fn node_base(n: usize) -> [usize; 4] {
-    [10, 244, n / 4, (n % 4) * 64]
+    let quads = n / 4;
+    [10, 128 + quads / 256, quads % 256, (n % 4) * 64]
 }
 
 fn node_ip(n: usize) -> String {
@@ -137,4 +142,25 @@ pub fn expected_endpoints(s: &Sizes) -> usize {
     } else {
         s.pods
     }
+}
+
+/// Pod p's replacement in churn round `round`: the same Pod (node, address, app) under a new
+/// name, as a Deployment's rollout replaces it.
+pub fn replacement(s: &Sizes, p: usize, round: usize) -> (Value, Value) {
+    let (mut pod, status) = pod(s, p);
+    pod["metadata"]["name"] = json!(format!("app-{p}-7d9f8b6c5-r{round}"));
+    (pod, status)
+}
+
+/// The Pods churn round `round` replaces: `count` original Pods, each on a different Node where
+/// the cluster has that many (never the agent's own node-0), and none replaced by an earlier
+/// round. Walks the Pods off node-0 by (slot, node), so consecutive Pods sit on consecutive Nodes.
+pub fn churned(s: &Sizes, round: usize, count: usize) -> Vec<usize> {
+    let others = s.nodes.saturating_sub(1).max(1);
+    (round * count..(round + 1) * count)
+        .map(|i| {
+            let (slot, node) = (i / others, 1 + i % others);
+            (slot * s.nodes + node.min(s.nodes - 1)) % s.pods
+        })
+        .collect()
 }
