@@ -27,6 +27,7 @@ mod cnp;
 use super::iperf::{self, IperfRun};
 use crate::netns::{veth, Netns};
 
+#[derive(Clone, Copy)]
 struct Args {
     pods: usize,
     policies: usize,
@@ -35,6 +36,8 @@ struct Args {
     peers: usize,
     seconds: u64,
     runs: usize,
+    /// Also the control plane at this many times the pods and NetworkPolicies (0 or 1: not).
+    scale: usize,
 }
 
 fn parse(args: &[String]) -> Result<Args> {
@@ -45,6 +48,7 @@ fn parse(args: &[String]) -> Result<Args> {
         peers: 10_000,
         seconds: 2,
         runs: 5,
+        scale: 10,
     };
     let mut it = args.iter();
     while let Some(flag) = it.next() {
@@ -60,8 +64,9 @@ fn parse(args: &[String]) -> Result<Args> {
             "--peers" => a.peers = value,
             "--seconds" => a.seconds = value as u64,
             "--runs" => a.runs = value.max(1),
+            "--scale" => a.scale = value,
             other => {
-                bail!("unknown option {other}; options: --pods --policies --cluster-policies --peers --seconds --runs")
+                bail!("unknown option {other}; options: --pods --policies --cluster-policies --peers --seconds --runs --scale")
             }
         }
     }
@@ -1098,6 +1103,19 @@ pub fn run(args: &[String]) -> Result<()> {
     } else {
         None
     };
+    // Ten times the pods and the NetworkPolicies (every pod still local: the worst case for a
+    // node's table), one full apply: the figures issue 18 asks for at cluster scale.
+    let scaled = if a.scale > 1 {
+        let big = Args {
+            pods: a.pods * a.scale,
+            policies: a.policies * a.scale,
+            runs: 1,
+            ..a
+        };
+        Some(control_plane(&big, 0)?)
+    } else {
+        None
+    };
     let d = datapath(&a)?;
     let [none, sepal, ipt, legacy, ct, admin] = d.rate;
     println!(
@@ -1194,6 +1212,11 @@ pub fn run(args: &[String]) -> Result<()> {
         "np_only_conn_rate_ratio_vs_linear_iptables": round(d.np.rate_ratio_nft, 2),
         "conn_runs_with_syn_losses": d.runs_with_syn_losses,
     });
+    if let Some(c) = &scaled {
+        json["full_apply_ms_10x"] = round(c.full, 1).into();
+        json["incremental_ms_10x"] = round(c.incremental(), 1).into();
+        json["scale"] = a.scale.into();
+    }
     if let Some(c) = &with_cnps {
         json["cnp_full_apply_ms"] = round(c.full, 1).into();
         json["cnp_incremental_ms"] = round(c.incremental(), 1).into();
