@@ -164,3 +164,70 @@ pub fn churned(s: &Sizes, round: usize, count: usize) -> Vec<usize> {
         })
         .collect()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::BTreeSet;
+    use std::net::Ipv4Addr;
+
+    const LIMITS: Sizes = Sizes {
+        nodes: 5000,
+        pods: 150_000,
+        policies: 5000,
+        services: 10_000,
+    };
+
+    fn cidr_of(node: &Value) -> (Ipv4Addr, u8) {
+        let c = node["spec"]["podCIDR"].as_str().unwrap();
+        let (ip, len) = c.split_once('/').unwrap();
+        (ip.parse().unwrap(), len.parse().unwrap())
+    }
+
+    #[test]
+    fn every_node_gets_its_own_slash_26_inside_the_cluster_cidr() {
+        let (net, len) = CLUSTER_CIDR.split_once('/').unwrap();
+        let (net, len): (Ipv4Addr, u32) = (net.parse().unwrap(), len.parse().unwrap());
+        let mask = u32::MAX << (32 - len);
+        let mut seen = BTreeSet::new();
+        for n in [0, 1, 1023, 1024, 4999, MAX_NODES - 1] {
+            let (ip, l) = cidr_of(&node(n));
+            assert_eq!(l, NODE_MASK);
+            assert_eq!(u32::from(ip) & mask, u32::from(net), "node {n}: {ip}");
+            assert_eq!(
+                u32::from(ip) % 64,
+                0,
+                "node {n}: {ip} is not a /26's first address"
+            );
+            assert!(seen.insert(ip), "node {n}: {ip} twice");
+        }
+    }
+
+    #[test]
+    fn pods_take_addresses_of_their_nodes_block() {
+        for p in [0, 4999, 5000, 149_999] {
+            let (pod, status) = pod(&LIMITS, p);
+            let node = node(p % LIMITS.nodes);
+            assert_eq!(pod["spec"]["nodeName"], node["metadata"]["name"]);
+            let (block, _) = cidr_of(&node);
+            let ip: Ipv4Addr = status["podIP"].as_str().unwrap().parse().unwrap();
+            let offset = u32::from(ip) - u32::from(block);
+            assert!((2..=62).contains(&offset), "pod {p}: {ip} in {block}/26");
+        }
+    }
+
+    #[test]
+    fn a_churn_round_spreads_over_distinct_nodes_never_the_agents_and_rounds_differ() {
+        let mut all = BTreeSet::new();
+        for round in 0..6 {
+            let pods = churned(&LIMITS, round, 500);
+            let nodes: BTreeSet<usize> = pods.iter().map(|p| p % LIMITS.nodes).collect();
+            assert_eq!(nodes.len(), 500);
+            assert!(!nodes.contains(&0));
+            for p in pods {
+                assert!(p < LIMITS.pods);
+                assert!(all.insert(p), "pod {p} churned twice");
+            }
+        }
+    }
+}
