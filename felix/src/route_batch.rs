@@ -54,14 +54,8 @@ pub struct BatchSocket {
 impl BatchSocket {
     /// A NETLINK_ROUTE socket in the calling thread's network namespace.
     pub fn open() -> std::io::Result<BatchSocket> {
-        let mut socket = Socket::new(NETLINK_ROUTE)?;
-        socket.bind_auto()?;
-        socket.connect(&SocketAddr::new(0, 0))?;
-        // Error replies carry only the failed message's header, not the whole message.
-        socket.set_cap_ack(true)?;
-        socket.set_rx_buf_sz(RCVBUF)?;
         Ok(BatchSocket {
-            socket,
+            socket: open_batch_socket(NETLINK_ROUTE)?,
             seq: 0,
             buf: Vec::with_capacity(BATCH * 128),
             reply: vec![0; 64 * 1024],
@@ -156,6 +150,18 @@ impl BatchSocket {
         }
         Ok(outcomes)
     }
+}
+
+/// A netlink socket of `protocol` talking to the kernel, in the calling thread's network
+/// namespace, sized for the error replies of a batch that fails in many places.
+pub(crate) fn open_batch_socket(protocol: isize) -> std::io::Result<Socket> {
+    let mut socket = Socket::new(protocol)?;
+    socket.bind_auto()?;
+    socket.connect(&SocketAddr::new(0, 0))?;
+    // Error replies carry only the failed message's header, not the whole message.
+    socket.set_cap_ack(true)?;
+    socket.set_rx_buf_sz(RCVBUF)?;
+    Ok(socket)
 }
 
 /// The (sequence number, errno) of each NLMSG_ERROR message in a datagram; errno 0 is an ack.

@@ -12,6 +12,7 @@ pub const NLM_F_CREATE: u16 = 0x400;
 pub const NLM_F_APPEND: u16 = 0x800;
 const NLA_F_NESTED: u16 = 0x8000;
 /// nlmsghdr (16 bytes) and nfgenmsg (4).
+#[cfg(test)]
 const HEADER: usize = 20;
 
 /// One transaction's messages. Each message is one step of the diff; `steps[i]` says what the
@@ -165,14 +166,6 @@ impl Batch {
         self.header(NFNL_MSG_BATCH_END, NLM_F_REQUEST, 0, last.wrapping_add(1));
         self.end_header();
         last
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.steps.is_empty()
-    }
-
-    pub const fn header_len() -> usize {
-        HEADER
     }
 }
 

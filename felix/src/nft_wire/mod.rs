@@ -89,22 +89,22 @@ pub(crate) fn encode(
                 add_set(&mut b, name, *kind, next_set_id);
                 next_set_id += 1;
             }
-            Op::AddElements(name, elements) => {
-                let kind = new
-                    .sets
-                    .get(*name)
-                    .ok_or(Unsupported("elements of an unknown set"))?
-                    .kind;
-                set_elements(&mut b, NFT_MSG_NEWSETELEM, name, kind, elements)?;
-            }
-            Op::DeleteElements(name, elements) => {
-                let kind = old
-                    .sets
-                    .get(*name)
-                    .ok_or(Unsupported("elements of an unknown set"))?
-                    .kind;
-                set_elements(&mut b, NFT_MSG_DELSETELEM, name, kind, elements)?;
-            }
+            // Elements are laid out by their set's kind: the new set's when adding, the old one's
+            // when deleting (a set whose kind changes is replaced whole).
+            Op::AddElements(name, elements) => set_elements(
+                &mut b,
+                NFT_MSG_NEWSETELEM,
+                name,
+                kind_of(new, name)?,
+                elements,
+            )?,
+            Op::DeleteElements(name, elements) => set_elements(
+                &mut b,
+                NFT_MSG_DELSETELEM,
+                name,
+                kind_of(old, name)?,
+                elements,
+            )?,
             Op::AddChain(name) => chain(&mut b, NFT_MSG_NEWCHAIN, NLM_F_CREATE, name),
             Op::FlushChain(name) => {
                 b.begin(NFT_MSG_DELRULE, 0, format!("flush chain {name}"));
@@ -147,6 +147,13 @@ pub(crate) fn encode(
     }
     b.finish();
     Ok(b)
+}
+
+fn kind_of(rs: &Ruleset, set: &str) -> Result<SetKind, Unsupported> {
+    rs.sets
+        .get(set)
+        .map(|s| s.kind)
+        .ok_or(Unsupported("elements of an unknown set"))
 }
 
 fn chain(b: &mut Batch, msg: u8, flags: u16, name: &str) {

@@ -65,8 +65,7 @@ pub fn add_rule(
     nflog_group: Option<u16>,
     flow: Option<&FlowLog>,
 ) -> Result<(), Unsupported> {
-    if let Some((limit, verb)) = flow_log::log_rule_parts(rule, flow) {
-        let flow = flow.expect("parts imply a flow log");
+    if let (Some(flow), Some((limit, verb))) = (flow, flow_log::log_rule_parts(rule, flow)) {
         begin_rule(b, table, chain, format!("add flow-log rule to {chain}"));
         matches(b, rule, sets)?;
         objref_limit(b, limit);
@@ -311,8 +310,9 @@ mod tests {
         assert_eq!([reg(4), reg(5)], [2, 13]);
     }
 
-    /// `ip saddr @s meta l4proto . th dport @p counter accept comment "x/web ingress[0]"`, the
-    /// bytes nft 1.0.6 sends for it (`nft --debug=mnl`), from the expressions on.
+    /// `ip saddr @s meta l4proto . th dport @p counter accept comment "x/web ingress[0]"`: the
+    /// expressions in the order nft 1.0.6 sends them (`nft --debug=netlink`) and its comment's
+    /// user data byte for byte (the root test compares whole tables with nft's).
     #[test]
     fn a_rule_is_encoded_as_nft_encodes_it() {
         let rule = NftRule {

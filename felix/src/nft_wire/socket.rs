@@ -3,12 +3,9 @@
 use std::os::fd::AsRawFd;
 use std::path::Path;
 
-use netlink_sys::{protocols::NETLINK_NETFILTER, Socket, SocketAddr};
+use netlink_sys::{protocols::NETLINK_NETFILTER, Socket};
 
 use super::attrs::Batch;
-
-/// Room for the error replies of a batch that fails in many places (each counts about 1 KiB).
-const RCVBUF: usize = 1 << 20;
 
 #[derive(Debug, thiserror::Error)]
 pub enum WireError {
@@ -31,14 +28,8 @@ pub struct WireSocket {
 impl WireSocket {
     /// A socket in the calling thread's network namespace.
     pub fn open() -> std::io::Result<WireSocket> {
-        let mut socket = Socket::new(NETLINK_NETFILTER)?;
-        socket.bind_auto()?;
-        socket.connect(&SocketAddr::new(0, 0))?;
-        // Error replies carry the failed message's header only, not the whole message.
-        socket.set_cap_ack(true)?;
-        socket.set_rx_buf_sz(RCVBUF)?;
         Ok(WireSocket {
-            socket,
+            socket: crate::route_batch::open_batch_socket(NETLINK_NETFILTER)?,
             reply: vec![0; 64 * 1024],
         })
     }
